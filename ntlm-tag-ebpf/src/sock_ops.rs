@@ -1,0 +1,119 @@
+//! `sock_ops`: record a connection's identity when it is established, forget it when it closes.
+//!
+//! Attached to the proxy's own cgroup, so it only ever sees sockets the proxy created (its listeners and
+//! what they accept); active (outgoing) connections are ignored.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG,
+    },
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    macros::{map, sock_ops},
+    maps::{LruHashMap, PerCpuArray},
+    programs::SockOpsContext,
+};
+use aya_log_ebpf::warn;
+use ntlm_tag_common::{
+    AF_INET, AF_INET6, COUNTERS_SLOTS, CONN_IDENTITY_DEFAULT_ENTRIES, ClientSource, ConnIdentity,
+    Counter, v4_mapped,
+};
+
+/// `TCP_CLOSE` from the kernel's `enum tcp_state`.
+const TCP_CLOSE: u32 = 7;
+
+#[map(name = "CONN_IDENTITY_V1")]
+static CONN_IDENTITY: LruHashMap<u64, ConnIdentity> =
+    LruHashMap::with_max_entries(CONN_IDENTITY_DEFAULT_ENTRIES, 0);
+
+#[map(name = "COUNTERS_V1")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_SLOTS, 0);
+
+#[sock_ops]
+pub fn track_connections(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => record_established(&ctx),
+        // args[1] is the new state.
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => forget_closed(&ctx),
+        _ => {}
+    }
+    1
+}
+
+fn record_established(ctx: &SockOpsContext) {
+    let Some(identity) = read_identity(ctx) else {
+        return;
+    };
+    // SAFETY: the helper only reads the socket behind the context the kernel passed us.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    if CONN_IDENTITY
+        .insert(cookie, identity, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        // BPF_NOEXIST: an existing record for this cookie is never overwritten. Cookies are unique per
+        // boot, so this only happens when the map update itself fails.
+        count(Counter::InsertFailed);
+        warn!(ctx, "ntlm-tag: could not record connection cookie {}", cookie);
+        return;
+    }
+    count(Counter::Recorded);
+    if ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32).is_err() {
+        count(Counter::CallbacksUnavailable);
+    }
+}
+
+fn forget_closed(ctx: &SockOpsContext) {
+    // SAFETY: as above.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    if CONN_IDENTITY.remove(cookie).is_ok() {
+        count(Counter::Deleted);
+    }
+}
+
+fn read_identity(ctx: &SockOpsContext) -> Option<ConnIdentity> {
+    let mut id = ConnIdentity::zeroed();
+    let family = ctx.family();
+    match family {
+        AF_INET => {
+            id.peer_addr = v4_mapped(ctx.remote_ip4().to_ne_bytes());
+            id.local_addr = v4_mapped(ctx.local_ip4().to_ne_bytes());
+        }
+        AF_INET6 => {
+            id.peer_addr = ip6_bytes(ctx.remote_ip6());
+            id.local_addr = ip6_bytes(ctx.local_ip6());
+        }
+        _ => return None,
+    }
+    id.family = family as u16;
+    // remote_port is the network-order port in the upper half of a u32; local_port is in host order.
+    id.peer_port = u32::from_be(ctx.remote_port()) as u16;
+    id.local_port = ctx.local_port() as u16;
+    id.client_addr = id.peer_addr;
+    id.client_port = id.peer_port;
+    id.source = ClientSource::Peer as u8;
+    // SAFETY: no arguments, always safe to call.
+    id.established_ns = unsafe { bpf_ktime_get_ns() };
+    Some(id)
+}
+
+/// The kernel gives IPv6 addresses as four u32 words, each holding network-order bytes.
+fn ip6_bytes(words: [u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = words[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
+
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
