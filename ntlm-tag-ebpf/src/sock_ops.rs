@@ -3,6 +3,8 @@
 //! Attached to the proxy's own cgroup, so it only ever sees sockets the proxy created (its listeners and
 //! what they accept); active (outgoing) connections are ignored.
 
+use core::ptr::{addr_of, read_volatile};
+
 use aya_ebpf::{
     bindings::{
         BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
@@ -71,23 +73,53 @@ fn forget_closed(ctx: &SockOpsContext) {
 }
 
 fn read_identity(ctx: &SockOpsContext) -> Option<ConnIdentity> {
+    let ops = ctx.ops;
+    // Every context field is loaded unconditionally, each at its own constant offset, before any
+    // branch: otherwise the compiler merges the per-family loads into one load through an offset
+    // context pointer, which the verifier rejects ("dereference of modified ctx ptr").
+    // SAFETY (all reads): `ops` is the context the kernel passed; each field exists in
+    // `struct bpf_sock_ops` on every kernel we support, whatever the socket's family.
+    let (family, remote4, local4, remote_port, local_port) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).family)),
+            read_volatile(addr_of!((*ops).remote_ip4)),
+            read_volatile(addr_of!((*ops).local_ip4)),
+            read_volatile(addr_of!((*ops).remote_port)),
+            read_volatile(addr_of!((*ops).local_port)),
+        )
+    };
+    let (remote6, local6) = unsafe {
+        (
+            [
+                read_volatile(addr_of!((*ops).remote_ip6[0])),
+                read_volatile(addr_of!((*ops).remote_ip6[1])),
+                read_volatile(addr_of!((*ops).remote_ip6[2])),
+                read_volatile(addr_of!((*ops).remote_ip6[3])),
+            ],
+            [
+                read_volatile(addr_of!((*ops).local_ip6[0])),
+                read_volatile(addr_of!((*ops).local_ip6[1])),
+                read_volatile(addr_of!((*ops).local_ip6[2])),
+                read_volatile(addr_of!((*ops).local_ip6[3])),
+            ],
+        )
+    };
     let mut id = ConnIdentity::zeroed();
-    let family = ctx.family();
     match family {
         AF_INET => {
-            id.peer_addr = v4_mapped(ctx.remote_ip4().to_ne_bytes());
-            id.local_addr = v4_mapped(ctx.local_ip4().to_ne_bytes());
+            id.peer_addr = v4_mapped(remote4.to_ne_bytes());
+            id.local_addr = v4_mapped(local4.to_ne_bytes());
         }
         AF_INET6 => {
-            id.peer_addr = ip6_bytes(ctx.remote_ip6());
-            id.local_addr = ip6_bytes(ctx.local_ip6());
+            id.peer_addr = ip6_bytes(remote6);
+            id.local_addr = ip6_bytes(local6);
         }
         _ => return None,
     }
     id.family = family as u16;
     // remote_port is the network-order port in the upper half of a u32; local_port is in host order.
-    id.peer_port = u32::from_be(ctx.remote_port()) as u16;
-    id.local_port = ctx.local_port() as u16;
+    id.peer_port = u32::from_be(remote_port) as u16;
+    id.local_port = local_port as u16;
     id.client_addr = id.peer_addr;
     id.client_port = id.peer_port;
     id.source = ClientSource::Peer as u8;
@@ -98,17 +130,11 @@ fn read_identity(ctx: &SockOpsContext) -> Option<ConnIdentity> {
 
 /// The kernel gives IPv6 addresses as four u32 words, each holding network-order bytes.
 fn ip6_bytes(words: [u32; 4]) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let b = words[i].to_ne_bytes();
-        out[i * 4] = b[0];
-        out[i * 4 + 1] = b[1];
-        out[i * 4 + 2] = b[2];
-        out[i * 4 + 3] = b[3];
-        i += 1;
-    }
-    out
+    let [a, b, c, d] = words;
+    let (a, b, c, d) = (a.to_ne_bytes(), b.to_ne_bytes(), c.to_ne_bytes(), d.to_ne_bytes());
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3],
+    ]
 }
 
 fn count(counter: Counter) {

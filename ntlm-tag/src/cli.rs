@@ -1,0 +1,88 @@
+//! Command-line definition. Every setting here has a key of the same meaning in the TOML file; a flag
+//! given on the command line overrides the file.
+#![forbid(unsafe_code)]
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ntlm-tag",
+    version,
+    about = "NTLM/Negotiate gateway: stamps every upstream request with a never-reused id of the real client connection",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// `run` is the default command: its flags may be given without naming it.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway (the default).
+    Run(RunArgs),
+    /// Validate the configuration and print the effective settings; exit 64 naming the offending key.
+    Check(RunArgs),
+    /// Print the live connection table of a running gateway (from its admin listener).
+    Conns {
+        /// The gateway's admin address.
+        #[arg(long, default_value = "127.0.0.1:9180")]
+        admin: SocketAddr,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EbpfMode {
+    /// Load the kernel programs; if that fails, fall back to the accepted peer address with one warning.
+    Auto,
+    /// Refuse to start unless the kernel programs load and attach.
+    Required,
+    /// Do not load kernel programs; identities are the accepted peer address.
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunArgs {
+    /// TOML configuration file; flags given here override its keys.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to accept clients on (repeatable). IPv6 `[::]:port` also accepts IPv4 clients.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<SocketAddr>,
+    /// Backend `HOST:PORT` (repeatable).
+    #[arg(long = "backend", value_name = "HOST:PORT")]
+    pub backends: Vec<String>,
+    /// Name of the connection-id header stamped on every upstream request.
+    #[arg(long, value_name = "NAME")]
+    pub header: Option<String>,
+    /// Connection-id template: {client}, {client_ip}, {client_port}, {uid}.
+    #[arg(long, value_name = "TEMPLATE")]
+    pub id_template: Option<String>,
+    /// Kernel identity tracking.
+    #[arg(long, value_enum)]
+    pub ebpf: Option<EbpfMode>,
+    /// Admin listener (/healthz, /connections, /kernel).
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+    /// Entries of the kernel connection map (LRU).
+    #[arg(long, value_name = "N")]
+    pub map_entries: Option<u32>,
+    /// Worker threads (0: one per CPU).
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}

@@ -1,0 +1,511 @@
+//! Configuration: the TOML file, with command-line flags merged over it, validated once at start-up.
+//! Every error names the offending key so that `ntlm-tag check` and start-up can say exactly what to fix.
+#![forbid(unsafe_code)]
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use http::{HeaderName, uri::Authority};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::{
+    cli::{EbpfMode, LogFormat, RunArgs},
+    identity::conn_id::{DEFAULT_TEMPLATE, IdTemplate},
+    proxy::rewrite::is_reserved_header,
+};
+
+pub const DEFAULT_HEADER: &str = "Jespa-Connection-Id";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("`{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &'static str, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key,
+            message: message.into(),
+        }
+    }
+}
+
+/// A listener as written in the file: an address, or a table with per-listener settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum ListenEntry {
+    Address(SocketAddr),
+    Table(ListenerConfig),
+}
+
+/// One listening address.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+}
+
+/// The file's keys. Every key is optional; defaults are applied in [`Config::build`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<Vec<ListenEntry>>,
+    backends: Option<Vec<String>>,
+    header: Option<String>,
+    id_template: Option<String>,
+    allow_reusable_ids: Option<bool>,
+    forwarded_headers: Option<bool>,
+    ebpf: Option<EbpfMode>,
+    map_entries: Option<u32>,
+    admin: Option<SocketAddr>,
+    workers: Option<usize>,
+    log_format: Option<LogFormat>,
+    timeouts: Option<TimeoutsFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TimeoutsFile {
+    upstream_connect_secs: Option<f64>,
+    upstream_response_secs: Option<f64>,
+    upstream_idle_secs: Option<f64>,
+    header_read_secs: Option<f64>,
+    drain_secs: Option<f64>,
+}
+
+/// How connection ids are made and which headers carry identity.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub header: HeaderName,
+    pub template: IdTemplate,
+    /// Set X-Forwarded-For and Forwarded to the original client (client-sent copies are always removed).
+    pub forwarded_headers: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct EbpfConfig {
+    pub mode: EbpfMode,
+    pub map_entries: u32,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Timeouts {
+    #[serde(serialize_with = "secs", rename = "upstream_connect_secs")]
+    pub upstream_connect: Duration,
+    #[serde(serialize_with = "secs", rename = "upstream_response_secs")]
+    pub upstream_response: Duration,
+    #[serde(serialize_with = "secs", rename = "upstream_idle_secs")]
+    pub upstream_idle: Duration,
+    #[serde(serialize_with = "secs", rename = "header_read_secs")]
+    pub header_read: Duration,
+    #[serde(serialize_with = "secs", rename = "drain_secs")]
+    pub drain: Duration,
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            upstream_connect: Duration::from_secs(5),
+            upstream_response: Duration::from_secs(60),
+            upstream_idle: Duration::from_secs(90),
+            header_read: Duration::from_secs(30),
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The validated, effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listeners: Vec<ListenerConfig>,
+    pub backends: Vec<Authority>,
+    pub identity: IdentityConfig,
+    pub ebpf: EbpfConfig,
+    pub admin: Option<SocketAddr>,
+    pub workers: usize,
+    pub log_format: LogFormat,
+    pub timeouts: Timeouts,
+}
+
+impl Config {
+    /// Reads the file named by `--config` (if any) and merges the flags over it.
+    pub fn load(args: &RunArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::build(file, args)
+    }
+
+    /// Parses a TOML document and merges `args` over it (no file access).
+    #[cfg(test)]
+    pub fn from_toml(text: &str, args: &RunArgs) -> Result<Self, ConfigError> {
+        let file = parse_file(text, Path::new("<config>"))?;
+        Self::build(file, args)
+    }
+
+    fn build(file: FileConfig, args: &RunArgs) -> Result<Self, ConfigError> {
+        let listeners: Vec<ListenerConfig> = if !args.listen.is_empty() {
+            args.listen
+                .iter()
+                .map(|&address| ListenerConfig { address })
+                .collect()
+        } else {
+            file.listen
+                .unwrap_or_default()
+                .into_iter()
+                .map(|e| match e {
+                    ListenEntry::Address(address) => ListenerConfig { address },
+                    ListenEntry::Table(t) => t,
+                })
+                .collect()
+        };
+        if listeners.is_empty() {
+            return Err(ConfigError::invalid(
+                "listen",
+                "no listener: give --listen ADDR or `listen = [\"0.0.0.0:80\"]`",
+            ));
+        }
+        for (i, l) in listeners.iter().enumerate() {
+            if listeners[..i].iter().any(|o| o.address == l.address) {
+                return Err(ConfigError::invalid(
+                    "listen",
+                    format!("{} is listed twice", l.address),
+                ));
+            }
+        }
+
+        let backend_texts = if !args.backends.is_empty() {
+            args.backends.clone()
+        } else {
+            file.backends.unwrap_or_default()
+        };
+        if backend_texts.is_empty() {
+            return Err(ConfigError::invalid(
+                "backends",
+                "no backend: give --backend HOST:PORT or `backends = [\"10.0.0.5:8080\"]`",
+            ));
+        }
+        let backends = backend_texts
+            .iter()
+            .map(|b| parse_backend(b))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let header_text = args
+            .header
+            .clone()
+            .or(file.header)
+            .unwrap_or_else(|| DEFAULT_HEADER.to_string());
+        let header = HeaderName::from_bytes(header_text.as_bytes()).map_err(|_| {
+            ConfigError::invalid(
+                "header",
+                format!("{header_text:?} is not a valid HTTP header name"),
+            )
+        })?;
+        if is_reserved_header(&header) {
+            return Err(ConfigError::invalid(
+                "header",
+                format!("{header} is a standard or hop-by-hop header and cannot carry the connection id"),
+            ));
+        }
+
+        let allow_reusable_ids = file.allow_reusable_ids.unwrap_or(false);
+        let template_text = args
+            .id_template
+            .clone()
+            .or(file.id_template)
+            .unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
+        let template = IdTemplate::parse(&template_text, allow_reusable_ids).map_err(|e| {
+            ConfigError::invalid("id_template", e.to_string())
+        })?;
+
+        let map_entries = args.map_entries.or(file.map_entries).unwrap_or(
+            ntlm_tag_common::CONN_IDENTITY_DEFAULT_ENTRIES,
+        );
+        if map_entries == 0 {
+            return Err(ConfigError::invalid("map_entries", "must be at least 1"));
+        }
+
+        let timeouts = build_timeouts(file.timeouts.unwrap_or_default())?;
+
+        Ok(Config {
+            listeners,
+            backends,
+            identity: IdentityConfig {
+                header,
+                template,
+                forwarded_headers: file.forwarded_headers.unwrap_or(true),
+            },
+            ebpf: EbpfConfig {
+                mode: args.ebpf.or(file.ebpf).unwrap_or(EbpfMode::Auto),
+                map_entries,
+            },
+            admin: args.admin.or(file.admin),
+            workers: args.workers.or(file.workers).unwrap_or(0),
+            log_format: args
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Human),
+            timeouts,
+        })
+    }
+
+    /// The effective configuration as TOML, for `ntlm-tag check`.
+    pub fn to_toml(&self) -> String {
+        #[derive(Serialize)]
+        struct Effective<'a> {
+            listen: &'a [ListenerConfig],
+            backends: Vec<String>,
+            header: &'a str,
+            id_template: &'a str,
+            allow_reusable_ids: bool,
+            forwarded_headers: bool,
+            ebpf: EbpfMode,
+            map_entries: u32,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            admin: Option<SocketAddr>,
+            workers: usize,
+            log_format: LogFormat,
+            timeouts: Timeouts,
+        }
+        let effective = Effective {
+            listen: &self.listeners,
+            backends: self.backends.iter().map(ToString::to_string).collect(),
+            header: self.identity.header.as_str(),
+            id_template: self.identity.template.as_str(),
+            allow_reusable_ids: self.identity.template.is_reusable(),
+            forwarded_headers: self.identity.forwarded_headers,
+            ebpf: self.ebpf.mode,
+            map_entries: self.ebpf.map_entries,
+            admin: self.admin,
+            workers: self.workers,
+            log_format: self.log_format,
+            timeouts: self.timeouts,
+        };
+        toml::to_string_pretty(&effective).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_file(&text, path)
+}
+
+fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().replace('\n', " "),
+    })
+}
+
+fn parse_backend(text: &str) -> Result<Authority, ConfigError> {
+    let authority: Authority = text.parse().map_err(|_| {
+        ConfigError::invalid("backends", format!("{text:?} is not HOST:PORT"))
+    })?;
+    if authority.port_u16().is_none() {
+        return Err(ConfigError::invalid(
+            "backends",
+            format!("{text:?} has no port (write HOST:PORT)"),
+        ));
+    }
+    if text.contains('@') {
+        return Err(ConfigError::invalid(
+            "backends",
+            format!("{text:?}: credentials are not allowed in a backend address"),
+        ));
+    }
+    Ok(authority)
+}
+
+fn build_timeouts(file: TimeoutsFile) -> Result<Timeouts, ConfigError> {
+    let d = Timeouts::default();
+    let pick = |key: &'static str, v: Option<f64>, default: Duration| match v {
+        None => Ok(default),
+        Some(s) if s.is_finite() && s > 0.0 && s < 86_400.0 => Ok(Duration::from_secs_f64(s)),
+        Some(s) => Err(ConfigError::invalid(
+            key,
+            format!("{s} is not a number of seconds between 0 and 86400"),
+        )),
+    };
+    Ok(Timeouts {
+        upstream_connect: pick(
+            "timeouts.upstream_connect_secs",
+            file.upstream_connect_secs,
+            d.upstream_connect,
+        )?,
+        upstream_response: pick(
+            "timeouts.upstream_response_secs",
+            file.upstream_response_secs,
+            d.upstream_response,
+        )?,
+        upstream_idle: pick(
+            "timeouts.upstream_idle_secs",
+            file.upstream_idle_secs,
+            d.upstream_idle,
+        )?,
+        header_read: pick(
+            "timeouts.header_read_secs",
+            file.header_read_secs,
+            d.header_read,
+        )?,
+        drain: pick("timeouts.drain_secs", file.drain_secs, d.drain)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> RunArgs {
+        RunArgs::default()
+    }
+
+    fn key_of(e: ConfigError) -> &'static str {
+        match e {
+            ConfigError::Invalid { key, .. } => key,
+            other => panic!("expected an invalid key, got {other}"),
+        }
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = Config::from_toml(
+            r#"listen = ["0.0.0.0:8080"]
+               backends = ["10.0.0.5:80"]"#,
+            &args(),
+        )
+        .expect("valid");
+        assert_eq!(c.identity.header.as_str(), "jespa-connection-id");
+        assert_eq!(c.identity.template.as_str(), DEFAULT_TEMPLATE);
+        assert_eq!(c.ebpf.mode, EbpfMode::Auto);
+        assert_eq!(c.ebpf.map_entries, 262_144);
+        assert!(c.identity.forwarded_headers);
+        assert_eq!(c.backends[0].as_str(), "10.0.0.5:80");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut a = args();
+        a.listen = vec!["127.0.0.1:9000".parse().expect("addr")];
+        a.header = Some("X-Conn".into());
+        a.ebpf = Some(EbpfMode::Off);
+        let c = Config::from_toml(
+            r#"listen = ["0.0.0.0:8080"]
+               backends = ["b:80"]
+               header = "Other"
+               ebpf = "required""#,
+            &a,
+        )
+        .expect("valid");
+        assert_eq!(c.listeners.len(), 1);
+        assert_eq!(c.listeners[0].address.port(), 9000);
+        assert_eq!(c.identity.header.as_str(), "x-conn");
+        assert_eq!(c.ebpf.mode, EbpfMode::Off);
+    }
+
+    #[test]
+    fn listeners_as_tables_and_ipv6() {
+        let c = Config::from_toml(
+            r#"listen = ["[::]:8080", { address = "198.18.0.1:81" }]
+               backends = ["[fd00::5]:80"]"#,
+            &args(),
+        )
+        .expect("valid");
+        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.backends[0].host(), "[fd00::5]");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (r#"backends = ["b:80"]"#, "listen"),
+            (r#"listen = ["0.0.0.0:1"]"#, "backends"),
+            (r#"listen = ["0.0.0.0:1"]
+                backends = ["no-port"]"#, "backends"),
+            (r#"listen = ["0.0.0.0:1"]
+                backends = ["u:p@b:80"]"#, "backends"),
+            (r#"listen = ["0.0.0.0:1"]
+                backends = ["b:80"]
+                header = "bad header""#, "header"),
+            (r#"listen = ["0.0.0.0:1"]
+                backends = ["b:80"]
+                header = "Host""#, "header"),
+            (r#"listen = ["0.0.0.0:1"]
+                backends = ["b:80"]
+                id_template = "{client}""#, "id_template"),
+            (r#"listen = ["0.0.0.0:1"]
+                backends = ["b:80"]
+                map_entries = 0"#, "map_entries"),
+            (r#"listen = ["0.0.0.0:1"]
+                backends = ["b:80"]
+                [timeouts]
+                upstream_connect_secs = -1"#, "timeouts.upstream_connect_secs"),
+            (r#"listen = ["0.0.0.0:1", "0.0.0.0:1"]
+                backends = ["b:80"]"#, "listen"),
+        ];
+        for (text, key) in cases {
+            let err = Config::from_toml(text, &args()).expect_err(text);
+            assert_eq!(key_of(err), key, "{text}");
+        }
+    }
+
+    #[test]
+    fn reusable_template_needs_explicit_opt_in() {
+        let c = Config::from_toml(
+            r#"listen = ["0.0.0.0:1"]
+               backends = ["b:80"]
+               id_template = "{client_ip}:{client_port}"
+               allow_reusable_ids = true"#,
+            &args(),
+        )
+        .expect("allowed");
+        assert!(c.identity.template.is_reusable());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_types_are_parse_errors() {
+        for text in [
+            "listn = []",
+            "listen = 5",
+            "ebpf = \"sometimes\"",
+        ] {
+            assert!(matches!(
+                Config::from_toml(text, &args()),
+                Err(ConfigError::Parse { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn effective_configuration_round_trips() {
+        let c = Config::from_toml(
+            r#"listen = ["0.0.0.0:8080"]
+               backends = ["10.0.0.5:80"]
+               admin = "127.0.0.1:9180""#,
+            &args(),
+        )
+        .expect("valid");
+        let again = Config::from_toml(&c.to_toml(), &args()).expect("effective config re-parses");
+        assert_eq!(again.to_toml(), c.to_toml());
+    }
+}

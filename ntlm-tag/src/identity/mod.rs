@@ -1,0 +1,116 @@
+//! Who is behind a client connection: the kernel's record for its socket cookie, or, without one, the
+//! peer address the accept returned. The proxy asks this module; it never touches the kernel itself.
+#![forbid(unsafe_code)]
+
+pub mod conn_id;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use ntlm_tag_common::ClientSource;
+
+use crate::kernel::{KernelRecord, KernelTracker};
+pub use conn_id::{IdTemplate, UidGenerator, canonical};
+
+/// Where the identity of a connection came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// The kernel recorded this socket when its handshake completed.
+    Kernel,
+    /// No kernel record (eBPF off or unavailable, or the record is missing): the accepted peer address.
+    Fallback,
+}
+
+impl IdentitySource {
+    pub fn name(self) -> &'static str {
+        match self {
+            IdentitySource::Kernel => "kernel",
+            IdentitySource::Fallback => "fallback",
+        }
+    }
+}
+
+/// The identity of one client connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionIdentity {
+    /// The original client.
+    pub client: SocketAddr,
+    /// The TCP peer the gateway's socket sees.
+    pub peer: SocketAddr,
+    /// The local address the connection was accepted on.
+    pub local: SocketAddr,
+    /// How the client was learned (the peer itself, a PROXY header, TOA, IPIP).
+    pub learned_from: ClientSource,
+    /// The balancer that conveyed the client, if any.
+    pub balancer: Option<IpAddr>,
+    pub source: IdentitySource,
+    /// The socket cookie, when the kernel provided one.
+    pub cookie: Option<u64>,
+}
+
+impl ConnectionIdentity {
+    fn from_peer(peer: SocketAddr, local: SocketAddr, cookie: Option<u64>) -> Self {
+        ConnectionIdentity {
+            client: canonical(peer),
+            peer: canonical(peer),
+            local: canonical(local),
+            learned_from: ClientSource::Peer,
+            balancer: None,
+            source: IdentitySource::Fallback,
+            cookie,
+        }
+    }
+
+    fn from_record(record: KernelRecord, cookie: u64) -> Self {
+        ConnectionIdentity {
+            client: canonical(record.client),
+            peer: canonical(record.peer),
+            local: canonical(record.local),
+            learned_from: record.learned_from,
+            balancer: record.balancer,
+            source: IdentitySource::Kernel,
+            cookie: Some(cookie),
+        }
+    }
+}
+
+/// Resolves connection identities.
+#[derive(Clone)]
+pub struct Identifier {
+    kernel: Option<Arc<KernelTracker>>,
+}
+
+impl Identifier {
+    pub fn new(kernel: Option<Arc<KernelTracker>>) -> Self {
+        Identifier { kernel }
+    }
+
+    /// Identifies an accepted connection. `cookie` is the socket cookie, if it could be read.
+    pub fn identify(
+        &self,
+        cookie: Option<u64>,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> ConnectionIdentity {
+        if let (Some(kernel), Some(cookie)) = (&self.kernel, cookie) {
+            match kernel.lookup(cookie) {
+                Some(record) if canonical(record.peer) == canonical(peer) => {
+                    return ConnectionIdentity::from_record(record, cookie);
+                }
+                Some(record) => {
+                    // Never trust a record that disagrees with the socket: fall back, and say so.
+                    tracing::warn!(
+                        cookie,
+                        record_peer = %record.peer,
+                        %peer,
+                        "kernel record does not match the accepted socket; using the peer address"
+                    );
+                }
+                None => kernel.note_lookup_miss(cookie, peer),
+            }
+        }
+        ConnectionIdentity::from_peer(peer, local, cookie)
+    }
+}

@@ -1,0 +1,319 @@
+//! The only place that touches aya and raw syscalls: load the embedded eBPF object, attach it to the
+//! proxy's own cgroup, and look up connection records by socket cookie.
+
+pub mod cgroup;
+mod sockopt;
+
+use std::{
+    io,
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray},
+    programs::{CgroupAttachMode, SockOps},
+};
+use ntlm_tag_common::{
+    CONN_IDENTITY_MAP, COUNTERS_MAP, ClientSource, ConnIdentity, Counter,
+    SOCK_OPS_PROGRAM,
+};
+use thiserror::Error;
+
+pub use cgroup::{CgroupError, OwnCgroup};
+pub use sockopt::{monotonic_ns, socket_cookie};
+
+/// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("NTLM_TAG_EBPF_OBJECT"));
+
+const PRIVILEGE_HINT: &str = "loading eBPF needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON and \
+     write access to the cgroup tree; run with sudo, or with --ebpf off to use peer addresses";
+
+#[derive(Debug, Error)]
+pub enum KernelError {
+    #[error("cannot set up the proxy's own cgroup: {0}")]
+    Cgroup(#[from] CgroupError),
+    #[error("cannot load the eBPF object: {source}; {hint}")]
+    Load {
+        #[source]
+        source: aya::EbpfError,
+        hint: &'static str,
+    },
+    #[error("the eBPF object has no {what} `{name}` (the binary was built from a mismatched object)")]
+    Missing { what: &'static str, name: &'static str },
+    #[error("cannot load the sock_ops program: {source}; {hint}")]
+    Program {
+        #[source]
+        source: aya::programs::ProgramError,
+        hint: &'static str,
+    },
+    #[error("cannot attach the sock_ops program to cgroup {cgroup}: {source}; {hint}")]
+    Attach {
+        cgroup: String,
+        #[source]
+        source: aya::programs::ProgramError,
+        hint: &'static str,
+    },
+    #[error("cannot open map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// What the kernel recorded about one connection, in userspace types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelRecord {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub client: SocketAddr,
+    pub learned_from: ClientSource,
+    pub balancer: Option<IpAddr>,
+    pub established_ns: u64,
+}
+
+impl KernelRecord {
+    fn from_raw(raw: &ConnIdentity) -> Self {
+        let balancer = ip_from_bytes(raw.balancer_addr);
+        KernelRecord {
+            peer: SocketAddr::new(ip_from_bytes(raw.peer_addr), raw.peer_port),
+            local: SocketAddr::new(ip_from_bytes(raw.local_addr), raw.local_port),
+            client: SocketAddr::new(ip_from_bytes(raw.client_addr), raw.client_port),
+            learned_from: ClientSource::from_u8(raw.source).unwrap_or(ClientSource::Peer),
+            balancer: (!balancer.is_unspecified()).then_some(balancer),
+            established_ns: raw.established_ns,
+        }
+    }
+}
+
+fn ip_from_bytes(bytes: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(bytes);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// Counters the kernel programs keep, summed over CPUs.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct KernelCounters {
+    pub recorded: u64,
+    pub deleted: u64,
+    pub insert_failed: u64,
+    pub callbacks_unavailable: u64,
+    /// Accepted connections that had no record (userspace).
+    pub lookup_misses: u64,
+}
+
+/// The loaded and attached kernel programs and their maps. Dropping it detaches the programs and
+/// removes the proxy's cgroup.
+pub struct KernelTracker {
+    identities: HashMap<MapData, u64, ConnIdentity>,
+    counters: PerCpuArray<MapData, u64>,
+    map_entries: u32,
+    lookup_misses: AtomicU64,
+    last_miss_warning: Mutex<Option<Instant>>,
+    // Field order is drop order: the programs (and their cgroup link) go before the cgroup.
+    _ebpf: Ebpf,
+    cgroup: OwnCgroup,
+}
+
+impl KernelTracker {
+    /// Moves the process into its own cgroup, loads the embedded programs and attaches them there.
+    /// Must run before the listening sockets are created, so that they belong to that cgroup.
+    pub fn start(map_entries: u32) -> Result<Self, KernelError> {
+        if let Err(e) = sockopt::raise_memlock_limit() {
+            // Only kernels before 5.11 need it; there the map creation below fails with a clear error.
+            tracing::debug!(error = %e, "could not raise RLIMIT_MEMLOCK");
+        }
+        let cgroup = OwnCgroup::create()?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(CONN_IDENTITY_MAP, map_entries)
+            .load(EBPF_OBJECT)
+            .map_err(|source| KernelError::Load {
+                hint: hint_for_load(&source),
+                source,
+            })?;
+        start_kernel_logger(&mut ebpf);
+        let program: &mut SockOps = ebpf
+            .program_mut(SOCK_OPS_PROGRAM)
+            .ok_or(KernelError::Missing {
+                what: "program",
+                name: SOCK_OPS_PROGRAM,
+            })?
+            .try_into()
+            .map_err(|source| KernelError::Program {
+                source,
+                hint: "unexpected program type",
+            })?;
+        program.load().map_err(|source| KernelError::Program {
+            hint: hint_for_program(&source),
+            source,
+        })?;
+        // The cgroup is ours alone. `Single` is what bpf_link (5.7+) requires (it then coexists with
+        // programs on ancestor cgroups anyway); on older kernels it is an exclusive attachment to it.
+        program
+            .attach(cgroup.file(), CgroupAttachMode::Single)
+            .map_err(|source| KernelError::Attach {
+                cgroup: cgroup.path().display().to_string(),
+                hint: hint_for_program(&source),
+                source,
+            })?;
+        let identities = take_map(&mut ebpf, CONN_IDENTITY_MAP)
+            .and_then(|m| HashMap::try_from(m).map_err(map_error(CONN_IDENTITY_MAP)))?;
+        let counters = take_map(&mut ebpf, COUNTERS_MAP)
+            .and_then(|m| PerCpuArray::try_from(m).map_err(map_error(COUNTERS_MAP)))?;
+        tracing::info!(
+            cgroup = %cgroup.path().display(),
+            map_entries,
+            "eBPF sock_ops program attached to the proxy's own cgroup"
+        );
+        Ok(KernelTracker {
+            identities,
+            counters,
+            map_entries,
+            lookup_misses: AtomicU64::new(0),
+            last_miss_warning: Mutex::new(None),
+            _ebpf: ebpf,
+            cgroup,
+        })
+    }
+
+    pub fn cgroup_path(&self) -> &std::path::Path {
+        self.cgroup.path()
+    }
+
+    pub fn map_entries(&self) -> u32 {
+        self.map_entries
+    }
+
+    /// The record of the connection with socket `cookie`, if the kernel has one.
+    pub fn lookup(&self, cookie: u64) -> Option<KernelRecord> {
+        match self.identities.get(&cookie, 0) {
+            Ok(raw) => Some(KernelRecord::from_raw(&raw)),
+            Err(_) => None,
+        }
+    }
+
+    /// Counts an accepted connection without a record, warning at most once a minute.
+    pub fn note_lookup_miss(&self, cookie: u64, peer: SocketAddr) {
+        let misses = self.lookup_misses.fetch_add(1, Ordering::Relaxed) + 1;
+        let Ok(mut last) = self.last_miss_warning.lock() else {
+            return;
+        };
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            *last = Some(Instant::now());
+            tracing::warn!(
+                cookie,
+                %peer,
+                misses,
+                map_entries = self.map_entries,
+                "no kernel record for an accepted connection; using the peer address. If this repeats, \
+                 the connection map may be full (raise map_entries)"
+            );
+        }
+    }
+
+    pub fn counters(&self) -> KernelCounters {
+        let read = |c: Counter| -> u64 {
+            self.counters
+                .get(&(c as u32), 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        KernelCounters {
+            recorded: read(Counter::Recorded),
+            deleted: read(Counter::Deleted),
+            insert_failed: read(Counter::InsertFailed),
+            callbacks_unavailable: read(Counter::CallbacksUnavailable),
+            lookup_misses: self.lookup_misses.load(Ordering::Relaxed),
+        }
+    }
+
+    /// All records in the map (for the admin listener; walks the whole map).
+    pub fn records(&self) -> Vec<(u64, KernelRecord)> {
+        self.identities
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(cookie, raw)| (cookie, KernelRecord::from_raw(&raw)))
+            .collect()
+    }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, KernelError> {
+    ebpf.take_map(name).ok_or(KernelError::Missing { what: "map", name })
+}
+
+fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
+    move |source| KernelError::Map { name, source }
+}
+
+/// EPERM is missing privilege. (EACCES from a program load is the verifier refusing the program.)
+fn is_permission(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EPERM)
+}
+
+fn hint_for_load(e: &aya::EbpfError) -> &'static str {
+    let text = e.to_string();
+    if text.contains("Operation not permitted") || text.contains("Permission denied") {
+        PRIVILEGE_HINT
+    } else {
+        "the kernel may be too old for the maps used (LRU hash: Linux 4.10+)"
+    }
+}
+
+fn hint_for_program(e: &aya::programs::ProgramError) -> &'static str {
+    let io = match e {
+        aya::programs::ProgramError::LoadError { io_error, .. } => Some(io_error),
+        aya::programs::ProgramError::SyscallError(s) => Some(&s.io_error),
+        _ => None,
+    };
+    match io {
+        Some(io) if is_permission(io) => PRIVILEGE_HINT,
+        Some(io) if io.raw_os_error() == Some(libc::EACCES) => {
+            "the kernel's verifier rejected the program; this kernel lacks a feature it uses (see the README's \
+             kernel table), or run with --ebpf off"
+        }
+        Some(io) if io.raw_os_error() == Some(libc::EINVAL) => {
+            "the kernel rejected the program: sock_ops state callbacks need Linux 4.16+, socket cookies in \
+             sock_ops 5.x; see the README's kernel table"
+        }
+        _ => "see the README's kernel table for the features each kernel has",
+    }
+}
+
+/// Forwards the eBPF programs' log messages (aya-log) into our tracing output. The logger must live as
+/// long as the programs; it is flushed whenever its fd becomes readable.
+fn start_kernel_logger(ebpf: &mut Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => logger,
+        Err(e) => {
+            tracing::debug!(error = %e, "eBPF programs log nothing (no log map)");
+            return;
+        }
+    };
+    // SAFETY: the logger owns its ring-buffer fd, keeps it open until dropped, and always returns the
+    // same fd; the AsyncFd owns the logger, so the fd outlives the registration.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let Ok(mut fd) = registered else {
+        tracing::warn!("cannot watch the eBPF log buffer; kernel-side warnings will not be shown");
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

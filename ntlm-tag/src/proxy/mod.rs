@@ -1,0 +1,220 @@
+//! Listeners and the per-connection path: accept → identify → serve requests → stamp → forward.
+#![forbid(unsafe_code)]
+
+pub mod rewrite;
+
+use std::{convert::Infallible, error::Error as StdError, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{Either, Full};
+use hyper::{body::Incoming, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{net::TcpListener, sync::watch};
+use tokio_util::task::TaskTracker;
+
+use crate::{
+    config::Timeouts,
+    identity::{IdTemplate, Identifier, UidGenerator},
+    kernel::socket_cookie,
+    registry::{Registration, Registry},
+    upstream::{Assignment, Upstream},
+};
+use rewrite::{ConnectionStamp, StampPolicy};
+
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Everything the connections of one gateway share.
+pub struct Gateway {
+    pub identifier: Identifier,
+    pub uids: UidGenerator,
+    pub template: IdTemplate,
+    pub policy: StampPolicy,
+    pub upstream: Upstream,
+    pub registry: Arc<Registry>,
+    pub timeouts: Timeouts,
+}
+
+/// State of one client connection, shared by its requests.
+struct ClientConnection {
+    gateway: Arc<Gateway>,
+    id: String,
+    stamp: ConnectionStamp,
+    assignment: Assignment,
+    registration: Registration,
+}
+
+/// Accepts clients on `listener` until `shutdown` fires; connections are tracked by `tracker`.
+pub async fn serve_listener(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    mut shutdown: watch::Receiver<bool>,
+    tracker: TaskTracker,
+) {
+    let listen_addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE/ENFILE and friends: keep serving what we have, try again shortly.
+                tracing::warn!(listener = %listen_addr, error = %e, "accept failed (raise the fd limit if this is EMFILE)");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let connection = match open_connection(&gateway, &stream, peer, &listen_addr) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(%peer, error = %e, "cannot set up a client connection; closing it");
+                continue;
+            }
+        };
+        let shutdown = shutdown.clone();
+        tracker.spawn(serve_connection(stream, Arc::new(connection), shutdown));
+    }
+}
+
+fn open_connection(
+    gateway: &Arc<Gateway>,
+    stream: &tokio::net::TcpStream,
+    peer: SocketAddr,
+    listener: &str,
+) -> Result<ClientConnection, Box<dyn StdError + Send + Sync>> {
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr()?;
+    let cookie = socket_cookie(stream).ok();
+    let identity = gateway.identifier.identify(cookie, peer, local);
+    let uid = gateway.uids.next_uid();
+    let id = gateway.template.render(identity.client, &uid);
+    let stamp = ConnectionStamp::new(&id, identity.client)?;
+    let assignment = gateway.upstream.assign();
+    tracing::debug!(
+        conn_id = %id,
+        client = %identity.client,
+        peer = %identity.peer,
+        identity_source = identity.source.name(),
+        learned_from = identity.learned_from.name(),
+        backend = %assignment.backend().authority(),
+        "client connection"
+    );
+    let registration = gateway.registry.register(
+        id.clone(),
+        identity,
+        assignment.backend().authority().to_string(),
+        listener.to_string(),
+    );
+    Ok(ClientConnection {
+        gateway: Arc::clone(gateway),
+        id,
+        stamp,
+        assignment,
+        registration,
+    })
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    connection: Arc<ClientConnection>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let header_read = connection.gateway.timeouts.header_read;
+    let service = {
+        let connection = Arc::clone(&connection);
+        service_fn(move |req| {
+            let connection = Arc::clone(&connection);
+            async move { Ok::<_, Infallible>(forward(req, &connection).await) }
+        })
+    };
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = shutdown.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(conn_id = %connection.id, error = %error_chain(&e), "client connection ended with an error");
+    }
+}
+
+/// Forwards one request to the connection's backend, stamped with the connection id.
+async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Response<ProxyBody> {
+    let gateway = &connection.gateway;
+    let backend = connection.assignment.backend();
+    connection.registration.count_request();
+    let (mut parts, body) = req.into_parts();
+    parts.uri = match backend.uri_for(&parts.uri) {
+        Ok(uri) => uri,
+        Err(e) => {
+            tracing::info!(conn_id = %connection.id, error = %e, "bad request target");
+            return error_response(StatusCode::BAD_REQUEST, "bad request target\n");
+        }
+    };
+    parts.version = Version::HTTP_11;
+    rewrite::prepare_request(&mut parts.headers, &gateway.policy, &connection.stamp);
+    let upstream_req = Request::from_parts(parts, body);
+    let exchange = gateway.upstream.client().request(upstream_req);
+    match tokio::time::timeout(gateway.timeouts.upstream_response, exchange).await {
+        Ok(Ok(response)) => {
+            let (mut parts, body) = response.into_parts();
+            rewrite::prepare_response(&mut parts.headers);
+            Response::from_parts(parts, Either::Left(body))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(
+                conn_id = %connection.id,
+                backend = %backend.authority(),
+                error = %error_chain(&e),
+                "backend request failed; answering 502"
+            );
+            error_response(StatusCode::BAD_GATEWAY, "backend unavailable\n")
+        }
+        Err(_) => {
+            tracing::warn!(
+                conn_id = %connection.id,
+                backend = %backend.authority(),
+                timeout_secs = gateway.timeouts.upstream_response.as_secs_f64(),
+                "backend did not answer in time; answering 504"
+            );
+            error_response(StatusCode::GATEWAY_TIMEOUT, "backend timed out\n")
+        }
+    }
+}
+
+fn error_response(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(body.as_bytes()))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// `error: cause: cause`, so a log line names the root cause (connection refused, reset...).
+pub fn error_chain(e: &(dyn StdError + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}

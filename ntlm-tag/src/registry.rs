@@ -1,0 +1,137 @@
+//! The live connection table shown by the admin listener and `ntlm-tag conns`.
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use serde::Serialize;
+
+use crate::identity::ConnectionIdentity;
+
+#[derive(Debug)]
+struct Entry {
+    id: String,
+    identity: ConnectionIdentity,
+    backend: String,
+    listener: String,
+    started: Instant,
+    requests: Arc<AtomicU64>,
+}
+
+/// One row of `/connections`.
+#[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ConnectionRow {
+    pub id: String,
+    pub client: String,
+    pub peer: String,
+    pub local: String,
+    pub listener: String,
+    /// `kernel` (the eBPF record) or `fallback` (the accepted peer address).
+    pub identity_source: String,
+    /// `peer`, `proxy-v1`, `proxy-v2`, `toa` or `ipip`.
+    pub learned_from: String,
+    pub balancer: Option<String>,
+    pub backend: String,
+    pub cookie: Option<u64>,
+    pub age_ms: u64,
+    pub requests: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Registry {
+    next_key: AtomicU64,
+    live: Mutex<HashMap<u64, Entry>>,
+}
+
+/// Removes its connection from the registry when dropped.
+#[derive(Debug)]
+pub struct Registration {
+    registry: Arc<Registry>,
+    key: u64,
+    requests: Arc<AtomicU64>,
+}
+
+impl Registration {
+    pub fn count_request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut live) = self.registry.live.lock() {
+            live.remove(&self.key);
+        }
+    }
+}
+
+impl Registry {
+    pub fn register(
+        self: &Arc<Self>,
+        id: String,
+        identity: ConnectionIdentity,
+        backend: String,
+        listener: String,
+    ) -> Registration {
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let requests = Arc::new(AtomicU64::new(0));
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(
+                key,
+                Entry {
+                    id,
+                    identity,
+                    backend,
+                    listener,
+                    started: Instant::now(),
+                    requests: Arc::clone(&requests),
+                },
+            );
+        }
+        Registration {
+            registry: Arc::clone(self),
+            key,
+            requests,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.lock().map(|l| l.len()).unwrap_or(0)
+    }
+
+    pub fn rows(&self) -> Vec<ConnectionRow> {
+        let Ok(live) = self.live.lock() else {
+            return Vec::new();
+        };
+        let mut rows: Vec<(u64, ConnectionRow)> = live
+            .iter()
+            .map(|(key, e)| {
+                (
+                    *key,
+                    ConnectionRow {
+                        id: e.id.clone(),
+                        client: e.identity.client.to_string(),
+                        peer: e.identity.peer.to_string(),
+                        local: e.identity.local.to_string(),
+                        listener: e.listener.clone(),
+                        identity_source: e.identity.source.name().to_string(),
+                        learned_from: e.identity.learned_from.name().to_string(),
+                        balancer: e.identity.balancer.map(|b| b.to_string()),
+                        backend: e.backend.clone(),
+                        cookie: e.identity.cookie,
+                        age_ms: e.started.elapsed().as_millis() as u64,
+                        requests: e.requests.load(Ordering::Relaxed),
+                    },
+                )
+            })
+            .collect();
+        rows.sort_by_key(|(key, _)| *key);
+        rows.into_iter().map(|(_, r)| r).collect()
+    }
+}

@@ -1,0 +1,155 @@
+//! `cargo xtask`: the project's tasks. Each is idempotent and says what it does.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "ntlm-tag build, test and demo tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: Debian packages, nightly rust-src, bpf-linker.
+    Setup,
+    /// Build the eBPF object that `ntlm-tag` embeds.
+    BuildEbpf,
+    /// Build the gateway (eBPF object included).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// The full test suite: setup, build, unit tests, network-namespace integration tests (root).
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// `cargo fmt --check` and `cargo clippy -D warnings` on both workspaces.
+    Lint,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf => build_ebpf(),
+        Task::Build { release } => {
+            build_ebpf()?;
+            build_gateway(release)
+        }
+        Task::Test { filter } => test(filter.as_deref()),
+        Task::Lint => lint(),
+    }
+}
+
+/// The workspace root (the parent of this crate).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+pub fn step(text: &str) {
+    eprintln!("==> {text}");
+}
+
+/// Runs `cmd`, failing with the command line when it does not succeed.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+/// A `cargo` for the stable toolchain, free of settings inherited from the cargo that runs xtask.
+fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root());
+    cmd
+}
+
+fn build_ebpf() -> Result<()> {
+    step("building the eBPF object (nightly, bpfel-unknown-none)");
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root().join("ntlm-tag-ebpf"))
+        .env("RUSTUP_TOOLCHAIN", "nightly")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WRAPPER")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .args([
+            "build",
+            "--locked",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ]);
+    run(&mut cmd).context("building the eBPF object failed; `cargo xtask setup` installs what it needs")
+}
+
+fn build_gateway(release: bool) -> Result<()> {
+    step("building ntlm-tag");
+    let mut cmd = cargo();
+    cmd.args(["build", "--locked", "-p", "ntlm-tag"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+fn test(filter: Option<&str>) -> Result<()> {
+    setup::run()?;
+    build_ebpf()?;
+    build_gateway(false)?;
+    if !setup::is_root() {
+        bail!("the integration tests create network namespaces and load eBPF programs: run as root");
+    }
+    step("unit and integration tests");
+    let mut cmd = cargo();
+    cmd.args(["test", "--locked", "--workspace"])
+        .env("NTLM_TAG_BIN", root().join("target/debug/ntlm-tag"));
+    if let Some(f) = filter {
+        cmd.arg(f);
+    }
+    run(&mut cmd)?;
+    step("all tests passed");
+    Ok(())
+}
+
+fn lint() -> Result<()> {
+    step("cargo fmt --check");
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    step("cargo clippy -D warnings");
+    run(cargo().args([
+        "clippy",
+        "--locked",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("eBPF crate: fmt and clippy");
+    run(Command::new("cargo")
+        .current_dir(root().join("ntlm-tag-ebpf"))
+        .env("RUSTUP_TOOLCHAIN", "nightly")
+        .args(["fmt", "--check"]))?;
+    Ok(())
+}
