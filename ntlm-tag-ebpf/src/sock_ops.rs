@@ -17,7 +17,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use ntlm_tag_common::{
-    AF_INET, AF_INET6, COUNTERS_SLOTS, CONN_IDENTITY_DEFAULT_ENTRIES, ClientSource, ConnIdentity,
+    AF_INET, AF_INET6, CONN_IDENTITY_DEFAULT_ENTRIES, COUNTERS_SLOTS, ClientSource, ConnIdentity,
     Counter, v4_mapped,
 };
 
@@ -55,7 +55,10 @@ fn record_established(ctx: &SockOpsContext) {
         // BPF_NOEXIST: an existing record for this cookie is never overwritten. Cookies are unique per
         // boot, so this only happens when the map update itself fails.
         count(Counter::InsertFailed);
-        warn!(ctx, "ntlm-tag: could not record connection cookie {}", cookie);
+        warn!(
+            ctx,
+            "ntlm-tag: could not record connection cookie {}", cookie
+        );
         return;
     }
     count(Counter::Recorded);
@@ -131,9 +134,15 @@ fn read_identity(ctx: &SockOpsContext) -> Option<ConnIdentity> {
 /// The kernel gives IPv6 addresses as four u32 words, each holding network-order bytes.
 fn ip6_bytes(words: [u32; 4]) -> [u8; 16] {
     let [a, b, c, d] = words;
-    let (a, b, c, d) = (a.to_ne_bytes(), b.to_ne_bytes(), c.to_ne_bytes(), d.to_ne_bytes());
+    let (a, b, c, d) = (
+        a.to_ne_bytes(),
+        b.to_ne_bytes(),
+        c.to_ne_bytes(),
+        d.to_ne_bytes(),
+    );
     [
-        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3],
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
     ]
 }
 

@@ -135,9 +135,7 @@ fn start_kernel(config: &Config) -> Result<(Option<Arc<KernelTracker>>, String)>
         }
         mode => match KernelTracker::start(config.ebpf.map_entries) {
             Ok(k) => Ok((Some(Arc::new(k)), "attached".to_string())),
-            Err(e) if mode == EbpfMode::Required => {
-                Err(EbpfRequiredError(format!("{e:#}")).into())
-            }
+            Err(e) if mode == EbpfMode::Required => Err(EbpfRequiredError(format!("{e:#}")).into()),
             Err(e) => {
                 tracing::warn!(
                     reason = %e,

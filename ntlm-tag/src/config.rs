@@ -222,7 +222,9 @@ impl Config {
         if is_reserved_header(&header) {
             return Err(ConfigError::invalid(
                 "header",
-                format!("{header} is a standard or hop-by-hop header and cannot carry the connection id"),
+                format!(
+                    "{header} is a standard or hop-by-hop header and cannot carry the connection id"
+                ),
             ));
         }
 
@@ -232,13 +234,13 @@ impl Config {
             .clone()
             .or(file.id_template)
             .unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
-        let template = IdTemplate::parse(&template_text, allow_reusable_ids).map_err(|e| {
-            ConfigError::invalid("id_template", e.to_string())
-        })?;
+        let template = IdTemplate::parse(&template_text, allow_reusable_ids)
+            .map_err(|e| ConfigError::invalid("id_template", e.to_string()))?;
 
-        let map_entries = args.map_entries.or(file.map_entries).unwrap_or(
-            ntlm_tag_common::CONN_IDENTITY_DEFAULT_ENTRIES,
-        );
+        let map_entries = args
+            .map_entries
+            .or(file.map_entries)
+            .unwrap_or(ntlm_tag_common::CONN_IDENTITY_DEFAULT_ENTRIES);
         if map_entries == 0 {
             return Err(ConfigError::invalid("map_entries", "must be at least 1"));
         }
@@ -319,9 +321,9 @@ fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
 }
 
 fn parse_backend(text: &str) -> Result<Authority, ConfigError> {
-    let authority: Authority = text.parse().map_err(|_| {
-        ConfigError::invalid("backends", format!("{text:?} is not HOST:PORT"))
-    })?;
+    let authority: Authority = text
+        .parse()
+        .map_err(|_| ConfigError::invalid("backends", format!("{text:?} is not HOST:PORT")))?;
     if authority.port_u16().is_none() {
         return Err(ConfigError::invalid(
             "backends",
@@ -440,28 +442,52 @@ mod tests {
         let cases = [
             (r#"backends = ["b:80"]"#, "listen"),
             (r#"listen = ["0.0.0.0:1"]"#, "backends"),
-            (r#"listen = ["0.0.0.0:1"]
-                backends = ["no-port"]"#, "backends"),
-            (r#"listen = ["0.0.0.0:1"]
-                backends = ["u:p@b:80"]"#, "backends"),
-            (r#"listen = ["0.0.0.0:1"]
+            (
+                r#"listen = ["0.0.0.0:1"]
+                backends = ["no-port"]"#,
+                "backends",
+            ),
+            (
+                r#"listen = ["0.0.0.0:1"]
+                backends = ["u:p@b:80"]"#,
+                "backends",
+            ),
+            (
+                r#"listen = ["0.0.0.0:1"]
                 backends = ["b:80"]
-                header = "bad header""#, "header"),
-            (r#"listen = ["0.0.0.0:1"]
+                header = "bad header""#,
+                "header",
+            ),
+            (
+                r#"listen = ["0.0.0.0:1"]
                 backends = ["b:80"]
-                header = "Host""#, "header"),
-            (r#"listen = ["0.0.0.0:1"]
+                header = "Host""#,
+                "header",
+            ),
+            (
+                r#"listen = ["0.0.0.0:1"]
                 backends = ["b:80"]
-                id_template = "{client}""#, "id_template"),
-            (r#"listen = ["0.0.0.0:1"]
+                id_template = "{client}""#,
+                "id_template",
+            ),
+            (
+                r#"listen = ["0.0.0.0:1"]
                 backends = ["b:80"]
-                map_entries = 0"#, "map_entries"),
-            (r#"listen = ["0.0.0.0:1"]
+                map_entries = 0"#,
+                "map_entries",
+            ),
+            (
+                r#"listen = ["0.0.0.0:1"]
                 backends = ["b:80"]
                 [timeouts]
-                upstream_connect_secs = -1"#, "timeouts.upstream_connect_secs"),
-            (r#"listen = ["0.0.0.0:1", "0.0.0.0:1"]
-                backends = ["b:80"]"#, "listen"),
+                upstream_connect_secs = -1"#,
+                "timeouts.upstream_connect_secs",
+            ),
+            (
+                r#"listen = ["0.0.0.0:1", "0.0.0.0:1"]
+                backends = ["b:80"]"#,
+                "listen",
+            ),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(text, &args()).expect_err(text);
@@ -484,11 +510,7 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_types_are_parse_errors() {
-        for text in [
-            "listn = []",
-            "listen = 5",
-            "ebpf = \"sometimes\"",
-        ] {
+        for text in ["listn = []", "listen = 5", "ebpf = \"sometimes\""] {
             assert!(matches!(
                 Config::from_toml(text, &args()),
                 Err(ConfigError::Parse { .. })

@@ -1,1 +1,8 @@
-//! Test harness for ntlm-tag integration tests.
+//! Test harness for ntlm-tag integration tests: namespaces, a real gateway process, a recording
+//! backend and an HTTP client, composed into topologies that read like the scenario they check.
+
+pub mod backend;
+pub mod client;
+pub mod gateway;
+pub mod netns;
+pub mod topology;

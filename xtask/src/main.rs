@@ -40,7 +40,7 @@ enum Task {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.task {
-        Task::Setup => setup::run(),
+        Task::Setup => setup::install_missing(),
         Task::BuildEbpf => build_ebpf(),
         Task::Build { release } => {
             build_ebpf()?;
@@ -101,7 +101,8 @@ fn build_ebpf() -> Result<()> {
             "-Z",
             "build-std=core",
         ]);
-    run(&mut cmd).context("building the eBPF object failed; `cargo xtask setup` installs what it needs")
+    run(&mut cmd)
+        .context("building the eBPF object failed; `cargo xtask setup` installs what it needs")
 }
 
 fn build_gateway(release: bool) -> Result<()> {
@@ -115,11 +116,13 @@ fn build_gateway(release: bool) -> Result<()> {
 }
 
 fn test(filter: Option<&str>) -> Result<()> {
-    setup::run()?;
+    setup::install_missing()?;
     build_ebpf()?;
     build_gateway(false)?;
     if !setup::is_root() {
-        bail!("the integration tests create network namespaces and load eBPF programs: run as root");
+        bail!(
+            "the integration tests create network namespaces and load eBPF programs: run as root"
+        );
     }
     step("unit and integration tests");
     let mut cmd = cargo();
@@ -146,7 +149,7 @@ fn lint() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
-    step("eBPF crate: fmt and clippy");
+    step("eBPF crate: cargo fmt --check");
     run(Command::new("cargo")
         .current_dir(root().join("ntlm-tag-ebpf"))
         .env("RUSTUP_TOOLCHAIN", "nightly")

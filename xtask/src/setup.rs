@@ -31,7 +31,7 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-pub fn run_setup_packages() -> Result<()> {
+fn debian_packages() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
         .copied()
@@ -48,7 +48,10 @@ pub fn run_setup_packages() -> Result<()> {
             missing.join(" ")
         );
     }
-    step(&format!("installing Debian packages: {}", missing.join(" ")));
+    step(&format!(
+        "installing Debian packages: {}",
+        missing.join(" ")
+    ));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
@@ -75,7 +78,13 @@ fn rust_src() -> Result<()> {
         .any(|l| l.starts_with("nightly"))
     {
         step("installing the nightly toolchain (builds the eBPF object)");
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
     let installed = Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
@@ -117,8 +126,8 @@ fn bpf_linker() -> Result<()> {
         ]))
 }
 
-pub fn run() -> Result<()> {
-    run_setup_packages()?;
+pub fn install_missing() -> Result<()> {
+    debian_packages()?;
     rust_src()?;
     bpf_linker()?;
     step("setup complete");

@@ -21,7 +21,9 @@ const NONCE_CHARS: usize = 10;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum TemplateError {
-    #[error("unknown placeholder `{{{0}}}` (known: {{client}}, {{client_ip}}, {{client_port}}, {{uid}})")]
+    #[error(
+        "unknown placeholder `{{{0}}}` (known: {{client}}, {{client_ip}}, {{client_port}}, {{uid}})"
+    )]
     UnknownPlaceholder(String),
     #[error("unbalanced `{{` or `}}` at byte {0}")]
     Unbalanced(usize),
@@ -245,7 +247,8 @@ mod tests {
 
     #[test]
     fn v4_mapped_clients_render_as_ipv4() {
-        let t = IdTemplate::parse("{client_ip} {client_port} {client}|{uid}", false).expect("valid");
+        let t =
+            IdTemplate::parse("{client_ip} {client_port} {client}|{uid}", false).expect("valid");
         let uid = UidGenerator::with_nonce(0).next_uid();
         assert_eq!(
             t.render(addr("[::ffff:198.18.0.9]:5000"), &uid),
@@ -257,10 +260,7 @@ mod tests {
     fn client_ip_of_ipv6_has_no_brackets() {
         let t = IdTemplate::parse("{client_ip}-{uid}", false).expect("valid");
         let uid = UidGenerator::with_nonce(0).next_uid();
-        assert_eq!(
-            t.render(addr("[fd00::1]:1"), &uid),
-            "fd00::1-aaaaaaaaaaa"
-        );
+        assert_eq!(t.render(addr("[fd00::1]:1"), &uid), "fd00::1-aaaaaaaaaaa");
     }
 
     #[test]

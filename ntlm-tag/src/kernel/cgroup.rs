@@ -29,7 +29,9 @@ pub enum CgroupError {
     },
     #[error("this process is not in a cgroup v2 hierarchy (no `0::` line in /proc/self/cgroup)")]
     NoUnifiedCgroup,
-    #[error("cannot create cgroup {path}: {source} (needs root or write access to the parent cgroup)")]
+    #[error(
+        "cannot create cgroup {path}: {source} (needs root or write access to the parent cgroup)"
+    )]
     Create {
         path: PathBuf,
         #[source]
@@ -60,10 +62,9 @@ impl OwnCgroup {
         let parent = mount.join(current.trim_start_matches('/'));
         // If we are already in one of our own cgroups (a re-exec), create beside it, not inside it.
         let parent = match parent.file_name().and_then(|n| n.to_str()) {
-            Some(name) if name.starts_with(PREFIX) => parent
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or(parent),
+            Some(name) if name.starts_with(PREFIX) => {
+                parent.parent().map(Path::to_path_buf).unwrap_or(parent)
+            }
             _ => parent,
         };
         remove_stale(&parent);
@@ -73,7 +74,8 @@ impl OwnCgroup {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(source) => return Err(CgroupError::Create { path, source }),
         }
-        let enter = |path: &Path| fs::write(path.join("cgroup.procs"), std::process::id().to_string());
+        let enter =
+            |path: &Path| fs::write(path.join("cgroup.procs"), std::process::id().to_string());
         if let Err(source) = enter(&path) {
             let _ = fs::remove_dir(&path);
             return Err(CgroupError::Enter { path, source });
@@ -192,7 +194,8 @@ mod tests {
             parse_cgroup2_mount(hybrid),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
-        let unified = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        let unified =
+            "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(
             parse_cgroup2_mount(unified),
             Some(PathBuf::from("/sys/fs/cgroup"))

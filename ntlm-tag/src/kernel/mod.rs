@@ -20,8 +20,7 @@ use aya::{
     programs::{CgroupAttachMode, SockOps},
 };
 use ntlm_tag_common::{
-    CONN_IDENTITY_MAP, COUNTERS_MAP, ClientSource, ConnIdentity, Counter,
-    SOCK_OPS_PROGRAM,
+    CONN_IDENTITY_MAP, COUNTERS_MAP, ClientSource, ConnIdentity, Counter, SOCK_OPS_PROGRAM,
 };
 use thiserror::Error;
 
@@ -44,8 +43,13 @@ pub enum KernelError {
         source: aya::EbpfError,
         hint: &'static str,
     },
-    #[error("the eBPF object has no {what} `{name}` (the binary was built from a mismatched object)")]
-    Missing { what: &'static str, name: &'static str },
+    #[error(
+        "the eBPF object has no {what} `{name}` (the binary was built from a mismatched object)"
+    )]
+    Missing {
+        what: &'static str,
+        name: &'static str,
+    },
     #[error("cannot load the sock_ops program: {source}; {hint}")]
     Program {
         #[source]
@@ -247,7 +251,8 @@ impl KernelTracker {
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, KernelError> {
-    ebpf.take_map(name).ok_or(KernelError::Missing { what: "map", name })
+    ebpf.take_map(name)
+        .ok_or(KernelError::Missing { what: "map", name })
 }
 
 fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {

@@ -107,7 +107,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in [CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
         headers.remove(name);
     }
-    for name in ["keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization"] {
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ] {
         headers.remove(name);
     }
 }
@@ -153,8 +158,11 @@ mod tests {
     }
 
     fn stamp() -> ConnectionStamp {
-        ConnectionStamp::new("198.18.0.2:4000/abc", "198.18.0.2:4000".parse().expect("addr"))
-            .expect("valid")
+        ConnectionStamp::new(
+            "198.18.0.2:4000/abc",
+            "198.18.0.2:4000".parse().expect("addr"),
+        )
+        .expect("valid")
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -190,7 +198,10 @@ mod tests {
         assert_eq!(h["accept"], "*/*");
         for (name, value) in &h {
             assert!(
-                !value.as_bytes().windows(6).any(|w| w == b"forged" || w == b"203.0."),
+                !value
+                    .as_bytes()
+                    .windows(6)
+                    .any(|w| w == b"forged" || w == b"203.0."),
                 "{name} kept a client value"
             );
         }
@@ -241,8 +252,8 @@ mod tests {
 
     #[test]
     fn ipv6_clients_are_bracketed_in_forwarded() {
-        let s = ConnectionStamp::new("x", "[fd00:5418::2]:443".parse().expect("addr"))
-            .expect("valid");
+        let s =
+            ConnectionStamp::new("x", "[fd00:5418::2]:443".parse().expect("addr")).expect("valid");
         assert_eq!(s.forwarded, "for=\"[fd00:5418::2]:443\";proto=http");
         assert_eq!(s.x_forwarded_for, "fd00:5418::2");
     }
@@ -252,6 +263,8 @@ mod tests {
         for name in ["host", "authorization", "connection", "x-forwarded-for"] {
             assert!(is_reserved_header(&HeaderName::from_static(name)), "{name}");
         }
-        assert!(!is_reserved_header(&HeaderName::from_static("jespa-connection-id")));
+        assert!(!is_reserved_header(&HeaderName::from_static(
+            "jespa-connection-id"
+        )));
     }
 }

@@ -146,9 +146,7 @@ mod tests {
             authority: "10.0.0.1:8080".parse().expect("authority"),
             active: AtomicUsize::new(0),
         };
-        let uri = b
-            .uri_for(&"/a/b?c=d".parse().expect("uri"))
-            .expect("valid");
+        let uri = b.uri_for(&"/a/b?c=d".parse().expect("uri")).expect("valid");
         assert_eq!(uri, "http://10.0.0.1:8080/a/b?c=d");
         let uri = b.uri_for(&"*".parse().expect("uri")).expect("valid");
         assert_eq!(uri.path(), "*");

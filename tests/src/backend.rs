@@ -1,0 +1,136 @@
+//! A test backend that records the headers and the TCP peer of every request it receives.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::{server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use tokio::{net::TcpListener, sync::oneshot};
+
+use crate::netns::NetNs;
+
+/// One request as the backend saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// The upstream TCP connection's peer (the gateway's side).
+    pub peer: SocketAddr,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body_len: usize,
+}
+
+impl Seen {
+    /// All values of `name` (case-insensitive).
+    pub fn all(&self, name: &str) -> Vec<String> {
+        self.headers
+            .get_all(name)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect()
+    }
+}
+
+/// A recording backend running on its own thread inside a namespace.
+pub struct Backend {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Backend {
+    pub fn start(ns: &NetNs, addr: SocketAddr) -> Backend {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let seen = Arc::clone(&seen);
+            ns.spawn(move || serve(addr, seen, stop_rx, ready_tx))
+        };
+        ready_rx
+            .recv()
+            .unwrap_or_else(|_| panic!("backend on {addr} failed to start"));
+        Backend {
+            addr,
+            seen,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("seen").clone()
+    }
+
+    /// Number of distinct upstream TCP connections that carried requests.
+    pub fn tcp_connections(&self) -> usize {
+        let mut peers: Vec<SocketAddr> = self.seen().iter().map(|s| s.peer).collect();
+        peers.sort();
+        peers.dedup();
+        peers.len()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn serve(
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    mut stop: oneshot::Receiver<()>,
+    ready: std::sync::mpsc::Sender<()>,
+) {
+    let listener = TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|e| panic!("backend bind {addr}: {e}"));
+    let _ = ready.send(());
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(_) => continue,
+            },
+            _ = &mut stop => return,
+        };
+        let seen = Arc::clone(&seen);
+        tokio::spawn(async move {
+            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    let path = req.uri().to_string();
+                    let headers = req.headers().clone();
+                    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                    let body_len = body.map(|b| b.len()).unwrap_or(0);
+                    let id = headers
+                        .get("jespa-connection-id")
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .unwrap_or_default();
+                    seen.lock().expect("seen").push(Seen {
+                        peer,
+                        path,
+                        headers,
+                        body_len,
+                    });
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("id={id}\n")))))
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}

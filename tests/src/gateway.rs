@@ -1,0 +1,266 @@
+//! A real `ntlm-tag` process started inside a namespace, stopped (and its leftovers checked) on drop.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, ExitStatus, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{client, netns::NetNs};
+
+/// Path of the `ntlm-tag` binary under test: `$NTLM_TAG_BIN`, or the workspace's debug build.
+pub fn binary() -> PathBuf {
+    let path = std::env::var_os("NTLM_TAG_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ntlm-tag")
+        });
+    assert!(
+        path.is_file(),
+        "{} not found: build it first (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// A running gateway with its log lines.
+pub struct Gateway {
+    child: Option<Child>,
+    ns_path: PathBuf,
+    pub admin: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    lines: mpsc::Receiver<String>,
+}
+
+/// How a start attempt ended.
+pub enum Started {
+    Ready(Gateway),
+    Exited {
+        status: ExitStatus,
+        log: Vec<String>,
+    },
+}
+
+impl Gateway {
+    /// Starts `ntlm-tag` in `ns` with `args` plus `--admin 127.0.0.1:9180`, and waits for its ready line.
+    pub fn start(ns: &NetNs, args: &[&str]) -> Gateway {
+        match Self::try_start(ns, args, None) {
+            Started::Ready(g) => g,
+            Started::Exited { status, log } => {
+                panic!(
+                    "ntlm-tag exited ({status}) before it was ready:\n{}",
+                    log.join("\n")
+                )
+            }
+        }
+    }
+
+    /// Like [`start`](Self::start), but reports an exit instead of panicking. `wrapper` runs the
+    /// binary through another program (e.g. `setpriv ...`).
+    pub fn try_start(ns: &NetNs, args: &[&str], wrapper: Option<&[&str]>) -> Started {
+        let admin: SocketAddr = "127.0.0.1:9180".parse().expect("addr");
+        let bin = binary();
+        let mut cmd = match wrapper {
+            Some(w) => {
+                let mut c = ns.command(w[0]);
+                c.args(&w[1..]).arg(&bin);
+                c
+            }
+            None => ns.command(bin.to_str().expect("utf-8 path")),
+        };
+        cmd.args(args)
+            .args(["--admin", "127.0.0.1:9180"])
+            .env("NTLM_TAG_LOG", "info,ntlm_tag=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn ntlm-tag");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let line = strip_ansi(&line);
+                    eprintln!("[ntlm-tag] {line}");
+                    log.lock().expect("log").push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let mut gateway = Gateway {
+            child: Some(child),
+            ns_path: ns.path(),
+            admin,
+            log,
+            lines: rx,
+        };
+        match gateway.wait_for_line("ntlm-tag ready", Duration::from_secs(30)) {
+            Some(_) => Started::Ready(gateway),
+            None => {
+                let mut child = gateway.child.take().expect("child");
+                let _ = child.kill();
+                let status = child.wait().expect("wait");
+                // Let the reader thread drain what is left.
+                while gateway.lines.recv_timeout(Duration::from_secs(2)).is_ok() {}
+                Started::Exited {
+                    status,
+                    log: gateway.log(),
+                }
+            }
+        }
+    }
+
+    /// Waits until a log line containing `needle` arrives (or was already logged).
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Option<String> {
+        if let Some(l) = self.log().into_iter().find(|l| l.contains(needle)) {
+            return Some(l);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Some(line),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().expect("log").clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// GET on the admin listener, parsed as JSON.
+    pub fn admin_json(&self, path: &str) -> Value {
+        let admin = self.admin;
+        let path = path.to_string();
+        let ns = self.ns_path.clone();
+        let body = crate::netns::run_in(&ns, move || async move {
+            let mut conn = client::Connection::open(None, admin).await;
+            let r = conn.get(&path, &[]).await;
+            assert_eq!(r.status, 200, "admin {path}: {}", r.body);
+            r.body
+        });
+        serde_json::from_str(&body).expect("admin JSON")
+    }
+
+    /// Waits (polling the admin listener, with a deadline) until `check` holds on `/kernel`.
+    pub fn wait_for_kernel(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = self.admin_json("/kernel");
+            if check(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; /kernel is {v:#}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit; the process must leave no cgroup behind.
+    pub fn stop(mut self) -> ExitStatus {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> ExitStatus {
+        let Some(mut child) = self.child.take() else {
+            panic!("already stopped");
+        };
+        let pid = child.id();
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        remove_leftover_cgroup(pid);
+        status
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.terminate();
+        }
+    }
+}
+
+/// Removes `ntlm-tag.<pid>` if a killed gateway left it; returns whether it existed.
+pub fn remove_leftover_cgroup(pid: u32) -> bool {
+    let Some(mount) = cgroup2_mount() else {
+        return false;
+    };
+    let mut found = false;
+    for dir in walk_named(&mount, &format!("ntlm-tag.{pid}")) {
+        found = true;
+        let _ = std::fs::remove_dir(&dir);
+    }
+    found
+}
+
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+/// Directories named `name` below `root`, two levels deep at most below our own cgroup's parent.
+fn walk_named(root: &std::path::Path, name: &str) -> Vec<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("0::").map(str::to_string))
+        })
+        .unwrap_or_else(|| "/".into());
+    let base = root.join(own.trim_start_matches('/'));
+    let candidate = base.join(name);
+    if candidate.is_dir() {
+        vec![candidate]
+    } else {
+        Vec::new()
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
