@@ -79,3 +79,94 @@ impl Default for Topology {
         Self::new()
     }
 }
+
+/// Clients behind an nftables load balancer that DNATs a virtual IP to the gateway and SNATs every
+/// client to one source `ip:port`, so successive clients reach the gateway with the same `ip:port`:
+///
+/// ```text
+///  client ns                  balancer ns (nftables)                 gateway ns       backend ns
+///  198.18.10.10..  ──veth──  198.18.10.1 (VIP :80) | 198.18.1.100 ──  198.18.1.1 | 198.18.2.1 ── 198.18.2.2
+///                            snat to 198.18.1.100:40000
+/// ```
+pub struct SnatTopology {
+    pub client: NetNs,
+    pub balancer: NetNs,
+    pub gateway: NetNs,
+    pub backend: NetNs,
+}
+
+pub const SNAT_VIP: &str = "198.18.10.1";
+pub const SNAT_SOURCE: &str = "198.18.1.100";
+pub const SNAT_PORT: u16 = 40_000;
+
+impl SnatTopology {
+    pub fn new() -> SnatTopology {
+        let client = NetNs::new("cl");
+        let balancer = NetNs::new("lb");
+        let gateway = NetNs::new("gw");
+        let backend = NetNs::new("be");
+        veth(&client, "eth0", &balancer, "down0");
+        veth(&balancer, "up0", &gateway, "down0");
+        veth(&gateway, "up0", &backend, "eth0");
+        for i in 0..4 {
+            addr(&client, "eth0", &format!("198.18.10.{}/24", 10 + i));
+        }
+        client.ip(&["route", "add", "default", "via", SNAT_VIP]);
+        addr(&balancer, "down0", "198.18.10.1/24");
+        addr(&balancer, "up0", "198.18.1.100/24");
+        addr(&gateway, "down0", "198.18.1.1/24");
+        addr(&gateway, "up0", "198.18.2.1/24");
+        addr(&backend, "eth0", "198.18.2.2/24");
+        let mut sysctl = balancer.command("sysctl");
+        sysctl.args(["-qw", "net.ipv4.ip_forward=1"]);
+        assert!(sysctl.status().expect("sysctl").success());
+        let rules = format!(
+            "table ip ntlmtag_lb {{
+               chain pre {{ type nat hook prerouting priority dstnat; policy accept;
+                 ip daddr {SNAT_VIP} tcp dport 80 dnat to {gw}:{gw_port}; }}
+               chain post {{ type nat hook postrouting priority srcnat; policy accept;
+                 oifname \"up0\" ip protocol tcp snat to {SNAT_SOURCE}:{SNAT_PORT}; }}
+             }}",
+            gw = GATEWAY_V4,
+            gw_port = GATEWAY_PORT,
+        );
+        let mut nft = balancer.command("nft");
+        nft.args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = nft.spawn().expect("nft");
+        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), rules.as_bytes())
+            .expect("write rules");
+        drop(child.stdin.take());
+        let out = child.wait_with_output().expect("nft");
+        assert!(
+            out.status.success(),
+            "nft rules rejected: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SnatTopology {
+            client,
+            balancer,
+            gateway,
+            backend,
+        }
+    }
+
+    pub fn vip() -> SocketAddr {
+        SocketAddr::new(SNAT_VIP.parse().expect("address"), 80)
+    }
+
+    pub fn client_v4(i: u8) -> IpAddr {
+        format!("198.18.10.{}", 10 + i).parse().expect("address")
+    }
+
+    pub fn snat_peer() -> SocketAddr {
+        SocketAddr::new(SNAT_SOURCE.parse().expect("address"), SNAT_PORT)
+    }
+}
+
+impl Default for SnatTopology {
+    fn default() -> Self {
+        Self::new()
+    }
+}

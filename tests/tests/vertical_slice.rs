@@ -452,3 +452,26 @@ fn stopping_removes_the_programs_and_the_cgroup() {
         "{cgroup} left behind after a clean stop"
     );
 }
+
+#[test]
+fn request_and_response_bodies_stream_through() {
+    let topo = Topology::new();
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let _gw = start_gateway(&topo, &["--ebpf", "required"]);
+    let body = bytes::Bytes::from(vec![b'x'; 4 << 20]);
+    let status = topo.client.run(move || async move {
+        let src = SocketAddr::new(Topology::client_v4(7), 0);
+        let mut conn = Connection::open(Some(src), Topology::gateway_addr()).await;
+        let r = conn
+            .send("POST", "/upload", &[("expect", "100-continue")], body)
+            .await;
+        // The same connection stays usable after a large body.
+        assert_eq!(conn.get("/after", &[]).await.status, 200);
+        r.status
+    });
+    assert_eq!(status, 200);
+    let seen = backend.seen();
+    assert_eq!(seen[0].path, "/upload");
+    assert_eq!(seen[0].body_len, 4 << 20);
+    assert_eq!(seen[1].path, "/after");
+}
