@@ -28,6 +28,13 @@ pub fn binary() -> PathBuf {
     path
 }
 
+static ECHO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether gateways echo their log lines to stderr (on by default, so failing tests show them).
+pub fn set_echo(on: bool) {
+    ECHO.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A running gateway with its log lines.
 pub struct Gateway {
     child: Option<Child>,
@@ -89,7 +96,9 @@ impl Gateway {
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     let line = strip_ansi(&line);
-                    eprintln!("[ntlm-tag] {line}");
+                    if ECHO.load(std::sync::atomic::Ordering::Relaxed) {
+                        eprintln!("[ntlm-tag] {line}");
+                    }
                     log.lock().expect("log").push(line.clone());
                     let _ = tx.send(line);
                 }

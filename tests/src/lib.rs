@@ -2,6 +2,7 @@
 //! backend and an HTTP client, composed into topologies that read like the scenario they check.
 
 pub mod backend;
+pub mod cleanup;
 pub mod client;
 pub mod gateway;
 pub mod netns;

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the project's tasks. Each is idempotent and says what it does.
 
+mod demo;
 mod setup;
 
 use std::{
@@ -35,6 +36,12 @@ enum Task {
     },
     /// `cargo fmt --check` and `cargo clippy -D warnings` on both workspaces.
     Lint,
+    /// The whole story on a built-in network-namespace topology (root).
+    Demo {
+        /// Leave the topology up and print how to poke at it.
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -48,6 +55,17 @@ fn main() -> Result<()> {
         }
         Task::Test { filter } => test(filter.as_deref()),
         Task::Lint => lint(),
+        Task::Demo { keep } => {
+            setup::install_missing()?;
+            build_ebpf()?;
+            build_gateway(false)?;
+            if !setup::is_root() {
+                bail!(
+                    "the demo creates network namespaces and loads eBPF programs: run it as root"
+                );
+            }
+            demo::run(keep)
+        }
     }
 }
 
