@@ -17,7 +17,14 @@ fn two_clients_behind_a_single_port_snat_balancer_get_different_ids() {
     let backend_addr = Topology::backend_addr().to_string();
     let _gw = Gateway::start(
         &topo.gateway,
-        &["--listen", &listen, "--backend", &backend_addr, "--ebpf", "required"],
+        &[
+            "--listen",
+            &listen,
+            "--backend",
+            &backend_addr,
+            "--ebpf",
+            "required",
+        ],
     );
     topo.client.run(|| async {
         for i in 0..2 {
@@ -38,5 +45,8 @@ fn two_clients_behind_a_single_port_snat_balancer_get_different_ids() {
         ids.iter().all(|id| id.starts_with(&format!("{peer}/"))),
         "both clients reach the gateway as {peer}: {ids:?}"
     );
-    assert_ne!(ids[0], ids[1], "the second client must not inherit the first one's id");
+    assert_ne!(
+        ids[0], ids[1],
+        "the second client must not inherit the first one's id"
+    );
 }
