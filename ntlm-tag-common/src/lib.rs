@@ -15,6 +15,30 @@ pub const COUNTERS_MAP: &str = "COUNTERS_V1";
 /// Number of slots in [`COUNTERS_MAP`]; room is left for counters added later.
 pub const COUNTERS_SLOTS: u32 = 16;
 
+/// Name of the LPM trie of trusted balancer prefixes: key [`LpmAddr`]-shaped (`u32` prefix length, then
+/// 16 address bytes; IPv4 as v4-mapped with prefix length + 96), value `u8` 1.
+pub const TRUSTED_LB_MAP: &str = "TRUSTED_LB_V1";
+/// Most prefixes the trust list may hold.
+pub const TRUSTED_LB_ENTRIES: u32 = 1024;
+
+/// Name of the array of `u32` settings, indexed by [`Setting`].
+pub const SETTINGS_MAP: &str = "SETTINGS_V1";
+pub const SETTINGS_SLOTS: u32 = 8;
+
+/// Indices into [`SETTINGS_MAP`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setting {
+    /// TCP option kind that carries TOA (0: TOA parsing off).
+    ToaKind = 0,
+}
+
+/// The TOA option kind most balancers use (LVS FULLNAT, DPVS); 200 is also seen.
+pub const DEFAULT_TOA_KIND: u32 = 254;
+/// TOA option lengths: kind, length, port (2), then IPv4 (4) or IPv6 (16).
+pub const TOA_LEN_V4: u8 = 8;
+pub const TOA_LEN_V6: u8 = 20;
+
 /// Name of the sock_ops program that records and forgets connections.
 pub const SOCK_OPS_PROGRAM: &str = "track_connections";
 
@@ -34,14 +58,23 @@ pub enum Counter {
     InsertFailed = 2,
     /// State callbacks could not be enabled, so the record will only leave by LRU eviction.
     CallbacksUnavailable = 3,
+    /// A TOA option from a trusted peer named the client.
+    ToaAccepted = 4,
+    /// A TOA option arrived from a peer outside the trust list and was ignored.
+    ToaUntrusted = 5,
+    /// A TOA option had a length that is neither the IPv4 nor the IPv6 form, and was ignored.
+    ToaMalformed = 6,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 4] = [
+    pub const ALL: [Counter; 7] = [
         Counter::Recorded,
         Counter::Deleted,
         Counter::InsertFailed,
         Counter::CallbacksUnavailable,
+        Counter::ToaAccepted,
+        Counter::ToaUntrusted,
+        Counter::ToaMalformed,
     ];
 
     /// The name used in logs, JSON and metrics.
@@ -51,6 +84,9 @@ impl Counter {
             Counter::Deleted => "deleted",
             Counter::InsertFailed => "insert_failed",
             Counter::CallbacksUnavailable => "callbacks_unavailable",
+            Counter::ToaAccepted => "toa_accepted",
+            Counter::ToaUntrusted => "toa_untrusted",
+            Counter::ToaMalformed => "toa_malformed",
         }
     }
 }
@@ -142,11 +178,191 @@ impl ConnIdentity {
     }
 }
 
+/// What a TOA option says: the original client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ToaClient {
+    /// 16 bytes, IPv4 v4-mapped.
+    pub addr: [u8; 16],
+    pub port: u16,
+}
+
+/// Result of looking for a TOA option among a TCP header's options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToaOption {
+    /// No option of the TOA kind.
+    Absent,
+    /// An option of the TOA kind with a length that is neither 8 nor 20.
+    Malformed,
+    Found(ToaClient),
+}
+
+/// Most option bytes a TCP header can carry (60-byte header minus 20 fixed bytes).
+pub const TCP_MAX_OPTION_BYTES: usize = 40;
+
+/// Finds the TOA option in TCP options. `byte(i)` returns the i-th byte of the options area (the TCP
+/// header after its 20 fixed bytes) or `None` past its end; `len` is the options length from the
+/// header's data offset. The eBPF program calls this same function with a bounds-checked packet
+/// accessor, so the fuzzed and unit-tested parser is the one the kernel runs.
+#[inline(always)]
+pub fn find_toa(kind: u8, len: usize, byte: impl Fn(usize) -> Option<u8>) -> ToaOption {
+    let mut off = 0usize;
+    // Bounded: every step advances `off` by at least one byte and the area is at most 40 bytes. (No
+    // separate step counter: it would keep the verifier from merging equivalent loop states.)
+    while off < len && off < TCP_MAX_OPTION_BYTES {
+        let Some(k) = byte(off) else {
+            return ToaOption::Absent;
+        };
+        match k {
+            0 => return ToaOption::Absent, // end of option list
+            1 => {
+                off += 1; // no-operation
+                continue;
+            }
+            _ => {}
+        }
+        let Some(l) = byte(off + 1) else {
+            return ToaOption::Absent;
+        };
+        let l = l as usize;
+        if l < 2 || off + l > len {
+            // A zero/one length or an option running past the header: the list is malformed.
+            return if k == kind {
+                ToaOption::Malformed
+            } else {
+                ToaOption::Absent
+            };
+        }
+        if k == kind {
+            return read_toa(off, l, &byte);
+        }
+        off += l;
+    }
+    ToaOption::Absent
+}
+
+#[inline(always)]
+fn read_toa(off: usize, l: usize, byte: &impl Fn(usize) -> Option<u8>) -> ToaOption {
+    let b = |i: usize| byte(off + i);
+    let (Some(p0), Some(p1)) = (b(2), b(3)) else {
+        return ToaOption::Malformed;
+    };
+    let port = u16::from_be_bytes([p0, p1]);
+    let mut addr = [0u8; 16];
+    if l == TOA_LEN_V4 as usize {
+        let (Some(a), Some(b1), Some(c), Some(d)) = (b(4), b(5), b(6), b(7)) else {
+            return ToaOption::Malformed;
+        };
+        addr = v4_mapped([a, b1, c, d]);
+    } else if l == TOA_LEN_V6 as usize {
+        let mut i = 0;
+        while i < 16 {
+            let Some(v) = b(4 + i) else {
+                return ToaOption::Malformed;
+            };
+            addr[i] = v;
+            i += 1;
+        }
+    } else {
+        return ToaOption::Malformed;
+    }
+    ToaOption::Found(ToaClient { addr, port })
+}
+
 /// Writes an IPv4 address (network-order bytes) as a v4-mapped IPv6 address.
 pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
     [
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3],
     ]
+}
+
+/// Key of the [`TRUSTED_LB_MAP`] LPM trie's data part: 16 address bytes (IPv4 v4-mapped).
+pub type LpmAddr = [u8; 16];
+
+#[cfg(test)]
+extern crate std;
+
+#[cfg(test)]
+mod tests {
+    use std::vec;
+
+    use super::*;
+
+    fn parse(kind: u8, opts: &[u8]) -> ToaOption {
+        find_toa(kind, opts.len(), |i| opts.get(i).copied())
+    }
+
+    #[test]
+    fn finds_ipv4_toa_after_other_options() {
+        // MSS, NOP, NOP, SACK-permitted... then TOA 254 len 8 port 4321 ip 198.19.77.7
+        let opts = [2, 4, 5, 180, 1, 1, 4, 2, 254, 8, 0x10, 0xe1, 198, 19, 77, 7];
+        assert_eq!(
+            parse(254, &opts),
+            ToaOption::Found(ToaClient {
+                addr: v4_mapped([198, 19, 77, 7]),
+                port: 4321
+            })
+        );
+    }
+
+    #[test]
+    fn finds_ipv6_toa() {
+        let mut opts = vec![200, 20, 0, 80];
+        let ip = [0xfd, 0, 0x54, 0x18, 0, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+        opts.extend_from_slice(&ip);
+        assert_eq!(
+            parse(200, &opts),
+            ToaOption::Found(ToaClient { addr: ip, port: 80 })
+        );
+    }
+
+    #[test]
+    fn other_kinds_and_end_of_list_mean_absent() {
+        assert_eq!(parse(254, &[2, 4, 5, 180]), ToaOption::Absent);
+        assert_eq!(
+            parse(254, &[0, 254, 8, 0, 1, 1, 2, 3, 4]),
+            ToaOption::Absent
+        );
+        assert_eq!(parse(254, &[]), ToaOption::Absent);
+        assert_eq!(parse(200, &[254, 8, 0, 1, 1, 2, 3, 4]), ToaOption::Absent);
+    }
+
+    #[test]
+    fn bad_lengths_are_malformed_or_absent_never_a_panic() {
+        // Zero length of the TOA kind.
+        assert_eq!(parse(254, &[254, 0]), ToaOption::Malformed);
+        // Length 6: neither form.
+        assert_eq!(parse(254, &[254, 6, 0, 1, 2, 3]), ToaOption::Malformed);
+        // Truncated: claims 8, header ends after 5.
+        assert_eq!(parse(254, &[254, 8, 0, 1, 2]), ToaOption::Malformed);
+        // Oversized length of another kind running past the end.
+        assert_eq!(parse(254, &[3, 200, 0]), ToaOption::Absent);
+        // Kind byte as the very last byte.
+        assert_eq!(parse(254, &[1, 1, 1, 254]), ToaOption::Absent);
+        // Every 0..=255 length for the TOA kind, with and without room.
+        for l in 0..=255u8 {
+            let mut opts = vec![254, l];
+            opts.resize(40, 1);
+            let r = parse(254, &opts);
+            assert!(
+                matches!(r, ToaOption::Found(_)) == (l == 8 || l == 20),
+                "{l}: {r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn option_at_the_very_end_of_a_full_header() {
+        let mut opts = vec![1u8; 32];
+        opts.extend_from_slice(&[254, 8, 0, 9, 198, 19, 0, 1]);
+        assert_eq!(opts.len(), 40);
+        assert_eq!(
+            parse(254, &opts),
+            ToaOption::Found(ToaClient {
+                addr: v4_mapped([198, 19, 0, 1]),
+                port: 9
+            })
+        );
+    }
 }
 
 #[cfg(feature = "user")]

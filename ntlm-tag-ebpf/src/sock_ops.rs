@@ -12,13 +12,13 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{map, sock_ops},
-    maps::{LruHashMap, PerCpuArray},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::SockOpsContext,
 };
 use aya_log_ebpf::warn;
 use ntlm_tag_common::{
     AF_INET, AF_INET6, CONN_IDENTITY_DEFAULT_ENTRIES, COUNTERS_SLOTS, ClientSource, ConnIdentity,
-    Counter, v4_mapped,
+    Counter, LpmAddr, SETTINGS_SLOTS, Setting, TRUSTED_LB_ENTRIES, ToaOption, find_toa, v4_mapped,
 };
 
 /// `TCP_CLOSE` from the kernel's `enum tcp_state`.
@@ -30,6 +30,19 @@ static CONN_IDENTITY: LruHashMap<u64, ConnIdentity> =
 
 #[map(name = "COUNTERS_V1")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_SLOTS, 0);
+
+#[map(name = "TRUSTED_LB_V1")]
+static TRUSTED_LB: LpmTrie<LpmAddr, u8> =
+    LpmTrie::with_max_entries(TRUSTED_LB_ENTRIES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[map(name = "SCRATCH_V1")]
+static SCRATCH: PerCpuArray<ConnIdentity> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "OPTION_BUF_V1")]
+static OPTION_BUF: PerCpuArray<[u8; 64]> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "SETTINGS_V1")]
+static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_SLOTS, 0);
 
 #[sock_ops]
 pub fn track_connections(ctx: SockOpsContext) -> u32 {
@@ -43,13 +56,21 @@ pub fn track_connections(ctx: SockOpsContext) -> u32 {
 }
 
 fn record_established(ctx: &SockOpsContext) {
-    let Some(identity) = read_identity(ctx) else {
+    // The record is built in a per-CPU scratch slot: on the stack it and its copies would exceed the
+    // 512-byte BPF stack.
+    let Some(slot) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
+    // SAFETY: per-CPU slot, used only by this program run on this CPU.
+    let identity = unsafe { &mut *slot };
+    if !read_identity(ctx, identity) {
+        return;
+    }
+    apply_toa(ctx, identity);
     // SAFETY: the helper only reads the socket behind the context the kernel passed us.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     if CONN_IDENTITY
-        .insert(cookie, identity, u64::from(BPF_NOEXIST))
+        .insert(cookie, &*identity, u64::from(BPF_NOEXIST))
         .is_err()
     {
         // BPF_NOEXIST: an existing record for this cookie is never overwritten. Cookies are unique per
@@ -75,7 +96,8 @@ fn forget_closed(ctx: &SockOpsContext) {
     }
 }
 
-fn read_identity(ctx: &SockOpsContext) -> Option<ConnIdentity> {
+/// Fills `id` from the socket; false for a family other than IPv4/IPv6.
+fn read_identity(ctx: &SockOpsContext, id: &mut ConnIdentity) -> bool {
     let ops = ctx.ops;
     // Every context field is loaded unconditionally, each at its own constant offset, before any
     // branch: otherwise the compiler merges the per-family loads into one load through an offset
@@ -107,7 +129,7 @@ fn read_identity(ctx: &SockOpsContext) -> Option<ConnIdentity> {
             ],
         )
     };
-    let mut id = ConnIdentity::zeroed();
+    *id = ConnIdentity::zeroed();
     match family {
         AF_INET => {
             id.peer_addr = v4_mapped(remote4.to_ne_bytes());
@@ -117,7 +139,7 @@ fn read_identity(ctx: &SockOpsContext) -> Option<ConnIdentity> {
             id.peer_addr = ip6_bytes(remote6);
             id.local_addr = ip6_bytes(local6);
         }
-        _ => return None,
+        _ => return false,
     }
     id.family = family as u16;
     // remote_port is the network-order port in the upper half of a u32; local_port is in host order.
@@ -128,7 +150,7 @@ fn read_identity(ctx: &SockOpsContext) -> Option<ConnIdentity> {
     id.source = ClientSource::Peer as u8;
     // SAFETY: no arguments, always safe to call.
     id.established_ns = unsafe { bpf_ktime_get_ns() };
-    Some(id)
+    true
 }
 
 /// The kernel gives IPv6 addresses as four u32 words, each holding network-order bytes.
@@ -144,6 +166,85 @@ fn ip6_bytes(words: [u32; 4]) -> [u8; 16] {
         a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
         d[3],
     ]
+}
+
+/// True when `addr` (16 bytes, IPv4 v4-mapped) is inside a trusted balancer prefix.
+fn is_trusted(addr: &LpmAddr) -> bool {
+    TRUSTED_LB.get(&Key::new(128, *addr)).is_some()
+}
+
+/// If the ACK that completed the handshake carries a TOA option from a trusted peer, the client it
+/// names becomes the connection's original client.
+fn apply_toa(ctx: &SockOpsContext, id: &mut ConnIdentity) {
+    let kind = match SETTINGS.get(Setting::ToaKind as u32) {
+        Some(&k) if k != 0 && k < 256 => k as u8,
+        _ => return,
+    };
+    let ops = ctx.ops;
+    // SAFETY: skb_data/skb_data_end are packet pointers the verifier checks every access against.
+    let (data, end) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).__bindgen_anon_3.skb_data)) as usize,
+            read_volatile(addr_of!((*ops).__bindgen_anon_4.skb_data_end)) as usize,
+        )
+    };
+    // Fixed TCP header: 20 bytes; byte 12 holds the data offset in 32-bit words.
+    if data + 20 > end {
+        return;
+    }
+    // SAFETY: data + 20 <= end was checked above.
+    let doff = unsafe { *((data + 12) as *const u8) } >> 4;
+    let options_len = (doff as usize * 4).saturating_sub(20);
+    let Some(buf) = OPTION_BUF.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU slot, used only by this program run on this CPU.
+    let buf = unsafe { &mut *buf };
+    // Copy the options into map memory with constant-offset packet loads (TCP options come in 4-byte
+    // words), then parse there: packet access at variable offsets does not pass older verifiers.
+    let mut copied = 0usize;
+    macro_rules! copy_word {
+        ($w:literal) => {
+            if copied == $w * 4 && options_len > $w * 4 && data + 20 + $w * 4 + 4 <= end {
+                let p = (data + 20 + $w * 4) as *const u8;
+                // SAFETY: data + 20 + 4w + 4 <= end was checked just above.
+                unsafe {
+                    buf[$w * 4] = *p;
+                    buf[$w * 4 + 1] = *p.add(1);
+                    buf[$w * 4 + 2] = *p.add(2);
+                    buf[$w * 4 + 3] = *p.add(3);
+                }
+                copied += 4;
+            }
+        };
+    }
+    copy_word!(0);
+    copy_word!(1);
+    copy_word!(2);
+    copy_word!(3);
+    copy_word!(4);
+    copy_word!(5);
+    copy_word!(6);
+    copy_word!(7);
+    copy_word!(8);
+    copy_word!(9);
+    let buf = &*buf;
+    let toa = find_toa(kind, copied, |i| if i < copied { buf.get(i).copied() } else { None });
+    match toa {
+        ToaOption::Absent => {}
+        ToaOption::Malformed => count(Counter::ToaMalformed),
+        ToaOption::Found(client) => {
+            if is_trusted(&id.peer_addr) {
+                id.balancer_addr = id.peer_addr;
+                id.client_addr = client.addr;
+                id.client_port = client.port;
+                id.source = ClientSource::Toa as u8;
+                count(Counter::ToaAccepted);
+            } else {
+                count(Counter::ToaUntrusted);
+            }
+        }
+    }
 }
 
 fn count(counter: Counter) {

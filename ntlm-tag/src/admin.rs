@@ -14,12 +14,14 @@ use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     kernel::{KernelCounters, KernelTracker, monotonic_ns},
+    metrics::Metrics,
     registry::Registry,
 };
 
 /// What the admin listener reports.
 pub struct AdminState {
     pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
     pub kernel: Option<Arc<KernelTracker>>,
     /// `attached`, `off`, or `unavailable: <reason>`.
     pub ebpf_status: String,
@@ -82,9 +84,21 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/connections" => json(&state.registry.rows()),
         "/kernel" => json(&kernel_report(state)),
+        "/metrics" => {
+            let counters = state.kernel.as_deref().map(KernelTracker::counters);
+            let body = state
+                .metrics
+                .render(state.registry.len(), counters.as_ref());
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz, /connections, /kernel\n",
+            "not found; try /healthz, /connections, /kernel, /metrics\n",
         ),
     }
 }

@@ -11,8 +11,9 @@ use crate::{
     admin::{self, AdminState},
     cli::EbpfMode,
     config::Config,
-    identity::{Identifier, UidGenerator},
-    kernel::KernelTracker,
+    identity::{Identifier, UidGenerator, trust::TrustedSources},
+    kernel::{KernelOptions, KernelTracker},
+    metrics::Metrics,
     proxy::{self, Gateway, rewrite::StampPolicy},
     registry::Registry,
     upstream::Upstream,
@@ -43,7 +44,7 @@ pub async fn run(config: Config) -> Result<()> {
                 l.address
             )
         })?;
-        listeners.push(listener);
+        listeners.push((listener, l.clone()));
     }
     let admin_listener = match config.admin {
         Some(addr) => Some(
@@ -55,6 +56,7 @@ pub async fn run(config: Config) -> Result<()> {
     };
 
     let registry = Arc::new(Registry::default());
+    let metrics = Arc::new(Metrics::default());
     let gateway = Arc::new(Gateway {
         identifier: Identifier::new(kernel.clone()),
         uids: UidGenerator::new().context("cannot draw the random instance nonce")?,
@@ -66,15 +68,18 @@ pub async fn run(config: Config) -> Result<()> {
         upstream: Upstream::new(&config.backends, &config.timeouts),
         registry: Arc::clone(&registry),
         timeouts: config.timeouts,
+        trusted: TrustedSources::new(&config.trusted_lbs),
+        metrics: Arc::clone(&metrics),
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
     let mut addresses = Vec::new();
-    for listener in listeners {
+    for (listener, listener_config) in listeners {
         addresses.push(listener.local_addr()?.to_string());
         tokio::spawn(proxy::serve_listener(
             listener,
+            listener_config,
             Arc::clone(&gateway),
             shutdown_rx.clone(),
             tracker.clone(),
@@ -85,6 +90,7 @@ pub async fn run(config: Config) -> Result<()> {
             let address = listener.local_addr()?.to_string();
             let state = Arc::new(AdminState {
                 registry: Arc::clone(&registry),
+                metrics: Arc::clone(&metrics),
                 kernel: kernel.clone(),
                 ebpf_status: ebpf_status.clone(),
             });
@@ -133,7 +139,11 @@ fn start_kernel(config: &Config) -> Result<(Option<Arc<KernelTracker>>, String)>
             );
             Ok((None, "off".to_string()))
         }
-        mode => match KernelTracker::start(config.ebpf.map_entries) {
+        mode => match KernelTracker::start(&KernelOptions {
+            map_entries: config.ebpf.map_entries,
+            toa_kind: config.ebpf.toa_kind,
+            trusted_lbs: config.trusted_lbs.clone(),
+        }) {
             Ok(k) => Ok((Some(Arc::new(k)), "attached".to_string())),
             Err(e) if mode == EbpfMode::Required => Err(EbpfRequiredError(format!("{e:#}")).into()),
             Err(e) => {

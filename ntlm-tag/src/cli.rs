@@ -61,6 +61,15 @@ pub struct RunArgs {
     /// Address to accept clients on (repeatable). IPv6 `[::]:port` also accepts IPv4 clients.
     #[arg(long, value_name = "ADDR")]
     pub listen: Vec<SocketAddr>,
+    /// Expect a PROXY protocol (v1 or v2) header on the --listen listeners.
+    #[arg(long)]
+    pub proxy_protocol: bool,
+    /// A balancer prefix (CIDR, repeatable) allowed to convey client identity (PROXY header, TOA, IPIP).
+    #[arg(long = "trusted-lb", value_name = "CIDR")]
+    pub trusted_lbs: Vec<ipnet::IpNet>,
+    /// TCP option kind that carries TOA (254 by default; 200 is also used; 0 turns TOA off).
+    #[arg(long, value_name = "KIND")]
+    pub toa_kind: Option<u8>,
     /// Backend `HOST:PORT` (repeatable).
     #[arg(long = "backend", value_name = "HOST:PORT")]
     pub backends: Vec<String>,

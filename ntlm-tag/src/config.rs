@@ -56,6 +56,9 @@ enum ListenEntry {
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub address: SocketAddr,
+    /// Expect a PROXY protocol header (v1 or v2) from a trusted balancer before any HTTP.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 /// The file's keys. Every key is optional; defaults are applied in [`Config::build`].
@@ -63,6 +66,8 @@ pub struct ListenerConfig {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<Vec<ListenEntry>>,
+    trusted_lbs: Option<Vec<ipnet::IpNet>>,
+    toa_kind: Option<u8>,
     backends: Option<Vec<String>>,
     header: Option<String>,
     id_template: Option<String>,
@@ -84,6 +89,7 @@ struct TimeoutsFile {
     upstream_idle_secs: Option<f64>,
     header_read_secs: Option<f64>,
     drain_secs: Option<f64>,
+    proxy_header_secs: Option<f64>,
 }
 
 /// How connection ids are made and which headers carry identity.
@@ -99,6 +105,8 @@ pub struct IdentityConfig {
 pub struct EbpfConfig {
     pub mode: EbpfMode,
     pub map_entries: u32,
+    /// TCP option kind of TOA; 0: off.
+    pub toa_kind: u8,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -113,6 +121,8 @@ pub struct Timeouts {
     pub header_read: Duration,
     #[serde(serialize_with = "secs", rename = "drain_secs")]
     pub drain: Duration,
+    #[serde(serialize_with = "secs", rename = "proxy_header_secs")]
+    pub proxy_header: Duration,
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -127,6 +137,7 @@ impl Default for Timeouts {
             upstream_idle: Duration::from_secs(90),
             header_read: Duration::from_secs(30),
             drain: Duration::from_secs(10),
+            proxy_header: Duration::from_secs(5),
         }
     }
 }
@@ -137,6 +148,8 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub backends: Vec<Authority>,
     pub identity: IdentityConfig,
+    /// Balancer prefixes allowed to convey client identity.
+    pub trusted_lbs: Vec<ipnet::IpNet>,
     pub ebpf: EbpfConfig,
     pub admin: Option<SocketAddr>,
     pub workers: usize,
@@ -165,14 +178,20 @@ impl Config {
         let listeners: Vec<ListenerConfig> = if !args.listen.is_empty() {
             args.listen
                 .iter()
-                .map(|&address| ListenerConfig { address })
+                .map(|&address| ListenerConfig {
+                    address,
+                    proxy_protocol: args.proxy_protocol,
+                })
                 .collect()
         } else {
             file.listen
                 .unwrap_or_default()
                 .into_iter()
                 .map(|e| match e {
-                    ListenEntry::Address(address) => ListenerConfig { address },
+                    ListenEntry::Address(address) => ListenerConfig {
+                        address,
+                        proxy_protocol: args.proxy_protocol,
+                    },
                     ListenEntry::Table(t) => t,
                 })
                 .collect()
@@ -247,6 +266,47 @@ impl Config {
 
         let timeouts = build_timeouts(file.timeouts.unwrap_or_default())?;
 
+        let trusted_lbs: Vec<ipnet::IpNet> = if !args.trusted_lbs.is_empty() {
+            args.trusted_lbs.clone()
+        } else {
+            file.trusted_lbs.unwrap_or_default()
+        };
+        let trusted_lbs: Vec<ipnet::IpNet> = trusted_lbs.iter().map(ipnet::IpNet::trunc).collect();
+        if trusted_lbs.len() > ntlm_tag_common::TRUSTED_LB_ENTRIES as usize {
+            return Err(ConfigError::invalid(
+                "trusted_lbs",
+                format!(
+                    "{} prefixes; at most {} fit the kernel's table",
+                    trusted_lbs.len(),
+                    ntlm_tag_common::TRUSTED_LB_ENTRIES
+                ),
+            ));
+        }
+        if let Some(l) = listeners.iter().find(|l| l.proxy_protocol)
+            && trusted_lbs.is_empty()
+        {
+            return Err(ConfigError::invalid(
+                "trusted_lbs",
+                format!(
+                    "listener {} expects PROXY protocol, but no balancer is trusted to send it; add \
+                     --trusted-lb CIDR (or `trusted_lbs = [...]`)",
+                    l.address
+                ),
+            ));
+        }
+        let toa_kind = args
+            .toa_kind
+            .or(file.toa_kind)
+            .unwrap_or(ntlm_tag_common::DEFAULT_TOA_KIND as u8);
+        if matches!(toa_kind, 1 | 2 | 3 | 4 | 5 | 8) {
+            return Err(ConfigError::invalid(
+                "toa_kind",
+                format!(
+                    "{toa_kind} is a standard TCP option (NOP/MSS/WS/SACK/timestamps), not TOA"
+                ),
+            ));
+        }
+
         Ok(Config {
             listeners,
             backends,
@@ -255,9 +315,11 @@ impl Config {
                 template,
                 forwarded_headers: file.forwarded_headers.unwrap_or(true),
             },
+            trusted_lbs,
             ebpf: EbpfConfig {
                 mode: args.ebpf.or(file.ebpf).unwrap_or(EbpfMode::Auto),
                 map_entries,
+                toa_kind,
             },
             admin: args.admin.or(file.admin),
             workers: args.workers.or(file.workers).unwrap_or(0),
@@ -274,6 +336,8 @@ impl Config {
         #[derive(Serialize)]
         struct Effective<'a> {
             listen: &'a [ListenerConfig],
+            trusted_lbs: &'a [ipnet::IpNet],
+            toa_kind: u8,
             backends: Vec<String>,
             header: &'a str,
             id_template: &'a str,
@@ -289,6 +353,8 @@ impl Config {
         }
         let effective = Effective {
             listen: &self.listeners,
+            trusted_lbs: &self.trusted_lbs,
+            toa_kind: self.ebpf.toa_kind,
             backends: self.backends.iter().map(ToString::to_string).collect(),
             header: self.identity.header.as_str(),
             id_template: self.identity.template.as_str(),
@@ -371,6 +437,11 @@ fn build_timeouts(file: TimeoutsFile) -> Result<Timeouts, ConfigError> {
             d.header_read,
         )?,
         drain: pick("timeouts.drain_secs", file.drain_secs, d.drain)?,
+        proxy_header: pick(
+            "timeouts.proxy_header_secs",
+            file.proxy_header_secs,
+            d.proxy_header,
+        )?,
     })
 }
 
@@ -493,6 +564,46 @@ mod tests {
             let err = Config::from_toml(text, &args()).expect_err(text);
             assert_eq!(key_of(err), key, "{text}");
         }
+    }
+
+    #[test]
+    fn trust_list_proxy_protocol_and_toa() {
+        let c = Config::from_toml(
+            r#"listen = [{ address = "0.0.0.0:80", proxy_protocol = true }, "0.0.0.0:81"]
+               backends = ["b:80"]
+               trusted_lbs = ["198.18.5.7/24", "fd00:5418::/48"]
+               toa_kind = 200"#,
+            &args(),
+        )
+        .expect("valid");
+        assert!(c.listeners[0].proxy_protocol);
+        assert!(!c.listeners[1].proxy_protocol);
+        assert_eq!(c.trusted_lbs[0].to_string(), "198.18.5.0/24");
+        assert_eq!(c.ebpf.toa_kind, 200);
+        let err = Config::from_toml(
+            r#"listen = [{ address = "0.0.0.0:80", proxy_protocol = true }]
+               backends = ["b:80"]"#,
+            &args(),
+        )
+        .expect_err("PROXY protocol without a trusted balancer");
+        assert_eq!(key_of(err), "trusted_lbs");
+        let err = Config::from_toml(
+            r#"listen = ["0.0.0.0:80"]
+               backends = ["b:80"]
+               toa_kind = 2"#,
+            &args(),
+        )
+        .expect_err("MSS is not TOA");
+        assert_eq!(key_of(err), "toa_kind");
+        assert!(matches!(
+            Config::from_toml(
+                r#"listen = ["0.0.0.0:80"]
+                   backends = ["b:80"]
+                   trusted_lbs = ["not-a-cidr"]"#,
+                &args()
+            ),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod config;
 mod conns;
 mod identity;
 mod kernel;
+mod metrics;
 mod proxy;
 mod registry;
 mod upstream;

@@ -37,6 +37,9 @@ pub struct ConnectionRow {
     /// `peer`, `proxy-v1`, `proxy-v2`, `toa` or `ipip`.
     pub learned_from: String,
     pub balancer: Option<String>,
+    /// TLVs of the PROXY v2 header (authority, unique id, SSL, AWS/Azure ids).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_tlvs: Option<serde_json::Value>,
     pub backend: String,
     pub cookie: Option<u64>,
     pub age_ms: u64,
@@ -123,6 +126,11 @@ impl Registry {
                         identity_source: e.identity.source.name().to_string(),
                         learned_from: e.identity.learned_from.name().to_string(),
                         balancer: e.identity.balancer.map(|b| b.to_string()),
+                        proxy_tlvs: e
+                            .identity
+                            .proxy_tlvs
+                            .as_ref()
+                            .and_then(|t| serde_json::to_value(t).ok()),
                         backend: e.backend.clone(),
                         cookie: e.identity.cookie,
                         age_ms: e.started.elapsed().as_millis() as u64,

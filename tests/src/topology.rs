@@ -117,9 +117,6 @@ impl SnatTopology {
         addr(&gateway, "down0", "198.18.1.1/24");
         addr(&gateway, "up0", "198.18.2.1/24");
         addr(&backend, "eth0", "198.18.2.2/24");
-        let mut sysctl = balancer.command("sysctl");
-        sysctl.args(["-qw", "net.ipv4.ip_forward=1"]);
-        assert!(sysctl.status().expect("sysctl").success());
         let rules = format!(
             "table ip ntlmtag_lb {{
                chain pre {{ type nat hook prerouting priority dstnat; policy accept;
@@ -144,6 +141,15 @@ impl SnatTopology {
             "nft rules rejected: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // (After the NAT rules: they load conntrack, which owns the second key.) Forward, and forget a closed connection at once so the single SNAT port is free for the
+        // next client right away (what a busy balancer's port reuse looks like).
+        let mut sysctl = balancer.command("sysctl");
+        sysctl.args([
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.netfilter.nf_conntrack_tcp_timeout_close=0",
+        ]);
+        assert!(sysctl.status().expect("sysctl").success());
         SnatTopology {
             client,
             balancer,

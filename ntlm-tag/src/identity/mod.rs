@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 
 pub mod conn_id;
+pub mod proxy_header;
+pub mod trust;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -48,6 +50,8 @@ pub struct ConnectionIdentity {
     pub source: IdentitySource,
     /// The socket cookie, when the kernel provided one.
     pub cookie: Option<u64>,
+    /// TLVs of a PROXY v2 header, when one named the client.
+    pub proxy_tlvs: Option<proxy_header::ProxyTlvs>,
 }
 
 impl ConnectionIdentity {
@@ -60,6 +64,7 @@ impl ConnectionIdentity {
             balancer: None,
             source: IdentitySource::Fallback,
             cookie,
+            proxy_tlvs: None,
         }
     }
 
@@ -72,6 +77,36 @@ impl ConnectionIdentity {
             balancer: record.balancer,
             source: IdentitySource::Kernel,
             cookie: Some(cookie),
+            proxy_tlvs: None,
+        }
+    }
+
+    /// Takes the client from a PROXY header a trusted balancer sent. LOCAL/UNKNOWN headers (the
+    /// balancer's own connections, e.g. health checks) leave the identity as it is.
+    pub fn apply_proxy_header(&mut self, header: &proxy_header::ProxyHeader) {
+        let Some(source) = header.source else {
+            return;
+        };
+        self.balancer = Some(self.peer.ip());
+        self.client = canonical(source);
+        self.learned_from = match header.version {
+            proxy_header::ProxyVersion::V1 => ClientSource::ProxyV1,
+            proxy_header::ProxyVersion::V2 => ClientSource::ProxyV2,
+        };
+        if header.version == proxy_header::ProxyVersion::V2 {
+            self.proxy_tlvs = Some(header.tlvs.clone());
+        }
+    }
+
+    /// A label for metrics: where the identity came from.
+    pub fn metrics_label(&self) -> &'static str {
+        match (self.learned_from, self.source) {
+            (ClientSource::ProxyV1, _) => "proxy-v1",
+            (ClientSource::ProxyV2, _) => "proxy-v2",
+            (_, IdentitySource::Fallback) => "fallback",
+            (ClientSource::Toa, _) => "kernel-toa",
+            (ClientSource::Ipip, _) => "kernel-ipip",
+            (ClientSource::Peer, IdentitySource::Kernel) => "kernel-peer",
         }
     }
 }

@@ -16,11 +16,15 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{
+        Array, HashMap, MapData, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{CgroupAttachMode, SockOps},
 };
 use ntlm_tag_common::{
-    CONN_IDENTITY_MAP, COUNTERS_MAP, ClientSource, ConnIdentity, Counter, SOCK_OPS_PROGRAM,
+    CONN_IDENTITY_MAP, COUNTERS_MAP, ClientSource, ConnIdentity, Counter, LpmAddr, SETTINGS_MAP,
+    SOCK_OPS_PROGRAM, Setting, TRUSTED_LB_MAP,
 };
 use thiserror::Error;
 
@@ -63,6 +67,8 @@ pub enum KernelError {
         source: aya::programs::ProgramError,
         hint: &'static str,
     },
+    #[error("a kernel map lock was poisoned by a panic")]
+    Poisoned,
     #[error("cannot open map {name}: {source}")]
     Map {
         name: &'static str,
@@ -104,6 +110,16 @@ fn ip_from_bytes(bytes: [u8; 16]) -> IpAddr {
     }
 }
 
+/// What the kernel side is configured with.
+#[derive(Debug, Clone)]
+pub struct KernelOptions {
+    pub map_entries: u32,
+    /// TCP option kind of TOA; 0 turns TOA parsing off.
+    pub toa_kind: u8,
+    /// Balancer prefixes whose TOA (and IPIP) the kernel believes.
+    pub trusted_lbs: Vec<ipnet::IpNet>,
+}
+
 /// Counters the kernel programs keep, summed over CPUs.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct KernelCounters {
@@ -111,6 +127,9 @@ pub struct KernelCounters {
     pub deleted: u64,
     pub insert_failed: u64,
     pub callbacks_unavailable: u64,
+    pub toa_accepted: u64,
+    pub toa_untrusted: u64,
+    pub toa_malformed: u64,
     /// Accepted connections that had no record (userspace).
     pub lookup_misses: u64,
 }
@@ -120,6 +139,8 @@ pub struct KernelCounters {
 pub struct KernelTracker {
     identities: HashMap<MapData, u64, ConnIdentity>,
     counters: PerCpuArray<MapData, u64>,
+    trusted_lbs: Mutex<LpmTrie<MapData, LpmAddr, u8>>,
+    settings: Mutex<Array<MapData, u32>>,
     map_entries: u32,
     lookup_misses: AtomicU64,
     last_miss_warning: Mutex<Option<Instant>>,
@@ -131,7 +152,8 @@ pub struct KernelTracker {
 impl KernelTracker {
     /// Moves the process into its own cgroup, loads the embedded programs and attaches them there.
     /// Must run before the listening sockets are created, so that they belong to that cgroup.
-    pub fn start(map_entries: u32) -> Result<Self, KernelError> {
+    pub fn start(options: &KernelOptions) -> Result<Self, KernelError> {
+        let map_entries = options.map_entries;
         if let Err(e) = sockopt::raise_memlock_limit() {
             // Only kernels before 5.11 need it; there the map creation below fails with a clear error.
             tracing::debug!(error = %e, "could not raise RLIMIT_MEMLOCK");
@@ -173,20 +195,49 @@ impl KernelTracker {
             .and_then(|m| HashMap::try_from(m).map_err(map_error(CONN_IDENTITY_MAP)))?;
         let counters = take_map(&mut ebpf, COUNTERS_MAP)
             .and_then(|m| PerCpuArray::try_from(m).map_err(map_error(COUNTERS_MAP)))?;
+        let trusted_lbs = take_map(&mut ebpf, TRUSTED_LB_MAP)
+            .and_then(|m| LpmTrie::try_from(m).map_err(map_error(TRUSTED_LB_MAP)))?;
+        let settings = take_map(&mut ebpf, SETTINGS_MAP)
+            .and_then(|m| Array::try_from(m).map_err(map_error(SETTINGS_MAP)))?;
         tracing::info!(
             cgroup = %cgroup.path().display(),
             map_entries,
             "eBPF sock_ops program attached to the proxy's own cgroup"
         );
-        Ok(KernelTracker {
+        let tracker = KernelTracker {
             identities,
             counters,
+            trusted_lbs: Mutex::new(trusted_lbs),
+            settings: Mutex::new(settings),
             map_entries,
             lookup_misses: AtomicU64::new(0),
             last_miss_warning: Mutex::new(None),
             _ebpf: ebpf,
             cgroup,
-        })
+        };
+        tracker.configure(options)?;
+        Ok(tracker)
+    }
+
+    /// Loads the trust list and the TOA kind into the kernel's maps (start-up and reload).
+    pub fn configure(&self, options: &KernelOptions) -> Result<(), KernelError> {
+        let mut settings = self.settings.lock().map_err(|_| KernelError::Poisoned)?;
+        settings
+            .set(Setting::ToaKind as u32, u32::from(options.toa_kind), 0)
+            .map_err(map_error(SETTINGS_MAP))?;
+        let mut trie = self.trusted_lbs.lock().map_err(|_| KernelError::Poisoned)?;
+        let old: Vec<Key<LpmAddr>> = trie.keys().filter_map(Result::ok).collect();
+        let new: Vec<Key<LpmAddr>> = options.trusted_lbs.iter().map(lpm_key).collect();
+        for key in &new {
+            trie.insert(key, 1, 0).map_err(map_error(TRUSTED_LB_MAP))?;
+        }
+        for key in old.iter().filter(|k| {
+            !new.iter()
+                .any(|n| n.prefix_len() == k.prefix_len() && n.data() == k.data())
+        }) {
+            trie.remove(key).map_err(map_error(TRUSTED_LB_MAP))?;
+        }
+        Ok(())
     }
 
     pub fn cgroup_path(&self) -> &std::path::Path {
@@ -236,6 +287,9 @@ impl KernelTracker {
             deleted: read(Counter::Deleted),
             insert_failed: read(Counter::InsertFailed),
             callbacks_unavailable: read(Counter::CallbacksUnavailable),
+            toa_accepted: read(Counter::ToaAccepted),
+            toa_untrusted: read(Counter::ToaUntrusted),
+            toa_malformed: read(Counter::ToaMalformed),
             lookup_misses: self.lookup_misses.load(Ordering::Relaxed),
         }
     }
@@ -247,6 +301,17 @@ impl KernelTracker {
             .filter_map(Result::ok)
             .map(|(cookie, raw)| (cookie, KernelRecord::from_raw(&raw)))
             .collect()
+    }
+}
+
+/// An LPM key for a prefix: IPv4 as v4-mapped IPv6 with the prefix length shifted by 96.
+fn lpm_key(net: &ipnet::IpNet) -> Key<LpmAddr> {
+    match net {
+        ipnet::IpNet::V4(v4) => Key::new(
+            96 + u32::from(v4.prefix_len()),
+            ntlm_tag_common::v4_mapped(v4.network().octets()),
+        ),
+        ipnet::IpNet::V6(v6) => Key::new(u32::from(v6.prefix_len()), v6.network().octets()),
     }
 }
 

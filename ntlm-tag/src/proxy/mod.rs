@@ -1,6 +1,7 @@
 //! Listeners and the per-connection path: accept → identify → serve requests → stamp → forward.
 #![forbid(unsafe_code)]
 
+mod prefixed;
 pub mod rewrite;
 
 use std::{convert::Infallible, error::Error as StdError, net::SocketAddr, sync::Arc};
@@ -14,12 +15,18 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_util::task::TaskTracker;
 
 use crate::{
-    config::Timeouts,
-    identity::{IdTemplate, Identifier, UidGenerator},
+    config::{ListenerConfig, Timeouts},
+    identity::{
+        ConnectionIdentity, IdTemplate, Identifier, UidGenerator,
+        proxy_header::{self, ProxyHeaderError},
+        trust::TrustedSources,
+    },
     kernel::socket_cookie,
+    metrics::{Metrics, ProxyRejection},
     registry::{Registration, Registry},
     upstream::{Assignment, Upstream},
 };
+use prefixed::PrefixedIo;
 use rewrite::{ConnectionStamp, StampPolicy};
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -33,6 +40,8 @@ pub struct Gateway {
     pub upstream: Upstream,
     pub registry: Arc<Registry>,
     pub timeouts: Timeouts,
+    pub trusted: TrustedSources,
+    pub metrics: Arc<Metrics>,
 }
 
 /// State of one client connection, shared by its requests.
@@ -47,14 +56,16 @@ struct ClientConnection {
 /// Accepts clients on `listener` until `shutdown` fires; connections are tracked by `tracker`.
 pub async fn serve_listener(
     listener: TcpListener,
+    config: ListenerConfig,
     gateway: Arc<Gateway>,
     mut shutdown: watch::Receiver<bool>,
     tracker: TaskTracker,
 ) {
-    let listen_addr = listener
+    let listen_addr: Arc<str> = listener
         .local_addr()
         .map(|a| a.to_string())
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .into();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -69,38 +80,112 @@ pub async fn serve_listener(
                 continue;
             }
         };
-        let connection = match open_connection(&gateway, &stream, peer, &listen_addr) {
-            Ok(c) => c,
+        // Identify on the accept path (the kernel record is there already), but read any PROXY
+        // header in the connection's own task so a slow balancer never holds up the accept loop.
+        let identity = match identify(&gateway, &stream, peer) {
+            Ok(identity) => identity,
             Err(e) => {
-                tracing::error!(%peer, error = %e, "cannot set up a client connection; closing it");
+                tracing::error!(%peer, error = %e, "cannot identify a client connection; closing it");
                 continue;
             }
         };
-        let shutdown = shutdown.clone();
-        tracker.spawn(serve_connection(stream, Arc::new(connection), shutdown));
+        tracker.spawn(handle_connection(
+            stream,
+            identity,
+            config.proxy_protocol,
+            Arc::clone(&gateway),
+            Arc::clone(&listen_addr),
+            shutdown.clone(),
+        ));
+    }
+}
+
+fn identify(
+    gateway: &Gateway,
+    stream: &tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> std::io::Result<ConnectionIdentity> {
+    let _ = stream.set_nodelay(true);
+    let local = stream.local_addr()?;
+    let cookie = socket_cookie(stream).ok();
+    Ok(gateway.identifier.identify(cookie, peer, local))
+}
+
+async fn handle_connection(
+    mut stream: tokio::net::TcpStream,
+    mut identity: ConnectionIdentity,
+    proxy_protocol: bool,
+    gateway: Arc<Gateway>,
+    listener: Arc<str>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut prefix = Bytes::new();
+    if proxy_protocol {
+        let peer = identity.peer;
+        if !gateway.trusted.contains(peer.ip()) {
+            gateway.metrics.proxy_rejected(ProxyRejection::Untrusted);
+            tracing::warn!(
+                %peer,
+                listener = %listener,
+                "closing a connection on a PROXY-protocol listener from a peer outside trusted_lbs \
+                 (add its prefix with --trusted-lb if it is your balancer)"
+            );
+            return;
+        }
+        match proxy_header::read(&mut stream, gateway.timeouts.proxy_header).await {
+            Ok((header, rest)) => {
+                identity.apply_proxy_header(&header);
+                prefix = rest;
+            }
+            Err(e) => {
+                gateway.metrics.proxy_rejected(rejection(&e));
+                tracing::warn!(%peer, listener = %listener, error = %e, "closing a connection whose PROXY header was not acceptable");
+                return;
+            }
+        }
+    }
+    let connection = match open_connection(&gateway, identity, &listener) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up a client connection; closing it");
+            return;
+        }
+    };
+    serve_connection(
+        PrefixedIo::new(prefix, stream),
+        Arc::new(connection),
+        shutdown,
+    )
+    .await;
+}
+
+fn rejection(e: &ProxyHeaderError) -> ProxyRejection {
+    match e {
+        ProxyHeaderError::NotProxy(_) | ProxyHeaderError::Malformed(_) => ProxyRejection::Malformed,
+        ProxyHeaderError::Oversized(_) => ProxyRejection::Oversized,
+        ProxyHeaderError::Unsupported(_) => ProxyRejection::Unsupported,
+        ProxyHeaderError::Timeout(_) => ProxyRejection::Timeout,
+        ProxyHeaderError::Closed | ProxyHeaderError::Io(_) => ProxyRejection::Closed,
     }
 }
 
 fn open_connection(
     gateway: &Arc<Gateway>,
-    stream: &tokio::net::TcpStream,
-    peer: SocketAddr,
+    identity: ConnectionIdentity,
     listener: &str,
 ) -> Result<ClientConnection, Box<dyn StdError + Send + Sync>> {
-    let _ = stream.set_nodelay(true);
-    let local = stream.local_addr()?;
-    let cookie = socket_cookie(stream).ok();
-    let identity = gateway.identifier.identify(cookie, peer, local);
     let uid = gateway.uids.next_uid();
     let id = gateway.template.render(identity.client, &uid);
     let stamp = ConnectionStamp::new(&id, identity.client)?;
     let assignment = gateway.upstream.assign();
+    gateway.metrics.connection(identity.metrics_label());
     tracing::debug!(
         conn_id = %id,
         client = %identity.client,
         peer = %identity.peer,
         identity_source = identity.source.name(),
         learned_from = identity.learned_from.name(),
+        balancer = ?identity.balancer,
         backend = %assignment.backend().authority(),
         "client connection"
     );
@@ -119,11 +204,13 @@ fn open_connection(
     })
 }
 
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
+async fn serve_connection<S>(
+    stream: S,
     connection: Arc<ClientConnection>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let header_read = connection.gateway.timeouts.header_read;
     let service = {
         let connection = Arc::clone(&connection);
@@ -155,6 +242,7 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
     let gateway = &connection.gateway;
     let backend = connection.assignment.backend();
     connection.registration.count_request();
+    gateway.metrics.request();
     let (mut parts, body) = req.into_parts();
     parts.uri = match backend.uri_for(&parts.uri) {
         Ok(uri) => uri,
@@ -174,6 +262,7 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
             Response::from_parts(parts, Either::Left(body))
         }
         Ok(Err(e)) => {
+            gateway.metrics.upstream_error();
             tracing::warn!(
                 conn_id = %connection.id,
                 backend = %backend.authority(),
@@ -183,6 +272,7 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
             error_response(StatusCode::BAD_GATEWAY, "backend unavailable\n")
         }
         Err(_) => {
+            gateway.metrics.upstream_timeout();
             tracing::warn!(
                 conn_id = %connection.id,
                 backend = %backend.authority(),

@@ -1,0 +1,491 @@
+//! PROXY protocol v1 and v2 headers (parsed with the `ppp` crate), read before any HTTP on listeners
+//! configured for it. Only called for peers in the trust list.
+#![forbid(unsafe_code)]
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use ppp::{HeaderResult, PartialResult, v1, v2};
+use serde::Serialize;
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// The v2 signature; every v2 header starts with it.
+const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+/// The v1 prefix.
+const V1_PREFIX: &[u8; 6] = b"PROXY ";
+/// A v1 header is at most 107 bytes including CRLF.
+const V1_MAX: usize = 107;
+/// Largest v2 header accepted (16-byte fixed part + addresses + TLVs). Real balancers send far less.
+pub const V2_MAX: usize = 4096;
+
+/// PP2 TLV types kept on the identity.
+const PP2_TYPE_AUTHORITY: u8 = 0x02;
+const PP2_TYPE_UNIQUE_ID: u8 = 0x05;
+const PP2_TYPE_SSL: u8 = 0x20;
+const PP2_SUBTYPE_SSL_VERSION: u8 = 0x21;
+const PP2_SUBTYPE_SSL_CN: u8 = 0x22;
+const PP2_TYPE_AWS: u8 = 0xEA;
+const PP2_TYPE_AZURE: u8 = 0xEE;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    V1,
+    V2,
+}
+
+/// What a PROXY header said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyHeader {
+    pub version: ProxyVersion,
+    /// The original client; `None` for LOCAL (v2) and UNKNOWN (v1): the balancer's own connection,
+    /// e.g. a health check, whose identity stays the peer.
+    pub source: Option<SocketAddr>,
+    pub destination: Option<SocketAddr>,
+    pub tlvs: ProxyTlvs,
+    /// Bytes of the header (for metrics and logs).
+    pub length: usize,
+}
+
+/// The TLVs of a v2 header that the gateway keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ProxyTlvs {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+    /// Hex of PP2_TYPE_UNIQUE_ID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unique_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ssl: Option<SslTlv>,
+    /// AWS (0xEA, subtype 0x01): the VPC endpoint id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aws_vpce_id: Option<String>,
+    /// Azure (0xEE, subtype 0x01): the Private Link LinkID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub azure_link_id: Option<u32>,
+    /// Other TLV types seen, for the record.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub other_types: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SslTlv {
+    /// The client connected over TLS to the balancer.
+    pub client_ssl: bool,
+    /// The client presented a certificate on this connection.
+    pub client_cert: bool,
+    /// The certificate verified (verify field == 0).
+    pub verified: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub common_name: Option<String>,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ProxyHeaderError {
+    #[error("not a PROXY protocol header (the connection starts with {0:?})")]
+    NotProxy(String),
+    #[error("malformed PROXY header: {0}")]
+    Malformed(String),
+    #[error("PROXY header longer than {0} bytes")]
+    Oversized(usize),
+    #[error("unsupported PROXY header: {0}")]
+    Unsupported(&'static str),
+    #[error("no complete PROXY header within {0:?}")]
+    Timeout(Duration),
+    #[error("the connection closed before a complete PROXY header")]
+    Closed,
+    #[error("reading the PROXY header failed: {0}")]
+    Io(String),
+}
+
+/// Result of parsing the bytes received so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// A complete header of `consumed` bytes.
+    Complete(ProxyHeader, usize),
+    /// A valid prefix of a header; read more.
+    Incomplete,
+}
+
+/// Parses a PROXY header from the start of `buf`. Pure: the fuzz target calls it directly.
+pub fn parse(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
+    let is_v2 = starts_like(buf, V2_SIGNATURE);
+    let is_v1 = starts_like(buf, V1_PREFIX);
+    if !is_v2 && !is_v1 {
+        let shown: String = buf.iter().take(16).map(|&b| b as char).collect();
+        return Err(ProxyHeaderError::NotProxy(shown));
+    }
+    if is_v1 && !is_v2 {
+        let line_end = buf.windows(2).position(|w| w == b"\r\n");
+        match line_end {
+            None if buf.len() >= V1_MAX => return Err(ProxyHeaderError::Oversized(V1_MAX)),
+            None => return Ok(Parsed::Incomplete),
+            Some(end) if end + 2 > V1_MAX => return Err(ProxyHeaderError::Oversized(V1_MAX)),
+            Some(_) => {}
+        }
+    }
+    if is_v2 && buf.len() >= 16 {
+        let declared = 16 + u16::from_be_bytes([buf[14], buf[15]]) as usize;
+        if declared > V2_MAX {
+            return Err(ProxyHeaderError::Oversized(V2_MAX));
+        }
+    }
+    let result = HeaderResult::parse(buf);
+    if result.is_incomplete() {
+        return Ok(Parsed::Incomplete);
+    }
+    match result {
+        HeaderResult::V1(Ok(h)) => {
+            let consumed = h.header.len();
+            Ok(Parsed::Complete(from_v1(&h, consumed), consumed))
+        }
+        HeaderResult::V1(Err(e)) => Err(ProxyHeaderError::Malformed(e.to_string())),
+        HeaderResult::V2(Ok(h)) => {
+            let consumed = h.len();
+            from_v2(&h, consumed).map(|p| Parsed::Complete(p, consumed))
+        }
+        HeaderResult::V2(Err(e)) => Err(ProxyHeaderError::Malformed(e.to_string())),
+    }
+}
+
+/// True when `buf` and `prefix` agree on their common length.
+fn starts_like(buf: &[u8], prefix: &[u8]) -> bool {
+    let n = buf.len().min(prefix.len());
+    buf[..n] == prefix[..n]
+}
+
+fn from_v1(h: &v1::Header<'_>, length: usize) -> ProxyHeader {
+    let (source, destination) = match h.addresses {
+        v1::Addresses::Tcp4(a) => (
+            Some(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port)),
+            Some(SocketAddr::new(
+                IpAddr::V4(a.destination_address),
+                a.destination_port,
+            )),
+        ),
+        v1::Addresses::Tcp6(a) => (
+            Some(SocketAddr::new(IpAddr::V6(a.source_address), a.source_port)),
+            Some(SocketAddr::new(
+                IpAddr::V6(a.destination_address),
+                a.destination_port,
+            )),
+        ),
+        v1::Addresses::Unknown => (None, None),
+    };
+    ProxyHeader {
+        version: ProxyVersion::V1,
+        source,
+        destination,
+        tlvs: ProxyTlvs::default(),
+        length,
+    }
+}
+
+fn from_v2(h: &v2::Header<'_>, length: usize) -> Result<ProxyHeader, ProxyHeaderError> {
+    let tlvs = read_tlvs(h)?;
+    let local = ProxyHeader {
+        version: ProxyVersion::V2,
+        source: None,
+        destination: None,
+        tlvs: tlvs.clone(),
+        length,
+    };
+    if h.command == v2::Command::Local {
+        return Ok(local);
+    }
+    match (h.protocol, h.addresses) {
+        (v2::Protocol::Stream, v2::Addresses::IPv4(a)) => Ok(ProxyHeader {
+            source: Some(SocketAddr::new(IpAddr::V4(a.source_address), a.source_port)),
+            destination: Some(SocketAddr::new(
+                IpAddr::V4(a.destination_address),
+                a.destination_port,
+            )),
+            ..local
+        }),
+        (v2::Protocol::Stream, v2::Addresses::IPv6(a)) => Ok(ProxyHeader {
+            source: Some(SocketAddr::new(IpAddr::V6(a.source_address), a.source_port)),
+            destination: Some(SocketAddr::new(
+                IpAddr::V6(a.destination_address),
+                a.destination_port,
+            )),
+            ..local
+        }),
+        // UNSPEC with PROXY: the balancer does not know the client; treat like LOCAL (RFC text).
+        (_, v2::Addresses::Unspecified) => Ok(local),
+        (v2::Protocol::Datagram, _) => Err(ProxyHeaderError::Unsupported(
+            "UDP (DGRAM) on a TCP listener",
+        )),
+        (_, v2::Addresses::Unix(_)) => Err(ProxyHeaderError::Unsupported("AF_UNIX addresses")),
+        (v2::Protocol::Unspecified, _) => {
+            Err(ProxyHeaderError::Unsupported("unspecified transport"))
+        }
+    }
+}
+
+fn read_tlvs(h: &v2::Header<'_>) -> Result<ProxyTlvs, ProxyHeaderError> {
+    let mut out = ProxyTlvs::default();
+    for tlv in h.tlvs() {
+        let tlv = tlv.map_err(|e| ProxyHeaderError::Malformed(format!("TLV: {e}")))?;
+        let value: &[u8] = &tlv.value;
+        match tlv.kind {
+            PP2_TYPE_AUTHORITY => out.authority = Some(String::from_utf8_lossy(value).into()),
+            PP2_TYPE_UNIQUE_ID => out.unique_id = Some(hex(value)),
+            PP2_TYPE_SSL => out.ssl = Some(read_ssl(value)?),
+            PP2_TYPE_AWS => {
+                if let [0x01, id @ ..] = value {
+                    out.aws_vpce_id = Some(String::from_utf8_lossy(id).into());
+                }
+            }
+            PP2_TYPE_AZURE => {
+                if let [0x01, a, b, c, d] = value {
+                    out.azure_link_id = Some(u32::from_le_bytes([*a, *b, *c, *d]));
+                }
+            }
+            other => out.other_types.push(other),
+        }
+    }
+    Ok(out)
+}
+
+/// PP2_TYPE_SSL: client (1 byte), verify (4 bytes), then sub-TLVs.
+fn read_ssl(value: &[u8]) -> Result<SslTlv, ProxyHeaderError> {
+    let [client, v0, v1, v2, v3, rest @ ..] = value else {
+        return Err(ProxyHeaderError::Malformed(
+            "SSL TLV shorter than 5 bytes".into(),
+        ));
+    };
+    let mut ssl = SslTlv {
+        client_ssl: client & 0x01 != 0,
+        client_cert: client & 0x02 != 0,
+        verified: u32::from_be_bytes([*v0, *v1, *v2, *v3]) == 0,
+        ..SslTlv::default()
+    };
+    let mut rest = rest;
+    while let [kind, l0, l1, tail @ ..] = rest {
+        let len = u16::from_be_bytes([*l0, *l1]) as usize;
+        let Some((value, next)) = tail.split_at_checked(len) else {
+            return Err(ProxyHeaderError::Malformed(
+                "SSL sub-TLV runs past its TLV".into(),
+            ));
+        };
+        match *kind {
+            PP2_SUBTYPE_SSL_VERSION => ssl.version = Some(String::from_utf8_lossy(value).into()),
+            PP2_SUBTYPE_SSL_CN => ssl.common_name = Some(String::from_utf8_lossy(value).into()),
+            _ => {}
+        }
+        rest = next;
+    }
+    Ok(ssl)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads a PROXY header from `stream` within `timeout`. Returns the header and any bytes received
+/// after it (the start of the HTTP request), which the caller must serve first.
+pub async fn read<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    timeout: Duration,
+) -> Result<(ProxyHeader, Bytes), ProxyHeaderError> {
+    let work = async {
+        let mut buf = BytesMut::with_capacity(256);
+        loop {
+            match parse(&buf)? {
+                Parsed::Complete(header, consumed) => {
+                    let rest = buf.split_off(consumed).freeze();
+                    return Ok((header, rest));
+                }
+                Parsed::Incomplete => {
+                    if buf.len() >= V2_MAX {
+                        return Err(ProxyHeaderError::Oversized(V2_MAX));
+                    }
+                    let n = stream
+                        .read_buf(&mut buf)
+                        .await
+                        .map_err(|e| ProxyHeaderError::Io(e.to_string()))?;
+                    if n == 0 {
+                        return Err(ProxyHeaderError::Closed);
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ProxyHeaderError::Timeout(timeout))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v2_header(
+        command: v2::Command,
+        addresses: impl Into<v2::Addresses>,
+        tlvs: &[(u8, &[u8])],
+    ) -> Vec<u8> {
+        let mut b = v2::Builder::with_addresses(
+            v2::Version::Two | command,
+            v2::Protocol::Stream,
+            addresses,
+        );
+        for (kind, value) in tlvs {
+            b = b.write_tlv(*kind, value).expect("tlv");
+        }
+        b.build().expect("build")
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
+    #[test]
+    fn v1_tcp4_tcp6_and_unknown() {
+        let Ok(Parsed::Complete(h, n)) =
+            parse(b"PROXY TCP4 198.19.0.9 198.18.1.1 40000 80\r\nGET / HTTP/1.1\r\n")
+        else {
+            panic!("complete");
+        };
+        assert_eq!(h.version, ProxyVersion::V1);
+        assert_eq!(h.source, Some(addr("198.19.0.9:40000")));
+        assert_eq!(n, 43);
+        let Ok(Parsed::Complete(h, _)) = parse(b"PROXY TCP6 fd00:5418::9 fd00:5418::1 4000 80\r\n")
+        else {
+            panic!("complete");
+        };
+        assert_eq!(h.source, Some(addr("[fd00:5418::9]:4000")));
+        let Ok(Parsed::Complete(h, n)) = parse(b"PROXY UNKNOWN\r\n") else {
+            panic!("complete");
+        };
+        assert_eq!((h.source, n), (None, 15));
+    }
+
+    #[test]
+    fn partial_headers_ask_for_more() {
+        assert_eq!(parse(b""), Ok(Parsed::Incomplete));
+        assert_eq!(parse(b"PRO"), Ok(Parsed::Incomplete));
+        assert_eq!(parse(b"PROXY TCP4 198.19.0.9"), Ok(Parsed::Incomplete));
+        let full = v2_header(
+            v2::Command::Proxy,
+            (addr("198.19.0.9:1"), addr("198.18.1.1:80")),
+            &[],
+        );
+        for cut in 0..full.len() {
+            assert_eq!(parse(&full[..cut]), Ok(Parsed::Incomplete), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn plain_http_and_garbage_are_refused_at_once() {
+        assert!(matches!(
+            parse(b"GET / HTTP/1.1\r\n"),
+            Err(ProxyHeaderError::NotProxy(_))
+        ));
+        assert!(matches!(
+            parse(b"\r\n\r\nX"),
+            Err(ProxyHeaderError::NotProxy(_))
+        ));
+        assert!(matches!(
+            parse(b"PROXY TCP4 not-an-ip 198.18.1.1 1 2\r\n"),
+            Err(ProxyHeaderError::Malformed(_))
+        ));
+        assert!(matches!(
+            parse(b"PROXY TCP4 198.19.0.9 198.18.1.1 99999 80\r\n"),
+            Err(ProxyHeaderError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn oversized_headers_are_refused() {
+        let mut long = b"PROXY TCP4 ".to_vec();
+        long.resize(200, b'1');
+        assert_eq!(parse(&long), Err(ProxyHeaderError::Oversized(V1_MAX)));
+        let mut v2 = V2_SIGNATURE.to_vec();
+        v2.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
+        assert_eq!(parse(&v2), Err(ProxyHeaderError::Oversized(V2_MAX)));
+    }
+
+    #[test]
+    fn v2_local_is_a_health_check_without_client() {
+        let bytes = v2_header(v2::Command::Local, v2::Addresses::Unspecified, &[]);
+        let Ok(Parsed::Complete(h, n)) = parse(&bytes) else {
+            panic!("complete");
+        };
+        assert_eq!((h.source, n), (None, 16));
+    }
+
+    #[test]
+    fn v2_tlvs_are_kept() {
+        let mut ssl = vec![0x03, 0, 0, 0, 0];
+        ssl.extend_from_slice(&[PP2_SUBTYPE_SSL_VERSION, 0, 7]);
+        ssl.extend_from_slice(b"TLSv1.3");
+        ssl.extend_from_slice(&[PP2_SUBTYPE_SSL_CN, 0, 5]);
+        ssl.extend_from_slice(b"alice");
+        let aws = [&[0x01u8][..], b"vpce-08d2bf15fac5001c9"].concat();
+        let bytes = v2_header(
+            v2::Command::Proxy,
+            (addr("[fd00:5418::9]:5"), addr("[fd00:5418::1]:80")),
+            &[
+                (PP2_TYPE_AUTHORITY, b"intranet.example"),
+                (PP2_TYPE_UNIQUE_ID, &[0xde, 0xad]),
+                (PP2_TYPE_SSL, &ssl),
+                (PP2_TYPE_AWS, &aws),
+                (PP2_TYPE_AZURE, &[0x01, 0x2a, 0, 0, 0]),
+                (0x04, &[]),
+            ],
+        );
+        let Ok(Parsed::Complete(h, _)) = parse(&bytes) else {
+            panic!("complete");
+        };
+        assert_eq!(h.source, Some(addr("[fd00:5418::9]:5")));
+        assert_eq!(h.tlvs.authority.as_deref(), Some("intranet.example"));
+        assert_eq!(h.tlvs.unique_id.as_deref(), Some("dead"));
+        assert_eq!(
+            h.tlvs.aws_vpce_id.as_deref(),
+            Some("vpce-08d2bf15fac5001c9")
+        );
+        assert_eq!(h.tlvs.azure_link_id, Some(42));
+        let ssl = h.tlvs.ssl.expect("ssl");
+        assert!(ssl.client_ssl && ssl.client_cert && ssl.verified);
+        assert_eq!(ssl.version.as_deref(), Some("TLSv1.3"));
+        assert_eq!(ssl.common_name.as_deref(), Some("alice"));
+        assert_eq!(h.tlvs.other_types, vec![0x04]);
+    }
+
+    #[test]
+    fn truncated_ssl_tlv_is_malformed() {
+        let bytes = v2_header(
+            v2::Command::Proxy,
+            (addr("198.19.0.9:1"), addr("198.18.1.1:80")),
+            &[(PP2_TYPE_SSL, &[0x01, 0, 0])],
+        );
+        assert!(matches!(parse(&bytes), Err(ProxyHeaderError::Malformed(_))));
+    }
+
+    #[tokio::test]
+    async fn read_returns_the_bytes_after_the_header() {
+        let mut input: &[u8] =
+            b"PROXY TCP4 198.19.0.9 198.18.1.1 40000 80\r\nGET / HTTP/1.1\r\n\r\n";
+        let (h, rest) = read(&mut input, Duration::from_secs(1))
+            .await
+            .expect("header");
+        assert_eq!(h.source, Some(addr("198.19.0.9:40000")));
+        assert_eq!(&rest[..], b"GET / HTTP/1.1\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn read_times_out_on_a_silent_peer() {
+        let (_keep, mut silent) = tokio::io::duplex(64);
+        let err = read(&mut silent, Duration::from_millis(20))
+            .await
+            .expect_err("timeout");
+        assert!(matches!(err, ProxyHeaderError::Timeout(_)), "{err}");
+    }
+}
