@@ -108,7 +108,7 @@ pub enum ProxyHeaderError {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Parsed {
     /// A complete header of `consumed` bytes.
-    Complete(ProxyHeader, usize),
+    Complete(Box<ProxyHeader>, usize),
     /// A valid prefix of a header; read more.
     Incomplete,
 }
@@ -143,12 +143,12 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
     match result {
         HeaderResult::V1(Ok(h)) => {
             let consumed = h.header.len();
-            Ok(Parsed::Complete(from_v1(&h, consumed), consumed))
+            Ok(Parsed::Complete(Box::new(from_v1(&h, consumed)), consumed))
         }
         HeaderResult::V1(Err(e)) => Err(ProxyHeaderError::Malformed(e.to_string())),
         HeaderResult::V2(Ok(h)) => {
             let consumed = h.len();
-            from_v2(&h, consumed).map(|p| Parsed::Complete(p, consumed))
+            from_v2(&h, consumed).map(|p| Parsed::Complete(Box::new(p), consumed))
         }
         HeaderResult::V2(Err(e)) => Err(ProxyHeaderError::Malformed(e.to_string())),
     }
@@ -300,7 +300,7 @@ pub async fn read<S: AsyncRead + Unpin>(
             match parse(&buf)? {
                 Parsed::Complete(header, consumed) => {
                     let rest = buf.split_off(consumed).freeze();
-                    return Ok((header, rest));
+                    return Ok((*header, rest));
                 }
                 Parsed::Incomplete => {
                     if buf.len() >= V2_MAX {
