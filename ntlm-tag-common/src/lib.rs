@@ -278,6 +278,10 @@ pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
 /// Key of the [`TRUSTED_LB_MAP`] LPM trie's data part: 16 address bytes (IPv4 v4-mapped).
 pub type LpmAddr = [u8; 16];
 
+#[cfg(feature = "user")]
+// SAFETY: ConnIdentity is repr(C), Copy, has no padding holes left implicit and every bit pattern is valid.
+unsafe impl aya::Pod for ConnIdentity {}
+
 #[cfg(test)]
 extern crate std;
 
@@ -365,6 +369,3 @@ mod tests {
     }
 }
 
-#[cfg(feature = "user")]
-// SAFETY: ConnIdentity is repr(C), Copy, has no padding holes left implicit and every bit pattern is valid.
-unsafe impl aya::Pod for ConnIdentity {}
