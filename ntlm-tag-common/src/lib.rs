@@ -39,6 +39,67 @@ pub const DEFAULT_TOA_KIND: u32 = 254;
 pub const TOA_LEN_V4: u8 = 8;
 pub const TOA_LEN_V6: u8 = 20;
 
+/// Name of the LRU hash map `IpipKey -> IpipOrigin` the XDP program fills (on the SYN of each
+/// decapsulated connection) and the sock_ops program joins and deletes.
+pub const IPIP_ORIGIN_MAP: &str = "IPIP_ORIGIN_V1";
+pub const IPIP_ORIGIN_ENTRIES: u32 = 65_536;
+
+/// Name of the XDP program that decapsulates IPIP / IPv6-in-IPv6 from trusted balancers.
+pub const XDP_PROGRAM: &str = "decap_ipip";
+
+/// Per-CPU counters of the XDP program (`XDP_COUNTERS_V1`), indexed by [`XdpCounter`].
+pub const XDP_COUNTERS_MAP: &str = "XDP_COUNTERS_V1";
+pub const XDP_COUNTERS_SLOTS: u32 = 8;
+
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpCounter {
+    /// Packets decapsulated.
+    Decapsulated = 0,
+    /// Tunnel packets from a source outside the trust list, passed untouched.
+    Untrusted = 1,
+    /// Tunnel packets that could not be decapsulated (fragments, truncated, options), passed untouched.
+    Skipped = 2,
+}
+
+impl XdpCounter {
+    pub const ALL: [XdpCounter; 3] = [
+        XdpCounter::Decapsulated,
+        XdpCounter::Untrusted,
+        XdpCounter::Skipped,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            XdpCounter::Decapsulated => "decapsulated",
+            XdpCounter::Untrusted => "untrusted",
+            XdpCounter::Skipped => "skipped",
+        }
+    }
+}
+
+/// The inner connection of a decapsulated packet, as the accepted socket will see it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpipKey {
+    /// The client (inner source), 16 bytes, IPv4 v4-mapped.
+    pub client_addr: [u8; 16],
+    /// The gateway address the client connected to (inner destination).
+    pub local_addr: [u8; 16],
+    pub client_port: u16,
+    pub local_port: u16,
+    pub _pad: [u8; 4],
+}
+
+const _: () = assert!(core::mem::size_of::<IpipKey>() == 40);
+
+/// Which balancer delivered the connection (the outer source).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpipOrigin {
+    pub balancer_addr: [u8; 16],
+}
+
 /// Name of the sock_ops program that records and forgets connections.
 pub const SOCK_OPS_PROGRAM: &str = "track_connections";
 
@@ -64,10 +125,12 @@ pub enum Counter {
     ToaUntrusted = 5,
     /// A TOA option had a length that is neither the IPv4 nor the IPv6 form, and was ignored.
     ToaMalformed = 6,
+    /// A connection was matched to the balancer that delivered it through IPIP.
+    IpipJoined = 7,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 8] = [
         Counter::Recorded,
         Counter::Deleted,
         Counter::InsertFailed,
@@ -75,6 +138,7 @@ impl Counter {
         Counter::ToaAccepted,
         Counter::ToaUntrusted,
         Counter::ToaMalformed,
+        Counter::IpipJoined,
     ];
 
     /// The name used in logs, JSON and metrics.
@@ -87,6 +151,7 @@ impl Counter {
             Counter::ToaAccepted => "toa_accepted",
             Counter::ToaUntrusted => "toa_untrusted",
             Counter::ToaMalformed => "toa_malformed",
+            Counter::IpipJoined => "ipip_joined",
         }
     }
 }
@@ -279,6 +344,13 @@ pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
 pub type LpmAddr = [u8; 16];
 
 #[cfg(feature = "user")]
+// SAFETY: plain repr(C) data with explicit padding; every bit pattern is valid.
+unsafe impl aya::Pod for IpipKey {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for IpipOrigin {}
+
+#[cfg(feature = "user")]
 // SAFETY: ConnIdentity is repr(C), Copy, has no padding holes left implicit and every bit pattern is valid.
 unsafe impl aya::Pod for ConnIdentity {}
 
@@ -368,4 +440,3 @@ mod tests {
         );
     }
 }
-

@@ -5,7 +5,9 @@
 #![no_std]
 #![no_main]
 
+mod maps;
 mod sock_ops;
+mod xdp;
 
 #[cfg(not(test))]
 #[panic_handler]

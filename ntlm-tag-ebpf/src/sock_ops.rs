@@ -11,38 +11,19 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB_FLAG,
     },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
-    macros::{map, sock_ops},
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    macros::sock_ops,
     programs::SockOpsContext,
 };
 use aya_log_ebpf::warn;
 use ntlm_tag_common::{
-    AF_INET, AF_INET6, CONN_IDENTITY_DEFAULT_ENTRIES, COUNTERS_SLOTS, ClientSource, ConnIdentity,
-    Counter, LpmAddr, SETTINGS_SLOTS, Setting, TRUSTED_LB_ENTRIES, ToaOption, find_toa, v4_mapped,
+    AF_INET, AF_INET6, ClientSource, ConnIdentity, Counter, IpipKey, Setting, ToaOption, find_toa,
+    v4_mapped,
 };
+
+use crate::maps::{CONN_IDENTITY, IPIP_ORIGIN, OPTION_BUF, SCRATCH, SETTINGS, count, is_trusted};
 
 /// `TCP_CLOSE` from the kernel's `enum tcp_state`.
 const TCP_CLOSE: u32 = 7;
-
-#[map(name = "CONN_IDENTITY_V1")]
-static CONN_IDENTITY: LruHashMap<u64, ConnIdentity> =
-    LruHashMap::with_max_entries(CONN_IDENTITY_DEFAULT_ENTRIES, 0);
-
-#[map(name = "COUNTERS_V1")]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_SLOTS, 0);
-
-#[map(name = "TRUSTED_LB_V1")]
-static TRUSTED_LB: LpmTrie<LpmAddr, u8> =
-    LpmTrie::with_max_entries(TRUSTED_LB_ENTRIES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
-
-#[map(name = "SCRATCH_V1")]
-static SCRATCH: PerCpuArray<ConnIdentity> = PerCpuArray::with_max_entries(1, 0);
-
-#[map(name = "OPTION_BUF_V1")]
-static OPTION_BUF: PerCpuArray<[u8; 64]> = PerCpuArray::with_max_entries(1, 0);
-
-#[map(name = "SETTINGS_V1")]
-static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_SLOTS, 0);
 
 #[sock_ops]
 pub fn track_connections(ctx: SockOpsContext) -> u32 {
@@ -67,6 +48,9 @@ fn record_established(ctx: &SockOpsContext) {
         return;
     }
     apply_toa(ctx, identity);
+    if identity.source == ClientSource::Peer as u8 {
+        join_ipip(identity);
+    }
     // SAFETY: the helper only reads the socket behind the context the kernel passed us.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     if CONN_IDENTITY
@@ -168,11 +152,6 @@ fn ip6_bytes(words: [u32; 4]) -> [u8; 16] {
     ]
 }
 
-/// True when `addr` (16 bytes, IPv4 v4-mapped) is inside a trusted balancer prefix.
-fn is_trusted(addr: &LpmAddr) -> bool {
-    TRUSTED_LB.get(&Key::new(128, *addr)).is_some()
-}
-
 /// If the ACK that completed the handshake carries a TOA option from a trusted peer, the client it
 /// names becomes the connection's original client.
 fn apply_toa(ctx: &SockOpsContext, id: &mut ConnIdentity) {
@@ -229,7 +208,13 @@ fn apply_toa(ctx: &SockOpsContext, id: &mut ConnIdentity) {
     copy_word!(8);
     copy_word!(9);
     let buf = &*buf;
-    let toa = find_toa(kind, copied, |i| if i < copied { buf.get(i).copied() } else { None });
+    let toa = find_toa(kind, copied, |i| {
+        if i < copied {
+            buf.get(i).copied()
+        } else {
+            None
+        }
+    });
     match toa {
         ToaOption::Absent => {}
         ToaOption::Malformed => count(Counter::ToaMalformed),
@@ -247,9 +232,21 @@ fn apply_toa(ctx: &SockOpsContext, id: &mut ConnIdentity) {
     }
 }
 
-fn count(counter: Counter) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe { *slot += 1 };
-    }
+/// If the XDP program decapsulated this connection's SYN from a trusted balancer, name the balancer.
+fn join_ipip(id: &mut ConnIdentity) {
+    let key = IpipKey {
+        client_addr: id.peer_addr,
+        local_addr: id.local_addr,
+        client_port: id.peer_port,
+        local_port: id.local_port,
+        _pad: [0; 4],
+    };
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(origin) = (unsafe { IPIP_ORIGIN.get(&key) }).copied() else {
+        return;
+    };
+    id.balancer_addr = origin.balancer_addr;
+    id.source = ClientSource::Ipip as u8;
+    let _ = IPIP_ORIGIN.remove(&key);
+    count(Counter::IpipJoined);
 }

@@ -33,6 +33,7 @@ struct KernelReport {
     cgroup: Option<String>,
     map_entries: Option<u32>,
     counters: Option<KernelCounters>,
+    xdp: Vec<crate::kernel::XdpAttachment>,
     records: Vec<RecordRow>,
 }
 
@@ -111,6 +112,9 @@ fn kernel_report(state: &AdminState) -> KernelReport {
         cgroup: kernel.map(|k| k.cgroup_path().display().to_string()),
         map_entries: kernel.map(KernelTracker::map_entries),
         counters: kernel.map(KernelTracker::counters),
+        xdp: kernel
+            .map(|k| k.xdp_attachments().to_vec())
+            .unwrap_or_default(),
         records: kernel
             .map(|k| {
                 k.records()

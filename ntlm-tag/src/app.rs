@@ -143,6 +143,7 @@ fn start_kernel(config: &Config) -> Result<(Option<Arc<KernelTracker>>, String)>
             map_entries: config.ebpf.map_entries,
             toa_kind: config.ebpf.toa_kind,
             trusted_lbs: config.trusted_lbs.clone(),
+            xdp_interfaces: config.ebpf.xdp_interfaces.clone(),
         }) {
             Ok(k) => Ok((Some(Arc::new(k)), "attached".to_string())),
             Err(e) if mode == EbpfMode::Required => Err(EbpfRequiredError(format!("{e:#}")).into()),

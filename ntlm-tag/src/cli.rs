@@ -70,6 +70,9 @@ pub struct RunArgs {
     /// TCP option kind that carries TOA (254 by default; 200 is also used; 0 turns TOA off).
     #[arg(long, value_name = "KIND")]
     pub toa_kind: Option<u8>,
+    /// Interface to decapsulate IPIP / IPv6-in-IPv6 from trusted balancers on, with XDP (repeatable).
+    #[arg(long = "xdp", value_name = "IFACE")]
+    pub xdp_interfaces: Vec<String>,
     /// Backend `HOST:PORT` (repeatable).
     #[arg(long = "backend", value_name = "HOST:PORT")]
     pub backends: Vec<String>,

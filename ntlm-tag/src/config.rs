@@ -68,6 +68,7 @@ struct FileConfig {
     listen: Option<Vec<ListenEntry>>,
     trusted_lbs: Option<Vec<ipnet::IpNet>>,
     toa_kind: Option<u8>,
+    xdp: Option<Vec<String>>,
     backends: Option<Vec<String>>,
     header: Option<String>,
     id_template: Option<String>,
@@ -107,6 +108,8 @@ pub struct EbpfConfig {
     pub map_entries: u32,
     /// TCP option kind of TOA; 0: off.
     pub toa_kind: u8,
+    /// Interfaces with the IPIP-decapsulating XDP program.
+    pub xdp_interfaces: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -294,6 +297,26 @@ impl Config {
                 ),
             ));
         }
+        let xdp_interfaces = if !args.xdp_interfaces.is_empty() {
+            args.xdp_interfaces.clone()
+        } else {
+            file.xdp.unwrap_or_default()
+        };
+        if let Some(bad) = xdp_interfaces
+            .iter()
+            .find(|i| i.is_empty() || i.len() > 15 || i.contains(['/', ' ']))
+        {
+            return Err(ConfigError::invalid(
+                "xdp",
+                format!("{bad:?} is not an interface name"),
+            ));
+        }
+        if !xdp_interfaces.is_empty() && trusted_lbs.is_empty() {
+            return Err(ConfigError::invalid(
+                "trusted_lbs",
+                "XDP decapsulation only accepts tunnels from trusted balancers; add --trusted-lb CIDR",
+            ));
+        }
         let toa_kind = args
             .toa_kind
             .or(file.toa_kind)
@@ -320,6 +343,7 @@ impl Config {
                 mode: args.ebpf.or(file.ebpf).unwrap_or(EbpfMode::Auto),
                 map_entries,
                 toa_kind,
+                xdp_interfaces,
             },
             admin: args.admin.or(file.admin),
             workers: args.workers.or(file.workers).unwrap_or(0),
@@ -338,6 +362,7 @@ impl Config {
             listen: &'a [ListenerConfig],
             trusted_lbs: &'a [ipnet::IpNet],
             toa_kind: u8,
+            xdp: &'a [String],
             backends: Vec<String>,
             header: &'a str,
             id_template: &'a str,
@@ -355,6 +380,7 @@ impl Config {
             listen: &self.listeners,
             trusted_lbs: &self.trusted_lbs,
             toa_kind: self.ebpf.toa_kind,
+            xdp: &self.ebpf.xdp_interfaces,
             backends: self.backends.iter().map(ToString::to_string).collect(),
             header: self.identity.header.as_str(),
             id_template: self.identity.template.as_str(),

@@ -143,6 +143,10 @@ impl Metrics {
                 ("toa_accepted", k.toa_accepted),
                 ("toa_untrusted", k.toa_untrusted),
                 ("toa_malformed", k.toa_malformed),
+                ("ipip_joined", k.ipip_joined),
+                ("xdp_decapsulated", k.xdp_decapsulated),
+                ("xdp_untrusted", k.xdp_untrusted),
+                ("xdp_skipped", k.xdp_skipped),
                 ("lookup_miss", k.lookup_misses),
             ] {
                 let _ = writeln!(out, "ntlm_tag_kernel_events_total{{event=\"{name}\"}} {v}");

@@ -6,4 +6,5 @@ pub mod cleanup;
 pub mod client;
 pub mod gateway;
 pub mod netns;
+pub mod programs;
 pub mod topology;

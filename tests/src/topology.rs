@@ -176,3 +176,71 @@ impl Default for SnatTopology {
         Self::new()
     }
 }
+
+/// Clients behind a Katran-style balancer that encapsulates in IPIP towards the gateway, which owns the
+/// virtual IP and decapsulates with XDP (no tunnel device):
+///
+/// ```text
+///  client ns           balancer ns                       gateway ns                      backend ns
+///  198.18.10.10.. ── 198.18.10.1 | 198.18.1.100 ─(IPIP)─ 198.18.1.1 (XDP), VIP 198.18.20.1 ── 198.18.2.2
+/// ```
+/// The balancer's TC egress program (test-only) encapsulates; the gateway answers clients directly
+/// through the balancer's routing (direct server return).
+pub struct IpipTopology {
+    pub client: NetNs,
+    pub balancer: NetNs,
+    pub gateway: NetNs,
+    pub backend: NetNs,
+}
+
+pub const IPIP_VIP: &str = "198.18.20.1";
+
+impl IpipTopology {
+    pub fn new() -> IpipTopology {
+        let client = NetNs::new("cl");
+        let balancer = NetNs::new("lb");
+        let gateway = NetNs::new("gw");
+        let backend = NetNs::new("be");
+        veth(&client, "eth0", &balancer, "down0");
+        veth(&balancer, "up0", &gateway, "down0");
+        veth(&gateway, "up0", &backend, "eth0");
+        // Room for the 20-byte outer header.
+        balancer.ip(&["link", "set", "up0", "mtu", "1600"]);
+        gateway.ip(&["link", "set", "down0", "mtu", "1600"]);
+        for i in 0..4 {
+            addr(&client, "eth0", &format!("198.18.10.{}/24", 10 + i));
+        }
+        client.ip(&["route", "add", "default", "via", SNAT_VIP]);
+        addr(&balancer, "down0", "198.18.10.1/24");
+        addr(&balancer, "up0", "198.18.1.100/24");
+        balancer.ip(&["route", "add", &format!("{IPIP_VIP}/32"), "via", GATEWAY_V4]);
+        addr(&gateway, "down0", "198.18.1.1/24");
+        addr(&gateway, "lo", &format!("{IPIP_VIP}/32"));
+        addr(&gateway, "up0", "198.18.2.1/24");
+        gateway.ip(&["route", "add", "198.18.10.0/24", "via", SNAT_SOURCE]);
+        addr(&backend, "eth0", "198.18.2.2/24");
+        let mut sysctl = balancer.command("sysctl");
+        sysctl.args(["-qw", "net.ipv4.ip_forward=1"]);
+        assert!(sysctl.status().expect("sysctl").success());
+        IpipTopology {
+            client,
+            balancer,
+            gateway,
+            backend,
+        }
+    }
+
+    pub fn vip() -> SocketAddr {
+        SocketAddr::new(IPIP_VIP.parse().expect("address"), GATEWAY_PORT)
+    }
+
+    pub fn client_v4(i: u8) -> IpAddr {
+        format!("198.18.10.{}", 10 + i).parse().expect("address")
+    }
+}
+
+impl Default for IpipTopology {
+    fn default() -> Self {
+        Self::new()
+    }
+}

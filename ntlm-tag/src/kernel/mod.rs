@@ -20,11 +20,11 @@ use aya::{
         Array, HashMap, MapData, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{CgroupAttachMode, SockOps},
+    programs::{CgroupAttachMode, SockOps, Xdp, XdpMode},
 };
 use ntlm_tag_common::{
     CONN_IDENTITY_MAP, COUNTERS_MAP, ClientSource, ConnIdentity, Counter, LpmAddr, SETTINGS_MAP,
-    SOCK_OPS_PROGRAM, Setting, TRUSTED_LB_MAP,
+    SOCK_OPS_PROGRAM, Setting, TRUSTED_LB_MAP, XDP_COUNTERS_MAP, XDP_PROGRAM, XdpCounter,
 };
 use thiserror::Error;
 
@@ -66,6 +66,14 @@ pub enum KernelError {
         #[source]
         source: aya::programs::ProgramError,
         hint: &'static str,
+    },
+    #[error(
+        "cannot attach XDP to interface {interface}: {source} (does it exist in this network namespace?)"
+    )]
+    Xdp {
+        interface: String,
+        #[source]
+        source: aya::programs::ProgramError,
     },
     #[error("a kernel map lock was poisoned by a panic")]
     Poisoned,
@@ -118,6 +126,16 @@ pub struct KernelOptions {
     pub toa_kind: u8,
     /// Balancer prefixes whose TOA (and IPIP) the kernel believes.
     pub trusted_lbs: Vec<ipnet::IpNet>,
+    /// Interfaces to decapsulate IPIP / IPv6-in-IPv6 on (XDP).
+    pub xdp_interfaces: Vec<String>,
+}
+
+/// How the XDP program was attached to one interface.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct XdpAttachment {
+    pub interface: String,
+    /// `native` (driver) or `generic` (skb).
+    pub mode: &'static str,
 }
 
 /// Counters the kernel programs keep, summed over CPUs.
@@ -130,6 +148,10 @@ pub struct KernelCounters {
     pub toa_accepted: u64,
     pub toa_untrusted: u64,
     pub toa_malformed: u64,
+    pub ipip_joined: u64,
+    pub xdp_decapsulated: u64,
+    pub xdp_untrusted: u64,
+    pub xdp_skipped: u64,
     /// Accepted connections that had no record (userspace).
     pub lookup_misses: u64,
 }
@@ -139,6 +161,8 @@ pub struct KernelCounters {
 pub struct KernelTracker {
     identities: HashMap<MapData, u64, ConnIdentity>,
     counters: PerCpuArray<MapData, u64>,
+    xdp_counters: PerCpuArray<MapData, u64>,
+    xdp: Vec<XdpAttachment>,
     trusted_lbs: Mutex<LpmTrie<MapData, LpmAddr, u8>>,
     settings: Mutex<Array<MapData, u32>>,
     map_entries: u32,
@@ -191,10 +215,13 @@ impl KernelTracker {
                 hint: hint_for_program(&source),
                 source,
             })?;
+        let xdp = attach_xdp(&mut ebpf, &options.xdp_interfaces)?;
         let identities = take_map(&mut ebpf, CONN_IDENTITY_MAP)
             .and_then(|m| HashMap::try_from(m).map_err(map_error(CONN_IDENTITY_MAP)))?;
         let counters = take_map(&mut ebpf, COUNTERS_MAP)
             .and_then(|m| PerCpuArray::try_from(m).map_err(map_error(COUNTERS_MAP)))?;
+        let xdp_counters = take_map(&mut ebpf, XDP_COUNTERS_MAP)
+            .and_then(|m| PerCpuArray::try_from(m).map_err(map_error(XDP_COUNTERS_MAP)))?;
         let trusted_lbs = take_map(&mut ebpf, TRUSTED_LB_MAP)
             .and_then(|m| LpmTrie::try_from(m).map_err(map_error(TRUSTED_LB_MAP)))?;
         let settings = take_map(&mut ebpf, SETTINGS_MAP)
@@ -207,6 +234,8 @@ impl KernelTracker {
         let tracker = KernelTracker {
             identities,
             counters,
+            xdp_counters,
+            xdp,
             trusted_lbs: Mutex::new(trusted_lbs),
             settings: Mutex::new(settings),
             map_entries,
@@ -275,9 +304,20 @@ impl KernelTracker {
         }
     }
 
+    /// Where the XDP program runs.
+    pub fn xdp_attachments(&self) -> &[XdpAttachment] {
+        &self.xdp
+    }
+
     pub fn counters(&self) -> KernelCounters {
         let read = |c: Counter| -> u64 {
             self.counters
+                .get(&(c as u32), 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        let read_xdp = |c: XdpCounter| -> u64 {
+            self.xdp_counters
                 .get(&(c as u32), 0)
                 .map(|per_cpu| per_cpu.iter().sum())
                 .unwrap_or(0)
@@ -290,6 +330,10 @@ impl KernelTracker {
             toa_accepted: read(Counter::ToaAccepted),
             toa_untrusted: read(Counter::ToaUntrusted),
             toa_malformed: read(Counter::ToaMalformed),
+            ipip_joined: read(Counter::IpipJoined),
+            xdp_decapsulated: read_xdp(XdpCounter::Decapsulated),
+            xdp_untrusted: read_xdp(XdpCounter::Untrusted),
+            xdp_skipped: read_xdp(XdpCounter::Skipped),
             lookup_misses: self.lookup_misses.load(Ordering::Relaxed),
         }
     }
@@ -302,6 +346,53 @@ impl KernelTracker {
             .map(|(cookie, raw)| (cookie, KernelRecord::from_raw(&raw)))
             .collect()
     }
+}
+
+/// Loads the XDP program and attaches it to each interface: native mode first, generic if the
+/// driver cannot run XDP itself.
+fn attach_xdp(ebpf: &mut Ebpf, interfaces: &[String]) -> Result<Vec<XdpAttachment>, KernelError> {
+    if interfaces.is_empty() {
+        return Ok(Vec::new());
+    }
+    let program: &mut Xdp = ebpf
+        .program_mut(XDP_PROGRAM)
+        .ok_or(KernelError::Missing {
+            what: "program",
+            name: XDP_PROGRAM,
+        })?
+        .try_into()
+        .map_err(|source| KernelError::Program {
+            source,
+            hint: "unexpected program type",
+        })?;
+    program.load().map_err(|source| KernelError::Program {
+        hint: hint_for_program(&source),
+        source,
+    })?;
+    let mut attached = Vec::new();
+    for interface in interfaces {
+        let mode = match program.attach(interface, XdpMode::Driver) {
+            Ok(_) => "native",
+            Err(native) => match program.attach(interface, XdpMode::Skb) {
+                Ok(_) => {
+                    tracing::info!(%interface, reason = %native, "native XDP unavailable; using generic (skb) mode");
+                    "generic"
+                }
+                Err(source) => {
+                    return Err(KernelError::Xdp {
+                        interface: interface.clone(),
+                        source,
+                    });
+                }
+            },
+        };
+        tracing::info!(%interface, mode, "XDP IPIP decapsulation attached");
+        attached.push(XdpAttachment {
+            interface: interface.clone(),
+            mode,
+        });
+    }
+    Ok(attached)
 }
 
 /// An LPM key for a prefix: IPv4 as v4-mapped IPv6 with the prefix length shifted by 96.

@@ -1,0 +1,67 @@
+//! Every map of the object, in one place: the programs share them, and userspace finds them by the
+//! names in `ntlm-tag-common` (a layout change gets a new `_V<n>` name).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+};
+use ntlm_tag_common::{
+    CONN_IDENTITY_DEFAULT_ENTRIES, COUNTERS_SLOTS, ConnIdentity, Counter, IPIP_ORIGIN_ENTRIES,
+    IpipKey, IpipOrigin, LpmAddr, SETTINGS_SLOTS, TRUSTED_LB_ENTRIES, XDP_COUNTERS_SLOTS,
+    XdpCounter,
+};
+
+/// Socket cookie → identity of the connection.
+#[map(name = "CONN_IDENTITY_V1")]
+pub static CONN_IDENTITY: LruHashMap<u64, ConnIdentity> =
+    LruHashMap::with_max_entries(CONN_IDENTITY_DEFAULT_ENTRIES, 0);
+
+#[map(name = "COUNTERS_V1")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_SLOTS, 0);
+
+#[map(name = "XDP_COUNTERS_V1")]
+pub static XDP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(XDP_COUNTERS_SLOTS, 0);
+
+/// Balancer prefixes trusted to convey a client (TOA, IPIP), as v4-mapped IPv6 prefixes.
+#[map(name = "TRUSTED_LB_V1")]
+pub static TRUSTED_LB: LpmTrie<LpmAddr, u8> =
+    LpmTrie::with_max_entries(TRUSTED_LB_ENTRIES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Inner 4-tuple of a decapsulated connection → the balancer that delivered it.
+#[map(name = "IPIP_ORIGIN_V1")]
+pub static IPIP_ORIGIN: LruHashMap<IpipKey, IpipOrigin> =
+    LruHashMap::with_max_entries(IPIP_ORIGIN_ENTRIES, 0);
+
+/// Per-CPU scratch space for the record being built (too big for the 512-byte stack with copies).
+#[map(name = "SCRATCH_V1")]
+pub static SCRATCH: PerCpuArray<ConnIdentity> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU copy of a TCP header's options, parsed at variable offsets in map memory.
+#[map(name = "OPTION_BUF_V1")]
+pub static OPTION_BUF: PerCpuArray<[u8; 64]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Settings from userspace, indexed by `ntlm_tag_common::Setting`.
+#[map(name = "SETTINGS_V1")]
+pub static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_SLOTS, 0);
+
+/// True when `addr` (16 bytes, IPv4 v4-mapped) is inside a trusted balancer prefix.
+#[inline(always)]
+pub fn is_trusted(addr: &LpmAddr) -> bool {
+    TRUSTED_LB.get(&Key::new(128, *addr)).is_some()
+}
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_xdp(counter: XdpCounter) {
+    if let Some(slot) = XDP_COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *slot += 1 };
+    }
+}

@@ -1,0 +1,116 @@
+//! Test-only programs, never loaded by the gateway: they play the parts of load balancers that do
+//! not exist as packages here.
+//!
+//! - `write_toa` (sock_ops, on a client's cgroup): puts a TOA option on the ACK that completes each
+//!   handshake, as LVS FULLNAT / DPVS do.
+//! - `encap_ipip` (TC egress on a balancer's interface): encapsulates IPv4 TCP packets for a virtual
+//!   IP in IPv4 towards a gateway, as Katran-style balancers do.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB, BPF_SOCK_OPS_WRITE_HDR_OPT_CB,
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
+    helpers::{bpf_reserve_hdr_opt, bpf_store_hdr_opt},
+    macros::{classifier, map, sock_ops},
+    maps::Array,
+    programs::{SockOpsContext, TcContext},
+};
+
+/// The option to write: `[kind, len, port_hi, port_lo, address...]`; len 8 (IPv4) or 20 (IPv6).
+#[map(name = "TOA_OPTION")]
+static TOA_OPTION: Array<[u8; 20]> = Array::with_max_entries(1, 0);
+
+/// `[virtual IP, outer source, outer destination]`, IPv4 addresses in network order.
+#[map(name = "ENCAP_CONFIG")]
+static ENCAP_CONFIG: Array<[u32; 3]> = Array::with_max_entries(1, 0);
+
+#[sock_ops]
+pub fn write_toa(ctx: SockOpsContext) -> u32 {
+    let Some(option) = TOA_OPTION.get(0) else {
+        return 1;
+    };
+    let len = option[1];
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+        }
+        BPF_SOCK_OPS_HDR_OPT_LEN_CB => {
+            // SAFETY: reserving option space on the packet this callback is for.
+            unsafe { bpf_reserve_hdr_opt(ctx.ops, u32::from(len), 0) };
+        }
+        BPF_SOCK_OPS_WRITE_HDR_OPT_CB => {
+            let ptr = option.as_ptr() as *mut core::ffi::c_void;
+            // SAFETY: `ptr` points at 20 bytes of map memory; the length is one of two constants.
+            unsafe {
+                if len == 8 {
+                    bpf_store_hdr_opt(ctx.ops, ptr, 8, 0);
+                } else if len == 20 {
+                    bpf_store_hdr_opt(ctx.ops, ptr, 20, 0);
+                }
+            }
+            // Only the handshake's final ACK carries it.
+            let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG) as i32);
+        }
+        _ => {}
+    }
+    1
+}
+
+#[classifier]
+pub fn encap_ipip(ctx: TcContext) -> i32 {
+    let _ = try_encap(&ctx);
+    TC_ACT_OK
+}
+
+fn try_encap(ctx: &TcContext) -> Result<(), i64> {
+    let Some(config) = ENCAP_CONFIG.get(0) else {
+        return Ok(());
+    };
+    let [vip, outer_src, outer_dst] = *config;
+    if u16::from_be(ctx.load::<u16>(12)?) != 0x0800 {
+        return Ok(());
+    }
+    if ctx.load::<u8>(14 + 9)? != 6 || ctx.load::<u32>(14 + 16)? != vip {
+        return Ok(());
+    }
+    let inner_len = u16::from_be(ctx.load::<u16>(14 + 2)?);
+    ctx.adjust_room(
+        20,
+        BPF_ADJ_ROOM_MAC,
+        u64::from(BPF_F_ADJ_ROOM_ENCAP_L3_IPV4),
+    )?;
+    let total = (inner_len + 20).to_be_bytes();
+    let src = outer_src.to_ne_bytes();
+    let dst = outer_dst.to_ne_bytes();
+    let mut header: [u8; 20] = [
+        0x45, 0, total[0], total[1], 0, 0, 0x40, 0, 64, 4, 0, 0, src[0], src[1], src[2], src[3],
+        dst[0], dst[1], dst[2], dst[3],
+    ];
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < 20 {
+        sum += u32::from(u16::from_be_bytes([header[i], header[i + 1]]));
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    let checksum = (!(sum as u16)).to_be_bytes();
+    header[10] = checksum[0];
+    header[11] = checksum[1];
+    ctx.store(14, &header, 0)?;
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,213 @@
+//! Client identity learned in the kernel from trusted balancers: TOA options and IPIP tunnels.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use ntlm_tag_tests::{
+    backend::Backend,
+    client::Connection,
+    gateway::Gateway,
+    programs::{IpipEncap, ToaWritingCgroup, toa_option},
+    topology::{IPIP_VIP, IpipTopology, SNAT_SOURCE, Topology},
+};
+use serde_json::Value;
+
+fn start(topo_gw: &ntlm_tag_tests::netns::NetNs, listen: SocketAddr, extra: &[&str]) -> Gateway {
+    let listen = listen.to_string();
+    let backend = Topology::backend_addr().to_string();
+    let mut args = vec![
+        "--listen",
+        &listen,
+        "--backend",
+        &backend,
+        "--ebpf",
+        "required",
+    ];
+    args.extend_from_slice(extra);
+    Gateway::start(topo_gw, &args)
+}
+
+fn counter(kernel: &Value, name: &str) -> u64 {
+    kernel["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {kernel:#}"))
+}
+
+/// curl through the TOA-writing cgroup, from client address `i`; returns the id the backend saw.
+fn curl_with_toa(topo: &Topology, toa: &ToaWritingCgroup, backend: &Backend, i: u8) -> String {
+    let before = backend.seen().len();
+    let url = format!("http://{}/toa", Topology::gateway_addr());
+    let source = Topology::client_v4(i).to_string();
+    let body = toa.run(
+        &topo.client,
+        "curl",
+        &["-sS", "--max-time", "10", "--interface", &source, &url],
+    );
+    let seen = backend.seen();
+    assert_eq!(seen.len(), before + 1, "curl said {body}");
+    seen[before].all("jespa-connection-id").remove(0)
+}
+
+#[test]
+fn toa_from_a_trusted_peer_names_the_client() {
+    let topo = Topology::new();
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let gw = start(
+        &topo.gateway,
+        Topology::gateway_addr(),
+        &["--trusted-lb", "198.18.1.0/24"],
+    );
+    let toa = ToaWritingCgroup::new(toa_option(254, "198.19.77.7:4321".parse().expect("addr")));
+    let id = curl_with_toa(&topo, &toa, &backend, 0);
+    assert!(id.starts_with("198.19.77.7:4321/"), "{id}");
+    let kernel = gw.admin_json("/kernel");
+    assert_eq!(counter(&kernel, "toa_accepted"), 1);
+    assert_eq!(counter(&kernel, "toa_untrusted"), 0);
+}
+
+#[test]
+fn toa_from_an_untrusted_peer_is_ignored_and_counted() {
+    let topo = Topology::new();
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let gw = start(
+        &topo.gateway,
+        Topology::gateway_addr(),
+        &["--trusted-lb", "198.18.99.0/24"],
+    );
+    let toa = ToaWritingCgroup::new(toa_option(254, "198.19.77.7:4321".parse().expect("addr")));
+    let id = curl_with_toa(&topo, &toa, &backend, 1);
+    assert!(
+        id.starts_with(&format!("{}:", Topology::client_v4(1))),
+        "the real peer, not the TOA address: {id}"
+    );
+    let kernel = gw.admin_json("/kernel");
+    assert_eq!(counter(&kernel, "toa_untrusted"), 1);
+    assert_eq!(counter(&kernel, "toa_accepted"), 0);
+}
+
+#[test]
+fn toa_with_kind_200_and_an_ipv6_client() {
+    let topo = Topology::new();
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let gw = start(
+        &topo.gateway,
+        Topology::gateway_addr(),
+        &["--trusted-lb", "198.18.1.0/24", "--toa-kind", "200"],
+    );
+    let client: SocketAddr = "[fd00:5418:77::7]:4321".parse().expect("addr");
+    let toa = ToaWritingCgroup::new(toa_option(200, client));
+    let id = curl_with_toa(&topo, &toa, &backend, 2);
+    assert!(id.starts_with("[fd00:5418:77::7]:4321/"), "{id}");
+    assert_eq!(counter(&gw.admin_json("/kernel"), "toa_accepted"), 1);
+}
+
+#[test]
+fn ipip_from_a_trusted_balancer_is_decapsulated_and_names_client_and_balancer() {
+    let topo = IpipTopology::new();
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let gw = start(
+        &topo.gateway,
+        IpipTopology::vip(),
+        &["--trusted-lb", "198.18.1.100/32", "--xdp", "down0"],
+    );
+    let kernel = gw.admin_json("/kernel");
+    let mode = kernel["xdp"][0]["mode"]
+        .as_str()
+        .expect("xdp mode")
+        .to_string();
+    assert!(mode == "native" || mode == "generic", "{kernel:#}");
+    assert!(
+        gw.log()
+            .iter()
+            .any(|l| l.contains("XDP IPIP decapsulation attached") && l.contains(&mode)),
+        "the log says which XDP mode was used"
+    );
+    let _encap = IpipEncap::attach(
+        &topo.balancer,
+        "up0",
+        IPIP_VIP.parse().expect("vip"),
+        SNAT_SOURCE.parse().expect("src"),
+        Ipv4Addr::new(198, 18, 1, 1),
+    );
+    let admin = gw.admin;
+    let gw_ns = topo.gateway.path();
+    let (local, row) = topo.client.run(move || async move {
+        let src = SocketAddr::new(IpipTopology::client_v4(0), 0);
+        let mut conn = Connection::open(Some(src), IpipTopology::vip()).await;
+        assert_eq!(conn.get("/ipip", &[]).await.status, 200);
+        let local = conn.local;
+        let rows: Value = tokio::task::spawn_blocking(move || {
+            ntlm_tag_tests::netns::run_in(&gw_ns, move || async move {
+                let mut a = Connection::open(None, admin).await;
+                serde_json::from_str(&a.get("/connections", &[]).await.body).expect("json")
+            })
+        })
+        .await
+        .expect("admin");
+        let row = rows
+            .as_array()
+            .expect("rows")
+            .iter()
+            .find(|r| r["client"] == local.to_string())
+            .cloned()
+            .unwrap_or_else(|| panic!("no row for {local}: {rows:#}"));
+        conn.close().await;
+        (local, row)
+    });
+    assert_eq!(row["learned_from"], "ipip", "{row:#}");
+    assert_eq!(row["balancer"], SNAT_SOURCE);
+    let id = backend.seen()[0].all("jespa-connection-id").remove(0);
+    assert!(id.starts_with(&format!("{local}/")), "{id}");
+    let kernel = gw.admin_json("/kernel");
+    assert!(counter(&kernel, "xdp_decapsulated") >= 3, "{kernel:#}");
+    assert_eq!(counter(&kernel, "ipip_joined"), 1);
+}
+
+#[test]
+fn ipip_from_an_untrusted_balancer_is_not_decapsulated() {
+    let topo = IpipTopology::new();
+    let _backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let gw = start(
+        &topo.gateway,
+        IpipTopology::vip(),
+        &["--trusted-lb", "198.18.99.0/24", "--xdp", "down0"],
+    );
+    let _encap = IpipEncap::attach(
+        &topo.balancer,
+        "up0",
+        IPIP_VIP.parse().expect("vip"),
+        SNAT_SOURCE.parse().expect("src"),
+        Ipv4Addr::new(198, 18, 1, 1),
+    );
+    // The SYN arrives encapsulated from an untrusted source: XDP passes it untouched, and this
+    // kernel (no IPIP module) drops it. Start a connect in the background and wait for the counter.
+    let client = topo.client.spawn(|| async {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(IpipTopology::client_v4(1), 0))
+            .expect("bind");
+        tokio::time::timeout(
+            std::time::Duration::from_secs(3),
+            socket.connect(IpipTopology::vip()),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
+    });
+    gw.wait_for_kernel("the XDP program to count an untrusted tunnel packet", |k| {
+        k["counters"]["xdp_untrusted"].as_u64().unwrap_or(0) >= 1
+    });
+    assert!(
+        !client.join().expect("client thread"),
+        "connected through an untrusted tunnel"
+    );
+    let kernel = gw.admin_json("/kernel");
+    assert_eq!(counter(&kernel, "xdp_decapsulated"), 0);
+    let client = IpipTopology::client_v4(1).to_string();
+    assert!(
+        kernel["records"]
+            .as_array()
+            .expect("records")
+            .iter()
+            .all(|r| !r["client"].as_str().unwrap_or("").starts_with(&client)),
+        "{kernel:#}"
+    );
+}
