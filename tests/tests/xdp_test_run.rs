@@ -1,0 +1,299 @@
+//! The XDP decapsulation program run on crafted frames with `BPF_PROG_TEST_RUN`: no interface, no
+//! traffic, every edge case a frame can have.
+
+use aya::{
+    Ebpf, TestRunOptions,
+    maps::{
+        HashMap, MapData, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::{TestRun as _, Xdp},
+};
+use ntlm_tag_common::{IpipKey, IpipOrigin, XdpCounter, v4_mapped};
+use ntlm_tag_tests::programs::object;
+
+const XDP_PASS: u32 = 2;
+const TRUSTED_V4: [u8; 4] = [198, 18, 1, 100];
+const UNTRUSTED_V4: [u8; 4] = [198, 18, 9, 9];
+const TRUSTED_V6: [u8; 16] = [0xfd, 0, 0x54, 0x18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x64];
+const CLIENT_V4: [u8; 4] = [198, 18, 10, 10];
+const VIP_V4: [u8; 4] = [198, 18, 20, 1];
+const CLIENT_V6: [u8; 16] = [
+    0xfd, 0, 0x54, 0x18, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+const VIP_V6: [u8; 16] = [0xfd, 0, 0x54, 0x18, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+struct Decap {
+    ebpf: Ebpf,
+}
+
+impl Decap {
+    fn load() -> Decap {
+        assert!(
+            // SAFETY: geteuid has no preconditions.
+            unsafe { libc::geteuid() } == 0,
+            "BPF_PROG_TEST_RUN needs root (cargo xtask test)"
+        );
+        let mut ebpf = Ebpf::load_file(object("ntlm-tag-ebpf")).expect("load object");
+        let program: &mut Xdp = ebpf
+            .program_mut("decap_ipip")
+            .expect("decap_ipip")
+            .try_into()
+            .expect("xdp");
+        program.load().expect("verifier accepts decap_ipip");
+        let mut trusted: LpmTrie<_, [u8; 16], u8> =
+            LpmTrie::try_from(ebpf.map_mut("TRUSTED_LB_V1").expect("map")).expect("trie");
+        trusted
+            .insert(&Key::new(96 + 32, v4_mapped(TRUSTED_V4)), 1, 0)
+            .expect("trust v4");
+        trusted
+            .insert(&Key::new(64, TRUSTED_V6), 1, 0)
+            .expect("trust v6");
+        Decap { ebpf }
+    }
+
+    /// Runs the program on `frame`; returns the action and the frame as it left.
+    fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut("decap_ipip")
+            .expect("decap_ipip")
+            .try_into()
+            .expect("xdp");
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..TestRunOptions::default()
+            })
+            .expect("test run");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn counter(&self, c: XdpCounter) -> u64 {
+        let counters: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("XDP_COUNTERS_V1").expect("map")).expect("array");
+        counters
+            .get(&(c as u32), 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    fn origin(&self, key: &IpipKey) -> Option<IpipOrigin> {
+        let map: HashMap<&MapData, IpipKey, IpipOrigin> =
+            HashMap::try_from(self.ebpf.map("IPIP_ORIGIN_V1").expect("map")).expect("hash");
+        map.get(key, 0).ok()
+    }
+}
+
+fn eth(ethertype: u16) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+fn vlan_eth(inner_ethertype: u16) -> Vec<u8> {
+    let mut f = eth(0x8100);
+    f.extend_from_slice(&[0x00, 0x2a]);
+    f.extend_from_slice(&inner_ethertype.to_be_bytes());
+    f
+}
+
+fn ipv4(src: [u8; 4], dst: [u8; 4], protocol: u8, frag: u16, payload: &[u8]) -> Vec<u8> {
+    let total = (20 + payload.len()) as u16;
+    let mut h = vec![0x45, 0];
+    h.extend_from_slice(&total.to_be_bytes());
+    h.extend_from_slice(&[0, 1]);
+    h.extend_from_slice(&frag.to_be_bytes());
+    h.extend_from_slice(&[64, protocol, 0, 0]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    h.extend_from_slice(payload);
+    h
+}
+
+fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x60, 0, 0, 0];
+    h.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    h.extend_from_slice(&[next, 64]);
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    h.extend_from_slice(payload);
+    h
+}
+
+fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    t
+}
+
+fn frame(l2: Vec<u8>, l3: Vec<u8>) -> Vec<u8> {
+    [l2, l3].concat()
+}
+
+fn key_v4(sport: u16) -> IpipKey {
+    IpipKey {
+        client_addr: v4_mapped(CLIENT_V4),
+        local_addr: v4_mapped(VIP_V4),
+        client_port: sport,
+        local_port: 8080,
+        _pad: [0; 4],
+    }
+}
+
+#[test]
+fn ipv4_in_ipv4_from_a_trusted_balancer_is_decapsulated_and_its_syn_recorded() {
+    let mut decap = Decap::load();
+    let inner = ipv4(CLIENT_V4, VIP_V4, 6, 0, &tcp(40001, 8080, SYN));
+    let input = frame(eth(0x0800), ipv4(TRUSTED_V4, [198, 18, 1, 1], 4, 0, &inner));
+    let (action, out) = decap.run(&input);
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(
+        out,
+        frame(eth(0x0800), inner),
+        "the inner packet behind the same L2 header"
+    );
+    let origin = decap.origin(&key_v4(40001)).expect("SYN recorded");
+    assert_eq!(origin.balancer_addr, v4_mapped(TRUSTED_V4));
+    assert_eq!(decap.counter(XdpCounter::Decapsulated), 1);
+
+    // Later segments are decapsulated but not recorded again.
+    let inner = ipv4(CLIENT_V4, VIP_V4, 6, 0, &tcp(40002, 8080, ACK));
+    let (_, out) = decap.run(&frame(
+        eth(0x0800),
+        ipv4(TRUSTED_V4, [198, 18, 1, 1], 4, 0, &inner),
+    ));
+    assert_eq!(out, frame(eth(0x0800), inner));
+    assert!(decap.origin(&key_v4(40002)).is_none());
+}
+
+#[test]
+fn ipv6_in_ipv6_and_vlan_tagged_frames_are_decapsulated() {
+    let mut decap = Decap::load();
+    let inner = ipv6(CLIENT_V6, VIP_V6, 6, &tcp(40003, 8080, SYN));
+    let input = frame(eth(0x86dd), ipv6(TRUSTED_V6, VIP_V6, 41, &inner));
+    let (action, out) = decap.run(&input);
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(out, frame(eth(0x86dd), inner));
+    let key = IpipKey {
+        client_addr: CLIENT_V6,
+        local_addr: VIP_V6,
+        client_port: 40003,
+        local_port: 8080,
+        _pad: [0; 4],
+    };
+    assert_eq!(
+        decap.origin(&key).expect("recorded").balancer_addr,
+        TRUSTED_V6
+    );
+
+    let inner = ipv4(CLIENT_V4, VIP_V4, 6, 0, &tcp(40004, 8080, SYN));
+    let input = frame(
+        vlan_eth(0x0800),
+        ipv4(TRUSTED_V4, [198, 18, 1, 1], 4, 0, &inner),
+    );
+    let (_, out) = decap.run(&input);
+    assert_eq!(out, frame(vlan_eth(0x0800), inner), "the VLAN tag is kept");
+    assert!(decap.origin(&key_v4(40004)).is_some());
+}
+
+#[test]
+fn everything_else_passes_untouched() {
+    let mut decap = Decap::load();
+    let inner = ipv4(CLIENT_V4, VIP_V4, 6, 0, &tcp(40005, 8080, SYN));
+    let tunnel = ipv4(TRUSTED_V4, [198, 18, 1, 1], 4, 0, &inner);
+    let mut with_options = tunnel.clone();
+    with_options[0] = 0x46;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("plain TCP", frame(eth(0x0800), inner.clone())),
+        (
+            "untrusted balancer",
+            frame(
+                eth(0x0800),
+                ipv4(UNTRUSTED_V4, [198, 18, 1, 1], 4, 0, &inner),
+            ),
+        ),
+        (
+            "outer fragment (MF)",
+            frame(
+                eth(0x0800),
+                ipv4(TRUSTED_V4, [198, 18, 1, 1], 4, 0x2000, &inner),
+            ),
+        ),
+        (
+            "outer fragment (offset)",
+            frame(
+                eth(0x0800),
+                ipv4(TRUSTED_V4, [198, 18, 1, 1], 4, 0x0010, &inner),
+            ),
+        ),
+        ("outer IPv4 options", frame(eth(0x0800), with_options)),
+        (
+            "truncated outer header",
+            frame(eth(0x0800), tunnel[..12].to_vec()),
+        ),
+        (
+            "truncated inner header",
+            frame(eth(0x0800), tunnel[..30].to_vec()),
+        ),
+        ("ARP", frame(eth(0x0806), vec![0; 28])),
+        // (BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.)
+        ("Ethernet header only", eth(0x0800)),
+        ("VLAN header only", vlan_eth(0x0800)),
+        (
+            "UDP",
+            frame(
+                eth(0x0800),
+                ipv4(TRUSTED_V4, [198, 18, 1, 1], 17, 0, &[0; 8]),
+            ),
+        ),
+        (
+            "IPv6 untrusted",
+            frame(
+                eth(0x86dd),
+                ipv6(
+                    [0xfd; 16],
+                    VIP_V6,
+                    41,
+                    &ipv6(CLIENT_V6, VIP_V6, 6, &tcp(1, 2, SYN)),
+                ),
+            ),
+        ),
+        (
+            "IPv6 fragment header",
+            frame(eth(0x86dd), ipv6(TRUSTED_V6, VIP_V6, 44, &[0; 48])),
+        ),
+    ];
+    for (what, input) in cases {
+        let (action, out) = decap.run(&input);
+        assert_eq!(action, XDP_PASS, "{what}");
+        assert_eq!(out, input, "{what} must pass untouched");
+    }
+    assert_eq!(decap.counter(XdpCounter::Decapsulated), 0);
+    assert_eq!(decap.counter(XdpCounter::Untrusted), 2);
+    assert!(decap.counter(XdpCounter::Skipped) >= 3);
+    assert!(decap.origin(&key_v4(40005)).is_none());
+}
+
+#[test]
+fn an_inner_non_tcp_packet_is_decapsulated_without_a_record() {
+    let mut decap = Decap::load();
+    let inner = ipv4(
+        CLIENT_V4,
+        VIP_V4,
+        17,
+        0,
+        &[0x9c, 0x41, 0x1f, 0x90, 0, 8, 0, 0],
+    );
+    let input = frame(eth(0x0800), ipv4(TRUSTED_V4, [198, 18, 1, 1], 4, 0, &inner));
+    let (_, out) = decap.run(&input);
+    assert_eq!(out, frame(eth(0x0800), inner));
+    assert!(decap.origin(&key_v4(40001)).is_none());
+}
