@@ -7,6 +7,7 @@
 
 mod maps;
 mod sock_ops;
+mod toa;
 mod xdp;
 
 #[cfg(not(test))]

@@ -16,8 +16,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use ntlm_tag_common::{
-    AF_INET, AF_INET6, ClientSource, ConnIdentity, Counter, IpipKey, Setting, ToaOption, find_toa,
-    v4_mapped,
+    AF_INET, AF_INET6, ClientSource, ConnIdentity, Counter, IpipKey, Setting, ToaOption, v4_mapped,
 };
 
 use crate::maps::{CONN_IDENTITY, IPIP_ORIGIN, OPTION_BUF, SCRATCH, SETTINGS, count, is_trusted};
@@ -167,54 +166,11 @@ fn apply_toa(ctx: &SockOpsContext, id: &mut ConnIdentity) {
             read_volatile(addr_of!((*ops).__bindgen_anon_4.skb_data_end)) as usize,
         )
     };
-    // Fixed TCP header: 20 bytes; byte 12 holds the data offset in 32-bit words.
-    if data + 20 > end {
-        return;
-    }
-    // SAFETY: data + 20 <= end was checked above.
-    let doff = unsafe { *((data + 12) as *const u8) } >> 4;
-    let options_len = (doff as usize * 4).saturating_sub(20);
     let Some(buf) = OPTION_BUF.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: per-CPU slot, used only by this program run on this CPU.
-    let buf = unsafe { &mut *buf };
-    // Copy the options into map memory with constant-offset packet loads (TCP options come in 4-byte
-    // words), then parse there: packet access at variable offsets does not pass older verifiers.
-    let mut copied = 0usize;
-    macro_rules! copy_word {
-        ($w:literal) => {
-            if copied == $w * 4 && options_len > $w * 4 && data + 20 + $w * 4 + 4 <= end {
-                let p = (data + 20 + $w * 4) as *const u8;
-                // SAFETY: data + 20 + 4w + 4 <= end was checked just above.
-                unsafe {
-                    buf[$w * 4] = *p;
-                    buf[$w * 4 + 1] = *p.add(1);
-                    buf[$w * 4 + 2] = *p.add(2);
-                    buf[$w * 4 + 3] = *p.add(3);
-                }
-                copied += 4;
-            }
-        };
-    }
-    copy_word!(0);
-    copy_word!(1);
-    copy_word!(2);
-    copy_word!(3);
-    copy_word!(4);
-    copy_word!(5);
-    copy_word!(6);
-    copy_word!(7);
-    copy_word!(8);
-    copy_word!(9);
-    let buf = &*buf;
-    let toa = find_toa(kind, copied, |i| {
-        if i < copied {
-            buf.get(i).copied()
-        } else {
-            None
-        }
-    });
+    let toa = crate::toa::find_in_packet(kind, data, end, unsafe { &mut *buf });
     match toa {
         ToaOption::Absent => {}
         ToaOption::Malformed => count(Counter::ToaMalformed),

@@ -8,6 +8,9 @@
 #![no_std]
 #![no_main]
 
+#[path = "toa.rs"]
+mod toa;
+
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
@@ -15,10 +18,11 @@ use aya_ebpf::{
         BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     helpers::{bpf_reserve_hdr_opt, bpf_store_hdr_opt},
-    macros::{classifier, map, sock_ops},
-    maps::Array,
-    programs::{SockOpsContext, TcContext},
+    macros::{classifier, map, sock_ops, xdp},
+    maps::{Array, PerCpuArray},
+    programs::{SockOpsContext, TcContext, XdpContext},
 };
+use ntlm_tag_common::ToaOption;
 
 /// The option to write: `[kind, len, port_hi, port_lo, address...]`; len 8 (IPv4) or 20 (IPv6).
 #[map(name = "TOA_OPTION")]
@@ -27,6 +31,57 @@ static TOA_OPTION: Array<[u8; 20]> = Array::with_max_entries(1, 0);
 /// `[virtual IP, outer source, outer destination]`, IPv4 addresses in network order.
 #[map(name = "ENCAP_CONFIG")]
 static ENCAP_CONFIG: Array<[u32; 3]> = Array::with_max_entries(1, 0);
+
+/// `parse_toa` input: the option kind to look for (slot 0).
+#[map(name = "PARSE_TOA_KIND")]
+static PARSE_TOA_KIND: Array<u32> = Array::with_max_entries(1, 0);
+
+/// `parse_toa` output: `[status (0 absent, 1 malformed, 2 found), port hi, port lo, address (16)]`.
+#[map(name = "PARSE_TOA_RESULT")]
+static PARSE_TOA_RESULT: Array<[u8; 19]> = Array::with_max_entries(1, 0);
+
+#[map(name = "PARSE_TOA_BUF")]
+static PARSE_TOA_BUF: PerCpuArray<[u8; 64]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Runs the gateway's TOA option search (`toa.rs`, shared with its sock_ops program) on an
+/// Ethernet/IPv4/TCP frame and stores the outcome; for `BPF_PROG_TEST_RUN` on crafted packets.
+#[xdp]
+pub fn parse_toa(ctx: XdpContext) -> u32 {
+    const XDP_PASS: u32 = 2;
+    let (data, end) = (ctx.data(), ctx.data_end());
+    // Ethernet (14) + IPv4 without options (20).
+    if data + 34 > end {
+        return XDP_PASS;
+    }
+    // SAFETY: data + 34 <= end was checked above.
+    let (version_ihl, protocol) =
+        unsafe { (*((data + 14) as *const u8), *((data + 23) as *const u8)) };
+    if version_ihl != 0x45 || protocol != 6 {
+        return XDP_PASS;
+    }
+    let kind = PARSE_TOA_KIND.get(0).copied().unwrap_or(254) as u8;
+    let (Some(buf), Some(result)) = (
+        PARSE_TOA_BUF.get_ptr_mut(0),
+        PARSE_TOA_RESULT.get_ptr_mut(0),
+    ) else {
+        return XDP_PASS;
+    };
+    // SAFETY: per-CPU scratch slot / result slot used only by this run (tests run one at a time).
+    let (buf, result) = unsafe { (&mut *buf, &mut *result) };
+    *result = [0; 19];
+    match toa::find_in_packet(kind, data + 34, end, buf) {
+        ToaOption::Absent => {}
+        ToaOption::Malformed => result[0] = 1,
+        ToaOption::Found(client) => {
+            result[0] = 2;
+            let port = client.port.to_be_bytes();
+            result[1] = port[0];
+            result[2] = port[1];
+            result[3..19].copy_from_slice(&client.addr);
+        }
+    }
+    XDP_PASS
+}
 
 #[sock_ops]
 pub fn write_toa(ctx: SockOpsContext) -> u32 {

@@ -297,3 +297,108 @@ fn an_inner_non_tcp_packet_is_decapsulated_without_a_record() {
     assert_eq!(out, frame(eth(0x0800), inner));
     assert!(decap.origin(&key_v4(40001)).is_none());
 }
+
+/// The gateway's TOA search (the code its sock_ops program runs), run in the kernel on crafted TCP
+/// headers by the test-only `parse_toa` XDP program.
+struct ToaParser {
+    ebpf: Ebpf,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Toa {
+    Absent,
+    Malformed,
+    Found([u8; 16], u16),
+}
+
+impl ToaParser {
+    fn load(kind: u8) -> ToaParser {
+        let mut ebpf = Ebpf::load_file(object("ntlm-tag-test-programs")).expect("load");
+        let mut k: aya::maps::Array<_, u32> =
+            aya::maps::Array::try_from(ebpf.map_mut("PARSE_TOA_KIND").expect("map"))
+                .expect("array");
+        k.set(0, u32::from(kind), 0).expect("kind");
+        let program: &mut Xdp = ebpf
+            .program_mut("parse_toa")
+            .expect("parse_toa")
+            .try_into()
+            .expect("xdp");
+        program.load().expect("verifier accepts the TOA parser");
+        ToaParser { ebpf }
+    }
+
+    /// Parses the options of a TCP header whose data offset is `doff` words.
+    fn parse(&mut self, doff: u8, options: &[u8]) -> Toa {
+        let mut tcp = tcp(40000, 8080, ACK);
+        tcp[12] = doff << 4;
+        tcp.extend_from_slice(options);
+        let input = frame(eth(0x0800), ipv4(CLIENT_V4, VIP_V4, 6, 0, &tcp));
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut("parse_toa")
+            .expect("parse_toa")
+            .try_into()
+            .expect("xdp");
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(&input),
+                ..TestRunOptions::default()
+            })
+            .expect("test run");
+        assert_eq!(result.return_value, XDP_PASS);
+        let out: aya::maps::Array<&MapData, [u8; 19]> =
+            aya::maps::Array::try_from(self.ebpf.map("PARSE_TOA_RESULT").expect("map"))
+                .expect("array");
+        let r = out.get(&0, 0).expect("result");
+        match r[0] {
+            0 => Toa::Absent,
+            1 => Toa::Malformed,
+            _ => {
+                let mut addr = [0u8; 16];
+                addr.copy_from_slice(&r[3..19]);
+                Toa::Found(addr, u16::from_be_bytes([r[1], r[2]]))
+            }
+        }
+    }
+}
+
+#[test]
+fn toa_options_on_crafted_tcp_headers() {
+    let mut p = ToaParser::load(254);
+    let toa4 = [254, 8, 0x10, 0xe1, 198, 19, 77, 7];
+    let found4 = Toa::Found(v4_mapped([198, 19, 77, 7]), 4321);
+    // Valid, after MSS/NOP/NOP/SACK-permitted (8 + 8 option bytes: doff 9).
+    let opts = [[2, 4, 5, 180, 1, 1, 4, 2].as_slice(), &toa4].concat();
+    assert_eq!(p.parse(9, &opts), found4);
+    // At the very end of a full 60-byte header.
+    let opts = [[1u8; 32].as_slice(), &toa4].concat();
+    assert_eq!(p.parse(15, &opts), found4);
+    // IPv6 form.
+    let mut toa6 = vec![254, 20, 0, 80];
+    toa6.extend_from_slice(&CLIENT_V6);
+    assert_eq!(p.parse(11, &toa6), Toa::Found(CLIENT_V6, 80));
+    // Truncated: the header claims 8 option bytes, the packet holds 4.
+    assert_eq!(p.parse(7, &toa4[..4]), Toa::Malformed);
+    // Zero-length and odd lengths of the TOA kind.
+    assert_eq!(p.parse(6, &[254, 0, 0, 0]), Toa::Malformed);
+    assert_eq!(p.parse(7, &[254, 6, 0, 1, 2, 3, 1, 1]), Toa::Malformed);
+    // An oversized length of another option hides nothing behind it.
+    assert_eq!(
+        p.parse(8, &[[3, 200, 0, 1].as_slice(), &toa4].concat()),
+        Toa::Absent
+    );
+    // End-of-list before the option.
+    assert_eq!(
+        p.parse(8, &[[0, 1, 1, 1].as_slice(), &toa4].concat()),
+        Toa::Absent
+    );
+    // No options at all, and a bogus data offset smaller than the fixed header.
+    assert_eq!(p.parse(5, &[]), Toa::Absent);
+    assert_eq!(p.parse(2, &[]), Toa::Absent);
+    // Another kind is not TOA for this parser.
+    let mut other = toa4;
+    other[0] = 200;
+    assert_eq!(p.parse(7, &other), Toa::Absent);
+    let mut p200 = ToaParser::load(200);
+    assert_eq!(p200.parse(7, &other), found4);
+}
