@@ -55,6 +55,15 @@ pub async fn run(config: Config) -> Result<()> {
         None => None,
     };
 
+    let upstream = Arc::new(Upstream::new(
+        &config.backends,
+        config.mode,
+        config.balance,
+        &config.timeouts,
+    ));
+    if let Some(check) = &config.health_check {
+        upstream.spawn_health_checks(check.clone());
+    }
     let registry = Arc::new(Registry::default());
     let metrics = Arc::new(Metrics::default());
     let gateway = Arc::new(Gateway {
@@ -65,11 +74,12 @@ pub async fn run(config: Config) -> Result<()> {
             id_header: config.identity.header.clone(),
             forwarded_headers: config.identity.forwarded_headers,
         },
-        upstream: Upstream::new(&config.backends, &config.timeouts),
+        upstream: Arc::clone(&upstream),
         registry: Arc::clone(&registry),
         timeouts: config.timeouts,
         trusted: TrustedSources::new(&config.trusted_lbs),
         metrics: Arc::clone(&metrics),
+        http2: config.http2,
     });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -73,6 +73,19 @@ pub struct RunArgs {
     /// Interface to decapsulate IPIP / IPv6-in-IPv6 from trusted balancers on, with XDP (repeatable).
     #[arg(long = "xdp", value_name = "IFACE")]
     pub xdp_interfaces: Vec<String>,
+    /// `tag`: shared upstream pool, every request stamped; `pin`: one upstream connection per client
+    /// connection (for backends that key NTLM on their own TCP connection, e.g. IIS).
+    #[arg(long, value_enum)]
+    pub mode: Option<crate::upstream::Mode>,
+    /// How new client connections are spread over backends.
+    #[arg(long, value_enum)]
+    pub balance: Option<crate::upstream::Balance>,
+    /// Active health check: GET this path on every backend (expects 200; see the file for more).
+    #[arg(long, value_name = "PATH")]
+    pub health_check: Option<String>,
+    /// Accept HTTP/2 from clients (NTLM over HTTP/2 is refused with HTTP_1_1_REQUIRED).
+    #[arg(long)]
+    pub http2: bool,
     /// Backend `HOST:PORT` (repeatable).
     #[arg(long = "backend", value_name = "HOST:PORT")]
     pub backends: Vec<String>,

@@ -16,6 +16,7 @@ use crate::{
     cli::{EbpfMode, LogFormat, RunArgs},
     identity::conn_id::{DEFAULT_TEMPLATE, IdTemplate},
     proxy::rewrite::is_reserved_header,
+    upstream::{Balance, Mode},
 };
 
 pub const DEFAULT_HEADER: &str = "Jespa-Connection-Id";
@@ -70,6 +71,10 @@ struct FileConfig {
     toa_kind: Option<u8>,
     xdp: Option<Vec<String>>,
     backends: Option<Vec<String>>,
+    mode: Option<Mode>,
+    balance: Option<Balance>,
+    health_check: Option<HealthCheckFile>,
+    http2: Option<bool>,
     header: Option<String>,
     id_template: Option<String>,
     allow_reusable_ids: Option<bool>,
@@ -80,6 +85,26 @@ struct FileConfig {
     workers: Option<usize>,
     log_format: Option<LogFormat>,
     timeouts: Option<TimeoutsFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthCheckFile {
+    path: Option<String>,
+    interval_secs: Option<f64>,
+    timeout_secs: Option<f64>,
+    expect_status: Option<u16>,
+}
+
+/// Active health checks of the backends.
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthCheckConfig {
+    pub path: String,
+    #[serde(serialize_with = "secs", rename = "interval_secs")]
+    pub interval: Duration,
+    #[serde(serialize_with = "secs", rename = "timeout_secs")]
+    pub timeout: Duration,
+    pub expect_status: u16,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -150,6 +175,11 @@ impl Default for Timeouts {
 pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub backends: Vec<Authority>,
+    pub mode: Mode,
+    pub balance: Balance,
+    pub health_check: Option<HealthCheckConfig>,
+    /// Accept HTTP/2 from clients.
+    pub http2: bool,
     pub identity: IdentityConfig,
     /// Balancer prefixes allowed to convey client identity.
     pub trusted_lbs: Vec<ipnet::IpNet>,
@@ -330,9 +360,15 @@ impl Config {
             ));
         }
 
+        let health_check = build_health_check(args.health_check.clone(), file.health_check)?;
+
         Ok(Config {
             listeners,
             backends,
+            mode: args.mode.or(file.mode).unwrap_or(Mode::Tag),
+            balance: args.balance.or(file.balance).unwrap_or(Balance::LeastConn),
+            health_check,
+            http2: args.http2 || file.http2.unwrap_or(false),
             identity: IdentityConfig {
                 header,
                 template,
@@ -360,6 +396,11 @@ impl Config {
         #[derive(Serialize)]
         struct Effective<'a> {
             listen: &'a [ListenerConfig],
+            mode: Mode,
+            balance: Balance,
+            http2: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            health_check: Option<&'a HealthCheckConfig>,
             trusted_lbs: &'a [ipnet::IpNet],
             toa_kind: u8,
             xdp: &'a [String],
@@ -378,6 +419,10 @@ impl Config {
         }
         let effective = Effective {
             listen: &self.listeners,
+            mode: self.mode,
+            balance: self.balance,
+            http2: self.http2,
+            health_check: self.health_check.as_ref(),
             trusted_lbs: &self.trusted_lbs,
             toa_kind: self.ebpf.toa_kind,
             xdp: &self.ebpf.xdp_interfaces,
@@ -429,6 +474,47 @@ fn parse_backend(text: &str) -> Result<Authority, ConfigError> {
         ));
     }
     Ok(authority)
+}
+
+fn build_health_check(
+    flag_path: Option<String>,
+    file: Option<HealthCheckFile>,
+) -> Result<Option<HealthCheckConfig>, ConfigError> {
+    let file = match (flag_path, file) {
+        (None, None) => return Ok(None),
+        (Some(path), f) => HealthCheckFile {
+            path: Some(path),
+            ..f.unwrap_or_default()
+        },
+        (None, Some(f)) => f,
+    };
+    let path = file.path.unwrap_or_else(|| "/".to_string());
+    if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ConfigError::invalid(
+            "health_check.path",
+            format!("{path:?} is not an absolute request path"),
+        ));
+    }
+    let secs = |key: &'static str, v: Option<f64>, default: f64| match v.unwrap_or(default) {
+        s if s.is_finite() && s > 0.0 && s < 3600.0 => Ok(Duration::from_secs_f64(s)),
+        s => Err(ConfigError::invalid(
+            key,
+            format!("{s} is not a number of seconds between 0 and 3600"),
+        )),
+    };
+    let expect_status = file.expect_status.unwrap_or(200);
+    if !(100..=599).contains(&expect_status) {
+        return Err(ConfigError::invalid(
+            "health_check.expect_status",
+            format!("{expect_status} is not an HTTP status"),
+        ));
+    }
+    Ok(Some(HealthCheckConfig {
+        path,
+        interval: secs("health_check.interval_secs", file.interval_secs, 2.0)?,
+        timeout: secs("health_check.timeout_secs", file.timeout_secs, 1.0)?,
+        expect_status,
+    }))
 }
 
 fn build_timeouts(file: TimeoutsFile) -> Result<Timeouts, ConfigError> {
@@ -630,6 +716,47 @@ mod tests {
             ),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    #[test]
+    fn backend_modes_balance_and_health_checks() {
+        let c = Config::from_toml(
+            r#"listen = ["0.0.0.0:80"]
+               backends = ["a:80", "b:80"]
+               mode = "pin"
+               balance = "hash"
+               http2 = true
+               [health_check]
+               path = "/healthz"
+               interval_secs = 0.5"#,
+            &args(),
+        )
+        .expect("valid");
+        assert_eq!(c.mode, Mode::Pin);
+        assert_eq!(c.balance, Balance::Hash);
+        assert!(c.http2);
+        let h = c.health_check.as_ref().expect("health check");
+        assert_eq!((h.path.as_str(), h.expect_status), ("/healthz", 200));
+        assert_eq!(h.interval, Duration::from_millis(500));
+        let again = Config::from_toml(&c.to_toml(), &args()).expect("round trip");
+        assert_eq!(again.to_toml(), c.to_toml());
+        for (text, key) in [
+            ("[health_check]\npath = \"healthz\"", "health_check.path"),
+            (
+                "[health_check]\nexpect_status = 42",
+                "health_check.expect_status",
+            ),
+            (
+                "[health_check]\ninterval_secs = 0",
+                "health_check.interval_secs",
+            ),
+        ] {
+            let doc = format!("listen = [\"0.0.0.0:80\"]\nbackends = [\"a:80\"]\n{text}");
+            assert_eq!(
+                key_of(Config::from_toml(&doc, &args()).expect_err(text)),
+                key
+            );
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod backend;
 pub mod cleanup;
 pub mod client;
 pub mod gateway;
+pub mod haproxy;
 pub mod netns;
 pub mod programs;
 pub mod topology;

@@ -127,7 +127,14 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, ProxyHeaderError> {
             None if buf.len() >= V1_MAX => return Err(ProxyHeaderError::Oversized(V1_MAX)),
             None => return Ok(Parsed::Incomplete),
             Some(end) if end + 2 > V1_MAX => return Err(ProxyHeaderError::Oversized(V1_MAX)),
-            Some(_) => {}
+            Some(end) => {
+                // The whole line is here: anything ppp calls "incomplete" (missing fields) is
+                // malformed, never a reason to wait for more bytes.
+                return match v1::Header::try_from(&buf[..end + 2]) {
+                    Ok(h) => Ok(Parsed::Complete(Box::new(from_v1(&h, end + 2)), end + 2)),
+                    Err(e) => Err(ProxyHeaderError::Malformed(e.to_string())),
+                };
+            }
         }
     }
     if is_v2 && buf.len() >= 16 {
@@ -400,6 +407,18 @@ mod tests {
             parse(b"PROXY TCP4 198.19.0.9 198.18.1.1 99999 80\r\n"),
             Err(ProxyHeaderError::Malformed(_))
         ));
+        // A complete line with missing fields is malformed, not a reason to wait.
+        for line in [
+            &b"PROXY TCP4 garbage\r\n"[..],
+            b"PROXY TCP4 198.19.0.9 198.18.1.1 1\r\nGET / HTTP/1.1\r\n",
+            b"PROXY \r\n",
+        ] {
+            assert!(
+                matches!(parse(line), Err(ProxyHeaderError::Malformed(_))),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
     }
 
     #[test]

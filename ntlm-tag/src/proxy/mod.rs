@@ -4,13 +4,16 @@
 mod prefixed;
 pub mod rewrite;
 
-use std::{convert::Infallible, error::Error as StdError, net::SocketAddr, sync::Arc};
+use std::{error::Error as StdError, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
 use tokio::{net::TcpListener, sync::watch};
 use tokio_util::task::TaskTracker;
 
@@ -24,7 +27,7 @@ use crate::{
     kernel::socket_cookie,
     metrics::{Metrics, ProxyRejection},
     registry::{Registration, Registry},
-    upstream::{Assignment, Upstream},
+    upstream::{ClientUpstream, Upstream, UpstreamError},
 };
 use prefixed::PrefixedIo;
 use rewrite::{ConnectionStamp, StampPolicy};
@@ -37,19 +40,23 @@ pub struct Gateway {
     pub uids: UidGenerator,
     pub template: IdTemplate,
     pub policy: StampPolicy,
-    pub upstream: Upstream,
+    pub upstream: Arc<Upstream>,
     pub registry: Arc<Registry>,
     pub timeouts: Timeouts,
     pub trusted: TrustedSources,
     pub metrics: Arc<Metrics>,
+    /// Accept HTTP/2 from clients.
+    pub http2: bool,
 }
 
 /// State of one client connection, shared by its requests.
 struct ClientConnection {
     gateway: Arc<Gateway>,
     id: String,
+    client: std::net::IpAddr,
     stamp: ConnectionStamp,
-    assignment: Assignment,
+    /// Requests of one HTTP/1.1 connection are sequential, so this lock is never contended there.
+    upstream: tokio::sync::Mutex<ClientUpstream>,
     registration: Registration,
 }
 
@@ -177,7 +184,7 @@ fn open_connection(
     let uid = gateway.uids.next_uid();
     let id = gateway.template.render(identity.client, &uid);
     let stamp = ConnectionStamp::new(&id, identity.client)?;
-    let assignment = gateway.upstream.assign();
+    let upstream = gateway.upstream.attach(identity.client.ip());
     gateway.metrics.connection(identity.metrics_label());
     tracing::debug!(
         conn_id = %id,
@@ -186,20 +193,22 @@ fn open_connection(
         identity_source = identity.source.name(),
         learned_from = identity.learned_from.name(),
         balancer = ?identity.balancer,
-        backend = %assignment.backend().authority(),
+        backend = %upstream.backend().authority(),
         "client connection"
     );
+    let client = identity.client.ip();
     let registration = gateway.registry.register(
         id.clone(),
         identity,
-        assignment.backend().authority().to_string(),
+        upstream.backend().authority().to_string(),
         listener.to_string(),
     );
     Ok(ClientConnection {
         gateway: Arc::clone(gateway),
         id,
+        client,
         stamp,
-        assignment,
+        upstream: tokio::sync::Mutex::new(upstream),
         registration,
     })
 }
@@ -212,82 +221,117 @@ async fn serve_connection<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let header_read = connection.gateway.timeouts.header_read;
+    let http2 = connection.gateway.http2;
     let service = {
         let connection = Arc::clone(&connection);
         service_fn(move |req| {
             let connection = Arc::clone(&connection);
-            async move { Ok::<_, Infallible>(forward(req, &connection).await) }
+            async move { handle(req, &connection).await }
         })
     };
-    let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read)
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        _ = shutdown.changed() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let io = TokioIo::new(stream);
+    let result = if http2 {
+        // Sniffs the HTTP/2 preface; HTTP/1.1 otherwise.
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read)
+            .keep_alive(true);
+        let conn = builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => result,
+            _ = shutdown.changed() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
         }
+    } else {
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read)
+            .keep_alive(true)
+            .serve_connection(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => result,
+            _ = shutdown.changed() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+        .map_err(Into::into)
     };
     if let Err(e) = result {
-        tracing::debug!(conn_id = %connection.id, error = %error_chain(&e), "client connection ended with an error");
+        tracing::debug!(conn_id = %connection.id, error = %error_chain(&*e), "client connection ended with an error");
     }
+}
+
+/// NTLM authenticates a TCP connection; HTTP/2 multiplexes requests of many contexts on one. Like
+/// IIS, answer an NTLM/Negotiate exchange on an HTTP/2 stream with HTTP_1_1_REQUIRED, and clients
+/// retry over HTTP/1.1.
+async fn handle(
+    req: Request<Incoming>,
+    connection: &ClientConnection,
+) -> Result<Response<ProxyBody>, h2::Error> {
+    if req.version() == Version::HTTP_2 && crate::upstream::is_ntlm_request(req.headers()) {
+        tracing::debug!(conn_id = %connection.id, "NTLM over HTTP/2: answering HTTP_1_1_REQUIRED");
+        return Err(h2::Error::from(h2::Reason::HTTP_1_1_REQUIRED));
+    }
+    Ok(forward(req, connection).await)
 }
 
 /// Forwards one request to the connection's backend, stamped with the connection id.
 async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Response<ProxyBody> {
     let gateway = &connection.gateway;
-    let backend = connection.assignment.backend();
     connection.registration.count_request();
     gateway.metrics.request();
     let (mut parts, body) = req.into_parts();
-    parts.uri = match backend.uri_for(&parts.uri) {
-        Ok(uri) => uri,
-        Err(e) => {
-            tracing::info!(conn_id = %connection.id, error = %e, "bad request target");
-            return error_response(StatusCode::BAD_REQUEST, "bad request target\n");
-        }
-    };
     parts.version = Version::HTTP_11;
     rewrite::prepare_request(&mut parts.headers, &gateway.policy, &connection.stamp);
     let upstream_req = Request::from_parts(parts, body);
-    let exchange = gateway.upstream.client().request(upstream_req);
-    match tokio::time::timeout(gateway.timeouts.upstream_response, exchange).await {
-        Ok(Ok(response)) => {
+    let mut upstream = connection.upstream.lock().await;
+    let result = gateway
+        .upstream
+        .exchange(&mut upstream, connection.client, upstream_req)
+        .await;
+    let backend = upstream.backend().authority().clone();
+    drop(upstream);
+    match result {
+        Ok(response) => {
             let (mut parts, body) = response.into_parts();
             rewrite::prepare_response(&mut parts.headers);
             Response::from_parts(parts, Either::Left(body))
         }
-        Ok(Err(e)) => {
-            gateway.metrics.upstream_error();
+        Err(e) => {
+            match &e {
+                UpstreamError::Timeout { .. } => gateway.metrics.upstream_timeout(),
+                UpstreamError::BadTarget(_) => {}
+                _ => gateway.metrics.upstream_error(),
+            }
+            let status = e.status();
             tracing::warn!(
                 conn_id = %connection.id,
-                backend = %backend.authority(),
+                backend = %backend,
+                status = status.as_u16(),
                 error = %error_chain(&e),
-                "backend request failed; answering 502"
+                "backend request failed"
             );
-            error_response(StatusCode::BAD_GATEWAY, "backend unavailable\n")
-        }
-        Err(_) => {
-            gateway.metrics.upstream_timeout();
-            tracing::warn!(
-                conn_id = %connection.id,
-                backend = %backend.authority(),
-                timeout_secs = gateway.timeouts.upstream_response.as_secs_f64(),
-                "backend did not answer in time; answering 504"
-            );
-            error_response(StatusCode::GATEWAY_TIMEOUT, "backend timed out\n")
+            let mut response = error_response(status, status.canonical_reason().unwrap_or("error"));
+            if e.closes_client() {
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            response
         }
     }
 }
 
-fn error_response(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
-        body.as_bytes(),
-    ))));
+fn error_response(status: StatusCode, reason: &'static str) -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(format!("{reason}\n")))));
     *response.status_mut() = status;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -1,29 +1,66 @@
-//! Backends and the shared upstream connection pool.
+//! Backends, the upstream connection pool, and pinned connections.
 //!
-//! In `tag` mode upstream keep-alive connections are shared by all client connections: that is safe
-//! only because every request carries its own connection id. Each client connection is assigned one
-//! backend for its whole life (NTLM state lives in one backend process).
+//! Each client connection is assigned one backend for its life (an NTLM context lives in one backend
+//! process); it moves only when that backend goes down. Two modes:
+//! - `tag`: upstream keep-alive connections are shared by all client connections. Safe only because
+//!   every request carries its own connection id.
+//! - `pin`: for backends that key NTLM on their own TCP connection (IIS, Exchange): each client
+//!   connection gets an upstream connection of its own, never pooled, closed with it. If it dies after
+//!   NTLM was seen on it, the client connection is closed too: the client must authenticate again,
+//!   never silently continue on a connection authenticated for someone else.
 #![forbid(unsafe_code)]
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicUsize, Ordering},
+pub mod health;
+
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
 };
 
-use http::{Uri, uri::Authority};
-use hyper::body::Incoming;
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode, Uri, header, uri::Authority};
+use http_body_util::Empty;
+use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioTimer},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
 };
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
-use crate::config::Timeouts;
+use crate::config::{HealthCheckConfig, Timeouts};
+use health::Health;
 
-/// One backend and the number of client connections currently assigned to it.
+/// How client connections are tied to upstream connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Shared keep-alive pool; every request stamped with the connection id.
+    Tag,
+    /// One upstream connection per client connection.
+    Pin,
+}
+
+/// How new client connections are spread over backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// The healthy backend with the fewest client connections.
+    LeastConn,
+    /// Rendezvous hash of the client address: a reconnecting client lands on the same backend.
+    Hash,
+}
+
+/// One backend.
 #[derive(Debug)]
 pub struct Backend {
     authority: Authority,
     active: AtomicUsize,
+    health: Health,
 }
 
 impl Backend {
@@ -31,27 +68,36 @@ impl Backend {
         &self.authority
     }
 
-    /// The upstream URI for a client request's path and query.
+    pub fn is_up(&self) -> bool {
+        self.health.is_up()
+    }
+
+    /// The absolute upstream URI for a client request's path and query (pooled client).
     pub fn uri_for(&self, client_uri: &Uri) -> Result<Uri, http::Error> {
-        let path = client_uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
         Uri::builder()
             .scheme("http")
             .authority(self.authority.clone())
-            .path_and_query(path)
+            .path_and_query(path_of(client_uri))
             .build()
     }
 }
 
-/// Keeps a backend's count of assigned connections while a client connection lives.
+fn path_of(uri: &Uri) -> &str {
+    uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+}
+
+/// A client connection's claim on a backend; keeps the backend's connection count.
 #[derive(Debug)]
 pub struct Assignment {
     backend: Arc<Backend>,
 }
 
 impl Assignment {
+    fn new(backend: Arc<Backend>) -> Self {
+        backend.active.fetch_add(1, Ordering::Relaxed);
+        Assignment { backend }
+    }
+
     pub fn backend(&self) -> &Arc<Backend> {
         &self.backend
     }
@@ -63,15 +109,82 @@ impl Drop for Assignment {
     }
 }
 
-/// The backends and the pooled HTTP/1.1 client.
+/// What goes wrong talking to a backend; the proxy turns it into 502 or 504.
+#[derive(Debug, Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to {backend}: {source}")]
+    Connect {
+        backend: Authority,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("exchange with {backend} failed: {source}")]
+    Exchange {
+        backend: Authority,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{backend} did not answer within {timeout:?}")]
+    Timeout {
+        backend: Authority,
+        timeout: Duration,
+    },
+    #[error(
+        "the upstream connection pinned to this client's NTLM session on {backend} is gone; closing \
+         the client connection so it authenticates again"
+    )]
+    PinnedLost { backend: Authority },
+    #[error("bad request target: {0}")]
+    BadTarget(#[from] http::Error),
+}
+
+impl UpstreamError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::BadTarget(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The client connection must be closed after this error (a pinned session was lost).
+    pub fn closes_client(&self) -> bool {
+        matches!(self, UpstreamError::PinnedLost { .. })
+    }
+}
+
+/// An upstream connection owned by one client connection (pin mode).
+struct Pinned {
+    backend: Arc<Backend>,
+    sender: SendRequest<Incoming>,
+}
+
+/// A client connection's upstream side: its backend and, in pin mode, its own connection.
+pub struct ClientUpstream {
+    assignment: Assignment,
+    pinned: Option<Pinned>,
+    /// NTLM/Negotiate was seen on this client connection's exchanges.
+    ntlm_seen: bool,
+}
+
+impl ClientUpstream {
+    pub fn backend(&self) -> &Arc<Backend> {
+        self.assignment.backend()
+    }
+}
+
+/// The backends, the pool and the policies.
 pub struct Upstream {
     backends: Vec<Arc<Backend>>,
     next: AtomicUsize,
     client: Client<HttpConnector, Incoming>,
+    mode: Mode,
+    balance: Balance,
+    timeouts: Timeouts,
 }
 
 impl Upstream {
-    pub fn new(backends: &[Authority], timeouts: &Timeouts) -> Self {
+    pub fn new(backends: &[Authority], mode: Mode, balance: Balance, timeouts: &Timeouts) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeouts.upstream_connect));
@@ -79,7 +192,6 @@ impl Upstream {
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(timeouts.upstream_idle)
-            .http1_preserve_header_case(false)
             .build(connector);
         Upstream {
             backends: backends
@@ -88,67 +200,378 @@ impl Upstream {
                     Arc::new(Backend {
                         authority: a.clone(),
                         active: AtomicUsize::new(0),
+                        health: Health::default(),
                     })
                 })
                 .collect(),
             next: AtomicUsize::new(0),
             client,
+            mode,
+            balance,
+            timeouts: *timeouts,
         }
     }
 
-    pub fn client(&self) -> &Client<HttpConnector, Incoming> {
-        &self.client
+    #[cfg(test)]
+    pub fn backends(&self) -> &[Arc<Backend>] {
+        &self.backends
     }
 
-    /// Assigns a backend to a new client connection: the one with the fewest active connections,
-    /// ties broken round-robin so an idle gateway still spreads load.
-    pub fn assign(&self) -> Assignment {
-        let n = self.backends.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
-        let backend = (0..n)
-            .map(|i| &self.backends[(start + i) % n])
-            .min_by_key(|b| b.active.load(Ordering::Relaxed))
-            .cloned()
-            .unwrap_or_else(|| Arc::clone(&self.backends[0]));
-        backend.active.fetch_add(1, Ordering::Relaxed);
-        Assignment { backend }
+    /// The upstream side of a new client connection.
+    pub fn attach(&self, client: IpAddr) -> ClientUpstream {
+        ClientUpstream {
+            assignment: Assignment::new(self.choose(client, None)),
+            pinned: None,
+            ntlm_seen: false,
+        }
     }
+
+    /// Picks a backend among the healthy ones (all of them if none is healthy), avoiding `avoid`.
+    fn choose(&self, client: IpAddr, avoid: Option<&Arc<Backend>>) -> Arc<Backend> {
+        let healthy: Vec<&Arc<Backend>> = self
+            .backends
+            .iter()
+            .filter(|b| b.is_up() && avoid.is_none_or(|a| !Arc::ptr_eq(a, b)))
+            .collect();
+        let candidates: Vec<&Arc<Backend>> = if healthy.is_empty() {
+            self.backends.iter().collect()
+        } else {
+            healthy
+        };
+        let n = candidates.len();
+        let chosen = match self.balance {
+            Balance::LeastConn => {
+                let start = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
+                (0..n)
+                    .map(|i| candidates[(start + i) % n])
+                    .min_by_key(|b| b.active.load(Ordering::Relaxed))
+            }
+            Balance::Hash => candidates
+                .iter()
+                .copied()
+                .max_by_key(|b| rendezvous(client, b.authority.as_str())),
+        };
+        Arc::clone(chosen.unwrap_or(&self.backends[0]))
+    }
+
+    /// Sends one (already rewritten) request for a client connection and returns the response.
+    pub async fn exchange(
+        &self,
+        state: &mut ClientUpstream,
+        client: IpAddr,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        if is_ntlm_request(req.headers()) {
+            state.ntlm_seen = true;
+        }
+        if !state.backend().is_up() {
+            self.fail_over(state, client)?;
+        }
+        let backend = Arc::clone(state.backend());
+        let deadline = self.timeouts.upstream_response;
+        let result = match self.mode {
+            Mode::Tag => {
+                *req.uri_mut() = backend.uri_for(req.uri())?;
+                let exchange = self.client.request(req);
+                match tokio::time::timeout(deadline, exchange).await {
+                    Ok(Ok(r)) => Ok(r),
+                    Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect {
+                        backend: backend.authority.clone(),
+                        source: Box::new(e),
+                    }),
+                    Ok(Err(e)) => Err(UpstreamError::Exchange {
+                        backend: backend.authority.clone(),
+                        source: Box::new(e),
+                    }),
+                    Err(_) => Err(UpstreamError::Timeout {
+                        backend: backend.authority.clone(),
+                        timeout: deadline,
+                    }),
+                }
+            }
+            Mode::Pin => self.exchange_pinned(state, req).await,
+        };
+        match &result {
+            Ok(response) => {
+                backend.health.record_success();
+                if is_ntlm_challenge(response) {
+                    state.ntlm_seen = true;
+                }
+            }
+            Err(UpstreamError::Connect { .. } | UpstreamError::Timeout { .. }) => {
+                let backoff = backend.health.record_failure();
+                tracing::warn!(backend = %backend.authority, backoff_secs = backoff.as_secs_f64(), "backend marked down");
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Moves a client connection off a backend that is down. In pin mode with an NTLM session that
+    /// means losing the session: the client connection is closed instead.
+    fn fail_over(&self, state: &mut ClientUpstream, client: IpAddr) -> Result<(), UpstreamError> {
+        let old = Arc::clone(state.backend());
+        if self.mode == Mode::Pin && state.ntlm_seen && state.pinned.is_some() {
+            return Err(UpstreamError::PinnedLost {
+                backend: old.authority.clone(),
+            });
+        }
+        let new = self.choose(client, Some(&old));
+        if !Arc::ptr_eq(&new, &old) {
+            tracing::info!(from = %old.authority, to = %new.authority, "backend down; moving the client connection");
+            state.assignment = Assignment::new(new);
+            state.pinned = None;
+        }
+        Ok(())
+    }
+
+    async fn exchange_pinned(
+        &self,
+        state: &mut ClientUpstream,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let backend = Arc::clone(state.backend());
+        let usable = state
+            .pinned
+            .as_ref()
+            .is_some_and(|p| Arc::ptr_eq(&p.backend, &backend) && !p.sender.is_closed());
+        if !usable {
+            if state.pinned.take().is_some() && state.ntlm_seen {
+                return Err(UpstreamError::PinnedLost {
+                    backend: backend.authority.clone(),
+                });
+            }
+            state.pinned = Some(self.connect_pinned(&backend).await?);
+        }
+        let Some(pinned) = state.pinned.as_mut() else {
+            return Err(UpstreamError::PinnedLost {
+                backend: backend.authority.clone(),
+            });
+        };
+        // A dedicated HTTP/1.1 connection takes the origin form.
+        *req.uri_mut() = path_of(req.uri())
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| UpstreamError::BadTarget(e.into()))?;
+        if !req.headers().contains_key(header::HOST)
+            && let Ok(host) = backend.authority.as_str().parse()
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        let deadline = self.timeouts.upstream_response;
+        let lost = |e: hyper::Error| UpstreamError::Exchange {
+            backend: backend.authority.clone(),
+            source: Box::new(e),
+        };
+        let ready = tokio::time::timeout(deadline, pinned.sender.ready()).await;
+        match ready {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(lost(e)),
+            Err(_) => {
+                return Err(UpstreamError::Timeout {
+                    backend: backend.authority.clone(),
+                    timeout: deadline,
+                });
+            }
+        }
+        match tokio::time::timeout(deadline, pinned.sender.send_request(req)).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(lost(e)),
+            Err(_) => Err(UpstreamError::Timeout {
+                backend: backend.authority.clone(),
+                timeout: deadline,
+            }),
+        }
+    }
+
+    async fn connect_pinned(&self, backend: &Arc<Backend>) -> Result<Pinned, UpstreamError> {
+        let connect_error =
+            |source: Box<dyn std::error::Error + Send + Sync>| UpstreamError::Connect {
+                backend: backend.authority.clone(),
+                source,
+            };
+        let address = format!(
+            "{}:{}",
+            backend.authority.host().trim_matches(['[', ']']),
+            backend.authority.port_u16().unwrap_or(80)
+        );
+        let connect = tokio::net::TcpStream::connect(address);
+        let stream = match tokio::time::timeout(self.timeouts.upstream_connect, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(connect_error(Box::new(e))),
+            Err(_) => {
+                return Err(UpstreamError::Timeout {
+                    backend: backend.authority.clone(),
+                    timeout: self.timeouts.upstream_connect,
+                });
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| connect_error(Box::new(e)))?;
+        tokio::spawn(async move {
+            // Ends when the sender (the client connection) is dropped or the backend closes.
+            let _ = connection.await;
+        });
+        Ok(Pinned {
+            backend: Arc::clone(backend),
+            sender,
+        })
+    }
+
+    /// Runs active health checks until the process ends.
+    pub fn spawn_health_checks(self: &Arc<Self>, check: HealthCheckConfig) {
+        for backend in &self.backends {
+            let backend = Arc::clone(backend);
+            let check = check.clone();
+            tokio::spawn(async move {
+                let client: Client<HttpConnector, Empty<Bytes>> =
+                    Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+                let mut interval = tokio::time::interval(check.interval);
+                loop {
+                    interval.tick().await;
+                    let uri = format!("http://{}{}", backend.authority, check.path);
+                    let ok = match Request::get(uri).body(Empty::new()) {
+                        Ok(req) => matches!(
+                            tokio::time::timeout(check.timeout, client.request(req)).await,
+                            Ok(Ok(r)) if r.status().as_u16() == check.expect_status
+                        ),
+                        Err(_) => false,
+                    };
+                    if backend.health.record_check(ok) {
+                        if ok {
+                            tracing::info!(backend = %backend.authority, "health check passes again; backend back in rotation");
+                        } else {
+                            tracing::warn!(backend = %backend.authority, path = %check.path, "health check failed; backend out of rotation");
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+fn rendezvous(client: IpAddr, backend: &str) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // A fixed-key hasher: the same client maps to the same backend across restarts.
+    let mut h =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .build_hasher();
+    h.write(client.to_string().as_bytes());
+    h.write(backend.as_bytes());
+    h.finish()
+}
+
+/// `Authorization: NTLM …` or `Negotiate …` (also the bare scheme).
+pub fn is_ntlm_request(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .any(|v| is_ntlm_scheme(v.as_bytes()))
+}
+
+/// A 401 offering NTLM/Negotiate, or a 407 with `Proxy-Authenticate` doing so.
+pub fn is_ntlm_challenge<B>(response: &Response<B>) -> bool {
+    let name = match response.status() {
+        StatusCode::UNAUTHORIZED => header::WWW_AUTHENTICATE,
+        StatusCode::PROXY_AUTHENTICATION_REQUIRED => header::PROXY_AUTHENTICATE,
+        _ => return false,
+    };
+    response
+        .headers()
+        .get_all(name)
+        .iter()
+        .any(|v| is_ntlm_scheme(v.as_bytes()))
+}
+
+fn is_ntlm_scheme(value: &[u8]) -> bool {
+    let scheme = value
+        .split(|b| *b == b' ' || *b == b',')
+        .next()
+        .unwrap_or_default();
+    scheme.eq_ignore_ascii_case(b"NTLM") || scheme.eq_ignore_ascii_case(b"Negotiate")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn upstream(n: usize) -> Upstream {
+    fn upstream(n: usize, balance: Balance) -> Upstream {
         let backends: Vec<Authority> = (0..n)
             .map(|i| format!("10.0.0.{i}:80").parse().expect("authority"))
             .collect();
-        Upstream::new(&backends, &Timeouts::default())
+        Upstream::new(&backends, Mode::Tag, balance, &Timeouts::default())
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
     }
 
     #[tokio::test]
-    async fn assignments_spread_by_least_connections() {
-        let up = upstream(2);
-        let a = up.assign();
-        let b = up.assign();
+    async fn least_connections_spreads_and_skips_backends_that_are_down() {
+        let up = upstream(2, Balance::LeastConn);
+        let a = up.attach(ip("198.18.0.1"));
+        let b = up.attach(ip("198.18.0.2"));
         assert_ne!(a.backend().authority(), b.backend().authority());
-        drop(a);
-        let c = up.assign();
-        let d = up.assign();
-        // c takes the freed backend; d ties and goes round-robin.
-        assert_ne!(c.backend().authority(), b.backend().authority());
-        assert!(d.backend().active.load(Ordering::Relaxed) >= 1);
+        a.backend().health.record_failure();
+        for _ in 0..4 {
+            let c = up.attach(ip("198.18.0.3"));
+            assert_eq!(c.backend().authority(), b.backend().authority());
+        }
+    }
+
+    #[tokio::test]
+    async fn hashing_keeps_a_client_on_one_backend() {
+        let up = upstream(5, Balance::Hash);
+        let first = up.attach(ip("198.18.0.9")).backend().authority().clone();
+        for _ in 0..10 {
+            assert_eq!(up.attach(ip("198.18.0.9")).backend().authority(), &first);
+        }
+        let spread: std::collections::HashSet<_> = (0..50)
+            .map(|i| {
+                up.attach(ip(&format!("198.18.1.{i}")))
+                    .backend()
+                    .authority()
+                    .clone()
+            })
+            .collect();
+        assert!(spread.len() > 1);
+    }
+
+    #[test]
+    fn ntlm_detection() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            "NTLM TlRMTVNTUAABAAAA".parse().expect("v"),
+        );
+        assert!(is_ntlm_request(&h));
+        h.insert(header::AUTHORIZATION, "negotiate YIIG".parse().expect("v"));
+        assert!(is_ntlm_request(&h));
+        h.insert(header::AUTHORIZATION, "Basic eDp5".parse().expect("v"));
+        assert!(!is_ntlm_request(&h));
+        h.insert(header::AUTHORIZATION, "NTLMX abc".parse().expect("v"));
+        assert!(!is_ntlm_request(&h));
+        let mut r = Response::new(());
+        *r.status_mut() = StatusCode::UNAUTHORIZED;
+        r.headers_mut().append(
+            header::WWW_AUTHENTICATE,
+            "Basic realm=x".parse().expect("v"),
+        );
+        assert!(!is_ntlm_challenge(&r));
+        r.headers_mut()
+            .append(header::WWW_AUTHENTICATE, "NTLM".parse().expect("v"));
+        assert!(is_ntlm_challenge(&r));
+        *r.status_mut() = StatusCode::OK;
+        assert!(!is_ntlm_challenge(&r));
     }
 
     #[test]
     fn upstream_uri_keeps_path_and_query() {
-        let b = Backend {
-            authority: "10.0.0.1:8080".parse().expect("authority"),
-            active: AtomicUsize::new(0),
-        };
-        let uri = b.uri_for(&"/a/b?c=d".parse().expect("uri")).expect("valid");
-        assert_eq!(uri, "http://10.0.0.1:8080/a/b?c=d");
-        let uri = b.uri_for(&"*".parse().expect("uri")).expect("valid");
-        assert_eq!(uri.path(), "*");
+        let up = upstream(1, Balance::LeastConn);
+        let uri = up.backends()[0]
+            .uri_for(&"/a/b?c=d".parse().expect("uri"))
+            .expect("valid");
+        assert_eq!(uri, "http://10.0.0.0:80/a/b?c=d");
     }
 }

@@ -1,0 +1,700 @@
+//! PROXY protocol behind a real HAProxy, and what the gateway does with PROXY headers it must not
+//! believe. Each test builds client → balancer (HAProxy, or raw bytes) → gateway (real ntlm-tag,
+//! eBPF loaded, `--proxy-protocol`) → recording backend namespaces.
+
+use std::{
+    io::ErrorKind,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use ntlm_tag_tests::{
+    backend::{Backend, Seen},
+    client::Connection,
+    gateway::Gateway,
+    haproxy::{Haproxy, HaproxyOptions, HaproxyTopology, SendProxy},
+    netns::{NetNs, run_in},
+};
+use prometheus_parse::{Scrape, Value as Metric};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpSocket,
+};
+
+/// The only balancer the gateway trusts, unless a test says otherwise.
+const TRUSTED_BALANCER: &str = "198.18.1.100/32";
+
+/// A client address the forged headers below claim to be.
+const FORGED_CLIENT: &str = "203.0.113.9";
+const FORGED_REQUEST: &[u8] =
+    b"PROXY TCP4 203.0.113.9 198.18.1.1 1234 8080\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n";
+
+/// Starts the gateway in `topo` with `--ebpf required --proxy-protocol` on `listen`, trusting `trusted`.
+fn start_gateway(topo: &HaproxyTopology, listen: &[SocketAddr], trusted: &[&str]) -> Gateway {
+    let mut args = vec![
+        "--backend".to_string(),
+        HaproxyTopology::backend().to_string(),
+        "--ebpf".to_string(),
+        "required".to_string(),
+        "--proxy-protocol".to_string(),
+    ];
+    for l in listen {
+        args.extend(["--listen".to_string(), l.to_string()]);
+    }
+    for t in trusted {
+        args.extend(["--trusted-lb".to_string(), t.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Gateway::start(&topo.gateway, &args)
+}
+
+/// A client HTTP connection made from a namespace, which stays open (on its own thread) until
+/// [`close`](Self::close) or drop, so the gateway's live table can be inspected meanwhile.
+struct OpenClient {
+    local: SocketAddr,
+    status: u16,
+    release: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl OpenClient {
+    /// Connects from `src` to `dst`, sends `GET path` and waits for the response.
+    fn get(ns: &NetNs, src: SocketAddr, dst: SocketAddr, path: &str) -> OpenClient {
+        let (answered_tx, answered_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let path = path.to_string();
+        let thread = ns.spawn(move || async move {
+            let mut conn = Connection::open(Some(src), dst).await;
+            let response = conn.get(&path, &[]).await;
+            let _ = answered_tx.send((conn.local, response.status));
+            // Released by `close`, or by the test unwinding (the sender is dropped).
+            let _ = release_rx.await;
+            conn.close().await;
+        });
+        match answered_rx.recv() {
+            Ok((local, status)) => OpenClient {
+                local,
+                status,
+                release: Some(release_tx),
+                thread: Some(thread),
+            },
+            Err(_) => std::panic::resume_unwind(
+                thread
+                    .join()
+                    .expect_err("the client thread ended without an answer"),
+            ),
+        }
+    }
+
+    fn close(mut self) {
+        self.release.take();
+        if let Some(thread) = self.thread.take()
+            && let Err(e) = thread.join()
+        {
+            std::panic::resume_unwind(e);
+        }
+    }
+}
+
+impl Drop for OpenClient {
+    fn drop(&mut self) {
+        self.release.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// How a raw TCP exchange ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ending {
+    /// The server closed (read returned 0).
+    Eof,
+    /// The server reset the connection.
+    Reset,
+    /// Still open when the wait ended.
+    Open,
+}
+
+/// What the server sent back on a raw TCP connection before it ended, and when it ended (counted
+/// from the connection's establishment).
+struct RawReply {
+    bytes: Vec<u8>,
+    ending: Ending,
+    after: Duration,
+}
+
+impl std::fmt::Debug for RawReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawReply")
+            .field("text", &self.text())
+            .field("ending", &self.ending)
+            .field("after", &self.after)
+            .finish()
+    }
+}
+
+impl RawReply {
+    fn closed(&self) -> bool {
+        self.ending != Ending::Open
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes).into_owned()
+    }
+}
+
+/// Connects from `src` (port 0: any) to `dst`, sends `bytes` (if any) and reads until the server
+/// closes or `wait` has passed.
+async fn raw_exchange(src: SocketAddr, dst: SocketAddr, bytes: &[u8], wait: Duration) -> RawReply {
+    let socket = if dst.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .expect("socket");
+    socket
+        .bind(src)
+        .unwrap_or_else(|e| panic!("bind {src}: {e}"));
+    let mut stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(dst))
+        .await
+        .unwrap_or_else(|_| panic!("connect to {dst} timed out"))
+        .unwrap_or_else(|e| panic!("connect from {src} to {dst}: {e}"));
+    let start = Instant::now();
+    if !bytes.is_empty() {
+        // The server may have closed already; the reads below tell how.
+        let _ = stream.write_all(bytes).await;
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut received = Vec::new();
+    let mut buf = [0u8; 4096];
+    let ending = loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => break Ending::Open,
+            Ok(Ok(0)) => break Ending::Eof,
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) if e.kind() == ErrorKind::ConnectionReset => break Ending::Reset,
+            Ok(Err(e)) => panic!("reading from {dst}: {e}"),
+        }
+    };
+    RawReply {
+        bytes: received,
+        ending,
+        after: start.elapsed(),
+    }
+}
+
+/// The gateway's `/metrics`, parsed.
+fn metrics(topo: &HaproxyTopology, gw: &Gateway) -> Scrape {
+    let admin = gw.admin;
+    let text = run_in(&topo.gateway.path(), move || async move {
+        let mut conn = Connection::open(None, admin).await;
+        let r = conn.get("/metrics", &[]).await;
+        assert_eq!(r.status, 200, "/metrics: {}", r.body);
+        r.body
+    });
+    Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text")
+}
+
+/// The value of the sample `name{label="value"}`.
+fn sample(scrape: &Scrape, name: &str, label: (&str, &str)) -> f64 {
+    let found = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && s.labels.get(label.0) == Some(label.1))
+        .unwrap_or_else(|| {
+            panic!(
+                "no sample {name}{{{}=\"{}\"}} in /metrics: {:#?}",
+                label.0, label.1, scrape.samples
+            )
+        });
+    match found.value {
+        Metric::Counter(v) | Metric::Gauge(v) | Metric::Untyped(v) => v,
+        ref other => panic!("{name} is not a single number: {other:?}"),
+    }
+}
+
+/// The sum of all samples of `name`, whatever their labels.
+fn sum(scrape: &Scrape, name: &str) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .map(|s| match s.value {
+            Metric::Counter(v) | Metric::Gauge(v) | Metric::Untyped(v) => v,
+            ref other => panic!("{name} is not a single number: {other:?}"),
+        })
+        .sum()
+}
+
+fn rejected(scrape: &Scrape, reason: &str) -> f64 {
+    sample(
+        scrape,
+        "ntlm_tag_proxy_protocol_rejected_total",
+        ("reason", reason),
+    )
+}
+
+const REJECTION_REASONS: [&str; 6] = [
+    "untrusted",
+    "malformed",
+    "oversized",
+    "unsupported",
+    "timeout",
+    "closed",
+];
+
+/// The `/connections` row of the client connection `client`.
+fn row_for(rows: &Value, client: SocketAddr) -> Value {
+    rows.as_array()
+        .expect("/connections is an array")
+        .iter()
+        .find(|r| r["client"] == client.to_string())
+        .unwrap_or_else(|| panic!("no /connections row for {client}: {rows:#}"))
+        .clone()
+}
+
+/// Panics if any header or the target of a request the backend saw mentions `needle`.
+fn assert_backend_never_saw(seen: &[Seen], needle: &str) {
+    for s in seen {
+        assert!(
+            !s.path.contains(needle),
+            "{needle} reached the backend in the target {}",
+            s.path
+        );
+        for (name, value) in &s.headers {
+            let value = String::from_utf8_lossy(value.as_bytes());
+            assert!(
+                !value.contains(needle),
+                "{needle} reached the backend in {name}: {value}"
+            );
+        }
+    }
+}
+
+/// One client through HAProxy (`send_proxy`) to the gateway: the backend must see the client's own
+/// address, and the live table must say how the gateway learned it and from which balancer.
+fn client_through_haproxy_is_named_by_its_own_address(send_proxy: SendProxy, learned_from: &str) {
+    let topo = HaproxyTopology::new();
+    let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
+    let gw = start_gateway(&topo, &[HaproxyTopology::gateway_v4()], &[TRUSTED_BALANCER]);
+    let _haproxy = Haproxy::start(
+        &topo.balancer,
+        HaproxyOptions::new(
+            HaproxyTopology::front_v4(),
+            HaproxyTopology::gateway_v4(),
+            send_proxy,
+        ),
+    );
+
+    let client = OpenClient::get(
+        &topo.client,
+        SocketAddr::new(HaproxyTopology::client_v4(0), 0),
+        HaproxyTopology::front_v4(),
+        "/through-haproxy",
+    );
+    assert_eq!(client.status, 200);
+    let local = client.local;
+    assert_eq!(local.ip(), HaproxyTopology::client_v4(0));
+    let rows = gw.admin_json("/connections");
+    client.close();
+
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    let ids = seen[0].all("jespa-connection-id");
+    assert_eq!(ids.len(), 1, "exactly one id header: {ids:?}");
+    assert!(
+        ids[0].starts_with(&format!("{local}/")),
+        "id {} should name the client {local}, not the balancer",
+        ids[0]
+    );
+    assert_eq!(seen[0].all("x-forwarded-for"), vec![local.ip().to_string()]);
+    assert_eq!(seen[0].path, "/through-haproxy");
+    assert_eq!(
+        seen[0].peer.ip().to_string(),
+        "198.18.2.1",
+        "the backend's TCP peer is the gateway"
+    );
+
+    let row = row_for(&rows, local);
+    assert_eq!(row["learned_from"], learned_from, "{row:#}");
+    assert_eq!(row["balancer"], "198.18.1.100", "{row:#}");
+    assert_eq!(row["identity_source"], "kernel", "{row:#}");
+    assert!(
+        row["peer"]
+            .as_str()
+            .expect("peer")
+            .starts_with("198.18.1.100:"),
+        "the gateway's TCP peer is HAProxy: {row:#}"
+    );
+    assert_eq!(row["id"], ids[0].as_str(), "{row:#}");
+
+    // HAProxy relayed exactly this one connection (its readiness probe never reached the gateway).
+    let scrape = metrics(&topo, &gw);
+    assert_eq!(sum(&scrape, "ntlm_tag_connections_total"), 1.0);
+    assert_eq!(
+        sample(
+            &scrape,
+            "ntlm_tag_connections_total",
+            ("source", learned_from)
+        ),
+        1.0
+    );
+    assert_eq!(sum(&scrape, "ntlm_tag_proxy_protocol_rejected_total"), 0.0);
+}
+
+#[test]
+fn haproxy_send_proxy_v2_names_the_real_client() {
+    client_through_haproxy_is_named_by_its_own_address(SendProxy::V2, "proxy-v2");
+}
+
+#[test]
+fn haproxy_send_proxy_v1_names_the_real_client() {
+    client_through_haproxy_is_named_by_its_own_address(SendProxy::V1, "proxy-v1");
+}
+
+#[test]
+fn ipv6_client_through_haproxy_v2_is_named_by_its_ipv6_address() {
+    let topo = HaproxyTopology::new();
+    let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
+    let balancer_v6 = format!("{}/128", HaproxyTopology::balancer_v6());
+    let gw = start_gateway(
+        &topo,
+        &[HaproxyTopology::gateway_v6()],
+        &[TRUSTED_BALANCER, &balancer_v6],
+    );
+    let _haproxy = Haproxy::start(
+        &topo.balancer,
+        HaproxyOptions::new(
+            HaproxyTopology::front_v6(),
+            HaproxyTopology::gateway_v6(),
+            SendProxy::V2,
+        ),
+    );
+
+    let client = OpenClient::get(
+        &topo.client,
+        SocketAddr::new(HaproxyTopology::client_v6(0), 0),
+        HaproxyTopology::front_v6(),
+        "/v6",
+    );
+    assert_eq!(client.status, 200);
+    let local = client.local;
+    let rows = gw.admin_json("/connections");
+    client.close();
+
+    let prefix = format!("[{}]:{}/", HaproxyTopology::client_v6(0), local.port());
+    assert_eq!(prefix, format!("{local}/"));
+    let seen = backend.seen();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    let ids = seen[0].all("jespa-connection-id");
+    assert_eq!(ids.len(), 1, "exactly one id header: {ids:?}");
+    assert!(
+        ids[0].starts_with(&prefix),
+        "id {} should start with {prefix}",
+        ids[0]
+    );
+    let row = row_for(&rows, local);
+    assert_eq!(row["learned_from"], "proxy-v2", "{row:#}");
+    assert_eq!(
+        row["balancer"],
+        HaproxyTopology::balancer_v6().to_string(),
+        "{row:#}"
+    );
+}
+
+#[test]
+fn haproxy_outside_trusted_lbs_is_refused_and_counted() {
+    let topo = HaproxyTopology::new();
+    let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
+    let mut gw = start_gateway(&topo, &[HaproxyTopology::gateway_v4()], &["198.18.77.0/24"]);
+    let _haproxy = Haproxy::start(
+        &topo.balancer,
+        HaproxyOptions::new(
+            HaproxyTopology::front_v4(),
+            HaproxyTopology::gateway_v4(),
+            SendProxy::V2,
+        ),
+    );
+
+    let reply = topo.client.run(|| async {
+        raw_exchange(
+            SocketAddr::new(HaproxyTopology::client_v4(0), 0),
+            HaproxyTopology::front_v4(),
+            b"GET / HTTP/1.1\r\nHost: gateway.test\r\n\r\n",
+            Duration::from_secs(10),
+        )
+        .await
+    });
+    assert!(reply.closed(), "the connection must be closed: {reply:?}");
+    assert!(
+        reply.bytes.is_empty(),
+        "no HTTP response through an untrusted balancer: {:?}",
+        reply.text()
+    );
+    assert!(backend.seen().is_empty(), "{:#?}", backend.seen());
+    let line = gw
+        .wait_for_line("outside trusted_lbs", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no warning about the untrusted peer: {:#?}", gw.log()));
+    assert!(
+        line.contains("198.18.1.100"),
+        "the warning names the peer: {line}"
+    );
+    let scrape = metrics(&topo, &gw);
+    assert_eq!(rejected(&scrape, "untrusted"), 1.0);
+}
+
+#[test]
+fn forged_proxy_line_from_a_client_is_refused_and_never_reaches_the_backend() {
+    let topo = HaproxyTopology::new();
+    topo.route_clients_to_gateway();
+    let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
+    let mut gw = start_gateway(&topo, &[HaproxyTopology::gateway_v4()], &[TRUSTED_BALANCER]);
+
+    let reply = topo.client.run(|| async {
+        raw_exchange(
+            SocketAddr::new(HaproxyTopology::client_v4(1), 0),
+            HaproxyTopology::gateway_v4(),
+            FORGED_REQUEST,
+            Duration::from_secs(10),
+        )
+        .await
+    });
+    assert!(reply.closed(), "the connection must be closed: {reply:?}");
+    assert!(reply.bytes.is_empty(), "no response: {:?}", reply.text());
+    let seen = backend.seen();
+    assert!(seen.is_empty(), "the backend saw {seen:#?}");
+    assert_backend_never_saw(&seen, FORGED_CLIENT);
+    let line = gw
+        .wait_for_line("outside trusted_lbs", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no warning about the untrusted client: {:#?}", gw.log()));
+    assert!(
+        line.contains("198.18.10.11"),
+        "the warning names the client: {line}"
+    );
+    assert_eq!(rejected(&metrics(&topo, &gw), "untrusted"), 1.0);
+}
+
+#[test]
+fn forged_proxy_line_to_a_plain_listener_never_reaches_the_backend_as_identity() {
+    let topo = HaproxyTopology::new();
+    topo.route_clients_to_gateway();
+    let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
+    let listen = HaproxyTopology::gateway_v4().to_string();
+    let backend_addr = HaproxyTopology::backend().to_string();
+    let _gw = Gateway::start(
+        &topo.gateway,
+        &[
+            "--listen",
+            &listen,
+            "--backend",
+            &backend_addr,
+            "--ebpf",
+            "required",
+        ],
+    );
+
+    let (reply, local) = topo.client.run(|| async {
+        let src = SocketAddr::new(HaproxyTopology::client_v4(2), 0);
+        let reply = raw_exchange(
+            src,
+            HaproxyTopology::gateway_v4(),
+            FORGED_REQUEST,
+            Duration::from_secs(10),
+        )
+        .await;
+        // The listener still serves an honest client afterwards.
+        let mut conn = Connection::open(Some(src), HaproxyTopology::gateway_v4()).await;
+        assert_eq!(conn.get("/honest", &[]).await.status, 200);
+        let local = conn.local;
+        conn.close().await;
+        (reply, local)
+    });
+    assert!(
+        reply.bytes.is_empty() || reply.text().starts_with("HTTP/1.1 400"),
+        "a PROXY line on a plain listener is not HTTP: {:?}",
+        reply.text()
+    );
+    let seen = backend.seen();
+    assert_backend_never_saw(&seen, FORGED_CLIENT);
+    let honest: Vec<&Seen> = seen.iter().filter(|s| s.path == "/honest").collect();
+    assert_eq!(honest.len(), 1, "{seen:#?}");
+    assert!(
+        honest[0].all("jespa-connection-id")[0].starts_with(&format!("{local}/")),
+        "{:?}",
+        honest[0].all("jespa-connection-id")
+    );
+    assert!(
+        seen.iter().all(|s| s.path == "/honest"),
+        "nothing but the honest request reached the backend: {seen:#?}"
+    );
+}
+
+/// Sends `header` from the trusted balancer's address straight to the gateway and checks that the
+/// gateway closes the connection as malformed, forwarding nothing.
+fn malformed_header_from_the_trusted_balancer_is_refused_and_counted(header: &'static [u8]) {
+    let topo = HaproxyTopology::new();
+    let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
+    let mut gw = start_gateway(&topo, &[HaproxyTopology::gateway_v4()], &[TRUSTED_BALANCER]);
+
+    let reply = topo.balancer.run(move || async move {
+        raw_exchange(
+            SocketAddr::new(HaproxyTopology::balancer_v4(), 0),
+            HaproxyTopology::gateway_v4(),
+            header,
+            Duration::from_secs(10),
+        )
+        .await
+    });
+    assert!(reply.closed(), "the connection must be closed: {reply:?}");
+    assert!(reply.bytes.is_empty(), "no response: {:?}", reply.text());
+    assert!(backend.seen().is_empty(), "{:#?}", backend.seen());
+    gw.wait_for_line("PROXY header was not acceptable", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no warning about the bad header: {:#?}", gw.log()));
+    let scrape = metrics(&topo, &gw);
+    for reason in REJECTION_REASONS {
+        let expected = if reason == "malformed" { 1.0 } else { 0.0 };
+        assert_eq!(
+            rejected(&scrape, reason),
+            expected,
+            "reason {reason} for {:?} (the connection ended with {:?} after {:?})",
+            String::from_utf8_lossy(header),
+            reply.ending,
+            reply.after
+        );
+    }
+}
+
+#[test]
+fn invalid_address_in_a_v1_header_from_the_trusted_balancer_is_malformed() {
+    malformed_header_from_the_trusted_balancer_is_refused_and_counted(
+        b"PROXY TCP4 not-an-ip 198.18.1.1 1 2\r\n",
+    );
+}
+
+#[test]
+fn truncated_v1_line_from_the_trusted_balancer_is_malformed() {
+    malformed_header_from_the_trusted_balancer_is_refused_and_counted(b"PROXY TCP4 garbage\r\n");
+}
+
+#[test]
+fn silent_trusted_balancer_is_closed_after_the_header_timeout() {
+    let topo = HaproxyTopology::new();
+    let _backend = Backend::start(&topo.backend, HaproxyTopology::backend());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("ntlm-tag.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = [{{ address = \"{gateway}\", proxy_protocol = true }}]
+backends = [\"{backend}\"]
+trusted_lbs = [\"{TRUSTED_BALANCER}\"]
+ebpf = \"required\"
+
+[timeouts]
+proxy_header_secs = 0.5
+",
+            gateway = HaproxyTopology::gateway_v4(),
+            backend = HaproxyTopology::backend(),
+        ),
+    )
+    .expect("write config");
+    let gw = Gateway::start(
+        &topo.gateway,
+        &["--config", config.to_str().expect("utf-8 path")],
+    );
+
+    let reply = topo.balancer.run(|| async {
+        raw_exchange(
+            SocketAddr::new(HaproxyTopology::balancer_v4(), 0),
+            HaproxyTopology::gateway_v4(),
+            b"",
+            Duration::from_secs(10),
+        )
+        .await
+    });
+    assert_eq!(
+        reply.ending,
+        Ending::Eof,
+        "the gateway closes a silent connection: {reply:?}"
+    );
+    assert!(
+        reply.after >= Duration::from_millis(400),
+        "closed after {:?}, before the 0.5 s header timeout",
+        reply.after
+    );
+    let scrape = metrics(&topo, &gw);
+    assert_eq!(rejected(&scrape, "timeout"), 1.0);
+    assert_eq!(rejected(&scrape, "closed"), 0.0);
+}
+
+/// HAProxy's health checks (`check check-send-proxy`, HTTP) reach the gateway with a PROXY header
+/// that names no client: LOCAL in v2; in v1 HAProxy 2.6 writes `PROXY TCP4` with the check
+/// connection's own addresses. Either way the gateway serves them as the balancer's connections and
+/// counts no rejection.
+fn haproxy_health_checks_are_served_as_the_balancer(send_proxy: SendProxy) {
+    let topo = HaproxyTopology::new();
+    let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
+    let gw = start_gateway(&topo, &[HaproxyTopology::gateway_v4()], &[TRUSTED_BALANCER]);
+    let _haproxy = Haproxy::start(
+        &topo.balancer,
+        HaproxyOptions::new(
+            HaproxyTopology::front_v4(),
+            HaproxyTopology::gateway_v4(),
+            send_proxy,
+        )
+        .with_http_check("/haproxy-check"),
+    );
+
+    // Await the first check's request at the backend.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let check = loop {
+        if let Some(s) = backend
+            .seen()
+            .into_iter()
+            .find(|s| s.path == "/haproxy-check")
+        {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no health check reached the backend; the gateway logged {:#?}",
+            gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let ids = check.all("jespa-connection-id");
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert!(
+        ids[0].starts_with("198.18.1.100:"),
+        "a check is the balancer's own connection: {}",
+        ids[0]
+    );
+    assert_eq!(check.all("x-forwarded-for"), vec!["198.18.1.100"]);
+
+    let scrape = metrics(&topo, &gw);
+    for reason in REJECTION_REASONS {
+        assert_eq!(rejected(&scrape, reason), 0.0, "reason {reason}");
+    }
+    let connections = |source| sample(&scrape, "ntlm_tag_connections_total", ("source", source));
+    assert!(
+        sum(&scrape, "ntlm_tag_connections_total") >= 1.0,
+        "the check was counted as a connection"
+    );
+    if send_proxy == SendProxy::V2 {
+        // LOCAL leaves the identity the kernel recorded for the peer.
+        assert!(connections("kernel-peer") >= 1.0);
+        assert_eq!(connections("proxy-v2"), 0.0);
+    }
+}
+
+#[test]
+fn haproxy_v2_health_checks_with_a_local_header_are_not_rejected() {
+    haproxy_health_checks_are_served_as_the_balancer(SendProxy::V2);
+}
+
+#[test]
+fn haproxy_v1_health_checks_are_not_rejected() {
+    haproxy_health_checks_are_served_as_the_balancer(SendProxy::V1);
+}
