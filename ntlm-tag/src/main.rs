@@ -1,24 +1,14 @@
 //! ntlm-tag: parse the configuration, set up logging, run. Nothing else lives here.
 
-mod admin;
-mod app;
-mod cli;
-mod config;
-mod conns;
-mod identity;
-mod kernel;
-mod metrics;
-mod proxy;
-mod registry;
-mod upstream;
-
 use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::{
-    cli::{Cli, Command, LogFormat},
+use ntlm_tag::{
+    app,
+    cli::{self, Cli, Command, LogFormat},
     config::Config,
+    conns,
 };
 
 /// Exit code for a bad configuration (EX_USAGE).

@@ -108,6 +108,10 @@ impl Registry {
         self.live.lock().map(|l| l.len()).unwrap_or(0)
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn rows(&self) -> Vec<ConnectionRow> {
         let Ok(live) = self.live.lock() else {
             return Vec::new();

@@ -1,0 +1,15 @@
+//! ntlm-tag as a library: the binary (`main.rs`) is a thin shell around [`app::run`]; the fuzz targets
+//! and benchmarks reach the parsers (`identity::proxy_header`, `identity::conn_id`,
+//! `proxy::rewrite`) through here.
+
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod conns;
+pub mod identity;
+pub mod kernel;
+pub mod metrics;
+pub mod proxy;
+pub mod registry;
+pub mod upstream;
