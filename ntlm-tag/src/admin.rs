@@ -86,10 +86,13 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
         "/connections" => json(&state.registry.rows()),
         "/kernel" => json(&kernel_report(state)),
         "/metrics" => {
-            let counters = state.kernel.as_deref().map(KernelTracker::counters);
+            let kernel = state
+                .kernel
+                .as_deref()
+                .map(|k| (k.counters(), k.map_entries()));
             let body = state
                 .metrics
-                .render(state.registry.len(), counters.as_ref());
+                .render(state.registry.len(), kernel.as_ref().map(|(c, n)| (c, *n)));
             let mut r = Response::new(Full::new(Bytes::from(body)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -1,20 +1,24 @@
 //! Start-up and shutdown of the gateway: kernel programs first (so listeners land in the proxy's own
 //! cgroup), then listeners, then serve until SIGTERM/SIGINT and drain.
 
-use std::sync::Arc;
+use std::{
+    collections::HashMap,
+    sync::{Arc, atomic::AtomicUsize},
+};
 
 use anyhow::{Context, Result, bail};
+use arc_swap::ArcSwap;
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use tokio_util::task::TaskTracker;
 
 use crate::{
     admin::{self, AdminState},
-    cli::EbpfMode,
+    cli::{EbpfMode, RunArgs},
     config::Config,
     identity::{Identifier, UidGenerator, trust::TrustedSources},
-    kernel::{KernelOptions, KernelTracker},
+    kernel::{KernelOptions, KernelTracker, privileges},
     metrics::Metrics,
-    proxy::{self, Gateway, rewrite::StampPolicy},
+    proxy::{self, Gateway, Live, rewrite::StampPolicy},
     registry::Registry,
     upstream::Upstream,
 };
@@ -26,7 +30,9 @@ pub const EXIT_EBPF_UNAVAILABLE: u8 = 69;
 #[error("--ebpf required, but the kernel programs are not running: {0}")]
 pub struct EbpfRequiredError(String);
 
-pub async fn run(config: Config) -> Result<()> {
+/// Runs the gateway until SIGTERM/SIGINT. `args` are kept to re-read the file on SIGHUP (flags still
+/// override it).
+pub async fn run(config: Config, args: RunArgs) -> Result<()> {
     let (kernel, ebpf_status) = start_kernel(&config)?;
     if config.identity.template.is_reusable() {
         tracing::warn!(
@@ -44,7 +50,7 @@ pub async fn run(config: Config) -> Result<()> {
                 l.address
             )
         })?;
-        listeners.push((listener, l.clone()));
+        listeners.push((listener, Arc::new(l.clone())));
     }
     let admin_listener = match config.admin {
         Some(addr) => Some(
@@ -55,17 +61,9 @@ pub async fn run(config: Config) -> Result<()> {
         None => None,
     };
 
-    let upstream = Arc::new(Upstream::new(
-        &config.backends,
-        config.mode,
-        config.balance,
-        &config.timeouts,
-    ));
-    if let Some(check) = &config.health_check {
-        upstream.spawn_health_checks(check.clone());
-    }
     let registry = Arc::new(Registry::default());
     let metrics = Arc::new(Metrics::default());
+    let live = build_live(&config, &metrics)?;
     let gateway = Arc::new(Gateway {
         identifier: Identifier::new(kernel.clone()),
         uids: UidGenerator::new().context("cannot draw the random instance nonce")?,
@@ -74,13 +72,25 @@ pub async fn run(config: Config) -> Result<()> {
             id_header: config.identity.header.clone(),
             forwarded_headers: config.identity.forwarded_headers,
         },
-        upstream: Arc::clone(&upstream),
         registry: Arc::clone(&registry),
-        timeouts: config.timeouts,
-        trusted: TrustedSources::new(&config.trusted_lbs),
         metrics: Arc::clone(&metrics),
         http2: config.http2,
+        live: ArcSwap::from_pointee(live),
+        open: AtomicUsize::new(0),
     });
+
+    if let Some(user) = &config.user {
+        let (uid, gid) = privileges::drop_to(user)?;
+        tracing::info!(%user, uid, gid, "switched user; no capabilities left");
+        if let Some(k) = &kernel
+            && !k.lookups_work()
+        {
+            tracing::error!(
+                "kernel map lookups fail after the switch (kernels before 6.5 with unprivileged BPF \
+                 disabled refuse them): connections will use peer addresses; run without `user` there"
+            );
+        }
+    }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
@@ -109,7 +119,6 @@ pub async fn run(config: Config) -> Result<()> {
         }
         None => None,
     };
-    drop(kernel);
     tracing::info!(
         listen = ?addresses,
         admin = ?admin_address,
@@ -119,24 +128,138 @@ pub async fn run(config: Config) -> Result<()> {
         "ntlm-tag ready"
     );
 
-    wait_for_stop_signal().await?;
+    let mut running = config;
+    while let Signal::Reload = wait_for_signal().await? {
+        reload(&args, &mut running, &gateway, kernel.as_deref(), &metrics);
+    }
+    drop(kernel);
+    let drain = gateway.live.load().timeouts.drain;
     tracing::info!(
         connections = registry.len(),
-        deadline_secs = config.timeouts.drain.as_secs_f64(),
+        deadline_secs = drain.as_secs_f64(),
         "stopping: no new connections, draining"
     );
     let _ = shutdown_tx.send(true);
     tracker.close();
-    if tokio::time::timeout(config.timeouts.drain, tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
         tracing::warn!(
             connections = registry.len(),
             "drain deadline passed; closing the remaining connections"
         );
     }
     Ok(())
+}
+
+/// The reloadable part of the configuration, ready to serve.
+fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
+    let upstream = Upstream::new(
+        &config.backends,
+        config.mode,
+        config.balance,
+        &config.timeouts,
+        Arc::clone(metrics),
+    );
+    if let Some(check) = &config.health_check {
+        upstream.spawn_health_checks(check.clone());
+    }
+    let mut tls = HashMap::new();
+    for l in config.listeners.iter().filter(|l| !l.tls.is_empty()) {
+        let acceptor = proxy::tls::acceptor(&l.tls, config.http2)
+            .with_context(|| format!("TLS for listener {}", l.address))?;
+        tls.insert(l.address, acceptor);
+    }
+    Ok(Live {
+        upstream: Arc::new(upstream),
+        trusted: TrustedSources::new(&config.trusted_lbs),
+        limits: config.limits,
+        timeouts: config.timeouts,
+        tls,
+        access_log: config.access_log,
+    })
+}
+
+/// SIGHUP: re-read the file; apply backends, trust list, limits, timeouts and certificates to new
+/// connections. A file that does not validate changes nothing.
+fn reload(
+    args: &RunArgs,
+    running: &mut Config,
+    gateway: &Gateway,
+    kernel: Option<&KernelTracker>,
+    metrics: &Arc<Metrics>,
+) {
+    let new = match Config::load(args) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: the configuration is invalid; the running one stays");
+            return;
+        }
+    };
+    let live = match build_live(&new, metrics) {
+        Ok(live) => live,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays");
+            return;
+        }
+    };
+    if let Some(k) = kernel {
+        let options = KernelOptions {
+            map_entries: new.ebpf.map_entries,
+            toa_kind: new.ebpf.toa_kind,
+            trusted_lbs: new.trusted_lbs.clone(),
+            xdp_interfaces: new.ebpf.xdp_interfaces.clone(),
+        };
+        if let Err(e) = k.configure(&options) {
+            tracing::error!(error = %e, "reload refused: cannot update the kernel's trust list");
+            return;
+        }
+    }
+    for key in restart_only_changes(running, &new) {
+        tracing::warn!(
+            key,
+            "changed in the file, but takes effect only after a restart"
+        );
+    }
+    gateway.live.store(Arc::new(live));
+    tracing::info!(
+        backends = ?new.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "configuration reloaded; established connections keep their settings"
+    );
+    *running = new;
+}
+
+/// Keys that a reload cannot apply.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    if old
+        .listeners
+        .iter()
+        .map(|l| (l.address, l.proxy_protocol))
+        .ne(new.listeners.iter().map(|l| (l.address, l.proxy_protocol)))
+    {
+        keys.push("listen");
+    }
+    if old.admin != new.admin {
+        keys.push("admin");
+    }
+    if old.identity.header != new.identity.header {
+        keys.push("header");
+    }
+    if old.identity.template.as_str() != new.identity.template.as_str() {
+        keys.push("id_template");
+    }
+    if old.ebpf.mode != new.ebpf.mode || old.ebpf.map_entries != new.ebpf.map_entries {
+        keys.push("ebpf");
+    }
+    if old.ebpf.xdp_interfaces != new.ebpf.xdp_interfaces {
+        keys.push("xdp");
+    }
+    if old.http2 != new.http2 {
+        keys.push("http2");
+    }
+    if old.user != new.user {
+        keys.push("user");
+    }
+    keys
 }
 
 /// Loads the kernel programs as `config.ebpf.mode` asks. Returns the tracker and a status line.
@@ -170,16 +293,32 @@ fn start_kernel(config: &Config) -> Result<(Option<Arc<KernelTracker>>, String)>
     }
 }
 
-async fn wait_for_stop_signal() -> Result<()> {
+enum Signal {
+    Reload,
+    Stop,
+}
+
+async fn wait_for_signal() -> Result<Signal> {
     let mut term = tokio::signal::unix::signal(SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
     let mut int = tokio::signal::unix::signal(SignalKind::interrupt())
         .context("cannot install the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    Ok(())
+    let mut hup = tokio::signal::unix::signal(SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
+    Ok(tokio::select! {
+        _ = term.recv() => {
+            tracing::info!("SIGTERM received");
+            Signal::Stop
+        }
+        _ = int.recv() => {
+            tracing::info!("SIGINT received");
+            Signal::Stop
+        }
+        _ = hup.recv() => {
+            tracing::info!("SIGHUP received: reloading the configuration");
+            Signal::Reload
+        }
+    })
 }
 
 /// Checks that the runtime can be built with `workers` threads.

@@ -83,6 +83,16 @@ pub struct RunArgs {
     /// Active health check: GET this path on every backend (expects 200; see the file for more).
     #[arg(long, value_name = "PATH")]
     pub health_check: Option<String>,
+    /// TLS certificate chain (PEM) for the --listen listeners; repeat with --tls-key for SNI (the
+    /// first pair is the default certificate).
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Vec<std::path::PathBuf>,
+    /// TLS private key (PEM), paired in order with --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Vec<std::path::PathBuf>,
+    /// Switch to this user after the programs are attached and the ports bound.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
     /// Accept HTTP/2 from clients (NTLM over HTTP/2 is refused with HTTP_1_1_REQUIRED).
     #[arg(long)]
     pub http2: bool,

@@ -15,7 +15,7 @@ use thiserror::Error;
 use crate::{
     cli::{EbpfMode, LogFormat, RunArgs},
     identity::conn_id::{DEFAULT_TEMPLATE, IdTemplate},
-    proxy::rewrite::is_reserved_header,
+    proxy::{rewrite::is_reserved_header, tls::TlsCertConfig},
     upstream::{Balance, Mode},
 };
 
@@ -60,6 +60,9 @@ pub struct ListenerConfig {
     /// Expect a PROXY protocol header (v1 or v2) from a trusted balancer before any HTTP.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Terminate TLS with these certificates (the first is the default; others are chosen by SNI).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls: Vec<TlsCertConfig>,
 }
 
 /// The file's keys. Every key is optional; defaults are applied in [`Config::build`].
@@ -75,6 +78,9 @@ struct FileConfig {
     balance: Option<Balance>,
     health_check: Option<HealthCheckFile>,
     http2: Option<bool>,
+    user: Option<String>,
+    access_log: Option<bool>,
+    limits: Option<LimitsFile>,
     header: Option<String>,
     id_template: Option<String>,
     allow_reusable_ids: Option<bool>,
@@ -85,6 +91,32 @@ struct FileConfig {
     workers: Option<usize>,
     log_format: Option<LogFormat>,
     timeouts: Option<TimeoutsFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    max_connections: Option<usize>,
+    max_header_bytes: Option<usize>,
+}
+
+/// Resource limits.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Limits {
+    /// Client connections open at once; more are refused with 503 and counted.
+    pub max_connections: usize,
+    /// Largest request head (request line + headers); larger gets 431.
+    pub max_header_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            // Negotiate/Kerberos tokens of users in many groups run to tens of kilobytes.
+            max_header_bytes: 64 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -180,6 +212,11 @@ pub struct Config {
     pub health_check: Option<HealthCheckConfig>,
     /// Accept HTTP/2 from clients.
     pub http2: bool,
+    pub limits: Limits,
+    /// Run as this user after start-up (None: stay as started).
+    pub user: Option<String>,
+    /// An access log line per request (target `access`).
+    pub access_log: bool,
     pub identity: IdentityConfig,
     /// Balancer prefixes allowed to convey client identity.
     pub trusted_lbs: Vec<ipnet::IpNet>,
@@ -208,12 +245,28 @@ impl Config {
     }
 
     fn build(file: FileConfig, args: &RunArgs) -> Result<Self, ConfigError> {
+        if args.tls_cert.len() != args.tls_key.len() {
+            return Err(ConfigError::invalid(
+                "tls",
+                "give --tls-cert and --tls-key in pairs",
+            ));
+        }
+        let cli_tls: Vec<TlsCertConfig> = args
+            .tls_cert
+            .iter()
+            .zip(&args.tls_key)
+            .map(|(cert, key)| TlsCertConfig {
+                cert: cert.clone(),
+                key: key.clone(),
+            })
+            .collect();
         let listeners: Vec<ListenerConfig> = if !args.listen.is_empty() {
             args.listen
                 .iter()
                 .map(|&address| ListenerConfig {
                     address,
                     proxy_protocol: args.proxy_protocol,
+                    tls: cli_tls.clone(),
                 })
                 .collect()
         } else {
@@ -224,6 +277,7 @@ impl Config {
                     ListenEntry::Address(address) => ListenerConfig {
                         address,
                         proxy_protocol: args.proxy_protocol,
+                        tls: cli_tls.clone(),
                     },
                     ListenEntry::Table(t) => t,
                 })
@@ -361,6 +415,15 @@ impl Config {
         }
 
         let health_check = build_health_check(args.health_check.clone(), file.health_check)?;
+        let limits = build_limits(file.limits.unwrap_or_default())?;
+        if let Some(user) = args.user.as_ref().or(file.user.as_ref())
+            && (user.is_empty() || user.contains(['/', ':', ' ']))
+        {
+            return Err(ConfigError::invalid(
+                "user",
+                format!("{user:?} is not a user name"),
+            ));
+        }
 
         Ok(Config {
             listeners,
@@ -369,6 +432,9 @@ impl Config {
             balance: args.balance.or(file.balance).unwrap_or(Balance::LeastConn),
             health_check,
             http2: args.http2 || file.http2.unwrap_or(false),
+            limits,
+            user: args.user.clone().or(file.user),
+            access_log: file.access_log.unwrap_or(true),
             identity: IdentityConfig {
                 header,
                 template,
@@ -400,6 +466,10 @@ impl Config {
             balance: Balance,
             http2: bool,
             #[serde(skip_serializing_if = "Option::is_none")]
+            user: Option<&'a str>,
+            access_log: bool,
+            limits: Limits,
+            #[serde(skip_serializing_if = "Option::is_none")]
             health_check: Option<&'a HealthCheckConfig>,
             trusted_lbs: &'a [ipnet::IpNet],
             toa_kind: u8,
@@ -422,6 +492,9 @@ impl Config {
             mode: self.mode,
             balance: self.balance,
             http2: self.http2,
+            user: self.user.as_deref(),
+            access_log: self.access_log,
+            limits: self.limits,
             health_check: self.health_check.as_ref(),
             trusted_lbs: &self.trusted_lbs,
             toa_kind: self.ebpf.toa_kind,
@@ -474,6 +547,28 @@ fn parse_backend(text: &str) -> Result<Authority, ConfigError> {
         ));
     }
     Ok(authority)
+}
+
+fn build_limits(file: LimitsFile) -> Result<Limits, ConfigError> {
+    let d = Limits::default();
+    let max_connections = file.max_connections.unwrap_or(d.max_connections);
+    if max_connections == 0 {
+        return Err(ConfigError::invalid(
+            "limits.max_connections",
+            "must be at least 1",
+        ));
+    }
+    let max_header_bytes = file.max_header_bytes.unwrap_or(d.max_header_bytes);
+    if !(8192..=1 << 20).contains(&max_header_bytes) {
+        return Err(ConfigError::invalid(
+            "limits.max_header_bytes",
+            format!("{max_header_bytes} is outside 8192..=1048576"),
+        ));
+    }
+    Ok(Limits {
+        max_connections,
+        max_header_bytes,
+    })
 }
 
 fn build_health_check(
@@ -757,6 +852,45 @@ mod tests {
                 key
             );
         }
+    }
+
+    #[test]
+    fn tls_limits_and_user() {
+        let c = Config::from_toml(
+            r#"listen = [{ address = "0.0.0.0:443", tls = [{ cert = "/a.pem", key = "/a.key" }] }]
+               backends = ["b:80"]
+               user = "ntlm-tag"
+               [limits]
+               max_connections = 5
+               max_header_bytes = 16384"#,
+            &args(),
+        )
+        .expect("valid");
+        assert_eq!(c.listeners[0].tls[0].cert, PathBuf::from("/a.pem"));
+        assert_eq!(c.limits.max_connections, 5);
+        assert_eq!(c.user.as_deref(), Some("ntlm-tag"));
+        let again = Config::from_toml(&c.to_toml(), &args()).expect("round trip");
+        assert_eq!(again.to_toml(), c.to_toml());
+        for (text, key) in [
+            ("[limits]\nmax_connections = 0", "limits.max_connections"),
+            ("[limits]\nmax_header_bytes = 10", "limits.max_header_bytes"),
+            ("user = \"a b\"", "user"),
+        ] {
+            let doc = format!("listen = [\"0.0.0.0:80\"]\nbackends = [\"a:80\"]\n{text}");
+            assert_eq!(
+                key_of(Config::from_toml(&doc, &args()).expect_err(text)),
+                key
+            );
+        }
+        let mut a = args();
+        a.tls_cert = vec!["/x.pem".into()];
+        assert_eq!(
+            key_of(
+                Config::from_toml("listen = [\"0.0.0.0:1\"]\nbackends = [\"a:1\"]", &a)
+                    .expect_err("pairs")
+            ),
+            "tls"
+        );
     }
 
     #[test]

@@ -55,7 +55,7 @@ fn run(args: &cli::RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(app::run(config));
+    let result = runtime.block_on(app::run(config, args.clone()));
     // Dropping the runtime ends every task, which releases the kernel programs and the cgroup.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {

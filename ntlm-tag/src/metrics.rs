@@ -2,8 +2,12 @@
 #![forbid(unsafe_code)]
 
 use std::{
+    collections::HashMap,
     fmt::Write as _,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use crate::kernel::KernelCounters;
@@ -39,13 +43,30 @@ const SOURCE_NAMES: [&str; 7] = [
     "other",
 ];
 
+/// NTLM messages seen in `Authorization` headers.
+#[derive(Debug, Clone, Copy)]
+pub enum NtlmMessage {
+    Negotiate = 0,
+    Authenticate = 1,
+    Spnego = 2,
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     proxy_rejected: [AtomicU64; 6],
     connections: [AtomicU64; 7],
-    requests: AtomicU64,
+    connections_refused: AtomicU64,
+    tls_failed: AtomicU64,
+    internal_errors: AtomicU64,
+    /// backend → status → count.
+    requests: Mutex<HashMap<String, HashMap<u16, u64>>>,
     upstream_errors: AtomicU64,
     upstream_timeouts: AtomicU64,
+    /// Upstream TCP connections opened (pool and pinned); requests minus these were reuses.
+    pub upstream_opened: AtomicU64,
+    pub pinned_opened: AtomicU64,
+    pub pinned_open: AtomicU64,
+    ntlm_messages: [AtomicU64; 3],
 }
 
 impl Metrics {
@@ -62,8 +83,31 @@ impl Metrics {
         self.connections[i].fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn request(&self) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+    pub fn request(&self, backend: &str, status: u16) {
+        if let Ok(mut map) = self.requests.lock() {
+            match map.get_mut(backend) {
+                Some(by_status) => *by_status.entry(status).or_default() += 1,
+                None => {
+                    map.insert(backend.to_string(), HashMap::from([(status, 1)]));
+                }
+            }
+        }
+    }
+
+    pub fn connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn tls_failed(&self) {
+        self.tls_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn internal_error(&self) {
+        self.internal_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn ntlm_message(&self, m: NtlmMessage) {
+        self.ntlm_messages[m as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn upstream_error(&self) {
@@ -75,83 +119,176 @@ impl Metrics {
     }
 
     /// Prometheus text exposition.
-    pub fn render(&self, live: usize, kernel: Option<&KernelCounters>) -> String {
-        let mut out = String::with_capacity(2048);
+    pub fn render(&self, live: usize, kernel: Option<(&KernelCounters, u32)>) -> String {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP ntlm_tag_connections_total Client connections accepted, by how the client was identified."
+        let mut out = Exposition::default();
+        out.family(
+            "ntlm_tag_connections_total",
+            "Client connections accepted, by how the client was identified.",
+            "counter",
+            SOURCE_NAMES
+                .iter()
+                .zip(&self.connections)
+                .map(|(name, v)| (format!("source=\"{name}\""), get(v))),
         );
-        let _ = writeln!(out, "# TYPE ntlm_tag_connections_total counter");
-        for (name, v) in SOURCE_NAMES.iter().zip(&self.connections) {
-            let _ = writeln!(
-                out,
-                "ntlm_tag_connections_total{{source=\"{name}\"}} {}",
-                get(v)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP ntlm_tag_connections_open Client connections open now."
+        out.single(
+            "ntlm_tag_connections_open",
+            "Client connections open now.",
+            "gauge",
+            live as u64,
         );
-        let _ = writeln!(out, "# TYPE ntlm_tag_connections_open gauge");
-        let _ = writeln!(out, "ntlm_tag_connections_open {live}");
-        let _ = writeln!(
-            out,
-            "# HELP ntlm_tag_proxy_protocol_rejected_total Connections closed before HTTP on PROXY-protocol listeners."
+        out.single(
+            "ntlm_tag_connections_refused_total",
+            "Connections refused at limits.max_connections.",
+            "counter",
+            get(&self.connections_refused),
         );
-        let _ = writeln!(out, "# TYPE ntlm_tag_proxy_protocol_rejected_total counter");
-        for (name, v) in REJECTION_NAMES.iter().zip(&self.proxy_rejected) {
-            let _ = writeln!(
-                out,
-                "ntlm_tag_proxy_protocol_rejected_total{{reason=\"{name}\"}} {}",
-                get(v)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP ntlm_tag_requests_total Requests forwarded upstream."
+        out.family(
+            "ntlm_tag_proxy_protocol_rejected_total",
+            "Connections closed before HTTP on PROXY-protocol listeners.",
+            "counter",
+            REJECTION_NAMES
+                .iter()
+                .zip(&self.proxy_rejected)
+                .map(|(name, v)| (format!("reason=\"{name}\""), get(v))),
         );
-        let _ = writeln!(out, "# TYPE ntlm_tag_requests_total counter");
-        let _ = writeln!(out, "ntlm_tag_requests_total {}", get(&self.requests));
-        let _ = writeln!(
-            out,
-            "# HELP ntlm_tag_upstream_errors_total Upstream exchanges that failed (502) or timed out (504)."
-        );
-        let _ = writeln!(out, "# TYPE ntlm_tag_upstream_errors_total counter");
-        let _ = writeln!(
-            out,
-            "ntlm_tag_upstream_errors_total{{kind=\"error\"}} {}",
-            get(&self.upstream_errors)
-        );
-        let _ = writeln!(
-            out,
-            "ntlm_tag_upstream_errors_total{{kind=\"timeout\"}} {}",
-            get(&self.upstream_timeouts)
-        );
-        if let Some(k) = kernel {
-            let _ = writeln!(
-                out,
-                "# HELP ntlm_tag_kernel_events_total Events counted by the eBPF programs."
-            );
-            let _ = writeln!(out, "# TYPE ntlm_tag_kernel_events_total counter");
-            for (name, v) in [
-                ("recorded", k.recorded),
-                ("deleted", k.deleted),
-                ("insert_failed", k.insert_failed),
-                ("callbacks_unavailable", k.callbacks_unavailable),
-                ("toa_accepted", k.toa_accepted),
-                ("toa_untrusted", k.toa_untrusted),
-                ("toa_malformed", k.toa_malformed),
-                ("ipip_joined", k.ipip_joined),
-                ("xdp_decapsulated", k.xdp_decapsulated),
-                ("xdp_untrusted", k.xdp_untrusted),
-                ("xdp_skipped", k.xdp_skipped),
-                ("lookup_miss", k.lookup_misses),
-            ] {
-                let _ = writeln!(out, "ntlm_tag_kernel_events_total{{event=\"{name}\"}} {v}");
+        let mut requests: Vec<(String, u64)> = Vec::new();
+        if let Ok(map) = self.requests.lock() {
+            for (backend, by_status) in map.iter() {
+                for (status, n) in by_status {
+                    requests.push((format!("backend=\"{backend}\",status=\"{status}\""), *n));
+                }
             }
         }
-        out
+        requests.sort();
+        let total: u64 = requests.iter().map(|(_, n)| n).sum();
+        out.family(
+            "ntlm_tag_requests_total",
+            "Requests answered, by backend and status.",
+            "counter",
+            requests.into_iter(),
+        );
+        let opened = get(&self.upstream_opened) + get(&self.pinned_opened);
+        out.family(
+            "ntlm_tag_upstream_connections_total",
+            "Upstream connections opened, and requests that reused an open one.",
+            "counter",
+            [
+                ("kind=\"opened\"".to_string(), opened),
+                ("kind=\"reused\"".to_string(), total.saturating_sub(opened)),
+            ]
+            .into_iter(),
+        );
+        out.single(
+            "ntlm_tag_pinned_connections",
+            "Upstream connections pinned to one client connection (pin mode).",
+            "gauge",
+            get(&self.pinned_open),
+        );
+        out.family(
+            "ntlm_tag_ntlm_messages_total",
+            "NTLM/Negotiate messages seen in client Authorization headers.",
+            "counter",
+            ["negotiate", "authenticate", "spnego"]
+                .iter()
+                .zip(&self.ntlm_messages)
+                .map(|(name, v)| (format!("type=\"{name}\""), get(v))),
+        );
+        let client_errors =
+            self.proxy_rejected.iter().map(get).sum::<u64>() + get(&self.tls_failed);
+        out.family(
+            "ntlm_tag_errors_total",
+            "Errors by origin: client (PROXY header, TLS), upstream (502/504), internal.",
+            "counter",
+            [
+                ("origin=\"client\"".to_string(), client_errors),
+                (
+                    "origin=\"upstream\"".to_string(),
+                    get(&self.upstream_errors) + get(&self.upstream_timeouts),
+                ),
+                (
+                    "origin=\"internal\"".to_string(),
+                    get(&self.internal_errors),
+                ),
+            ]
+            .into_iter(),
+        );
+        out.family(
+            "ntlm_tag_upstream_errors_total",
+            "Upstream exchanges that failed (502) or timed out (504).",
+            "counter",
+            [
+                ("kind=\"error\"".to_string(), get(&self.upstream_errors)),
+                ("kind=\"timeout\"".to_string(), get(&self.upstream_timeouts)),
+            ]
+            .into_iter(),
+        );
+        if let Some((k, capacity)) = kernel {
+            out.single(
+                "ntlm_tag_kernel_map_records",
+                "Connection records in the kernel map (recorded minus deleted; LRU evictions not subtracted).",
+                "gauge",
+                k.recorded.saturating_sub(k.deleted),
+            );
+            out.single(
+                "ntlm_tag_kernel_map_capacity",
+                "Size of the kernel connection map.",
+                "gauge",
+                u64::from(capacity),
+            );
+            out.family(
+                "ntlm_tag_kernel_events_total",
+                "Events counted by the eBPF programs (and userspace lookup misses).",
+                "counter",
+                [
+                    ("recorded", k.recorded),
+                    ("deleted", k.deleted),
+                    ("insert_failed", k.insert_failed),
+                    ("callbacks_unavailable", k.callbacks_unavailable),
+                    ("toa_accepted", k.toa_accepted),
+                    ("toa_untrusted", k.toa_untrusted),
+                    ("toa_malformed", k.toa_malformed),
+                    ("ipip_joined", k.ipip_joined),
+                    ("xdp_decapsulated", k.xdp_decapsulated),
+                    ("xdp_untrusted", k.xdp_untrusted),
+                    ("xdp_skipped", k.xdp_skipped),
+                    ("lookup_miss", k.lookup_misses),
+                ]
+                .into_iter()
+                .map(|(name, v)| (format!("event=\"{name}\""), v)),
+            );
+        }
+        out.text
+    }
+}
+
+/// Builds Prometheus text: one `# HELP`/`# TYPE` pair per family.
+#[derive(Default)]
+struct Exposition {
+    text: String,
+}
+
+impl Exposition {
+    fn header(&mut self, name: &str, help: &str, kind: &str) {
+        let _ = writeln!(self.text, "# HELP {name} {help}");
+        let _ = writeln!(self.text, "# TYPE {name} {kind}");
+    }
+
+    fn single(&mut self, name: &str, help: &str, kind: &str, value: u64) {
+        self.header(name, help, kind);
+        let _ = writeln!(self.text, "{name} {value}");
+    }
+
+    fn family(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: &str,
+        rows: impl Iterator<Item = (String, u64)>,
+    ) {
+        self.header(name, help, kind);
+        for (labels, value) in rows {
+            let _ = writeln!(self.text, "{name}{{{labels}}} {value}");
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! proxy's own cgroup, and look up connection records by socket cookie.
 
 pub mod cgroup;
+pub mod privileges;
 mod sockopt;
 
 use std::{
@@ -271,6 +272,15 @@ impl KernelTracker {
 
     pub fn cgroup_path(&self) -> &std::path::Path {
         self.cgroup.path()
+    }
+
+    /// True when a map lookup works from this process now (after a privilege drop, kernels before
+    /// 6.5 refuse bpf() to unprivileged processes when unprivileged BPF is disabled).
+    pub fn lookups_work(&self) -> bool {
+        match self.identities.get(&0, 0) {
+            Ok(_) | Err(aya::maps::MapError::KeyNotFound) => true,
+            Err(_) => false,
+        }
     }
 
     pub fn map_entries(&self) -> u32 {

@@ -3,8 +3,21 @@
 
 mod prefixed;
 pub mod rewrite;
+pub mod tls;
 
-use std::{error::Error as StdError, net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    error::Error as StdError,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Instant,
+};
+
+use arc_swap::ArcSwap;
+use tokio_rustls::TlsAcceptor;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version};
@@ -18,7 +31,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_util::task::TaskTracker;
 
 use crate::{
-    config::{ListenerConfig, Timeouts},
+    config::{Limits, ListenerConfig, Timeouts},
     identity::{
         ConnectionIdentity, IdTemplate, Identifier, UidGenerator,
         proxy_header::{self, ProxyHeaderError},
@@ -34,24 +47,46 @@ use rewrite::{ConnectionStamp, StampPolicy};
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
+/// What a SIGHUP reload can change. Each connection keeps the snapshot it was accepted with, so a
+/// reload never disturbs established connections.
+pub struct Live {
+    pub upstream: Arc<Upstream>,
+    pub trusted: TrustedSources,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    /// TLS acceptors by configured listener address.
+    pub tls: HashMap<SocketAddr, TlsAcceptor>,
+    pub access_log: bool,
+}
+
 /// Everything the connections of one gateway share.
 pub struct Gateway {
     pub identifier: Identifier,
     pub uids: UidGenerator,
     pub template: IdTemplate,
     pub policy: StampPolicy,
-    pub upstream: Arc<Upstream>,
     pub registry: Arc<Registry>,
-    pub timeouts: Timeouts,
-    pub trusted: TrustedSources,
     pub metrics: Arc<Metrics>,
     /// Accept HTTP/2 from clients.
     pub http2: bool,
+    pub live: ArcSwap<Live>,
+    /// Client connections open now (for the connection limit).
+    pub open: AtomicUsize,
+}
+
+/// Counts a connection against the limit while it lives.
+struct OpenSlot(Arc<Gateway>);
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// State of one client connection, shared by its requests.
 struct ClientConnection {
     gateway: Arc<Gateway>,
+    live: Arc<Live>,
     id: String,
     client: std::net::IpAddr,
     stamp: ConnectionStamp,
@@ -63,7 +98,7 @@ struct ClientConnection {
 /// Accepts clients on `listener` until `shutdown` fires; connections are tracked by `tracker`.
 pub async fn serve_listener(
     listener: TcpListener,
-    config: ListenerConfig,
+    config: Arc<ListenerConfig>,
     gateway: Arc<Gateway>,
     mut shutdown: watch::Receiver<bool>,
     tracker: TaskTracker,
@@ -87,11 +122,21 @@ pub async fn serve_listener(
                 continue;
             }
         };
+        let live = gateway.live.load_full();
+        if gateway.open.fetch_add(1, Ordering::Relaxed) >= live.limits.max_connections {
+            gateway.open.fetch_sub(1, Ordering::Relaxed);
+            gateway.metrics.connection_refused();
+            refuse_over_limit(stream, peer, live.limits.max_connections);
+            continue;
+        }
+        let slot = OpenSlot(Arc::clone(&gateway));
         // Identify on the accept path (the kernel record is there already), but read any PROXY
-        // header in the connection's own task so a slow balancer never holds up the accept loop.
+        // header or TLS handshake in the connection's own task so a slow peer never holds up the
+        // accept loop.
         let identity = match identify(&gateway, &stream, peer) {
             Ok(identity) => identity,
             Err(e) => {
+                gateway.metrics.internal_error();
                 tracing::error!(%peer, error = %e, "cannot identify a client connection; closing it");
                 continue;
             }
@@ -99,12 +144,21 @@ pub async fn serve_listener(
         tracker.spawn(handle_connection(
             stream,
             identity,
-            config.proxy_protocol,
+            Arc::clone(&config),
             Arc::clone(&gateway),
+            live,
+            slot,
             Arc::clone(&listen_addr),
             shutdown.clone(),
         ));
     }
+}
+
+/// Over the connection limit: a short 503 (best effort, never blocking the accept loop), then close.
+fn refuse_over_limit(stream: tokio::net::TcpStream, peer: SocketAddr, limit: usize) {
+    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\nRetry-After: 1\r\n\r\n";
+    let _ = stream.try_write(BUSY);
+    tracing::warn!(%peer, limit, "connection limit reached; refusing a connection (raise limits.max_connections?)");
 }
 
 fn identify(
@@ -118,18 +172,21 @@ fn identify(
     Ok(gateway.identifier.identify(cookie, peer, local))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle_connection(
     mut stream: tokio::net::TcpStream,
     mut identity: ConnectionIdentity,
-    proxy_protocol: bool,
+    config: Arc<ListenerConfig>,
     gateway: Arc<Gateway>,
+    live: Arc<Live>,
+    slot: OpenSlot,
     listener: Arc<str>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut prefix = Bytes::new();
-    if proxy_protocol {
+    if config.proxy_protocol {
         let peer = identity.peer;
-        if !gateway.trusted.contains(peer.ip()) {
+        if !live.trusted.contains(peer.ip()) {
             gateway.metrics.proxy_rejected(ProxyRejection::Untrusted);
             tracing::warn!(
                 %peer,
@@ -139,7 +196,7 @@ async fn handle_connection(
             );
             return;
         }
-        match proxy_header::read(&mut stream, gateway.timeouts.proxy_header).await {
+        match proxy_header::read(&mut stream, live.timeouts.proxy_header).await {
             Ok((header, rest)) => {
                 identity.apply_proxy_header(&header);
                 prefix = rest;
@@ -151,19 +208,34 @@ async fn handle_connection(
             }
         }
     }
-    let connection = match open_connection(&gateway, identity, &listener) {
-        Ok(c) => c,
+    let io = PrefixedIo::new(prefix, stream);
+    let tls = live.tls.get(&config.address).cloned();
+    let connection = match open_connection(&gateway, &live, identity, &listener) {
+        Ok(c) => Arc::new(c),
         Err(e) => {
             tracing::error!(error = %e, "cannot set up a client connection; closing it");
             return;
         }
     };
-    serve_connection(
-        PrefixedIo::new(prefix, stream),
-        Arc::new(connection),
-        shutdown,
-    )
-    .await;
+    match tls {
+        None => serve_connection(io, connection, shutdown).await,
+        Some(acceptor) => {
+            // The identity of a TLS connection is that of its TCP connection: already resolved.
+            let handshake = tokio::time::timeout(live.timeouts.header_read, acceptor.accept(io));
+            match handshake.await {
+                Ok(Ok(tls_stream)) => serve_connection(tls_stream, connection, shutdown).await,
+                Ok(Err(e)) => {
+                    gateway.metrics.tls_failed();
+                    tracing::info!(conn_id = %connection.id, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    gateway.metrics.tls_failed();
+                    tracing::info!(conn_id = %connection.id, "TLS handshake timed out");
+                }
+            }
+        }
+    }
+    drop(slot);
 }
 
 fn rejection(e: &ProxyHeaderError) -> ProxyRejection {
@@ -178,13 +250,14 @@ fn rejection(e: &ProxyHeaderError) -> ProxyRejection {
 
 fn open_connection(
     gateway: &Arc<Gateway>,
+    live: &Arc<Live>,
     identity: ConnectionIdentity,
     listener: &str,
 ) -> Result<ClientConnection, Box<dyn StdError + Send + Sync>> {
     let uid = gateway.uids.next_uid();
     let id = gateway.template.render(identity.client, &uid);
     let stamp = ConnectionStamp::new(&id, identity.client)?;
-    let upstream = gateway.upstream.attach(identity.client.ip());
+    let upstream = live.upstream.attach(identity.client.ip());
     gateway.metrics.connection(identity.metrics_label());
     tracing::debug!(
         conn_id = %id,
@@ -205,6 +278,7 @@ fn open_connection(
     );
     Ok(ClientConnection {
         gateway: Arc::clone(gateway),
+        live: Arc::clone(live),
         id,
         client,
         stamp,
@@ -220,7 +294,8 @@ async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let header_read = connection.gateway.timeouts.header_read;
+    let header_read = connection.live.timeouts.header_read;
+    let max_header_bytes = connection.live.limits.max_header_bytes;
     let http2 = connection.gateway.http2;
     let service = {
         let connection = Arc::clone(&connection);
@@ -237,6 +312,7 @@ async fn serve_connection<S>(
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(header_read)
+            .max_buf_size(max_header_bytes)
             .keep_alive(true);
         let conn = builder.serve_connection(io, service);
         tokio::pin!(conn);
@@ -251,6 +327,7 @@ async fn serve_connection<S>(
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(header_read)
+            .max_buf_size(max_header_bytes)
             .keep_alive(true)
             .serve_connection(io, service);
         tokio::pin!(conn);
@@ -285,20 +362,26 @@ async fn handle(
 /// Forwards one request to the connection's backend, stamped with the connection id.
 async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Response<ProxyBody> {
     let gateway = &connection.gateway;
+    let live = &connection.live;
+    let started = Instant::now();
     connection.registration.count_request();
-    gateway.metrics.request();
+    if let Some(m) = crate::upstream::ntlm_message(req.headers()) {
+        gateway.metrics.ntlm_message(m);
+    }
+    let method = req.method().clone();
+    let path = live.access_log.then(|| req.uri().path().to_string());
     let (mut parts, body) = req.into_parts();
     parts.version = Version::HTTP_11;
     rewrite::prepare_request(&mut parts.headers, &gateway.policy, &connection.stamp);
     let upstream_req = Request::from_parts(parts, body);
     let mut upstream = connection.upstream.lock().await;
-    let result = gateway
+    let result = live
         .upstream
         .exchange(&mut upstream, connection.client, upstream_req)
         .await;
-    let backend = upstream.backend().authority().clone();
+    let backend = Arc::clone(upstream.backend());
     drop(upstream);
-    match result {
+    let response = match result {
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             rewrite::prepare_response(&mut parts.headers);
@@ -313,7 +396,7 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
             let status = e.status();
             tracing::warn!(
                 conn_id = %connection.id,
-                backend = %backend,
+                backend = %backend.authority(),
                 status = status.as_u16(),
                 error = %error_chain(&e),
                 "backend request failed"
@@ -327,7 +410,22 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
             }
             response
         }
+    };
+    gateway
+        .metrics
+        .request(backend.authority().as_str(), response.status().as_u16());
+    if let Some(path) = path {
+        tracing::info!(
+            target: "access",
+            conn_id = %connection.id,
+            method = %method,
+            path = %path,
+            backend = %backend.authority(),
+            status = response.status().as_u16(),
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        );
     }
+    response
 }
 
 fn error_response(status: StatusCode, reason: &'static str) -> Response<ProxyBody> {

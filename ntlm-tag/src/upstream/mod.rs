@@ -32,7 +32,10 @@ use hyper_util::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::config::{HealthCheckConfig, Timeouts};
+use crate::{
+    config::{HealthCheckConfig, Timeouts},
+    metrics::Metrics,
+};
 use health::Health;
 
 /// How client connections are tied to upstream connections.
@@ -173,22 +176,68 @@ impl ClientUpstream {
     }
 }
 
+/// The pool's connector, counting the connections it opens (for opened-vs-reused metrics).
+#[derive(Clone)]
+pub struct CountingConnector {
+    inner: HttpConnector,
+    metrics: Arc<Metrics>,
+}
+
+impl tower_service::Service<Uri> for CountingConnector {
+    type Response = <HttpConnector as tower_service::Service<Uri>>::Response;
+    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
+    type Future = <HttpConnector as tower_service::Service<Uri>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        self.metrics.upstream_opened.fetch_add(1, Ordering::Relaxed);
+        self.inner.call(uri)
+    }
+}
+
 /// The backends, the pool and the policies.
 pub struct Upstream {
     backends: Vec<Arc<Backend>>,
     next: AtomicUsize,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<CountingConnector, Incoming>,
     mode: Mode,
     balance: Balance,
     timeouts: Timeouts,
+    metrics: Arc<Metrics>,
+    /// Active health-check tasks; stopped when this Upstream is replaced by a reload.
+    checks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if let Ok(checks) = self.checks.lock() {
+            checks.iter().for_each(tokio::task::AbortHandle::abort);
+        }
+    }
 }
 
 impl Upstream {
-    pub fn new(backends: &[Authority], mode: Mode, balance: Balance, timeouts: &Timeouts) -> Self {
+    pub fn new(
+        backends: &[Authority],
+        mode: Mode,
+        balance: Balance,
+        timeouts: &Timeouts,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(timeouts.upstream_connect));
         connector.enforce_http(true);
+        let connector = CountingConnector {
+            inner: connector,
+            metrics: Arc::clone(&metrics),
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(timeouts.upstream_idle)
@@ -209,6 +258,8 @@ impl Upstream {
             mode,
             balance,
             timeouts: *timeouts,
+            metrics,
+            checks: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -409,9 +460,13 @@ impl Upstream {
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| connect_error(Box::new(e)))?;
+        self.metrics.pinned_opened.fetch_add(1, Ordering::Relaxed);
+        self.metrics.pinned_open.fetch_add(1, Ordering::Relaxed);
+        let metrics = Arc::clone(&self.metrics);
         tokio::spawn(async move {
             // Ends when the sender (the client connection) is dropped or the backend closes.
             let _ = connection.await;
+            metrics.pinned_open.fetch_sub(1, Ordering::Relaxed);
         });
         Ok(Pinned {
             backend: Arc::clone(backend),
@@ -420,11 +475,11 @@ impl Upstream {
     }
 
     /// Runs active health checks until the process ends.
-    pub fn spawn_health_checks(self: &Arc<Self>, check: HealthCheckConfig) {
+    pub fn spawn_health_checks(&self, check: HealthCheckConfig) {
         for backend in &self.backends {
             let backend = Arc::clone(backend);
             let check = check.clone();
-            tokio::spawn(async move {
+            let task = tokio::spawn(async move {
                 let client: Client<HttpConnector, Empty<Bytes>> =
                     Client::builder(TokioExecutor::new()).build(HttpConnector::new());
                 let mut interval = tokio::time::interval(check.interval);
@@ -447,6 +502,9 @@ impl Upstream {
                     }
                 }
             });
+            if let Ok(mut checks) = self.checks.lock() {
+                checks.push(task.abort_handle());
+            }
         }
     }
 }
@@ -460,6 +518,31 @@ fn rendezvous(client: IpAddr, backend: &str) -> u64 {
     h.write(client.to_string().as_bytes());
     h.write(backend.as_bytes());
     h.finish()
+}
+
+/// Which NTLM message a request's `Authorization` carries, if any.
+pub fn ntlm_message(headers: &HeaderMap) -> Option<crate::metrics::NtlmMessage> {
+    use crate::metrics::NtlmMessage;
+    let value = headers.get(header::AUTHORIZATION)?.as_bytes();
+    let (scheme, token) = value.split_at(value.iter().position(|b| *b == b' ')?);
+    let token = token.trim_ascii();
+    // base64("NTLMSSP\0") = "TlRMTVNTUAA", then the message type.
+    let raw_ntlm = token.starts_with(b"TlRMTVNTUAAB") || token.starts_with(b"TlRMTVNTUAAD");
+    if scheme.eq_ignore_ascii_case(b"NTLM")
+        || (scheme.eq_ignore_ascii_case(b"Negotiate") && raw_ntlm)
+    {
+        if token.starts_with(b"TlRMTVNTUAAB") {
+            return Some(NtlmMessage::Negotiate);
+        }
+        if token.starts_with(b"TlRMTVNTUAAD") {
+            return Some(NtlmMessage::Authenticate);
+        }
+        None
+    } else if scheme.eq_ignore_ascii_case(b"Negotiate") {
+        Some(NtlmMessage::Spnego)
+    } else {
+        None
+    }
 }
 
 /// `Authorization: NTLM …` or `Negotiate …` (also the bare scheme).
@@ -500,7 +583,13 @@ mod tests {
         let backends: Vec<Authority> = (0..n)
             .map(|i| format!("10.0.0.{i}:80").parse().expect("authority"))
             .collect();
-        Upstream::new(&backends, Mode::Tag, balance, &Timeouts::default())
+        Upstream::new(
+            &backends,
+            Mode::Tag,
+            balance,
+            &Timeouts::default(),
+            Arc::new(Metrics::default()),
+        )
     }
 
     fn ip(s: &str) -> IpAddr {
