@@ -165,6 +165,18 @@ impl Gateway {
         serde_json::from_str(&body).expect("admin JSON")
     }
 
+    /// GET `/metrics` (Prometheus text).
+    pub fn admin_metrics(&self) -> String {
+        let admin = self.admin;
+        let ns = self.ns_path.clone();
+        crate::netns::run_in(&ns, move || async move {
+            let mut conn = client::Connection::open(None, admin).await;
+            let r = conn.get("/metrics", &[]).await;
+            assert_eq!(r.status, 200, "/metrics: {}", r.body);
+            r.body
+        })
+    }
+
     /// Waits (polling the admin listener, with a deadline) until `check` holds on `/kernel`.
     pub fn wait_for_kernel(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -1,6 +1,7 @@
 //! Test harness for ntlm-tag integration tests: namespaces, a real gateway process, a recording
 //! backend and an HTTP client, composed into topologies that read like the scenario they check.
 
+pub mod acceptor;
 pub mod backend;
 pub mod cleanup;
 pub mod client;

@@ -124,9 +124,16 @@ fn build_ebpf() -> Result<()> {
 }
 
 fn build_gateway(release: bool) -> Result<()> {
-    step("building ntlm-tag");
+    step("building ntlm-tag (and the NTLM test acceptor)");
     let mut cmd = cargo();
-    cmd.args(["build", "--locked", "-p", "ntlm-tag"]);
+    cmd.args([
+        "build",
+        "--locked",
+        "-p",
+        "ntlm-tag",
+        "-p",
+        "ntlm-tag-test-acceptor",
+    ]);
     if release {
         cmd.arg("--release");
     }

@@ -1,0 +1,176 @@
+//! The real NTLM acceptor (`tests/acceptor`, binary `ntlm-acceptor`) as a test backend, and `curl
+//! --ntlm` as a real client.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::netns::NetNs;
+
+pub fn binary() -> PathBuf {
+    let path = std::env::var_os("NTLM_ACCEPTOR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ntlm-acceptor")
+        });
+    assert!(
+        path.is_file(),
+        "{} not found: `cargo build -p ntlm-tag-test-acceptor` (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// How the acceptor keys NTLM security contexts.
+#[derive(Debug, Clone, Copy)]
+pub enum Keying {
+    /// By the `Jespa-Connection-Id` header (a pooling proxy in front, the Jespa way).
+    Header,
+    /// By its own TCP connection (the IIS way).
+    Connection,
+}
+
+/// A running acceptor and the JSON lines it logged (one per request).
+pub struct Acceptor {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Acceptor {
+    pub fn start(
+        ns: &NetNs,
+        addr: SocketAddr,
+        users: &[(String, String)],
+        keying: Keying,
+    ) -> Acceptor {
+        let mut cmd = ns.command(binary().to_str().expect("path"));
+        cmd.args(["--listen", &addr.to_string(), "--key"])
+            .arg(match keying {
+                Keying::Header => "header",
+                Keying::Connection => "connection",
+            })
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for (user, password) in users {
+            cmd.args(["--user", &format!("{user}:{password}")]);
+        }
+        let mut child = cmd.spawn().expect("spawn ntlm-acceptor");
+        let stdout = child.stdout.take().expect("stdout");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if line.starts_with("ntlm-acceptor ready") {
+                        let _ = ready_tx.send(());
+                    } else if let Ok(v) = serde_json::from_str(&line) {
+                        log.lock().expect("log").push(v);
+                    }
+                }
+            });
+        }
+        if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
+            let _ = child.kill();
+            panic!("ntlm-acceptor on {addr} did not become ready");
+        }
+        Acceptor {
+            child: Some(child),
+            addr,
+            log,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<Value> {
+        self.log.lock().expect("log").clone()
+    }
+
+    /// Distinct upstream TCP connections that carried requests (excluding health checks).
+    pub fn tcp_connections(&self) -> usize {
+        let mut conns: Vec<u64> = self
+            .requests()
+            .iter()
+            .filter(|r| r["path"] != "/healthz")
+            .filter_map(|r| r["conn"].as_u64())
+            .collect();
+        conns.sort_unstable();
+        conns.dedup();
+        conns.len()
+    }
+
+    /// Kills the acceptor now (a backend dying).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The output of one curl run.
+#[derive(Debug)]
+pub struct CurlRun {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CurlRun {
+    /// The users the bodies named, in order (`user=NAME` lines).
+    pub fn users(&self) -> Vec<String> {
+        self.stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("user=").map(str::to_string))
+            .collect()
+    }
+}
+
+/// `curl --ntlm -u user:password` from `source` in `ns`, fetching every URL on one connection.
+pub fn curl_ntlm(
+    ns: &NetNs,
+    source: std::net::IpAddr,
+    user: &str,
+    password: &str,
+    urls: &[String],
+    extra: &[&str],
+) -> CurlRun {
+    let mut cmd: Command = ns.command("curl");
+    cmd.args(["-sS", "--max-time", "20", "--ntlm", "-u"])
+        .arg(format!("{user}:{password}"))
+        .args(["--interface", &source.to_string()])
+        .args(extra)
+        .args(urls);
+    let out = cmd.output().expect("run curl");
+    CurlRun {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

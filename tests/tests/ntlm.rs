@@ -1,0 +1,292 @@
+//! Real NTLM through the gateway: `curl --ntlm` clients, the NTLMv2 test acceptor as backends, in
+//! `tag` mode (acceptor keyed by the connection-id header) and `pin` mode (keyed by its own TCP
+//! connection, like IIS).
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use ntlm_tag_tests::{
+    acceptor::{Acceptor, Keying, curl_ntlm},
+    gateway::Gateway,
+    topology::Topology,
+};
+
+const USERS: usize = 16;
+const REQUESTS_PER_CONNECTION: usize = 6;
+
+fn users() -> Vec<(String, String)> {
+    (0..USERS)
+        .map(|i| (format!("user{i:02}"), format!("Secret-{i}!")))
+        .collect()
+}
+
+fn backend_addr(port: u16) -> SocketAddr {
+    SocketAddr::new(Topology::backend_addr().ip(), port)
+}
+
+fn start_gateway(topo: &Topology, backends: &[SocketAddr], extra: &[&str]) -> Gateway {
+    let listen = Topology::gateway_addr().to_string();
+    let backends: Vec<String> = backends.iter().map(ToString::to_string).collect();
+    let mut args = vec!["--listen", listen.as_str(), "--ebpf", "required"];
+    for b in &backends {
+        args.extend(["--backend", b.as_str()]);
+    }
+    args.extend_from_slice(extra);
+    Gateway::start(&topo.gateway, &args)
+}
+
+fn urls(user: usize) -> Vec<String> {
+    (0..REQUESTS_PER_CONNECTION)
+        .map(|r| format!("http://{}/u{user}/r{r}", Topology::gateway_addr()))
+        .collect()
+}
+
+/// Every user logs in concurrently, each on one connection with several requests; every response
+/// must be for that user.
+fn all_users_log_in_concurrently(topo: &Topology) {
+    let users = users();
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = users
+            .iter()
+            .enumerate()
+            .map(|(i, (user, password))| {
+                let source = Topology::client_v4(i as u8);
+                let urls = urls(i);
+                let handle = scope
+                    .spawn(move || curl_ntlm(&topo.client, source, user, password, &urls, &[]));
+                (user, handle)
+            })
+            .collect();
+        for (user, handle) in runs {
+            let run = handle.join().expect("curl thread");
+            assert!(run.success, "{user}: {}", run.stderr);
+            assert_eq!(
+                run.users(),
+                vec![user.clone(); REQUESTS_PER_CONNECTION],
+                "every response on {user}'s connection is for {user}: {}",
+                run.stdout
+            );
+        }
+    });
+}
+
+#[test]
+fn sixteen_users_in_tag_mode_share_upstream_connections_and_each_gets_their_own_identity() {
+    let topo = Topology::new();
+    let a = Acceptor::start(&topo.backend, backend_addr(8081), &users(), Keying::Header);
+    let b = Acceptor::start(&topo.backend, backend_addr(8082), &users(), Keying::Header);
+    let gw = start_gateway(&topo, &[a.addr, b.addr], &["--mode", "tag"]);
+    all_users_log_in_concurrently(&topo);
+
+    let requests: Vec<_> = a.requests().into_iter().chain(b.requests()).collect();
+    // Each user: 2 handshake legs + REQUESTS_PER_CONNECTION answers (the first of which completes it).
+    assert!(requests.len() >= USERS * REQUESTS_PER_CONNECTION);
+    let upstream = a.tcp_connections() + b.tcp_connections();
+    assert!(
+        upstream < USERS,
+        "{upstream} upstream connections for {USERS} client connections: the pool is not shared"
+    );
+    // Both backends were used, and each client connection stayed on one backend.
+    assert!(!a.requests().is_empty() && !b.requests().is_empty());
+    let mut backend_of_id: HashMap<String, SocketAddr> = HashMap::new();
+    for (acceptor, r) in a
+        .requests()
+        .into_iter()
+        .map(|r| (a.addr, r))
+        .chain(b.requests().into_iter().map(|r| (b.addr, r)))
+    {
+        let id = r["conn_id"].as_str().expect("stamped").to_string();
+        let first = backend_of_id.entry(id.clone()).or_insert(acceptor);
+        assert_eq!(*first, acceptor, "connection {id} moved between backends");
+    }
+    assert_eq!(backend_of_id.len(), USERS, "one id per client connection");
+    let metrics = gw.admin_metrics();
+    assert!(
+        metrics.contains("ntlm_tag_ntlm_messages_total{type=\"authenticate\"} 16"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn pin_mode_never_lets_an_upstream_connection_serve_two_clients() {
+    let topo = Topology::new();
+    let a = Acceptor::start(
+        &topo.backend,
+        backend_addr(8081),
+        &users(),
+        Keying::Connection,
+    );
+    let b = Acceptor::start(
+        &topo.backend,
+        backend_addr(8082),
+        &users(),
+        Keying::Connection,
+    );
+    let gw = start_gateway(&topo, &[a.addr, b.addr], &["--mode", "pin"]);
+    all_users_log_in_concurrently(&topo);
+
+    for acceptor in [&a, &b] {
+        // The acceptor's own log: which client connection ids each of its TCP connections carried.
+        let mut ids_per_conn: HashMap<u64, HashSet<String>> = HashMap::new();
+        for r in acceptor.requests() {
+            ids_per_conn
+                .entry(r["conn"].as_u64().expect("conn"))
+                .or_default()
+                .insert(
+                    r["conn_id"]
+                        .as_str()
+                        .expect("stamped in pin mode too")
+                        .to_string(),
+                );
+        }
+        for (conn, ids) in &ids_per_conn {
+            assert_eq!(ids.len(), 1, "upstream connection {conn} served {ids:?}");
+        }
+    }
+    assert_eq!(a.tcp_connections() + b.tcp_connections(), USERS);
+    // When the clients are gone, so are their pinned upstream connections.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = gw.admin_metrics();
+        if m.contains("ntlm_tag_pinned_connections 0") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pinned connections left open: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_wrong_password_is_refused_through_the_gateway() {
+    let topo = Topology::new();
+    let a = Acceptor::start(&topo.backend, backend_addr(8081), &users(), Keying::Header);
+    let _gw = start_gateway(&topo, &[a.addr], &[]);
+    let run = curl_ntlm(
+        &topo.client,
+        Topology::client_v4(0),
+        "user00",
+        "wrong",
+        &urls(0)[..1],
+        &["-o", "/dev/null", "-w", "%{http_code}"],
+    );
+    assert_eq!(run.stdout, "401");
+}
+
+#[test]
+fn when_a_backend_dies_new_handshakes_succeed_on_the_other_and_it_returns_after_health_checks() {
+    let topo = Topology::new();
+    let mut a = Acceptor::start(&topo.backend, backend_addr(8081), &users(), Keying::Header);
+    let b = Acceptor::start(&topo.backend, backend_addr(8082), &users(), Keying::Header);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("gw.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = [\"{}\"]\nbackends = [\"{}\", \"{}\"]\nebpf = \"required\"\n\
+             [health_check]\npath = \"/healthz\"\ninterval_secs = 0.2\ntimeout_secs = 0.5\n",
+            Topology::gateway_addr(),
+            a.addr,
+            b.addr
+        ),
+    )
+    .expect("write config");
+    let config = config.to_string_lossy().into_owned();
+    let mut gw = Gateway::start(&topo.gateway, &["--config", &config]);
+
+    a.kill();
+    assert!(
+        gw.wait_for_line("health check failed", Duration::from_secs(10))
+            .is_some_and(|l| l.contains(&a.addr.to_string())),
+        "the dead backend is noticed"
+    );
+    let before_b = b.requests().len();
+    for i in 0..6 {
+        let (user, password) = &users()[i];
+        let run = curl_ntlm(
+            &topo.client,
+            Topology::client_v4(i as u8),
+            user,
+            password,
+            &urls(i)[..2],
+            &[],
+        );
+        assert_eq!(run.users(), vec![user.clone(); 2], "{}", run.stderr);
+    }
+    assert!(
+        b.requests().len() >= before_b + 6 * 3,
+        "all went to the live backend"
+    );
+
+    let a2 = Acceptor::start(&topo.backend, backend_addr(8081), &users(), Keying::Header);
+    assert!(
+        gw.wait_for_line("health check passes again", Duration::from_secs(10))
+            .is_some(),
+        "the backend returns"
+    );
+    for i in 6..12 {
+        let (user, password) = &users()[i];
+        let run = curl_ntlm(
+            &topo.client,
+            Topology::client_v4(i as u8),
+            user,
+            password,
+            &urls(i)[..2],
+            &[],
+        );
+        assert_eq!(run.users(), vec![user.clone(); 2], "{}", run.stderr);
+    }
+    assert!(
+        a2.requests().iter().any(|r| r["path"] != "/healthz"),
+        "the returned backend takes new connections again"
+    );
+}
+
+#[test]
+fn an_http2_client_attempting_ntlm_is_told_to_use_http11_and_then_succeeds() {
+    let topo = Topology::new();
+    let a = Acceptor::start(&topo.backend, backend_addr(8081), &users(), Keying::Header);
+    let gw = start_gateway(&topo, &[a.addr], &["--http2"]);
+    let run = curl_ntlm(
+        &topo.client,
+        Topology::client_v4(3),
+        "user03",
+        "Secret-3!",
+        &urls(3)[..1],
+        &["--http2-prior-knowledge", "-v"],
+    );
+    assert!(
+        run.stderr.contains("HTTP_1_1_REQUIRED") || run.stderr.contains("HTTP/1.1 required"),
+        "curl was told to use HTTP/1.1: {}",
+        run.stderr
+    );
+    assert_eq!(run.users(), vec!["user03".to_string()], "{}", run.stderr);
+    assert!(run.stderr.contains("HTTP/1.1 200"), "{}", run.stderr);
+    // Plain HTTP/2 without NTLM is served over HTTP/2.
+    let plain = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", topo.client.path().display()))
+        .args([
+            "--",
+            "curl",
+            "-sS",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_version} %{http_code}",
+        ])
+        .arg(format!("http://{}/healthz", Topology::gateway_addr()))
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&plain.stdout),
+        "2 200",
+        "requests without NTLM are served over HTTP/2"
+    );
+    drop(gw);
+}
