@@ -198,6 +198,23 @@ impl Gateway {
         self.terminate()
     }
 
+    /// Sends `signal` (e.g. SIGHUP) without waiting for anything.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// SIGKILL, as a crash would: nothing of the gateway's own cleanup runs. Its leftover cgroup stays
+    /// for the next start to remove; the returned guard removes it if the test ends first.
+    pub fn kill(mut self) -> Crashed {
+        let pid = self.pid();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        Crashed { pid }
+    }
+
     fn terminate(&mut self) -> ExitStatus {
         let Some(mut child) = self.child.take() else {
             panic!("already stopped");
@@ -226,6 +243,27 @@ impl Drop for Gateway {
         if self.child.is_some() {
             self.terminate();
         }
+    }
+}
+
+/// A gateway that was SIGKILLed.
+pub struct Crashed {
+    pub pid: u32,
+}
+
+impl Crashed {
+    /// The cgroup the crashed gateway left, if it is still there.
+    pub fn leftover_cgroup(&self) -> Option<PathBuf> {
+        let mount = cgroup2_mount()?;
+        walk_named(&mount, &format!("ntlm-tag.{}", self.pid))
+            .into_iter()
+            .next()
+    }
+}
+
+impl Drop for Crashed {
+    fn drop(&mut self) {
+        remove_leftover_cgroup(self.pid);
     }
 }
 

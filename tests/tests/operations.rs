@@ -1,0 +1,498 @@
+//! What an operator relies on: TLS with SNI, reload, privilege drop, limits, metrics, crash recovery.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use ntlm_tag_tests::{
+    acceptor::{Acceptor, Keying, curl_ntlm},
+    backend::Backend,
+    client::Connection,
+    gateway::{Gateway, Started},
+    netns::run_in,
+    topology::Topology,
+};
+
+fn users() -> Vec<(String, String)> {
+    vec![
+        ("alice".to_string(), "Alice-Secret1".to_string()),
+        ("bob".to_string(), "Bob-Secret2".to_string()),
+    ]
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write file");
+    path.to_string_lossy().into_owned()
+}
+
+/// A self-signed certificate for `name` (CN and SAN); returns (cert path, key path).
+fn certificate(dir: &Path, name: &str) -> (String, String) {
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("certificate");
+    (
+        write(dir, &format!("{name}.pem"), &cert.pem()),
+        write(dir, &format!("{name}.key"), &key.serialize_pem()),
+    )
+}
+
+/// Raw TCP from inside a namespace: sends `bytes` (optionally one byte at a time with a pause), then
+/// reads until the peer closes or `deadline` passes. Returns what was read and whether it closed.
+fn raw_exchange(
+    ns: &ntlm_tag_tests::netns::NetNs,
+    to: SocketAddr,
+    bytes: Vec<u8>,
+    byte_pause: Option<Duration>,
+    deadline: Duration,
+) -> (Vec<u8>, bool) {
+    run_in(&ns.path(), move || async move {
+        tokio::task::spawn_blocking(move || {
+            let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).expect("connect");
+            s.set_read_timeout(Some(deadline)).expect("timeout");
+            match byte_pause {
+                None => {
+                    let _ = s.write_all(&bytes);
+                }
+                Some(pause) => {
+                    for b in &bytes {
+                        if s.write_all(&[*b]).is_err() {
+                            break;
+                        }
+                        // A slowloris client: this pause is the behaviour under test.
+                        std::thread::sleep(pause);
+                    }
+                }
+            }
+            let mut out = Vec::new();
+            let closed = s.read_to_end(&mut out).is_ok();
+            (out, closed)
+        })
+        .await
+        .expect("raw client")
+    })
+}
+
+#[test]
+fn curl_ntlm_over_tls_with_sni_choosing_the_certificate() {
+    let topo = Topology::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (a_cert, a_key) = certificate(dir.path(), "intranet.test");
+    let (b_cert, b_key) = certificate(dir.path(), "mail.test");
+    let acceptor = Acceptor::start(
+        &topo.backend,
+        Topology::backend_addr(),
+        &users(),
+        Keying::Header,
+    );
+    let listen = Topology::gateway_addr().to_string();
+    let backend = acceptor.addr.to_string();
+    let _gw = Gateway::start(
+        &topo.gateway,
+        &[
+            "--listen",
+            &listen,
+            "--backend",
+            &backend,
+            "--ebpf",
+            "required",
+            "--tls-cert",
+            &a_cert,
+            "--tls-key",
+            &a_key,
+            "--tls-cert",
+            &b_cert,
+            "--tls-key",
+            &b_key,
+        ],
+    );
+    for (host, ca, user, password) in [
+        ("intranet.test", &a_cert, "alice", "Alice-Secret1"),
+        ("mail.test", &b_cert, "bob", "Bob-Secret2"),
+    ] {
+        let resolve = format!("{host}:8080:{}", Topology::gateway_addr().ip());
+        let url = format!("https://{host}:8080/tls");
+        // Trusting only the certificate made for `host`: the handshake verifies only if SNI picked it.
+        let run = curl_ntlm(
+            &topo.client,
+            Topology::client_v4(0),
+            user,
+            password,
+            &[url],
+            &[
+                "--cacert",
+                ca.as_str(),
+                "-v",
+                "--resolve",
+                &resolve,
+                "--http1.1",
+            ],
+        );
+        assert_eq!(run.users(), vec![user.to_string()], "{}", run.stderr);
+        assert!(
+            run.stderr.contains(&format!("subject: CN={host}"))
+                || run.stderr.contains(&format!("CN={host}")),
+            "SNI {host} got its own certificate: {}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains("ALPN: server accepted http/1.1"),
+            "{}",
+            run.stderr
+        );
+    }
+    let ids: Vec<String> = acceptor
+        .requests()
+        .iter()
+        .filter_map(|r| r["conn_id"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        ids.iter()
+            .all(|id| id.starts_with(&format!("{}:", Topology::client_v4(0)))),
+        "a TLS connection's identity is its TCP connection's: {ids:?}"
+    );
+}
+
+#[test]
+fn reload_keeps_an_authenticated_connection_and_refuses_a_broken_file() {
+    let topo = Topology::new();
+    let a = Acceptor::start(
+        &topo.backend,
+        SocketAddr::new(Topology::backend_addr().ip(), 8081),
+        &users(),
+        Keying::Header,
+    );
+    let b = Acceptor::start(
+        &topo.backend,
+        SocketAddr::new(Topology::backend_addr().ip(), 8082),
+        &users(),
+        Keying::Header,
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config_for = |backends: &[SocketAddr]| {
+        format!(
+            "listen = [\"{}\"]\nebpf = \"required\"\nbackends = [{}]\n",
+            Topology::gateway_addr(),
+            backends
+                .iter()
+                .map(|b| format!("\"{b}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let config = write(dir.path(), "gw.toml", &config_for(&[a.addr]));
+    let mut gw = Gateway::start(&topo.gateway, &["--config", &config]);
+
+    // alice authenticates, then uploads slowly on the same connection while the gateway reloads.
+    let body = write(dir.path(), "body", &"x".repeat(48 * 1024));
+    let url = format!("http://{}/", Topology::gateway_addr());
+    let client_ns = topo.client.path();
+    let upload = std::thread::spawn(move || {
+        let mut cmd = std::process::Command::new("nsenter");
+        cmd.arg(format!("--net={}", client_ns.display()))
+            .args([
+                "--",
+                "curl",
+                "-sS",
+                "--max-time",
+                "30",
+                "--ntlm",
+                "-u",
+                "alice:Alice-Secret1",
+            ])
+            .arg(format!("{url}first"))
+            .args([
+                "--next",
+                "--ntlm",
+                "-u",
+                "alice:Alice-Secret1",
+                "--limit-rate",
+                "16K",
+            ])
+            .args(["--data-binary", &format!("@{body}")])
+            .arg(format!("{url}upload"));
+        cmd.output().expect("curl")
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !a
+        .requests()
+        .iter()
+        .any(|r| r["path"] == "/first" && r["status"] == 200)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "alice never authenticated: {:?}",
+            a.requests()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::write(&config, config_for(&[a.addr, b.addr])).expect("rewrite config");
+    gw.signal(libc::SIGHUP);
+    assert!(
+        gw.wait_for_line("configuration reloaded", Duration::from_secs(5))
+            .is_some()
+    );
+    let out = upload.join().expect("upload thread");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().filter(|l| *l == "user=alice").count(),
+        2,
+        "both responses on the surviving connection are alice's: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let upload = a
+        .requests()
+        .into_iter()
+        .find(|r| r["path"] == "/upload")
+        .expect("upload reached the same backend");
+    assert_eq!(upload["body_len"], 48 * 1024);
+
+    // A broken file is refused and the running configuration keeps serving.
+    std::fs::write(&config, "listen = [\"not an address\"]\n").expect("break config");
+    gw.signal(libc::SIGHUP);
+    let refused = gw
+        .wait_for_line("reload refused", Duration::from_secs(5))
+        .expect("the refusal is logged");
+    assert!(refused.contains("listen"), "names the key: {refused}");
+    let run = curl_ntlm(
+        &topo.client,
+        Topology::client_v4(1),
+        "bob",
+        "Bob-Secret2",
+        &[format!("http://{}/after", Topology::gateway_addr())],
+        &[],
+    );
+    assert_eq!(run.users(), vec!["bob".to_string()], "{}", run.stderr);
+    // New connections are spread over both backends now.
+    for i in 2..8 {
+        let run = curl_ntlm(
+            &topo.client,
+            Topology::client_v4(i),
+            "bob",
+            "Bob-Secret2",
+            &[format!("http://{}/spread", Topology::gateway_addr())],
+            &[],
+        );
+        assert_eq!(run.users(), vec!["bob".to_string()]);
+    }
+    assert!(
+        b.requests().iter().any(|r| r["path"] == "/spread"),
+        "the added backend takes new connections"
+    );
+}
+
+#[test]
+fn after_dropping_privileges_kernel_identities_still_work() {
+    let topo = Topology::new();
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let listen = Topology::gateway_addr().to_string();
+    let backend_addr = Topology::backend_addr().to_string();
+    let gw = Gateway::start(
+        &topo.gateway,
+        &[
+            "--listen",
+            &listen,
+            "--backend",
+            &backend_addr,
+            "--ebpf",
+            "required",
+            "--user",
+            "nobody",
+        ],
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
+    assert!(
+        field("Uid:").split_whitespace().all(|u| u == "65534"),
+        "{status}"
+    );
+    assert!(
+        field("Gid:").split_whitespace().all(|g| g == "65534"),
+        "{status}"
+    );
+    assert_eq!(field("CapEff:"), "0000000000000000");
+    assert_eq!(field("CapPrm:"), "0000000000000000");
+    let local = topo.client.run(|| async {
+        let src = SocketAddr::new(Topology::client_v4(0), 0);
+        let mut conn = Connection::open(Some(src), Topology::gateway_addr()).await;
+        assert_eq!(conn.get("/", &[]).await.status, 200);
+        conn.local
+    });
+    let id = backend.seen()[0].all("jespa-connection-id").remove(0);
+    assert!(id.starts_with(&format!("{local}/")));
+    let kernel = gw.admin_json("/kernel");
+    assert!(kernel["counters"]["recorded"].as_u64().unwrap_or(0) >= 1);
+    assert_eq!(
+        kernel["counters"]["lookup_misses"], 0,
+        "lookups work through the held fds"
+    );
+}
+
+#[test]
+fn slow_headers_are_cut_off_excess_connections_refused_and_big_headers_get_431() {
+    let topo = Topology::new();
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write(
+        dir.path(),
+        "gw.toml",
+        &format!(
+            "listen = [\"{}\"]\nbackends = [\"{}\"]\nebpf = \"required\"\n\
+             [limits]\nmax_connections = 2\nmax_header_bytes = 16384\n\
+             [timeouts]\nheader_read_secs = 1\n",
+            Topology::gateway_addr(),
+            Topology::backend_addr()
+        ),
+    );
+    let gw = Gateway::start(&topo.gateway, &["--config", &config]);
+
+    // Slowloris: one byte a second never completes the head; cut at the 1 s header timeout.
+    let started = Instant::now();
+    let (_, closed) = raw_exchange(
+        &topo.client,
+        Topology::gateway_addr(),
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: 1\r\n\r\n".to_vec(),
+        Some(Duration::from_millis(300)),
+        Duration::from_secs(10),
+    );
+    assert!(closed, "the slow client was disconnected");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "cut at the header timeout, not after the whole head"
+    );
+    assert!(backend.seen().is_empty(), "nothing of it was forwarded");
+
+    // 431 for a head over max_header_bytes.
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let (answer, _) = raw_exchange(
+        &topo.client,
+        Topology::gateway_addr(),
+        big.into_bytes(),
+        None,
+        Duration::from_secs(5),
+    );
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // Two connections held open; a third is refused with 503 and counted.
+    topo.client.run(|| async {
+        let mut held = Vec::new();
+        for i in 0..2 {
+            let mut c = Connection::open(
+                Some(SocketAddr::new(Topology::client_v4(i), 0)),
+                Topology::gateway_addr(),
+            )
+            .await;
+            assert_eq!(c.get("/held", &[]).await.status, 200);
+            held.push(c);
+        }
+        // The third is answered 503 at once, before it sends anything, and closed.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(Topology::client_v4(2), 0))
+            .expect("bind");
+        let mut third = socket
+            .connect(Topology::gateway_addr())
+            .await
+            .expect("connect");
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read_to_end(&mut third, &mut answer),
+        )
+        .await
+        .expect("closed within 5 s")
+        .expect("read");
+        assert!(
+            answer.starts_with(b"HTTP/1.1 503"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        for c in held {
+            c.close().await;
+        }
+    });
+    let metrics = gw.admin_metrics();
+    let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_string())))
+        .expect("Prometheus text");
+    let value = |name: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    assert_eq!(value("ntlm_tag_connections_refused_total"), 1.0);
+    let ok_requests: f64 = scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "ntlm_tag_requests_total" && s.labels.get("status") == Some("200"))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert_eq!(ok_requests, 2.0, "{metrics}");
+    assert!(value("ntlm_tag_kernel_map_capacity") > 0.0);
+}
+
+#[test]
+fn a_crashed_gateway_leaves_nothing_attached_after_the_next_start() {
+    let topo = Topology::new();
+    let _backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let listen = Topology::gateway_addr().to_string();
+    let backend_addr = Topology::backend_addr().to_string();
+    let args = [
+        "--listen",
+        listen.as_str(),
+        "--backend",
+        backend_addr.as_str(),
+        "--ebpf",
+        "required",
+    ];
+    let first = Gateway::start(&topo.gateway, &args);
+    let crashed = first.kill();
+    let leftover = crashed
+        .leftover_cgroup()
+        .expect("a crash leaves its cgroup (and attachment) behind");
+    let Started::Ready(mut second) = Gateway::try_start(&topo.gateway, &args, None) else {
+        panic!("the gateway must start after a crash");
+    };
+    assert!(
+        second
+            .wait_for_line(
+                "left behind by an instance that did not exit cleanly",
+                Duration::from_secs(1)
+            )
+            .is_some()
+    );
+    assert!(
+        !leftover.exists(),
+        "the crashed instance's cgroup (with its sock_ops attachment) is gone"
+    );
+    let status = second.stop();
+    assert!(status.success());
+}
