@@ -70,7 +70,13 @@ impl Gateway {
     /// Like [`start`](Self::start), but reports an exit instead of panicking. `wrapper` runs the
     /// binary through another program (e.g. `setpriv ...`).
     pub fn try_start(ns: &NetNs, args: &[&str], wrapper: Option<&[&str]>) -> Started {
-        let admin: SocketAddr = "127.0.0.1:9180".parse().expect("addr");
+        // The admin listener: the one in `args`, or 127.0.0.1:9180 added.
+        let given = args
+            .iter()
+            .position(|a| *a == "--admin")
+            .and_then(|i| args.get(i + 1))
+            .map(|a| a.parse().expect("--admin address"));
+        let admin: SocketAddr = given.unwrap_or_else(|| "127.0.0.1:9180".parse().expect("addr"));
         let bin = binary();
         let mut cmd = match wrapper {
             Some(w) => {
@@ -81,7 +87,11 @@ impl Gateway {
             None => ns.command(bin.to_str().expect("utf-8 path")),
         };
         cmd.args(args)
-            .args(["--admin", "127.0.0.1:9180"])
+            .args(if given.is_some() {
+                vec![]
+            } else {
+                vec!["--admin", "127.0.0.1:9180"]
+            })
             .env("NTLM_TAG_LOG", "info,ntlm_tag=debug")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())

@@ -1,28 +1,266 @@
-//! `cargo xtask demo`: the problem and the fix, on a built-in network-namespace topology.
+//! `cargo xtask demo`: the problem and the fix, on a built-in network-namespace topology, with real
+//! components: nftables and HAProxy balancers, a TOA-writing balancer, `curl --ntlm` clients, the
+//! NTLMv2 test acceptor as two backends, ntlm-tag with eBPF, and, for comparison, the same gateway
+//! configured the way nginx is usually configured (`$remote_addr:$remote_port` as the id).
 //!
-//! Two clients reach the gateway through an nftables load balancer that gives them the same source
-//! `ip:port`, one after the other. The table shows what the gateway's socket saw, the id ntlm-tag sent
-//! upstream, and the id the usual nginx recipe (`$remote_addr:$remote_port`) would have sent.
+//! ```text
+//!  client ns               lb ns                                   gw ns                     be ns
+//!  198.18.10.10-13 ──┐     nft: VIP 198.18.10.1:80 → gw:8080        ntlm-tag :8080, :8443(PROXY) acceptor :8081
+//!                    ├──   nft: VIP 198.18.10.1:81 → gw:8090        "nginx-style" :8090          acceptor :8082
+//!  198.18.11.10 ─────┘     SNAT clients → 198.18.1.100:40000
+//!                          HAProxy 198.18.11.1:80 → gw:8443 (PROXY v2)
+//!                          TOA client 198.18.1.102 (LVS FULLNAT style)
+//! ```
 
 use std::{net::SocketAddr, time::Instant};
 
-use anyhow::{Context, Result};
+use crate::step;
+use anyhow::{Context, Result, ensure};
 use ntlm_tag_tests::{
-    backend::Backend,
-    client::Connection,
-    gateway::{Gateway, binary},
-    topology::{SnatTopology, Topology},
+    acceptor::{Acceptor, CurlRun, Keying, curl_ntlm},
+    gateway::Gateway,
+    haproxy::{Haproxy, HaproxyOptions, SendProxy},
+    netns::{NetNs, addr, veth},
+    programs::{ToaWritingCgroup, toa_option},
 };
 
-use crate::step;
+const VIP: &str = "198.18.10.1";
+const HAPROXY_FRONT: &str = "198.18.11.1:80";
+const GATEWAY: &str = "198.18.1.1";
+const SNAT: &str = "198.18.1.100:40000";
+const TOA_CLIENT: &str = "198.19.77.7:4321";
 
-/// Row of the demo's table.
+struct Topology {
+    client: NetNs,
+    lb: NetNs,
+    gw: NetNs,
+    be: NetNs,
+}
+
+impl Topology {
+    fn new() -> Result<Topology> {
+        let client = NetNs::new("democl");
+        let lb = NetNs::new("demolb");
+        let gw = NetNs::new("demogw");
+        let be = NetNs::new("demobe");
+        veth(&client, "eth0", &lb, "down0");
+        veth(&lb, "up0", &gw, "down0");
+        veth(&gw, "up0", &be, "eth0");
+        for i in 10..14 {
+            addr(&client, "eth0", &format!("198.18.10.{i}/24"));
+        }
+        addr(&client, "eth0", "198.18.11.10/24");
+        client.ip(&["route", "add", "default", "via", VIP]);
+        addr(&lb, "down0", "198.18.10.1/24");
+        addr(&lb, "down0", "198.18.11.1/24");
+        for a in ["198.18.1.100/24", "198.18.1.101/24", "198.18.1.102/24"] {
+            addr(&lb, "up0", a);
+        }
+        addr(&gw, "down0", "198.18.1.1/24");
+        addr(&gw, "up0", "198.18.2.1/24");
+        addr(&be, "eth0", "198.18.2.2/24");
+        let rules = format!(
+            "table ip demo_lb {{
+               chain pre {{ type nat hook prerouting priority dstnat; policy accept;
+                 ip daddr {VIP} tcp dport 80 dnat to {GATEWAY}:8080;
+                 ip daddr {VIP} tcp dport 81 dnat to {GATEWAY}:8090; }}
+               chain post {{ type nat hook postrouting priority srcnat; policy accept;
+                 oifname \"up0\" ip saddr 198.18.10.0/24 tcp dport {{ 8080, 8090 }} snat to {SNAT}; }}
+             }}"
+        );
+        run_with_stdin(lb.command("nft").args(["-f", "-"]), &rules).context("nft rules")?;
+        // Forward, and reuse the single SNAT port as soon as a connection is over.
+        let status = lb
+            .command("sysctl")
+            .args([
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.netfilter.nf_conntrack_tcp_timeout_close=0",
+                "net.netfilter.nf_conntrack_tcp_timeout_time_wait=0",
+            ])
+            .status()?;
+        ensure!(status.success(), "sysctl in the balancer namespace failed");
+        Ok(Topology { client, lb, gw, be })
+    }
+}
+
+fn run_with_stdin(cmd: &mut std::process::Command, input: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn users() -> Vec<(String, String)> {
+    ["alice", "bob", "carol", "dave"]
+        .iter()
+        .map(|u| (u.to_string(), format!("{u}-Pa55!")))
+        .collect()
+}
+
+/// One row of the login table.
 struct Row {
     client: String,
     socket_saw: String,
     learned: String,
-    ntlm_tag_id: String,
-    nginx_id: String,
+    id: String,
+    backend: String,
+    user: String,
+}
+
+struct Demo {
+    topo: Topology,
+    acceptors: Vec<Acceptor>,
+    gateway: Gateway,
+    nginx_style: Gateway,
+    _haproxy: Haproxy,
+    toa: ToaWritingCgroup,
+    _config: tempfile::TempDir,
+}
+
+impl Demo {
+    fn start() -> Result<Demo> {
+        let topo = Topology::new()?;
+        let acceptors: Vec<Acceptor> = [8081, 8082]
+            .iter()
+            .map(|port| {
+                Acceptor::start(
+                    &topo.be,
+                    SocketAddr::new("198.18.2.2".parse().expect("ip"), *port),
+                    &users(),
+                    Keying::Header,
+                )
+            })
+            .collect();
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("ntlm-tag.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = [\"{GATEWAY}:8080\", {{ address = \"{GATEWAY}:8443\", proxy_protocol = true }}]\n\
+                 backends = [\"198.18.2.2:8081\", \"198.18.2.2:8082\"]\n\
+                 trusted_lbs = [\"198.18.1.100/30\"]\n\
+                 ebpf = \"required\"\n"
+            ),
+        )?;
+        let config = config.to_string_lossy().into_owned();
+        let gateway = Gateway::start(&topo.gw, &["--config", &config]);
+        // The usual recipe, for comparison: the id is the peer's ip:port (what nginx's
+        // `$remote_addr:$remote_port` gives), no eBPF.
+        let nginx_style = Gateway::start(
+            &topo.gw,
+            &[
+                "--listen",
+                &format!("{GATEWAY}:8090"),
+                "--backend",
+                "198.18.2.2:8081",
+                "--ebpf",
+                "off",
+                "--admin",
+                "127.0.0.1:9181",
+                "--config",
+                &write_reusable_config(dir.path())?,
+            ],
+        );
+        let haproxy = Haproxy::start(
+            &topo.lb,
+            HaproxyOptions::new(
+                HAPROXY_FRONT.parse()?,
+                format!("{GATEWAY}:8443").parse()?,
+                SendProxy::V2,
+            ),
+        );
+        let toa = ToaWritingCgroup::new(toa_option(254, TOA_CLIENT.parse()?));
+        Ok(Demo {
+            topo,
+            acceptors,
+            gateway,
+            nginx_style,
+            _haproxy: haproxy,
+            toa,
+            _config: dir,
+        })
+    }
+
+    fn curl(&self, source: &str, user: &str, url: &str) -> CurlRun {
+        let password = format!("{user}-Pa55!");
+        curl_ntlm(
+            &self.topo.client,
+            source.parse().expect("ip"),
+            user,
+            &password,
+            &[url.to_string()],
+            &[],
+        )
+    }
+
+    /// The acceptor's record of the request that authenticated `user` last: (id, backend).
+    fn backend_view(&self, user: &str) -> Option<(String, String)> {
+        self.acceptors
+            .iter()
+            .flat_map(|a| {
+                a.requests()
+                    .into_iter()
+                    .map(move |r| (a.addr.to_string(), r))
+            })
+            .filter(|(_, r)| r["user"] == user && r["status"] == 200)
+            .map(|(backend, r)| (r["conn_id"].as_str().unwrap_or("").to_string(), backend))
+            .next_back()
+    }
+
+    /// The gateway's own view of the connection with `id`: (peer, learned_from).
+    fn gateway_view(&self, id: &str) -> (String, String) {
+        let line = self
+            .gateway
+            .log()
+            .into_iter()
+            .rev()
+            .find(|l| l.contains("client connection") && l.contains(&format!("conn_id={id}")))
+            .unwrap_or_default();
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(&format!("{name}=")))
+                .unwrap_or("?")
+                .trim_matches('"')
+                .to_string()
+        };
+        (field("peer"), field("learned_from"))
+    }
+
+    fn row(&self, client: &str, user: &str, run: &CurlRun) -> Row {
+        let (id, backend) = self.backend_view(user).unwrap_or_default();
+        let (peer, learned) = self.gateway_view(&id);
+        Row {
+            client: client.to_string(),
+            socket_saw: peer,
+            learned,
+            id,
+            backend,
+            user: run.users().first().cloned().unwrap_or_else(|| "-".into()),
+        }
+    }
+}
+
+fn write_reusable_config(dir: &std::path::Path) -> Result<String> {
+    let path = dir.join("nginx-style.toml");
+    std::fs::write(
+        &path,
+        "id_template = \"{client_ip}:{client_port}\"\nallow_reusable_ids = true\n",
+    )?;
+    Ok(path.to_string_lossy().into_owned())
 }
 
 pub fn run(keep: bool) -> Result<()> {
@@ -30,124 +268,188 @@ pub fn run(keep: bool) -> Result<()> {
     ntlm_tag_tests::gateway::set_echo(std::env::var_os("DEMO_VERBOSE").is_some());
     let started = Instant::now();
     step(
-        "building the topology: 2 clients → nftables SNAT balancer (one source ip:port) → ntlm-tag → backend",
+        "building the topology: clients → nftables SNAT / HAProxy (PROXY v2) / TOA balancers → ntlm-tag (eBPF) → 2 NTLM backends",
     );
-    let topo = SnatTopology::new();
-    let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let listen = Topology::gateway_addr().to_string();
-    let backend_addr = Topology::backend_addr().to_string();
-    step(&format!("starting {} --ebpf required", binary().display()));
-    let gateway = Gateway::start(
-        &topo.gateway,
+    let demo = Demo::start()?;
+    let url = |port: u16| format!("http://{VIP}:{port}/");
+
+    step("real `curl --ntlm` logins");
+    let mut rows = Vec::new();
+    let run = demo.curl("198.18.10.10", "alice", &url(80));
+    rows.push(demo.row("alice 198.18.10.10 via NAT", "alice", &run));
+    let run = demo.curl("198.18.10.11", "bob", &url(80));
+    rows.push(demo.row("bob 198.18.10.11 via NAT", "bob", &run));
+    let run = demo.curl("198.18.11.10", "carol", &format!("http://{HAPROXY_FRONT}/"));
+    rows.push(demo.row("carol 198.18.11.10 via HAProxy", "carol", &run));
+    let toa_run = demo.toa.run(
+        &demo.topo.lb,
+        "curl",
         &[
-            "--listen",
-            &listen,
-            "--backend",
-            &backend_addr,
-            "--ebpf",
-            "required",
+            "-sS",
+            "--max-time",
+            "10",
+            "--ntlm",
+            "-u",
+            "dave:dave-Pa55!",
+            "--interface",
+            "198.18.1.102",
+            &format!("http://{GATEWAY}:8080/"),
         ],
     );
+    let toa_run = CurlRun {
+        success: true,
+        stdout: toa_run,
+        stderr: String::new(),
+    };
+    rows.push(demo.row(&format!("dave {TOA_CLIENT} via TOA"), "dave", &toa_run));
+    print_logins(&rows);
 
-    step("client A connects through the balancer, makes a request and closes");
-    step("client B connects through the balancer on the same ip:port right after");
-    let locals: Vec<SocketAddr> = topo.client.run(|| async {
-        let mut locals = Vec::new();
-        for i in 0..2 {
-            let src = SocketAddr::new(SnatTopology::client_v4(i), 0);
-            let mut conn = Connection::open(Some(src), SnatTopology::vip()).await;
-            let r = conn.get(&format!("/demo/{i}"), &[]).await;
-            assert_eq!(r.status, 200);
-            locals.push(conn.local);
-            conn.close_abortively().await;
-        }
-        locals
-    });
-    let seen = backend.seen();
-    let rows: Vec<Row> = seen
-        .iter()
-        .zip(["A", "B"])
-        .zip(&locals)
-        .map(|((s, name), local)| Row {
-            client: format!("{name} {local}"),
-            socket_saw: SnatTopology::snat_peer().to_string(),
-            learned: "kernel record (peer)".to_string(),
-            ntlm_tag_id: s.all("jespa-connection-id").join(","),
-            nginx_id: SnatTopology::snat_peer().to_string(),
-        })
-        .collect();
-    print_table(&rows);
-    let same_nginx = rows.windows(2).all(|w| w[0].nginx_id == w[1].nginx_id);
-    let distinct = rows
-        .windows(2)
-        .all(|w| w[0].ntlm_tag_id != w[1].ntlm_tag_id);
+    step("the classic attack: mallory (no credentials) arrives on the ip:port alice just used");
+    let attack = |port: u16| -> Result<(String, String)> {
+        let victim = demo.curl("198.18.10.12", "alice", &url(port));
+        ensure!(
+            victim.users() == ["alice"],
+            "alice could not log in: {}",
+            victim.stderr
+        );
+        let out = demo
+            .topo
+            .client
+            .command("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "--interface",
+                "198.18.10.13",
+                "-w",
+                "\n%{http_code}",
+            ])
+            .arg(url(port))
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let status = text.lines().last().unwrap_or("").to_string();
+        let user = text
+            .lines()
+            .find_map(|l| l.strip_prefix("user="))
+            .unwrap_or("-")
+            .to_string();
+        Ok((status, user))
+    };
+    let (nginx_status, nginx_user) = attack(81)?;
+    let (tag_status, tag_user) = attack(80)?;
+    let nginx_ids = ids_seen(&demo.acceptors, |id| !id.contains('/'));
     println!();
     println!(
-        "nginx's $remote_addr:$remote_port: {} — client B would continue client A's NTLM session.",
-        if same_nginx {
-            "THE SAME for A and B"
-        } else {
-            "different"
-        }
+        "{:<34} {:<40} {:<8} MALLORY IS SEEN AS",
+        "GATEWAY", "ID SENT FOR MALLORY", "STATUS"
     );
     println!(
-        "ntlm-tag: {} — B starts its own handshake.",
-        if distinct {
-            "different ids"
+        "{:<34} {:<40} {:<8} {}",
+        "$remote_addr:$remote_port style",
+        nginx_ids.last().cloned().unwrap_or_default(),
+        nginx_status,
+        if nginx_user == "alice" {
+            "alice  <-- hijacked alice's session".to_string()
         } else {
-            "SAME ids (bug!)"
+            nginx_user.clone()
         }
     );
+    let tag_ids = ids_seen(&demo.acceptors, |id| id.starts_with(SNAT));
+    println!(
+        "{:<34} {:<40} {:<8} {}",
+        "ntlm-tag",
+        tag_ids.last().cloned().unwrap_or_default(),
+        tag_status,
+        if tag_status == "401" {
+            "nobody: 401, must authenticate".to_string()
+        } else {
+            tag_user.clone()
+        }
+    );
+    println!();
+    println!(
+        "Both of alice's and mallory's connections reached the gateway as {SNAT}. The usual id names \
+         only that, so mallory continued alice's NTLM session; ntlm-tag's id adds a token that is never \
+         reused, so mallory got a 401."
+    );
+
     if keep {
         println!();
         println!("topology kept; poke at it, then press Enter to clean up:");
         println!(
-            "  nsenter --net=/run/netns/{} curl -s http://{}/",
-            topo.client.name(),
-            SnatTopology::vip()
+            "  nsenter --net=/run/netns/{} curl --ntlm -u alice:alice-Pa55! http://{VIP}/",
+            demo.topo.client.name()
         );
         println!(
             "  nsenter --net=/run/netns/{} curl -s http://127.0.0.1:9180/connections",
-            topo.gateway.name()
+            demo.topo.gw.name()
         );
         println!(
             "  nsenter --net=/run/netns/{} nft list ruleset",
-            topo.balancer.name()
+            demo.topo.lb.name()
         );
         let mut line = String::new();
         let _ = std::io::stdin().read_line(&mut line);
     }
     step("cleaning up");
-    drop(gateway);
-    drop(backend);
-    drop(topo);
+    drop(demo.nginx_style);
+    drop(demo.gateway);
     step(&format!(
         "demo done in {:.1}s",
         started.elapsed().as_secs_f64()
     ));
-    anyhow::ensure!(
-        same_nginx && distinct,
-        "the demo did not show what it should"
+    let logins_ok = rows
+        .iter()
+        .zip(["alice", "bob", "carol", "dave"])
+        .all(|(r, u)| r.user == u);
+    let distinct_nat_ids = rows[0].id != rows[1].id && rows[0].socket_saw == rows[1].socket_saw;
+    ensure!(logins_ok, "a login did not come back as its own user");
+    ensure!(
+        distinct_nat_ids,
+        "the two NAT clients should share a peer and get different ids"
+    );
+    ensure!(
+        nginx_user == "alice",
+        "the $remote_addr:$remote_port gateway should have been hijacked"
+    );
+    ensure!(
+        tag_status == "401",
+        "ntlm-tag should have answered 401 to mallory"
     );
     Ok(())
 }
 
-fn print_table(rows: &[Row]) {
+/// Connection ids the backends saw, in order, that match `filter`.
+fn ids_seen(acceptors: &[Acceptor], filter: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut seen: Vec<(u64, String)> = Vec::new();
+    for a in acceptors {
+        for (i, r) in a.requests().iter().enumerate() {
+            if let Some(id) = r["conn_id"].as_str().filter(|id| filter(id)) {
+                seen.push((i as u64, id.to_string()));
+            }
+        }
+    }
+    seen.into_iter().map(|(_, id)| id).collect()
+}
+
+fn print_logins(rows: &[Row]) {
     println!();
     println!(
-        "{:<22} {:<22} {:<22} {:<42} {:<22}",
-        "CLIENT", "GATEWAY SOCKET SAW", "IDENTITY LEARNED", "NTLM-TAG ID UPSTREAM", "NGINX ID"
+        "{:<36} {:<22} {:<10} {:<40} {:<17} AUTHENTICATED AS",
+        "CLIENT", "GATEWAY SOCKET SAW", "LEARNED", "ID SENT UPSTREAM", "BACKEND"
     );
     for r in rows {
         println!(
-            "{:<22} {:<22} {:<22} {:<42} {:<22}",
-            r.client, r.socket_saw, r.learned, r.ntlm_tag_id, r.nginx_id
+            "{:<36} {:<22} {:<10} {:<40} {:<17} {}",
+            r.client, r.socket_saw, r.learned, r.id, r.backend, r.user
         );
     }
+    println!();
 }
 
-/// On Ctrl-C or SIGTERM, remove this process's namespaces and cgroups before exiting, since the
-/// normal drop guards do not run when a signal ends the process.
+/// On Ctrl-C or SIGTERM, remove this process's namespaces and children before exiting: the normal
+/// drop guards do not run when a signal ends the process.
 fn install_interrupt_cleanup() -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
