@@ -1,8 +1,10 @@
 //! The connection id: `<client>/<uid>` by default, where `uid` never repeats.
 //!
 //! `uid` is a random per-process nonce (50 bits, drawn at start) followed by a per-process sequence
-//! number, both in lowercase base32. The sequence makes ids unique within one run without any chance
-//! involved; the nonce makes them unique across restarts and across gateways.
+//! number passed through a keyed permutation of 40-bit numbers, both in lowercase base32 (18
+//! characters). The sequence makes ids unique within one run without any chance involved (a
+//! permutation never maps two numbers to one); the nonce makes them unique across restarts and
+//! across gateways; the permutation keeps the token opaque (it does not count connections).
 #![forbid(unsafe_code)]
 
 use std::{
@@ -18,6 +20,10 @@ pub const DEFAULT_TEMPLATE: &str = "{client}/{uid}";
 
 const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 const NONCE_CHARS: usize = 10;
+const SEQ_BITS: u32 = 40;
+const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
+/// Odd, so multiplying by it is a bijection modulo 2^40.
+const SEQ_MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15 & SEQ_MASK | 1;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum TemplateError {
@@ -166,6 +172,8 @@ impl Uid {
 #[derive(Debug)]
 pub struct UidGenerator {
     nonce: String,
+    /// XOR key of the sequence permutation (derived from the nonce).
+    key: u64,
     next: AtomicU64,
 }
 
@@ -185,15 +193,25 @@ impl UidGenerator {
         }
         UidGenerator {
             nonce: text,
+            key: nonce.rotate_left(23).wrapping_mul(0x2545_f491_4f6c_dd1d) & SEQ_MASK,
             next: AtomicU64::new(0),
         }
     }
 
     pub fn next_uid(&self) -> Uid {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut out = String::with_capacity(NONCE_CHARS + 13);
+        let mut out = String::with_capacity(NONCE_CHARS + 8 + 13);
         out.push_str(&self.nonce);
-        push_base32(&mut out, seq);
+        // A bijection on 40-bit numbers: multiply by an odd constant, then XOR a key.
+        let low = ((seq & SEQ_MASK).wrapping_mul(SEQ_MULTIPLIER) & SEQ_MASK) ^ self.key;
+        for i in (0..8).rev() {
+            out.push(BASE32[((low >> (i * 5)) & 31) as usize] as char);
+        }
+        // Past 2^40 connections in one run, the high part keeps ids unique.
+        let high = seq >> SEQ_BITS;
+        if high > 0 {
+            push_base32(&mut out, high);
+        }
         Uid(out)
     }
 }
@@ -231,8 +249,9 @@ mod tests {
         let uid = UidGenerator::with_nonce(0).next_uid();
         assert_eq!(
             t.render(addr("198.18.0.7:40001"), &uid),
-            "198.18.0.7:40001/aaaaaaaaaaa"
+            format!("198.18.0.7:40001/{}", uid.as_str())
         );
+        assert_eq!(uid.as_str().len(), 18);
     }
 
     #[test]
@@ -241,7 +260,7 @@ mod tests {
         let uid = UidGenerator::with_nonce(1).next_uid();
         assert_eq!(
             t.render(addr("[fd00:5418::2]:443"), &uid),
-            "[fd00:5418::2]:443/aaaaaaaaaba"
+            format!("[fd00:5418::2]:443/{}", uid.as_str())
         );
     }
 
@@ -252,7 +271,7 @@ mod tests {
         let uid = UidGenerator::with_nonce(0).next_uid();
         assert_eq!(
             t.render(addr("[::ffff:198.18.0.9]:5000"), &uid),
-            "198.18.0.9 5000 198.18.0.9:5000|aaaaaaaaaaa"
+            format!("198.18.0.9 5000 198.18.0.9:5000|{}", uid.as_str())
         );
     }
 
@@ -260,7 +279,10 @@ mod tests {
     fn client_ip_of_ipv6_has_no_brackets() {
         let t = IdTemplate::parse("{client_ip}-{uid}", false).expect("valid");
         let uid = UidGenerator::with_nonce(0).next_uid();
-        assert_eq!(t.render(addr("[fd00::1]:1"), &uid), "fd00::1-aaaaaaaaaaa");
+        assert_eq!(
+            t.render(addr("[fd00::1]:1"), &uid),
+            format!("fd00::1-{}", uid.as_str())
+        );
     }
 
     #[test]
@@ -307,6 +329,25 @@ mod tests {
         let b = UidGenerator::with_nonce(2);
         let from_a: HashSet<_> = (0..1000).map(|_| a.next_uid()).collect();
         assert!((0..1000).all(|_| !from_a.contains(&b.next_uid())));
+    }
+
+    #[test]
+    fn uids_do_not_show_a_sequence() {
+        let g = UidGenerator::with_nonce(7);
+        let a = g.next_uid();
+        let b = g.next_uid();
+        // Same nonce, then tails that differ in more than the last character.
+        assert_eq!(a.as_str()[..10], b.as_str()[..10]);
+        assert_ne!(a.as_str()[10..17], b.as_str()[10..17]);
+    }
+
+    #[test]
+    fn the_permutation_is_a_bijection_beyond_2_to_the_40() {
+        let g = UidGenerator::with_nonce(9);
+        g.next.store(SEQ_MASK - 2, Ordering::Relaxed);
+        let uids: HashSet<_> = (0..6).map(|_| g.next_uid()).collect();
+        assert_eq!(uids.len(), 6);
+        assert!(uids.iter().any(|u| u.as_str().len() > 18));
     }
 
     #[test]
