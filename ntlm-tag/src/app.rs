@@ -157,6 +157,7 @@ fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
         config.mode,
         config.balance,
         &config.timeouts,
+        config.limits.max_upstream_per_backend,
         Arc::clone(metrics),
     );
     if let Some(check) = &config.health_check {

@@ -93,6 +93,9 @@ pub struct RunArgs {
     /// Switch to this user after the programs are attached and the ports bound.
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
+    /// Cap on pooled upstream connections per backend in tag mode (limits.max_upstream_per_backend).
+    #[arg(long, value_name = "N")]
+    pub max_upstream_per_backend: Option<usize>,
     /// Accept HTTP/2 from clients (NTLM over HTTP/2 is refused with HTTP_1_1_REQUIRED).
     #[arg(long)]
     pub http2: bool,

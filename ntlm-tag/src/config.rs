@@ -98,6 +98,7 @@ struct FileConfig {
 struct LimitsFile {
     max_connections: Option<usize>,
     max_header_bytes: Option<usize>,
+    max_upstream_per_backend: Option<usize>,
 }
 
 /// Resource limits.
@@ -107,6 +108,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Largest request head (request line + headers); larger gets 431.
     pub max_header_bytes: usize,
+    /// Pooled upstream connections per backend in tag mode (0: no cap); requests queue for a free
+    /// one, within the upstream response timeout.
+    pub max_upstream_per_backend: usize,
 }
 
 impl Default for Limits {
@@ -115,6 +119,7 @@ impl Default for Limits {
             max_connections: 10_000,
             // Negotiate/Kerberos tokens of users in many groups run to tens of kilobytes.
             max_header_bytes: 64 * 1024,
+            max_upstream_per_backend: 0,
         }
     }
 }
@@ -415,7 +420,11 @@ impl Config {
         }
 
         let health_check = build_health_check(args.health_check.clone(), file.health_check)?;
-        let limits = build_limits(file.limits.unwrap_or_default())?;
+        let mut limits_file = file.limits.unwrap_or_default();
+        if let Some(n) = args.max_upstream_per_backend {
+            limits_file.max_upstream_per_backend = Some(n);
+        }
+        let limits = build_limits(limits_file)?;
         if let Some(user) = args.user.as_ref().or(file.user.as_ref())
             && (user.is_empty() || user.contains(['/', ':', ' ']))
         {
@@ -568,6 +577,9 @@ fn build_limits(file: LimitsFile) -> Result<Limits, ConfigError> {
     Ok(Limits {
         max_connections,
         max_header_bytes,
+        max_upstream_per_backend: file
+            .max_upstream_per_backend
+            .unwrap_or(d.max_upstream_per_backend),
     })
 }
 

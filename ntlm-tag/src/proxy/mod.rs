@@ -45,7 +45,7 @@ use crate::{
 use prefixed::PrefixedIo;
 use rewrite::{ConnectionStamp, StampPolicy};
 
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<crate::upstream::GuardedBody, Full<Bytes>>;
 
 /// What a SIGHUP reload can change. Each connection keeps the snapshot it was accepted with, so a
 /// reload never disturbs established connections.

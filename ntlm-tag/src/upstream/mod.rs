@@ -10,7 +10,10 @@
 //!   never silently continue on a connection authenticated for someone else.
 #![forbid(unsafe_code)]
 
+mod guarded;
 pub mod health;
+
+pub use guarded::GuardedBody;
 
 use std::{
     net::IpAddr,
@@ -64,6 +67,8 @@ pub struct Backend {
     authority: Authority,
     active: AtomicUsize,
     health: Health,
+    /// Caps the pooled upstream connections to this backend (tag mode), if configured.
+    permits: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Backend {
@@ -228,6 +233,7 @@ impl Upstream {
         mode: Mode,
         balance: Balance,
         timeouts: &Timeouts,
+        max_per_backend: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
         let mut connector = HttpConnector::new();
@@ -250,6 +256,8 @@ impl Upstream {
                         authority: a.clone(),
                         active: AtomicUsize::new(0),
                         health: Health::default(),
+                        permits: (max_per_backend > 0)
+                            .then(|| Arc::new(tokio::sync::Semaphore::new(max_per_backend))),
                     })
                 })
                 .collect(),
@@ -311,7 +319,7 @@ impl Upstream {
         state: &mut ClientUpstream,
         client: IpAddr,
         mut req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<GuardedBody>, UpstreamError> {
         if is_ntlm_request(req.headers()) {
             state.ntlm_seen = true;
         }
@@ -323,7 +331,19 @@ impl Upstream {
         let result = match self.mode {
             Mode::Tag => {
                 *req.uri_mut() = backend.uri_for(req.uri())?;
-                let exchange = self.client.request(req);
+                let client = &self.client;
+                let permits = backend.permits.clone();
+                let exchange = async move {
+                    // With a cap, wait for one of the backend's connections to be free.
+                    let permit = match permits {
+                        Some(p) => p.acquire_owned().await.ok(),
+                        None => None,
+                    };
+                    client
+                        .request(req)
+                        .await
+                        .map(|r| r.map(|body| GuardedBody::new(body, permit)))
+                };
                 match tokio::time::timeout(deadline, exchange).await {
                     Ok(Ok(r)) => Ok(r),
                     Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect {
@@ -340,7 +360,10 @@ impl Upstream {
                     }),
                 }
             }
-            Mode::Pin => self.exchange_pinned(state, req).await,
+            Mode::Pin => self
+                .exchange_pinned(state, req)
+                .await
+                .map(|r| r.map(|body| GuardedBody::new(body, None))),
         };
         match &result {
             Ok(response) => {
@@ -588,6 +611,7 @@ mod tests {
             Mode::Tag,
             balance,
             &Timeouts::default(),
+            0,
             Arc::new(Metrics::default()),
         )
     }
