@@ -296,3 +296,98 @@ fn an_http2_client_attempting_ntlm_is_told_to_use_http11_and_then_succeeds() {
     );
     drop(gw);
 }
+
+#[test]
+fn in_pin_mode_a_dead_pinned_connection_closes_the_client_connection() {
+    let topo = Topology::new();
+    let mut a = Acceptor::start(
+        &topo.backend,
+        backend_addr(8081),
+        &users(),
+        Keying::Connection,
+    );
+    let mut gw = start_gateway(&topo, &[a.addr], &["--mode", "pin"]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let body = dir.path().join("body");
+    std::fs::write(&body, vec![b'x'; 64 * 1024]).expect("body");
+    let url = format!("http://{}/", Topology::gateway_addr());
+    let client_ns = topo.client.path();
+    let body_arg = format!("@{}", body.display());
+    // user00 authenticates, then uploads slowly on the same (pinned) connection.
+    let curl = std::thread::spawn(move || {
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={}", client_ns.display()))
+            .args([
+                "--",
+                "curl",
+                "-s",
+                "--max-time",
+                "30",
+                "-w",
+                "%{http_code}\n",
+            ])
+            .args(["--ntlm", "-u", "user00:Secret-0!", "-o", "/dev/null"])
+            .arg(format!("{url}first"))
+            .args([
+                "--next",
+                "-w",
+                "%{http_code}\n",
+                "--ntlm",
+                "-u",
+                "user00:Secret-0!",
+            ])
+            .args([
+                "-o",
+                "/dev/null",
+                "--limit-rate",
+                "16K",
+                "--data-binary",
+                &body_arg,
+            ])
+            .arg(format!("{url}upload"))
+            .output()
+            .expect("curl")
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !a.requests().iter().any(|r| r["user"] == "user00") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "user00 never authenticated"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    a.kill();
+    let out = curl.join().expect("curl thread");
+    let codes = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(codes.lines().collect::<Vec<_>>(), ["200", "502"], "{codes}");
+    let line = gw
+        .wait_for_line(
+            "pinned to this client's NTLM session",
+            Duration::from_secs(5),
+        )
+        .expect("the lost session is logged");
+    assert!(line.contains("closing the client connection"), "{line}");
+}
+
+#[test]
+fn several_www_authenticate_values_and_the_401_body_reach_the_client_in_order() {
+    let topo = Topology::new();
+    let a = Acceptor::start(&topo.backend, backend_addr(8081), &users(), Keying::Header);
+    let _gw = start_gateway(&topo, &[a.addr], &[]);
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", topo.client.path().display()))
+        .args(["--", "curl", "-s", "-i", "--max-time", "10"])
+        .arg(format!("http://{}/private", Topology::gateway_addr()))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(text.starts_with("http/1.1 401"), "{text}");
+    let challenges: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("www-authenticate:"))
+        .map(str::trim)
+        .collect();
+    assert_eq!(challenges, ["negotiate", "ntlm"], "{text}");
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    assert!(!body.is_empty(), "the 401 body is passed on: {text}");
+}

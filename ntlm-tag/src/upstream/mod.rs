@@ -378,6 +378,20 @@ impl Upstream {
             }
             Err(_) => {}
         }
+        // In pin mode, a failed exchange on a connection that carried NTLM ends the session: the
+        // client connection is closed with it, never continued on a fresh upstream connection.
+        if self.mode == Mode::Pin
+            && state.ntlm_seen
+            && matches!(
+                result,
+                Err(UpstreamError::Exchange { .. } | UpstreamError::Timeout { .. })
+            )
+        {
+            state.pinned = None;
+            return Err(UpstreamError::PinnedLost {
+                backend: backend.authority.clone(),
+            });
+        }
         result
     }
 
