@@ -27,6 +27,9 @@ pub enum Command {
     Run(RunArgs),
     /// Validate the configuration and print the effective settings; exit 64 naming the offending key.
     Check(RunArgs),
+    /// Print the manual page (roff) generated from these definitions; `cargo xtask install` installs it.
+    #[command(hide = true)]
+    Man,
     /// Print the live connection table of a running gateway (from its admin listener).
     Conns {
         /// The gateway's admin address.

@@ -151,6 +151,7 @@ struct TimeoutsFile {
     upstream_response_secs: Option<f64>,
     upstream_idle_secs: Option<f64>,
     header_read_secs: Option<f64>,
+    idle_secs: Option<f64>,
     drain_secs: Option<f64>,
     proxy_header_secs: Option<f64>,
 }
@@ -184,6 +185,9 @@ pub struct Timeouts {
     pub upstream_idle: Duration,
     #[serde(serialize_with = "secs", rename = "header_read_secs")]
     pub header_read: Duration,
+    /// Keep-alive idle time between requests on a client connection.
+    #[serde(serialize_with = "secs", rename = "idle_secs")]
+    pub idle: Duration,
     #[serde(serialize_with = "secs", rename = "drain_secs")]
     pub drain: Duration,
     #[serde(serialize_with = "secs", rename = "proxy_header_secs")]
@@ -200,7 +204,9 @@ impl Default for Timeouts {
             upstream_connect: Duration::from_secs(5),
             upstream_response: Duration::from_secs(60),
             upstream_idle: Duration::from_secs(90),
-            header_read: Duration::from_secs(30),
+            header_read: Duration::from_secs(15),
+            // IIS's default connection timeout: authenticated NTLM connections survive think time.
+            idle: Duration::from_secs(120),
             drain: Duration::from_secs(10),
             proxy_header: Duration::from_secs(5),
         }
@@ -655,6 +661,7 @@ fn build_timeouts(file: TimeoutsFile) -> Result<Timeouts, ConfigError> {
             file.header_read_secs,
             d.header_read,
         )?,
+        idle: pick("timeouts.idle_secs", file.idle_secs, d.idle)?,
         drain: pick("timeouts.drain_secs", file.drain_secs, d.drain)?,
         proxy_header: pick(
             "timeouts.proxy_header_secs",
@@ -903,6 +910,62 @@ mod tests {
             ),
             "tls"
         );
+    }
+
+    /// The packaged example has every key; uncommented, it must be a valid configuration.
+    #[test]
+    fn the_packaged_example_lists_valid_keys() {
+        let example = include_str!("../../packaging/ntlm-tag.toml");
+        let uncommented: String = example
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                let key = l.split([' ', '=']).next().unwrap_or("");
+                l.starts_with('[')
+                    || (l.contains(" = ")
+                        && !key.is_empty()
+                        && key.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        // Files named in the example do not exist here, and the example's user may not either.
+        let uncommented = uncommented.replace(
+            "tls = [{ cert = \"/etc/ntlm-tag/tls.pem\", key = \"/etc/ntlm-tag/tls.key\" }]",
+            "proxy_protocol = false",
+        );
+        let c = Config::from_toml(&uncommented, &args())
+            .unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+        assert_eq!(c.listeners.len(), 3);
+        assert!(c.health_check.is_some());
+        for key in [
+            "listen",
+            "backends",
+            "mode",
+            "balance",
+            "header",
+            "id_template",
+            "allow_reusable_ids",
+            "forwarded_headers",
+            "trusted_lbs",
+            "toa_kind",
+            "xdp",
+            "ebpf",
+            "map_entries",
+            "admin",
+            "workers",
+            "http2",
+            "user",
+            "access_log",
+            "log_format",
+            "[limits]",
+            "[timeouts]",
+            "[health_check]",
+        ] {
+            assert!(
+                example.contains(&format!("# {key}")),
+                "the example documents {key}"
+            );
+        }
     }
 
     #[test]

@@ -34,6 +34,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some(Command::Man) => {
+            let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).section("8");
+            match man.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ntlm-tag: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Command::Run(args)) => run(&args),
         None => run(&cli.run),
     }

@@ -121,3 +121,55 @@ impl Connection {
         let _ = self.task.await;
     }
 }
+
+/// One request on a fresh connection from `src`, closed with RST (SO_LINGER 0) so the same source
+/// `ip:port` can connect again at once. Returns the status code.
+pub async fn get_then_reset(src: SocketAddr, dst: SocketAddr, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+    socket
+        .bind(src)
+        .unwrap_or_else(|e| panic!("bind {src}: {e}"));
+    let mut stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(dst))
+        .await
+        .unwrap_or_else(|_| panic!("connect to {dst} timed out"))
+        .unwrap_or_else(|e| panic!("connect from {src} to {dst}: {e}"));
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: gateway.test\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    // Read the head and a Content-Length body.
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let status = loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("response within 10 s")
+            .expect("read");
+        assert!(n > 0, "closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if body.len() >= length {
+                break head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .expect("status");
+            }
+        }
+    };
+    #[expect(deprecated, reason = "a zero linger resets at once; it never blocks on drop")]
+    stream.set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
+    drop(stream);
+    status
+}

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use ntlm_tag_tests::{
     backend::Backend,
-    client::Connection,
+    client::get_then_reset,
     gateway::Gateway,
     topology::{SnatTopology, Topology},
 };
@@ -29,9 +29,8 @@ fn two_clients_behind_a_single_port_snat_balancer_get_different_ids() {
     topo.client.run(|| async {
         for i in 0..2 {
             let src = SocketAddr::new(SnatTopology::client_v4(i), 0);
-            let mut conn = Connection::open(Some(src), SnatTopology::vip()).await;
-            assert_eq!(conn.get(&format!("/client/{i}"), &[]).await.status, 200);
-            conn.close_abortively().await;
+            let path = format!("/client/{i}");
+            assert_eq!(get_then_reset(src, SnatTopology::vip(), &path).await, 200);
         }
     });
     let seen = backend.seen();

@@ -496,3 +496,61 @@ fn a_crashed_gateway_leaves_nothing_attached_after_the_next_start() {
     let status = second.stop();
     assert!(status.success());
 }
+
+#[test]
+fn idle_keep_alive_time_is_allowed_longer_than_the_header_timeout_and_then_ends() {
+    let topo = Topology::new();
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write(
+        dir.path(),
+        "gw.toml",
+        &format!(
+            "listen = [\"{}\"]\nbackends = [\"{}\"]\nebpf = \"required\"\n\
+             [timeouts]\nheader_read_secs = 0.5\nidle_secs = 2\n",
+            Topology::gateway_addr(),
+            Topology::backend_addr()
+        ),
+    );
+    let _gw = Gateway::start(&topo.gateway, &["--config", &config]);
+    let (closed_after, second_status) = topo.client.run(|| async {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(Topology::client_v4(0), 0))
+            .expect("bind");
+        let mut s = socket
+            .connect(Topology::gateway_addr())
+            .await
+            .expect("connect");
+        let request = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(request).await.expect("write");
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.expect("first response");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        // Think time longer than the header timeout: the connection must still serve.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        s.write_all(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let n = s.read(&mut buf).await.expect("second response");
+        let second = String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        // Then idle: the gateway closes after the idle limit.
+        let idle_from = Instant::now();
+        let eof = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("closed within 10 s");
+        assert!(matches!(eof, Ok(0) | Err(_)), "closed");
+        (idle_from.elapsed(), second)
+    });
+    assert_eq!(second_status, "HTTP/1.1 200 OK");
+    assert!(
+        closed_after >= Duration::from_millis(1800),
+        "closed after {closed_after:?}, before the 2 s idle limit"
+    );
+    assert_eq!(backend.seen().len(), 2);
+}

@@ -1,6 +1,7 @@
 //! Listeners and the per-connection path: accept → identify → serve requests → stamp → forward.
 #![forbid(unsafe_code)]
 
+mod head_clock;
 mod prefixed;
 pub mod rewrite;
 pub mod tls;
@@ -42,6 +43,7 @@ use crate::{
     registry::{Registration, Registry},
     upstream::{ClientUpstream, Upstream, UpstreamError},
 };
+use head_clock::{ClockedIo, HeadClock};
 use prefixed::PrefixedIo;
 use rewrite::{ConnectionStamp, StampPolicy};
 
@@ -294,27 +296,35 @@ async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let header_read = connection.live.timeouts.header_read;
+    let timeouts = connection.live.timeouts;
     let max_header_bytes = connection.live.limits.max_header_bytes;
     let http2 = connection.gateway.http2;
+    let clock = HeadClock::new();
     let service = {
         let connection = Arc::clone(&connection);
+        let clock = Arc::clone(&clock);
         service_fn(move |req| {
             let connection = Arc::clone(&connection);
-            async move { handle(req, &connection).await }
+            let clock = Arc::clone(&clock);
+            async move {
+                clock.request_started();
+                let response = handle(req, &connection).await;
+                clock.request_done();
+                response
+            }
         })
     };
-    let io = TokioIo::new(stream);
     let result = if http2 {
-        // Sniffs the HTTP/2 preface; HTTP/1.1 otherwise.
+        // Sniffs the HTTP/2 preface; HTTP/1.1 otherwise. (HTTP/2 streams have no head to trickle,
+        // so hyper's header timer alone bounds HTTP/1.1 heads and idle time here.)
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(header_read)
+            .header_read_timeout(timeouts.header_read)
             .max_buf_size(max_header_bytes)
             .keep_alive(true);
-        let conn = builder.serve_connection(io, service);
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
         tokio::pin!(conn);
         tokio::select! {
             result = conn.as_mut() => result,
@@ -324,15 +334,21 @@ async fn serve_connection<S>(
             }
         }
     } else {
+        let io = TokioIo::new(ClockedIo::new(stream, Arc::clone(&clock)));
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(header_read)
+            // hyper's timer runs from the end of the previous response: the idle limit.
+            .header_read_timeout(timeouts.idle.max(timeouts.header_read))
             .max_buf_size(max_header_bytes)
             .keep_alive(true)
             .serve_connection(io, service);
         tokio::pin!(conn);
         tokio::select! {
             result = conn.as_mut() => result,
+            _ = clock.head_expired(timeouts.header_read) => {
+                tracing::info!(conn_id = %connection.id, limit_secs = timeouts.header_read.as_secs_f64(), "request head not complete in time (slowloris?); closing");
+                Ok(())
+            }
             _ = shutdown.changed() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
