@@ -554,3 +554,78 @@ fn idle_keep_alive_time_is_allowed_longer_than_the_header_timeout_and_then_ends(
     );
     assert_eq!(backend.seen().len(), 2);
 }
+
+#[test]
+fn check_validates_files_and_conns_prints_the_live_table() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bin = ntlm_tag_tests::gateway::binary();
+    let good = write(
+        dir.path(),
+        "good.toml",
+        "listen = [\"198.18.1.1:8080\"]\nbackends = [\"198.18.2.2:8081\"]\n",
+    );
+    let out = std::process::Command::new(&bin)
+        .args(["check", "--config", &good])
+        .output()
+        .expect("check");
+    assert!(out.status.success());
+    let effective = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        effective.contains("header = \"jespa-connection-id\""),
+        "{effective}"
+    );
+    assert!(
+        effective.contains("id_template = \"{client}/{uid}\""),
+        "{effective}"
+    );
+    let bad = write(
+        dir.path(),
+        "bad.toml",
+        "listen = [\"198.18.1.1:8080\"]\nbackends = [\"198.18.2.2:8081\"]\nid_template = \"{client}\"\n",
+    );
+    let out = std::process::Command::new(&bin)
+        .args(["check", "--config", &bad])
+        .output()
+        .expect("check");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`id_template`"));
+
+    let topo = Topology::new();
+    let _backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let listen = Topology::gateway_addr().to_string();
+    let backend_addr = Topology::backend_addr().to_string();
+    let _gw = Gateway::start(
+        &topo.gateway,
+        &[
+            "--listen",
+            &listen,
+            "--backend",
+            &backend_addr,
+            "--ebpf",
+            "required",
+        ],
+    );
+    let gw_ns = topo.gateway.path();
+    let (local, table) = topo.client.run(move || async move {
+        let src = SocketAddr::new(Topology::client_v4(0), 0);
+        let mut conn = Connection::open(Some(src), Topology::gateway_addr()).await;
+        assert_eq!(conn.get("/", &[]).await.status, 200);
+        let table = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("nsenter")
+                .arg(format!("--net={}", gw_ns.display()))
+                .arg("--")
+                .arg(ntlm_tag_tests::gateway::binary())
+                .args(["conns", "--admin", "127.0.0.1:9180"])
+                .output()
+                .expect("conns")
+        })
+        .await
+        .expect("conns thread");
+        (conn.local, table)
+    });
+    assert!(table.status.success());
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains(&format!("{local}/")), "{text}");
+    assert!(text.contains("kernel"), "{text}");
+    assert!(text.contains("1 connection(s)"), "{text}");
+}
