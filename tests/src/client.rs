@@ -168,7 +168,10 @@ pub async fn get_then_reset(src: SocketAddr, dst: SocketAddr, path: &str) -> u16
             }
         }
     };
-    #[expect(deprecated, reason = "a zero linger resets at once; it never blocks on drop")]
+    #[expect(
+        deprecated,
+        reason = "a zero linger resets at once; it never blocks on drop"
+    )]
     stream.set_linger(Some(Duration::ZERO)).expect("SO_LINGER");
     drop(stream);
     status

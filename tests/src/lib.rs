@@ -9,4 +9,5 @@ pub mod gateway;
 pub mod haproxy;
 pub mod netns;
 pub mod programs;
+pub mod raw;
 pub mod topology;

@@ -1,7 +1,11 @@
 //! `cargo xtask`: the project's tasks. Each is idempotent and says what it does.
 
+mod bench;
 mod demo;
+mod fuzz;
+mod install;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -36,6 +40,27 @@ enum Task {
     },
     /// `cargo fmt --check` and `cargo clippy -D warnings` on both workspaces.
     Lint,
+    /// Install the release binary, an example /etc/ntlm-tag/ntlm-tag.toml, a systemd unit and the man page.
+    Install {
+        /// Install under this root instead of `/` (packaging, tests).
+        #[arg(long, default_value = "/")]
+        destdir: PathBuf,
+    },
+    /// Run every fuzz target N seconds (cargo fuzz, nightly; installs cargo-fuzz), or only build them.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only replay the seeds and regression inputs and build the targets (the CI check).
+        #[arg(long)]
+        build_only: bool,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
+    /// The integration tests under Debian's 5.10/6.1/6.12 kernels (qemu + virtme-ng) or the host's.
+    IntegrationTest(vm::IntegrationTestArgs),
+    /// ntlm-tag against nginx, HAProxy and the backend alone, one core per proxy (root; not in CI).
+    Bench(bench::Args),
     /// The whole story on a built-in network-namespace topology (root).
     Demo {
         /// Leave the topology up and print how to poke at it.
@@ -55,6 +80,18 @@ fn main() -> Result<()> {
         }
         Task::Test { filter } => test(filter.as_deref()),
         Task::Lint => lint(),
+        Task::Install { destdir } => {
+            build_ebpf()?;
+            build_gateway(true)?;
+            install::run(&destdir)
+        }
+        Task::Fuzz {
+            seconds,
+            build_only,
+            targets,
+        } => fuzz::run_fuzz(seconds, build_only, &targets),
+        Task::IntegrationTest(args) => vm::integration_test(&args),
+        Task::Bench(args) => bench::run(&args),
         Task::Demo { keep } => {
             setup::install_missing()?;
             build_ebpf()?;

@@ -143,9 +143,37 @@ impl Identifier {
                         "kernel record does not match the accepted socket; using the peer address"
                     );
                 }
-                None => kernel.note_lookup_miss(cookie, peer),
+                // Not there (yet): see `settle`.
+                None => {}
             }
         }
         ConnectionIdentity::from_peer(peer, local, cookie)
+    }
+
+    /// The kernel adds the child socket to the accept queue a moment before the sock_ops
+    /// PASSIVE_ESTABLISHED callback records it (on another CPU, accept() can win that race). A
+    /// connection identified from its peer while the kernel tracks connections gets a few short
+    /// retries before it is counted as a miss and keeps the fallback identity.
+    pub async fn settle(&self, identity: &mut ConnectionIdentity) {
+        let (Some(kernel), Some(cookie)) = (&self.kernel, identity.cookie) else {
+            return;
+        };
+        if identity.source == IdentitySource::Kernel {
+            return;
+        }
+        for wait_us in [0, 50, 200, 1_000, 5_000, 20_000] {
+            if wait_us == 0 {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(std::time::Duration::from_micros(wait_us)).await;
+            }
+            if let Some(record) = kernel.lookup(cookie)
+                && canonical(record.peer) == identity.peer
+            {
+                *identity = ConnectionIdentity::from_record(record, cookie);
+                return;
+            }
+        }
+        kernel.note_lookup_miss(cookie, identity.peer);
     }
 }

@@ -185,6 +185,7 @@ async fn handle_connection(
     listener: Arc<str>,
     shutdown: watch::Receiver<bool>,
 ) {
+    gateway.identifier.settle(&mut identity).await;
     let mut prefix = Bytes::new();
     if config.proxy_protocol {
         let peer = identity.peer;
@@ -381,6 +382,25 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
     let live = &connection.live;
     let started = Instant::now();
     connection.registration.count_request();
+    // hyper bounds its read buffer, not the head itself: enforce the configured head size exactly.
+    let head_size = req.uri().to_string().len()
+        + req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if head_size > live.limits.max_header_bytes {
+        tracing::info!(conn_id = %connection.id, head_size, limit = live.limits.max_header_bytes, "request head too large; 431");
+        let mut response = error_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "Request Header Fields Too Large",
+        );
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        return response;
+    }
     if let Some(m) = crate::upstream::ntlm_message(req.headers()) {
         gateway.metrics.ntlm_message(m);
     }

@@ -1,0 +1,32 @@
+//! The checks behind ntlm-tag's fuzz targets, as a library so that the regression tests
+//! (`tests/regressions.rs`, plain `cargo test`) replay the seed corpora and every input that once
+//! failed through exactly the code the fuzzer runs.
+//!
+//! Each target takes raw bytes in a small format of its own (documented on its `check`), chosen so
+//! that seeds are realistic inputs written by hand: a PROXY header is a PROXY header, a header
+//! block is `Name: value` lines. A failed check panics with the input decoded, which libFuzzer
+//! reports as a crash.
+
+pub mod header_sanitisation;
+pub mod id_template;
+pub mod proxy_header;
+pub mod toa_options;
+
+/// The fuzz targets, by name (the `[[bin]]`s of this crate, the directories of `corpus/`).
+pub const TARGETS: [&str; 4] = [
+    "proxy_header",
+    "toa_options",
+    "id_template",
+    "header_sanitisation",
+];
+
+/// Runs the check of `target` on `data`.
+pub fn check(target: &str, data: &[u8]) {
+    match target {
+        "proxy_header" => proxy_header::check(data),
+        "toa_options" => toa_options::check(data),
+        "id_template" => id_template::check(data),
+        "header_sanitisation" => header_sanitisation::check(data),
+        other => panic!("unknown fuzz target {other}"),
+    }
+}

