@@ -92,6 +92,7 @@ pub async fn run(config: Config, args: RunArgs) -> Result<()> {
         }
     }
 
+    let mut signals = Signals::install()?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
     let mut addresses = Vec::new();
@@ -129,7 +130,7 @@ pub async fn run(config: Config, args: RunArgs) -> Result<()> {
     );
 
     let mut running = config;
-    while let Signal::Reload = wait_for_signal().await? {
+    while let Signal::Reload = signals.next().await {
         reload(&args, &mut running, &gateway, kernel.as_deref(), &metrics);
     }
     drop(kernel);
@@ -299,27 +300,43 @@ enum Signal {
     Stop,
 }
 
-async fn wait_for_signal() -> Result<Signal> {
-    let mut term = tokio::signal::unix::signal(SignalKind::terminate())
-        .context("cannot install the SIGTERM handler")?;
-    let mut int = tokio::signal::unix::signal(SignalKind::interrupt())
-        .context("cannot install the SIGINT handler")?;
-    let mut hup = tokio::signal::unix::signal(SignalKind::hangup())
-        .context("cannot install the SIGHUP handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => {
-            tracing::info!("SIGTERM received");
-            Signal::Stop
+/// The stop and reload signals, installed once before the gateway says it is ready: a signal sent
+/// right after the ready line must be handled, not kill the process by its default action.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        let install = |kind: SignalKind, name: &str| {
+            tokio::signal::unix::signal(kind)
+                .with_context(|| format!("cannot install the {name} handler"))
+        };
+        Ok(Self {
+            term: install(SignalKind::terminate(), "SIGTERM")?,
+            int: install(SignalKind::interrupt(), "SIGINT")?,
+            hup: install(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => {
+                tracing::info!("SIGTERM received");
+                Signal::Stop
+            }
+            _ = self.int.recv() => {
+                tracing::info!("SIGINT received");
+                Signal::Stop
+            }
+            _ = self.hup.recv() => {
+                tracing::info!("SIGHUP received: reloading the configuration");
+                Signal::Reload
+            }
         }
-        _ = int.recv() => {
-            tracing::info!("SIGINT received");
-            Signal::Stop
-        }
-        _ = hup.recv() => {
-            tracing::info!("SIGHUP received: reloading the configuration");
-            Signal::Reload
-        }
-    })
+    }
 }
 
 /// Checks that the runtime can be built with `workers` threads.
