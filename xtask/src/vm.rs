@@ -39,8 +39,9 @@ pub struct IntegrationTestArgs {
     /// Give up on one kernel (boot and all test binaries) after this many minutes.
     #[arg(long, default_value_t = 120)]
     timeout_mins: u64,
-    /// Only run tests whose name contains this (passed to every test binary).
-    filter: Option<String>,
+    /// Passed to every test binary after `--`: a name filter, `--exact`, `--nocapture`, ...
+    #[arg(last = true)]
+    test_args: Vec<String>,
 }
 
 /// Set to `1` to make the guest also run one check that fails on purpose, which must turn the
@@ -61,6 +62,8 @@ const GUEST_MEMORY: &str = "2G";
 /// A working KVM boots a stock kernel in seconds; a broken one stalls or dies.
 const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 const PER_BINARY_TIMEOUT_SECS: u64 = 45 * 60;
+/// Failing tests named on a kernel's line; the rest are in its `failures.txt`.
+const LISTED_FAILURES: usize = 12;
 
 pub fn integration_test(args: &IntegrationTestArgs) -> Result<()> {
     let targets = parse_targets(&args.kernels)?;
@@ -81,7 +84,7 @@ pub fn integration_test(args: &IntegrationTestArgs) -> Result<()> {
         stage,
         run_dir: run_dir.path.clone(),
         threads: args.test_threads,
-        filter: args.filter.clone(),
+        test_args: args.test_args.clone(),
         selftest: std::env::var(SELFTEST_ENV).is_ok_and(|v| v == "1"),
         timeout: Duration::from_secs(args.timeout_mins * 60),
     };
@@ -413,7 +416,7 @@ fn download_and_unpack(series: &Series, dir: &Path) -> Result<()> {
     run(apt
         .command("apt-get")
         .current_dir(&debs.path)
-        .args(["download", &package]))
+        .args(["download", "-qq", &package]))
     .with_context(|| format!("cannot download {package}; check access to deb.debian.org"))?;
     let deb = only_file(&debs.path)?;
     let unpacking = TempDir::new(&kernels_dir().join(format!("unpack-{}", series.name)))?;
@@ -537,7 +540,7 @@ struct Plan {
     stage: PathBuf,
     run_dir: PathBuf,
     threads: u32,
-    filter: Option<String>,
+    test_args: Vec<String>,
     selftest: bool,
     timeout: Duration,
 }
@@ -584,7 +587,7 @@ fn run_test_binary_on_host(
     let out = fs::File::create(results.join(format!("{}.out", t.name)))?;
     let mut cmd = Command::new(plan.stage.join(&t.name));
     cmd.arg(format!("--test-threads={}", plan.threads))
-        .args(&plan.filter)
+        .args(&plan.test_args)
         .env("NTLM_TAG_BIN", plan.stage.join("ntlm-tag"))
         .current_dir(root())
         .stdin(Stdio::null())
@@ -845,7 +848,6 @@ fn guest_script(plan: &Plan, results: &Path) -> String {
         ("results", results.display().to_string()),
         ("stage", plan.stage.display().to_string()),
         ("threads", plan.threads.to_string()),
-        ("filter", plan.filter.clone().unwrap_or_default()),
         ("selftest", u8::from(plan.selftest).to_string()),
         ("tests", names.join(" ")),
         ("modules", GUEST_MODULES.to_string()),
@@ -856,6 +858,9 @@ fn guest_script(plan: &Plan, results: &Path) -> String {
     for (k, v) in vars {
         script.push_str(&format!("{k}={}\n", shell_quote(&v)));
     }
+    // "$@": the arguments for every test binary.
+    let args: Vec<String> = plan.test_args.iter().map(|a| shell_quote(a)).collect();
+    script.push_str(&format!("set -- {}\n", args.join(" ")));
     script.push_str(GUEST_BODY);
     script
 }
@@ -892,7 +897,7 @@ cd "$workspace"
 for t in $tests; do
     say "running $t"
     NTLM_TAG_BIN="$stage/ntlm-tag" timeout --kill-after=10 "$per_binary_timeout" \
-        "$stage/$t" --test-threads="$threads" ${filter:+"$filter"} > "$results/$t.out" 2>&1
+        "$stage/$t" --test-threads="$threads" "$@" > "$results/$t.out" 2>&1
     record "$t" $?
 done
 
@@ -968,6 +973,7 @@ impl Report {
             }
             _ => {}
         }
+        let _ = fs::write(results.join("failures.txt"), report.why().join("\n") + "\n");
         report
     }
 
@@ -1016,16 +1022,28 @@ impl Report {
             self.ignored,
             minutes(self.elapsed)
         );
-        let why: Vec<&str> = self
-            .failures
+        let why = self.why();
+        if !why.is_empty() {
+            let shown = &why[..why.len().min(LISTED_FAILURES)];
+            line.push_str(&format!(": {}", shown.join(", ")));
+            if why.len() > shown.len() {
+                line.push_str(&format!(
+                    " and {} more (all in target/vm-results/{}/failures.txt)",
+                    why.len() - shown.len(),
+                    self.label
+                ));
+            }
+        }
+        line
+    }
+
+    /// Failing tests, then other problems (a binary that crashed, a VM that timed out).
+    fn why(&self) -> Vec<&str> {
+        self.failures
             .iter()
             .chain(&self.problems)
             .map(String::as_str)
-            .collect();
-        if !why.is_empty() {
-            line.push_str(&format!(": {}", why.join(", ")));
-        }
-        line
+            .collect()
     }
 }
 

@@ -136,9 +136,9 @@ fn draw_panel(out: &mut String, p: &Panel, top: f64) {
         let _ = writeln!(
             out,
             r##"<line x1="{x:.1}" y1="{:.0}" x2="{x:.1}" y2="{bottom:.0}" stroke="#cc0000" stroke-dasharray="5,4"/><text x="{:.1}" y="{:.0}" font-size="11" fill="#cc0000">{}</text>"##,
-            top + TITLE - 6.0,
+            top + TITLE - 4.0,
             x + 4.0,
-            top + TITLE - 8.0,
+            bottom + 8.0,
             escape(label)
         );
     }

@@ -327,7 +327,10 @@ fn print_line(m: &Measurement) {
 /// eBPF under the keep-alive load; returns the text report.
 fn profile(args: &Args, dir: &Path, users: &Arc<Vec<Identity>>) -> Result<PathBuf> {
     step("profiling ntlm-tag (eBPF) under the keep-alive load with perf (cpu-clock)");
-    let data = dir.join("perf.data");
+    let results = root().join(&args.out);
+    std::fs::create_dir_all(&results)?;
+    // Kept (under target/, out of git) for `perf report -i` drill-downs.
+    let data = root().join("target/bench-perf-ntlm-tag-keepalive.data");
     with_proxy(Proxy::NtlmTagEbpf, Upstream::Http, dir, |server| {
         let pid = server.context("no ntlm-tag process")?.pid().to_string();
         let perf_args: Vec<String> = [
@@ -356,11 +359,11 @@ fn profile(args: &Args, dir: &Path, users: &Arc<Vec<Identity>>) -> Result<PathBu
         drop(perf);
         Ok(())
     })?;
-    let out = root().join(&args.out).join("perf-ntlm-tag-keepalive.txt");
+    let out = results.join("perf-ntlm-tag-keepalive.txt");
     let mut text = String::new();
     for view in [
         ["--no-children", "-F", "overhead,dso,sym"],
-        ["--children", "-F", "children,self,dso,sym"],
+        ["--children", "-F", "overhead_children,overhead,dso,sym"],
     ] {
         let report = Command::new("perf")
             .args([
@@ -378,7 +381,6 @@ fn profile(args: &Args, dir: &Path, users: &Arc<Vec<Identity>>) -> Result<PathBu
             .context("perf report")?;
         text.push_str(&shorten_lines(&String::from_utf8_lossy(&report.stdout)));
     }
-    std::fs::create_dir_all(root().join(&args.out))?;
     std::fs::write(&out, text).with_context(|| format!("cannot write {}", out.display()))?;
     Ok(out)
 }
