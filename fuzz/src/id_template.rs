@@ -6,7 +6,8 @@
 //! (first 4 bytes), IPv6, IPv4 v4-mapped into IPv6 (a dual-stack listener), or IPv6 with a scope id.
 //!
 //! Checked:
-//! - a template is accepted only if it is non-empty printable ASCII; `allow_reusable_ids` accepts a
+//! - a template is accepted only if it is non-empty printable ASCII that neither starts nor ends
+//!   with a space (HTTP strips such spaces from header values); `allow_reusable_ids` accepts a
 //!   superset, exactly the templates without `{uid}` more, and parses the rest identically;
 //!   `is_reusable` is "has no `{uid}`"; `as_str` gives the template back;
 //! - a rendered id is a valid header value, and `ConnectionStamp::new` (what the gateway does
@@ -93,6 +94,10 @@ pub fn check(data: &[u8]) {
     assert!(
         t.chars().all(|c| (' '..='~').contains(&c)),
         "non-printable template accepted: {t:?}"
+    );
+    assert!(
+        !t.starts_with(' ') && !t.ends_with(' '),
+        "a template with surrounding spaces accepted: {t:?}"
     );
     assert_eq!(template.as_str(), t);
     assert_eq!(template.is_reusable(), !has_uid, "is_reusable of {t:?}");

@@ -770,6 +770,18 @@ mod tests {
             (
                 r#"listen = ["0.0.0.0:1"]
                 backends = ["b:80"]
+                id_template = " {client}/{uid}""#,
+                "id_template",
+            ),
+            (
+                r#"listen = ["0.0.0.0:1"]
+                backends = ["b:80"]
+                id_template = "{client}/{uid} ""#,
+                "id_template",
+            ),
+            (
+                r#"listen = ["0.0.0.0:1"]
+                backends = ["b:80"]
                 map_entries = 0"#,
                 "map_entries",
             ),

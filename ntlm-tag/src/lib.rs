@@ -12,4 +12,5 @@ pub mod kernel;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;
+pub mod tcp_state;
 pub mod upstream;

@@ -56,8 +56,12 @@ pub struct Metrics {
     proxy_rejected: [AtomicU64; 6],
     connections: [AtomicU64; 7],
     connections_refused: AtomicU64,
+    /// Connections already reset by their client when the gateway looked for their kernel record.
+    closed_before_identified: AtomicU64,
     tls_failed: AtomicU64,
     internal_errors: AtomicU64,
+    /// Client requests refused for what the client sent (a broken request body, a bad target).
+    client_request_errors: AtomicU64,
     /// backend → status → count.
     requests: Mutex<HashMap<String, HashMap<u16, u64>>>,
     upstream_errors: AtomicU64,
@@ -98,12 +102,21 @@ impl Metrics {
         self.connections_refused.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn closed_before_identified(&self) {
+        self.closed_before_identified
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn tls_failed(&self) {
         self.tls_failed.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn internal_error(&self) {
         self.internal_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn client_request_error(&self) {
+        self.client_request_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn ntlm_message(&self, m: NtlmMessage) {
@@ -142,6 +155,13 @@ impl Metrics {
             "Connections refused at limits.max_connections.",
             "counter",
             get(&self.connections_refused),
+        );
+        out.single(
+            "ntlm_tag_connections_reset_before_identified_total",
+            "Connections the client had reset before the gateway found their kernel record (closed \
+             unserved; not lookup misses).",
+            "counter",
+            get(&self.closed_before_identified),
         );
         out.family(
             "ntlm_tag_proxy_protocol_rejected_total",
@@ -194,11 +214,12 @@ impl Metrics {
                 .zip(&self.ntlm_messages)
                 .map(|(name, v)| (format!("type=\"{name}\""), get(v))),
         );
-        let client_errors =
-            self.proxy_rejected.iter().map(get).sum::<u64>() + get(&self.tls_failed);
+        let client_errors = self.proxy_rejected.iter().map(get).sum::<u64>()
+            + get(&self.tls_failed)
+            + get(&self.client_request_errors);
         out.family(
             "ntlm_tag_errors_total",
-            "Errors by origin: client (PROXY header, TLS), upstream (502/504), internal.",
+            "Errors by origin: client (PROXY header, TLS, malformed request body), upstream (502/504, a response broken off), internal.",
             "counter",
             [
                 ("origin=\"client\"".to_string(), client_errors),
@@ -215,7 +236,7 @@ impl Metrics {
         );
         out.family(
             "ntlm_tag_upstream_errors_total",
-            "Upstream exchanges that failed (502) or timed out (504).",
+            "Upstream exchanges that failed (502, or a response body broken off) or timed out (504).",
             "counter",
             [
                 ("kind=\"error\"".to_string(), get(&self.upstream_errors)),

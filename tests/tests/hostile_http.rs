@@ -15,28 +15,37 @@ use ntlm_tag_tests::{
 struct Setup {
     topo: Topology,
     backend: WireBackend,
-    _gw: Gateway,
+    gw: Gateway,
 }
 
 fn setup() -> Setup {
+    setup_with(&[])
+}
+
+fn setup_with(extra: &[&str]) -> Setup {
     let topo = Topology::new();
     let backend = WireBackend::start(&topo.backend, Topology::backend_addr());
-    let gw = Gateway::start(
-        &topo.gateway,
-        &[
-            "--listen",
-            &Topology::gateway_addr().to_string(),
-            "--backend",
-            &Topology::backend_addr().to_string(),
-            "--ebpf",
-            "required",
-        ],
-    );
-    Setup {
-        topo,
-        backend,
-        _gw: gw,
-    }
+    let listen = Topology::gateway_addr().to_string();
+    let backend_addr = Topology::backend_addr().to_string();
+    let mut args = vec![
+        "--listen",
+        &listen,
+        "--backend",
+        &backend_addr,
+        "--ebpf",
+        "required",
+    ];
+    args.extend_from_slice(extra);
+    let gw = Gateway::start(&topo.gateway, &args);
+    Setup { topo, backend, gw }
+}
+
+/// The value of the Prometheus sample `name{labels}` on the gateway's `/metrics`.
+fn metric(s: &Setup, name: &str, labels: &str) -> Option<u64> {
+    let key = format!("{name}{{{labels}}} ");
+    s.gw.admin_metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(&key)?.trim().parse().ok())
 }
 
 /// What to wait for after sending.
@@ -282,7 +291,6 @@ fn invalid_chunk_sizes_never_reach_the_backend_and_end_the_connection() {
 }
 
 #[test]
-#[ignore = "bug: a client's invalid chunk size is answered 502 Bad Gateway (logged and counted as a backend failure) instead of 400"]
 fn invalid_chunk_sizes_are_answered_400() {
     let s = setup();
     for (i, size) in BAD_CHUNK_SIZES.iter().enumerate() {
@@ -293,7 +301,82 @@ fn invalid_chunk_sizes_are_answered_400() {
             "chunk size {size:?}: {:?}",
             reply.text()
         );
+        assert_ne!(reply.end, End::Open, "chunk size {size:?}: still open");
     }
+    // The client's fault, counted as such: not a backend failure.
+    let n = BAD_CHUNK_SIZES.len() as u64;
+    assert_eq!(
+        metric(&s, "ntlm_tag_errors_total", "origin=\"client\""),
+        Some(n)
+    );
+    assert_eq!(
+        metric(&s, "ntlm_tag_errors_total", "origin=\"upstream\""),
+        Some(0)
+    );
+}
+
+#[test]
+fn an_invalid_chunk_on_a_pinned_ntlm_connection_is_answered_400_and_closes_both_connections() {
+    let s = setup_with(&["--mode", "pin"]);
+    // An NTLM request first pins an upstream connection to the client connection, then a request
+    // on the same connection breaks its chunked body.
+    let first = "GET /pinned-first HTTP/1.1\r\nHost: gateway.test\r\nAuthorization: NTLM TlRMTVNTUAABAAAA\r\n\r\n";
+    let bytes = format!("{first}{}", bad_chunk(9, "zz"));
+    let (local, reply) = s.send(0, bytes, Until::Closed);
+    assert_eq!(reply.statuses(), vec![200, 400], "{:?}", reply.text());
+    assert_ne!(reply.end, End::Open, "{:?}", reply.text());
+    // Both requests went over the one pinned connection; the broken one never completed there,
+    // and the backend saw its body break off: the gateway closed that upstream connection rather
+    // than leave it (or reuse it) with a request half sent.
+    let seen = s
+        .backend
+        .wait_for("the pinned connection to be closed mid-body", |r| {
+            r.len() == 2 && r[1].body_error.is_some()
+        });
+    assert_eq!(seen[0].target, "/pinned-first");
+    assert!(seen[0].id().starts_with(&format!("{local}/")));
+    assert_eq!(seen[1].target, "/chunk-9");
+    assert_eq!(seen[0].peer, seen[1].peer, "one pinned upstream connection");
+    assert_eq!(s.backend.wires().len(), 1);
+    assert_eq!(
+        metric(&s, "ntlm_tag_errors_total", "origin=\"upstream\""),
+        Some(0)
+    );
+}
+
+#[test]
+fn transfer_codings_other_than_chunked_are_refused_with_501() {
+    // The gateway frames each hop itself (chunked): a gzip coding would be dropped and its
+    // compressed bytes passed on as the content. RFC 9112 §6.1: 501 for a transfer coding the
+    // server does not implement; the body is not read, so the connection closes.
+    let s = setup();
+    let gzipped = "1f8b0800000000000003cb48cdc9c90700865a3610050000";
+    let cases = [
+        ("gzip, chunked", "Transfer-Encoding: gzip, chunked"),
+        (
+            "deflate then chunked",
+            "Transfer-Encoding: deflate\r\nTransfer-Encoding: chunked",
+        ),
+        ("chunked twice", "Transfer-Encoding: chunked, chunked"),
+    ];
+    for (i, (case, te)) in cases.into_iter().enumerate() {
+        let bytes = format!(
+            "POST /coded-{i} HTTP/1.1\r\nHost: gateway.test\r\n{te}\r\n\r\n{:x}\r\n{gzipped}\r\n0\r\n\r\n{SMUGGLED}",
+            gzipped.len()
+        );
+        let (_, reply) = s.send(i as u8, bytes, Until::Closed);
+        assert_eq!(reply.statuses(), vec![501], "{case}: {:?}", reply.text());
+        assert_ne!(reply.end, End::Open, "{case}: still open after 501");
+    }
+    assert!(s.backend_view().is_empty());
+    // A plain chunked body still passes.
+    let (local, reply) = s.send(
+        7,
+        "POST /plain-chunked HTTP/1.1\r\nHost: gateway.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        Until::Responses(1),
+    );
+    assert_eq!(reply.statuses(), vec![200], "{:?}", reply.text());
+    assert_forwarded_once(&s.backend_view(), "/plain-chunked", local, b"hello");
 }
 
 #[test]

@@ -629,3 +629,66 @@ fn check_validates_files_and_conns_prints_the_live_table() {
     assert!(text.contains("kernel"), "{text}");
     assert!(text.contains("1 connection(s)"), "{text}");
 }
+
+#[test]
+fn id_templates_with_surrounding_spaces_are_refused_at_load() {
+    // A header value loses its leading and trailing spaces on the way (RFC 9110 §5.5): the backend
+    // would key sessions on an id other than the one the gateway logs and lists. Refused, from a
+    // file and from the flag, with exit 64 naming the key.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bin = ntlm_tag_tests::gateway::binary();
+    for (i, template) in [" {client}/{uid}", "{client}/{uid} ", " {uid} "]
+        .into_iter()
+        .enumerate()
+    {
+        let file = write(
+            dir.path(),
+            &format!("spaces-{i}.toml"),
+            &format!(
+                "listen = [\"198.18.1.1:8080\"]\nbackends = [\"198.18.2.2:8081\"]\nid_template = {template:?}\n"
+            ),
+        );
+        let out = std::process::Command::new(&bin)
+            .args(["check", "--config", &file])
+            .output()
+            .expect("check");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{template:?}: {stderr}");
+        assert!(
+            stderr.contains("`id_template`") && stderr.contains("space"),
+            "{template:?}: {stderr}"
+        );
+        let out = std::process::Command::new(&bin)
+            .args([
+                "run",
+                "--listen",
+                "198.18.1.1:8080",
+                "--backend",
+                "198.18.2.2:8081",
+                "--ebpf",
+                "off",
+                "--id-template",
+                template,
+            ])
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{template:?}: {stderr}");
+        assert!(stderr.contains("`id_template`"), "{template:?}: {stderr}");
+    }
+    // Inner spaces are part of the id and pass.
+    let inner = write(
+        dir.path(),
+        "inner.toml",
+        "listen = [\"198.18.1.1:8080\"]\nbackends = [\"198.18.2.2:8081\"]\nid_template = \"{client} {uid}\"\n",
+    );
+    let out = std::process::Command::new(&bin)
+        .args(["check", "--config", &inner])
+        .output()
+        .expect("check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -43,6 +43,11 @@ pub enum TemplateError {
     InvalidCharacter(char),
     #[error("the template is empty")]
     Empty,
+    #[error(
+        "the template starts or ends with a space: HTTP strips it from a header value (RFC 9110 \
+         §5.5), so the backend would see an id other than the one the gateway logs and lists"
+    )]
+    SurroundingWhitespace,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +74,9 @@ impl IdTemplate {
         }
         if let Some(c) = template.chars().find(|c| !(' '..='~').contains(c)) {
             return Err(TemplateError::InvalidCharacter(c));
+        }
+        if template.starts_with(' ') || template.ends_with(' ') {
+            return Err(TemplateError::SurroundingWhitespace);
         }
         let mut parts = Vec::new();
         let mut literal = String::new();
@@ -314,6 +322,15 @@ mod tests {
             Err(TemplateError::InvalidCharacter('\n'))
         );
         assert_eq!(IdTemplate::parse("", true), Err(TemplateError::Empty));
+        for t in [" {client}/{uid}", "{client}/{uid} ", "  {uid}  ", " "] {
+            assert_eq!(
+                IdTemplate::parse(t, true),
+                Err(TemplateError::SurroundingWhitespace),
+                "{t:?}"
+            );
+        }
+        // Inner spaces stay part of the value.
+        assert!(IdTemplate::parse("{client} {uid}", false).is_ok());
     }
 
     #[test]

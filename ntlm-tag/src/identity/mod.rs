@@ -111,6 +111,17 @@ impl ConnectionIdentity {
     }
 }
 
+/// How [`Identifier::settle`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Identified (from the kernel record, or there is nothing the kernel could add).
+    Identified,
+    /// No kernel record: the fallback identity stays and the miss was counted.
+    Fallback,
+    /// The client closed (reset) the connection before its record was found.
+    ClosedByClient,
+}
+
 /// Resolves connection identities.
 #[derive(Clone)]
 pub struct Identifier {
@@ -154,14 +165,25 @@ impl Identifier {
     /// PASSIVE_ESTABLISHED callback records it (on another CPU, accept() can win that race). A
     /// connection identified from its peer while the kernel tracks connections gets a few short
     /// retries before it is counted as a miss and keeps the fallback identity.
-    pub async fn settle(&self, identity: &mut ConnectionIdentity) {
+    ///
+    /// `closed` tells whether the socket is already closed (`TCP_CLOSE`): a client that reset its
+    /// connection before the gateway looked has had its record deleted, and never gets one. Such
+    /// a connection is not a miss; the caller closes it unserved (nothing can be sent on it).
+    pub async fn settle(
+        &self,
+        identity: &mut ConnectionIdentity,
+        closed: impl Fn() -> bool,
+    ) -> Settled {
         let (Some(kernel), Some(cookie)) = (&self.kernel, identity.cookie) else {
-            return;
+            return Settled::Identified;
         };
         if identity.source == IdentitySource::Kernel {
-            return;
+            return Settled::Identified;
         }
         for wait_us in [0, 50, 200, 1_000, 5_000, 20_000] {
+            if closed() {
+                return Settled::ClosedByClient;
+            }
             if wait_us == 0 {
                 tokio::task::yield_now().await;
             } else {
@@ -171,9 +193,13 @@ impl Identifier {
                 && canonical(record.peer) == identity.peer
             {
                 *identity = ConnectionIdentity::from_record(record, cookie);
-                return;
+                return Settled::Identified;
             }
         }
+        if closed() {
+            return Settled::ClosedByClient;
+        }
         kernel.note_lookup_miss(cookie, identity.peer);
+        Settled::Fallback
     }
 }

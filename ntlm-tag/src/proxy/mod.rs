@@ -34,14 +34,14 @@ use tokio_util::task::TaskTracker;
 use crate::{
     config::{Limits, ListenerConfig, Timeouts},
     identity::{
-        ConnectionIdentity, IdTemplate, Identifier, UidGenerator,
+        ConnectionIdentity, IdTemplate, Identifier, Settled, UidGenerator,
         proxy_header::{self, ProxyHeaderError},
         trust::TrustedSources,
     },
     kernel::socket_cookie,
     metrics::{Metrics, ProxyRejection},
     registry::{Registration, Registry},
-    upstream::{ClientUpstream, Upstream, UpstreamError},
+    upstream::{ClientBody, ClientUpstream, Upstream, UpstreamError},
 };
 use head_clock::{ClockedIo, HeadClock};
 use prefixed::PrefixedIo;
@@ -185,7 +185,13 @@ async fn handle_connection(
     listener: Arc<str>,
     shutdown: watch::Receiver<bool>,
 ) {
-    gateway.identifier.settle(&mut identity).await;
+    let closed = || crate::tcp_state::is_closed(&stream).unwrap_or(false);
+    if gateway.identifier.settle(&mut identity, closed).await == Settled::ClosedByClient {
+        // Reset before the gateway looked: its record is gone, and no reply could reach it.
+        gateway.metrics.closed_before_identified();
+        tracing::debug!(peer = %identity.peer, "connection reset by the client before it was identified; closing it");
+        return;
+    }
     let mut prefix = Bytes::new();
     if config.proxy_protocol {
         let peer = identity.peer;
@@ -401,6 +407,21 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
         );
         return response;
     }
+    if let Some(codings) = rewrite::unsupported_transfer_coding(req.headers()) {
+        // Forwarding would drop the coding (each hop is framed anew, chunked) and pass coded bytes
+        // on as content: 501 (RFC 9112 §6.1), and the unread body ends the connection.
+        gateway.metrics.client_request_error();
+        tracing::info!(conn_id = %connection.id, transfer_encoding = %codings, "transfer coding other than chunked; 501");
+        let mut response = error_response(
+            StatusCode::NOT_IMPLEMENTED,
+            "Transfer codings other than chunked are not implemented",
+        );
+        response.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+        return response;
+    }
     if let Some(m) = crate::upstream::ntlm_message(req.headers()) {
         gateway.metrics.ntlm_message(m);
     }
@@ -409,7 +430,7 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
     let (mut parts, body) = req.into_parts();
     parts.version = Version::HTTP_11;
     rewrite::prepare_request(&mut parts.headers, &gateway.policy, &connection.stamp);
-    let upstream_req = Request::from_parts(parts, body);
+    let upstream_req = Request::from_parts(parts, ClientBody::new(body));
     let mut upstream = connection.upstream.lock().await;
     let result = live
         .upstream
@@ -426,17 +447,27 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
         Err(e) => {
             match &e {
                 UpstreamError::Timeout { .. } => gateway.metrics.upstream_timeout(),
-                UpstreamError::BadTarget(_) => {}
+                e if e.is_client_error() => gateway.metrics.client_request_error(),
                 _ => gateway.metrics.upstream_error(),
             }
             let status = e.status();
-            tracing::warn!(
-                conn_id = %connection.id,
-                backend = %backend.authority(),
-                status = status.as_u16(),
-                error = %error_chain(&e),
-                "backend request failed"
-            );
+            if e.is_client_error() {
+                tracing::info!(
+                    conn_id = %connection.id,
+                    backend = %backend.authority(),
+                    status = status.as_u16(),
+                    error = %error_chain(&e),
+                    "bad request from the client"
+                );
+            } else {
+                tracing::warn!(
+                    conn_id = %connection.id,
+                    backend = %backend.authority(),
+                    status = status.as_u16(),
+                    error = %error_chain(&e),
+                    "backend request failed"
+                );
+            }
             let mut response = error_response(status, status.canonical_reason().unwrap_or("error"));
             if e.closes_client() {
                 response.headers_mut().insert(

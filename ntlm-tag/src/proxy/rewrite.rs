@@ -140,6 +140,38 @@ pub fn prepare_request(headers: &mut HeaderMap, policy: &StampPolicy, stamp: &Co
     }
 }
 
+/// The transfer codings of a message other than one `chunked`, if it has any (`gzip, chunked` gives
+/// `Some("gzip, chunked")`). The gateway removes `Transfer-Encoding` and lets the HTTP layer frame
+/// each hop (chunked): any other coding would be lost on the way and its coded bytes passed on as
+/// if they were the content. RFC 9112 §6.1: a server that receives a transfer coding it does not
+/// understand SHOULD answer 501 (Not Implemented); the gateway does so and never forwards it.
+pub fn unsupported_transfer_coding(headers: &HeaderMap) -> Option<String> {
+    let values: Vec<&HeaderValue> = headers.get_all(TRANSFER_ENCODING).iter().collect();
+    let mut codings = 0usize;
+    let mut only_chunked = true;
+    for v in &values {
+        let Ok(text) = v.to_str() else {
+            only_chunked = false;
+            continue;
+        };
+        // Empty list elements are allowed (RFC 9110 §5.6.1) and mean nothing.
+        for coding in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            codings += 1;
+            only_chunked &= coding.eq_ignore_ascii_case("chunked");
+        }
+    }
+    if values.is_empty() || (only_chunked && codings == 1) {
+        return None;
+    }
+    Some(
+        values
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect::<Vec<_>>()
+            .join(", "),
+    )
+}
+
 /// Prepares a backend response for the client: hop-by-hop headers are removed; everything else,
 /// including several `WWW-Authenticate` values, passes in order.
 pub fn prepare_response(headers: &mut HeaderMap) {
@@ -248,6 +280,41 @@ mod tests {
         let values: Vec<_> = h.get_all("www-authenticate").iter().collect();
         assert_eq!(values, vec!["Negotiate", "NTLM"]);
         assert!(h.get("connection").is_none());
+    }
+
+    #[test]
+    fn only_a_single_chunked_transfer_coding_is_supported() {
+        for ok in [&[][..], &["chunked"], &["Chunked"], &[" chunked , "]] {
+            let h = headers(
+                &ok.iter()
+                    .map(|v| ("Transfer-Encoding", *v))
+                    .collect::<Vec<_>>(),
+            );
+            assert_eq!(unsupported_transfer_coding(&h), None, "{ok:?}");
+        }
+        for bad in [
+            &["gzip, chunked"][..],
+            &["gzip", "chunked"],
+            &["chunked, chunked"],
+            &["deflate,chunked"],
+            &["x-custom, chunked"],
+            &[""],
+        ] {
+            let h = headers(
+                &bad.iter()
+                    .map(|v| ("Transfer-Encoding", *v))
+                    .collect::<Vec<_>>(),
+            );
+            assert!(unsupported_transfer_coding(&h).is_some(), "{bad:?}");
+        }
+        let h = headers(&[
+            ("Transfer-Encoding", "gzip"),
+            ("Transfer-Encoding", "chunked"),
+        ]);
+        assert_eq!(
+            unsupported_transfer_coding(&h).as_deref(),
+            Some("gzip, chunked")
+        );
     }
 
     #[test]

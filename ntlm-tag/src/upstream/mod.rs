@@ -10,9 +10,11 @@
 //!   never silently continue on a connection authenticated for someone else.
 #![forbid(unsafe_code)]
 
+mod client_body;
 mod guarded;
 pub mod health;
 
+pub use client_body::{ClientBody, ClientBodyState};
 pub use guarded::GuardedBody;
 
 use std::{
@@ -144,27 +146,48 @@ pub enum UpstreamError {
     PinnedLost { backend: Authority },
     #[error("bad request target: {0}")]
     BadTarget(#[from] http::Error),
+    /// The client's request body broke (an invalid chunk, the connection closed mid-body) while it
+    /// was being sent upstream: the client's fault, not the backend's.
+    #[error("the client's request body is malformed or incomplete: {source}")]
+    ClientBody {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl UpstreamError {
     pub fn status(&self) -> StatusCode {
         match self {
             UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            UpstreamError::BadTarget(_) => StatusCode::BAD_REQUEST,
+            UpstreamError::BadTarget(_) | UpstreamError::ClientBody { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             _ => StatusCode::BAD_GATEWAY,
         }
     }
 
-    /// The client connection must be closed after this error (a pinned session was lost).
+    /// The client connection must be closed after this error: a pinned session was lost, or the
+    /// client's framing can no longer be trusted.
     pub fn closes_client(&self) -> bool {
-        matches!(self, UpstreamError::PinnedLost { .. })
+        matches!(
+            self,
+            UpstreamError::PinnedLost { .. } | UpstreamError::ClientBody { .. }
+        )
+    }
+
+    /// The client caused this error (its request), not the backend.
+    pub fn is_client_error(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::BadTarget(_) | UpstreamError::ClientBody { .. }
+        )
     }
 }
 
 /// An upstream connection owned by one client connection (pin mode).
 struct Pinned {
     backend: Arc<Backend>,
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<ClientBody>,
 }
 
 /// A client connection's upstream side: its backend and, in pin mode, its own connection.
@@ -210,7 +233,7 @@ impl tower_service::Service<Uri> for CountingConnector {
 pub struct Upstream {
     backends: Vec<Arc<Backend>>,
     next: AtomicUsize,
-    client: Client<CountingConnector, Incoming>,
+    client: Client<CountingConnector, ClientBody>,
     mode: Mode,
     balance: Balance,
     timeouts: Timeouts,
@@ -318,8 +341,9 @@ impl Upstream {
         &self,
         state: &mut ClientUpstream,
         client: IpAddr,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
     ) -> Result<Response<GuardedBody>, UpstreamError> {
+        let client_body = req.body().state();
         if is_ntlm_request(req.headers()) {
             state.ntlm_seen = true;
         }
@@ -333,6 +357,8 @@ impl Upstream {
                 *req.uri_mut() = backend.uri_for(req.uri())?;
                 let client = &self.client;
                 let permits = backend.permits.clone();
+                let metrics = Arc::clone(&self.metrics);
+                let authority = backend.authority.clone();
                 let exchange = async move {
                     // With a cap, wait for one of the backend's connections to be free.
                     let permit = match permits {
@@ -342,7 +368,7 @@ impl Upstream {
                     client
                         .request(req)
                         .await
-                        .map(|r| r.map(|body| GuardedBody::new(body, permit)))
+                        .map(|r| r.map(|body| GuardedBody::new(body, permit, metrics, authority)))
                 };
                 match tokio::time::timeout(deadline, exchange).await {
                     Ok(Ok(r)) => Ok(r),
@@ -360,11 +386,28 @@ impl Upstream {
                     }),
                 }
             }
-            Mode::Pin => self
-                .exchange_pinned(state, req)
-                .await
-                .map(|r| r.map(|body| GuardedBody::new(body, None))),
+            Mode::Pin => self.exchange_pinned(state, req).await.map(|r| {
+                r.map(|body| {
+                    let authority = backend.authority.clone();
+                    GuardedBody::new(body, None, Arc::clone(&self.metrics), authority)
+                })
+            }),
         };
+        if client_body.is_broken() {
+            // Whatever the upstream side made of it, the request was cut off by the client. A
+            // pinned connection that carried part of it is never reused (hyper closes it too).
+            if self.mode == Mode::Pin {
+                state.pinned = None;
+            }
+            if let Err(e) = result {
+                return Err(match e {
+                    UpstreamError::BadTarget(_) | UpstreamError::ClientBody { .. } => e,
+                    other => UpstreamError::ClientBody {
+                        source: Box::new(other),
+                    },
+                });
+            }
+        }
         match &result {
             Ok(response) => {
                 backend.health.record_success();
@@ -416,7 +459,7 @@ impl Upstream {
     async fn exchange_pinned(
         &self,
         state: &mut ClientUpstream,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let backend = Arc::clone(state.backend());
         let usable = state
