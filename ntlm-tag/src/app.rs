@@ -341,9 +341,15 @@ impl Signals {
 
 /// Checks that the runtime can be built with `workers` threads.
 pub fn build_runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // One worker: a current-thread runtime. The multi-thread scheduler with a single worker still
+    // pays for cross-thread wake-ups and work-stealing bookkeeping on every request.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     builder.enable_all().thread_name("ntlm-tag");
-    if workers > 0 {
+    if workers > 1 {
         builder.worker_threads(workers);
     }
     match builder.build() {

@@ -120,7 +120,7 @@ pub struct RunArgs {
     /// Entries of the kernel connection map (LRU).
     #[arg(long, value_name = "N")]
     pub map_entries: Option<u32>,
-    /// Worker threads (0: one per CPU).
+    /// Worker threads (0: one per CPU; 1: a single-threaded runtime, the cheapest per request).
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
     /// Log format.

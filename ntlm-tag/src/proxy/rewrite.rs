@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use http::{
     HeaderMap, HeaderName, HeaderValue,
-    header::{CONNECTION, FORWARDED, TE, TRAILER, TRANSFER_ENCODING, UPGRADE},
+    header::{CONNECTION, FORWARDED, TRANSFER_ENCODING},
 };
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), besides those `Connection` names.
@@ -94,48 +94,77 @@ impl ConnectionStamp {
 
 /// Removes hop-by-hop headers, including those named by `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    // Most messages carry none (and without `Connection` nothing else is named): one pass over the
+    // names instead of a lookup per listed header.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+        return;
+    }
+    let named: Vec<&str> = headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
         .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
-        headers.remove(name);
-    }
-    for name in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-    ] {
+    let named_by_connection = |name: &str| named.iter().any(|t| t.eq_ignore_ascii_case(name));
+    // One pass over the names (usually just `Connection: keep-alive` goes) rather than a lookup
+    // per listed header.
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| HOP_BY_HOP.contains(&k.as_str()) || named_by_connection(k.as_str()))
+        .cloned()
+        .collect();
+    for name in doomed {
         headers.remove(name);
     }
 }
+
+/// Header names up to this long are folded on the stack; longer ones take the iterator path.
+const FOLD_MAX: usize = 64;
+
+/// [`FORWARDING_HEADERS`], folded.
+const FORWARDING_FOLDED: [&[u8]; 4] = [b"xforwardedfor", b"forwarded", b"xrealip", b"xclientip"];
+
+/// `name` folded into `buf`, or `None` when the fold does not fit.
+fn fold_into<'a>(name: &str, buf: &'a mut [u8; FOLD_MAX]) -> Option<&'a [u8]> {
+    let mut n = 0;
+    for b in fold(name) {
+        *buf.get_mut(n)? = b;
+        n += 1;
+    }
+    Some(&buf[..n])
+}
+
+/// Whether a client header named `name` claims an identity: the id header or a forwarding header,
+/// in any case or look-alike spelling. `id_folded` is the id header's fold when it fits.
+fn claims_identity(name: &str, id_name: &str, id_folded: Option<&[u8]>) -> bool {
+    let mut buf = [0u8; FOLD_MAX];
+    match (fold_into(name, &mut buf), id_folded) {
+        (Some(folded), Some(id)) => folded == id || FORWARDING_FOLDED.contains(&folded),
+        _ => folds_equal(name, id_name) || FORWARDING_HEADERS.iter().any(|f| folds_equal(name, f)),
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Prepares a client request's headers for the backend: strips hop-by-hop headers, every client copy
 /// of the identity headers (any case and look-alikes), and stamps this connection's values.
 pub fn prepare_request(headers: &mut HeaderMap, policy: &StampPolicy, stamp: &ConnectionStamp) {
     strip_hop_by_hop(headers);
     let id_name = policy.id_header.as_str();
-    let forged: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| {
-            let k = k.as_str();
-            folds_equal(k, id_name) || FORWARDING_HEADERS.iter().any(|f| folds_equal(k, f))
-        })
-        .cloned()
-        .collect();
-    for name in forged {
-        headers.remove(name);
+    let mut id_buf = [0u8; FOLD_MAX];
+    let id_folded = fold_into(id_name, &mut id_buf);
+    let forged = |k: &HeaderName| claims_identity(k.as_str(), id_name, id_folded);
+    // Checked first so that the usual request (nothing forged) allocates nothing here.
+    if headers.keys().any(forged) {
+        let names: Vec<HeaderName> = headers.keys().filter(|k| forged(k)).cloned().collect();
+        for name in names {
+            headers.remove(name);
+        }
     }
     headers.insert(policy.id_header.clone(), stamp.id.clone());
     if policy.forwarded_headers {
-        headers.insert("x-forwarded-for", stamp.x_forwarded_for.clone());
+        headers.insert(X_FORWARDED_FOR, stamp.x_forwarded_for.clone());
         headers.insert(FORWARDED, stamp.forwarded.clone());
     }
 }
@@ -323,6 +352,30 @@ mod tests {
             ConnectionStamp::new("x", "[fd00:5418::2]:443".parse().expect("addr")).expect("valid");
         assert_eq!(s.forwarded, "for=\"[fd00:5418::2]:443\";proto=http");
         assert_eq!(s.x_forwarded_for, "fd00:5418::2");
+    }
+
+    #[test]
+    fn the_folded_forwarding_names_match_the_names() {
+        let folded: Vec<Vec<u8>> = FORWARDING_HEADERS
+            .iter()
+            .map(|h| fold(h).collect())
+            .collect();
+        assert_eq!(folded, FORWARDING_FOLDED.map(<[u8]>::to_vec));
+    }
+
+    #[test]
+    fn long_header_names_are_still_compared_by_their_fold() {
+        let long_id = format!("x-{}", "a".repeat(FOLD_MAX));
+        let policy = StampPolicy {
+            id_header: HeaderName::from_bytes(long_id.as_bytes()).expect("name"),
+            forwarded_headers: false,
+        };
+        let look_alike = long_id.replace('-', "_").to_uppercase();
+        let mut h = headers(&[(&look_alike, "forged"), ("accept", "*/*")]);
+        prepare_request(&mut h, &policy, &stamp());
+        assert_eq!(h.get_all(&policy.id_header).iter().count(), 1);
+        assert_eq!(h[&policy.id_header], "198.18.0.2:4000/abc");
+        assert!(h.contains_key("accept"));
     }
 
     #[test]
