@@ -174,10 +174,13 @@ fn identify(
     Ok(gateway.identifier.identify(cookie, peer, local))
 }
 
+/// One client connection, from accept to close. This future lives as long as the connection, so
+/// it only holds small things: the set-up and the serving run in boxed futures of their own (a task
+/// is as large as its largest state; memory per idle connection).
 #[allow(clippy::too_many_arguments)]
 async fn handle_connection(
-    mut stream: tokio::net::TcpStream,
-    mut identity: ConnectionIdentity,
+    stream: tokio::net::TcpStream,
+    identity: ConnectionIdentity,
     config: Arc<ListenerConfig>,
     gateway: Arc<Gateway>,
     live: Arc<Live>,
@@ -185,12 +188,35 @@ async fn handle_connection(
     listener: Arc<str>,
     shutdown: watch::Receiver<bool>,
 ) {
+    let set_up = Box::pin(set_up_connection(
+        stream, identity, &config, &gateway, &live, &listener,
+    ));
+    let Some((io, connection)) = set_up.await else {
+        return;
+    };
+    match live.tls.get(&config.address).cloned() {
+        None => Box::pin(serve_connection(io, connection, shutdown)).await,
+        Some(acceptor) => Box::pin(serve_tls(io, acceptor, connection, shutdown)).await,
+    }
+    drop(slot);
+}
+
+/// Settles the identity (kernel record, PROXY header) and registers the connection; `None` when it
+/// is closed instead.
+async fn set_up_connection(
+    mut stream: tokio::net::TcpStream,
+    mut identity: ConnectionIdentity,
+    config: &ListenerConfig,
+    gateway: &Arc<Gateway>,
+    live: &Arc<Live>,
+    listener: &str,
+) -> Option<(PrefixedIo<tokio::net::TcpStream>, Arc<ClientConnection>)> {
     let closed = || crate::tcp_state::is_closed(&stream).unwrap_or(false);
     if gateway.identifier.settle(&mut identity, closed).await == Settled::ClosedByClient {
         // Reset before the gateway looked: its record is gone, and no reply could reach it.
         gateway.metrics.closed_before_identified();
         tracing::debug!(peer = %identity.peer, "connection reset by the client before it was identified; closing it");
-        return;
+        return None;
     }
     let mut prefix = Bytes::new();
     if config.proxy_protocol {
@@ -203,7 +229,7 @@ async fn handle_connection(
                 "closing a connection on a PROXY-protocol listener from a peer outside trusted_lbs \
                  (add its prefix with --trusted-lb if it is your balancer)"
             );
-            return;
+            return None;
         }
         match proxy_header::read(&mut stream, live.timeouts.proxy_header).await {
             Ok((header, rest)) => {
@@ -213,38 +239,40 @@ async fn handle_connection(
             Err(e) => {
                 gateway.metrics.proxy_rejected(rejection(&e));
                 tracing::warn!(%peer, listener = %listener, error = %e, "closing a connection whose PROXY header was not acceptable");
-                return;
+                return None;
             }
         }
     }
-    let io = PrefixedIo::new(prefix, stream);
-    let tls = live.tls.get(&config.address).cloned();
-    let connection = match open_connection(&gateway, &live, identity, &listener) {
-        Ok(c) => Arc::new(c),
+    match open_connection(gateway, live, identity, listener) {
+        Ok(c) => Some((PrefixedIo::new(prefix, stream), Arc::new(c))),
         Err(e) => {
             tracing::error!(error = %e, "cannot set up a client connection; closing it");
-            return;
-        }
-    };
-    match tls {
-        None => serve_connection(io, connection, shutdown).await,
-        Some(acceptor) => {
-            // The identity of a TLS connection is that of its TCP connection: already resolved.
-            let handshake = tokio::time::timeout(live.timeouts.header_read, acceptor.accept(io));
-            match handshake.await {
-                Ok(Ok(tls_stream)) => serve_connection(tls_stream, connection, shutdown).await,
-                Ok(Err(e)) => {
-                    gateway.metrics.tls_failed();
-                    tracing::info!(conn_id = %connection.id, error = %e, "TLS handshake failed");
-                }
-                Err(_) => {
-                    gateway.metrics.tls_failed();
-                    tracing::info!(conn_id = %connection.id, "TLS handshake timed out");
-                }
-            }
+            None
         }
     }
-    drop(slot);
+}
+
+/// TLS termination, then HTTP. The identity of a TLS connection is that of its TCP connection:
+/// already resolved.
+async fn serve_tls(
+    io: PrefixedIo<tokio::net::TcpStream>,
+    acceptor: TlsAcceptor,
+    connection: Arc<ClientConnection>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let gateway = Arc::clone(&connection.gateway);
+    let deadline = connection.live.timeouts.header_read;
+    match tokio::time::timeout(deadline, acceptor.accept(io)).await {
+        Ok(Ok(tls_stream)) => serve_connection(tls_stream, connection, shutdown).await,
+        Ok(Err(e)) => {
+            gateway.metrics.tls_failed();
+            tracing::info!(conn_id = %connection.id, error = %e, "TLS handshake failed");
+        }
+        Err(_) => {
+            gateway.metrics.tls_failed();
+            tracing::info!(conn_id = %connection.id, "TLS handshake timed out");
+        }
+    }
 }
 
 fn rejection(e: &ProxyHeaderError) -> ProxyRejection {
@@ -313,33 +341,38 @@ async fn serve_connection<S>(
         service_fn(move |req| {
             let connection = Arc::clone(&connection);
             let clock = Arc::clone(&clock);
-            async move {
+            // Boxed: hyper keeps a slot the size of this future for every connection, idle or not.
+            Box::pin(async move {
                 clock.request_started();
                 let response = handle(req, &connection).await;
                 clock.request_done();
                 response
-            }
+            })
         })
     };
     let result = if http2 {
         // Sniffs the HTTP/2 preface; HTTP/1.1 otherwise. (HTTP/2 streams have no head to trickle,
-        // so hyper's header timer alone bounds HTTP/1.1 heads and idle time here.)
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(timeouts.header_read)
-            .max_buf_size(max_header_bytes)
-            .keep_alive(true);
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        tokio::pin!(conn);
-        tokio::select! {
-            result = conn.as_mut() => result,
-            _ = shutdown.changed() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
+        // so hyper's header timer alone bounds HTTP/1.1 heads and idle time here.) Boxed, so that
+        // the much larger HTTP/2-capable state does not size every HTTP/1.1 connection's task.
+        Box::pin(async move {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeouts.header_read)
+                .max_buf_size(max_header_bytes)
+                .keep_alive(true);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => result,
+                _ = shutdown.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
             }
-        }
+        })
+        .await
     } else {
         let io = TokioIo::new(ClockedIo::new(stream, Arc::clone(&clock)));
         let conn = http1::Builder::new()
@@ -389,7 +422,10 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
     let started = Instant::now();
     connection.registration.count_request();
     // hyper bounds its read buffer, not the head itself: enforce the configured head size exactly.
-    let head_size = req.uri().to_string().len()
+    let uri = req.uri();
+    let head_size = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len())
         + req
             .headers()
             .iter()
