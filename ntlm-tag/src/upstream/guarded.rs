@@ -1,7 +1,7 @@
-//! A backend's response body on its way to the client. It holds the backend's upstream-connection
-//! permit until it is fully read (the pooled connection is back in the pool by then, so the cap
-//! counts connections, not requests), and counts a body the backend breaks off (a reset
-//! mid-response) as an upstream error.
+//! A backend's response body on its way to the client. When it has been read to the end it gives
+//! the shared upstream connection back to the pool and releases the backend's connection permit
+//! (so the cap counts connections, not requests); a body dropped half-read closes its connection.
+//! A body the backend breaks off (a reset mid-response) counts as an upstream error.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -15,11 +15,14 @@ use http::uri::Authority;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::pool::Loan;
 use crate::metrics::Metrics;
 
 pub struct GuardedBody {
     inner: Incoming,
     permit: Option<OwnedSemaphorePermit>,
+    /// The shared connection that carried it (tag mode), until it goes back to the pool.
+    loan: Option<Loan>,
     /// Until the body failed (then it is counted, once).
     metrics: Option<Arc<Metrics>>,
     backend: Authority,
@@ -29,15 +32,38 @@ impl GuardedBody {
     pub fn new(
         inner: Incoming,
         permit: Option<OwnedSemaphorePermit>,
+        loan: Option<Loan>,
         metrics: Arc<Metrics>,
         backend: Authority,
     ) -> Self {
         GuardedBody {
             inner,
             permit,
+            loan,
             metrics: Some(metrics),
             backend,
         }
+    }
+}
+
+impl GuardedBody {
+    /// The exchange is over: the connection goes back to the pool if the response was read to the
+    /// end (`complete`), and is closed otherwise.
+    fn release(&mut self, complete: bool) {
+        if let Some(loan) = self.loan.take()
+            && complete
+        {
+            loan.give_back();
+        }
+        self.permit = None;
+    }
+}
+
+impl Drop for GuardedBody {
+    fn drop(&mut self) {
+        // An empty body (a 401 without content, a 204) may never be polled.
+        let complete = self.inner.is_end_stream();
+        self.release(complete);
     }
 }
 
@@ -57,10 +83,11 @@ impl Body for GuardedBody {
             metrics.upstream_error();
             tracing::warn!(backend = %self.backend, error = %e, "backend response body broke off; the client connection is closed with it");
         }
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_))))
-            || self.inner.is_end_stream()
-        {
-            self.permit = None;
+        match &polled {
+            Poll::Ready(Some(Err(_))) => self.release(false),
+            Poll::Ready(None) => self.release(true),
+            _ if self.inner.is_end_stream() => self.release(true),
+            _ => {}
         }
         polled
     }

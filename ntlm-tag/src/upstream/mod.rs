@@ -13,6 +13,7 @@
 mod client_body;
 mod guarded;
 pub mod health;
+mod pool;
 
 pub use client_body::{ClientBody, ClientBodyState};
 pub use guarded::GuardedBody;
@@ -32,7 +33,7 @@ use http_body_util::Empty;
 use hyper::{body::Incoming, client::conn::http1::SendRequest};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+    rt::{TokioExecutor, TokioIo},
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -42,6 +43,7 @@ use crate::{
     metrics::Metrics,
 };
 use health::Health;
+use pool::{IdleConnections, Loan};
 
 /// How client connections are tied to upstream connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -71,6 +73,8 @@ pub struct Backend {
     health: Health,
     /// Caps the pooled upstream connections to this backend (tag mode), if configured.
     permits: Option<Arc<tokio::sync::Semaphore>>,
+    /// Shared keep-alive connections not in use (tag mode).
+    idle: IdleConnections,
 }
 
 impl Backend {
@@ -81,19 +85,33 @@ impl Backend {
     pub fn is_up(&self) -> bool {
         self.health.is_up()
     }
-
-    /// The absolute upstream URI for a client request's path and query (pooled client).
-    pub fn uri_for(&self, client_uri: &Uri) -> Result<Uri, http::Error> {
-        Uri::builder()
-            .scheme("http")
-            .authority(self.authority.clone())
-            .path_and_query(path_of(client_uri))
-            .build()
-    }
 }
 
 fn path_of(uri: &Uri) -> &str {
     uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+}
+
+/// An HTTP/1.1 connection to the backend takes the origin form; `Host` is the client's, or the
+/// backend's when the client sent none.
+fn to_origin_form<B>(req: &mut Request<B>, backend: &Backend) -> Result<(), UpstreamError> {
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        *req.uri_mut() = path_of(req.uri())
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| UpstreamError::BadTarget(e.into()))?;
+    }
+    if !req.headers().contains_key(header::HOST)
+        && let Ok(host) = backend.authority.as_str().parse()
+    {
+        req.headers_mut().insert(header::HOST, host);
+    }
+    Ok(())
+}
+
+/// Whether a new upstream connection joins the shared pool or belongs to one client connection.
+#[derive(Clone, Copy)]
+enum Sharing {
+    Shared,
+    Pinned,
 }
 
 /// A client connection's claim on a backend; keeps the backend's connection count.
@@ -204,36 +222,10 @@ impl ClientUpstream {
     }
 }
 
-/// The pool's connector, counting the connections it opens (for opened-vs-reused metrics).
-#[derive(Clone)]
-pub struct CountingConnector {
-    inner: HttpConnector,
-    metrics: Arc<Metrics>,
-}
-
-impl tower_service::Service<Uri> for CountingConnector {
-    type Response = <HttpConnector as tower_service::Service<Uri>>::Response;
-    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
-    type Future = <HttpConnector as tower_service::Service<Uri>>::Future;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        self.metrics.upstream_opened.fetch_add(1, Ordering::Relaxed);
-        self.inner.call(uri)
-    }
-}
-
 /// The backends, the pool and the policies.
 pub struct Upstream {
     backends: Vec<Arc<Backend>>,
     next: AtomicUsize,
-    client: Client<CountingConnector, ClientBody>,
     mode: Mode,
     balance: Balance,
     timeouts: Timeouts,
@@ -259,19 +251,7 @@ impl Upstream {
         max_per_backend: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeouts.upstream_connect));
-        connector.enforce_http(true);
-        let connector = CountingConnector {
-            inner: connector,
-            metrics: Arc::clone(&metrics),
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(timeouts.upstream_idle)
-            .build(connector);
-        Upstream {
+        let upstream = Upstream {
             backends: backends
                 .iter()
                 .map(|a| {
@@ -281,16 +261,40 @@ impl Upstream {
                         health: Health::default(),
                         permits: (max_per_backend > 0)
                             .then(|| Arc::new(tokio::sync::Semaphore::new(max_per_backend))),
+                        idle: IdleConnections::default(),
                     })
                 })
                 .collect(),
             next: AtomicUsize::new(0),
-            client,
             mode,
             balance,
             timeouts: *timeouts,
             metrics,
             checks: std::sync::Mutex::new(Vec::new()),
+        };
+        upstream.spawn_idle_sweeper();
+        upstream
+    }
+
+    /// Closes shared connections left idle for `upstream_idle_secs`, until this Upstream is
+    /// replaced (a reload) or the process ends.
+    fn spawn_idle_sweeper(&self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // Unit tests without a runtime: idle connections are also dropped on checkout.
+        };
+        let backends = self.backends.clone();
+        let max_idle = self.timeouts.upstream_idle;
+        let period = (max_idle / 2).max(Duration::from_millis(100));
+        let task = runtime.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                backends.iter().for_each(|b| b.idle.sweep(max_idle));
+            }
+        });
+        if let Ok(mut checks) = self.checks.lock() {
+            checks.push(task.abort_handle());
         }
     }
 
@@ -354,32 +358,21 @@ impl Upstream {
         let deadline = self.timeouts.upstream_response;
         let result = match self.mode {
             Mode::Tag => {
-                *req.uri_mut() = backend.uri_for(req.uri())?;
-                let client = &self.client;
-                let permits = backend.permits.clone();
-                let metrics = Arc::clone(&self.metrics);
-                let authority = backend.authority.clone();
-                let exchange = async move {
+                to_origin_form(&mut req, &backend)?;
+                let exchange = async {
                     // With a cap, wait for one of the backend's connections to be free.
-                    let permit = match permits {
-                        Some(p) => p.acquire_owned().await.ok(),
+                    let permit = match &backend.permits {
+                        Some(p) => Arc::clone(p).acquire_owned().await.ok(),
                         None => None,
                     };
-                    client
-                        .request(req)
-                        .await
-                        .map(|r| r.map(|body| GuardedBody::new(body, permit, metrics, authority)))
+                    let (response, loan) = self.send_shared(&backend, req).await?;
+                    let metrics = Arc::clone(&self.metrics);
+                    let authority = backend.authority.clone();
+                    Ok(response
+                        .map(|body| GuardedBody::new(body, permit, Some(loan), metrics, authority)))
                 };
                 match tokio::time::timeout(deadline, exchange).await {
-                    Ok(Ok(r)) => Ok(r),
-                    Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect {
-                        backend: backend.authority.clone(),
-                        source: Box::new(e),
-                    }),
-                    Ok(Err(e)) => Err(UpstreamError::Exchange {
-                        backend: backend.authority.clone(),
-                        source: Box::new(e),
-                    }),
+                    Ok(result) => result,
                     Err(_) => Err(UpstreamError::Timeout {
                         backend: backend.authority.clone(),
                         timeout: deadline,
@@ -389,7 +382,7 @@ impl Upstream {
             Mode::Pin => self.exchange_pinned(state, req).await.map(|r| {
                 r.map(|body| {
                     let authority = backend.authority.clone();
-                    GuardedBody::new(body, None, Arc::clone(&self.metrics), authority)
+                    GuardedBody::new(body, None, None, Arc::clone(&self.metrics), authority)
                 })
             }),
         };
@@ -479,15 +472,7 @@ impl Upstream {
                 backend: backend.authority.clone(),
             });
         };
-        // A dedicated HTTP/1.1 connection takes the origin form.
-        *req.uri_mut() = path_of(req.uri())
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| UpstreamError::BadTarget(e.into()))?;
-        if !req.headers().contains_key(header::HOST)
-            && let Ok(host) = backend.authority.as_str().parse()
-        {
-            req.headers_mut().insert(header::HOST, host);
-        }
+        to_origin_form(&mut req, &backend)?;
         let deadline = self.timeouts.upstream_response;
         let lost = |e: hyper::Error| UpstreamError::Exchange {
             backend: backend.authority.clone(),
@@ -514,18 +499,59 @@ impl Upstream {
         }
     }
 
+    /// Sends `req` on one of the backend's shared connections, or on a new one. A request that an
+    /// idle connection could not take (the backend had closed it) goes to the next or a new one; a
+    /// request that was sent is never sent twice.
+    async fn send_shared(
+        &self,
+        backend: &Arc<Backend>,
+        mut req: Request<ClientBody>,
+    ) -> Result<(Response<Incoming>, Loan), UpstreamError> {
+        let failed = |e: hyper::Error| UpstreamError::Exchange {
+            backend: backend.authority.clone(),
+            source: Box::new(e),
+        };
+        while let Some(mut sender) = backend.idle.take(self.timeouts.upstream_idle) {
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(response) => return Ok((response, Loan::new(sender, backend))),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(failed(e.into_error())),
+                },
+            }
+        }
+        let mut sender = self.open(backend, Sharing::Shared).await?;
+        sender.ready().await.map_err(failed)?;
+        let response = sender.send_request(req).await.map_err(failed)?;
+        Ok((response, Loan::new(sender, backend)))
+    }
+
     async fn connect_pinned(&self, backend: &Arc<Backend>) -> Result<Pinned, UpstreamError> {
+        let sender = self.open(backend, Sharing::Pinned).await?;
+        Ok(Pinned {
+            backend: Arc::clone(backend),
+            sender,
+        })
+    }
+
+    /// Opens an HTTP/1.1 connection to `backend` (within the connect timeout); its connection task
+    /// runs until the sender is dropped or the backend closes.
+    async fn open(
+        &self,
+        backend: &Arc<Backend>,
+        sharing: Sharing,
+    ) -> Result<SendRequest<ClientBody>, UpstreamError> {
         let connect_error =
             |source: Box<dyn std::error::Error + Send + Sync>| UpstreamError::Connect {
                 backend: backend.authority.clone(),
                 source,
             };
-        let address = format!(
-            "{}:{}",
-            backend.authority.host().trim_matches(['[', ']']),
-            backend.authority.port_u16().unwrap_or(80)
-        );
-        let connect = tokio::net::TcpStream::connect(address);
+        let host = backend.authority.host().trim_matches(['[', ']']);
+        let port = backend.authority.port_u16().unwrap_or(80);
+        let connect = tokio::net::TcpStream::connect((host, port));
         let stream = match tokio::time::timeout(self.timeouts.upstream_connect, connect).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(connect_error(Box::new(e))),
@@ -540,18 +566,24 @@ impl Upstream {
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| connect_error(Box::new(e)))?;
-        self.metrics.pinned_opened.fetch_add(1, Ordering::Relaxed);
-        self.metrics.pinned_open.fetch_add(1, Ordering::Relaxed);
         let metrics = Arc::clone(&self.metrics);
-        tokio::spawn(async move {
-            // Ends when the sender (the client connection) is dropped or the backend closes.
-            let _ = connection.await;
-            metrics.pinned_open.fetch_sub(1, Ordering::Relaxed);
-        });
-        Ok(Pinned {
-            backend: Arc::clone(backend),
-            sender,
-        })
+        match sharing {
+            Sharing::Shared => {
+                metrics.upstream_opened.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+            }
+            Sharing::Pinned => {
+                metrics.pinned_opened.fetch_add(1, Ordering::Relaxed);
+                metrics.pinned_open.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                    metrics.pinned_open.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        }
+        Ok(sender)
     }
 
     /// Runs active health checks until the process ends.
@@ -737,11 +769,21 @@ mod tests {
     }
 
     #[test]
-    fn upstream_uri_keeps_path_and_query() {
+    fn upstream_requests_take_the_origin_form_and_keep_the_clients_host() {
         let up = upstream(1, Balance::LeastConn);
-        let uri = up.backends()[0]
-            .uri_for(&"/a/b?c=d".parse().expect("uri"))
-            .expect("valid");
-        assert_eq!(uri, "http://10.0.0.0:80/a/b?c=d");
+        let backend = &up.backends()[0];
+        let mut absolute = Request::get("http://elsewhere/a/b?c=d")
+            .body(())
+            .expect("request");
+        to_origin_form(&mut absolute, backend).expect("valid");
+        assert_eq!(absolute.uri(), "/a/b?c=d");
+        assert_eq!(absolute.headers()[header::HOST], "10.0.0.0:80");
+        let mut origin = Request::get("/x")
+            .header(header::HOST, "intranet.example")
+            .body(())
+            .expect("request");
+        to_origin_form(&mut origin, backend).expect("valid");
+        assert_eq!(origin.uri(), "/x");
+        assert_eq!(origin.headers()[header::HOST], "intranet.example");
     }
 }
