@@ -581,6 +581,9 @@ pub enum Script {
     ResetBeforeResponse,
     /// Never answers; keeps reading (and counting) until the gateway closes.
     NeverAnswer,
+    /// Answers `200 ok` as a keep-alive response (no `Connection: close`), then closes the
+    /// connection: a backend whose keep-alive timeout fires right after a response.
+    AnswerThenClose,
 }
 
 /// One upstream connection as the scripted backend saw it.
@@ -732,6 +735,14 @@ async fn scripted(mut stream: TcpStream, script: Script, conns: Shared<Vec<ConnL
                 return;
             }
             Script::NeverAnswer => {}
+            Script::AnswerThenClose => {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+                    .await;
+                let _ = stream.shutdown().await;
+                conns.lock().expect("conns")[i].closed_by_backend = true;
+                return;
+            }
         }
     }
 }

@@ -689,3 +689,36 @@ fn concurrent_accepts_are_all_identified_from_their_kernel_record() {
         reset_unused(0, N)
     );
 }
+
+#[test]
+fn a_shared_connection_the_backend_closed_after_its_response_never_costs_a_request() {
+    let topo = Topology::new();
+    let backend = ScriptedBackend::start(
+        &topo.backend,
+        Topology::backend_addr(),
+        Script::AnswerThenClose,
+    );
+    let gw = gateway(&topo, &[]);
+    const ROUNDS: usize = 5;
+    for round in 1..=ROUNDS {
+        let reply = topo.client.run(|| async {
+            let mut c = RawClient::connect(Topology::client_v4(0), Topology::gateway_addr()).await;
+            c.send(GET).await.expect("send");
+            c.responses(1).await
+        });
+        assert_eq!(reply.statuses(), [200], "round {round}: {}", reply.text());
+        // The backend has closed the connection that carried it; the next request must not be
+        // sent on it (and lost as a 502), but on a new one.
+        backend.wait_for("the backend's close", Duration::from_secs(5), |c| {
+            c.len() == round && c.iter().all(|c| c.closed_by_backend)
+        });
+    }
+    let m = wait_for_metrics(&gw, "the requests to be counted", |m| {
+        metric(m, "ntlm_tag_upstream_connections_total", "kind=\"opened\"") == Some(ROUNDS as u64)
+    });
+    assert_eq!(
+        metric(&m, "ntlm_tag_errors_total", "origin=\"upstream\""),
+        Some(0),
+        "{m}"
+    );
+}
