@@ -37,7 +37,93 @@ pub fn write(args: &Args, env: &Environment, results: &Results) -> Result<Paths>
     ] {
         write_file(&dir.join(name), text)?;
     }
+    // The README shows the latest full run (not experiments with --only or another --out).
+    if args.only.is_empty() && args.out == Path::new(DEFAULT_OUT) {
+        update_readme(&readme_summary(env, results, &stamp))?;
+    }
     Ok(Paths { markdown: md_path })
+}
+
+const DEFAULT_OUT: &str = "bench/results";
+const README_BEGIN: &str = "<!-- bench:begin (written by cargo xtask bench) -->";
+const README_END: &str = "<!-- bench:end -->";
+
+/// The headline numbers of a run, one column per system.
+fn readme_summary(env: &Environment, results: &Results, stamp: &str) -> String {
+    let mut out = String::new();
+    let systems = Proxy::MAIN;
+    let _ = write!(out, "| {stamp} |");
+    for p in systems {
+        let _ = write!(out, " {} |", system_label(p));
+    }
+    let _ = write!(out, "\n|---|");
+    for _ in systems {
+        let _ = write!(out, "--:|");
+    }
+    out.push('\n');
+    type Cell = fn(&Results, Proxy) -> Option<f64>;
+    let rows: [(&str, usize, Cell); 7] = [
+        ("keep-alive requests/s (64 connections)", 0, |r, p| {
+            rate(r, p, Workload::KeepAlive)
+        }),
+        ("keep-alive p99 latency, µs", 0, |r, p| {
+            r.get(p, Workload::KeepAlive).map(|m| m.p99_us)
+        }),
+        ("**proxy CPU per keep-alive request, µs**", 1, |r, p| {
+            cpu(r, p, Workload::KeepAlive)
+        }),
+        ("new connections/s (one request each)", 0, |r, p| {
+            rate(r, p, Workload::NewConnection)
+        }),
+        ("proxy CPU per new connection + request, µs", 1, |r, p| {
+            cpu(r, p, Workload::NewConnection)
+        }),
+        ("NTLMv2 handshakes/s, end to end", 0, |r, p| {
+            rate(r, p, Workload::Ntlm)
+        }),
+        ("resident memory per idle connection, KiB", 1, |r, p| {
+            r.get(p, Workload::Idle)
+                .and_then(|m| m.idle.as_ref())
+                .map(|i| i.kib_per_connection())
+        }),
+    ];
+    for (label, decimals, cell) in rows {
+        let _ = write!(out, "| {label} |");
+        for p in systems {
+            let _ = write!(out, " {} |", opt(cell(results, p), decimals));
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(
+        out,
+        "\nOne core per proxy, the backend and the load generator on the other; load average before the run \
+         {}, after it {}. Goals, eBPF run-time statistics, XDP per-packet costs and every ratio: \
+         [`bench/results/{stamp}.md`](bench/results/{stamp}.md); chart: \
+         [`bench/results/{stamp}.svg`](bench/results/{stamp}.svg).",
+        env.load_before.trim(),
+        results.load_after.trim()
+    );
+    out
+}
+
+/// Replaces the text between the README's bench markers (left alone when they are missing).
+fn update_readme(summary: &str) -> Result<()> {
+    let path = root().join("README.md");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let (Some(begin), Some(end)) = (text.find(README_BEGIN), text.find(README_END)) else {
+        eprintln!("README.md has no bench markers; not updating its table");
+        return Ok(());
+    };
+    if end < begin {
+        return Ok(());
+    }
+    let updated = format!(
+        "{}{README_BEGIN}\n{summary}{}",
+        &text[..begin],
+        &text[end..]
+    );
+    write_file(&path, &updated)
 }
 
 fn write_file(path: &Path, text: &str) -> Result<()> {
