@@ -42,15 +42,14 @@ pub fn find_in_packet(kind: u8, tcp: usize, end: usize, buf: &mut [u8; 64]) -> T
     copy_word!(7);
     copy_word!(8);
     copy_word!(9);
-    // Options the header claims but the packet does not hold count as absent bytes: the parser then
-    // reports a truncated TOA option as malformed.
-    let claimed = options_len;
+    // Options the header claims but the packet does not hold: the parser sees the area cut where
+    // the copy ends. `find_toa` never reads at or past its `len` and its result does not depend on
+    // bytes past it (both fuzzed), so this gives what a `None`-past-`copied` accessor over the
+    // claimed length would: a TOA option running into the missing bytes is malformed, anything
+    // else there absent. The accessor itself is total, one constant-offset or masked load with no
+    // branch: an `Option` per byte made the compiler keep values alive across branches that
+    // only newer verifiers can correlate (5.10: "invalid read from stack"), and multiplied the
+    // paths the verifier walks (6.12: "the sequence of 8193 jumps is too complex").
     let buf = &*buf;
-    find_toa(kind, claimed, |i| {
-        if i < copied {
-            buf.get(i).copied()
-        } else {
-            None
-        }
-    })
+    find_toa(kind, copied, |i| Some(buf[i & 63]))
 }
