@@ -3,6 +3,7 @@
 use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
+    os::unix::process::ExitStatusExt,
     path::PathBuf,
     process::{Child, ExitStatus, Stdio},
     sync::{Arc, Mutex, mpsc},
@@ -28,12 +29,39 @@ pub fn binary() -> PathBuf {
     path
 }
 
+/// Environment variable with a factor (an integer, 1 by default) by which the harness's waits for
+/// a gateway grow: `cargo xtask integration-test` sets it in VMs, where everything runs many times
+/// slower than on the host (under TCG, a gateway takes seconds to load its programs, not 0.1 s).
+pub const TIME_SCALE_ENV: &str = "NTLM_TAG_TEST_TIME_SCALE";
+
+/// The factor from [`TIME_SCALE_ENV`] (at least 1).
+pub fn time_scale() -> u32 {
+    static SCALE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *SCALE.get_or_init(|| {
+        std::env::var(TIME_SCALE_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(1)
+            .max(1)
+    })
+}
+
+/// `d` times [`time_scale`]: for deadlines that only exist to fail a stuck test, never for ones a
+/// test asserts on (those must hold on any machine).
+pub fn scaled(d: Duration) -> Duration {
+    d * time_scale()
+}
+
 static ECHO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// Whether gateways echo their log lines to stderr (on by default, so failing tests show them).
 pub fn set_echo(on: bool) {
     ECHO.store(on, std::sync::atomic::Ordering::Relaxed);
 }
+
+/// How long a gateway may take to print its ready line (times [`time_scale`]); past it the harness
+/// kills it (SIGKILL) and reports "exited (signal: 9) before it was ready" with its log.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running gateway with its log lines.
 pub struct Gateway {
@@ -121,18 +149,29 @@ impl Gateway {
             log,
             lines: rx,
         };
-        match gateway.wait_for_line("ntlm-tag ready", Duration::from_secs(30)) {
+        match gateway.wait_for_line("ntlm-tag ready", scaled(READY_TIMEOUT)) {
             Some(_) => Started::Ready(gateway),
             None => {
                 let mut child = gateway.child.take().expect("child");
                 let _ = child.kill();
                 let status = child.wait().expect("wait");
                 // Let the reader thread drain what is left.
-                while gateway.lines.recv_timeout(Duration::from_secs(2)).is_ok() {}
-                Started::Exited {
-                    status,
-                    log: gateway.log(),
+                while gateway
+                    .lines
+                    .recv_timeout(scaled(Duration::from_secs(2)))
+                    .is_ok()
+                {}
+                let mut log = gateway.log();
+                if status.signal() == Some(libc::SIGKILL) {
+                    log.push(format!(
+                        "(test harness: no ready line within {:?}, so it killed the gateway; {}={} \
+                         scales this wait)",
+                        scaled(READY_TIMEOUT),
+                        TIME_SCALE_ENV,
+                        time_scale()
+                    ));
                 }
+                Started::Exited { status, log }
             }
         }
     }
@@ -189,7 +228,7 @@ impl Gateway {
 
     /// Waits (polling the admin listener, with a deadline) until `check` holds on `/kernel`.
     pub fn wait_for_kernel(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + scaled(Duration::from_secs(20));
         loop {
             let v = self.admin_json("/kernel");
             if check(&v) {
@@ -232,7 +271,7 @@ impl Gateway {
         let pid = child.id();
         // SAFETY: sending a signal to our own child process.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + scaled(Duration::from_secs(15));
         let status = loop {
             if let Some(status) = child.try_wait().expect("try_wait") {
                 break status;
