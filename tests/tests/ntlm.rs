@@ -350,11 +350,27 @@ fn in_pin_mode_a_dead_pinned_connection_closes_the_client_connection() {
             .output()
             .expect("curl")
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !a.requests().iter().any(|r| r["user"] == "user00") {
+    // Kill the backend once the upload has begun: curl starts it only after `/first` (its Type 1 and
+    // Type 3 requests, the latter authenticated as user00) was answered, so that 200 is through.
+    // (Killing it as soon as the backend had *decided* the 200 raced the response on slow
+    // machines: 502 for both.) The gateway counts a request when its head arrives.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = gw.admin_json("/connections");
+        let started = rows
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["requests"].as_u64())
+            .max()
+            .unwrap_or(0);
+        if started >= 3 {
+            break;
+        }
         assert!(
             std::time::Instant::now() < deadline,
-            "user00 never authenticated"
+            "the upload never started: {rows:#}; backend saw {:?}",
+            a.requests()
         );
         std::thread::sleep(Duration::from_millis(10));
     }
