@@ -12,7 +12,7 @@ use std::{
 use ntlm_tag_tests::{
     backend::Backend,
     client::Connection,
-    gateway::Gateway,
+    gateway::{Gateway, scaled},
     netns::NetNs,
     raw::{self, End, RawClient, Script, ScriptedBackend},
     topology::Topology,
@@ -369,7 +369,7 @@ fn a_full_kernel_map_evicts_the_oldest_records_and_unrecorded_clients_fall_back_
     });
     let recv = || {
         out_rx
-            .recv_timeout(Duration::from_secs(20))
+            .recv_timeout(scaled(Duration::from_secs(20)))
             .expect("the client thread")
     };
 
@@ -578,7 +578,7 @@ fn ten_thousand_connections_leave_no_records_descriptors_or_memory_behind() {
         0,
         WARMUP,
         BATCH,
-        Instant::now() + Duration::from_secs(10),
+        Instant::now() + scaled(Duration::from_secs(10)),
     );
     settle("descriptors after the warm-up");
     let rss_baseline = rss_kib(pid);
@@ -590,7 +590,7 @@ fn ten_thousand_connections_leave_no_records_descriptors_or_memory_behind() {
         WARMUP,
         N,
         BATCH,
-        started + Duration::from_secs(20),
+        started + scaled(Duration::from_secs(20)),
     );
     let churn_time = started.elapsed();
     assert_eq!(
@@ -658,7 +658,7 @@ fn concurrent_accepts_are_all_identified_from_their_kernel_record() {
         0,
         N,
         100,
-        Instant::now() + Duration::from_secs(20),
+        Instant::now() + scaled(Duration::from_secs(20)),
     );
     assert_eq!(backend.seen().len(), N / 2);
     let k1 = gw.wait_for_kernel("the connections' records to be deleted", |k| {
