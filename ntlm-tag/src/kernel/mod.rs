@@ -76,6 +76,18 @@ pub enum KernelError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error(
+        "{source}. This kernel ({release}) is older than {MIN_KERNEL_TEXT}, the oldest the eBPF programs \
+         run on: their sock_ops program reads the TCP header (skb_data, Linux 5.10) to find TOA options, \
+         and they log through a BPF ring buffer (5.8). Without them there are no kernel connection \
+         records, TOA or XDP decapsulation; PROXY protocol from trusted balancers and peer addresses \
+         (--ebpf auto or off) still work"
+    )]
+    KernelTooOld {
+        release: String,
+        #[source]
+        source: Box<KernelError>,
+    },
     #[error("a kernel map lock was poisoned by a panic")]
     Poisoned,
     #[error("cannot open map {name}: {source}")]
@@ -176,8 +188,14 @@ pub struct KernelTracker {
 
 impl KernelTracker {
     /// Moves the process into its own cgroup, loads the embedded programs and attaches them there.
-    /// Must run before the listening sockets are created, so that they belong to that cgroup.
+    /// Must run before the listening sockets are created, so that they belong to that cgroup. When
+    /// the kernel refuses the programs and is older than [`MIN_KERNEL`], the error says so and what
+    /// still works.
     pub fn start(options: &KernelOptions) -> Result<Self, KernelError> {
+        Self::load_and_attach(options).map_err(explain_old_kernel)
+    }
+
+    fn load_and_attach(options: &KernelOptions) -> Result<Self, KernelError> {
         let map_entries = options.map_entries;
         if let Err(e) = sockopt::raise_memlock_limit() {
             // Only kernels before 5.11 need it; there the map creation below fails with a clear error.
@@ -358,6 +376,37 @@ impl KernelTracker {
     }
 }
 
+/// The oldest kernel the programs load on (tested: Debian 11's 5.10; see docs/kernels.md).
+pub const MIN_KERNEL: (u32, u32) = (5, 10);
+const MIN_KERNEL_TEXT: &str = "5.10";
+
+/// Adds the kernel's age to an error the kernel's refusal of the object caused, when it is older
+/// than [`MIN_KERNEL`] (a missing privilege, cgroup or interface is not about the kernel's age).
+fn explain_old_kernel(e: KernelError) -> KernelError {
+    let refused = match &e {
+        KernelError::Load { hint, .. }
+        | KernelError::Program { hint, .. }
+        | KernelError::Attach { hint, .. } => *hint != PRIVILEGE_HINT,
+        _ => false,
+    };
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    match kernel_version(&release) {
+        Some(v) if refused && v < MIN_KERNEL => KernelError::KernelTooOld {
+            release: release.trim().to_string(),
+            source: Box::new(e),
+        },
+        _ => e,
+    }
+}
+
+/// `5.10.0-46-amd64` → (5, 10).
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 /// Loads the XDP program and attaches it to each interface: native mode first, generic if the
 /// driver cannot run XDP itself.
 fn attach_xdp(ebpf: &mut Ebpf, interfaces: &[String]) -> Result<Vec<XdpAttachment>, KernelError> {
@@ -487,4 +536,38 @@ fn start_kernel_logger(ebpf: &mut Ebpf) {
             guard.clear_ready();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_versions() {
+        assert_eq!(kernel_version("5.10.0-46-amd64\n"), Some((5, 10)));
+        assert_eq!(kernel_version("6.12.117+deb12-amd64"), Some((6, 12)));
+        assert_eq!(kernel_version("4.19.0"), Some((4, 19)));
+        assert_eq!(kernel_version("6.1"), Some((6, 1)));
+        assert_eq!(kernel_version("garbage"), None);
+        assert!(kernel_version("5.9.16").is_some_and(|v| v < MIN_KERNEL));
+        assert!(kernel_version("5.10.0").is_some_and(|v| v >= MIN_KERNEL));
+    }
+
+    #[test]
+    fn an_old_kernel_refusing_the_program_names_the_minimum_and_what_still_works() {
+        let e = KernelError::KernelTooOld {
+            release: "5.4.0-150-generic".to_string(),
+            source: Box::new(KernelError::Missing {
+                what: "program",
+                name: "x",
+            }),
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("(5.4.0-150-generic) is older than 5.10"),
+            "{text}"
+        );
+        assert!(text.contains("skb_data"), "{text}");
+        assert!(text.contains("PROXY protocol"), "{text}");
+    }
 }
