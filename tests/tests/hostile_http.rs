@@ -325,19 +325,40 @@ fn an_invalid_chunk_on_a_pinned_ntlm_connection_is_answered_400_and_closes_both_
     let (local, reply) = s.send(0, bytes, Until::Closed);
     assert_eq!(reply.statuses(), vec![200, 400], "{:?}", reply.text());
     assert_ne!(reply.end, End::Open, "{:?}", reply.text());
-    // Both requests went over the one pinned connection; the broken one never completed there,
-    // and the backend saw its body break off: the gateway closed that upstream connection rather
-    // than leave it (or reuse it) with a request half sent.
-    let seen = s
-        .backend
-        .wait_for("the pinned connection to be closed mid-body", |r| {
-            r.len() == 2 && r[1].body_error.is_some()
+    // The gateway closed the pinned upstream connection rather than leave it (or reuse it) with a
+    // request half sent. Whether the broken request's head had left the gateway's buffer before its
+    // body failed is timing; its body never completed there either way.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let metrics = s.gw.admin_metrics();
+        let open = metrics.lines().find_map(|l| {
+            l.strip_prefix("ntlm_tag_pinned_connections ")?
+                .trim()
+                .parse::<u64>()
+                .ok()
         });
+        if open == Some(0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pinned upstream connection stays open: {metrics}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let seen = s.backend.requests();
     assert_eq!(seen[0].target, "/pinned-first");
     assert!(seen[0].id().starts_with(&format!("{local}/")));
-    assert_eq!(seen[1].target, "/chunk-9");
-    assert_eq!(seen[0].peer, seen[1].peer, "one pinned upstream connection");
-    assert_eq!(s.backend.wires().len(), 1);
+    match &seen[1..] {
+        [] => {}
+        [broken] => {
+            assert_eq!(broken.target, "/chunk-9");
+            assert!(broken.body_error.is_some(), "{broken:?}");
+            assert_eq!(seen[0].peer, broken.peer, "one pinned upstream connection");
+        }
+        more => panic!("requests after the pinned one: {more:?}"),
+    }
+    assert_eq!(s.backend.wires().len(), 1, "one pinned upstream connection");
     assert_eq!(
         metric(&s, "ntlm_tag_errors_total", "origin=\"upstream\""),
         Some(0)
