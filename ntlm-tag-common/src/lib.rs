@@ -285,6 +285,12 @@ pub fn find_toa(kind: u8, len: usize, byte: impl Fn(usize) -> Option<u8>) -> Toa
             }
             _ => {}
         }
+        // The length byte must lie within `len` too: a kind byte that is the last byte of the
+        // area ends the list, whatever follows it in the packet (payload). `Absent`, as a bounded
+        // accessor has always answered it.
+        if off + 1 >= len {
+            return ToaOption::Absent;
+        }
         let Some(l) = byte(off + 1) else {
             return ToaOption::Absent;
         };
@@ -307,6 +313,11 @@ pub fn find_toa(kind: u8, len: usize, byte: impl Fn(usize) -> Option<u8>) -> Toa
 
 #[inline(always)]
 fn read_toa(off: usize, l: usize, byte: &impl Fn(usize) -> Option<u8>) -> ToaOption {
+    // The length first: the caller checked that `l` bytes lie within `len`, so only an option of
+    // 8 or 20 bytes may have its port and address read.
+    if l != TOA_LEN_V4 as usize && l != TOA_LEN_V6 as usize {
+        return ToaOption::Malformed;
+    }
     let b = |i: usize| byte(off + i);
     let (Some(p0), Some(p1)) = (b(2), b(3)) else {
         return ToaOption::Malformed;
@@ -423,6 +434,41 @@ mod tests {
                 matches!(r, ToaOption::Found(_)) == (l == 8 || l == 20),
                 "{l}: {r:?}"
             );
+        }
+    }
+
+    /// Runs `find_toa` with an accessor that answers past `len` (options followed by payload) and
+    /// returns the result and the highest index it read.
+    fn parse_past_len(kind: u8, len: usize, bytes: &[u8]) -> (ToaOption, Option<usize>) {
+        let max = core::cell::Cell::new(None::<usize>);
+        let r = find_toa(kind, len, |i| {
+            max.set(Some(max.get().map_or(i, |m: usize| m.max(i))));
+            bytes.get(i).copied()
+        });
+        (r, max.get())
+    }
+
+    #[test]
+    fn never_reads_at_or_past_len() {
+        // A kind byte as the last byte within len, a well-formed TOA right after it (fuzz
+        // regression `reads-one-past-len`): byte(len) is not the option's length.
+        let (r, max) = parse_past_len(254, 1, &[254, 8, 0, 1, 198, 19, 0, 1]);
+        assert_eq!(r, ToaOption::Absent);
+        assert_eq!(max, Some(0));
+        // A 2-byte option of the TOA kind at the end (fuzz regression
+        // `reads-port-of-a-2-byte-option`): its port bytes are not read.
+        let (r, max) = parse_past_len(59, 2, &[59, 2, 4, 5, 180, 4, 2, 8]);
+        assert_eq!(r, ToaOption::Malformed);
+        assert_eq!(max, Some(1));
+        // Every length of the TOA kind at the end of every area size: no read at or past len.
+        for len in 0..=TCP_MAX_OPTION_BYTES {
+            for l in 0..=255u8 {
+                let mut bytes = vec![1u8; len.saturating_sub(2)];
+                bytes.extend_from_slice(&[254, l]);
+                bytes.resize(64, 0xee);
+                let (_, max) = parse_past_len(254, len, &bytes);
+                assert!(max.is_none_or(|m| m < len), "len {len} l {l}: read {max:?}");
+            }
         }
     }
 
