@@ -331,6 +331,19 @@ fn after_dropping_privileges_kernel_identities_still_work() {
     });
     let id = backend.seen()[0].all("jespa-connection-id").remove(0);
     assert!(id.starts_with(&format!("{local}/")));
+    // Kernels before 6.5 with unprivileged BPF disabled (Debian 11's 5.10) refuse map lookups to a
+    // process without capabilities, even through fds it holds: the gateway must say so at start-up
+    // and serve from peer addresses (above: the id still names the client), not fail silently.
+    let refused = gw
+        .log()
+        .into_iter()
+        .find(|l| l.contains("kernel map lookups fail after the switch"));
+    if let Some(line) = refused {
+        assert!(line.contains("run without `user` there"), "{line}");
+        assert!(line.contains("peer addresses"), "{line}");
+        eprintln!("this kernel refuses unprivileged map lookups; the gateway said: {line}");
+        return;
+    }
     let kernel = gw.admin_json("/kernel");
     assert!(kernel["counters"]["recorded"].as_u64().unwrap_or(0) >= 1);
     assert_eq!(
