@@ -3,9 +3,12 @@
 //! - `cargo xtask fuzz --seconds N [TARGET...]` runs every target (or the named ones) N seconds
 //!   each and prints, per target, how long it ran, how many inputs it executed and whether it
 //!   crashed. Not part of CI.
-//! - `cargo xtask fuzz --build-only` is the cheap check CI can run: it builds every target
+//! - `cargo xtask fuzz --build-only` builds every target with cargo-fuzz
 //!   (`cargo fuzz build --dev --sanitizer none`) and replays the seed corpora and the regression
-//!   inputs through them once (libFuzzer `-runs=0`).
+//!   inputs through them once (libFuzzer `-runs=0`). A cold run takes about 9 minutes (nightly,
+//!   instrumented dependencies), so CI runs the cheaper equivalent in `cargo xtask lint` instead:
+//!   the targets built and linked against libFuzzer on stable, and `cargo test` replaying every
+//!   committed input through the same checks.
 //!
 //! Either way every committed input (`fuzz/corpus/<target>/`, `fuzz/regressions/<target>/`) is
 //! replayed first. The same checks run on the stable toolchain with
@@ -115,11 +118,11 @@ pub fn run_fuzz(seconds: u64, build_only: bool, only: &[String]) -> Result<()> {
 
 /// The eBPF object `ntlm-tag` embeds: the built one, or an empty placeholder (the fuzzed parsers
 /// never load it) so fuzzing does not need the eBPF toolchain.
-fn ebpf_object(fuzz_dir: &Path) -> Result<PathBuf> {
+pub fn ebpf_object(fuzz_dir: &Path) -> Result<PathBuf> {
     if let Some(given) = std::env::var_os("NTLM_TAG_EBPF_OBJECT") {
         return Ok(PathBuf::from(given));
     }
-    let built = root().join("ntlm-tag-ebpf/target/bpfel-unknown-none/release/ntlm-tag-ebpf");
+    let built = built_ebpf_object();
     if built.is_file() {
         return Ok(built);
     }
@@ -130,6 +133,11 @@ fn ebpf_object(fuzz_dir: &Path) -> Result<PathBuf> {
     }
     step("fuzz: no eBPF object built; embedding an empty placeholder (the parsers never load it)");
     Ok(placeholder)
+}
+
+/// Where `cargo xtask build-ebpf` puts the eBPF object (`ntlm-tag`'s build script looks there).
+pub fn built_ebpf_object() -> PathBuf {
+    root().join("ntlm-tag-ebpf/target/bpfel-unknown-none/release/ntlm-tag-ebpf")
 }
 
 fn ensure_nightly() -> Result<()> {

@@ -38,7 +38,8 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
-    /// `cargo fmt --check` and `cargo clippy -D warnings` on both workspaces.
+    /// `cargo fmt --check` (main, eBPF, fuzz) and `cargo clippy -D warnings` (main, fuzz); the fuzz
+    /// targets built and every committed fuzz input replayed (the CI fuzz check).
     Lint,
     /// Install the release binary, an example /etc/ntlm-tag/ntlm-tag.toml, a systemd unit and the man page.
     Install {
@@ -216,5 +217,43 @@ fn lint() -> Result<()> {
         .current_dir(root().join("ntlm-tag-ebpf"))
         .env("RUSTUP_TOOLCHAIN", "nightly")
         .args(["fmt", "--check"]))?;
-    Ok(())
+    fuzz_check()
+}
+
+/// The fuzz crate (its own workspace): formatting, lints, and the CI check that the fuzz targets
+/// build. On stable, without cargo-fuzz's instrumentation: the targets are compiled and linked
+/// against libFuzzer exactly as written (`cargo build --bins`), and every seed and regression
+/// input is replayed through their checks (`cargo test`). What `cargo fuzz build` adds on top
+/// (nightly, sanitizer coverage) costs minutes of compiling and checks nothing more of our code.
+fn fuzz_check() -> Result<()> {
+    let fuzz_dir = root().join("fuzz");
+    // The fuzzed code never loads the eBPF object: without a built one, embed a placeholder.
+    let placeholder = if fuzz::built_ebpf_object().is_file() {
+        None
+    } else {
+        Some(fuzz::ebpf_object(&fuzz_dir)?)
+    };
+    let fuzz = || {
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(&fuzz_dir).env_remove("CARGO_TARGET_DIR");
+        if let Some(p) = &placeholder {
+            cmd.env("NTLM_TAG_EBPF_OBJECT", p);
+        }
+        cmd
+    };
+    step("fuzz crate: cargo fmt --check");
+    run(fuzz().args(["fmt", "--check"]))?;
+    step("fuzz crate: cargo clippy -D warnings");
+    run(fuzz().args([
+        "clippy",
+        "--locked",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("fuzz crate: the targets build and link against libFuzzer");
+    run(fuzz().args(["build", "--locked", "--bins"]))?;
+    step("fuzz crate: every seed and regression input passes its target's checks");
+    run(fuzz().args(["test", "--locked"]))
 }
