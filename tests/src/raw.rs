@@ -501,9 +501,10 @@ impl WireBackend {
         all
     }
 
-    /// Waits until `check` holds on the recorded requests (10 s at most), returning them.
+    /// Waits until `check` holds on the recorded requests (10 s at most, times the harness's time
+    /// scale), returning them.
     pub fn wait_for(&self, what: &str, check: impl Fn(&[WireRequest]) -> bool) -> Vec<WireRequest> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + crate::gateway::scaled(Duration::from_secs(10));
         loop {
             let r = self.requests();
             if check(&r) {
