@@ -225,6 +225,8 @@ fn lint() -> Result<()> {
 /// against libFuzzer exactly as written (`cargo build --bins`), and every seed and regression
 /// input is replayed through their checks (`cargo test`). What `cargo fuzz build` adds on top
 /// (nightly, sanitizer coverage) costs minutes of compiling and checks nothing more of our code.
+/// Measured on 2 cores from an empty fuzz/target: clippy 132 s, build 187 s, test 2 s (~5.4 min,
+/// against ~9 min for a cold `cargo fuzz build`); seconds when warm.
 fn fuzz_check() -> Result<()> {
     let fuzz_dir = root().join("fuzz");
     // The fuzzed code never loads the eBPF object: without a built one, embed a placeholder.
