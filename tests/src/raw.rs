@@ -585,6 +585,9 @@ pub enum Script {
     /// Answers `200 ok` as a keep-alive response (no `Connection: close`), then closes the
     /// connection: a backend whose keep-alive timeout fires right after a response.
     AnswerThenClose,
+    /// Answers `200` with `Transfer-Encoding: gzip, chunked` (a coding the gateway cannot pass on)
+    /// and keeps the connection open.
+    AnswerGzipChunked,
 }
 
 /// One upstream connection as the scripted backend saw it.
@@ -736,6 +739,13 @@ async fn scripted(mut stream: TcpStream, script: Script, conns: Shared<Vec<ConnL
                 return;
             }
             Script::NeverAnswer => {}
+            Script::AnswerGzipChunked => {
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                    )
+                    .await;
+            }
             Script::AnswerThenClose => {
                 let _ = stream
                     .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")

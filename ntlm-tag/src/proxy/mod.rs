@@ -475,6 +475,21 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
     let backend = Arc::clone(upstream.backend());
     drop(upstream);
     let response = match result {
+        Ok(response)
+            if let Some(codings) = rewrite::unsupported_transfer_coding(response.headers()) =>
+        {
+            // Each hop is framed anew (chunked): any other coding would reach the client unlabelled,
+            // its coded bytes taken for the content. The unread body closes that upstream connection.
+            gateway.metrics.upstream_error();
+            tracing::warn!(
+                conn_id = %connection.id,
+                backend = %backend.authority(),
+                transfer_encoding = %codings,
+                "backend response with a transfer coding other than chunked; 502 (turn off \
+                 transfer-coding compression on the backend; Content-Encoding passes)"
+            );
+            error_response(StatusCode::BAD_GATEWAY, "Bad Gateway")
+        }
         Ok(response) => {
             let (mut parts, body) = response.into_parts();
             rewrite::prepare_response(&mut parts.headers);
