@@ -126,15 +126,27 @@ impl Connection {
 /// `ip:port` can connect again at once. Returns the status code.
 pub async fn get_then_reset(src: SocketAddr, dst: SocketAddr, path: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
-    socket
-        .bind(src)
-        .unwrap_or_else(|e| panic!("bind {src}: {e}"));
-    let mut stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(dst))
-        .await
-        .unwrap_or_else(|_| panic!("connect to {dst} timed out"))
-        .unwrap_or_else(|e| panic!("connect from {src} to {dst}: {e}"));
+    // Right after the previous connection from `src` was reset, a slow (emulated) kernel has been
+    // seen to answer EADDRNOTAVAIL once: the old 4-tuple not yet unhashed. Retried, a few times.
+    let mut attempts = 0;
+    let mut stream = loop {
+        let socket = TcpSocket::new_v4().expect("socket");
+        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+        socket
+            .bind(src)
+            .unwrap_or_else(|e| panic!("bind {src}: {e}"));
+        match tokio::time::timeout(Duration::from_secs(10), socket.connect(dst))
+            .await
+            .unwrap_or_else(|_| panic!("connect to {dst} timed out"))
+        {
+            Ok(stream) => break stream,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable && attempts < 20 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("connect from {src} to {dst}: {e}"),
+        }
+    };
     stream
         .write_all(format!("GET {path} HTTP/1.1\r\nHost: gateway.test\r\n\r\n").as_bytes())
         .await
