@@ -504,18 +504,12 @@ impl WireBackend {
     /// Waits until `check` holds on the recorded requests (10 s at most, times the harness's time
     /// scale), returning them.
     pub fn wait_for(&self, what: &str, check: impl Fn(&[WireRequest]) -> bool) -> Vec<WireRequest> {
-        let deadline = Instant::now() + crate::gateway::scaled(Duration::from_secs(10));
-        loop {
-            let r = self.requests();
-            if check(&r) {
-                return r;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {r:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        poll_until(
+            what,
+            crate::gateway::scaled(Duration::from_secs(10)),
+            || self.requests(),
+            check,
+        )
     }
 }
 
@@ -669,18 +663,7 @@ impl ScriptedBackend {
         timeout: Duration,
         check: impl Fn(&[ConnLog]) -> bool,
     ) -> Vec<ConnLog> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let c = self.connections();
-            if check(&c) {
-                return c;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {c:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        poll_until(what, timeout, || self.connections(), check)
     }
 }
 
@@ -755,5 +738,27 @@ async fn scripted(mut stream: TcpStream, script: Script, conns: Shared<Vec<ConnL
                 return;
             }
         }
+    }
+}
+
+/// Reads `state` until `check` holds on it, returning it; panics with the last state after
+/// `timeout` (a stuck test, not a speed assertion).
+fn poll_until<T: std::fmt::Debug>(
+    what: &str,
+    timeout: Duration,
+    state: impl Fn() -> Vec<T>,
+    check: impl Fn(&[T]) -> bool,
+) -> Vec<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let current = state();
+        if check(&current) {
+            return current;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {current:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
