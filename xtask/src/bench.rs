@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: ntlm-tag side by side with nginx, HAProxy and the backend itself, measured in
-//! one run on this machine with the same backend and the same load (issue 9).
+//! one run on this machine with the same backend and the same load.
 //!
 //! Every proxy runs alone on core 0 with one worker; the backend (nginx, or the NTLM acceptor) and
 //! the load generator (this process, a Rust client on one thread) share core 1. Workloads: keep-alive

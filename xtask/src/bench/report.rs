@@ -408,7 +408,7 @@ fn xdp_table(out: &mut String, results: &Results) {
     );
 }
 
-/// A goal of issue 9 and how this run did.
+/// A performance goal and how this run did.
 struct Goal {
     goal: &'static str,
     measured: String,
@@ -596,7 +596,7 @@ fn sock_ops_share(results: &Results) -> String {
 fn goals_table(out: &mut String, results: &Results) {
     let _ = writeln!(
         out,
-        "\n## Goals (issue 9)\n\n| goal | measured (ntlm-tag) | status |\n|---|---|---|"
+        "\n## Goals\n\n| goal | measured (ntlm-tag) | status |\n|---|---|---|"
     );
     for g in goals(results) {
         let _ = writeln!(out, "| {} | {} | {} |", g.goal, g.measured, g.status);

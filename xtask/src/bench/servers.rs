@@ -206,7 +206,7 @@ pub fn start_proxy(proxy: Proxy, upstream: Upstream, dir: &Path) -> Result<Optio
     Ok(Some(server))
 }
 
-/// The configuration everyone uses (issue 9); tuned: 256 idle upstream connections instead of 16.
+/// The configuration everyone uses; tuned: 256 idle upstream connections instead of 16.
 fn nginx_proxy_blocks(upstream: Upstream, tuned: bool) -> String {
     let keepalive = if tuned { 256 } else { 16 };
     format!(
