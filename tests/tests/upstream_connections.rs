@@ -88,7 +88,8 @@ fn anonymous_statuses(ns: &NetNs, i: usize) -> Vec<String> {
     cmd.args(["-sS", "--max-time", "20", "--interface", &source]);
     cmd.args(["-w", "%{http_code}\n"]);
     for r in 0..ANONYMOUS_REQUESTS {
-        cmd.args(["-o", "/dev/null"]).arg(url(&format!("/anon{i}/r{r}")));
+        cmd.args(["-o", "/dev/null"])
+            .arg(url(&format!("/anon{i}/r{r}")));
     }
     let out = cmd.output().expect("run curl");
     String::from_utf8_lossy(&out.stdout)
@@ -199,7 +200,11 @@ fn behind_the_default_configuration_iis_like_backends_serve_every_user_as_themse
         |m| metric(m, "ntlm_tag_bound_connections", "") == Some(0),
     );
     assert_eq!(
-        metric(&m, "ntlm_tag_upstream_bindings_total", "trigger=\"request\""),
+        metric(
+            &m,
+            "ntlm_tag_upstream_bindings_total",
+            "trigger=\"request\""
+        ),
         Some(USERS as u64),
         "one binding per login: {m}"
     );
@@ -210,16 +215,10 @@ fn behind_the_default_configuration_iis_like_backends_serve_every_user_as_themse
         let gw_ns = topo.gateway.path();
         move || async move {
             let gateway = Topology::gateway_addr();
-            let mut leg = Connection::open(
-                Some(SocketAddr::new(Topology::client_v4(0), 0)),
-                gateway,
-            )
-            .await;
-            let mut anonymous = Connection::open(
-                Some(SocketAddr::new(Topology::client_v4(1), 0)),
-                gateway,
-            )
-            .await;
+            let mut leg =
+                Connection::open(Some(SocketAddr::new(Topology::client_v4(0), 0)), gateway).await;
+            let mut anonymous =
+                Connection::open(Some(SocketAddr::new(Topology::client_v4(1), 0)), gateway).await;
             let type1 = "NTLM TlRMTVNTUAABAAAAB4IIAAAAAAAAAAAAAAAAAAAAAAA=";
             let challenged = leg.get("/leg", &[("authorization", type1)]).await;
             assert_eq!(challenged.status, 401);
@@ -292,8 +291,7 @@ fn a_post_answered_401_before_its_body_keeps_its_upstream_connection_out_of_the_
     // While that body is stalled, other clients are served (on another upstream connection).
     for i in 1..=5u8 {
         let statuses = topo.client.run(move || async move {
-            let mut c =
-                RawClient::connect(Topology::client_v4(i), Topology::gateway_addr()).await;
+            let mut c = RawClient::connect(Topology::client_v4(i), Topology::gateway_addr()).await;
             c.send(GET).await.expect("send");
             c.read_until(scaled(Duration::from_secs(10)), |r| !r.is_empty())
                 .await
@@ -403,7 +401,7 @@ fn after_one_of_two_backends_is_killed_every_new_ntlm_handshake_succeeds_on_the_
             &[url("/warm-up")],
             &[],
         );
-        assert_eq!(run.users(), [user.clone()], "{}", run.stderr);
+        assert_eq!(run.users(), vec![user.clone()], "{}", run.stderr);
     }
     assert!(!a.requests().is_empty() && !b.requests().is_empty());
 

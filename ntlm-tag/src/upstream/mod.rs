@@ -98,9 +98,9 @@ pub struct Backend {
     authority: Authority,
     active: AtomicUsize,
     health: Health,
-    /// Caps the pooled upstream connections to this backend (tag mode), if configured.
+    /// Caps the busy shared upstream connections to this backend, if configured.
     permits: Option<Arc<tokio::sync::Semaphore>>,
-    /// Shared keep-alive connections not in use (tag mode).
+    /// Shared keep-alive connections not in use.
     idle: IdleConnections,
 }
 
