@@ -587,6 +587,9 @@ pub enum Script {
     /// NTLM` before any of the body is read (the body is then read and discarded), one without a
     /// body `200 ok`.
     AnswerBeforeBody,
+    /// Keep-alive, request after request: `200 ok` with `Persistent-Auth: true`, the header IIS
+    /// sends when the connection stays authenticated (e.g. after Kerberos).
+    AnswerPersistentAuth,
 }
 
 /// One upstream connection as the scripted backend saw it.
@@ -687,8 +690,11 @@ impl Drop for ScriptedBackend {
 }
 
 async fn scripted(mut stream: TcpStream, script: Script, conns: Shared<Vec<ConnLog>>, i: usize) {
-    if let Script::AnswerBeforeBody = script {
-        return answer_before_body(stream, conns, i).await;
+    match script {
+        Script::AnswerBeforeBody | Script::AnswerPersistentAuth => {
+            return answer_each(stream, script, conns, i).await;
+        }
+        _ => {}
     }
     let mut buf = vec![0u8; 64 * 1024];
     let mut head: Vec<u8> = Vec::new();
@@ -732,7 +738,7 @@ async fn scripted(mut stream: TcpStream, script: Script, conns: Shared<Vec<ConnL
                 conns.lock().expect("conns")[i].closed_by_backend = true;
                 return;
             }
-            Script::NeverAnswer | Script::AnswerBeforeBody => {}
+            Script::NeverAnswer | Script::AnswerBeforeBody | Script::AnswerPersistentAuth => {}
             Script::AnswerGzipChunked => {
                 let _ = stream
                     .write_all(
@@ -752,8 +758,9 @@ async fn scripted(mut stream: TcpStream, script: Script, conns: Shared<Vec<ConnL
     }
 }
 
-/// [`Script::AnswerBeforeBody`] on one connection.
-async fn answer_before_body(mut stream: TcpStream, conns: Shared<Vec<ConnLog>>, i: usize) {
+/// The keep-alive scripts ([`Script::AnswerBeforeBody`], [`Script::AnswerPersistentAuth`]) on one
+/// connection: each request is answered as soon as its head has arrived, then its body is read.
+async fn answer_each(mut stream: TcpStream, script: Script, conns: Shared<Vec<ConnLog>>, i: usize) {
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     // Reads more into `buf`; false when the gateway closed the connection.
@@ -798,7 +805,9 @@ async fn answer_before_body(mut stream: TcpStream, conns: Shared<Vec<ConnLog>>, 
             }
         }
         buf.drain(..head_end);
-        let answer: &[u8] = if length > 0 {
+        let answer: &[u8] = if let Script::AnswerPersistentAuth = script {
+            b"HTTP/1.1 200 OK\r\nPersistent-Auth: true\r\nContent-Length: 3\r\n\r\nok\n"
+        } else if length > 0 {
             b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: NTLM\r\nContent-Length: 0\r\n\r\n"
         } else {
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
