@@ -268,6 +268,17 @@ fn behind_the_default_configuration_iis_like_backends_serve_every_user_as_themse
 }
 
 const GET: &[u8] = b"GET /other HTTP/1.1\r\nHost: gateway.test\r\n\r\n";
+
+/// One GET from client address `i` on a new connection; the statuses that came back.
+fn get_on_a_new_connection(ns: &NetNs, i: u8) -> Vec<u16> {
+    ns.run(move || async move {
+        let mut c = RawClient::connect(Topology::client_v4(i), Topology::gateway_addr()).await;
+        c.send(GET).await.expect("send");
+        c.read_until(scaled(Duration::from_secs(10)), |r| !r.is_empty())
+            .await
+            .statuses()
+    })
+}
 const BODY: usize = 64 * 1024;
 const FIRST_PART: usize = 1000;
 
@@ -313,13 +324,7 @@ fn a_post_answered_401_before_its_body_keeps_its_upstream_connection_out_of_the_
 
     // While that body is stalled, other clients are served (on another upstream connection).
     for i in 1..=5u8 {
-        let statuses = topo.client.run(move || async move {
-            let mut c = RawClient::connect(Topology::client_v4(i), Topology::gateway_addr()).await;
-            c.send(GET).await.expect("send");
-            c.read_until(scaled(Duration::from_secs(10)), |r| !r.is_empty())
-                .await
-                .statuses()
-        });
+        let statuses = get_on_a_new_connection(&topo.client, i);
         assert_eq!(
             statuses,
             [200],
@@ -357,13 +362,7 @@ fn a_post_answered_401_before_its_body_keeps_its_upstream_connection_out_of_the_
         .recv_timeout(scaled(Duration::from_secs(10)))
         .expect("the second stalled client's answer");
     assert_eq!(early, [401]);
-    let statuses = topo.client.run(|| async {
-        let mut c = RawClient::connect(Topology::client_v4(11), Topology::gateway_addr()).await;
-        c.send(GET).await.expect("send");
-        c.read_until(scaled(Duration::from_secs(10)), |r| !r.is_empty())
-            .await
-            .statuses()
-    });
+    let statuses = get_on_a_new_connection(&topo.client, 11);
     assert_eq!(statuses, [200]);
     eventually(
         "the first POST's upstream connection to serve again",
@@ -385,13 +384,7 @@ fn a_post_answered_401_before_its_body_keeps_its_upstream_connection_out_of_the_
         "only the abandoned body's connection is closed: {conns:#?}"
     );
     // The others still serve.
-    let statuses = topo.client.run(|| async {
-        let mut c = RawClient::connect(Topology::client_v4(12), Topology::gateway_addr()).await;
-        c.send(GET).await.expect("send");
-        c.read_until(scaled(Duration::from_secs(10)), |r| !r.is_empty())
-            .await
-            .statuses()
-    });
+    let statuses = get_on_a_new_connection(&topo.client, 12);
     assert_eq!(statuses, [200]);
     drop(gw);
 }
@@ -518,13 +511,7 @@ fn a_response_with_persistent_auth_binds_its_upstream_connection_to_that_client_
     );
 
     // Client B, while A is connected, never gets A's upstream connection.
-    let statuses = topo.client.run(|| async {
-        let mut c = RawClient::connect(Topology::client_v4(1), Topology::gateway_addr()).await;
-        c.send(GET).await.expect("send");
-        c.read_until(scaled(Duration::from_secs(10)), |r| !r.is_empty())
-            .await
-            .statuses()
-    });
+    let statuses = get_on_a_new_connection(&topo.client, 1);
     assert_eq!(statuses, [200]);
     let conns = backend.connections();
     assert_eq!(

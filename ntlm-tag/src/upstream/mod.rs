@@ -490,6 +490,9 @@ impl Upstream {
         let mut tried: Vec<Arc<Backend>> = Vec::new();
         let (backend, result) = loop {
             let backend = Arc::clone(state.backend());
+            if let Err(e) = to_origin_form(&mut req, &backend) {
+                break (backend, Err(e));
+            }
             let attempt = if dedicated {
                 self.send_dedicated(state, req).await
             } else {
@@ -505,9 +508,11 @@ impl Upstream {
                         self.mark_down(&backend);
                     }
                     tried.push(Arc::clone(&backend));
-                    let next = match state.holds_session() {
-                        true => None,
-                        false => self.pick(client, &tried),
+                    // A client whose NTLM session lives on an upstream connection stays with it.
+                    let next = if state.holds_session() {
+                        None
+                    } else {
+                        self.pick(client, &tried)
                     };
                     let Some(next) = next else {
                         break (backend, Err(error));
@@ -598,12 +603,9 @@ impl Upstream {
     async fn send_shared(
         &self,
         state: &mut ClientUpstream,
-        mut req: Request<ClientBody>,
+        req: Request<ClientBody>,
     ) -> Attempt<Response<GuardedBody>> {
         let backend = Arc::clone(state.backend());
-        if let Err(e) = to_origin_form(&mut req, &backend) {
-            return Attempt::Done(Err(e));
-        }
         // With a cap, wait for one of the backend's connections to be free.
         let permit = match &backend.permits {
             Some(p) => {
@@ -662,12 +664,9 @@ impl Upstream {
     async fn send_dedicated(
         &self,
         state: &mut ClientUpstream,
-        mut req: Request<ClientBody>,
+        req: Request<ClientBody>,
     ) -> Attempt<Response<GuardedBody>> {
         let backend = Arc::clone(state.backend());
-        if let Err(e) = to_origin_form(&mut req, &backend) {
-            return Attempt::Done(Err(e));
-        }
         let wrap = |response: Response<Incoming>| {
             let metrics = Arc::clone(&self.metrics);
             let authority = backend.authority.clone();
