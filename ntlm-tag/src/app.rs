@@ -153,6 +153,9 @@ pub async fn run(config: Config, args: RunArgs) -> Result<()> {
 
 /// The reloadable part of the configuration, ready to serve.
 fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
+    if let Some(warning) = config.mode.warning() {
+        tracing::warn!("{warning}");
+    }
     let upstream = Upstream::new(
         &config.backends,
         config.mode,

@@ -76,8 +76,10 @@ pub struct RunArgs {
     /// Interface to decapsulate IPIP / IPv6-in-IPv6 from trusted balancers on, with XDP (repeatable).
     #[arg(long = "xdp", value_name = "IFACE")]
     pub xdp_interfaces: Vec<String>,
-    /// `tag`: shared upstream pool, every request stamped; `pin`: one upstream connection per client
-    /// connection (for backends that key NTLM on their own TCP connection, e.g. IIS).
+    /// `bind` (default, safe with every backend): shared pool for anonymous requests, an upstream
+    /// connection that carried NTLM/Negotiate belongs to its client connection from then on; `tag`:
+    /// shared pool for every request (only for backends keying NTLM on the id header, e.g. Jespa);
+    /// `pin`: one upstream connection per client connection. Every request is stamped.
     #[arg(long, value_enum)]
     pub mode: Option<crate::upstream::Mode>,
     /// How new client connections are spread over backends.
@@ -96,7 +98,7 @@ pub struct RunArgs {
     /// Switch to this user after the programs are attached and the ports bound.
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
-    /// Cap on pooled upstream connections per backend in tag mode (limits.max_upstream_per_backend).
+    /// Cap on shared (pooled) upstream connections per backend (limits.max_upstream_per_backend).
     #[arg(long, value_name = "N")]
     pub max_upstream_per_backend: Option<usize>,
     /// Accept HTTP/2 from clients (NTLM over HTTP/2 is refused with HTTP_1_1_REQUIRED).

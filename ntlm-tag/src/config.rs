@@ -108,8 +108,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// Largest request head (request line + headers); larger gets 431.
     pub max_header_bytes: usize,
-    /// Pooled upstream connections per backend in tag mode (0: no cap); requests queue for a free
-    /// one, within the upstream response timeout.
+    /// Shared (pooled) upstream connections per backend (0: no cap); requests queue for a free
+    /// one, within the upstream response timeout. Bound and pinned connections are not counted.
     pub max_upstream_per_backend: usize,
 }
 
@@ -443,7 +443,7 @@ impl Config {
         Ok(Config {
             listeners,
             backends,
-            mode: args.mode.or(file.mode).unwrap_or(Mode::Tag),
+            mode: args.mode.or(file.mode).unwrap_or(Mode::Bind),
             balance: args.balance.or(file.balance).unwrap_or(Balance::LeastConn),
             health_check,
             http2: args.http2 || file.http2.unwrap_or(false),
@@ -700,6 +700,25 @@ mod tests {
         assert_eq!(c.ebpf.map_entries, 262_144);
         assert!(c.identity.forwarded_headers);
         assert_eq!(c.backends[0].as_str(), "10.0.0.5:80");
+        // Safe with every backend unless the operator opts into sharing authenticated connections.
+        assert_eq!(c.mode, Mode::Bind);
+    }
+
+    #[test]
+    fn every_mode_parses_and_an_unknown_one_is_refused() {
+        for (text, mode) in [("bind", Mode::Bind), ("tag", Mode::Tag), ("pin", Mode::Pin)] {
+            let c = Config::from_toml(
+                &format!("listen = [\"0.0.0.0:80\"]\nbackends = [\"a:80\"]\nmode = \"{text}\""),
+                &args(),
+            )
+            .expect("valid");
+            assert_eq!(c.mode, mode);
+            assert_eq!(mode.warning().is_some(), mode == Mode::Tag, "{text}");
+        }
+        assert!(matches!(
+            Config::from_toml("mode = \"share\"", &args()),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 
     #[test]

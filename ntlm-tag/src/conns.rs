@@ -14,18 +14,19 @@ use crate::registry::ConnectionRow;
 pub fn print_table(admin: SocketAddr) -> Result<()> {
     let rows = fetch_rows(admin)?;
     println!(
-        "{:<44} {:<24} {:<24} {:<9} {:<9} {:<22} {:>8} {:>9}",
-        "ID", "CLIENT", "PEER", "IDENTITY", "LEARNED", "BACKEND", "REQUESTS", "AGE"
+        "{:<44} {:<24} {:<24} {:<9} {:<9} {:<22} {:<8} {:>8} {:>9}",
+        "ID", "CLIENT", "PEER", "IDENTITY", "LEARNED", "BACKEND", "UPSTREAM", "REQUESTS", "AGE"
     );
     for r in &rows {
         println!(
-            "{:<44} {:<24} {:<24} {:<9} {:<9} {:<22} {:>8} {:>8.1}s",
+            "{:<44} {:<24} {:<24} {:<9} {:<9} {:<22} {:<8} {:>8} {:>8.1}s",
             r.id,
             r.client,
             r.peer,
             r.identity_source,
             r.learned_from,
             r.backend,
+            r.upstream,
             r.requests,
             r.age_ms as f64 / 1000.0
         );

@@ -51,6 +51,17 @@ pub enum NtlmMessage {
     Spnego = 2,
 }
 
+/// What bound an upstream connection to one client connection (bind mode).
+#[derive(Debug, Clone, Copy)]
+pub enum BindTrigger {
+    /// The request carried an NTLM/Negotiate token.
+    Request = 0,
+    /// The response carried a challenge token or `Persistent-Auth`.
+    Response = 1,
+}
+
+const BIND_TRIGGER_NAMES: [&str; 2] = ["request", "response"];
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     proxy_rejected: [AtomicU64; 6],
@@ -70,6 +81,11 @@ pub struct Metrics {
     pub upstream_opened: AtomicU64,
     pub pinned_opened: AtomicU64,
     pub pinned_open: AtomicU64,
+    /// Upstream connections bound to one client connection's NTLM session, open now (bind mode).
+    pub bound_open: AtomicU64,
+    bindings: [AtomicU64; 2],
+    /// Requests that never reached their backend and went to another one.
+    upstream_failovers: AtomicU64,
     ntlm_messages: [AtomicU64; 3],
 }
 
@@ -125,6 +141,14 @@ impl Metrics {
 
     pub fn upstream_error(&self) {
         self.upstream_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn bound(&self, trigger: BindTrigger) {
+        self.bindings[trigger as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn upstream_failover(&self) {
+        self.upstream_failovers.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn upstream_timeout(&self) {
@@ -204,6 +228,29 @@ impl Metrics {
             "Upstream connections pinned to one client connection (pin mode).",
             "gauge",
             get(&self.pinned_open),
+        );
+        out.single(
+            "ntlm_tag_bound_connections",
+            "Upstream connections bound to one client connection's NTLM session (bind mode), open now.",
+            "gauge",
+            get(&self.bound_open),
+        );
+        out.family(
+            "ntlm_tag_upstream_bindings_total",
+            "Upstream connections bound to a client connection (bind mode), by what bound them: an \
+             NTLM/Negotiate token in the request, or a challenge token or Persistent-Auth in the response.",
+            "counter",
+            BIND_TRIGGER_NAMES
+                .iter()
+                .zip(&self.bindings)
+                .map(|(name, v)| (format!("trigger=\"{name}\""), get(v))),
+        );
+        out.single(
+            "ntlm_tag_upstream_failovers_total",
+            "Requests that never reached their backend (connect refused or timed out, a connection \
+             found closed before the request was written) and went to another backend.",
+            "counter",
+            get(&self.upstream_failovers),
         );
         out.family(
             "ntlm_tag_ntlm_messages_total",

@@ -18,10 +18,17 @@ use crate::identity::ConnectionIdentity;
 struct Entry {
     id: String,
     identity: ConnectionIdentity,
-    backend: String,
+    upstream: Arc<Mutex<UpstreamView>>,
     listener: String,
     started: Instant,
     requests: Arc<AtomicU64>,
+}
+
+/// Where a connection's requests go now: its backend (it moves on failover) and how they reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct UpstreamView {
+    backend: String,
+    link: &'static str,
 }
 
 /// One row of `/connections`.
@@ -41,6 +48,10 @@ pub struct ConnectionRow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_tlvs: Option<serde_json::Value>,
     pub backend: String,
+    /// How requests reach the backend: `shared` (the pool), `bound` (an upstream connection bound
+    /// to this connection's NTLM session), `pinned`, or `none` (pin mode, nothing sent yet).
+    #[serde(default)]
+    pub upstream: String,
     pub cookie: Option<u64>,
     pub age_ms: u64,
     pub requests: u64,
@@ -58,11 +69,24 @@ pub struct Registration {
     registry: Arc<Registry>,
     key: u64,
     requests: Arc<AtomicU64>,
+    upstream: Arc<Mutex<UpstreamView>>,
 }
 
 impl Registration {
     pub fn count_request(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The connection's backend and upstream link as they are after a request.
+    pub fn set_upstream(&self, backend: &str, link: &'static str) {
+        if let Ok(mut view) = self.upstream.lock()
+            && (view.backend != backend || view.link != link)
+        {
+            *view = UpstreamView {
+                backend: backend.to_string(),
+                link,
+            };
+        }
     }
 }
 
@@ -80,17 +104,19 @@ impl Registry {
         id: String,
         identity: ConnectionIdentity,
         backend: String,
+        link: &'static str,
         listener: String,
     ) -> Registration {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let requests = Arc::new(AtomicU64::new(0));
+        let upstream = Arc::new(Mutex::new(UpstreamView { backend, link }));
         if let Ok(mut live) = self.live.lock() {
             live.insert(
                 key,
                 Entry {
                     id,
                     identity,
-                    backend,
+                    upstream: Arc::clone(&upstream),
                     listener,
                     started: Instant::now(),
                     requests: Arc::clone(&requests),
@@ -101,6 +127,7 @@ impl Registry {
             registry: Arc::clone(self),
             key,
             requests,
+            upstream,
         }
     }
 
@@ -119,6 +146,14 @@ impl Registry {
         let mut rows: Vec<(u64, ConnectionRow)> = live
             .iter()
             .map(|(key, e)| {
+                let upstream = e
+                    .upstream
+                    .lock()
+                    .map(|v| v.clone())
+                    .unwrap_or(UpstreamView {
+                        backend: String::new(),
+                        link: "",
+                    });
                 (
                     *key,
                     ConnectionRow {
@@ -135,7 +170,8 @@ impl Registry {
                             .proxy_tlvs
                             .as_ref()
                             .and_then(|t| serde_json::to_value(t).ok()),
-                        backend: e.backend.clone(),
+                        backend: upstream.backend,
+                        upstream: upstream.link.to_string(),
                         cookie: e.identity.cookie,
                         age_ms: e.started.elapsed().as_millis() as u64,
                         requests: e.requests.load(Ordering::Relaxed),

@@ -582,6 +582,14 @@ pub enum Script {
     /// Answers `200` with `Transfer-Encoding: gzip, chunked` (a coding the gateway cannot pass on)
     /// and keeps the connection open.
     AnswerGzipChunked,
+    /// Keep-alive, request after request, answering each as soon as its head has arrived, the way
+    /// IIS answers an unauthenticated POST: a request with a body gets `401` + `WWW-Authenticate:
+    /// NTLM` before any of the body is read (the body is then read and discarded), one without a
+    /// body `200 ok`.
+    AnswerBeforeBody,
+    /// Keep-alive, request after request: `200 ok` with `Persistent-Auth: true`, the header IIS
+    /// sends when the connection stays authenticated (e.g. after Kerberos).
+    AnswerPersistentAuth,
 }
 
 /// One upstream connection as the scripted backend saw it.
@@ -596,6 +604,8 @@ pub struct ConnLog {
     pub closed_by_gateway: bool,
     /// This backend closed or reset it (per its script).
     pub closed_by_backend: bool,
+    /// Requests answered on it.
+    pub answered: usize,
 }
 
 /// A raw-TCP backend that misbehaves as scripted, on every connection.
@@ -634,6 +644,7 @@ impl ScriptedBackend {
                             head: Vec::new(),
                             closed_by_gateway: false,
                             closed_by_backend: false,
+                            answered: 0,
                         });
                         c.len() - 1
                     };
@@ -679,6 +690,12 @@ impl Drop for ScriptedBackend {
 }
 
 async fn scripted(mut stream: TcpStream, script: Script, conns: Shared<Vec<ConnLog>>, i: usize) {
+    match script {
+        Script::AnswerBeforeBody | Script::AnswerPersistentAuth => {
+            return answer_each(stream, script, conns, i).await;
+        }
+        _ => {}
+    }
     let mut buf = vec![0u8; 64 * 1024];
     let mut head: Vec<u8> = Vec::new();
     let mut acted = false;
@@ -721,7 +738,7 @@ async fn scripted(mut stream: TcpStream, script: Script, conns: Shared<Vec<ConnL
                 conns.lock().expect("conns")[i].closed_by_backend = true;
                 return;
             }
-            Script::NeverAnswer => {}
+            Script::NeverAnswer | Script::AnswerBeforeBody | Script::AnswerPersistentAuth => {}
             Script::AnswerGzipChunked => {
                 let _ = stream
                     .write_all(
@@ -738,6 +755,73 @@ async fn scripted(mut stream: TcpStream, script: Script, conns: Shared<Vec<ConnL
                 return;
             }
         }
+    }
+}
+
+/// The keep-alive scripts ([`Script::AnswerBeforeBody`], [`Script::AnswerPersistentAuth`]) on one
+/// connection: each request is answered as soon as its head has arrived, then its body is read.
+async fn answer_each(mut stream: TcpStream, script: Script, conns: Shared<Vec<ConnLog>>, i: usize) {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    // Reads more into `buf`; false when the gateway closed the connection.
+    async fn more(
+        stream: &mut TcpStream,
+        buf: &mut Vec<u8>,
+        chunk: &mut [u8],
+        conns: &Shared<Vec<ConnLog>>,
+        i: usize,
+    ) -> bool {
+        match stream.read(chunk).await {
+            Ok(0) | Err(_) => {
+                conns.lock().expect("conns")[i].closed_by_gateway = true;
+                false
+            }
+            Ok(n) => {
+                conns.lock().expect("conns")[i].received += n;
+                buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+    loop {
+        let head_end = loop {
+            if let Some(end) = find(&buf, b"\r\n\r\n") {
+                break end + 4;
+            }
+            if !more(&mut stream, &mut buf, &mut chunk, &conns, i).await {
+                return;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        {
+            let mut c = conns.lock().expect("conns");
+            if c[i].head.is_empty() {
+                c[i].head = buf[..head_end].to_vec();
+            }
+        }
+        buf.drain(..head_end);
+        let answer: &[u8] = if let Script::AnswerPersistentAuth = script {
+            b"HTTP/1.1 200 OK\r\nPersistent-Auth: true\r\nContent-Length: 3\r\n\r\nok\n"
+        } else if length > 0 {
+            b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: NTLM\r\nContent-Length: 0\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
+        };
+        if stream.write_all(answer).await.is_err() {
+            return;
+        }
+        conns.lock().expect("conns")[i].answered += 1;
+        while buf.len() < length {
+            if !more(&mut stream, &mut buf, &mut chunk, &conns, i).await {
+                return;
+            }
+        }
+        buf.drain(..length);
     }
 }
 

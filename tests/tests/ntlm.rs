@@ -116,6 +116,13 @@ fn sixteen_users_in_tag_mode_share_upstream_connections_and_each_gets_their_own_
         metrics.contains("ntlm_tag_ntlm_messages_total{type=\"authenticate\"} 16"),
         "{metrics}"
     );
+    // Sharing authenticated connections is an explicit choice, and the log says when it is safe.
+    assert!(
+        gw.log()
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("mode = \"tag\"") && l.contains("Jespa")),
+        "tag mode warns at start-up"
+    );
 }
 
 #[test]

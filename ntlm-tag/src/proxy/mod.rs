@@ -41,7 +41,7 @@ use crate::{
     kernel::socket_cookie,
     metrics::{Metrics, ProxyRejection},
     registry::{Registration, Registry},
-    upstream::{ClientBody, ClientUpstream, Upstream, UpstreamError},
+    upstream::{ClientBody, ClientUpstream, Upstream},
 };
 use head_clock::{ClockedIo, HeadClock};
 use prefixed::PrefixedIo;
@@ -311,6 +311,7 @@ fn open_connection(
         id.clone(),
         identity,
         upstream.backend().authority().to_string(),
+        upstream.link(),
         listener.to_string(),
     );
     Ok(ClientConnection {
@@ -473,6 +474,10 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
         .exchange(&mut upstream, connection.client, upstream_req)
         .await;
     let backend = Arc::clone(upstream.backend());
+    // The backend moves on failover; the link changes when a connection is bound.
+    connection
+        .registration
+        .set_upstream(backend.authority().as_str(), upstream.link());
     drop(upstream);
     let response = match result {
         Ok(response)
@@ -497,7 +502,7 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
         }
         Err(e) => {
             match &e {
-                UpstreamError::Timeout { .. } => gateway.metrics.upstream_timeout(),
+                e if e.is_timeout() => gateway.metrics.upstream_timeout(),
                 e if e.is_client_error() => gateway.metrics.client_request_error(),
                 _ => gateway.metrics.upstream_error(),
             }

@@ -1,6 +1,6 @@
-//! A backend's response body on its way to the client. When it has been read to the end it gives
-//! the shared upstream connection back to the pool and releases the backend's connection permit
-//! (so the cap counts connections, not requests); a body dropped half-read closes its connection.
+//! A backend's response body on its way to the client. When it has been read to the end it hands
+//! the shared upstream connection back (to the pool once the request body is sent too); a body
+//! dropped half-read closes its connection.
 //! A body the backend breaks off (a reset mid-response) counts as an upstream error.
 #![forbid(unsafe_code)]
 
@@ -13,15 +13,13 @@ use std::{
 use bytes::Bytes;
 use http::uri::Authority;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::pool::Loan;
 use crate::metrics::Metrics;
 
 pub struct GuardedBody {
     inner: Incoming,
-    permit: Option<OwnedSemaphorePermit>,
-    /// The shared connection that carried it (tag mode), until it goes back to the pool.
+    /// The shared connection that carried it, until it goes back to the pool.
     loan: Option<Loan>,
     /// Until the body failed (then it is counted, once).
     metrics: Option<Arc<Metrics>>,
@@ -31,14 +29,12 @@ pub struct GuardedBody {
 impl GuardedBody {
     pub fn new(
         inner: Incoming,
-        permit: Option<OwnedSemaphorePermit>,
         loan: Option<Loan>,
         metrics: Arc<Metrics>,
         backend: Authority,
     ) -> Self {
         GuardedBody {
             inner,
-            permit,
             loan,
             metrics: Some(metrics),
             backend,
@@ -47,15 +43,14 @@ impl GuardedBody {
 }
 
 impl GuardedBody {
-    /// The exchange is over: the connection goes back to the pool if the response was read to the
-    /// end (`complete`), and is closed otherwise.
+    /// The response is over: the connection goes back (once the request is sent too) if the
+    /// response was read to the end (`complete`), and is closed otherwise.
     fn release(&mut self, complete: bool) {
         if let Some(loan) = self.loan.take()
             && complete
         {
-            loan.give_back();
+            loan.response_done();
         }
-        self.permit = None;
     }
 }
 

@@ -1,15 +1,22 @@
-//! Backends, the upstream connection pool, and pinned connections.
+//! Backends, the upstream connection pool, and the connections that belong to one client.
 //!
 //! Each client connection is assigned one backend for its life (an NTLM context lives in one backend
-//! process); it moves only when that backend goes down. Two modes:
-//! - `tag`: upstream keep-alive connections are shared by all client connections. Safe only because
-//!   every request carries its own connection id.
-//! - `pin`: for backends that key NTLM on their own TCP connection (IIS, Exchange): each client
-//!   connection gets an upstream connection of its own, never pooled, closed with it. If it dies after
-//!   NTLM was seen on it, the client connection is closed too: the client must authenticate again,
-//!   never silently continue on a connection authenticated for someone else.
+//! process); it moves only when that backend goes down, or when a request never reached it. Three
+//! modes:
+//! - `bind` (the default, safe with every backend): anonymous requests share keep-alive connections;
+//!   an upstream connection that carries any NTLM/Negotiate leg (see [`binding`]) is bound to its
+//!   client connection from then on: never pooled again, used for all its later requests, closed
+//!   with it.
+//! - `tag`: upstream keep-alive connections are shared by all client connections, authenticated or
+//!   not. Safe only with a backend that keys NTLM on the connection-id header (Jespa).
+//! - `pin`: each client connection gets an upstream connection of its own from its first request.
+//!
+//! A bound or pinned connection that dies after NTLM was seen on it closes the client connection
+//! too: the client must authenticate again, never silently continue on a connection authenticated
+//! for someone else, or on a fresh one as nobody.
 #![forbid(unsafe_code)]
 
+mod binding;
 mod client_body;
 mod guarded;
 pub mod health;
@@ -40,7 +47,7 @@ use thiserror::Error;
 
 use crate::{
     config::{HealthCheckConfig, Timeouts},
-    metrics::Metrics,
+    metrics::{BindTrigger, Metrics},
 };
 use health::Health;
 use pool::{IdleConnections, Loan};
@@ -49,10 +56,30 @@ use pool::{IdleConnections, Loan};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// Shared keep-alive pool; every request stamped with the connection id.
+    /// Shared pool for anonymous requests; an upstream connection that carried NTLM/Negotiate is
+    /// bound to its client connection. Safe with every backend.
+    Bind,
+    /// Shared pool for every request, authenticated or not; only for backends that key NTLM on
+    /// the connection-id header (Jespa).
     Tag,
     /// One upstream connection per client connection.
     Pin,
+}
+
+impl Mode {
+    /// A warning to log when this mode is configured: what it risks and when it is safe.
+    pub fn warning(self) -> Option<&'static str> {
+        match self {
+            Mode::Tag => Some(
+                "mode = \"tag\": upstream connections that carried NTLM are shared by all client \
+                 connections. Safe only when every backend keys NTLM on the connection-id header \
+                 (Jespa); with IIS, Exchange, SharePoint or any backend that authenticates its own \
+                 TCP connection, one user's login serves other clients. Use mode = \"bind\" (the \
+                 default) unless the backends are header-aware",
+            ),
+            Mode::Bind | Mode::Pin => None,
+        }
+    }
 }
 
 /// How new client connections are spread over backends.
@@ -71,9 +98,9 @@ pub struct Backend {
     authority: Authority,
     active: AtomicUsize,
     health: Health,
-    /// Caps the pooled upstream connections to this backend (tag mode), if configured.
+    /// Caps the busy shared upstream connections to this backend, if configured.
     permits: Option<Arc<tokio::sync::Semaphore>>,
-    /// Shared keep-alive connections not in use (tag mode).
+    /// Shared keep-alive connections not in use.
     idle: IdleConnections,
 }
 
@@ -107,13 +134,6 @@ fn to_origin_form<B>(req: &mut Request<B>, backend: &Backend) -> Result<(), Upst
     Ok(())
 }
 
-/// Whether a new upstream connection joins the shared pool or belongs to one client connection.
-#[derive(Clone, Copy)]
-enum Sharing {
-    Shared,
-    Pinned,
-}
-
 /// A client connection's claim on a backend; keeps the backend's connection count.
 #[derive(Debug)]
 pub struct Assignment {
@@ -137,6 +157,17 @@ impl Drop for Assignment {
     }
 }
 
+/// What a new upstream connection is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sharing {
+    /// The shared pool.
+    Shared,
+    /// Pin mode: one client connection's, from its first request.
+    Pinned,
+    /// Bind mode: one client connection's, opened for an NTLM/Negotiate leg.
+    Bound,
+}
+
 /// What goes wrong talking to a backend; the proxy turns it into 502 or 504.
 #[derive(Debug, Error)]
 pub enum UpstreamError {
@@ -145,6 +176,11 @@ pub enum UpstreamError {
         backend: Authority,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot connect to {backend} within {timeout:?}")]
+    ConnectTimeout {
+        backend: Authority,
+        timeout: Duration,
     },
     #[error("exchange with {backend} failed: {source}")]
     Exchange {
@@ -158,10 +194,14 @@ pub enum UpstreamError {
         timeout: Duration,
     },
     #[error(
-        "the upstream connection pinned to this client's NTLM session on {backend} is gone; closing \
+        "the upstream connection {link} to this client's NTLM session on {backend} is gone; closing \
          the client connection so it authenticates again"
     )]
-    PinnedLost { backend: Authority },
+    SessionLost {
+        backend: Authority,
+        /// `pinned` or `bound`.
+        link: &'static str,
+    },
     #[error("bad request target: {0}")]
     BadTarget(#[from] http::Error),
     /// The client's request body broke (an invalid chunk, the connection closed mid-body) while it
@@ -176,7 +216,9 @@ pub enum UpstreamError {
 impl UpstreamError {
     pub fn status(&self) -> StatusCode {
         match self {
-            UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::Timeout { .. } | UpstreamError::ConnectTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             UpstreamError::BadTarget(_) | UpstreamError::ClientBody { .. } => {
                 StatusCode::BAD_REQUEST
             }
@@ -184,12 +226,20 @@ impl UpstreamError {
         }
     }
 
-    /// The client connection must be closed after this error: a pinned session was lost, or the
+    /// A timeout (504), counted apart from other upstream failures.
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Timeout { .. } | UpstreamError::ConnectTimeout { .. }
+        )
+    }
+
+    /// The client connection must be closed after this error: an NTLM session was lost, or the
     /// client's framing can no longer be trusted.
     pub fn closes_client(&self) -> bool {
         matches!(
             self,
-            UpstreamError::PinnedLost { .. } | UpstreamError::ClientBody { .. }
+            UpstreamError::SessionLost { .. } | UpstreamError::ClientBody { .. }
         )
     }
 
@@ -202,16 +252,37 @@ impl UpstreamError {
     }
 }
 
-/// An upstream connection owned by one client connection (pin mode).
-struct Pinned {
+/// An upstream connection that belongs to one client connection: pinned (pin mode) or bound to
+/// its NTLM session (bind mode). Dropping it closes the connection.
+struct Dedicated {
     backend: Arc<Backend>,
     sender: SendRequest<ClientBody>,
+    link: &'static str,
+    /// Keeps `ntlm_tag_bound_connections` while a bound connection lives.
+    _bound: Option<BoundGauge>,
 }
 
-/// A client connection's upstream side: its backend and, in pin mode, its own connection.
+/// Counts one bound connection in the metrics while it lives.
+struct BoundGauge(Arc<Metrics>);
+
+impl BoundGauge {
+    fn new(metrics: &Arc<Metrics>) -> Self {
+        metrics.bound_open.fetch_add(1, Ordering::Relaxed);
+        BoundGauge(Arc::clone(metrics))
+    }
+}
+
+impl Drop for BoundGauge {
+    fn drop(&mut self) {
+        self.0.bound_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A client connection's upstream side: its backend and, once it has one, its own connection.
 pub struct ClientUpstream {
     assignment: Assignment,
-    pinned: Option<Pinned>,
+    mode: Mode,
+    dedicated: Option<Dedicated>,
     /// NTLM/Negotiate was seen on this client connection's exchanges.
     ntlm_seen: bool,
 }
@@ -219,6 +290,45 @@ pub struct ClientUpstream {
 impl ClientUpstream {
     pub fn backend(&self) -> &Arc<Backend> {
         self.assignment.backend()
+    }
+
+    /// How this client connection's requests reach the backend now: `shared` (the pool), `bound`
+    /// (a connection bound to its NTLM session), `pinned`, or `none` (pin mode, nothing sent yet).
+    pub fn link(&self) -> &'static str {
+        match (&self.dedicated, self.mode) {
+            (Some(d), _) => d.link,
+            (None, Mode::Pin) => "none",
+            (None, Mode::Bind | Mode::Tag) => "shared",
+        }
+    }
+
+    /// An upstream connection carries this client's NTLM session: the client is never moved
+    /// silently to another connection or backend.
+    fn holds_session(&self) -> bool {
+        self.dedicated.is_some() && self.ntlm_seen
+    }
+
+    fn move_to(&mut self, backend: Arc<Backend>) {
+        self.assignment = Assignment::new(backend);
+        self.dedicated = None;
+    }
+}
+
+/// How one attempt on one backend ended.
+enum Attempt<T> {
+    /// The backend answered, or the exchange failed once (part of) the request may have reached it.
+    Done(Result<T, UpstreamError>),
+    /// The request never reached the backend (connect refused or timed out, a connection found
+    /// dead before a byte was written): it may go to another backend.
+    Unsent(Box<Request<ClientBody>>, UpstreamError),
+}
+
+impl<T> Attempt<T> {
+    fn map<U>(self, f: impl FnOnce(T) -> U) -> Attempt<U> {
+        match self {
+            Attempt::Done(result) => Attempt::Done(result.map(f)),
+            Attempt::Unsent(req, e) => Attempt::Unsent(req, e),
+        }
     }
 }
 
@@ -306,24 +416,30 @@ impl Upstream {
     /// The upstream side of a new client connection.
     pub fn attach(&self, client: IpAddr) -> ClientUpstream {
         ClientUpstream {
-            assignment: Assignment::new(self.choose(client, None)),
-            pinned: None,
+            assignment: Assignment::new(self.choose(client, &[])),
+            mode: self.mode,
+            dedicated: None,
             ntlm_seen: false,
         }
     }
 
-    /// Picks a backend among the healthy ones (all of them if none is healthy), avoiding `avoid`.
-    fn choose(&self, client: IpAddr, avoid: Option<&Arc<Backend>>) -> Arc<Backend> {
+    /// Picks a backend among the healthy ones not in `avoid` (all of them if none is healthy).
+    fn choose(&self, client: IpAddr, avoid: &[Arc<Backend>]) -> Arc<Backend> {
+        self.pick(client, avoid)
+            .unwrap_or_else(|| self.pick_from(client, self.backends.iter().collect()))
+    }
+
+    /// A healthy backend not in `avoid`, if there is one.
+    fn pick(&self, client: IpAddr, avoid: &[Arc<Backend>]) -> Option<Arc<Backend>> {
         let healthy: Vec<&Arc<Backend>> = self
             .backends
             .iter()
-            .filter(|b| b.is_up() && avoid.is_none_or(|a| !Arc::ptr_eq(a, b)))
+            .filter(|b| b.is_up() && !avoid.iter().any(|a| Arc::ptr_eq(a, b)))
             .collect();
-        let candidates: Vec<&Arc<Backend>> = if healthy.is_empty() {
-            self.backends.iter().collect()
-        } else {
-            healthy
-        };
+        (!healthy.is_empty()).then(|| self.pick_from(client, healthy))
+    }
+
+    fn pick_from(&self, client: IpAddr, candidates: Vec<&Arc<Backend>>) -> Arc<Backend> {
         let n = candidates.len();
         let chosen = match self.balance {
             Balance::LeastConn => {
@@ -341,6 +457,10 @@ impl Upstream {
     }
 
     /// Sends one (already rewritten) request for a client connection and returns the response.
+    ///
+    /// A request that never reached its backend goes to another healthy one (each backend once),
+    /// and the client connection's affinity moves with it, unless an upstream connection holds the
+    /// client's NTLM session. A request that may have reached a backend is never sent again.
     pub async fn exchange(
         &self,
         state: &mut ClientUpstream,
@@ -348,49 +468,88 @@ impl Upstream {
         mut req: Request<ClientBody>,
     ) -> Result<Response<GuardedBody>, UpstreamError> {
         let client_body = req.body().state();
-        if is_ntlm_request(req.headers()) {
+        let binds = self.mode == Mode::Bind && binding::request_binds(req.headers());
+        if binds || is_ntlm_request(req.headers()) {
             state.ntlm_seen = true;
         }
-        if !state.backend().is_up() {
-            self.fail_over(state, client)?;
+        // Whether this request goes on a connection of the client's own (pinned or bound).
+        let dedicated = match self.mode {
+            Mode::Pin => true,
+            Mode::Bind => binds || state.dedicated.is_some(),
+            Mode::Tag => false,
+        };
+        let had_host = req.headers().contains_key(header::HOST);
+        if !state.backend().is_up() && !state.holds_session() {
+            let old = Arc::clone(state.backend());
+            let new = self.choose(client, std::slice::from_ref(&old));
+            if !Arc::ptr_eq(&new, &old) {
+                tracing::info!(from = %old.authority, to = %new.authority, "backend down; moving the client connection");
+                state.move_to(new);
+            }
         }
-        let backend = Arc::clone(state.backend());
-        let deadline = self.timeouts.upstream_response;
-        let result = match self.mode {
-            Mode::Tag => {
-                to_origin_form(&mut req, &backend)?;
-                let exchange = async {
-                    // With a cap, wait for one of the backend's connections to be free.
-                    let permit = match &backend.permits {
-                        Some(p) => Arc::clone(p).acquire_owned().await.ok(),
-                        None => None,
+        let mut tried: Vec<Arc<Backend>> = Vec::new();
+        let (backend, result) = loop {
+            let backend = Arc::clone(state.backend());
+            if let Err(e) = to_origin_form(&mut req, &backend) {
+                break (backend, Err(e));
+            }
+            let attempt = if dedicated {
+                self.send_dedicated(state, req).await
+            } else {
+                self.send_shared(state, req).await
+            };
+            match attempt {
+                Attempt::Done(result) => break (backend, result),
+                Attempt::Unsent(unsent, error) => {
+                    if matches!(
+                        error,
+                        UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. }
+                    ) {
+                        self.mark_down(&backend);
+                    }
+                    tried.push(Arc::clone(&backend));
+                    // A client whose NTLM session lives on an upstream connection stays with it.
+                    let next = if state.holds_session() {
+                        None
+                    } else {
+                        self.pick(client, &tried)
                     };
-                    let (response, loan) = self.send_shared(&backend, req).await?;
-                    let metrics = Arc::clone(&self.metrics);
-                    let authority = backend.authority.clone();
-                    Ok(response
-                        .map(|body| GuardedBody::new(body, permit, Some(loan), metrics, authority)))
-                };
-                match tokio::time::timeout(deadline, exchange).await {
-                    Ok(result) => result,
-                    Err(_) => Err(UpstreamError::Timeout {
-                        backend: backend.authority.clone(),
-                        timeout: deadline,
-                    }),
+                    let Some(next) = next else {
+                        break (backend, Err(error));
+                    };
+                    tracing::info!(
+                        from = %backend.authority,
+                        to = %next.authority,
+                        error = %crate::proxy::error_chain(&error),
+                        "the request never reached the backend; sending it to another one and moving the client connection there"
+                    );
+                    self.metrics.upstream_failover();
+                    state.move_to(next);
+                    req = *unsent;
+                    if !had_host {
+                        // to_origin_form set the previous backend's name.
+                        req.headers_mut().remove(header::HOST);
+                    }
                 }
             }
-            Mode::Pin => self.exchange_pinned(state, req).await.map(|r| {
-                r.map(|body| {
-                    let authority = backend.authority.clone();
-                    GuardedBody::new(body, None, None, Arc::clone(&self.metrics), authority)
-                })
-            }),
         };
+        self.settle(state, &backend, dedicated, &client_body, result)
+    }
+
+    /// Health, NTLM bookkeeping and error classification after the last attempt.
+    fn settle(
+        &self,
+        state: &mut ClientUpstream,
+        backend: &Arc<Backend>,
+        dedicated: bool,
+        client_body: &ClientBodyState,
+        result: Result<Response<GuardedBody>, UpstreamError>,
+    ) -> Result<Response<GuardedBody>, UpstreamError> {
         if client_body.is_broken() {
             // Whatever the upstream side made of it, the request was cut off by the client. A
-            // pinned connection that carried part of it is never reused (hyper closes it too).
-            if self.mode == Mode::Pin {
-                state.pinned = None;
+            // dedicated connection that carried part of it is never reused (hyper closes it too).
+            if dedicated {
+                state.dedicated = None;
             }
             if let Err(e) = result {
                 return Err(match e {
@@ -408,133 +567,242 @@ impl Upstream {
                     state.ntlm_seen = true;
                 }
             }
-            Err(UpstreamError::Connect { .. } | UpstreamError::Timeout { .. }) => {
-                let backoff = backend.health.record_failure();
-                tracing::warn!(backend = %backend.authority, backoff_secs = backoff.as_secs_f64(), "backend marked down");
-            }
+            Err(UpstreamError::Timeout { .. }) => self.mark_down(backend),
             Err(_) => {}
         }
-        // In pin mode, a failed exchange on a connection that carried NTLM ends the session: the
-        // client connection is closed with it, never continued on a fresh upstream connection.
-        if self.mode == Mode::Pin
+        // A failed exchange on a connection of the client's own that carried NTLM ends the
+        // session: the client connection is closed with it, never continued on a fresh upstream
+        // connection.
+        if dedicated
             && state.ntlm_seen
             && matches!(
                 result,
                 Err(UpstreamError::Exchange { .. } | UpstreamError::Timeout { .. })
             )
         {
-            state.pinned = None;
-            return Err(UpstreamError::PinnedLost {
+            let link = match self.mode {
+                Mode::Pin => "pinned",
+                Mode::Bind | Mode::Tag => "bound",
+            };
+            state.dedicated = None;
+            return Err(UpstreamError::SessionLost {
                 backend: backend.authority.clone(),
+                link,
             });
         }
         result
     }
 
-    /// Moves a client connection off a backend that is down. In pin mode with an NTLM session that
-    /// means losing the session: the client connection is closed instead.
-    fn fail_over(&self, state: &mut ClientUpstream, client: IpAddr) -> Result<(), UpstreamError> {
-        let old = Arc::clone(state.backend());
-        if self.mode == Mode::Pin && state.ntlm_seen && state.pinned.is_some() {
-            return Err(UpstreamError::PinnedLost {
-                backend: old.authority.clone(),
-            });
-        }
-        let new = self.choose(client, Some(&old));
-        if !Arc::ptr_eq(&new, &old) {
-            tracing::info!(from = %old.authority, to = %new.authority, "backend down; moving the client connection");
-            state.assignment = Assignment::new(new);
-            state.pinned = None;
-        }
-        Ok(())
+    fn mark_down(&self, backend: &Backend) {
+        let backoff = backend.health.record_failure();
+        tracing::warn!(backend = %backend.authority, backoff_secs = backoff.as_secs_f64(), "backend marked down");
     }
 
-    async fn exchange_pinned(
+    /// A request on the shared pool. In bind mode a response that shows the connection now holds
+    /// an NTLM context binds it to this client connection instead of returning it to the pool.
+    async fn send_shared(
         &self,
         state: &mut ClientUpstream,
-        mut req: Request<ClientBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+        req: Request<ClientBody>,
+    ) -> Attempt<Response<GuardedBody>> {
         let backend = Arc::clone(state.backend());
-        let usable = state
-            .pinned
-            .as_ref()
-            .is_some_and(|p| Arc::ptr_eq(&p.backend, &backend) && !p.sender.is_closed());
-        if !usable {
-            if state.pinned.take().is_some() && state.ntlm_seen {
-                return Err(UpstreamError::PinnedLost {
-                    backend: backend.authority.clone(),
-                });
+        // With a cap, wait for one of the backend's connections to be free.
+        let permit = match &backend.permits {
+            Some(p) => {
+                let deadline = self.timeouts.upstream_response;
+                match tokio::time::timeout(deadline, Arc::clone(p).acquire_owned()).await {
+                    Ok(permit) => permit.ok(),
+                    Err(_) => {
+                        return Attempt::Done(Err(UpstreamError::Timeout {
+                            backend: backend.authority.clone(),
+                            timeout: deadline,
+                        }));
+                    }
+                }
             }
-            state.pinned = Some(self.connect_pinned(&backend).await?);
-        }
-        let Some(pinned) = state.pinned.as_mut() else {
-            return Err(UpstreamError::PinnedLost {
-                backend: backend.authority.clone(),
-            });
+            None => None,
         };
-        to_origin_form(&mut req, &backend)?;
-        let deadline = self.timeouts.upstream_response;
-        let lost = |e: hyper::Error| UpstreamError::Exchange {
-            backend: backend.authority.clone(),
-            source: Box::new(e),
+        let request = req.body().state();
+        let (response, sender) = match self.send_checked_out(&backend, req, Sharing::Shared).await {
+            Attempt::Done(Ok(sent)) => sent,
+            Attempt::Done(Err(e)) => return Attempt::Done(Err(e)),
+            Attempt::Unsent(req, e) => return Attempt::Unsent(req, e),
         };
-        let ready = tokio::time::timeout(deadline, pinned.sender.ready()).await;
-        match ready {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(lost(e)),
-            Err(_) => {
-                return Err(UpstreamError::Timeout {
-                    backend: backend.authority.clone(),
-                    timeout: deadline,
-                });
-            }
-        }
-        match tokio::time::timeout(deadline, pinned.sender.send_request(req)).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(lost(e)),
-            Err(_) => Err(UpstreamError::Timeout {
-                backend: backend.authority.clone(),
-                timeout: deadline,
-            }),
+        let loan = if self.mode == Mode::Bind && binding::response_binds(response.headers()) {
+            tracing::debug!(backend = %backend.authority, status = response.status().as_u16(), "the response shows an NTLM/Negotiate context on its upstream connection; binding it to the client connection");
+            state.ntlm_seen = true;
+            state.dedicated = Some(self.bound(&backend, sender, BindTrigger::Response));
+            None
+        } else {
+            Some(Loan::new(sender, &backend, request, permit))
+        };
+        let metrics = Arc::clone(&self.metrics);
+        let authority = backend.authority.clone();
+        Attempt::Done(Ok(
+            response.map(|body| GuardedBody::new(body, loan, metrics, authority))
+        ))
+    }
+
+    fn bound(
+        &self,
+        backend: &Arc<Backend>,
+        sender: SendRequest<ClientBody>,
+        trigger: BindTrigger,
+    ) -> Dedicated {
+        self.metrics.bound(trigger);
+        Dedicated {
+            backend: Arc::clone(backend),
+            sender,
+            link: "bound",
+            _bound: Some(BoundGauge::new(&self.metrics)),
         }
     }
 
-    /// Sends `req` on one of the backend's shared connections, or on a new one. A request that an
-    /// idle connection could not take (the backend had closed it) goes to the next or a new one; a
-    /// request that was sent is never sent twice.
-    async fn send_shared(
+    /// A request on the client connection's own upstream connection: its pinned one (pin mode),
+    /// or the one bound to its NTLM session (bind mode), which an NTLM/Negotiate leg takes out of
+    /// the pool's reach (or opens) before the request goes.
+    async fn send_dedicated(
+        &self,
+        state: &mut ClientUpstream,
+        req: Request<ClientBody>,
+    ) -> Attempt<Response<GuardedBody>> {
+        let backend = Arc::clone(state.backend());
+        let wrap = |response: Response<Incoming>| {
+            let metrics = Arc::clone(&self.metrics);
+            let authority = backend.authority.clone();
+            response.map(|body| GuardedBody::new(body, None, metrics, authority))
+        };
+        let usable = state
+            .dedicated
+            .as_ref()
+            .is_some_and(|d| Arc::ptr_eq(&d.backend, &backend) && !d.sender.is_closed());
+        if !usable {
+            if let Some(lost) = state.dedicated.take()
+                && state.ntlm_seen
+            {
+                return Attempt::Done(Err(UpstreamError::SessionLost {
+                    backend: backend.authority.clone(),
+                    link: lost.link,
+                }));
+            }
+            let sharing = match self.mode {
+                Mode::Pin => Sharing::Pinned,
+                Mode::Bind | Mode::Tag => Sharing::Bound,
+            };
+            return match self.send_checked_out(&backend, req, sharing).await {
+                Attempt::Done(Ok((response, sender))) => {
+                    state.dedicated = Some(match sharing {
+                        Sharing::Pinned => Dedicated {
+                            backend: Arc::clone(&backend),
+                            sender,
+                            link: "pinned",
+                            _bound: None,
+                        },
+                        Sharing::Bound | Sharing::Shared => {
+                            self.bound(&backend, sender, BindTrigger::Request)
+                        }
+                    });
+                    Attempt::Done(Ok(wrap(response)))
+                }
+                Attempt::Done(Err(e)) => Attempt::Done(Err(e)),
+                Attempt::Unsent(req, e) => Attempt::Unsent(req, e),
+            };
+        }
+        let Some(own) = state.dedicated.as_mut() else {
+            return Attempt::Done(Err(UpstreamError::SessionLost {
+                backend: backend.authority.clone(),
+                link: "pinned",
+            }));
+        };
+        let deadline = self.timeouts.upstream_response;
+        match tokio::time::timeout(deadline, own.sender.ready()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Attempt::Unsent(Box::new(req), self.exchange_error(&backend, e)),
+            Err(_) => {
+                return Attempt::Done(Err(UpstreamError::Timeout {
+                    backend: backend.authority.clone(),
+                    timeout: deadline,
+                }));
+            }
+        }
+        self.send_on(&backend, &mut own.sender, req).await.map(wrap)
+    }
+
+    /// Sends `req` on an idle shared connection of `backend` or, when none takes it, on a new one
+    /// opened for `sharing` (pinned connections are always new). Idle connections the backend has
+    /// closed are skipped: a request they could not take is never lost, and never sent twice.
+    async fn send_checked_out(
         &self,
         backend: &Arc<Backend>,
         mut req: Request<ClientBody>,
-    ) -> Result<(Response<Incoming>, Loan), UpstreamError> {
-        let failed = |e: hyper::Error| UpstreamError::Exchange {
-            backend: backend.authority.clone(),
-            source: Box::new(e),
-        };
-        while let Some(mut sender) = backend.idle.take(self.timeouts.upstream_idle) {
-            if sender.ready().await.is_err() {
-                continue;
-            }
-            match sender.try_send_request(req).await {
-                Ok(response) => return Ok((response, Loan::new(sender, backend))),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return Err(failed(e.into_error())),
-                },
+        sharing: Sharing,
+    ) -> Attempt<(Response<Incoming>, SendRequest<ClientBody>)> {
+        let deadline = self.timeouts.upstream_response;
+        if sharing != Sharing::Pinned {
+            while let Some(mut sender) = backend.idle.take(self.timeouts.upstream_idle) {
+                // An idle connection is ready at once, or closed.
+                if !matches!(
+                    tokio::time::timeout(deadline, sender.ready()).await,
+                    Ok(Ok(()))
+                ) {
+                    continue;
+                }
+                match self.send_on(backend, &mut sender, req).await {
+                    Attempt::Done(result) => return Attempt::Done(result.map(|r| (r, sender))),
+                    // Closed by the backend before a byte of the request was written.
+                    Attempt::Unsent(unsent, _) => req = *unsent,
+                }
             }
         }
-        let mut sender = self.open(backend, Sharing::Shared).await?;
-        sender.ready().await.map_err(failed)?;
-        let response = sender.send_request(req).await.map_err(failed)?;
-        Ok((response, Loan::new(sender, backend)))
+        let mut sender = match self.open(backend, sharing).await {
+            Ok(sender) => sender,
+            Err(e) => return Attempt::Unsent(Box::new(req), e),
+        };
+        match tokio::time::timeout(deadline, sender.ready()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Attempt::Unsent(Box::new(req), self.exchange_error(backend, e)),
+            Err(_) => {
+                return Attempt::Done(Err(UpstreamError::Timeout {
+                    backend: backend.authority.clone(),
+                    timeout: deadline,
+                }));
+            }
+        }
+        match self.send_on(backend, &mut sender, req).await {
+            Attempt::Done(result) => Attempt::Done(result.map(|r| (r, sender))),
+            Attempt::Unsent(req, e) => Attempt::Unsent(req, e),
+        }
     }
 
-    async fn connect_pinned(&self, backend: &Arc<Backend>) -> Result<Pinned, UpstreamError> {
-        let sender = self.open(backend, Sharing::Pinned).await?;
-        Ok(Pinned {
-            backend: Arc::clone(backend),
-            sender,
-        })
+    /// One request on one ready connection, within the response timeout.
+    async fn send_on(
+        &self,
+        backend: &Backend,
+        sender: &mut SendRequest<ClientBody>,
+        req: Request<ClientBody>,
+    ) -> Attempt<Response<Incoming>> {
+        let deadline = self.timeouts.upstream_response;
+        match tokio::time::timeout(deadline, sender.try_send_request(req)).await {
+            Ok(Ok(response)) => Attempt::Done(Ok(response)),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(unsent) => Attempt::Unsent(
+                    Box::new(unsent),
+                    self.exchange_error(backend, e.into_error()),
+                ),
+                None => Attempt::Done(Err(self.exchange_error(backend, e.into_error()))),
+            },
+            Err(_) => Attempt::Done(Err(UpstreamError::Timeout {
+                backend: backend.authority.clone(),
+                timeout: deadline,
+            })),
+        }
+    }
+
+    fn exchange_error(&self, backend: &Backend, e: hyper::Error) -> UpstreamError {
+        UpstreamError::Exchange {
+            backend: backend.authority.clone(),
+            source: Box::new(e),
+        }
     }
 
     /// Opens an HTTP/1.1 connection to `backend` (within the connect timeout); its connection task
@@ -556,7 +824,7 @@ impl Upstream {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(connect_error(Box::new(e))),
             Err(_) => {
-                return Err(UpstreamError::Timeout {
+                return Err(UpstreamError::ConnectTimeout {
                     backend: backend.authority.clone(),
                     timeout: self.timeouts.upstream_connect,
                 });
@@ -568,7 +836,7 @@ impl Upstream {
             .map_err(|e| connect_error(Box::new(e)))?;
         let metrics = Arc::clone(&self.metrics);
         match sharing {
-            Sharing::Shared => {
+            Sharing::Shared | Sharing::Bound => {
                 metrics.upstream_opened.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     let _ = connection.await;

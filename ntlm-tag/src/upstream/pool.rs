@@ -1,6 +1,7 @@
-//! The shared keep-alive connections of tag mode. Each backend keeps a stack of idle HTTP/1.1
-//! connections: an exchange takes the most recently used one (or opens one), and the response body
-//! hands it back once the backend's response has been read to the end. Connections unused for
+//! The shared keep-alive connections (anonymous requests in bind mode, all requests in tag mode).
+//! Each backend keeps a stack of idle HTTP/1.1 connections: an exchange takes the most recently used
+//! one (or opens one), and hands it back once the backend's response has been read to the end *and*
+//! the client's request body has been sent to its end. Connections unused for
 //! `upstream_idle_secs`, or closed by the backend, are dropped. hyper's own client connections,
 //! without a general-purpose pool's per-request task and hashing.
 #![forbid(unsafe_code)]
@@ -11,8 +12,9 @@ use std::{
 };
 
 use hyper::client::conn::http1::SendRequest;
+use tokio::sync::OwnedSemaphorePermit;
 
-use super::{Backend, ClientBody};
+use super::{Backend, ClientBody, ClientBodyState};
 
 /// A backend's idle connections, most recently used last.
 #[derive(Default)]
@@ -70,21 +72,46 @@ impl IdleConnections {
 }
 
 /// A shared connection on loan to one exchange. Given back when the response has been read to the
-/// end; dropped otherwise, which closes it (a half-read response must never meet the next request).
+/// end and the request body sent; dropped otherwise, which closes it (a half-read response or a
+/// half-sent body must never meet the next request).
 pub struct Loan {
     sender: SendRequest<ClientBody>,
     backend: Arc<Backend>,
+    /// The request body this exchange sends.
+    request: ClientBodyState,
+    /// The backend's connection permit (`max_upstream_per_backend`), held while the connection is busy.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Loan {
-    pub fn new(sender: SendRequest<ClientBody>, backend: &Arc<Backend>) -> Self {
+    pub fn new(
+        sender: SendRequest<ClientBody>,
+        backend: &Arc<Backend>,
+        request: ClientBodyState,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Self {
         Loan {
             sender,
             backend: Arc::clone(backend),
+            request,
+            permit,
         }
     }
 
-    pub fn give_back(self) {
+    /// The response has been read to its end: back to the pool once the request body is sent too.
+    pub fn response_done(self) {
+        let request = self.request.clone();
+        request.give_back_when_sent(self);
+    }
+
+    /// Both directions are done: the connection is idle.
+    pub(super) fn give_back(self) {
         self.backend.idle.put(self.sender);
+        drop(self.permit);
+    }
+
+    /// The connection leaves the pool for good (bound to one client connection).
+    pub fn into_sender(self) -> SendRequest<ClientBody> {
+        self.sender
     }
 }
