@@ -20,7 +20,7 @@ pub fn request_binds(headers: &HeaderMap) -> bool {
     [header::AUTHORIZATION, header::PROXY_AUTHORIZATION]
         .iter()
         .flat_map(|name| headers.get_all(name))
-        .any(|v| carries_token(v.as_bytes()))
+        .any(|v| carries_payload(v.as_bytes()))
 }
 
 /// The response carries an NTLM/Negotiate token (a Type2 challenge in a 401/407, a Kerberos
@@ -33,7 +33,21 @@ pub fn response_binds(headers: &HeaderMap) -> bool {
             .any(|v| v.as_bytes().split(|b| *b == b',').any(carries_token))
 }
 
-/// `NTLM <token>` or `Negotiate <token>` (scheme case-insensitive, a non-empty token68).
+/// `NTLM <anything>` or `Negotiate <anything>` in a request: whatever follows the scheme may create
+/// state on a backend that parses it leniently, so a request binds on any payload, well-formed or
+/// not (binding too often costs a connection; binding too rarely could share a context).
+fn carries_payload(value: &[u8]) -> bool {
+    let value = value.trim_ascii();
+    let Some(space) = value.iter().position(u8::is_ascii_whitespace) else {
+        return false; // A bare scheme: no state on the backend.
+    };
+    let (scheme, payload) = value.split_at(space);
+    (scheme.eq_ignore_ascii_case(b"NTLM") || scheme.eq_ignore_ascii_case(b"Negotiate"))
+        && !payload.trim_ascii().is_empty()
+}
+
+/// `NTLM <token>` or `Negotiate <token>` in one challenge of a response (scheme case-insensitive, a
+/// non-empty token68, so that the parameters of other schemes split at commas are not taken for one).
 fn carries_token(element: &[u8]) -> bool {
     let element = element.trim_ascii();
     let Some(space) = element.iter().position(u8::is_ascii_whitespace) else {
@@ -68,6 +82,7 @@ mod tests {
             "Negotiate YIIGhgYGKwYBBQUCoIIGejCCBnagMDAuBgkqhkiC9xIBAgIGCSqGSIb3EgECAgYKKwYBBAGCNwICHgYKKwYBBAGCNwICCg==",
             "Negotiate TlRMTVNTUAABAAAAB4IIAAAAAAAAAAAAAAAAAAAAAAA=",
             "NTLM   TlRMTVNTUAAB",
+            "NTLM not a token!",
         ] {
             assert!(
                 request_binds(&headers(&[(header::AUTHORIZATION, value)])),
@@ -96,7 +111,6 @@ mod tests {
             "Bearer abc.def",
             "NTLMX TlRMTVNTUAAB",
             "Negotiated TlRM",
-            "NTLM not a token!",
         ] {
             assert!(
                 !request_binds(&headers(&[(header::AUTHORIZATION, value)])),
