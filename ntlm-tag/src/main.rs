@@ -27,7 +27,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
-        Some(Command::Conns { admin }) => match conns::print_table(admin) {
+        Some(Command::Conns { admin, token_file }) => match conns::print_table(&admin, token_file.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("ntlm-tag: {e:#}");
