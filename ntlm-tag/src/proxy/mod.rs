@@ -311,7 +311,7 @@ fn open_connection(
     gateway.metrics.connection(identity.metrics_label());
     tracing::debug!(
         conn = %conn,
-        conn_id = full_id.as_deref(),
+        conn_id = full_id.as_deref().map(tracing::field::display),
         client = %identity.client,
         peer = %identity.peer,
         identity_source = identity.source.name(),
@@ -552,7 +552,7 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
         tracing::info!(
             target: "access",
             conn = %connection.conn,
-            conn_id = connection.full_id.as_deref(),
+            conn_id = connection.full_id.as_deref().map(tracing::field::display),
             method = %method,
             path = %path,
             backend = %backend.authority(),
