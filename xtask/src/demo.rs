@@ -347,11 +347,11 @@ pub fn run(keep: bool) -> Result<()> {
     let nginx_ids = ids_seen(&demo.acceptors, |id| !id.contains('/'));
     println!();
     println!(
-        "{:<34} {:<58} {:<8} MALLORY IS SEEN AS",
+        "{:<34} {:<60} {:<8} MALLORY IS SEEN AS",
         "GATEWAY", "ID SENT FOR MALLORY", "STATUS"
     );
     println!(
-        "{:<34} {:<58} {:<8} {}",
+        "{:<34} {:<60} {:<8} {}",
         "$remote_addr:$remote_port style",
         nginx_ids.last().cloned().unwrap_or_default(),
         nginx_status,
@@ -363,7 +363,7 @@ pub fn run(keep: bool) -> Result<()> {
     );
     let tag_ids = ids_seen(&demo.acceptors, |id| id.starts_with(SNAT));
     println!(
-        "{:<34} {:<58} {:<8} {}",
+        "{:<34} {:<60} {:<8} {}",
         "ntlm-tag",
         tag_ids.last().cloned().unwrap_or_default(),
         tag_status,
@@ -443,12 +443,12 @@ fn ids_seen(acceptors: &[Acceptor], filter: impl Fn(&str) -> bool) -> Vec<String
 fn print_logins(rows: &[Row]) {
     println!();
     println!(
-        "{:<36} {:<22} {:<10} {:<58} {:<17} AUTHENTICATED AS",
+        "{:<36} {:<22} {:<10} {:<60} {:<17} AUTHENTICATED AS",
         "CLIENT", "GATEWAY SOCKET SAW", "LEARNED", "ID SENT UPSTREAM", "BACKEND"
     );
     for r in rows {
         println!(
-            "{:<36} {:<22} {:<10} {:<58} {:<17} {}",
+            "{:<36} {:<22} {:<10} {:<60} {:<17} {}",
             r.client, r.socket_saw, r.learned, r.id, r.backend, r.user
         );
     }
