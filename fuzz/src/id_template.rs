@@ -22,7 +22,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use http::HeaderValue;
 use ntlm_tag::{
     identity::conn_id::{IdTemplate, TemplateError, UID_CHARS, Uid, UidGenerator, canonical},
-    proxy::rewrite::ConnectionStamp,
+    proxy::rewrite::{ClientScheme, ConnectionStamp},
 };
 
 pub const HEADER_BYTES: usize = 1 + 16 + 2 + 8;
@@ -127,7 +127,7 @@ pub fn check(data: &[u8]) {
         "{t:?} rendered for {} is not a header value: {id:?}",
         input.client
     );
-    if let Err(e) = ConnectionStamp::new(&id, input.client) {
+    if let Err(e) = ConnectionStamp::new(&id, input.client, ClientScheme::Https) {
         panic!(
             "ConnectionStamp::new refused {id:?} for {}: {e}",
             input.client

@@ -208,13 +208,15 @@ impl AdminListener {
                         .create(dir)
                         .with_context(|| format!("cannot create {}", dir.display()))?;
                     if let Some((uid, gid)) = owner {
-                        std::os::unix::fs::chown(dir, Some(uid), Some(gid))
-                            .with_context(|| format!("cannot hand {} to the service user", dir.display()))?;
+                        std::os::unix::fs::chown(dir, Some(uid), Some(gid)).with_context(|| {
+                            format!("cannot hand {} to the service user", dir.display())
+                        })?;
                     }
                 }
                 remove_stale_socket(path).await?;
-                let listener = UnixListener::bind(path)
-                    .with_context(|| format!("cannot create the admin socket {}", path.display()))?;
+                let listener = UnixListener::bind(path).with_context(|| {
+                    format!("cannot create the admin socket {}", path.display())
+                })?;
                 let file = SocketFile(path.clone());
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
                     .with_context(|| format!("cannot chmod 600 {}", path.display()))?;
@@ -257,8 +259,12 @@ async fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
         );
     }
     tracing::info!(path = %path.display(), "removing the admin socket an earlier run left");
-    std::fs::remove_file(path)
-        .map_err(|e| anyhow::anyhow!("cannot remove the stale admin socket {}: {e}", path.display()))
+    std::fs::remove_file(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot remove the stale admin socket {}: {e}",
+            path.display()
+        )
+    })
 }
 
 /// What the admin listener reports.
@@ -383,7 +389,10 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
 }
 
 /// `None` when the request may read a private page; else the refusal, saying how to get access.
-fn refuse_private(req: &Request<Incoming>, access: &PrivateAccess) -> Option<Response<Full<Bytes>>> {
+fn refuse_private(
+    req: &Request<Incoming>,
+    access: &PrivateAccess,
+) -> Option<Response<Full<Bytes>>> {
     match access {
         PrivateAccess::Socket => None,
         PrivateAccess::Bearer(token) if token.admits(req.headers().get(header::AUTHORIZATION)) => {

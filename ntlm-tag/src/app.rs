@@ -122,7 +122,10 @@ pub async fn run(config: Config, args: RunArgs) -> Result<()> {
     let admin_address = match admin_listener {
         Some(listener) => {
             let address = listener.describe();
-            let private = match (&listener, config.admin.as_ref().and_then(|a| a.token.as_ref())) {
+            let private = match (
+                &listener,
+                config.admin.as_ref().and_then(|a| a.token.as_ref()),
+            ) {
                 (AdminListener::Unix(..), _) => PrivateAccess::Socket,
                 (AdminListener::Tcp(_), Some((_, token))) => PrivateAccess::Bearer(token.clone()),
                 (AdminListener::Tcp(_), None) => {

@@ -1089,7 +1089,11 @@ mod tests {
         )
         .expect("valid");
         assert!(c.show_full_ids);
-        let (_, read) = c.admin.as_ref().and_then(|a| a.token.as_ref()).expect("token");
+        let (_, read) = c
+            .admin
+            .as_ref()
+            .and_then(|a| a.token.as_ref())
+            .expect("token");
         assert_eq!(read.expose(), token, "the final newline is not part of it");
         let effective = c.to_toml();
         assert!(!effective.contains(token), "{effective}");
@@ -1144,7 +1148,10 @@ mod tests {
         a.show_full_ids = true;
         let c = Config::from_toml(BASE, &a).expect("flags");
         assert!(c.show_full_ids);
-        assert_eq!(c.admin.expect("admin").endpoint.to_string(), "unix:/tmp/x.sock");
+        assert_eq!(
+            c.admin.expect("admin").endpoint.to_string(),
+            "unix:/tmp/x.sock"
+        );
     }
 
     #[test]

@@ -48,7 +48,9 @@ pub fn print_table(admin: &str, token_file: Option<&Path>) -> Result<()> {
             r.backend,
             r.requests,
             r.age_ms as f64 / 1000.0,
-            r.id.as_deref().map(|id| format!("  {id}")).unwrap_or_default()
+            r.id.as_deref()
+                .map(|id| format!("  {id}"))
+                .unwrap_or_default()
         );
     }
     println!("{} connection(s)", rows.len());
@@ -59,8 +61,9 @@ fn fetch_rows(endpoint: &AdminEndpoint, token: Option<&AdminToken>) -> Result<Ve
     let authorization = token
         .map(|t| format!("Authorization: Bearer {}\r\n", t.expose()))
         .unwrap_or_default();
-    let request =
-        format!("GET /connections HTTP/1.1\r\nHost: admin\r\n{authorization}Connection: close\r\n\r\n");
+    let request = format!(
+        "GET /connections HTTP/1.1\r\nHost: admin\r\n{authorization}Connection: close\r\n\r\n"
+    );
     let response = match endpoint {
         AdminEndpoint::Unix(path) => {
             let stream = UnixStream::connect(path).with_context(|| {
@@ -74,8 +77,10 @@ fn fetch_rows(endpoint: &AdminEndpoint, token: Option<&AdminToken>) -> Result<Ve
             exchange(stream, &request)?
         }
         AdminEndpoint::Tcp(addr) => {
-            let stream = TcpStream::connect_timeout(addr, Duration::from_secs(3))
-                .with_context(|| format!("cannot reach the admin endpoint at {addr} (is `admin` set?)"))?;
+            let stream =
+                TcpStream::connect_timeout(addr, Duration::from_secs(3)).with_context(|| {
+                    format!("cannot reach the admin endpoint at {addr} (is `admin` set?)")
+                })?;
             exchange(stream, &request)?
         }
     };
@@ -94,10 +99,7 @@ fn fetch_rows(endpoint: &AdminEndpoint, token: Option<&AdminToken>) -> Result<Ve
 }
 
 /// Sends `request` and reads the whole answer (the request asks the server to close).
-fn exchange<S: Read + Write>(mut stream: S, request: &str) -> Result<Vec<u8>>
-where
-    S: SetReadTimeout,
-{
+fn exchange<S: Read + Write + SetReadTimeout>(mut stream: S, request: &str) -> Result<Vec<u8>> {
     stream.set_timeout(Duration::from_secs(10))?;
     stream.write_all(request.as_bytes())?;
     let mut response = Vec::new();

@@ -106,8 +106,10 @@ impl Admin {
                     .collect();
                 crate::netns::run_in(ns_path, move || async move {
                     let stream = std::net::TcpStream::connect(addr).expect("admin TCP connect");
-                    let headers: Vec<(&str, &str)> =
-                        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                    let headers: Vec<(&str, &str)> = headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
                     raw_get(stream, &path, &headers)
                 })
             }

@@ -105,7 +105,10 @@ fn local_users_cannot_read_ids_from_the_admin_socket_but_root_can_and_logs_show_
     let mut gw = start(&topo, &["--admin", &endpoint]);
 
     // The socket is 0600, in a directory anyone may enter.
-    let mode = std::fs::metadata(&socket).expect("socket").permissions().mode();
+    let mode = std::fs::metadata(&socket)
+        .expect("socket")
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "admin socket mode {mode:o}");
 
     let gw_ns = topo.gateway.path();
@@ -132,7 +135,12 @@ fn local_users_cannot_read_ids_from_the_admin_socket_but_root_can_and_logs_show_
     assert!(ids[0].starts_with(&format!("{local}/")), "{ids:?}");
     let uid = uid_of(&ids[0]).to_string();
 
-    assert_eq!(status(&denied), "000", "nobody read the table: {}", body(&denied));
+    assert_eq!(
+        status(&denied),
+        "000",
+        "nobody read the table: {}",
+        body(&denied)
+    );
     assert!(!body(&denied).contains(&uid));
     assert!(!conns.status.success());
     let err = String::from_utf8_lossy(&conns.stderr);
@@ -154,10 +162,12 @@ fn local_users_cannot_read_ids_from_the_admin_socket_but_root_can_and_logs_show_
     assert!(row.get("id").is_none(), "{row:#}");
     let hash = row["id_hash"].as_str().expect("hash").to_string();
 
-
     // The access line names the connection by the same hash, and no log line holds the uid.
     let access = gw
-        .wait_for_line("/private", ntlm_tag_tests::gateway::scaled(std::time::Duration::from_secs(5)))
+        .wait_for_line(
+            "/private",
+            ntlm_tag_tests::gateway::scaled(std::time::Duration::from_secs(5)),
+        )
         .expect("an access line");
     assert!(access.contains(&format!("conn={hash}")), "{access}");
     assert!(!access.contains("conn_id"), "{access}");
@@ -182,18 +192,32 @@ fn on_tcp_the_table_needs_the_bearer_token_and_without_a_token_file_it_is_closed
     let token_path = token_file.to_str().expect("utf-8");
     let gw = start(
         &topo,
-        &["--admin", "127.0.0.1:9180", "--admin-token-file", token_path],
+        &[
+            "--admin",
+            "127.0.0.1:9180",
+            "--admin-token-file",
+            token_path,
+        ],
     );
     let gw_ns = topo.gateway.path();
     let base = "http://127.0.0.1:9180";
     for path in ["/connections", "/kernel"] {
         let out = curl(&gw_ns, true, &[&format!("{base}{path}")]);
-        assert_eq!(status(&out), "401", "nobody without a token on {path}: {}", body(&out));
+        assert_eq!(
+            status(&out),
+            "401",
+            "nobody without a token on {path}: {}",
+            body(&out)
+        );
         assert!(body(&out).contains("admin_token_file"), "{}", body(&out));
         let wrong = curl(
             &gw_ns,
             true,
-            &["-H", "Authorization: Bearer 3f6c0e9d2b8a41d7a5e2c9b0f1d34e6a7b8c9d0e1f2a3b4d", &format!("{base}{path}")],
+            &[
+                "-H",
+                "Authorization: Bearer 3f6c0e9d2b8a41d7a5e2c9b0f1d34e6a7b8c9d0e1f2a3b4d",
+                &format!("{base}{path}"),
+            ],
         );
         assert_eq!(status(&wrong), "401", "a wrong token on {path}");
     }
@@ -214,12 +238,22 @@ fn on_tcp_the_table_needs_the_bearer_token_and_without_a_token_file_it_is_closed
     let (ok, conns) = {
         let (gw_ns, token_path) = (gw_ns.clone(), token_path.to_string());
         while_connected(&topo, move |_| {
-            let ok = curl(&gw_ns, false, &["-H", &auth, &format!("{base}/connections")]);
+            let ok = curl(
+                &gw_ns,
+                false,
+                &["-H", &auth, &format!("{base}/connections")],
+            );
             let conns = std::process::Command::new("nsenter")
                 .arg(format!("--net={}", gw_ns.display()))
                 .arg("--")
                 .arg(ntlm_tag_tests::gateway::binary())
-                .args(["conns", "--admin", "127.0.0.1:9180", "--token-file", &token_path])
+                .args([
+                    "conns",
+                    "--admin",
+                    "127.0.0.1:9180",
+                    "--token-file",
+                    &token_path,
+                ])
                 .output()
                 .expect("conns");
             (ok, conns)
@@ -227,7 +261,11 @@ fn on_tcp_the_table_needs_the_bearer_token_and_without_a_token_file_it_is_closed
     };
     assert_eq!(status(&ok), "200", "{}", body(&ok));
     assert!(body(&ok).contains("\"id_hash\""), "{}", body(&ok));
-    assert!(conns.status.success(), "{}", String::from_utf8_lossy(&conns.stderr));
+    assert!(
+        conns.status.success(),
+        "{}",
+        String::from_utf8_lossy(&conns.stderr)
+    );
     let table = String::from_utf8_lossy(&conns.stdout);
     assert!(table.contains("1 connection(s)"), "{table}");
     drop(gw);
@@ -239,7 +277,6 @@ fn on_tcp_the_table_needs_the_bearer_token_and_without_a_token_file_it_is_closed
     assert!(closed.body.contains("admin_token_file"), "{}", closed.body);
     assert_eq!(gw.admin.get("/healthz", &[]).status, 200);
 }
-
 
 #[test]
 fn full_ids_are_an_opt_in_that_warns_and_a_stale_socket_is_replaced() {
@@ -253,13 +290,17 @@ fn full_ids_are_an_opt_in_that_warns_and_a_stale_socket_is_replaced() {
     let endpoint = format!("unix:{}", socket.display());
     let mut gw = start(&topo, &["--admin", &endpoint, "--show-full-ids"]);
     assert!(
-        gw.log().iter().any(|l| l.contains("show_full_ids") && l.contains("WARN")),
+        gw.log()
+            .iter()
+            .any(|l| l.contains("show_full_ids") && l.contains("WARN")),
         "{:#?}",
         gw.log()
     );
     let (local, row) = {
         let admin = gw.admin.clone();
-        while_connected(&topo, move |local| (local, admin.json("/connections")[0].clone()))
+        while_connected(&topo, move |local| {
+            (local, admin.json("/connections")[0].clone())
+        })
     };
     let seen = backend.seen();
     let id = seen.last().expect("a request").all("jespa-connection-id")[0].clone();
@@ -272,9 +313,15 @@ fn full_ids_are_an_opt_in_that_warns_and_a_stale_socket_is_replaced() {
     };
     assert_eq!(path, &socket);
     let access = gw
-        .wait_for_line("access", ntlm_tag_tests::gateway::scaled(std::time::Duration::from_secs(5)))
+        .wait_for_line(
+            "access",
+            ntlm_tag_tests::gateway::scaled(std::time::Duration::from_secs(5)),
+        )
         .expect("an access line");
-    assert!(access.contains(&id), "the access line shows the full id: {access}");
+    assert!(
+        access.contains(&id),
+        "the access line shows the full id: {access}"
+    );
     drop(gw);
     assert!(!socket.exists());
 }
@@ -282,10 +329,15 @@ fn full_ids_are_an_opt_in_that_warns_and_a_stale_socket_is_replaced() {
 /// A self-signed certificate for `name`; returns (cert path, key path).
 fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params");
-    params.distinguished_name.push(rcgen::DnType::CommonName, name);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
     let key = rcgen::KeyPair::generate().expect("key");
     let cert = params.self_signed(&key).expect("certificate");
-    let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    let (c, k) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
     std::fs::write(&c, cert.pem()).expect("cert");
     std::fs::write(&k, key.serialize_pem()).expect("key");
     (c, k)
@@ -311,7 +363,10 @@ fn client_forwarding_headers_are_stripped_and_tls_listeners_say_https() {
         ),
     )
     .expect("config");
-    let _gw = Gateway::start(&topo.gateway, &["--config", config.to_str().expect("utf-8")]);
+    let _gw = Gateway::start(
+        &topo.gateway,
+        &["--config", config.to_str().expect("utf-8")],
+    );
 
     let forged = [
         "X-Forwarded-Proto: https",
@@ -338,7 +393,12 @@ fn client_forwarding_headers_are_stripped_and_tls_listeners_say_https() {
         args.push(url.clone());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = curl(&topo.client.path(), false, &args);
-        assert_eq!(status(&out), "200", "{url}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            status(&out),
+            "200",
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let seen = backend.seen();
         let r = seen.last().expect("a request");
         for (name, value) in r.headers.iter() {
@@ -355,9 +415,17 @@ fn client_forwarding_headers_are_stripped_and_tls_listeners_say_https() {
             "x_forwarded_proto",
             "front-end-https",
         ] {
-            assert!(r.all(name).is_empty(), "{url}: {name} passed: {:?}", r.headers);
+            assert!(
+                r.all(name).is_empty(),
+                "{url}: {name} passed: {:?}",
+                r.headers
+            );
         }
-        assert_eq!(r.all("x-forwarded-proto"), vec![scheme.to_string()], "{url}");
+        assert_eq!(
+            r.all("x-forwarded-proto"),
+            vec![scheme.to_string()],
+            "{url}"
+        );
         let forwarded = r.all("forwarded");
         assert_eq!(forwarded.len(), 1, "{url}: {forwarded:?}");
         assert!(
@@ -365,4 +433,56 @@ fn client_forwarding_headers_are_stripped_and_tls_listeners_say_https() {
             "{url}: {forwarded:?}"
         );
     }
+}
+
+#[test]
+fn admin_connections_are_capped_and_an_idle_one_is_closed() {
+    use std::io::Read;
+    let topo = Topology::new();
+    let _backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let mut gw = start(&topo, &[]);
+    let Admin::Unix(socket) = gw.admin.clone() else {
+        panic!("the harness's default admin endpoint is a unix socket");
+    };
+    // 16 connections that never send a request hold every slot ...
+    let idle: Vec<_> = (0..16)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).expect("connect"))
+        .collect();
+    // ... so the next one is closed at once, unanswered.
+    let mut extra = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    extra
+        .set_read_timeout(Some(ntlm_tag_tests::gateway::scaled(
+            std::time::Duration::from_secs(10),
+        )))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    assert_eq!(extra.read(&mut buf).expect("closed, not timed out"), 0);
+    assert!(
+        gw.log()
+            .iter()
+            .any(|l| l.contains("too many admin connections")),
+        "the refusal is logged"
+    );
+    // An idle connection is closed after the 5 s head timeout (well before the 30 s lifetime).
+    let started = std::time::Instant::now();
+    let mut first = &idle[0];
+    first
+        .set_read_timeout(Some(ntlm_tag_tests::gateway::scaled(
+            std::time::Duration::from_secs(25),
+        )))
+        .expect("timeout");
+    let n = first.read(&mut buf).expect("closed, not timed out");
+    assert!(
+        n == 0 || buf.starts_with(b"HTTP/1.1 408"),
+        "{:?}",
+        &buf[..n]
+    );
+    assert!(
+        started.elapsed() < ntlm_tag_tests::gateway::scaled(std::time::Duration::from_secs(20)),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    drop(idle);
+    // With the slots free again, the endpoint answers.
+    assert_eq!(gw.admin.get("/healthz", &[]).status, 200);
 }

@@ -382,7 +382,11 @@ fn two_instances_do_not_see_each_others_connections() {
     });
     // B recorded its three clients; A nothing (its admin endpoint is a unix socket, not TCP).
     assert!(recorded(&gw_b) >= 3);
-    assert_eq!(recorded(&gw_a), before_a, "A counted none of B's connections");
+    assert_eq!(
+        recorded(&gw_a),
+        before_a,
+        "A counted none of B's connections"
+    );
     let a_records = gw_a.admin_json("/kernel")["records"].clone();
     assert!(
         a_records

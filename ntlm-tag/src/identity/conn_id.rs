@@ -390,7 +390,10 @@ mod tests {
         let uids: Vec<Uid> = (0..1000).map(|_| g.next_uid()).collect();
         for pair in uids.windows(2) {
             assert_eq!(pair[0].as_str()[..NONCE_CHARS], *g.nonce());
-            assert_eq!(pair[0].as_str()[..NONCE_CHARS], pair[1].as_str()[..NONCE_CHARS]);
+            assert_eq!(
+                pair[0].as_str()[..NONCE_CHARS],
+                pair[1].as_str()[..NONCE_CHARS]
+            );
             // A counter (even one multiplied and XORed with a key, as ids once were) changes a few
             // low bits from one connection to the next; a block cipher changes half of all 128,
             // about 64 ± 6. Bounds far outside chance, so the test never flakes.
@@ -426,7 +429,10 @@ mod tests {
         let key = *b"0123456789abcdef";
         let g = UidGenerator::with_nonce_and_key(3, key);
         let debug = format!("{g:?}");
-        assert!(!debug.contains("0123456789abcdef") && !debug.contains("48, 49, 50"), "{debug}");
+        assert!(
+            !debug.contains("0123456789abcdef") && !debug.contains("48, 49, 50"),
+            "{debug}"
+        );
         assert!(debug.contains(g.nonce()));
     }
 
@@ -436,7 +442,11 @@ mod tests {
         for _ in 0..100 {
             let uid = g.next_uid();
             assert_eq!(uid.as_str().len(), UID_CHARS);
-            assert!(uid.as_str().bytes().all(|b| BASE32.contains(&b)), "{}", uid.as_str());
+            assert!(
+                uid.as_str().bytes().all(|b| BASE32.contains(&b)),
+                "{}",
+                uid.as_str()
+            );
         }
     }
 }

@@ -93,7 +93,11 @@ mod tests {
         let d = IdDisplay::new(false).expect("random");
         let shown = d.hash(ID).to_string();
         assert_eq!(shown.len(), 12);
-        assert!(shown.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(
+            shown
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
         assert!(!ID.contains(&shown));
         assert_eq!(d.full(ID), None);
         assert!(!format!("{d:?}").contains("key:"));

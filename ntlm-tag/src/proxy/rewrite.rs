@@ -366,7 +366,10 @@ mod tests {
         let mut h = headers(&[("X-Forwarded-Proto", "http"), ("Forwarded", "proto=http")]);
         prepare_request(&mut h, &policy(true), &s);
         assert_eq!(h["forwarded"], "for=\"198.18.0.2:4000\";proto=https");
-        assert_eq!(h.get_all("x-forwarded-proto").iter().collect::<Vec<_>>(), vec!["https"]);
+        assert_eq!(
+            h.get_all("x-forwarded-proto").iter().collect::<Vec<_>>(),
+            vec!["https"]
+        );
     }
 
     #[test]
