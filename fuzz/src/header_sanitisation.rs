@@ -123,10 +123,7 @@ pub fn check(data: &[u8]) {
     let Some(input) = Input::decode(data) else {
         return;
     };
-    let id_text = format!(
-        "{}/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
-        input.client
-    );
+    let id_text = format!("{}/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", input.client);
     let stamp = ConnectionStamp::new(&id_text, input.client, input.scheme).expect("a valid stamp");
     let proto = input.scheme.as_str();
     assert_eq!(stamp.x_forwarded_proto, proto);

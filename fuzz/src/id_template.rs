@@ -107,7 +107,10 @@ pub fn check(data: &[u8]) {
     let (u1, u2) = (uids.next_uid(), uids.next_uid());
     for u in [&u1, &u2] {
         assert_eq!(u.as_str().len(), UID_CHARS, "uid {u:?}");
-        assert!(u.as_str().starts_with(uids.nonce()), "uid {u:?} lacks the nonce");
+        assert!(
+            u.as_str().starts_with(uids.nonce()),
+            "uid {u:?} lacks the nonce"
+        );
         assert!(
             u.as_str()
                 .bytes()

@@ -127,7 +127,7 @@ pub async fn run(config: Config, args: RunArgs) -> Result<()> {
                 config.admin.as_ref().and_then(|a| a.token.as_ref()),
             ) {
                 (AdminListener::Unix(..), _) => PrivateAccess::Socket,
-                (AdminListener::Tcp(_), Some((_, token))) => PrivateAccess::Bearer(token.clone()),
+                (AdminListener::Tcp(_), Some(token)) => PrivateAccess::Bearer(token.clone()),
                 (AdminListener::Tcp(_), None) => {
                     tracing::info!(
                         "admin on TCP without admin_token_file: /healthz and /metrics only; \
@@ -218,7 +218,7 @@ fn reload(
     kernel: Option<&KernelTracker>,
     metrics: &Arc<Metrics>,
 ) {
-    let new = match Config::load(args) {
+    let new = match Config::load_for_reload(args) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "reload refused: the configuration is invalid; the running one stays");
@@ -272,7 +272,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.admin.as_ref().map(|a| &a.endpoint) != new.admin.as_ref().map(|a| &a.endpoint) {
         keys.push("admin");
     }
-    if old.admin.as_ref().map(|a| &a.token) != new.admin.as_ref().map(|a| &a.token) {
+    if old.admin.as_ref().map(|a| &a.token_file) != new.admin.as_ref().map(|a| &a.token_file) {
         keys.push("admin_token_file");
     }
     if old.show_full_ids != new.show_full_ids {

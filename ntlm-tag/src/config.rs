@@ -220,8 +220,20 @@ impl Default for Timeouts {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdminConfig {
     pub endpoint: AdminEndpoint,
-    /// With a TCP endpoint: the bearer token (read at start) and the file it came from.
-    pub token: Option<(PathBuf, AdminToken)>,
+    /// With a TCP endpoint: the file with the bearer token.
+    pub token_file: Option<PathBuf>,
+    /// The token, read (and checked) at start; a reload does not read it again (see
+    /// [`Config::load_for_reload`]).
+    pub token: Option<AdminToken>,
+}
+
+/// Whether building the configuration reads the admin token file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Secrets {
+    Read,
+    /// On SIGHUP: the gateway may have switched to a user that cannot read the file (it is 0600,
+    /// usually root's), and the admin endpoint keeps the token it started with anyway.
+    Skip,
 }
 
 /// The validated, effective configuration.
@@ -258,17 +270,27 @@ impl Config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        Self::build(file, args)
+        Self::build(file, args, Secrets::Read)
+    }
+
+    /// Like [`load`](Self::load), for a reload: the admin token file is not read again (the admin
+    /// endpoint and its token change only with a restart).
+    pub fn load_for_reload(args: &RunArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::build(file, args, Secrets::Skip)
     }
 
     /// Parses a TOML document and merges `args` over it (no file access).
     #[cfg(test)]
     pub fn from_toml(text: &str, args: &RunArgs) -> Result<Self, ConfigError> {
         let file = parse_file(text, Path::new("<config>"))?;
-        Self::build(file, args)
+        Self::build(file, args, Secrets::Read)
     }
 
-    fn build(file: FileConfig, args: &RunArgs) -> Result<Self, ConfigError> {
+    fn build(file: FileConfig, args: &RunArgs, secrets: Secrets) -> Result<Self, ConfigError> {
         if args.tls_cert.len() != args.tls_key.len() {
             return Err(ConfigError::invalid(
                 "tls",
@@ -456,6 +478,7 @@ impl Config {
         let admin = build_admin(
             args.admin.clone().or(file.admin),
             args.admin_token_file.clone().or(file.admin_token_file),
+            secrets,
         )?;
 
         Ok(Config {
@@ -544,11 +567,7 @@ impl Config {
             ebpf: self.ebpf.mode,
             map_entries: self.ebpf.map_entries,
             admin: self.admin.as_ref().map(|a| a.endpoint.to_string()),
-            admin_token_file: self
-                .admin
-                .as_ref()
-                .and_then(|a| a.token.as_ref())
-                .map(|(path, _)| path.as_path()),
+            admin_token_file: self.admin.as_ref().and_then(|a| a.token_file.as_deref()),
             show_full_ids: self.show_full_ids,
             workers: self.workers,
             log_format: self.log_format,
@@ -561,6 +580,7 @@ impl Config {
 fn build_admin(
     endpoint: Option<String>,
     token_file: Option<PathBuf>,
+    secrets: Secrets,
 ) -> Result<Option<AdminConfig>, ConfigError> {
     let Some(text) = endpoint else {
         return match token_file {
@@ -574,7 +594,7 @@ fn build_admin(
     let endpoint: AdminEndpoint = text
         .parse()
         .map_err(|message: String| ConfigError::invalid("admin", message))?;
-    let token = match (&endpoint, token_file) {
+    let token = match (&endpoint, &token_file) {
         (_, None) => None,
         (AdminEndpoint::Unix(_), Some(_)) => {
             return Err(ConfigError::invalid(
@@ -583,13 +603,17 @@ fn build_admin(
                  admin_token_file, or use a HOST:PORT admin address",
             ));
         }
-        (AdminEndpoint::Tcp(_), Some(path)) => {
-            let token = AdminToken::from_file(&path)
-                .map_err(|e| ConfigError::invalid("admin_token_file", e.to_string()))?;
-            Some((path, token))
-        }
+        (AdminEndpoint::Tcp(_), Some(_)) if secrets == Secrets::Skip => None,
+        (AdminEndpoint::Tcp(_), Some(path)) => Some(
+            AdminToken::from_file(path)
+                .map_err(|e| ConfigError::invalid("admin_token_file", e.to_string()))?,
+        ),
     };
-    Ok(Some(AdminConfig { endpoint, token }))
+    Ok(Some(AdminConfig {
+        endpoint,
+        token_file,
+        token,
+    }))
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -1089,7 +1113,7 @@ mod tests {
         )
         .expect("valid");
         assert!(c.show_full_ids);
-        let (_, read) = c
+        let read = c
             .admin
             .as_ref()
             .and_then(|a| a.token.as_ref())
@@ -1152,6 +1176,32 @@ mod tests {
             c.admin.expect("admin").endpoint.to_string(),
             "unix:/tmp/x.sock"
         );
+    }
+
+    #[test]
+    fn a_reload_does_not_read_the_admin_token_again() {
+        // After `user = ...` the gateway may no longer read the (root's, 0600) token file: a reload
+        // must still apply, and the endpoint keeps the token it started with.
+        let mut config = tempfile::NamedTempFile::new().expect("temp file");
+        std::io::Write::write_all(
+            &mut config,
+            b"listen = [\"0.0.0.0:1\"]\nbackends = [\"b:80\"]\nadmin = \"127.0.0.1:9180\"\n\
+              admin_token_file = \"/nonexistent/admin.token\"\n",
+        )
+        .expect("write");
+        let mut a = args();
+        a.config = Some(config.path().to_path_buf());
+        assert_eq!(
+            key_of(Config::load(&a).expect_err("unreadable at start")),
+            "admin_token_file"
+        );
+        let reloaded = Config::load_for_reload(&a).expect("a reload skips the token");
+        let admin = reloaded.admin.expect("admin");
+        assert_eq!(
+            admin.token_file.as_deref(),
+            Some(Path::new("/nonexistent/admin.token"))
+        );
+        assert!(admin.token.is_none());
     }
 
     #[test]
