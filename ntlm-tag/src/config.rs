@@ -164,7 +164,8 @@ struct TimeoutsFile {
 pub struct IdentityConfig {
     pub header: HeaderName,
     pub template: IdTemplate,
-    /// Set X-Forwarded-For and Forwarded to the original client (client-sent copies are always removed).
+    /// Set X-Forwarded-For, X-Forwarded-Proto and Forwarded to the original client (client-sent copies
+    /// are always removed).
     pub forwarded_headers: bool,
 }
 
