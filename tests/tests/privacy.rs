@@ -458,9 +458,11 @@ fn admin_connections_are_capped_and_an_idle_one_is_closed() {
     let mut buf = [0u8; 64];
     assert_eq!(extra.read(&mut buf).expect("closed, not timed out"), 0);
     assert!(
-        gw.log()
-            .iter()
-            .any(|l| l.contains("too many admin connections")),
+        gw.wait_for_line(
+            "too many admin connections",
+            ntlm_tag_tests::gateway::scaled(std::time::Duration::from_secs(5))
+        )
+        .is_some(),
         "the refusal is logged"
     );
     // An idle connection is closed after the 5 s head timeout (well before the 30 s lifetime).
