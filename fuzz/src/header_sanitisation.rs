@@ -5,22 +5,26 @@
 //! a name `http::HeaderName` refuses or a value `HeaderValue` refuses is skipped, as the HTTP parser
 //! would have refused it before the gateway saw it. `flags` bit 0: `forwarded_headers`; bit 1:
 //! an IPv6 client; bits 2-3: the id header is `Jespa-Connection-Id`, `X-Conn-Id`, `conn_id`, or the
-//! first line's name (when it is a valid, non-reserved name).
+//! first line's name (when it is a valid, non-reserved name); bit 4: the connection came in on a TLS
+//! listener.
 //!
 //! Checked:
 //! - exactly one id header remains, with this connection's id;
-//! - with `forwarded_headers`, exactly one `X-Forwarded-For` and one `Forwarded`, the gateway's;
-//!   without, none;
-//! - no header whose name folds (ASCII letters and digits, lowercased) to the id header's or to
-//!   `x-forwarded-for`, `forwarded`, `x-real-ip`, `x-client-ip` keeps a client value: the only such
-//!   headers left are the ones the gateway set;
+//! - with `forwarded_headers`, exactly one `X-Forwarded-For`, one `X-Forwarded-Proto` and one
+//!   `Forwarded`, the gateway's, whose `proto=` is the `X-Forwarded-Proto` (`https` exactly on TLS
+//!   listeners); without, none;
+//! - no header whose name folds (ASCII letters and digits, lowercased) to the id header's or to one
+//!   of the forwarding headers below keeps a client value: the only such headers left are the ones
+//!   the gateway set;
 //! - no hop-by-hop header remains, nor one the client's `Connection` named (unless the gateway set
 //!   it);
 //! - every other client header passes unchanged, all its values in order, and nothing else is added.
 use std::net::SocketAddr;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use ntlm_tag::proxy::rewrite::{ConnectionStamp, StampPolicy, is_reserved_header, prepare_request};
+use ntlm_tag::proxy::rewrite::{
+    ClientScheme, ConnectionStamp, StampPolicy, is_reserved_header, prepare_request,
+};
 
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
@@ -33,12 +37,30 @@ const HOP_BY_HOP: [&str; 9] = [
     "transfer-encoding",
     "upgrade",
 ];
-const FORWARDING: [&str; 4] = ["x-forwarded-for", "forwarded", "x-real-ip", "x-client-ip"];
+/// Written out again here (not taken from the gateway) so that the oracle does not share a mistake.
+const FORWARDING: [&str; 15] = [
+    "x-forwarded-for",
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "front-end-https",
+    "true-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "client-ip",
+    "x-original-forwarded-for",
+];
 
 #[derive(Debug)]
 pub struct Input {
     pub policy: StampPolicy,
     pub client: SocketAddr,
+    pub scheme: ClientScheme,
     pub headers: HeaderMap,
 }
 
@@ -80,6 +102,11 @@ impl Input {
                 forwarded_headers: flags & 1 == 1,
             },
             client,
+            scheme: if flags & 16 == 16 {
+                ClientScheme::Https
+            } else {
+                ClientScheme::Http
+            },
             headers,
         })
     }
@@ -96,8 +123,18 @@ pub fn check(data: &[u8]) {
     let Some(input) = Input::decode(data) else {
         return;
     };
-    let id_text = format!("{}/aaaaaaaaaaaaaaaaaa", input.client);
-    let stamp = ConnectionStamp::new(&id_text, input.client).expect("a valid stamp");
+    let id_text = format!("{}/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", input.client);
+    let stamp = ConnectionStamp::new(&id_text, input.client, input.scheme).expect("a valid stamp");
+    let proto = input.scheme.as_str();
+    assert_eq!(stamp.x_forwarded_proto, proto);
+    assert!(
+        stamp
+            .forwarded
+            .to_str()
+            .is_ok_and(|f| f.ends_with(&format!(";proto={proto}"))),
+        "{:?} for {proto}",
+        stamp.forwarded
+    );
     let mut out = input.headers.clone();
     prepare_request(&mut out, &input.policy, &stamp);
 
@@ -117,6 +154,10 @@ pub fn check(data: &[u8]) {
             stamp.x_forwarded_for.clone(),
         ));
         ours.push((
+            HeaderName::from_static("x-forwarded-proto"),
+            stamp.x_forwarded_proto.clone(),
+        ));
+        ours.push((
             HeaderName::from_static("forwarded"),
             stamp.forwarded.clone(),
         ));
@@ -131,7 +172,7 @@ pub fn check(data: &[u8]) {
         }
     }
     if !input.policy.forwarded_headers {
-        for name in ["x-forwarded-for", "forwarded"] {
+        for name in ["x-forwarded-for", "x-forwarded-proto", "forwarded"] {
             if name != id.as_str() {
                 assert!(
                     out.get(name).is_none(),

@@ -15,13 +15,14 @@
 //! - it is the template with each placeholder replaced by the canonical client (v4-mapped shown as
 //!   IPv4), its ip, its port or the uid;
 //! - with `{uid}` it contains the uid and two uids give two ids; without, the id never changes;
-//! - uids are 18 lowercase base32 characters and two in a row differ.
+//! - uids are `UID_CHARS` (39) lowercase base32 characters that start with the instance nonce,
+//!   and two in a row differ (the key is random: the input only chooses the nonce).
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 
 use http::HeaderValue;
 use ntlm_tag::{
-    identity::conn_id::{IdTemplate, TemplateError, Uid, UidGenerator, canonical},
-    proxy::rewrite::ConnectionStamp,
+    identity::conn_id::{IdTemplate, TemplateError, UID_CHARS, Uid, UidGenerator, canonical},
+    proxy::rewrite::{ClientScheme, ConnectionStamp},
 };
 
 pub const HEADER_BYTES: usize = 1 + 16 + 2 + 8;
@@ -102,10 +103,14 @@ pub fn check(data: &[u8]) {
     assert_eq!(template.as_str(), t);
     assert_eq!(template.is_reusable(), !has_uid, "is_reusable of {t:?}");
 
-    let uids = UidGenerator::with_nonce(input.nonce);
+    let uids = UidGenerator::with_nonce(input.nonce).expect("random key");
     let (u1, u2) = (uids.next_uid(), uids.next_uid());
     for u in [&u1, &u2] {
-        assert_eq!(u.as_str().len(), 18, "uid {u:?}");
+        assert_eq!(u.as_str().len(), UID_CHARS, "uid {u:?}");
+        assert!(
+            u.as_str().starts_with(uids.nonce()),
+            "uid {u:?} lacks the nonce"
+        );
         assert!(
             u.as_str()
                 .bytes()
@@ -125,7 +130,7 @@ pub fn check(data: &[u8]) {
         "{t:?} rendered for {} is not a header value: {id:?}",
         input.client
     );
-    if let Err(e) = ConnectionStamp::new(&id, input.client) {
+    if let Err(e) = ConnectionStamp::new(&id, input.client, ClientScheme::Https) {
         panic!(
             "ConnectionStamp::new refused {id:?} for {}: {e}",
             input.client

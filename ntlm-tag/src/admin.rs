@@ -1,22 +1,271 @@
-//! The admin listener: `/healthz`, `/connections` (the live table) and `/kernel` (the eBPF side's
-//! counters and records). Bind it to loopback or a management network: it shows client addresses.
+//! The admin endpoint: `/healthz` and `/metrics` (no client addresses, no ids), `/connections` (the
+//! live table) and `/kernel` (the eBPF side's counters and records).
+//!
+//! `/connections` and `/kernel` name clients, and `/connections` correlates them with connection
+//! ids, so they are private: on a `unix:` socket (created 0600, owned by the service user) the file
+//! mode keeps other local users out; on a TCP address they need `Authorization: Bearer <token>`
+//! with the token from `admin_token_file`, and without one they are refused with a message saying
+//! how to enable them. Ids are shown as keyed hashes unless `show_full_ids` (see
+//! `identity::id_hash`). Every admin connection has a head timeout, a lifetime and a cap on how many
+//! are open at once, so no local client can pin the gateway's resources through it.
 #![forbid(unsafe_code)]
 
-use std::{convert::Infallible, sync::Arc};
+use std::{
+    convert::Infallible,
+    fmt,
+    net::SocketAddr,
+    os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::Arc,
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
-use tokio::{net::TcpListener, sync::watch};
+use subtle::ConstantTimeEq;
+use thiserror::Error;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpListener, UnixListener},
+    sync::{Semaphore, watch},
+};
 
 use crate::{
     kernel::{KernelCounters, KernelTracker, monotonic_ns},
     metrics::Metrics,
     registry::Registry,
 };
+
+/// A request head must be complete this long after the connection opened or the previous response.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// No admin connection lives longer than this (a client that stops reading a response included).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// Admin connections open at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 16;
+/// Shortest accepted bearer token: 32 characters (e.g. `openssl rand -hex 16`, 128 bits).
+const MIN_TOKEN_CHARS: usize = 32;
+
+/// Where the admin endpoint listens: `HOST:PORT` or `unix:/absolute/path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminEndpoint {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for AdminEndpoint {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            let path = PathBuf::from(path);
+            if !path.is_absolute() {
+                return Err(format!("{text:?}: a unix: socket needs an absolute path"));
+            }
+            // sun_path holds 108 bytes with the terminating NUL.
+            if path.as_os_str().len() > 107 {
+                return Err(format!("{text:?}: a socket path is at most 107 bytes"));
+            }
+            return Ok(AdminEndpoint::Unix(path));
+        }
+        text.parse().map(AdminEndpoint::Tcp).map_err(|_| {
+            format!("{text:?} is neither HOST:PORT nor unix:/absolute/path/admin.sock")
+        })
+    }
+}
+
+impl fmt::Display for AdminEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AdminEndpoint::Tcp(addr) => write!(f, "{addr}"),
+            AdminEndpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The bearer token that opens `/connections` and `/kernel` on a TCP admin address.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum TokenError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} can be read by every local user (mode {mode:o}); `chmod 600` it (or 640 for a group)"
+    )]
+    WorldReadable { path: PathBuf, mode: u32 },
+    #[error(
+        "{path}: the token must be at least {MIN_TOKEN_CHARS} visible ASCII characters without          spaces (e.g. `openssl rand -hex 32 > {path}`)"
+    )]
+    Weak { path: PathBuf },
+}
+
+impl AdminToken {
+    /// Reads the token (surrounding whitespace, such as a final newline, is not part of it).
+    pub fn from_file(path: &Path) -> Result<Self, TokenError> {
+        let read = |source| TokenError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mode = std::fs::metadata(path).map_err(read)?.permissions().mode();
+        if mode & 0o007 != 0 {
+            return Err(TokenError::WorldReadable {
+                path: path.to_path_buf(),
+                mode: mode & 0o7777,
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(read)?;
+        let token = text.trim();
+        if token.len() < MIN_TOKEN_CHARS || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(TokenError::Weak {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(AdminToken(token.to_string()))
+    }
+
+    /// The token itself, for a client that sends it (`ntlm-tag conns`).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether an `Authorization` header value is `Bearer <this token>` (compared in constant time,
+    /// so response timing tells nothing about how much of a guess was right).
+    fn admits(&self, authorization: Option<&http::HeaderValue>) -> bool {
+        let Some(value) = authorization.map(http::HeaderValue::as_bytes) else {
+            return false;
+        };
+        let Some((scheme, credentials)) = value.split_first_chunk::<7>() else {
+            return false;
+        };
+        scheme.eq_ignore_ascii_case(b"bearer ")
+            && bool::from(credentials.trim_ascii().ct_eq(self.0.as_bytes()))
+    }
+}
+
+/// Who may read `/connections` and `/kernel`.
+#[derive(Debug, Clone)]
+pub enum PrivateAccess {
+    /// A unix socket: whoever can open it (its file mode decides).
+    Socket,
+    /// TCP with a token: requests that carry it.
+    Bearer(AdminToken),
+    /// TCP without a token: nobody.
+    Closed,
+}
+
+/// The bound admin endpoint. A unix socket's file is removed when this is dropped.
+pub enum AdminListener {
+    Tcp(TcpListener),
+    Unix(UnixListener, SocketFile),
+}
+
+/// Removes the socket file at exit (best effort: a leftover is removed at the next start).
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            tracing::info!(path = %self.0.display(), error = %e, "cannot remove the admin socket; the next start removes it");
+        }
+    }
+}
+
+impl AdminListener {
+    /// Binds `endpoint`. A unix socket is created 0600 (and its directory 0700 if missing), owned by
+    /// `owner` (uid, gid) when the gateway will switch to that user; a stale socket file of an
+    /// earlier run is replaced, a live one (another gateway answers on it) is an error.
+    pub async fn bind(endpoint: &AdminEndpoint, owner: Option<(u32, u32)>) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        match endpoint {
+            AdminEndpoint::Tcp(addr) => Ok(AdminListener::Tcp(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on admin address {addr}"))?,
+            )),
+            AdminEndpoint::Unix(path) => {
+                if let Some(dir) = path.parent()
+                    && !dir.exists()
+                {
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                    if let Some((uid, gid)) = owner {
+                        std::os::unix::fs::chown(dir, Some(uid), Some(gid)).with_context(|| {
+                            format!("cannot hand {} to the service user", dir.display())
+                        })?;
+                    }
+                }
+                remove_stale_socket(path).await?;
+                let listener = UnixListener::bind(path).with_context(|| {
+                    format!("cannot create the admin socket {}", path.display())
+                })?;
+                let file = SocketFile(path.clone());
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("cannot chmod 600 {}", path.display()))?;
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(path, Some(uid), Some(gid)).with_context(|| {
+                        format!("cannot hand {} to the service user", path.display())
+                    })?;
+                }
+                Ok(AdminListener::Unix(listener, file))
+            }
+        }
+    }
+
+    /// What the ready line shows.
+    pub fn describe(&self) -> String {
+        match self {
+            AdminListener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into()),
+            AdminListener::Unix(_, file) => format!("unix:{}", file.0.display()),
+        }
+    }
+}
+
+async fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        anyhow::bail!(
+            "{} exists and is not a socket; refusing to replace it (choose another admin path)",
+            path.display()
+        );
+    }
+    if tokio::net::UnixStream::connect(path).await.is_ok() {
+        anyhow::bail!(
+            "{} is the admin socket of a running gateway; stop it or choose another admin path",
+            path.display()
+        );
+    }
+    tracing::info!(path = %path.display(), "removing the admin socket an earlier run left");
+    std::fs::remove_file(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot remove the stale admin socket {}: {e}",
+            path.display()
+        )
+    })
+}
 
 /// What the admin listener reports.
 pub struct AdminState {
@@ -25,6 +274,7 @@ pub struct AdminState {
     pub kernel: Option<Arc<KernelTracker>>,
     /// `attached`, `off`, or `unavailable: <reason>`.
     pub ebpf_status: String,
+    pub private: PrivateAccess,
 }
 
 #[derive(Serialize)]
@@ -49,20 +299,31 @@ struct RecordRow {
 }
 
 pub async fn serve(
-    listener: TcpListener,
+    listener: AdminListener,
     state: Arc<AdminState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    continue;
-                }
-            },
+        let accepted = tokio::select! {
+            accepted = accept(&listener) => accepted,
             _ = shutdown.changed() => return,
+        };
+        let io = match accepted {
+            Ok(io) => io,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                // EMFILE and friends: do not spin.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!(
+                limit = MAX_CONNECTIONS,
+                "too many admin connections open; closing a new one (is something polling the admin endpoint without closing?)"
+            );
+            continue;
         };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
@@ -70,18 +331,38 @@ pub async fn serve(
                 let state = Arc::clone(&state);
                 async move { Ok::<_, Infallible>(route(&req, &state)) }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .serve_connection(TokioIo::new(io), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+            drop(slot);
         });
     }
+}
+
+/// An accepted admin connection, TCP or unix.
+trait AdminIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AdminIo for T {}
+
+async fn accept(listener: &AdminListener) -> std::io::Result<Box<dyn AdminIo>> {
+    Ok(match listener {
+        AdminListener::Tcp(l) => Box::new(l.accept().await?.0),
+        AdminListener::Unix(l, _) => Box::new(l.accept().await?.0),
+    })
 }
 
 fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
-    match req.uri().path() {
+    let path = req.uri().path();
+    if matches!(path, "/connections" | "/kernel")
+        && let Some(refusal) = refuse_private(req, &state.private)
+    {
+        return refusal;
+    }
+    match path {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/connections" => json(&state.registry.rows()),
         "/kernel" => json(&kernel_report(state)),
@@ -104,6 +385,36 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
             StatusCode::NOT_FOUND,
             "not found; try /healthz, /connections, /kernel, /metrics\n",
         ),
+    }
+}
+
+/// `None` when the request may read a private page; else the refusal, saying how to get access.
+fn refuse_private(
+    req: &Request<Incoming>,
+    access: &PrivateAccess,
+) -> Option<Response<Full<Bytes>>> {
+    match access {
+        PrivateAccess::Socket => None,
+        PrivateAccess::Bearer(token) if token.admits(req.headers().get(header::AUTHORIZATION)) => {
+            None
+        }
+        PrivateAccess::Bearer(_) => {
+            let mut r = text(
+                StatusCode::UNAUTHORIZED,
+                "/connections and /kernel need `Authorization: Bearer <token>` with the token in \
+                 admin_token_file (ntlm-tag conns --token-file FILE sends it)\n",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer realm=\"ntlm-tag admin\""),
+            );
+            Some(r)
+        }
+        PrivateAccess::Closed => Some(text(
+            StatusCode::FORBIDDEN,
+            "/connections and /kernel show clients and connections, so a TCP admin address serves \
+             them only with admin_token_file set; or use admin = \"unix:/run/ntlm-tag/admin.sock\"\n",
+        )),
     }
 }
 

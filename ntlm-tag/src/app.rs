@@ -12,10 +12,10 @@ use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use tokio_util::task::TaskTracker;
 
 use crate::{
-    admin::{self, AdminState},
+    admin::{self, AdminListener, AdminState, PrivateAccess},
     cli::{EbpfMode, RunArgs},
     config::Config,
-    identity::{Identifier, UidGenerator, trust::TrustedSources},
+    identity::{IdDisplay, Identifier, UidGenerator, trust::TrustedSources},
     kernel::{KernelOptions, KernelTracker, privileges},
     metrics::Metrics,
     proxy::{self, Gateway, Live, rewrite::StampPolicy},
@@ -52,21 +52,34 @@ pub async fn run(config: Config, args: RunArgs) -> Result<()> {
         })?;
         listeners.push((listener, Arc::new(l.clone())));
     }
-    let admin_listener = match config.admin {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on admin address {addr}"))?,
-        ),
+    let admin_listener = match &config.admin {
+        Some(admin) => {
+            // A unix socket belongs to the service user, so that it (and root) can read it after the
+            // switch, and the gateway can remove it at exit.
+            let owner = match &config.user {
+                Some(user) => Some(privileges::lookup_user(user)?),
+                None => None,
+            };
+            Some(AdminListener::bind(&admin.endpoint, owner).await?)
+        }
         None => None,
     };
+    if config.show_full_ids {
+        tracing::warn!(
+            "show_full_ids: logs and /connections show full connection ids; to a backend that keys \
+             sessions on the id header (Jespa) an id is a credential, so whoever reads them can act \
+             as that connection. Keep the logs and the admin endpoint private, or turn it off"
+        );
+    }
 
     let registry = Arc::new(Registry::default());
     let metrics = Arc::new(Metrics::default());
     let live = build_live(&config, &metrics)?;
     let gateway = Arc::new(Gateway {
         identifier: Identifier::new(kernel.clone()),
-        uids: UidGenerator::new().context("cannot draw the random instance nonce")?,
+        uids: UidGenerator::new().context("cannot draw the random uid key and instance nonce")?,
+        id_display: IdDisplay::new(config.show_full_ids)
+            .context("cannot draw the random key for id hashes")?,
         template: config.identity.template.clone(),
         policy: StampPolicy {
             id_header: config.identity.header.clone(),
@@ -108,12 +121,27 @@ pub async fn run(config: Config, args: RunArgs) -> Result<()> {
     }
     let admin_address = match admin_listener {
         Some(listener) => {
-            let address = listener.local_addr()?.to_string();
+            let address = listener.describe();
+            let private = match (
+                &listener,
+                config.admin.as_ref().and_then(|a| a.token.as_ref()),
+            ) {
+                (AdminListener::Unix(..), _) => PrivateAccess::Socket,
+                (AdminListener::Tcp(_), Some(token)) => PrivateAccess::Bearer(token.clone()),
+                (AdminListener::Tcp(_), None) => {
+                    tracing::info!(
+                        "admin on TCP without admin_token_file: /healthz and /metrics only; \
+                         /connections and /kernel answer 403"
+                    );
+                    PrivateAccess::Closed
+                }
+            };
             let state = Arc::new(AdminState {
                 registry: Arc::clone(&registry),
                 metrics: Arc::clone(&metrics),
                 kernel: kernel.clone(),
                 ebpf_status: ebpf_status.clone(),
+                private,
             });
             tokio::spawn(admin::serve(listener, state, shutdown_rx.clone()));
             Some(address)
@@ -125,6 +153,7 @@ pub async fn run(config: Config, args: RunArgs) -> Result<()> {
         admin = ?admin_address,
         backends = ?config.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
         header = config.identity.header.as_str(),
+        uid_nonce = gateway.uids.nonce(),
         ebpf = %ebpf_status,
         "ntlm-tag ready"
     );
@@ -192,7 +221,7 @@ fn reload(
     kernel: Option<&KernelTracker>,
     metrics: &Arc<Metrics>,
 ) {
-    let new = match Config::load(args) {
+    let new = match Config::load_for_reload(args) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "reload refused: the configuration is invalid; the running one stays");
@@ -243,8 +272,14 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     {
         keys.push("listen");
     }
-    if old.admin != new.admin {
+    if old.admin.as_ref().map(|a| &a.endpoint) != new.admin.as_ref().map(|a| &a.endpoint) {
         keys.push("admin");
+    }
+    if old.admin.as_ref().map(|a| &a.token_file) != new.admin.as_ref().map(|a| &a.token_file) {
+        keys.push("admin_token_file");
+    }
+    if old.show_full_ids != new.show_full_ids {
+        keys.push("show_full_ids");
     }
     if old.identity.header != new.identity.header {
         keys.push("header");

@@ -4,6 +4,9 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
+/// The packaged admin endpoint, and where `ntlm-tag conns` looks by default.
+pub const DEFAULT_ADMIN_SOCKET: &str = "unix:/run/ntlm-tag/admin.sock";
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
@@ -30,11 +33,15 @@ pub enum Command {
     /// Print the manual page (roff) generated from these definitions; `cargo xtask install` installs it.
     #[command(hide = true)]
     Man,
-    /// Print the live connection table of a running gateway (from its admin listener).
+    /// Print the live connection table of a running gateway (from its admin endpoint).
     Conns {
-        /// The gateway's admin address.
-        #[arg(long, default_value = "127.0.0.1:9180")]
-        admin: SocketAddr,
+        /// The gateway's admin endpoint: `unix:/path` (run as root or the service user) or
+        /// `HOST:PORT` (with --token-file).
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin: String,
+        /// File with the admin bearer token (the gateway's admin_token_file), for a TCP endpoint.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
 }
 
@@ -116,9 +123,18 @@ pub struct RunArgs {
     /// Kernel identity tracking.
     #[arg(long, value_enum)]
     pub ebpf: Option<EbpfMode>,
-    /// Admin listener (/healthz, /connections, /kernel).
-    #[arg(long, value_name = "ADDR")]
-    pub admin: Option<SocketAddr>,
+    /// Admin endpoint (/healthz, /metrics, /connections, /kernel): `unix:/path` (private to root
+    /// and the service user) or `HOST:PORT` (/connections and /kernel then need --admin-token-file).
+    #[arg(long, value_name = "ENDPOINT")]
+    pub admin: Option<String>,
+    /// Bearer token file that opens /connections and /kernel on a TCP admin address (not readable
+    /// by other users; at least 32 characters).
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Show full connection ids in logs and /connections, not only their keyed hashes. The id is
+    /// what a header-keyed backend (Jespa) trusts: whoever reads it can act as that connection.
+    #[arg(long)]
+    pub show_full_ids: bool,
     /// Entries of the kernel connection map (LRU).
     #[arg(long, value_name = "N")]
     pub map_entries: Option<u32>,

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
+    admin::{AdminEndpoint, AdminToken},
     cli::{EbpfMode, LogFormat, RunArgs},
     identity::conn_id::{DEFAULT_TEMPLATE, IdTemplate},
     proxy::{rewrite::is_reserved_header, tls::TlsCertConfig},
@@ -87,7 +88,9 @@ struct FileConfig {
     forwarded_headers: Option<bool>,
     ebpf: Option<EbpfMode>,
     map_entries: Option<u32>,
-    admin: Option<SocketAddr>,
+    admin: Option<String>,
+    admin_token_file: Option<PathBuf>,
+    show_full_ids: Option<bool>,
     workers: Option<usize>,
     log_format: Option<LogFormat>,
     timeouts: Option<TimeoutsFile>,
@@ -161,7 +164,8 @@ struct TimeoutsFile {
 pub struct IdentityConfig {
     pub header: HeaderName,
     pub template: IdTemplate,
-    /// Set X-Forwarded-For and Forwarded to the original client (client-sent copies are always removed).
+    /// Set X-Forwarded-For, X-Forwarded-Proto and Forwarded to the original client (client-sent copies
+    /// are always removed).
     pub forwarded_headers: bool,
 }
 
@@ -213,6 +217,26 @@ impl Default for Timeouts {
     }
 }
 
+/// The admin endpoint and who may read its private pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub endpoint: AdminEndpoint,
+    /// With a TCP endpoint: the file with the bearer token.
+    pub token_file: Option<PathBuf>,
+    /// The token, read (and checked) at start; a reload does not read it again (see
+    /// [`Config::load_for_reload`]).
+    pub token: Option<AdminToken>,
+}
+
+/// Whether building the configuration reads the admin token file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Secrets {
+    Read,
+    /// On SIGHUP: the gateway may have switched to a user that cannot read the file (it is 0600,
+    /// usually root's), and the admin endpoint keeps the token it started with anyway.
+    Skip,
+}
+
 /// The validated, effective configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -232,7 +256,9 @@ pub struct Config {
     /// Balancer prefixes allowed to convey client identity.
     pub trusted_lbs: Vec<ipnet::IpNet>,
     pub ebpf: EbpfConfig,
-    pub admin: Option<SocketAddr>,
+    pub admin: Option<AdminConfig>,
+    /// Show full connection ids in logs and the admin table (else keyed hashes).
+    pub show_full_ids: bool,
     pub workers: usize,
     pub log_format: LogFormat,
     pub timeouts: Timeouts,
@@ -245,17 +271,27 @@ impl Config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
-        Self::build(file, args)
+        Self::build(file, args, Secrets::Read)
+    }
+
+    /// Like [`load`](Self::load), for a reload: the admin token file is not read again (the admin
+    /// endpoint and its token change only with a restart).
+    pub fn load_for_reload(args: &RunArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::build(file, args, Secrets::Skip)
     }
 
     /// Parses a TOML document and merges `args` over it (no file access).
     #[cfg(test)]
     pub fn from_toml(text: &str, args: &RunArgs) -> Result<Self, ConfigError> {
         let file = parse_file(text, Path::new("<config>"))?;
-        Self::build(file, args)
+        Self::build(file, args, Secrets::Read)
     }
 
-    fn build(file: FileConfig, args: &RunArgs) -> Result<Self, ConfigError> {
+    fn build(file: FileConfig, args: &RunArgs, secrets: Secrets) -> Result<Self, ConfigError> {
         if args.tls_cert.len() != args.tls_key.len() {
             return Err(ConfigError::invalid(
                 "tls",
@@ -440,6 +476,12 @@ impl Config {
             ));
         }
 
+        let admin = build_admin(
+            args.admin.clone().or(file.admin),
+            args.admin_token_file.clone().or(file.admin_token_file),
+            secrets,
+        )?;
+
         Ok(Config {
             listeners,
             backends,
@@ -462,7 +504,8 @@ impl Config {
                 toa_kind,
                 xdp_interfaces,
             },
-            admin: args.admin.or(file.admin),
+            admin,
+            show_full_ids: args.show_full_ids || file.show_full_ids.unwrap_or(false),
             workers: args.workers.or(file.workers).unwrap_or(0),
             log_format: args
                 .log_format
@@ -497,7 +540,10 @@ impl Config {
             ebpf: EbpfMode,
             map_entries: u32,
             #[serde(skip_serializing_if = "Option::is_none")]
-            admin: Option<SocketAddr>,
+            admin: Option<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            admin_token_file: Option<&'a Path>,
+            show_full_ids: bool,
             workers: usize,
             log_format: LogFormat,
             timeouts: Timeouts,
@@ -521,13 +567,54 @@ impl Config {
             forwarded_headers: self.identity.forwarded_headers,
             ebpf: self.ebpf.mode,
             map_entries: self.ebpf.map_entries,
-            admin: self.admin,
+            admin: self.admin.as_ref().map(|a| a.endpoint.to_string()),
+            admin_token_file: self.admin.as_ref().and_then(|a| a.token_file.as_deref()),
+            show_full_ids: self.show_full_ids,
             workers: self.workers,
             log_format: self.log_format,
             timeouts: self.timeouts,
         };
         toml::to_string_pretty(&effective).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+fn build_admin(
+    endpoint: Option<String>,
+    token_file: Option<PathBuf>,
+    secrets: Secrets,
+) -> Result<Option<AdminConfig>, ConfigError> {
+    let Some(text) = endpoint else {
+        return match token_file {
+            None => Ok(None),
+            Some(_) => Err(ConfigError::invalid(
+                "admin_token_file",
+                "set, but there is no admin endpoint (`admin = \"HOST:PORT\"`)",
+            )),
+        };
+    };
+    let endpoint: AdminEndpoint = text
+        .parse()
+        .map_err(|message: String| ConfigError::invalid("admin", message))?;
+    let token = match (&endpoint, &token_file) {
+        (_, None) => None,
+        (AdminEndpoint::Unix(_), Some(_)) => {
+            return Err(ConfigError::invalid(
+                "admin_token_file",
+                "a unix: admin socket is protected by its file mode and takes no token; drop \
+                 admin_token_file, or use a HOST:PORT admin address",
+            ));
+        }
+        (AdminEndpoint::Tcp(_), Some(_)) if secrets == Secrets::Skip => None,
+        (AdminEndpoint::Tcp(_), Some(path)) => Some(
+            AdminToken::from_file(path)
+                .map_err(|e| ConfigError::invalid("admin_token_file", e.to_string()))?,
+        ),
+    };
+    Ok(Some(AdminConfig {
+        endpoint,
+        token_file,
+        token,
+    }))
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -960,6 +1047,11 @@ mod tests {
             .map(|l| format!("{l}\n"))
             .collect();
         // Files named in the example do not exist here, and the example's user may not either.
+        let uncommented: String = uncommented
+            .lines()
+            .filter(|l| !l.starts_with("admin_token_file"))
+            .map(|l| format!("{l}\n"))
+            .collect();
         let uncommented = uncommented.replace(
             "tls = [{ cert = \"/etc/ntlm-tag/tls.pem\", key = \"/etc/ntlm-tag/tls.key\" }]",
             "proxy_protocol = false",
@@ -968,6 +1060,12 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
         assert_eq!(c.listeners.len(), 3);
         assert!(c.health_check.is_some());
+        assert!(
+            example
+                .lines()
+                .any(|l| l.trim() == format!("admin = \"{}\"", crate::cli::DEFAULT_ADMIN_SOCKET)),
+            "the packaged default admin endpoint is the private unix socket"
+        );
         for key in [
             "listen",
             "backends",
@@ -982,7 +1080,8 @@ mod tests {
             "xdp",
             "ebpf",
             "map_entries",
-            "admin",
+            "admin_token_file",
+            "show_full_ids",
             "workers",
             "http2",
             "user",
@@ -997,6 +1096,132 @@ mod tests {
                 "the example documents {key}"
             );
         }
+    }
+
+    fn token_file(mode: u32, token: &str) -> tempfile::NamedTempFile {
+        use std::{io::Write as _, os::unix::fs::PermissionsExt as _};
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        writeln!(f, "{token}").expect("write");
+        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(mode)).expect("chmod");
+        f
+    }
+
+    #[test]
+    fn admin_endpoints_tokens_and_full_ids() {
+        const BASE: &str = "listen = [\"0.0.0.0:1\"]\nbackends = [\"b:80\"]\n";
+        let c = Config::from_toml(
+            &format!("{BASE}admin = \"unix:/run/ntlm-tag/admin.sock\""),
+            &args(),
+        )
+        .expect("valid");
+        let admin = c.admin.as_ref().expect("admin");
+        assert_eq!(
+            admin.endpoint,
+            AdminEndpoint::Unix("/run/ntlm-tag/admin.sock".into())
+        );
+        assert!(admin.token.is_none());
+        assert!(!c.show_full_ids, "hashes by default");
+
+        let token = "0123456789abcdef0123456789abcdef";
+        let good = token_file(0o600, token);
+        let c = Config::from_toml(
+            &format!(
+                "{BASE}admin = \"127.0.0.1:9180\"\nadmin_token_file = \"{}\"\nshow_full_ids = true",
+                good.path().display()
+            ),
+            &args(),
+        )
+        .expect("valid");
+        assert!(c.show_full_ids);
+        let read = c
+            .admin
+            .as_ref()
+            .and_then(|a| a.token.as_ref())
+            .expect("token");
+        assert_eq!(read.expose(), token, "the final newline is not part of it");
+        let effective = c.to_toml();
+        assert!(!effective.contains(token), "{effective}");
+        assert!(effective.contains(&good.path().display().to_string()));
+        let again = Config::from_toml(&effective, &args()).expect("round trip");
+        assert_eq!(again.to_toml(), effective);
+
+        let world = token_file(0o644, token);
+        let short = token_file(0o600, "secret");
+        for (text, key) in [
+            ("admin = \"unix:run/admin.sock\"".to_string(), "admin"),
+            ("admin = \"localhost\"".to_string(), "admin"),
+            (
+                format!(
+                    "admin = \"unix:/run/a.sock\"\nadmin_token_file = \"{}\"",
+                    good.path().display()
+                ),
+                "admin_token_file",
+            ),
+            (
+                format!("admin_token_file = \"{}\"", good.path().display()),
+                "admin_token_file",
+            ),
+            (
+                format!(
+                    "admin = \"127.0.0.1:1\"\nadmin_token_file = \"{}\"",
+                    world.path().display()
+                ),
+                "admin_token_file",
+            ),
+            (
+                format!(
+                    "admin = \"127.0.0.1:1\"\nadmin_token_file = \"{}\"",
+                    short.path().display()
+                ),
+                "admin_token_file",
+            ),
+            (
+                "admin = \"127.0.0.1:1\"\nadmin_token_file = \"/nonexistent/token\"".to_string(),
+                "admin_token_file",
+            ),
+        ] {
+            let doc = format!("{BASE}{text}");
+            assert_eq!(
+                key_of(Config::from_toml(&doc, &args()).expect_err(&doc)),
+                key,
+                "{doc}"
+            );
+        }
+        let mut a = args();
+        a.admin = Some("unix:/tmp/x.sock".into());
+        a.show_full_ids = true;
+        let c = Config::from_toml(BASE, &a).expect("flags");
+        assert!(c.show_full_ids);
+        assert_eq!(
+            c.admin.expect("admin").endpoint.to_string(),
+            "unix:/tmp/x.sock"
+        );
+    }
+
+    #[test]
+    fn a_reload_does_not_read_the_admin_token_again() {
+        // After `user = ...` the gateway may no longer read the (root's, 0600) token file: a reload
+        // must still apply, and the endpoint keeps the token it started with.
+        let mut config = tempfile::NamedTempFile::new().expect("temp file");
+        std::io::Write::write_all(
+            &mut config,
+            b"listen = [\"0.0.0.0:1\"]\nbackends = [\"b:80\"]\nadmin = \"127.0.0.1:9180\"\n\
+              admin_token_file = \"/nonexistent/admin.token\"\n",
+        )
+        .expect("write");
+        let mut a = args();
+        a.config = Some(config.path().to_path_buf());
+        assert_eq!(
+            key_of(Config::load(&a).expect_err("unreadable at start")),
+            "admin_token_file"
+        );
+        let reloaded = Config::load_for_reload(&a).expect("a reload skips the token");
+        let admin = reloaded.admin.expect("admin");
+        assert_eq!(
+            admin.token_file.as_deref(),
+            Some(Path::new("/nonexistent/admin.token"))
+        );
+        assert!(admin.token.is_none());
     }
 
     #[test]

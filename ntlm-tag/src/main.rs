@@ -27,13 +27,15 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
-        Some(Command::Conns { admin }) => match conns::print_table(admin) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("ntlm-tag: {e:#}");
-                ExitCode::FAILURE
+        Some(Command::Conns { admin, token_file }) => {
+            match conns::print_table(&admin, token_file.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ntlm-tag: {e:#}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Some(Command::Man) => {
             let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).section("8");
             match man.render(&mut std::io::stdout()) {

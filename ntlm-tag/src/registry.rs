@@ -12,11 +12,13 @@ use std::{
 
 use serde::Serialize;
 
-use crate::identity::ConnectionIdentity;
+use crate::identity::{ConnectionIdentity, IdHash};
 
 #[derive(Debug)]
 struct Entry {
-    id: String,
+    id_hash: IdHash,
+    /// Only with `show_full_ids`.
+    id: Option<String>,
     identity: ConnectionIdentity,
     upstream: Arc<Mutex<UpstreamView>>,
     listener: String,
@@ -34,7 +36,12 @@ struct UpstreamView {
 /// One row of `/connections`.
 #[derive(Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct ConnectionRow {
-    pub id: String,
+    /// The keyed hash of the id, as the log lines show it (`conn=`).
+    pub id_hash: String,
+    /// The full id: only with `show_full_ids` (it is the connection's credential at a backend that
+    /// keys sessions on it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     pub client: String,
     pub peer: String,
     pub local: String,
@@ -101,7 +108,8 @@ impl Drop for Registration {
 impl Registry {
     pub fn register(
         self: &Arc<Self>,
-        id: String,
+        id_hash: IdHash,
+        id: Option<String>,
         identity: ConnectionIdentity,
         backend: String,
         link: &'static str,
@@ -114,6 +122,7 @@ impl Registry {
             live.insert(
                 key,
                 Entry {
+                    id_hash,
                     id,
                     identity,
                     upstream: Arc::clone(&upstream),
@@ -157,6 +166,7 @@ impl Registry {
                 (
                     *key,
                     ConnectionRow {
+                        id_hash: e.id_hash.to_string(),
                         id: e.id.clone(),
                         client: e.identity.client.to_string(),
                         peer: e.identity.peer.to_string(),

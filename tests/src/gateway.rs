@@ -12,7 +12,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{client, netns::NetNs};
+use crate::netns::NetNs;
 
 /// Path of the `ntlm-tag` binary under test: `$NTLM_TAG_BIN`, or the workspace's debug build.
 pub fn binary() -> PathBuf {
@@ -63,11 +63,124 @@ pub fn set_echo(on: bool) {
 /// kills it (SIGKILL) and reports "exited (signal: 9) before it was ready" with its log.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Where a gateway's admin endpoint is, and how to read it.
+#[derive(Debug, Clone)]
+pub enum Admin {
+    /// `--admin unix:PATH`: the harness's default (a socket in a directory of its own).
+    Unix(PathBuf),
+    /// `--admin HOST:PORT` given by the test, reached from inside the gateway's namespace.
+    Tcp { addr: SocketAddr, ns_path: PathBuf },
+}
+
+/// An admin answer.
+#[derive(Debug, Clone)]
+pub struct AdminResponse {
+    pub status: u16,
+    /// The head, lowercased (for header checks).
+    pub head: String,
+    pub body: String,
+}
+
+impl Admin {
+    /// The `--admin` argument.
+    pub fn arg(&self) -> String {
+        match self {
+            Admin::Unix(path) => format!("unix:{}", path.display()),
+            Admin::Tcp { addr, .. } => addr.to_string(),
+        }
+    }
+
+    /// GET `path` with extra `headers`, as root.
+    pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> AdminResponse {
+        match self {
+            Admin::Unix(socket) => {
+                let stream = std::os::unix::net::UnixStream::connect(socket)
+                    .unwrap_or_else(|e| panic!("admin socket {}: {e}", socket.display()));
+                raw_get(stream, path, headers)
+            }
+            Admin::Tcp { addr, ns_path } => {
+                let (addr, path) = (*addr, path.to_string());
+                let headers: Vec<(String, String)> = headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                crate::netns::run_in(ns_path, move || async move {
+                    let stream = std::net::TcpStream::connect(addr).expect("admin TCP connect");
+                    let headers: Vec<(&str, &str)> = headers
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
+                    raw_get(stream, &path, &headers)
+                })
+            }
+        }
+    }
+
+    /// GET `path`, which must answer 200, parsed as JSON.
+    pub fn json(&self, path: &str) -> Value {
+        let r = self.get(path, &[]);
+        assert_eq!(r.status, 200, "admin {path}: {}", r.body);
+        serde_json::from_str(&r.body).expect("admin JSON")
+    }
+}
+
+/// One `Connection: close` request on a blocking stream; the admin answers with a Content-Length.
+fn raw_get<S: std::io::Read + std::io::Write>(
+    mut stream: S,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> AdminResponse {
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).expect("admin write");
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes).expect("admin read");
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("malformed admin answer: {text:?}"));
+    AdminResponse {
+        status,
+        head: head.to_ascii_lowercase(),
+        body: body.to_string(),
+    }
+}
+
+/// A directory of its own for a gateway's admin socket, removed on drop.
+struct AdminDir(PathBuf);
+
+impl AdminDir {
+    /// `open_to_all`: the gateway runs as another user (a wrapper), who must create the socket.
+    fn new(open_to_all: bool) -> AdminDir {
+        use std::os::unix::fs::PermissionsExt;
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ntlm-tag-admin.{}.{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).expect("admin socket directory");
+        let mode = if open_to_all { 0o777 } else { 0o700 };
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        AdminDir(dir)
+    }
+}
+
+impl Drop for AdminDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A running gateway with its log lines.
 pub struct Gateway {
     child: Option<Child>,
-    ns_path: PathBuf,
-    pub admin: SocketAddr,
+    pub admin: Admin,
+    _admin_dir: Option<AdminDir>,
     log: Arc<Mutex<Vec<String>>>,
     lines: mpsc::Receiver<String>,
 }
@@ -82,7 +195,8 @@ pub enum Started {
 }
 
 impl Gateway {
-    /// Starts `ntlm-tag` in `ns` with `args` plus `--admin 127.0.0.1:9180`, and waits for its ready line.
+    /// Starts `ntlm-tag` in `ns` with `args` plus `--admin unix:<a socket in a directory of its
+    /// own>` (unless `args` name an admin endpoint), and waits for its ready line.
     pub fn start(ns: &NetNs, args: &[&str]) -> Gateway {
         match Self::try_start(ns, args, None) {
             Started::Ready(g) => g,
@@ -98,13 +212,23 @@ impl Gateway {
     /// Like [`start`](Self::start), but reports an exit instead of panicking. `wrapper` runs the
     /// binary through another program (e.g. `setpriv ...`).
     pub fn try_start(ns: &NetNs, args: &[&str], wrapper: Option<&[&str]>) -> Started {
-        // The admin listener: the one in `args`, or 127.0.0.1:9180 added.
+        // The admin endpoint: the one in `args`, or a unix socket of this gateway's own added.
         let given = args
             .iter()
             .position(|a| *a == "--admin")
-            .and_then(|i| args.get(i + 1))
-            .map(|a| a.parse().expect("--admin address"));
-        let admin: SocketAddr = given.unwrap_or_else(|| "127.0.0.1:9180".parse().expect("addr"));
+            .and_then(|i| args.get(i + 1));
+        let admin_dir = given.is_none().then(|| AdminDir::new(wrapper.is_some()));
+        let admin = match (given, &admin_dir) {
+            (Some(a), _) => match a.strip_prefix("unix:") {
+                Some(path) => Admin::Unix(PathBuf::from(path)),
+                None => Admin::Tcp {
+                    addr: a.parse().expect("--admin address"),
+                    ns_path: ns.path(),
+                },
+            },
+            (None, Some(dir)) => Admin::Unix(dir.0.join("admin.sock")),
+            (None, None) => unreachable!("a directory is made when no endpoint is given"),
+        };
         let bin = binary();
         let mut cmd = match wrapper {
             Some(w) => {
@@ -118,7 +242,7 @@ impl Gateway {
             .args(if given.is_some() {
                 vec![]
             } else {
-                vec!["--admin", "127.0.0.1:9180"]
+                vec!["--admin".to_string(), admin.arg()]
             })
             .env("NTLM_TAG_LOG", "info,ntlm_tag=debug")
             .env("NO_COLOR", "1")
@@ -144,8 +268,8 @@ impl Gateway {
         }
         let mut gateway = Gateway {
             child: Some(child),
-            ns_path: ns.path(),
             admin,
+            _admin_dir: admin_dir,
             log,
             lines: rx,
         };
@@ -200,30 +324,16 @@ impl Gateway {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
 
-    /// GET on the admin listener, parsed as JSON.
+    /// GET on the admin endpoint (as root), parsed as JSON.
     pub fn admin_json(&self, path: &str) -> Value {
-        let admin = self.admin;
-        let path = path.to_string();
-        let ns = self.ns_path.clone();
-        let body = crate::netns::run_in(&ns, move || async move {
-            let mut conn = client::Connection::open(None, admin).await;
-            let r = conn.get(&path, &[]).await;
-            assert_eq!(r.status, 200, "admin {path}: {}", r.body);
-            r.body
-        });
-        serde_json::from_str(&body).expect("admin JSON")
+        self.admin.json(path)
     }
 
     /// GET `/metrics` (Prometheus text).
     pub fn admin_metrics(&self) -> String {
-        let admin = self.admin;
-        let ns = self.ns_path.clone();
-        crate::netns::run_in(&ns, move || async move {
-            let mut conn = client::Connection::open(None, admin).await;
-            let r = conn.get("/metrics", &[]).await;
-            assert_eq!(r.status, 200, "/metrics: {}", r.body);
-            r.body
-        })
+        let r = self.admin.get("/metrics", &[]);
+        assert_eq!(r.status, 200, "/metrics: {}", r.body);
+        r.body
     }
 
     /// Waits (polling the admin listener, with a deadline) until `check` holds on `/kernel`.

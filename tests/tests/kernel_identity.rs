@@ -128,21 +128,15 @@ fn ipip_from_a_trusted_balancer_is_decapsulated_and_names_client_and_balancer() 
         SNAT_SOURCE.parse().expect("src"),
         Ipv4Addr::new(198, 18, 1, 1),
     );
-    let admin = gw.admin;
-    let gw_ns = topo.gateway.path();
+    let admin = gw.admin.clone();
     let (local, row) = topo.client.run(move || async move {
         let src = SocketAddr::new(IpipTopology::client_v4(0), 0);
         let mut conn = Connection::open(Some(src), IpipTopology::vip()).await;
         assert_eq!(conn.get("/ipip", &[]).await.status, 200);
         let local = conn.local;
-        let rows: Value = tokio::task::spawn_blocking(move || {
-            ntlm_tag_tests::netns::run_in(&gw_ns, move || async move {
-                let mut a = Connection::open(None, admin).await;
-                serde_json::from_str(&a.get("/connections", &[]).await.body).expect("json")
-            })
-        })
-        .await
-        .expect("admin");
+        let rows: Value = tokio::task::spawn_blocking(move || admin.json("/connections"))
+            .await
+            .expect("admin");
         let row = rows
             .as_array()
             .expect("rows")

@@ -13,7 +13,7 @@ use ntlm_tag_tests::{
     client::Connection,
     gateway::Gateway,
     haproxy::{Haproxy, HaproxyOptions, HaproxyTopology, SendProxy},
-    netns::{NetNs, run_in},
+    netns::NetNs,
 };
 use prometheus_parse::{Scrape, Value as Metric};
 use serde_json::Value;
@@ -32,6 +32,16 @@ const FORGED_REQUEST: &[u8] =
 
 /// Starts the gateway in `topo` with `--ebpf required --proxy-protocol` on `listen`, trusting `trusted`.
 fn start_gateway(topo: &HaproxyTopology, listen: &[SocketAddr], trusted: &[&str]) -> Gateway {
+    start_gateway_with(topo, listen, trusted, &[])
+}
+
+/// [`start_gateway`] with `extra` arguments.
+fn start_gateway_with(
+    topo: &HaproxyTopology,
+    listen: &[SocketAddr],
+    trusted: &[&str],
+    extra: &[&str],
+) -> Gateway {
     let mut args = vec![
         "--backend".to_string(),
         HaproxyTopology::backend().to_string(),
@@ -45,6 +55,7 @@ fn start_gateway(topo: &HaproxyTopology, listen: &[SocketAddr], trusted: &[&str]
     for t in trusted {
         args.extend(["--trusted-lb".to_string(), t.to_string()]);
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Gateway::start(&topo.gateway, &args)
 }
@@ -186,14 +197,8 @@ async fn raw_exchange(src: SocketAddr, dst: SocketAddr, bytes: &[u8], wait: Dura
 }
 
 /// The gateway's `/metrics`, parsed.
-fn metrics(topo: &HaproxyTopology, gw: &Gateway) -> Scrape {
-    let admin = gw.admin;
-    let text = run_in(&topo.gateway.path(), move || async move {
-        let mut conn = Connection::open(None, admin).await;
-        let r = conn.get("/metrics", &[]).await;
-        assert_eq!(r.status, 200, "/metrics: {}", r.body);
-        r.body
-    });
+fn metrics(gw: &Gateway) -> Scrape {
+    let text = gw.admin_metrics();
     Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text")
 }
 
@@ -278,7 +283,13 @@ fn assert_backend_never_saw(seen: &[Seen], needle: &str) {
 fn client_through_haproxy_is_named_by_its_own_address(send_proxy: SendProxy, learned_from: &str) {
     let topo = HaproxyTopology::new();
     let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
-    let gw = start_gateway(&topo, &[HaproxyTopology::gateway_v4()], &[TRUSTED_BALANCER]);
+    // The table's id is compared with the one the backend saw: full ids, on request.
+    let gw = start_gateway_with(
+        &topo,
+        &[HaproxyTopology::gateway_v4()],
+        &[TRUSTED_BALANCER],
+        &["--show-full-ids"],
+    );
     let _haproxy = Haproxy::start(
         &topo.balancer,
         HaproxyOptions::new(
@@ -331,7 +342,7 @@ fn client_through_haproxy_is_named_by_its_own_address(send_proxy: SendProxy, lea
     assert_eq!(row["id"], ids[0].as_str(), "{row:#}");
 
     // HAProxy relayed exactly this one connection (its readiness probe never reached the gateway).
-    let scrape = metrics(&topo, &gw);
+    let scrape = metrics(&gw);
     assert_eq!(sum(&scrape, "ntlm_tag_connections_total"), 1.0);
     assert_eq!(
         sample(
@@ -441,7 +452,7 @@ fn haproxy_outside_trusted_lbs_is_refused_and_counted() {
         line.contains("198.18.1.100"),
         "the warning names the peer: {line}"
     );
-    let scrape = metrics(&topo, &gw);
+    let scrape = metrics(&gw);
     assert_eq!(rejected(&scrape, "untrusted"), 1.0);
 }
 
@@ -473,7 +484,7 @@ fn forged_proxy_line_from_a_client_is_refused_and_never_reaches_the_backend() {
         line.contains("198.18.10.11"),
         "the warning names the client: {line}"
     );
-    assert_eq!(rejected(&metrics(&topo, &gw), "untrusted"), 1.0);
+    assert_eq!(rejected(&metrics(&gw), "untrusted"), 1.0);
 }
 
 #[test]
@@ -552,7 +563,7 @@ fn malformed_header_from_the_trusted_balancer_is_refused_and_counted(header: &'s
     assert!(backend.seen().is_empty(), "{:#?}", backend.seen());
     gw.wait_for_line("PROXY header was not acceptable", Duration::from_secs(5))
         .unwrap_or_else(|| panic!("no warning about the bad header: {:#?}", gw.log()));
-    let scrape = metrics(&topo, &gw);
+    let scrape = metrics(&gw);
     for reason in REJECTION_REASONS {
         let expected = if reason == "malformed" { 1.0 } else { 0.0 };
         assert_eq!(
@@ -624,7 +635,7 @@ proxy_header_secs = 0.5
         "closed after {:?}, before the 0.5 s header timeout",
         reply.after
     );
-    let scrape = metrics(&topo, &gw);
+    let scrape = metrics(&gw);
     assert_eq!(rejected(&scrape, "timeout"), 1.0);
     assert_eq!(rejected(&scrape, "closed"), 0.0);
 }
@@ -673,7 +684,7 @@ fn haproxy_health_checks_are_served_as_the_balancer(send_proxy: SendProxy) {
     );
     assert_eq!(check.all("x-forwarded-for"), vec!["198.18.1.100"]);
 
-    let scrape = metrics(&topo, &gw);
+    let scrape = metrics(&gw);
     for reason in REJECTION_REASONS {
         assert_eq!(rejected(&scrape, reason), 0.0, "reason {reason}");
     }

@@ -153,7 +153,8 @@ impl Demo {
                 "listen = [\"{GATEWAY}:8080\", {{ address = \"{GATEWAY}:8443\", proxy_protocol = true }}]\n\
                  backends = [\"198.18.2.2:8081\", \"198.18.2.2:8082\"]\n\
                  trusted_lbs = [\"198.18.1.100/30\"]\n\
-                 ebpf = \"required\"\n"
+                 ebpf = \"required\"\n\
+                 show_full_ids = true\n"
             ),
         )?;
         let config = config.to_string_lossy().into_owned();
@@ -228,6 +229,8 @@ impl Demo {
             .log()
             .into_iter()
             .rev()
+            // The demo's gateway runs with `show_full_ids = true` (it says so), so its connection
+            // lines carry the full id next to the hash.
             .find(|l| l.contains("client connection") && l.contains(&format!("conn_id={id}")))
             .unwrap_or_default();
         let field = |name: &str| {
@@ -273,7 +276,10 @@ pub fn run(keep: bool) -> Result<()> {
     let demo = Demo::start()?;
     let url = |port: u16| format!("http://{VIP}:{port}/");
 
-    step("real `curl --ntlm` logins");
+    step(
+        "real `curl --ntlm` logins (the gateway runs with show_full_ids = true so that this table can \
+         show ids; by default logs and the admin table show only keyed hashes of them)",
+    );
     let mut rows = Vec::new();
     let run = demo.curl("198.18.10.10", "alice", &url(80));
     rows.push(demo.row("alice 198.18.10.10 via NAT", "alice", &run));
@@ -341,11 +347,11 @@ pub fn run(keep: bool) -> Result<()> {
     let nginx_ids = ids_seen(&demo.acceptors, |id| !id.contains('/'));
     println!();
     println!(
-        "{:<34} {:<40} {:<8} MALLORY IS SEEN AS",
+        "{:<34} {:<60} {:<8} MALLORY IS SEEN AS",
         "GATEWAY", "ID SENT FOR MALLORY", "STATUS"
     );
     println!(
-        "{:<34} {:<40} {:<8} {}",
+        "{:<34} {:<60} {:<8} {}",
         "$remote_addr:$remote_port style",
         nginx_ids.last().cloned().unwrap_or_default(),
         nginx_status,
@@ -357,7 +363,7 @@ pub fn run(keep: bool) -> Result<()> {
     );
     let tag_ids = ids_seen(&demo.acceptors, |id| id.starts_with(SNAT));
     println!(
-        "{:<34} {:<40} {:<8} {}",
+        "{:<34} {:<60} {:<8} {}",
         "ntlm-tag",
         tag_ids.last().cloned().unwrap_or_default(),
         tag_status,
@@ -382,8 +388,9 @@ pub fn run(keep: bool) -> Result<()> {
             demo.topo.client.name()
         );
         println!(
-            "  nsenter --net=/run/netns/{} curl -s http://127.0.0.1:9180/connections",
-            demo.topo.gw.name()
+            "  {} conns --admin {}",
+            ntlm_tag_tests::gateway::binary().display(),
+            demo.gateway.admin.arg()
         );
         println!(
             "  nsenter --net=/run/netns/{} nft list ruleset",
@@ -436,12 +443,12 @@ fn ids_seen(acceptors: &[Acceptor], filter: impl Fn(&str) -> bool) -> Vec<String
 fn print_logins(rows: &[Row]) {
     println!();
     println!(
-        "{:<36} {:<22} {:<10} {:<40} {:<17} AUTHENTICATED AS",
+        "{:<36} {:<22} {:<10} {:<60} {:<17} AUTHENTICATED AS",
         "CLIENT", "GATEWAY SOCKET SAW", "LEARNED", "ID SENT UPSTREAM", "BACKEND"
     );
     for r in rows {
         println!(
-            "{:<36} {:<22} {:<10} {:<40} {:<17} {}",
+            "{:<36} {:<22} {:<10} {:<60} {:<17} {}",
             r.client, r.socket_saw, r.learned, r.id, r.backend, r.user
         );
     }

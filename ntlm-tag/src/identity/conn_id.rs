@@ -1,10 +1,17 @@
-//! The connection id: `<client>/<uid>` by default, where `uid` never repeats.
+//! The connection id: `<client>/<uid>` by default, where `uid` never repeats and cannot be guessed.
 //!
-//! `uid` is a random per-process nonce (50 bits, drawn at start) followed by a per-process sequence
-//! number passed through a keyed permutation of 40-bit numbers, both in lowercase base32 (18
-//! characters). The sequence makes ids unique within one run without any chance involved (a
-//! permutation never maps two numbers to one); the nonce makes them unique across restarts and
-//! across gateways; the permutation keeps the token opaque (it does not count connections).
+//! `uid` is a random per-process instance nonce (64 bits, 13 characters) followed by AES-128 of a
+//! per-process connection counter under a random per-process key (128 bits, 26 characters), both
+//! lowercase base32: 39 characters.
+//!
+//! - Never repeating within a run, without any chance involved: AES under one key is a permutation
+//!   of 128-bit blocks, so distinct counters give distinct blocks.
+//! - Unique across restarts and gateways: two runs share a prefix only if their 64-bit nonces
+//!   collide, and even then their encrypted counters are under independent keys.
+//! - Unguessable: the key is drawn from the OS and appears nowhere in any output (the nonce is
+//!   drawn separately, nothing is derived from it), so ids seen from one instance tell neither the
+//!   key, nor how many connections it counted, nor any other id it issued. For a backend that keys
+//!   sessions on the header (Jespa), the id is the session key.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -13,17 +20,21 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use aes::{
+    Aes128,
+    cipher::{BlockEncrypt, KeyInit},
+};
 use thiserror::Error;
 
 /// The default template: the real client's `ip:port` (`[ip]:port` for IPv6), a slash, the uid.
 pub const DEFAULT_TEMPLATE: &str = "{client}/{uid}";
 
 const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
-const NONCE_CHARS: usize = 10;
-const SEQ_BITS: u32 = 40;
-const SEQ_MASK: u64 = (1 << SEQ_BITS) - 1;
-/// Odd, so multiplying by it is a bijection modulo 2^40.
-const SEQ_MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15 & SEQ_MASK | 1;
+/// Base32 characters of the 64-bit nonce and of the 128-bit encrypted counter.
+const NONCE_CHARS: usize = 13;
+const TAIL_CHARS: usize = 26;
+/// Length of every uid.
+pub const UID_CHARS: usize = NONCE_CHARS + TAIL_CHARS;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum TemplateError {
@@ -176,68 +187,72 @@ impl Uid {
     }
 }
 
-/// Hands out uids that never repeat.
-#[derive(Debug)]
+/// Hands out uids that never repeat and cannot be predicted from the ones seen.
 pub struct UidGenerator {
+    /// The instance nonce, already in base32 (the same prefix for every uid of this run).
     nonce: String,
-    /// XOR key of the sequence permutation (derived from the nonce).
-    key: u64,
+    /// The keyed permutation. Its key is never stored anywhere else, logged or printed.
+    cipher: Aes128,
     next: AtomicU64,
 }
 
+impl std::fmt::Debug for UidGenerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key: it would let a reader compute every id of this run.
+        f.debug_struct("UidGenerator")
+            .field("nonce", &self.nonce)
+            .finish_non_exhaustive()
+    }
+}
+
 impl UidGenerator {
-    /// A generator with a fresh random nonce.
+    /// A generator with a fresh random nonce and an independent fresh random key, both from the OS.
     pub fn new() -> Result<Self, getrandom::Error> {
-        let mut bytes = [0u8; 8];
-        getrandom::fill(&mut bytes)?;
-        Ok(Self::with_nonce(u64::from_le_bytes(bytes)))
+        let mut nonce = [0u8; 8];
+        getrandom::fill(&mut nonce)?;
+        Self::with_nonce(u64::from_be_bytes(nonce))
     }
 
-    /// A generator with a given nonce (tests).
-    pub fn with_nonce(nonce: u64) -> Self {
+    /// A generator with the given nonce and a fresh random key (tests and fuzzing: the key must
+    /// never be something a caller could know from an id).
+    pub fn with_nonce(nonce: u64) -> Result<Self, getrandom::Error> {
+        let mut key = [0u8; 16];
+        getrandom::fill(&mut key)?;
+        Ok(Self::with_nonce_and_key(nonce, key))
+    }
+
+    fn with_nonce_and_key(nonce: u64, key: [u8; 16]) -> Self {
         let mut text = String::with_capacity(NONCE_CHARS);
-        for i in (0..NONCE_CHARS).rev() {
-            text.push(BASE32[((nonce >> (i * 5)) & 31) as usize] as char);
-        }
+        push_base32(&mut text, u128::from(nonce), NONCE_CHARS);
         UidGenerator {
             nonce: text,
-            key: nonce.rotate_left(23).wrapping_mul(0x2545_f491_4f6c_dd1d) & SEQ_MASK,
+            cipher: Aes128::new(&key.into()),
             next: AtomicU64::new(0),
         }
     }
 
+    /// The instance nonce (base32), the prefix of every uid of this run: logged at start so that an
+    /// id can be traced to the gateway run that issued it.
+    pub fn nonce(&self) -> &str {
+        &self.nonce
+    }
+
     pub fn next_uid(&self) -> Uid {
-        let seq = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut out = String::with_capacity(NONCE_CHARS + 8 + 13);
+        // 2^64 connections would take 580,000 years at a million a second: the counter never wraps.
+        let count = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut block = aes::Block::from(u128::from(count).to_be_bytes());
+        self.cipher.encrypt_block(&mut block);
+        let mut out = String::with_capacity(UID_CHARS);
         out.push_str(&self.nonce);
-        // A bijection on 40-bit numbers: multiply by an odd constant, then XOR a key.
-        let low = ((seq & SEQ_MASK).wrapping_mul(SEQ_MULTIPLIER) & SEQ_MASK) ^ self.key;
-        for i in (0..8).rev() {
-            out.push(BASE32[((low >> (i * 5)) & 31) as usize] as char);
-        }
-        // Past 2^40 connections in one run, the high part keeps ids unique.
-        let high = seq >> SEQ_BITS;
-        if high > 0 {
-            push_base32(&mut out, high);
-        }
+        push_base32(&mut out, u128::from_be_bytes(block.into()), TAIL_CHARS);
         Uid(out)
     }
 }
 
-/// Appends `v` in base32 with the fewest digits (at least one).
-fn push_base32(out: &mut String, mut v: u64) {
-    let mut digits = [0u8; 13];
-    let mut n = 0;
-    loop {
-        digits[n] = BASE32[(v & 31) as usize];
-        n += 1;
-        v >>= 5;
-        if v == 0 {
-            break;
-        }
-    }
-    for d in digits[..n].iter().rev() {
-        out.push(*d as char);
+/// Appends the low `5 * chars` bits of `v` in base32, most significant first.
+fn push_base32(out: &mut String, v: u128, chars: usize) {
+    for i in (0..chars).rev() {
+        out.push(BASE32[((v >> (i * 5)) & 31) as usize] as char);
     }
 }
 
@@ -251,21 +266,33 @@ mod tests {
         s.parse().expect("test address")
     }
 
+    fn generator(nonce: u64) -> UidGenerator {
+        UidGenerator::with_nonce(nonce).expect("random key")
+    }
+
+    /// The 128-bit block behind a uid's tail.
+    fn tail_bits(uid: &Uid) -> u128 {
+        uid.as_str()[NONCE_CHARS..].bytes().fold(0u128, |acc, c| {
+            let digit = BASE32.iter().position(|&b| b == c).expect("base32") as u128;
+            (acc << 5) | digit
+        })
+    }
+
     #[test]
     fn default_template_renders_ipv4() {
         let t = IdTemplate::parse(DEFAULT_TEMPLATE, false).expect("valid");
-        let uid = UidGenerator::with_nonce(0).next_uid();
+        let uid = generator(0).next_uid();
         assert_eq!(
             t.render(addr("198.18.0.7:40001"), &uid),
             format!("198.18.0.7:40001/{}", uid.as_str())
         );
-        assert_eq!(uid.as_str().len(), 18);
+        assert_eq!(uid.as_str().len(), UID_CHARS);
     }
 
     #[test]
     fn default_template_brackets_ipv6() {
         let t = IdTemplate::parse(DEFAULT_TEMPLATE, false).expect("valid");
-        let uid = UidGenerator::with_nonce(1).next_uid();
+        let uid = generator(1).next_uid();
         assert_eq!(
             t.render(addr("[fd00:5418::2]:443"), &uid),
             format!("[fd00:5418::2]:443/{}", uid.as_str())
@@ -276,7 +303,7 @@ mod tests {
     fn v4_mapped_clients_render_as_ipv4() {
         let t =
             IdTemplate::parse("{client_ip} {client_port} {client}|{uid}", false).expect("valid");
-        let uid = UidGenerator::with_nonce(0).next_uid();
+        let uid = generator(0).next_uid();
         assert_eq!(
             t.render(addr("[::ffff:198.18.0.9]:5000"), &uid),
             format!("198.18.0.9 5000 198.18.0.9:5000|{}", uid.as_str())
@@ -286,7 +313,7 @@ mod tests {
     #[test]
     fn client_ip_of_ipv6_has_no_brackets() {
         let t = IdTemplate::parse("{client_ip}-{uid}", false).expect("valid");
-        let uid = UidGenerator::with_nonce(0).next_uid();
+        let uid = generator(0).next_uid();
         assert_eq!(
             t.render(addr("[fd00::1]:1"), &uid),
             format!("fd00::1-{}", uid.as_str())
@@ -335,43 +362,91 @@ mod tests {
 
     #[test]
     fn uids_never_repeat_within_a_generator() {
-        let g = UidGenerator::with_nonce(42);
+        let g = generator(42);
         let uids: HashSet<_> = (0..100_000).map(|_| g.next_uid()).collect();
         assert_eq!(uids.len(), 100_000);
     }
 
     #[test]
     fn generators_with_different_nonces_never_collide() {
-        let a = UidGenerator::with_nonce(1);
-        let b = UidGenerator::with_nonce(2);
+        let a = generator(1);
+        let b = generator(2);
         let from_a: HashSet<_> = (0..1000).map(|_| a.next_uid()).collect();
         assert!((0..1000).all(|_| !from_a.contains(&b.next_uid())));
     }
 
     #[test]
-    fn uids_do_not_show_a_sequence() {
-        let g = UidGenerator::with_nonce(7);
-        let a = g.next_uid();
-        let b = g.next_uid();
-        // Same nonce, then tails that differ in more than the last character.
-        assert_eq!(a.as_str()[..10], b.as_str()[..10]);
-        assert_ne!(a.as_str()[10..17], b.as_str()[10..17]);
+    fn the_tail_is_aes_128_of_the_counter() {
+        // FIPS-197 / NIST: AES-128 of the all-zero block under the all-zero key.
+        let g = UidGenerator::with_nonce_and_key(0, [0; 16]);
+        let first = g.next_uid();
+        assert_eq!(&first.as_str()[..NONCE_CHARS], "aaaaaaaaaaaaa");
+        assert_eq!(tail_bits(&first), 0x66e9_4bd4_ef8a_2c3b_884c_fa59_ca34_2b2e);
     }
 
     #[test]
-    fn the_permutation_is_a_bijection_beyond_2_to_the_40() {
-        let g = UidGenerator::with_nonce(9);
-        g.next.store(SEQ_MASK - 2, Ordering::Relaxed);
-        let uids: HashSet<_> = (0..6).map(|_| g.next_uid()).collect();
-        assert_eq!(uids.len(), 6);
-        assert!(uids.iter().any(|u| u.as_str().len() > 18));
+    fn consecutive_uids_share_only_the_nonce() {
+        let g = generator(7);
+        let uids: Vec<Uid> = (0..1000).map(|_| g.next_uid()).collect();
+        for pair in uids.windows(2) {
+            assert_eq!(pair[0].as_str()[..NONCE_CHARS], *g.nonce());
+            assert_eq!(
+                pair[0].as_str()[..NONCE_CHARS],
+                pair[1].as_str()[..NONCE_CHARS]
+            );
+            // A counter (even one multiplied and XORed with a key, as ids once were) changes a few
+            // low bits from one connection to the next; a block cipher changes half of all 128,
+            // about 64 ± 6. Bounds far outside chance, so the test never flakes.
+            let changed = (tail_bits(&pair[0]) ^ tail_bits(&pair[1])).count_ones();
+            assert!(
+                (24..=104).contains(&changed),
+                "{changed} bits changed between {} and {}",
+                pair[0].as_str(),
+                pair[1].as_str()
+            );
+        }
+        // Nor is the difference between neighbours a constant that would give the next one away.
+        let steps: HashSet<u128> = uids
+            .windows(2)
+            .map(|p| tail_bits(&p[0]) ^ tail_bits(&p[1]))
+            .collect();
+        assert_eq!(steps.len(), uids.len() - 1);
     }
 
     #[test]
-    fn uid_is_short_and_header_safe() {
+    fn the_key_is_not_derived_from_anything_printed() {
+        // Two runs with the same nonce (the only instance-wide thing a uid shows): if the key came
+        // from the nonce, both would issue exactly the same uids.
+        let a = generator(0x5eed);
+        let b = generator(0x5eed);
+        let from_a: HashSet<_> = (0..1000).map(|_| a.next_uid()).collect();
+        let from_b: HashSet<_> = (0..1000).map(|_| b.next_uid()).collect();
+        assert!(from_a.is_disjoint(&from_b));
+    }
+
+    #[test]
+    fn the_key_is_never_shown() {
+        let key = *b"0123456789abcdef";
+        let g = UidGenerator::with_nonce_and_key(3, key);
+        let debug = format!("{g:?}");
+        assert!(
+            !debug.contains("0123456789abcdef") && !debug.contains("48, 49, 50"),
+            "{debug}"
+        );
+        assert!(debug.contains(g.nonce()));
+    }
+
+    #[test]
+    fn uid_is_lowercase_base32_of_fixed_length() {
         let g = UidGenerator::new().expect("random");
-        let uid = g.next_uid();
-        assert!(uid.as_str().len() <= 23);
-        assert!(uid.as_str().bytes().all(|b| b.is_ascii_alphanumeric()));
+        for _ in 0..100 {
+            let uid = g.next_uid();
+            assert_eq!(uid.as_str().len(), UID_CHARS);
+            assert!(
+                uid.as_str().bytes().all(|b| BASE32.contains(&b)),
+                "{}",
+                uid.as_str()
+            );
+        }
     }
 }

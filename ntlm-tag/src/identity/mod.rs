@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod conn_id;
+pub mod id_hash;
 pub mod proxy_header;
 pub mod trust;
 
@@ -15,6 +16,7 @@ use ntlm_tag_common::ClientSource;
 
 use crate::kernel::{KernelRecord, KernelTracker};
 pub use conn_id::{IdTemplate, UidGenerator, canonical};
+pub use id_hash::{IdDisplay, IdHash};
 
 /// Where the identity of a connection came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -34,7 +34,7 @@ use tokio_util::task::TaskTracker;
 use crate::{
     config::{Limits, ListenerConfig, Timeouts},
     identity::{
-        ConnectionIdentity, IdTemplate, Identifier, Settled, UidGenerator,
+        ConnectionIdentity, IdDisplay, IdHash, IdTemplate, Identifier, Settled, UidGenerator,
         proxy_header::{self, ProxyHeaderError},
         trust::TrustedSources,
     },
@@ -45,7 +45,7 @@ use crate::{
 };
 use head_clock::{ClockedIo, HeadClock};
 use prefixed::PrefixedIo;
-use rewrite::{ConnectionStamp, StampPolicy};
+use rewrite::{ClientScheme, ConnectionStamp, StampPolicy};
 
 pub type ProxyBody = Either<crate::upstream::GuardedBody, Full<Bytes>>;
 
@@ -65,6 +65,8 @@ pub struct Live {
 pub struct Gateway {
     pub identifier: Identifier,
     pub uids: UidGenerator,
+    /// How logs and the admin table show ids: a keyed hash, the full id only on request.
+    pub id_display: IdDisplay,
     pub template: IdTemplate,
     pub policy: StampPolicy,
     pub registry: Arc<Registry>,
@@ -89,7 +91,10 @@ impl Drop for OpenSlot {
 struct ClientConnection {
     gateway: Arc<Gateway>,
     live: Arc<Live>,
-    id: String,
+    /// How log lines name this connection: the keyed hash of its id (`conn=`).
+    conn: IdHash,
+    /// The full id, for the access log and the connection line, only with `show_full_ids`.
+    full_id: Option<Box<str>>,
     client: std::net::IpAddr,
     stamp: ConnectionStamp,
     /// Requests of one HTTP/1.1 connection are sequential, so this lock is never contended there.
@@ -243,7 +248,12 @@ async fn set_up_connection(
             }
         }
     }
-    match open_connection(gateway, live, identity, listener) {
+    let scheme = if live.tls.contains_key(&config.address) {
+        ClientScheme::Https
+    } else {
+        ClientScheme::Http
+    };
+    match open_connection(gateway, live, identity, listener, scheme) {
         Ok(c) => Some((PrefixedIo::new(prefix, stream), Arc::new(c))),
         Err(e) => {
             tracing::error!(error = %e, "cannot set up a client connection; closing it");
@@ -266,11 +276,11 @@ async fn serve_tls(
         Ok(Ok(tls_stream)) => serve_connection(tls_stream, connection, shutdown).await,
         Ok(Err(e)) => {
             gateway.metrics.tls_failed();
-            tracing::info!(conn_id = %connection.id, error = %e, "TLS handshake failed");
+            tracing::info!(conn = %connection.conn, error = %e, "TLS handshake failed");
         }
         Err(_) => {
             gateway.metrics.tls_failed();
-            tracing::info!(conn_id = %connection.id, "TLS handshake timed out");
+            tracing::info!(conn = %connection.conn, "TLS handshake timed out");
         }
     }
 }
@@ -290,14 +300,18 @@ fn open_connection(
     live: &Arc<Live>,
     identity: ConnectionIdentity,
     listener: &str,
+    scheme: ClientScheme,
 ) -> Result<ClientConnection, Box<dyn StdError + Send + Sync>> {
     let uid = gateway.uids.next_uid();
     let id = gateway.template.render(identity.client, &uid);
-    let stamp = ConnectionStamp::new(&id, identity.client)?;
+    let stamp = ConnectionStamp::new(&id, identity.client, scheme)?;
+    let conn = gateway.id_display.hash(&id);
+    let full_id: Option<Box<str>> = gateway.id_display.full(&id).map(Into::into);
     let upstream = live.upstream.attach(identity.client.ip());
     gateway.metrics.connection(identity.metrics_label());
     tracing::debug!(
-        conn_id = %id,
+        conn = %conn,
+        conn_id = full_id.as_deref().map(tracing::field::display),
         client = %identity.client,
         peer = %identity.peer,
         identity_source = identity.source.name(),
@@ -308,7 +322,8 @@ fn open_connection(
     );
     let client = identity.client.ip();
     let registration = gateway.registry.register(
-        id.clone(),
+        conn,
+        full_id.as_deref().map(str::to_string),
         identity,
         upstream.backend().authority().to_string(),
         upstream.link(),
@@ -317,7 +332,8 @@ fn open_connection(
     Ok(ClientConnection {
         gateway: Arc::clone(gateway),
         live: Arc::clone(live),
-        id,
+        conn,
+        full_id,
         client,
         stamp,
         upstream: tokio::sync::Mutex::new(upstream),
@@ -387,7 +403,7 @@ async fn serve_connection<S>(
         tokio::select! {
             result = conn.as_mut() => result,
             _ = clock.head_expired(timeouts.header_read) => {
-                tracing::info!(conn_id = %connection.id, limit_secs = timeouts.header_read.as_secs_f64(), "request head not complete in time (slowloris?); closing");
+                tracing::info!(conn = %connection.conn, limit_secs = timeouts.header_read.as_secs_f64(), "request head not complete in time (slowloris?); closing");
                 Ok(())
             }
             _ = shutdown.changed() => {
@@ -398,7 +414,7 @@ async fn serve_connection<S>(
         .map_err(Into::into)
     };
     if let Err(e) = result {
-        tracing::debug!(conn_id = %connection.id, error = %error_chain(&*e), "client connection ended with an error");
+        tracing::debug!(conn = %connection.conn, error = %error_chain(&*e), "client connection ended with an error");
     }
 }
 
@@ -410,7 +426,7 @@ async fn handle(
     connection: &ClientConnection,
 ) -> Result<Response<ProxyBody>, h2::Error> {
     if req.version() == Version::HTTP_2 && crate::upstream::is_ntlm_request(req.headers()) {
-        tracing::debug!(conn_id = %connection.id, "NTLM over HTTP/2: answering HTTP_1_1_REQUIRED");
+        tracing::debug!(conn = %connection.conn, "NTLM over HTTP/2: answering HTTP_1_1_REQUIRED");
         return Err(h2::Error::from(h2::Reason::HTTP_1_1_REQUIRED));
     }
     Ok(forward(req, connection).await)
@@ -433,7 +449,7 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
             .map(|(k, v)| k.as_str().len() + v.len() + 4)
             .sum::<usize>();
     if head_size > live.limits.max_header_bytes {
-        tracing::info!(conn_id = %connection.id, head_size, limit = live.limits.max_header_bytes, "request head too large; 431");
+        tracing::info!(conn = %connection.conn, head_size, limit = live.limits.max_header_bytes, "request head too large; 431");
         let mut response = error_response(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "Request Header Fields Too Large",
@@ -448,7 +464,7 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
         // Forwarding would drop the coding (each hop is framed anew, chunked) and pass coded bytes
         // on as content: 501 (RFC 9112 §6.1), and the unread body ends the connection.
         gateway.metrics.client_request_error();
-        tracing::info!(conn_id = %connection.id, transfer_encoding = %codings, "transfer coding other than chunked; 501");
+        tracing::info!(conn = %connection.conn, transfer_encoding = %codings, "transfer coding other than chunked; 501");
         let mut response = error_response(
             StatusCode::NOT_IMPLEMENTED,
             "Transfer codings other than chunked are not implemented",
@@ -487,7 +503,7 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
             // its coded bytes taken for the content. The unread body closes that upstream connection.
             gateway.metrics.upstream_error();
             tracing::warn!(
-                conn_id = %connection.id,
+                conn = %connection.conn,
                 backend = %backend.authority(),
                 transfer_encoding = %codings,
                 "backend response with a transfer coding other than chunked; 502 (turn off \
@@ -509,7 +525,7 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
             let status = e.status();
             if e.is_client_error() {
                 tracing::info!(
-                    conn_id = %connection.id,
+                    conn = %connection.conn,
                     backend = %backend.authority(),
                     status = status.as_u16(),
                     error = %error_chain(&e),
@@ -517,7 +533,7 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
                 );
             } else {
                 tracing::warn!(
-                    conn_id = %connection.id,
+                    conn = %connection.conn,
                     backend = %backend.authority(),
                     status = status.as_u16(),
                     error = %error_chain(&e),
@@ -540,7 +556,8 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
     if let Some(path) = path {
         tracing::info!(
             target: "access",
-            conn_id = %connection.id,
+            conn = %connection.conn,
+            conn_id = connection.full_id.as_deref().map(tracing::field::display),
             method = %method,
             path = %path,
             backend = %backend.authority(),

@@ -22,11 +22,30 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
-/// Client-supplied headers that claim who the client is; the gateway sets them itself or not at all.
-const FORWARDING_HEADERS: [&str; 4] = ["x-forwarded-for", "forwarded", "x-real-ip", "x-client-ip"];
+/// Client-supplied headers that claim who the client is or how it connected (address, scheme,
+/// host, port), as proxies, CDNs and frameworks spell them; the gateway sets some of them itself
+/// and none of them may come from a client. `Front-End-Https` is Microsoft's (Exchange, OWA).
+const FORWARDING_HEADERS: [&str; 15] = [
+    "x-forwarded-for",
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "front-end-https",
+    "true-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "client-ip",
+    "x-original-forwarded-for",
+];
 
-/// Standard headers that must not be chosen as the connection-id header.
-const RESERVED: [&str; 12] = [
+/// Standard headers that must not be chosen as the connection-id header (besides the forwarding
+/// and hop-by-hop ones).
+const RESERVED: [&str; 8] = [
     "host",
     "content-length",
     "content-type",
@@ -35,16 +54,12 @@ const RESERVED: [&str; 12] = [
     "cookie",
     "set-cookie",
     "expect",
-    "x-forwarded-for",
-    "forwarded",
-    "x-real-ip",
-    "x-client-ip",
 ];
 
 /// True when `name` is a standard, hop-by-hop or forwarding header.
 pub fn is_reserved_header(name: &HeaderName) -> bool {
     let n = name.as_str();
-    RESERVED.contains(&n) || HOP_BY_HOP.contains(&n)
+    RESERVED.contains(&n) || HOP_BY_HOP.contains(&n) || FORWARDING_HEADERS.contains(&n)
 }
 
 /// `name` folded the way lenient backends (CGI, some servlet containers) fold header names: letters and
@@ -67,18 +82,40 @@ pub struct StampPolicy {
     pub forwarded_headers: bool,
 }
 
+/// How the client reached the gateway: a plain or a TLS listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientScheme {
+    Http,
+    Https,
+}
+
+impl ClientScheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientScheme::Http => "http",
+            ClientScheme::Https => "https",
+        }
+    }
+}
+
 /// The per-connection header values, rendered once when the connection is accepted.
 #[derive(Debug, Clone)]
 pub struct ConnectionStamp {
     pub id: HeaderValue,
     pub x_forwarded_for: HeaderValue,
+    /// `http` or `https`, the same scheme as `proto=` in `forwarded`.
+    pub x_forwarded_proto: HeaderValue,
     pub forwarded: HeaderValue,
 }
 
 impl ConnectionStamp {
     /// Renders the values for a connection. `id` was rendered from a validated template, so it is a
     /// valid header value; anything else is an internal error.
-    pub fn new(id: &str, client: SocketAddr) -> Result<Self, http::header::InvalidHeaderValue> {
+    pub fn new(
+        id: &str,
+        client: SocketAddr,
+        scheme: ClientScheme,
+    ) -> Result<Self, http::header::InvalidHeaderValue> {
         let ip = client.ip();
         let node = match client {
             SocketAddr::V4(v4) => format!("\"{}:{}\"", v4.ip(), v4.port()),
@@ -87,7 +124,8 @@ impl ConnectionStamp {
         Ok(ConnectionStamp {
             id: HeaderValue::from_str(id)?,
             x_forwarded_for: HeaderValue::from_str(&ip.to_string())?,
-            forwarded: HeaderValue::from_str(&format!("for={node};proto=http"))?,
+            x_forwarded_proto: HeaderValue::from_static(scheme.as_str()),
+            forwarded: HeaderValue::from_str(&format!("for={node};proto={}", scheme.as_str()))?,
         })
     }
 }
@@ -122,8 +160,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Header names up to this long are folded on the stack; longer ones take the iterator path.
 const FOLD_MAX: usize = 64;
 
-/// [`FORWARDING_HEADERS`], folded.
-const FORWARDING_FOLDED: [&[u8]; 4] = [b"xforwardedfor", b"forwarded", b"xrealip", b"xclientip"];
+/// [`FORWARDING_HEADERS`], folded (a unit test keeps the two lists in step).
+const FORWARDING_FOLDED: [&[u8]; 15] = [
+    b"xforwardedfor",
+    b"forwarded",
+    b"xrealip",
+    b"xclientip",
+    b"xforwardedproto",
+    b"xforwardedhost",
+    b"xforwardedport",
+    b"xforwardedscheme",
+    b"xforwardedssl",
+    b"frontendhttps",
+    b"trueclientip",
+    b"xclusterclientip",
+    b"cfconnectingip",
+    b"clientip",
+    b"xoriginalforwardedfor",
+];
 
 /// `name` folded into `buf`, or `None` when the fold does not fit.
 fn fold_into<'a>(name: &str, buf: &'a mut [u8; FOLD_MAX]) -> Option<&'a [u8]> {
@@ -146,6 +200,7 @@ fn claims_identity(name: &str, id_name: &str, id_folded: Option<&[u8]>) -> bool 
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Prepares a client request's headers for the backend: strips hop-by-hop headers, every client copy
 /// of the identity headers (any case and look-alikes), and stamps this connection's values.
@@ -165,6 +220,7 @@ pub fn prepare_request(headers: &mut HeaderMap, policy: &StampPolicy, stamp: &Co
     headers.insert(policy.id_header.clone(), stamp.id.clone());
     if policy.forwarded_headers {
         headers.insert(X_FORWARDED_FOR, stamp.x_forwarded_for.clone());
+        headers.insert(X_FORWARDED_PROTO, stamp.x_forwarded_proto.clone());
         headers.insert(FORWARDED, stamp.forwarded.clone());
     }
 }
@@ -222,6 +278,7 @@ mod tests {
         ConnectionStamp::new(
             "198.18.0.2:4000/abc",
             "198.18.0.2:4000".parse().expect("addr"),
+            ClientScheme::Http,
         )
         .expect("valid")
     }
@@ -256,6 +313,7 @@ mod tests {
         assert_eq!(ids, vec!["198.18.0.2:4000/abc"]);
         assert_eq!(h["x-forwarded-for"], "198.18.0.2");
         assert_eq!(h["forwarded"], "for=\"198.18.0.2:4000\";proto=http");
+        assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["accept"], "*/*");
         for (name, value) in &h {
             assert!(
@@ -266,7 +324,52 @@ mod tests {
                 "{name} kept a client value"
             );
         }
-        assert_eq!(h.len(), 4);
+        assert_eq!(h.len(), 5);
+    }
+
+    #[test]
+    fn every_forwarding_header_and_its_look_alikes_are_replaced() {
+        let mut pairs = Vec::new();
+        for name in FORWARDING_HEADERS {
+            pairs.push((name.to_string(), "forged".to_string()));
+            pairs.push((name.to_uppercase().replace('-', "_"), "forged".to_string()));
+            pairs.push((name.replace('-', "."), "forged".to_string()));
+        }
+        pairs.push(("Accept".into(), "*/*".into()));
+        let mut h = HeaderMap::new();
+        for (k, v) in &pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        prepare_request(&mut h, &policy(true), &stamp());
+        for (name, value) in &h {
+            assert_ne!(value, "forged", "{name} kept a client value");
+        }
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(
+            names.len(),
+            5,
+            "only the gateway's own headers and Accept: {names:?}"
+        );
+    }
+
+    #[test]
+    fn tls_listeners_say_https_in_forwarded_and_x_forwarded_proto() {
+        let s = ConnectionStamp::new(
+            "198.18.0.2:4000/abc",
+            "198.18.0.2:4000".parse().expect("addr"),
+            ClientScheme::Https,
+        )
+        .expect("valid");
+        let mut h = headers(&[("X-Forwarded-Proto", "http"), ("Forwarded", "proto=http")]);
+        prepare_request(&mut h, &policy(true), &s);
+        assert_eq!(h["forwarded"], "for=\"198.18.0.2:4000\";proto=https");
+        assert_eq!(
+            h.get_all("x-forwarded-proto").iter().collect::<Vec<_>>(),
+            vec!["https"]
+        );
     }
 
     #[test]
@@ -348,8 +451,12 @@ mod tests {
 
     #[test]
     fn ipv6_clients_are_bracketed_in_forwarded() {
-        let s =
-            ConnectionStamp::new("x", "[fd00:5418::2]:443".parse().expect("addr")).expect("valid");
+        let s = ConnectionStamp::new(
+            "x",
+            "[fd00:5418::2]:443".parse().expect("addr"),
+            ClientScheme::Http,
+        )
+        .expect("valid");
         assert_eq!(s.forwarded, "for=\"[fd00:5418::2]:443\";proto=http");
         assert_eq!(s.x_forwarded_for, "fd00:5418::2");
     }
@@ -380,7 +487,14 @@ mod tests {
 
     #[test]
     fn reserved_headers_cannot_carry_the_id() {
-        for name in ["host", "authorization", "connection", "x-forwarded-for"] {
+        for name in [
+            "host",
+            "authorization",
+            "connection",
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "true-client-ip",
+        ] {
             assert!(is_reserved_header(&HeaderName::from_static(name)), "{name}");
         }
         assert!(!is_reserved_header(&HeaderName::from_static(
