@@ -67,6 +67,12 @@ pub fn prepare(config: &Config) -> Result<Prepared> {
         }
         None => None,
     };
+    if config.user.is_none() && running_as_root() {
+        tracing::warn!(
+            "running as root for the whole life of the process: set `user` (e.g. \"ntlm-tag\") to switch \
+             after start-up and keep only what kernel map lookups need"
+        );
+    }
     if let Some(user) = &config.user {
         let lookup = kernel.as_ref().map(|k| move || k.lookups_work());
         let switched = privileges::drop_to(user, lookup.as_ref().map(|f| f as &dyn Fn() -> bool))?;
@@ -104,6 +110,11 @@ pub fn prepare(config: &Config) -> Result<Prepared> {
         listeners,
         admin_listener,
     })
+}
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// A listening socket as tokio would make it (SO_REUSEADDR, backlog 1024), made without a runtime.

@@ -487,6 +487,34 @@ fn with_unprivileged_bpf_disabled_the_switch_keeps_only_what_map_lookups_need() 
     switch_user_and_check_kernel_identities(None);
 }
 
+#[test]
+fn a_user_that_does_not_exist_is_a_configuration_error() {
+    let topo = Topology::new();
+    let listen = Topology::gateway_addr().to_string();
+    let backend = Topology::backend_addr().to_string();
+    let args = [
+        "--listen",
+        &listen,
+        "--backend",
+        &backend,
+        "--ebpf",
+        "required",
+        "--user",
+        "ntlm-tag-no-such-user",
+    ];
+    match Gateway::try_start(&topo.gateway, &args, None) {
+        Started::Ready(_) => panic!("started with a user that does not exist"),
+        Started::Exited { status, log } => {
+            assert_eq!(status.code(), Some(64), "{log:?}");
+            let text = log.join("\n");
+            assert!(
+                text.contains("user = \"ntlm-tag-no-such-user\": no such user"),
+                "names the key: {text}"
+            );
+        }
+    }
+}
+
 /// The capabilities the packaged systemd unit gives the service (`CapabilityBoundingSet=`), in
 /// setpriv's spelling: `+bpf,+net_admin,...`.
 fn packaged_unit_capabilities() -> Vec<String> {
