@@ -67,42 +67,18 @@ pub fn prepare(config: &Config) -> Result<Prepared> {
         }
         None => None,
     };
-    if config.user.is_none() && running_as_root() {
-        tracing::warn!(
+    match &config.user {
+        Some(user) => {
+            if !switch_user(user, kernel.as_deref(), config.ebpf.mode)? {
+                kernel = None;
+                ebpf_status = "unavailable: map lookups refused after the user switch".to_string();
+            }
+        }
+        None if running_as_root() => tracing::warn!(
             "running as root for the whole life of the process: set `user` (e.g. \"ntlm-tag\") to switch \
              after start-up and keep only what kernel map lookups need"
-        );
-    }
-    if let Some(user) = &config.user {
-        let lookup = kernel.as_ref().map(|k| move || k.lookups_work());
-        let switched = privileges::drop_to(user, lookup.as_ref().map(|f| f as &dyn Fn() -> bool))?;
-        tracing::info!(
-            %user,
-            uid = switched.uid,
-            gid = switched.gid,
-            kept = %switched.kept(),
-            why = %switched.needs.reason,
-            "switched user; every thread holds only the capabilities kept (permitted and effective), \
-             nothing inheritable or ambient, no_new_privs set"
-        );
-        if let Some(k) = &kernel
-            && !k.lookups_work()
-        {
-            let problem = format!(
-                "kernel map lookups fail after switching to {user:?} ({}); run a kernel from 5.19, \
-                 or set kernel.unprivileged_bpf_disabled to 0 on 5.8 to 5.18",
-                switched.needs.reason
-            );
-            if config.ebpf.mode == EbpfMode::Required {
-                return Err(EbpfRequiredError(problem).into());
-            }
-            tracing::warn!(
-                "{problem}; connections use peer addresses (ids still never repeat; behind an L4 \
-                 balancer the client shown is the balancer). --ebpf required refuses to start instead"
-            );
-            kernel = None;
-            ebpf_status = "unavailable: map lookups refused after the user switch".to_string();
-        }
+        ),
+        None => {}
     }
     Ok(Prepared {
         kernel,
@@ -110,6 +86,42 @@ pub fn prepare(config: &Config) -> Result<Prepared> {
         listeners,
         admin_listener,
     })
+}
+
+/// Switches to `user`, keeping only what map lookups need, and checks that a lookup works after it.
+/// Returns whether the kernel's records can still be used; when they cannot, `--ebpf required`
+/// fails start-up and `auto` warns once (connections then use peer addresses).
+fn switch_user(user: &str, kernel: Option<&KernelTracker>, mode: EbpfMode) -> Result<bool> {
+    let lookup = kernel.map(|k| move || k.lookups_work());
+    let switched = privileges::drop_to(user, lookup.as_ref().map(|f| f as &dyn Fn() -> bool))?;
+    tracing::info!(
+        %user,
+        uid = switched.uid,
+        gid = switched.gid,
+        kept = %switched.kept(),
+        why = %switched.needs.reason,
+        "switched user; every thread holds only the capabilities kept (permitted and effective), \
+         nothing inheritable or ambient, no_new_privs set"
+    );
+    let Some(k) = kernel else {
+        return Ok(true);
+    };
+    if k.lookups_work() {
+        return Ok(true);
+    }
+    let problem = format!(
+        "kernel map lookups fail after switching to {user:?} ({}); run a kernel from 5.19, or set \
+         kernel.unprivileged_bpf_disabled to 0 on 5.8 to 5.18",
+        switched.needs.reason
+    );
+    if mode == EbpfMode::Required {
+        return Err(EbpfRequiredError(problem).into());
+    }
+    tracing::warn!(
+        "{problem}; connections use peer addresses (ids still never repeat; behind an L4 balancer the \
+         client shown is the balancer). --ebpf required refuses to start instead"
+    );
+    Ok(false)
 }
 
 fn running_as_root() -> bool {
