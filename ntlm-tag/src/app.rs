@@ -67,18 +67,17 @@ pub fn prepare(config: &Config) -> Result<Prepared> {
         }
         None => None,
     };
-    match &config.user {
-        Some(user) => {
-            if !switch_user(user, kernel.as_deref(), config.ebpf.mode)? {
-                kernel = None;
-                ebpf_status = "unavailable: map lookups refused after the user switch".to_string();
-            }
+    if let Some(user) = &config.user {
+        let records_usable = switch_user(user, kernel.as_deref(), config.ebpf.mode)?;
+        if !records_usable {
+            kernel = None;
+            ebpf_status = "unavailable: map lookups refused after the user switch".to_string();
         }
-        None if running_as_root() => tracing::warn!(
+    } else if running_as_root() {
+        tracing::warn!(
             "running as root for the whole life of the process: set `user` (e.g. \"ntlm-tag\") to switch \
              after start-up and keep only what kernel map lookups need"
-        ),
-        None => {}
+        );
     }
     Ok(Prepared {
         kernel,
