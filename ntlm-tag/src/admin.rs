@@ -169,10 +169,18 @@ pub enum PrivateAccess {
     Closed,
 }
 
-/// The bound admin endpoint. A unix socket's file is removed when this is dropped.
+/// The bound admin endpoint, bound before the async runtime exists (start-up binds while still
+/// privileged, then switches user before any runtime thread is made). A unix socket's file is
+/// removed when this is dropped.
 pub enum AdminListener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener, SocketFile),
+}
+
+/// The admin endpoint registered with the runtime, as [`serve`] accepts on it.
+enum Accepting {
     Tcp(TcpListener),
-    Unix(UnixListener, SocketFile),
+    Unix(UnixListener),
 }
 
 /// Removes the socket file at exit (best effort: a leftover is removed at the next start).
@@ -190,14 +198,17 @@ impl AdminListener {
     /// Binds `endpoint`. A unix socket is created 0600 (and its directory 0700 if missing), owned by
     /// `owner` (uid, gid) when the gateway will switch to that user; a stale socket file of an
     /// earlier run is replaced, a live one (another gateway answers on it) is an error.
-    pub async fn bind(endpoint: &AdminEndpoint, owner: Option<(u32, u32)>) -> anyhow::Result<Self> {
+    pub fn bind(endpoint: &AdminEndpoint, owner: Option<(u32, u32)>) -> anyhow::Result<Self> {
         use anyhow::Context as _;
         match endpoint {
-            AdminEndpoint::Tcp(addr) => Ok(AdminListener::Tcp(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen on admin address {addr}"))?,
-            )),
+            AdminEndpoint::Tcp(addr) => {
+                let listener = std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("cannot listen on admin address {addr}"))?;
+                listener
+                    .set_nonblocking(true)
+                    .with_context(|| format!("cannot listen on admin address {addr}"))?;
+                Ok(AdminListener::Tcp(listener))
+            }
             AdminEndpoint::Unix(path) => {
                 if let Some(dir) = path.parent()
                     && !dir.exists()
@@ -213,8 +224,11 @@ impl AdminListener {
                         })?;
                     }
                 }
-                remove_stale_socket(path).await?;
-                let listener = UnixListener::bind(path).with_context(|| {
+                remove_stale_socket(path)?;
+                let listener = std::os::unix::net::UnixListener::bind(path).with_context(|| {
+                    format!("cannot create the admin socket {}", path.display())
+                })?;
+                listener.set_nonblocking(true).with_context(|| {
                     format!("cannot create the admin socket {}", path.display())
                 })?;
                 let file = SocketFile(path.clone());
@@ -242,7 +256,7 @@ impl AdminListener {
     }
 }
 
-async fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Ok(());
     };
@@ -252,7 +266,7 @@ async fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
             path.display()
         );
     }
-    if tokio::net::UnixStream::connect(path).await.is_ok() {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
         anyhow::bail!(
             "{} is the admin socket of a running gateway; stop it or choose another admin path",
             path.display()
@@ -303,6 +317,19 @@ pub async fn serve(
     state: Arc<AdminState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let (accepting, _socket_file) = match listener {
+        AdminListener::Tcp(l) => (TcpListener::from_std(l).map(Accepting::Tcp), None),
+        AdminListener::Unix(l, file) => {
+            (UnixListener::from_std(l).map(Accepting::Unix), Some(file))
+        }
+    };
+    let listener = match accepting {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register the admin endpoint with the runtime; it is not served");
+            return;
+        }
+    };
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
@@ -345,10 +372,10 @@ pub async fn serve(
 trait AdminIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AdminIo for T {}
 
-async fn accept(listener: &AdminListener) -> std::io::Result<Box<dyn AdminIo>> {
+async fn accept(listener: &Accepting) -> std::io::Result<Box<dyn AdminIo>> {
     Ok(match listener {
-        AdminListener::Tcp(l) => Box::new(l.accept().await?.0),
-        AdminListener::Unix(l, _) => Box::new(l.accept().await?.0),
+        Accepting::Tcp(l) => Box::new(l.accept().await?.0),
+        Accepting::Unix(l) => Box::new(l.accept().await?.0),
     })
 }
 

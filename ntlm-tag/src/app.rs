@@ -1,20 +1,23 @@
 //! Start-up and shutdown of the gateway: kernel programs first (so listeners land in the proxy's own
-//! cgroup), then listeners, then serve until SIGTERM/SIGINT and drain.
+//! cgroup), then listeners, then the user switch (all three before the runtime's threads exist), then
+//! serve until SIGTERM/SIGINT and drain.
 
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     sync::{Arc, atomic::AtomicUsize},
 };
 
 use anyhow::{Context, Result, bail};
 use arc_swap::ArcSwap;
+use socket2::{Domain, Socket, Type};
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use tokio_util::task::TaskTracker;
 
 use crate::{
     admin::{self, AdminListener, AdminState, PrivateAccess},
     cli::{EbpfMode, RunArgs},
-    config::Config,
+    config::{Config, ListenerConfig},
     identity::{IdDisplay, Identifier, UidGenerator, trust::TrustedSources},
     kernel::{KernelOptions, KernelTracker, privileges},
     metrics::Metrics,
@@ -26,25 +29,31 @@ use crate::{
 /// Exit code when `--ebpf required` cannot be honoured (EX_UNAVAILABLE).
 pub const EXIT_EBPF_UNAVAILABLE: u8 = 69;
 
+/// Exit code when the user switch fails or leaves more than intended (EX_NOPERM).
+pub const EXIT_PRIVILEGES: u8 = 77;
+
 #[derive(Debug, thiserror::Error)]
 #[error("--ebpf required, but the kernel programs are not running: {0}")]
 pub struct EbpfRequiredError(String);
 
-/// Runs the gateway until SIGTERM/SIGINT. `args` are kept to re-read the file on SIGHUP (flags still
-/// override it).
-pub async fn run(config: Config, args: RunArgs) -> Result<()> {
-    let (kernel, ebpf_status) = start_kernel(&config)?;
-    if config.identity.template.is_reusable() {
-        tracing::warn!(
-            template = config.identity.template.as_str(),
-            "allow_reusable_ids: connection ids have no {{uid}} and repeat when a client ip:port is reused \
-             (NAT, terminal servers, reconnects); a new client can then inherit another user's NTLM session"
-        );
-    }
+/// What start-up acquired while privileged: the kernel programs, the bound listeners, and the user
+/// switch. Made by [`prepare`] before the async runtime exists.
+pub struct Prepared {
+    kernel: Option<Arc<KernelTracker>>,
+    ebpf_status: String,
+    listeners: Vec<(std::net::TcpListener, Arc<ListenerConfig>)>,
+    admin_listener: Option<AdminListener>,
+}
 
+/// The privileged part of start-up, on the process's only thread: attach the kernel programs (so
+/// that the listeners land in the proxy's own cgroup), bind, then switch user. Capabilities and
+/// no_new_privs belong to each thread; the runtime's threads, created after this, inherit exactly
+/// what the switch left.
+pub fn prepare(config: &Config) -> Result<Prepared> {
+    let (mut kernel, mut ebpf_status) = start_kernel(config)?;
     let mut listeners = Vec::new();
     for l in &config.listeners {
-        let listener = TcpListener::bind(l.address).await.with_context(|| {
+        let listener = bind(l.address).with_context(|| {
             format!(
                 "cannot listen on {} (in use? ports below 1024 need root or CAP_NET_BIND_SERVICE)",
                 l.address
@@ -60,10 +69,105 @@ pub async fn run(config: Config, args: RunArgs) -> Result<()> {
                 Some(user) => Some(privileges::lookup_user(user)?),
                 None => None,
             };
-            Some(AdminListener::bind(&admin.endpoint, owner).await?)
+            Some(AdminListener::bind(&admin.endpoint, owner)?)
         }
         None => None,
     };
+    if let Some(user) = &config.user {
+        let records_usable = switch_user(user, kernel.as_deref(), config.ebpf.mode)?;
+        if !records_usable {
+            kernel = None;
+            ebpf_status = "unavailable: map lookups refused after the user switch".to_string();
+        }
+    } else if running_as_root() {
+        tracing::warn!(
+            "running as root for the whole life of the process: set `user` (e.g. \"ntlm-tag\") to switch \
+             after start-up and keep only what kernel map lookups need"
+        );
+    }
+    Ok(Prepared {
+        kernel,
+        ebpf_status,
+        listeners,
+        admin_listener,
+    })
+}
+
+/// Switches to `user`, keeping only what map lookups need, and checks that a lookup works after it.
+/// Returns whether the kernel's records can still be used; when they cannot, `--ebpf required`
+/// fails start-up and `auto` warns once (connections then use peer addresses).
+fn switch_user(user: &str, kernel: Option<&KernelTracker>, mode: EbpfMode) -> Result<bool> {
+    let lookup = kernel.map(|k| move || k.lookups_work());
+    let switched = privileges::drop_to(user, lookup.as_ref().map(|f| f as &dyn Fn() -> bool))?;
+    tracing::info!(
+        %user,
+        uid = switched.uid,
+        gid = switched.gid,
+        kept = %switched.kept(),
+        why = %switched.needs.reason,
+        "switched user; every thread holds only the capabilities kept (permitted and effective), \
+         nothing inheritable or ambient, no_new_privs set"
+    );
+    let Some(k) = kernel else {
+        return Ok(true);
+    };
+    if k.lookups_work() {
+        return Ok(true);
+    }
+    let problem = format!(
+        "kernel map lookups fail after switching to {user:?} ({}); run a kernel from 5.19, or set \
+         kernel.unprivileged_bpf_disabled to 0 on 5.8 to 5.18",
+        switched.needs.reason
+    );
+    if mode == EbpfMode::Required {
+        return Err(EbpfRequiredError(problem).into());
+    }
+    tracing::warn!(
+        "{problem}; connections use peer addresses (ids still never repeat; behind an L4 balancer the \
+         client shown is the balancer). --ebpf required refuses to start instead"
+    );
+    Ok(false)
+}
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A listening socket as tokio would make it (SO_REUSEADDR, backlog 1024), made without a runtime.
+fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Runs the gateway until SIGTERM/SIGINT. `args` are kept to re-read the file on SIGHUP (flags still
+/// override it).
+pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()> {
+    let Prepared {
+        kernel,
+        ebpf_status,
+        listeners,
+        admin_listener,
+    } = prepared;
+    if let Some(k) = &kernel {
+        k.forward_kernel_log();
+    }
+    if config.identity.template.is_reusable() {
+        tracing::warn!(
+            template = config.identity.template.as_str(),
+            "allow_reusable_ids: connection ids have no {{uid}} and repeat when a client ip:port is reused \
+             (NAT, terminal servers, reconnects); a new client can then inherit another user's NTLM session"
+        );
+    }
+    let listeners = listeners
+        .into_iter()
+        .map(|(l, c)| Ok((TcpListener::from_std(l)?, c)))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("cannot register the listeners")?;
     if config.show_full_ids {
         tracing::warn!(
             "show_full_ids: logs and /connections show full connection ids; to a backend that keys \
@@ -91,19 +195,6 @@ pub async fn run(config: Config, args: RunArgs) -> Result<()> {
         live: ArcSwap::from_pointee(live),
         open: AtomicUsize::new(0),
     });
-
-    if let Some(user) = &config.user {
-        let (uid, gid) = privileges::drop_to(user)?;
-        tracing::info!(%user, uid, gid, "switched user; no capabilities left");
-        if let Some(k) = &kernel
-            && !k.lookups_work()
-        {
-            tracing::error!(
-                "kernel map lookups fail after the switch (kernels before 6.5 with unprivileged BPF \
-                 disabled refuse them): connections will use peer addresses; run without `user` there"
-            );
-        }
-    }
 
     let mut signals = Signals::install()?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

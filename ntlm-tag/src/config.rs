@@ -1030,13 +1030,14 @@ mod tests {
         );
     }
 
-    /// The packaged example has every key; uncommented, it must be a valid configuration.
+    /// The packaged example has every key (commented out, or set like `user`); uncommented, it must
+    /// be a valid configuration.
     #[test]
     fn the_packaged_example_lists_valid_keys() {
         let example = include_str!("../../packaging/ntlm-tag.toml");
         let uncommented: String = example
             .lines()
-            .filter_map(|l| l.strip_prefix("# "))
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
             .filter(|l| {
                 let key = l.split([' ', '=']).next().unwrap_or("");
                 l.starts_with('[')
@@ -1092,7 +1093,7 @@ mod tests {
             "[health_check]",
         ] {
             assert!(
-                example.contains(&format!("# {key}")),
+                example.contains(&format!("# {key}")) || example.contains(&format!("\n{key} = ")),
                 "the example documents {key}"
             );
         }

@@ -9,6 +9,7 @@ use ntlm_tag::{
     cli::{self, Cli, Command, LogFormat},
     config::Config,
     conns,
+    kernel::privileges::PrivilegeError,
 };
 
 /// Exit code for a bad configuration (EX_USAGE).
@@ -60,14 +61,16 @@ fn run(args: &cli::RunArgs) -> ExitCode {
         }
     };
     init_tracing(config.log_format);
+    // Before the runtime: the user switch must happen while the process has one thread.
+    let prepared = match app::prepare(&config) {
+        Ok(prepared) => prepared,
+        Err(e) => return failed(&e),
+    };
     let runtime = match app::build_runtime(config.workers) {
         Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return failed(&e),
     };
-    let result = runtime.block_on(app::run(config, args.clone()));
+    let result = runtime.block_on(app::run(config, args.clone(), prepared));
     // Dropping the runtime ends every task, which releases the kernel programs and the cgroup.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
@@ -75,14 +78,23 @@ fn run(args: &cli::RunArgs) -> ExitCode {
             tracing::info!("stopped");
             ExitCode::SUCCESS
         }
-        Err(e) if e.is::<app::EbpfRequiredError>() => {
-            tracing::error!("{e:#}");
-            ExitCode::from(app::EXIT_EBPF_UNAVAILABLE)
-        }
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => failed(&e),
+    }
+}
+
+/// Logs why the gateway stopped and picks the exit code: 64 for a `user` that does not exist, 69
+/// when `--ebpf required` cannot be honoured, 77 when the user switch did not leave exactly what was
+/// intended (none of them fixes itself on a restart), 1 otherwise.
+fn failed(e: &anyhow::Error) -> ExitCode {
+    tracing::error!("{e:#}");
+    if let Some(PrivilegeError::NoSuchUser(_)) = e.downcast_ref::<PrivilegeError>() {
+        ExitCode::from(EXIT_BAD_CONFIG)
+    } else if e.is::<app::EbpfRequiredError>() {
+        ExitCode::from(app::EXIT_EBPF_UNAVAILABLE)
+    } else if e.is::<PrivilegeError>() {
+        ExitCode::from(app::EXIT_PRIVILEGES)
+    } else {
+        ExitCode::FAILURE
     }
 }
 

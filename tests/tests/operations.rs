@@ -11,7 +11,7 @@ use ntlm_tag_tests::{
     acceptor::{Acceptor, Keying, curl_ntlm},
     backend::Backend,
     client::Connection,
-    gateway::{Gateway, Started},
+    gateway::{Gateway, Started, scaled},
     netns::run_in,
     topology::Topology,
 };
@@ -287,42 +287,151 @@ fn reload_keeps_an_authenticated_connection_and_refuses_a_broken_file() {
     );
 }
 
-#[test]
-fn after_dropping_privileges_kernel_identities_still_work() {
+/// The sysctl the bpf() syscall's privilege gate reads; tests that switch user hold this lock, because
+/// one of them may change it (it is global, not per namespace).
+static UNPRIVILEGED_BPF_SYSCTL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+const UNPRIVILEGED_BPF_DISABLED: &str = "/proc/sys/kernel/unprivileged_bpf_disabled";
+
+/// CAP_BPF, bit 39 of the capability masks in /proc/<pid>/status.
+const CAP_BPF: u64 = 1 << 39;
+
+/// This kernel's (major, minor).
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut parts = release.trim().split(['.', '-']);
+    (
+        parts.next().and_then(|p| p.parse().ok()).expect("major"),
+        parts.next().and_then(|p| p.parse().ok()).expect("minor"),
+    )
+}
+
+/// What a gateway that switched user should still hold on this kernel, from the kernel's history
+/// rather than from asking the gateway: with unprivileged BPF disabled, kernels 5.8 to 5.18 refuse
+/// every bpf() command, map lookups included, without CAP_BPF; from 5.19 only map creation and
+/// program loads are gated. Anywhere else nothing is kept.
+fn expected_kept_capabilities() -> u64 {
+    let version = kernel_version();
+    let disabled = std::fs::read_to_string(UNPRIVILEGED_BPF_DISABLED)
+        .map(|v| v.trim() != "0")
+        .unwrap_or(false);
+    if disabled && ((5, 8)..(5, 19)).contains(&version) {
+        CAP_BPF
+    } else {
+        0
+    }
+}
+
+/// Sets `kernel.unprivileged_bpf_disabled` to 2 if it is 0 and puts 0 back when dropped (also when
+/// the test fails). 2 disables unprivileged BPF like 1 but, unlike 1, can be undone without a
+/// reboot; a machine already at 1 or 2 is left untouched.
+struct UnprivilegedBpfDisabled {
+    restore: Option<String>,
+}
+
+impl UnprivilegedBpfDisabled {
+    fn ensure() -> Self {
+        let now = std::fs::read_to_string(UNPRIVILEGED_BPF_DISABLED).expect("read the sysctl");
+        if now.trim() != "0" {
+            eprintln!("kernel.unprivileged_bpf_disabled is already {}", now.trim());
+            return UnprivilegedBpfDisabled { restore: None };
+        }
+        std::fs::write(UNPRIVILEGED_BPF_DISABLED, "2").expect("set the sysctl to 2");
+        UnprivilegedBpfDisabled {
+            restore: Some(now.trim().to_string()),
+        }
+    }
+}
+
+impl Drop for UnprivilegedBpfDisabled {
+    fn drop(&mut self) {
+        if let Some(value) = &self.restore
+            && let Err(e) = std::fs::write(UNPRIVILEGED_BPF_DISABLED, value)
+        {
+            eprintln!("could not restore kernel.unprivileged_bpf_disabled to {value}: {e}");
+        }
+    }
+}
+
+/// Every thread of `pid` runs as `uid`/`gid`, holds exactly `kept` (permitted, effective, bounding),
+/// nothing inheritable or ambient, and has no_new_privs set.
+fn assert_threads_hold_only(pid: u32, uid: &str, kept: u64) {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+    let mut threads = 0;
+    for task in tasks {
+        let path = task.expect("task").path().join("status");
+        let status = std::fs::read_to_string(&path).expect("status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(str::trim))
+                .unwrap_or_else(|| panic!("{} has no {name}: {status}", path.display()))
+                .to_string()
+        };
+        let mask = |name: &str| u64::from_str_radix(&field(name), 16).expect("hex mask");
+        let what = path.display();
+        assert!(
+            field("Uid").split_whitespace().all(|u| u == uid),
+            "{what}: {status}"
+        );
+        assert!(
+            field("Gid").split_whitespace().all(|g| g == uid),
+            "{what}: {status}"
+        );
+        assert_eq!(mask("CapEff"), kept, "{what} CapEff: {status}");
+        assert_eq!(mask("CapPrm"), kept, "{what} CapPrm: {status}");
+        assert_eq!(mask("CapBnd"), kept, "{what} CapBnd: {status}");
+        assert_eq!(mask("CapInh"), 0, "{what} CapInh: {status}");
+        assert_eq!(mask("CapAmb"), 0, "{what} CapAmb: {status}");
+        assert_eq!(field("NoNewPrivs"), "1", "{what} NoNewPrivs: {status}");
+        threads += 1;
+    }
+    assert!(threads > 1, "the runtime's threads were checked too");
+}
+
+/// Starts a gateway that switches to `nobody` (through `wrapper`, if given), and checks what it
+/// holds, that connections are identified by the kernel (not by the peer-address fallback), and
+/// that a reload, which rewrites the kernel's trust list, still works after the switch.
+fn switch_user_and_check_kernel_identities(wrapper: Option<&[&str]>) {
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
     let listen = Topology::gateway_addr().to_string();
     let backend_addr = Topology::backend_addr().to_string();
-    let gw = Gateway::start(
-        &topo.gateway,
-        &[
-            "--listen",
-            &listen,
-            "--backend",
-            &backend_addr,
-            "--ebpf",
-            "required",
-            "--user",
-            "nobody",
-        ],
-    );
-    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).expect("status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
-            .unwrap_or_default()
+    let args = [
+        "--listen",
+        &listen,
+        "--backend",
+        &backend_addr,
+        "--trusted-lb",
+        "198.18.1.0/24",
+        "--ebpf",
+        "required",
+        "--user",
+        "nobody",
+        // Several runtime threads: each must hold only what the switch left.
+        "--workers",
+        "2",
+    ];
+    let mut gw = match Gateway::try_start(&topo.gateway, &args, wrapper) {
+        Started::Ready(gw) => gw,
+        Started::Exited { status, log } => {
+            panic!("the gateway exited ({status}):\n{}", log.join("\n"))
+        }
     };
-    assert!(
-        field("Uid:").split_whitespace().all(|u| u == "65534"),
-        "{status}"
-    );
-    assert!(
-        field("Gid:").split_whitespace().all(|g| g == "65534"),
-        "{status}"
-    );
-    assert_eq!(field("CapEff:"), "0000000000000000");
-    assert_eq!(field("CapPrm:"), "0000000000000000");
+    let kept = expected_kept_capabilities();
+    assert_threads_hold_only(gw.pid(), "65534", kept);
+    let switched = gw
+        .log()
+        .into_iter()
+        .find(|l| l.contains("switched user"))
+        .expect("the switch is logged");
+    let kept_name = if kept == CAP_BPF {
+        "kept=CAP_BPF"
+    } else {
+        "kept=none"
+    };
+    assert!(switched.contains(kept_name), "{switched}");
+    assert!(switched.contains("why="), "the log says why: {switched}");
+
     let local = topo.client.run(|| async {
         let src = SocketAddr::new(Topology::client_v4(0), 0);
         let mut conn = Connection::open(Some(src), Topology::gateway_addr()).await;
@@ -330,26 +439,170 @@ fn after_dropping_privileges_kernel_identities_still_work() {
         conn.local
     });
     let id = backend.seen()[0].all("jespa-connection-id").remove(0);
-    assert!(id.starts_with(&format!("{local}/")));
-    // Kernels before 6.5 with unprivileged BPF disabled (Debian 11's 5.10) refuse map lookups to a
-    // process without capabilities, even through fds it holds: the gateway must say so at start-up
-    // and serve from peer addresses (above: the id still names the client), not fail silently.
-    let refused = gw
-        .log()
-        .into_iter()
-        .find(|l| l.contains("kernel map lookups fail after the switch"));
-    if let Some(line) = refused {
-        assert!(line.contains("run without `user` there"), "{line}");
-        assert!(line.contains("peer addresses"), "{line}");
-        eprintln!("this kernel refuses unprivileged map lookups; the gateway said: {line}");
-        return;
-    }
-    let kernel = gw.admin_json("/kernel");
-    assert!(kernel["counters"]["recorded"].as_u64().unwrap_or(0) >= 1);
+    assert!(id.starts_with(&format!("{local}/")), "{id}");
+    let metrics = gw.admin_metrics();
+    let count = |source: &str| {
+        let prefix = format!("ntlm_tag_connections_total{{source=\"{source}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {prefix}in {metrics}"))
+    };
     assert_eq!(
-        kernel["counters"]["lookup_misses"], 0,
-        "lookups work through the held fds"
+        count("kernel-peer"),
+        1,
+        "identified by the kernel: {metrics}"
     );
+    assert_eq!(count("fallback"), 0, "never by the peer address: {metrics}");
+    let kernel = gw.admin_json("/kernel");
+    assert_eq!(kernel["counters"]["lookup_misses"], 0, "{kernel:#}");
+
+    gw.signal(libc::SIGHUP);
+    assert!(
+        gw.wait_for_line("configuration reloaded", scaled(Duration::from_secs(20)))
+            .is_some(),
+        "a reload (it rewrites the kernel's trust list) works after the switch: {:?}",
+        gw.log()
+    );
+    assert!(
+        !gw.log()
+            .iter()
+            .any(|l| l.contains("refusing") || l.contains("map lookups fail")),
+        "{:?}",
+        gw.log()
+    );
+}
+
+#[test]
+fn after_dropping_privileges_kernel_identities_still_work() {
+    let _sysctl = UNPRIVILEGED_BPF_SYSCTL.lock();
+    switch_user_and_check_kernel_identities(None);
+}
+
+#[test]
+fn with_unprivileged_bpf_disabled_the_switch_keeps_only_what_map_lookups_need() {
+    let _sysctl = UNPRIVILEGED_BPF_SYSCTL.lock();
+    let _disabled = UnprivilegedBpfDisabled::ensure();
+    switch_user_and_check_kernel_identities(None);
+}
+
+#[test]
+fn a_user_that_does_not_exist_is_a_configuration_error() {
+    let topo = Topology::new();
+    let listen = Topology::gateway_addr().to_string();
+    let backend = Topology::backend_addr().to_string();
+    let args = [
+        "--listen",
+        &listen,
+        "--backend",
+        &backend,
+        "--ebpf",
+        "required",
+        "--user",
+        "ntlm-tag-no-such-user",
+    ];
+    match Gateway::try_start(&topo.gateway, &args, None) {
+        Started::Ready(_) => panic!("started with a user that does not exist"),
+        Started::Exited { status, log } => {
+            assert_eq!(status.code(), Some(64), "{log:?}");
+            let text = log.join("\n");
+            assert!(
+                text.contains("user = \"ntlm-tag-no-such-user\": no such user"),
+                "names the key: {text}"
+            );
+        }
+    }
+}
+
+/// The capabilities the packaged systemd unit gives the service (`CapabilityBoundingSet=`), in
+/// setpriv's spelling: `+bpf,+net_admin,...`.
+fn packaged_unit_capabilities() -> Vec<String> {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/ntlm-tag.service");
+    let text = std::fs::read_to_string(&unit).expect("packaging/ntlm-tag.service");
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit sets CapabilityBoundingSet");
+    line.split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_ascii_lowercase())
+        .collect()
+}
+
+/// A cgroup made for one gateway, as systemd's `Delegate=yes` makes one for a service; removed with
+/// whatever the gateway left in it (a gateway that switched user cannot remove its own cgroup).
+struct DelegatedCgroup {
+    path: std::path::PathBuf,
+}
+
+impl DelegatedCgroup {
+    fn create() -> Self {
+        let mount = ntlm_tag_tests::gateway::cgroup2_mount().expect("cgroup2 mounted");
+        let own = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroup");
+        let own = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("a cgroup v2 line");
+        let path = mount
+            .join(own.trim_start_matches('/'))
+            .join(format!("ntlm-tag-unit-test.{}", std::process::id()));
+        std::fs::create_dir(&path).expect("create the delegated cgroup");
+        DelegatedCgroup { path }
+    }
+}
+
+impl Drop for DelegatedCgroup {
+    fn drop(&mut self) {
+        if let Ok(children) = std::fs::read_dir(&self.path) {
+            for child in children.flatten().filter(|c| c.path().is_dir()) {
+                let _ = std::fs::remove_dir(child.path());
+            }
+        }
+        if let Err(e) = std::fs::remove_dir(&self.path) {
+            eprintln!("could not remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+#[test]
+fn the_packaged_units_capabilities_are_enough_to_start_and_switch_user() {
+    let _sysctl = UNPRIVILEGED_BPF_SYSCTL.lock();
+    let allowed = packaged_unit_capabilities();
+    assert!(
+        !allowed.iter().any(|c| c == "sys_admin"),
+        "CAP_SYS_ADMIN is not needed on 5.10+ with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN: {allowed:?}"
+    );
+    // As systemd starts it: root limited to the unit's bounding set, no_new_privs, LimitMEMLOCK=infinity.
+    let bounding = format!(
+        "-all,{}",
+        allowed
+            .iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    // systemd's Delegate=yes: a cgroup of the service's own, owned by the user it starts as (root).
+    let cgroup = DelegatedCgroup::create();
+    let cgroup_path = cgroup.path.to_string_lossy().into_owned();
+    let mut wrapper = vec![
+        "sh",
+        "-c",
+        "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"",
+        &cgroup_path,
+    ];
+    if kernel_version() < (5, 11) {
+        // Only these kernels charge BPF maps against RLIMIT_MEMLOCK (the unit's LimitMEMLOCK=infinity).
+        wrapper.extend(["prlimit", "--memlock=unlimited:unlimited"]);
+    }
+    wrapper.extend([
+        "setpriv",
+        "--bounding-set",
+        &bounding,
+        "--inh-caps=-all",
+        "--no-new-privs",
+        "--",
+    ]);
+    switch_user_and_check_kernel_identities(Some(&wrapper));
 }
 
 #[test]

@@ -1,5 +1,7 @@
-//! `cargo xtask install`: the release binary, an example configuration (every key commented), a
-//! systemd unit and the manual page, under `--destdir` (default `/`). Existing configuration is kept.
+//! `cargo xtask install`: the release binary, an example configuration (every key commented but
+//! `user = "ntlm-tag"`), a systemd unit, a sysusers.d entry for that user and the manual page, under
+//! `--destdir` (default `/`). Existing configuration is kept. Installing into `/` also creates the user
+//! if it is missing: the gateway refuses to start without it.
 
 use std::{
     fs,
@@ -42,6 +44,14 @@ pub fn run(destdir: &Path) -> Result<()> {
     step(&format!("installing {}", unit.display()));
     copy(&root().join("packaging/ntlm-tag.service"), &unit, 0o644)?;
 
+    let sysusers = place(SYSUSERS_FILE);
+    step(&format!("installing {}", sysusers.display()));
+    copy(
+        &root().join("packaging/ntlm-tag.sysusers"),
+        &sysusers,
+        0o644,
+    )?;
+
     let man = place("/usr/local/share/man/man8/ntlm-tag.8");
     step(&format!("generating the manual page {}", man.display()));
     let page = Command::new(&binary)
@@ -56,11 +66,51 @@ pub fn run(destdir: &Path) -> Result<()> {
     set_mode(&man, 0o644)?;
 
     if destdir == Path::new("/") {
+        create_service_user()?;
         step(
             "next: edit /etc/ntlm-tag/ntlm-tag.toml, then `systemctl daemon-reload && systemctl enable --now ntlm-tag`",
         );
     }
     Ok(())
+}
+
+/// The user the packaged configuration switches to, and where systemd-sysusers finds its entry (the
+/// unit goes to /etc/systemd/system, so the entry goes to /etc as well).
+const SERVICE_USER: &str = "ntlm-tag";
+const SYSUSERS_FILE: &str = "/etc/sysusers.d/ntlm-tag.conf";
+
+/// Creates the service user if it is missing: with systemd-sysusers where there is one (from the
+/// entry just installed), with useradd otherwise. A system user without a home or a login shell.
+fn create_service_user() -> Result<()> {
+    let exists = Command::new("getent")
+        .args(["passwd", SERVICE_USER])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if exists {
+        step(&format!("user {SERVICE_USER} exists"));
+        return Ok(());
+    }
+    let sysusers = Command::new("systemd-sysusers").arg("--version").output();
+    if sysusers.is_ok_and(|o| o.status.success()) {
+        step(&format!(
+            "creating user {SERVICE_USER} (systemd-sysusers {SYSUSERS_FILE})"
+        ));
+        crate::run(Command::new("systemd-sysusers").arg(SYSUSERS_FILE))
+    } else {
+        step(&format!("creating user {SERVICE_USER} (useradd)"));
+        crate::run(Command::new("useradd").args([
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--comment",
+            "ntlm-tag gateway",
+            SERVICE_USER,
+        ]))
+    }
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {

@@ -181,6 +181,8 @@ pub struct KernelTracker {
     map_entries: u32,
     lookup_misses: AtomicU64,
     last_miss_warning: Mutex<Option<Instant>>,
+    /// The programs' aya-log buffer until [`KernelTracker::forward_kernel_log`] takes it.
+    kernel_log: Mutex<Option<KernelLog>>,
     // Field order is drop order: the programs (and their cgroup link) go before the cgroup.
     _ebpf: Ebpf,
     cgroup: OwnCgroup,
@@ -209,7 +211,7 @@ impl KernelTracker {
                 hint: hint_for_load(&source),
                 source,
             })?;
-        start_kernel_logger(&mut ebpf);
+        let kernel_log = init_kernel_log(&mut ebpf);
         let program: &mut SockOps = ebpf
             .program_mut(SOCK_OPS_PROGRAM)
             .ok_or(KernelError::Missing {
@@ -260,6 +262,7 @@ impl KernelTracker {
             map_entries,
             lookup_misses: AtomicU64::new(0),
             last_miss_warning: Mutex::new(None),
+            kernel_log: Mutex::new(kernel_log),
             _ebpf: ebpf,
             cgroup,
         };
@@ -288,12 +291,25 @@ impl KernelTracker {
         Ok(())
     }
 
+    /// Starts forwarding the programs' log messages into our tracing output, on the current tokio
+    /// runtime. [`start`](Self::start) runs before the runtime exists (the user switch must happen
+    /// while the process has one thread), so this is a step of its own.
+    pub fn forward_kernel_log(&self) {
+        let taken = match self.kernel_log.lock() {
+            Ok(mut logger) => logger.take(),
+            Err(_) => None,
+        };
+        if let Some(logger) = taken {
+            spawn_kernel_log_forwarding(logger);
+        }
+    }
+
     pub fn cgroup_path(&self) -> &std::path::Path {
         self.cgroup.path()
     }
 
-    /// True when a map lookup works from this process now (after a privilege drop, kernels before
-    /// 6.5 refuse bpf() to unprivileged processes when unprivileged BPF is disabled).
+    /// True when a map lookup works from this process now (without CAP_BPF, kernels 5.8 to 5.18 refuse
+    /// every bpf() command while unprivileged BPF is disabled; see `privileges::bpf_gate`).
     pub fn lookups_work(&self) -> bool {
         match self.identities.get(&0, 0) {
             Ok(_) | Err(aya::maps::MapError::KeyNotFound) => true,
@@ -508,16 +524,23 @@ fn hint_for_program(e: &aya::programs::ProgramError) -> &'static str {
     }
 }
 
-/// Forwards the eBPF programs' log messages (aya-log) into our tracing output. The logger must live as
-/// long as the programs; it is flushed whenever its fd becomes readable.
-fn start_kernel_logger(ebpf: &mut Ebpf) {
-    let logger = match aya_log::EbpfLogger::init(ebpf) {
-        Ok(logger) => logger,
+/// The programs' aya-log buffer, read into the `log` facade (which tracing-subscriber forwards).
+type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// The eBPF programs' log buffer (aya-log), if the object has one.
+fn init_kernel_log(ebpf: &mut Ebpf) -> Option<KernelLog> {
+    match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => Some(logger),
         Err(e) => {
             tracing::debug!(error = %e, "eBPF programs log nothing (no log map)");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Forwards the eBPF programs' log messages (aya-log) into our tracing output. The logger must live as
+/// long as the programs; it is flushed whenever its fd becomes readable.
+fn spawn_kernel_log_forwarding(logger: KernelLog) {
     // SAFETY: the logger owns its ring-buffer fd, keeps it open until dropped, and always returns the
     // same fd; the AsyncFd owns the logger, so the fd outlives the registration.
     let registered = unsafe {
