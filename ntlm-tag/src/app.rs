@@ -33,6 +33,7 @@ pub struct EbpfRequiredError(String);
 /// Runs the gateway until SIGTERM/SIGINT. `args` are kept to re-read the file on SIGHUP (flags still
 /// override it).
 pub async fn run(config: Config, args: RunArgs) -> Result<()> {
+    log_warnings(&config);
     let (kernel, ebpf_status) = start_kernel(&config)?;
     if config.identity.template.is_reusable() {
         tracing::warn!(
@@ -172,7 +173,7 @@ fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
     }
     Ok(Live {
         upstream: Arc::new(upstream),
-        trusted: TrustedSources::new(&config.trusted_lbs),
+        trusted: TrustedSources::new(&config.trust.proxy),
         limits: config.limits,
         timeouts: config.timeouts,
         tls,
@@ -203,18 +204,15 @@ fn reload(
             return;
         }
     };
-    if let Some(k) = kernel {
-        let options = KernelOptions {
-            map_entries: new.ebpf.map_entries,
-            toa_kind: new.ebpf.toa_kind,
-            trusted_lbs: new.trusted_lbs.clone(),
-            xdp_interfaces: new.ebpf.xdp_interfaces.clone(),
-        };
-        if let Err(e) = k.configure(&options) {
-            tracing::error!(error = %e, "reload refused: cannot update the kernel's trust list");
-            return;
-        }
+    // The kernel first, all or nothing; userspace (PROXY trust and the rest) only once it took
+    // the new lists, so neither ever trusts more than the configuration that is running.
+    if let Some(k) = kernel
+        && let Err(e) = k.configure(&kernel_options(&new))
+    {
+        tracing::error!(error = %e, "reload refused: cannot update the kernel's trust lists; the running configuration stays");
+        return;
     }
+    log_warnings(&new);
     for key in restart_only_changes(running, &new) {
         tracing::warn!(
             key,
@@ -264,6 +262,23 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     keys
 }
 
+fn kernel_options(config: &Config) -> KernelOptions {
+    KernelOptions {
+        map_entries: config.ebpf.map_entries,
+        toa_kind: config.ebpf.toa_kind,
+        toa_trusted: config.trust.toa.clone(),
+        ipip_trusted: config.trust.ipip.clone(),
+        xdp_interfaces: config.ebpf.xdp_interfaces.clone(),
+    }
+}
+
+/// Valid settings that weaken safety, each with its key.
+fn log_warnings(config: &Config) {
+    for w in &config.warnings {
+        tracing::warn!(key = w.key, "{}", w.message);
+    }
+}
+
 /// Loads the kernel programs as `config.ebpf.mode` asks. Returns the tracker and a status line.
 fn start_kernel(config: &Config) -> Result<(Option<Arc<KernelTracker>>, String)> {
     match config.ebpf.mode {
@@ -274,12 +289,7 @@ fn start_kernel(config: &Config) -> Result<(Option<Arc<KernelTracker>>, String)>
             );
             Ok((None, "off".to_string()))
         }
-        mode => match KernelTracker::start(&KernelOptions {
-            map_entries: config.ebpf.map_entries,
-            toa_kind: config.ebpf.toa_kind,
-            trusted_lbs: config.trusted_lbs.clone(),
-            xdp_interfaces: config.ebpf.xdp_interfaces.clone(),
-        }) {
+        mode => match KernelTracker::start(&kernel_options(config)) {
             Ok(k) => Ok((Some(Arc::new(k)), "attached".to_string())),
             Err(e) if mode == EbpfMode::Required => Err(EbpfRequiredError(format!("{e:#}")).into()),
             Err(e) => {
