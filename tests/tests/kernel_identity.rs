@@ -54,7 +54,7 @@ fn toa_from_a_trusted_peer_names_the_client() {
     let gw = start(
         &topo.gateway,
         Topology::gateway_addr(),
-        &["--trusted-lb", "198.18.1.0/24"],
+        &["--trusted-lb", "198.18.1.0/24", "--toa-kind", "254"],
     );
     let toa = ToaWritingCgroup::new(toa_option(254, "198.19.77.7:4321".parse().expect("addr")));
     let id = curl_with_toa(&topo, &toa, &backend, 0);
@@ -71,7 +71,7 @@ fn toa_from_an_untrusted_peer_is_ignored_and_counted() {
     let gw = start(
         &topo.gateway,
         Topology::gateway_addr(),
-        &["--trusted-lb", "198.18.99.0/24"],
+        &["--trusted-lb", "198.18.99.0/24", "--toa-kind", "254"],
     );
     let toa = ToaWritingCgroup::new(toa_option(254, "198.19.77.7:4321".parse().expect("addr")));
     let id = curl_with_toa(&topo, &toa, &backend, 1);
@@ -169,7 +169,15 @@ fn ipip_from_an_untrusted_balancer_is_not_decapsulated() {
     let gw = start(
         &topo.gateway,
         IpipTopology::vip(),
-        &["--trusted-lb", "198.18.99.0/24", "--xdp", "down0"],
+        // The balancer is trusted for PROXY protocol only: tunnels trust their own list.
+        &[
+            "--trusted-lb",
+            "198.18.1.100/32",
+            "--ipip-trusted-lb",
+            "198.18.99.0/24",
+            "--xdp",
+            "down0",
+        ],
     );
     let _encap = IpipEncap::attach(
         &topo.balancer,

@@ -3,11 +3,124 @@
 use std::net::SocketAddr;
 
 use ntlm_tag_tests::{
-    backend::Backend,
+    backend::{Backend, Seen},
     client::get_then_reset,
     gateway::Gateway,
-    topology::{SnatTopology, Topology},
+    programs::{ToaWritingCgroup, toa_option},
+    topology::{SNAT_SOURCE, SnatTopology, Topology},
 };
+use serde_json::Value;
+
+/// The address a client behind the SNAT balancer forges with a TOA option of its own.
+const FORGED: &str = "198.19.66.6:4242";
+
+fn start_gateway(topo: &SnatTopology, extra: &[&str]) -> Gateway {
+    let listen = Topology::gateway_addr().to_string();
+    let backend = Topology::backend_addr().to_string();
+    let mut args = vec![
+        "--listen",
+        &listen,
+        "--backend",
+        &backend,
+        "--ebpf",
+        "required",
+    ];
+    args.extend_from_slice(extra);
+    Gateway::start(&topo.gateway, &args)
+}
+
+/// curl from client `i` through the balancer, its handshake carrying a TOA option that names
+/// [`FORGED`] (the nftables balancer NATs addresses and ports and passes TCP options through);
+/// returns the request the backend saw.
+fn curl_writing_toa(topo: &SnatTopology, backend: &Backend, i: u8) -> Seen {
+    let toa = ToaWritingCgroup::new(toa_option(254, FORGED.parse().expect("addr")));
+    let before = backend.seen().len();
+    let url = format!("http://{}/forge", SnatTopology::vip());
+    let source = SnatTopology::client_v4(i).to_string();
+    let body = toa.run(
+        &topo.client,
+        "curl",
+        &["-sS", "--max-time", "10", "--interface", &source, &url],
+    );
+    let seen = backend.seen();
+    assert_eq!(seen.len(), before + 1, "curl said {body}");
+    seen[before].clone()
+}
+
+fn counter(kernel: &Value, name: &str) -> u64 {
+    kernel["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {kernel:#}"))
+}
+
+/// The backend saw the balancer as the client, and the forged address nowhere.
+fn assert_not_forged(seen: &Seen) {
+    let forged_ip = FORGED.split(':').next().expect("ip");
+    for (name, value) in &seen.headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        assert!(
+            !value.contains(forged_ip),
+            "the forged client reached the backend in {name}: {value}"
+        );
+    }
+    let peer = SnatTopology::snat_peer();
+    let id = seen.all("jespa-connection-id").remove(0);
+    assert!(id.starts_with(&format!("{peer}/")), "{id}");
+    assert_eq!(seen.all("x-forwarded-for"), vec![SNAT_SOURCE.to_string()]);
+    assert_eq!(
+        seen.all("forwarded"),
+        vec![format!("for=\"{peer}\";proto=http")]
+    );
+}
+
+#[test]
+fn a_client_behind_a_balancer_trusted_without_toa_cannot_forge_its_address_with_toa() {
+    let topo = SnatTopology::new();
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    // The balancer is trusted (for PROXY protocol), TOA is not configured.
+    let trusted = format!("{SNAT_SOURCE}/32");
+    let gw = start_gateway(&topo, &["--trusted-lb", &trusted]);
+    assert_not_forged(&curl_writing_toa(&topo, &backend, 0));
+    // TOA is off: the option was not even read.
+    let kernel = gw.admin_json("/kernel");
+    assert_eq!(counter(&kernel, "toa_accepted"), 0, "{kernel:#}");
+    assert_eq!(counter(&kernel, "toa_untrusted"), 0, "{kernel:#}");
+}
+
+#[test]
+fn with_toa_on_and_the_balancer_trusted_for_it_toa_names_the_client() {
+    let topo = SnatTopology::new();
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let trusted = format!("{SNAT_SOURCE}/32");
+    let gw = start_gateway(&topo, &["--toa-kind", "254", "--toa-trusted-lb", &trusted]);
+    let seen = curl_writing_toa(&topo, &backend, 1);
+    let id = seen.all("jespa-connection-id").remove(0);
+    assert!(id.starts_with(&format!("{FORGED}/")), "{id}");
+    assert_eq!(seen.all("x-forwarded-for"), vec!["198.19.66.6".to_string()]);
+    assert_eq!(counter(&gw.admin_json("/kernel"), "toa_accepted"), 1);
+}
+
+#[test]
+fn with_toa_trusted_from_another_list_a_proxy_only_balancers_clients_cannot_forge_it() {
+    let topo = SnatTopology::new();
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let proxy_only = format!("{SNAT_SOURCE}/32");
+    let gw = start_gateway(
+        &topo,
+        &[
+            "--trusted-lb",
+            &proxy_only,
+            "--toa-kind",
+            "254",
+            "--toa-trusted-lb",
+            "198.18.1.200/32",
+        ],
+    );
+    assert_not_forged(&curl_writing_toa(&topo, &backend, 2));
+    let kernel = gw.admin_json("/kernel");
+    assert_eq!(counter(&kernel, "toa_untrusted"), 1, "{kernel:#}");
+    assert_eq!(counter(&kernel, "toa_accepted"), 0, "{kernel:#}");
+}
 
 #[test]
 fn two_clients_behind_a_single_port_snat_balancer_get_different_ids() {
