@@ -1,11 +1,11 @@
 //! Identity behind L4 load balancers.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use ntlm_tag_tests::{
     backend::{Backend, Seen},
     client::get_then_reset,
-    gateway::Gateway,
+    gateway::{Gateway, scaled},
     programs::{ToaWritingCgroup, toa_option},
     topology::{SNAT_SOURCE, SnatTopology, Topology},
 };
@@ -161,4 +161,50 @@ fn two_clients_behind_a_single_port_snat_balancer_get_different_ids() {
         ids[0], ids[1],
         "the second client must not inherit the first one's id"
     );
+}
+
+#[test]
+fn a_reload_that_turns_toa_off_stops_believing_it_and_a_bad_trust_list_is_refused() {
+    let topo = SnatTopology::new();
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("gw.toml");
+    let base = format!(
+        "listen = [\"{}\"]\nbackends = [\"{}\"]\nebpf = \"required\"\ntrusted_lbs = [\"{SNAT_SOURCE}/32\"]\n",
+        Topology::gateway_addr(),
+        Topology::backend_addr(),
+    );
+    std::fs::write(&config, format!("{base}toa_kind = 254\n")).expect("write config");
+    let config_arg = config.to_string_lossy().into_owned();
+    let mut gw = Gateway::start(&topo.gateway, &["--config", &config_arg]);
+    let id = curl_writing_toa(&topo, &backend, 0)
+        .all("jespa-connection-id")
+        .remove(0);
+    assert!(id.starts_with(&format!("{FORGED}/")), "TOA on: {id}");
+
+    // TOA off (toa_kind no longer set): the kernel stops reading the option with the reload.
+    std::fs::write(&config, &base).expect("rewrite config");
+    gw.signal(libc::SIGHUP);
+    assert!(
+        gw.wait_for_line("configuration reloaded", scaled(Duration::from_secs(5)))
+            .is_some(),
+        "{:?}",
+        gw.log()
+    );
+    assert_not_forged(&curl_writing_toa(&topo, &backend, 1));
+
+    // A TOA list while TOA is off is refused, naming the key; the running configuration stays.
+    std::fs::write(
+        &config,
+        format!("{base}toa_trusted_lbs = [\"{SNAT_SOURCE}/32\"]\n"),
+    )
+    .expect("rewrite config");
+    gw.signal(libc::SIGHUP);
+    let refused = gw
+        .wait_for_line("reload refused", scaled(Duration::from_secs(5)))
+        .expect("the refusal is logged");
+    assert!(refused.contains("toa_trusted_lbs"), "{refused}");
+    assert_not_forged(&curl_writing_toa(&topo, &backend, 2));
+    let kernel = gw.admin_json("/kernel");
+    assert_eq!(counter(&kernel, "toa_accepted"), 1, "{kernel:#}");
 }
