@@ -45,9 +45,6 @@ pub enum Setting {
     ToaKind = 0,
 }
 
-/// The TOA option kind most balancers use (LVS FULLNAT, DPVS); 200 is also seen. TOA is off unless a
-/// kind is configured.
-pub const COMMON_TOA_KIND: u32 = 254;
 /// TOA option lengths: kind, length, port (2), then IPv4 (4) or IPv6 (16).
 pub const TOA_LEN_V4: u8 = 8;
 pub const TOA_LEN_V6: u8 = 20;
