@@ -5,53 +5,25 @@ use std::net::{Ipv4Addr, SocketAddr};
 use ntlm_tag_tests::{
     backend::Backend,
     client::Connection,
-    gateway::Gateway,
+    gateway::{Gateway, kernel_counter as counter},
     programs::{IpipEncap, ToaWritingCgroup, toa_option},
     topology::{IPIP_VIP, IpipTopology, SNAT_SOURCE, Topology},
 };
 use serde_json::Value;
 
-fn start(topo_gw: &ntlm_tag_tests::netns::NetNs, listen: SocketAddr, extra: &[&str]) -> Gateway {
-    let listen = listen.to_string();
-    let backend = Topology::backend_addr().to_string();
-    let mut args = vec![
-        "--listen",
-        &listen,
-        "--backend",
-        &backend,
-        "--ebpf",
-        "required",
-    ];
-    args.extend_from_slice(extra);
-    Gateway::start(topo_gw, &args)
-}
-
-fn counter(kernel: &Value, name: &str) -> u64 {
-    kernel["counters"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no counter {name} in {kernel:#}"))
-}
-
 /// curl through the TOA-writing cgroup, from client address `i`; returns the id the backend saw.
 fn curl_with_toa(topo: &Topology, toa: &ToaWritingCgroup, backend: &Backend, i: u8) -> String {
-    let before = backend.seen().len();
     let url = format!("http://{}/toa", Topology::gateway_addr());
-    let source = Topology::client_v4(i).to_string();
-    let body = toa.run(
-        &topo.client,
-        "curl",
-        &["-sS", "--max-time", "10", "--interface", &source, &url],
-    );
-    let seen = backend.seen();
-    assert_eq!(seen.len(), before + 1, "curl said {body}");
-    seen[before].all("jespa-connection-id").remove(0)
+    toa.curl_seen_by(&topo.client, Topology::client_v4(i), &url, backend)
+        .all("jespa-connection-id")
+        .remove(0)
 }
 
 #[test]
 fn toa_from_a_trusted_peer_names_the_client() {
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = start(
+    let gw = Gateway::start_with_ebpf(
         &topo.gateway,
         Topology::gateway_addr(),
         &["--trusted-lb", "198.18.1.0/24", "--toa-kind", "254"],
@@ -68,7 +40,7 @@ fn toa_from_a_trusted_peer_names_the_client() {
 fn toa_from_an_untrusted_peer_is_ignored_and_counted() {
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = start(
+    let gw = Gateway::start_with_ebpf(
         &topo.gateway,
         Topology::gateway_addr(),
         &["--trusted-lb", "198.18.99.0/24", "--toa-kind", "254"],
@@ -88,7 +60,7 @@ fn toa_from_an_untrusted_peer_is_ignored_and_counted() {
 fn toa_with_kind_200_and_an_ipv6_client() {
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = start(
+    let gw = Gateway::start_with_ebpf(
         &topo.gateway,
         Topology::gateway_addr(),
         &["--trusted-lb", "198.18.1.0/24", "--toa-kind", "200"],
@@ -104,7 +76,7 @@ fn toa_with_kind_200_and_an_ipv6_client() {
 fn ipip_from_a_trusted_balancer_is_decapsulated_and_names_client_and_balancer() {
     let topo = IpipTopology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = start(
+    let gw = Gateway::start_with_ebpf(
         &topo.gateway,
         IpipTopology::vip(),
         &["--trusted-lb", "198.18.1.100/32", "--xdp", "down0"],
@@ -166,7 +138,7 @@ fn ipip_from_a_trusted_balancer_is_decapsulated_and_names_client_and_balancer() 
 fn ipip_from_an_untrusted_balancer_is_not_decapsulated() {
     let topo = IpipTopology::new();
     let _backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = start(
+    let gw = Gateway::start_with_ebpf(
         &topo.gateway,
         IpipTopology::vip(),
         // The balancer is trusted for PROXY protocol only: tunnels trust their own list.

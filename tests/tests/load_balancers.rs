@@ -5,28 +5,16 @@ use std::{net::SocketAddr, time::Duration};
 use ntlm_tag_tests::{
     backend::{Backend, Seen},
     client::get_then_reset,
-    gateway::{Gateway, scaled},
+    gateway::{Gateway, kernel_counter as counter, scaled},
     programs::{ToaWritingCgroup, toa_option},
     topology::{SNAT_SOURCE, SnatTopology, Topology},
 };
-use serde_json::Value;
 
 /// The address a client behind the SNAT balancer forges with a TOA option of its own.
 const FORGED: &str = "198.19.66.6:4242";
 
 fn start_gateway(topo: &SnatTopology, extra: &[&str]) -> Gateway {
-    let listen = Topology::gateway_addr().to_string();
-    let backend = Topology::backend_addr().to_string();
-    let mut args = vec![
-        "--listen",
-        &listen,
-        "--backend",
-        &backend,
-        "--ebpf",
-        "required",
-    ];
-    args.extend_from_slice(extra);
-    Gateway::start(&topo.gateway, &args)
+    Gateway::start_with_ebpf(&topo.gateway, Topology::gateway_addr(), extra)
 }
 
 /// curl from client `i` through the balancer, its handshake carrying a TOA option that names
@@ -34,23 +22,8 @@ fn start_gateway(topo: &SnatTopology, extra: &[&str]) -> Gateway {
 /// returns the request the backend saw.
 fn curl_writing_toa(topo: &SnatTopology, backend: &Backend, i: u8) -> Seen {
     let toa = ToaWritingCgroup::new(toa_option(254, FORGED.parse().expect("addr")));
-    let before = backend.seen().len();
     let url = format!("http://{}/forge", SnatTopology::vip());
-    let source = SnatTopology::client_v4(i).to_string();
-    let body = toa.run(
-        &topo.client,
-        "curl",
-        &["-sS", "--max-time", "10", "--interface", &source, &url],
-    );
-    let seen = backend.seen();
-    assert_eq!(seen.len(), before + 1, "curl said {body}");
-    seen[before].clone()
-}
-
-fn counter(kernel: &Value, name: &str) -> u64 {
-    kernel["counters"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no counter {name} in {kernel:#}"))
+    toa.curl_seen_by(&topo.client, SnatTopology::client_v4(i), &url, backend)
 }
 
 /// The backend saw the balancer as the client, and the forged address nowhere.
