@@ -16,7 +16,7 @@ use crate::{
     cli::{EbpfMode, RunArgs},
     config::Config,
     identity::{Identifier, UidGenerator, trust::TrustedSources},
-    kernel::{KernelOptions, KernelTracker, privileges},
+    kernel::{KernelOptions, KernelTracker, local_addrs, privileges},
     metrics::Metrics,
     proxy::{self, Gateway, Live, rewrite::StampPolicy},
     registry::Registry,
@@ -42,6 +42,8 @@ pub async fn run(config: Config, args: RunArgs) -> Result<()> {
              (NAT, terminal servers, reconnects); a new client can then inherit another user's NTLM session"
         );
     }
+
+    let address_watch = watch_local_addresses(&config, kernel.as_ref());
 
     let mut listeners = Vec::new();
     for l in &config.listeners {
@@ -93,6 +95,9 @@ pub async fn run(config: Config, args: RunArgs) -> Result<()> {
         }
     }
 
+    if let (Some(watch), Some(k)) = (address_watch, &kernel) {
+        tokio::spawn(watch.run(Arc::downgrade(k)));
+    }
     let mut signals = Signals::install()?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
@@ -260,6 +265,28 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         keys.push("user");
     }
     keys
+}
+
+/// With XDP on, a subscription to address changes (made now, before any privilege drop), so that
+/// the kernel's list of local addresses follows the host's.
+fn watch_local_addresses(
+    config: &Config,
+    kernel: Option<&Arc<KernelTracker>>,
+) -> Option<local_addrs::AddressWatch> {
+    if config.ebpf.xdp_interfaces.is_empty() || kernel.is_none() {
+        return None;
+    }
+    match local_addrs::AddressWatch::subscribe() {
+        Ok(watch) => Some(watch),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot watch this host's address changes; after adding an address that tunnels \
+                 carry traffic for, reload (SIGHUP) so that XDP decapsulates for it"
+            );
+            None
+        }
+    }
 }
 
 fn kernel_options(config: &Config) -> KernelOptions {

@@ -1,11 +1,14 @@
 //! Client identity learned in the kernel from trusted balancers: TOA options and IPIP tunnels.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
 
 use ntlm_tag_tests::{
     backend::Backend,
     client::Connection,
-    gateway::{Gateway, kernel_counter as counter},
+    gateway::{Gateway, kernel_counter as counter, scaled},
     programs::{IpipEncap, ToaWritingCgroup, toa_option},
     topology::{IPIP_VIP, IpipTopology, SNAT_SOURCE, Topology},
 };
@@ -190,4 +193,45 @@ fn ipip_from_an_untrusted_balancer_is_not_decapsulated() {
             .all(|r| !r["client"].as_str().unwrap_or("").starts_with(&client)),
         "{kernel:#}"
     );
+}
+
+#[test]
+fn a_virtual_ip_added_after_start_up_is_decapsulated_without_a_reload() {
+    let topo = IpipTopology::new();
+    // The balancer's virtual IP is not on the gateway yet when it starts.
+    topo.gateway
+        .ip(&["addr", "del", &format!("{IPIP_VIP}/32"), "dev", "lo"]);
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let listen = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), IpipTopology::vip().port());
+    let mut gw = Gateway::start_with_ebpf(
+        &topo.gateway,
+        listen,
+        &["--trusted-lb", "198.18.1.100/32", "--xdp", "down0"],
+    );
+    let _encap = IpipEncap::attach(
+        &topo.balancer,
+        "up0",
+        IPIP_VIP.parse().expect("vip"),
+        SNAT_SOURCE.parse().expect("src"),
+        Ipv4Addr::new(198, 18, 1, 1),
+    );
+    ntlm_tag_tests::netns::addr(&topo.gateway, "lo", &format!("{IPIP_VIP}/32"));
+    let line = gw
+        .wait_for_line(
+            "this host's addresses changed",
+            scaled(Duration::from_secs(5)),
+        )
+        .unwrap_or_else(|| panic!("no refresh after the address was added: {:?}", gw.log()));
+    assert!(line.contains("local_addresses"), "{line}");
+    let local = topo.client.run(|| async {
+        let src = SocketAddr::new(IpipTopology::client_v4(2), 0);
+        let mut conn = Connection::open(Some(src), IpipTopology::vip()).await;
+        assert_eq!(conn.get("/late-vip", &[]).await.status, 200);
+        conn.local
+    });
+    let id = backend.seen()[0].all("jespa-connection-id").remove(0);
+    assert!(id.starts_with(&format!("{local}/")), "{id}");
+    let kernel = gw.admin_json("/kernel");
+    assert_eq!(counter(&kernel, "ipip_joined"), 1, "{kernel:#}");
+    assert_eq!(counter(&kernel, "xdp_inner_not_local"), 0, "{kernel:#}");
 }

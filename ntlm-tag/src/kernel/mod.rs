@@ -3,7 +3,7 @@
 
 pub mod cgroup;
 mod key_sets;
-mod local_addrs;
+pub mod local_addrs;
 pub mod privileges;
 mod sockopt;
 
@@ -347,6 +347,19 @@ impl KernelTracker {
             "kernel trust lists loaded"
         );
         Ok(())
+    }
+
+    /// Reloads this host's addresses into the map XDP checks inner destinations against (an
+    /// address added or removed since start-up or the last reload). Returns how many there are.
+    pub fn refresh_local_addresses(&self) -> Result<usize, KernelError> {
+        let local = local_addrs::host_addresses().map_err(KernelError::LocalAddresses)?;
+        let wanted = [local.iter().copied().map(SetKey::of_addr).collect()];
+        let mut c = self
+            .configurable
+            .lock()
+            .map_err(|_| KernelError::Poisoned)?;
+        key_sets::replace_all(&mut [&mut c.local], &wanted)?;
+        Ok(local.len())
     }
 
     pub fn cgroup_path(&self) -> &std::path::Path {
