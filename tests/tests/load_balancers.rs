@@ -181,3 +181,28 @@ fn a_reload_that_turns_toa_off_stops_believing_it_and_a_bad_trust_list_is_refuse
     let kernel = gw.admin_json("/kernel");
     assert_eq!(counter(&kernel, "toa_accepted"), 1, "{kernel:#}");
 }
+
+#[test]
+fn a_trust_list_covering_every_address_is_warned_about_at_start_up_naming_its_key() {
+    let topo = SnatTopology::new();
+    let _backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let gw = start_gateway(
+        &topo,
+        &[
+            "--trusted-lb",
+            &format!("{SNAT_SOURCE}/32"),
+            "--toa-kind",
+            "254",
+            "--toa-trusted-lb",
+            "0.0.0.0/0",
+        ],
+    );
+    let warnings: Vec<String> = gw
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("WARN") && l.contains("covers every IPv4 address"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{:?}", gw.log());
+    assert!(warnings[0].contains("toa_trusted_lbs"), "{}", warnings[0]);
+    assert!(warnings[0].contains("0.0.0.0/0"), "{}", warnings[0]);
+}
