@@ -15,11 +15,23 @@ pub const COUNTERS_MAP: &str = "COUNTERS_V1";
 /// Number of slots in [`COUNTERS_MAP`]; room is left for counters added later.
 pub const COUNTERS_SLOTS: u32 = 16;
 
-/// Name of the LPM trie of trusted balancer prefixes: key [`LpmAddr`]-shaped (`u32` prefix length, then
-/// 16 address bytes; IPv4 as v4-mapped with prefix length + 96), value `u8` 1.
-pub const TRUSTED_LB_MAP: &str = "TRUSTED_LB_V1";
-/// Most prefixes the trust list may hold.
-pub const TRUSTED_LB_ENTRIES: u32 = 1024;
+/// Name of the LPM trie of balancer prefixes trusted to convey a client in a TOA option: key
+/// [`LpmAddr`]-shaped (`u32` prefix length, then 16 address bytes; IPv4 as v4-mapped with prefix
+/// length + 96), value `u8` 1. One trie per mechanism, so that a balancer trusted for one way of
+/// conveying a client (PROXY protocol, IPIP) is not thereby trusted for another.
+pub const TRUSTED_TOA_MAP: &str = "TRUSTED_TOA_V1";
+/// Name of the LPM trie of balancer prefixes whose IPIP / IPv6-in-IPv6 tunnels XDP decapsulates
+/// (same layout as [`TRUSTED_TOA_MAP`]).
+pub const TRUSTED_IPIP_MAP: &str = "TRUSTED_IPIP_V1";
+/// Most prefixes each trust list may hold (each of [`TRUSTED_TOA_MAP`] and [`TRUSTED_IPIP_MAP`]).
+pub const TRUSTED_PREFIX_ENTRIES: u32 = 1024;
+
+/// Name of the hash map `LpmAddr -> u8` of this host's own addresses (IPv4 v4-mapped), filled by
+/// userspace at start-up and on reload. XDP decapsulates only tunnelled packets addressed to one of
+/// them, so the gateway never relays a tunnel's inner packet onwards.
+pub const LOCAL_ADDRS_MAP: &str = "LOCAL_ADDRS_V1";
+/// Most local addresses [`LOCAL_ADDRS_MAP`] holds.
+pub const LOCAL_ADDRS_ENTRIES: u32 = 4096;
 
 /// Name of the array of `u32` settings, indexed by [`Setting`].
 pub const SETTINGS_MAP: &str = "SETTINGS_V1";
@@ -29,12 +41,10 @@ pub const SETTINGS_SLOTS: u32 = 8;
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Setting {
-    /// TCP option kind that carries TOA (0: TOA parsing off).
+    /// TCP option kind that carries TOA (0, the array's initial value: TOA off, options not read).
     ToaKind = 0,
 }
 
-/// The TOA option kind most balancers use (LVS FULLNAT, DPVS); 200 is also seen.
-pub const DEFAULT_TOA_KIND: u32 = 254;
 /// TOA option lengths: kind, length, port (2), then IPv4 (4) or IPv6 (16).
 pub const TOA_LEN_V4: u8 = 8;
 pub const TOA_LEN_V6: u8 = 20;
@@ -60,13 +70,20 @@ pub enum XdpCounter {
     Untrusted = 1,
     /// Tunnel packets that could not be decapsulated (fragments, truncated, options), passed untouched.
     Skipped = 2,
+    /// Tunnel packets from a trusted source whose inner packet is not TCP, passed untouched.
+    InnerNotTcp = 3,
+    /// Tunnel packets from a trusted source whose inner packet is not addressed to this host, passed
+    /// untouched (decapsulating them would make the gateway a relay).
+    InnerNotLocal = 4,
 }
 
 impl XdpCounter {
-    pub const ALL: [XdpCounter; 3] = [
+    pub const ALL: [XdpCounter; 5] = [
         XdpCounter::Decapsulated,
         XdpCounter::Untrusted,
         XdpCounter::Skipped,
+        XdpCounter::InnerNotTcp,
+        XdpCounter::InnerNotLocal,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -74,6 +91,8 @@ impl XdpCounter {
             XdpCounter::Decapsulated => "decapsulated",
             XdpCounter::Untrusted => "untrusted",
             XdpCounter::Skipped => "skipped",
+            XdpCounter::InnerNotTcp => "inner_not_tcp",
+            XdpCounter::InnerNotLocal => "inner_not_local",
         }
     }
 }
@@ -351,7 +370,7 @@ pub const fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
     ]
 }
 
-/// Key of the [`TRUSTED_LB_MAP`] LPM trie's data part: 16 address bytes (IPv4 v4-mapped).
+/// Key of the trust tries' data part, and of [`LOCAL_ADDRS_MAP`]: 16 address bytes (IPv4 v4-mapped).
 pub type LpmAddr = [u8; 16];
 
 #[cfg(feature = "user")]

@@ -3,12 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use ntlm_tag_common::{
     CONN_IDENTITY_DEFAULT_ENTRIES, COUNTERS_SLOTS, ConnIdentity, Counter, IPIP_ORIGIN_ENTRIES,
-    IpipKey, IpipOrigin, LpmAddr, SETTINGS_SLOTS, TRUSTED_LB_ENTRIES, XDP_COUNTERS_SLOTS,
-    XdpCounter,
+    IpipKey, IpipOrigin, LOCAL_ADDRS_ENTRIES, LpmAddr, SETTINGS_SLOTS, TRUSTED_PREFIX_ENTRIES,
+    XDP_COUNTERS_SLOTS, XdpCounter,
 };
 
 /// Socket cookie → identity of the connection.
@@ -22,10 +22,23 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_S
 #[map(name = "XDP_COUNTERS_V1")]
 pub static XDP_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(XDP_COUNTERS_SLOTS, 0);
 
-/// Balancer prefixes trusted to convey a client (TOA, IPIP), as v4-mapped IPv6 prefixes.
-#[map(name = "TRUSTED_LB_V1")]
-pub static TRUSTED_LB: LpmTrie<LpmAddr, u8> =
-    LpmTrie::with_max_entries(TRUSTED_LB_ENTRIES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+/// Balancer prefixes trusted to name the client in a TOA option, as v4-mapped IPv6 prefixes.
+#[map(name = "TRUSTED_TOA_V1")]
+pub static TRUSTED_TOA: LpmTrie<LpmAddr, u8> = LpmTrie::with_max_entries(
+    TRUSTED_PREFIX_ENTRIES,
+    aya_ebpf::bindings::BPF_F_NO_PREALLOC,
+);
+
+/// Balancer prefixes whose IPIP / IPv6-in-IPv6 tunnels are decapsulated, as v4-mapped IPv6 prefixes.
+#[map(name = "TRUSTED_IPIP_V1")]
+pub static TRUSTED_IPIP: LpmTrie<LpmAddr, u8> = LpmTrie::with_max_entries(
+    TRUSTED_PREFIX_ENTRIES,
+    aya_ebpf::bindings::BPF_F_NO_PREALLOC,
+);
+
+/// This host's own addresses (IPv4 v4-mapped): the only inner destinations XDP decapsulates for.
+#[map(name = "LOCAL_ADDRS_V1")]
+pub static LOCAL_ADDRS: HashMap<LpmAddr, u8> = HashMap::with_max_entries(LOCAL_ADDRS_ENTRIES, 0);
 
 /// Inner 4-tuple of a decapsulated connection → the balancer that delivered it.
 #[map(name = "IPIP_ORIGIN_V1")]
@@ -44,10 +57,23 @@ pub static OPTION_BUF: PerCpuArray<[u8; 64]> = PerCpuArray::with_max_entries(1, 
 #[map(name = "SETTINGS_V1")]
 pub static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_SLOTS, 0);
 
-/// True when `addr` (16 bytes, IPv4 v4-mapped) is inside a trusted balancer prefix.
+/// True when `addr` (16 bytes, IPv4 v4-mapped) is inside a prefix trusted for TOA.
 #[inline(always)]
-pub fn is_trusted(addr: &LpmAddr) -> bool {
-    TRUSTED_LB.get(&Key::new(128, *addr)).is_some()
+pub fn is_trusted_for_toa(addr: &LpmAddr) -> bool {
+    TRUSTED_TOA.get(&Key::new(128, *addr)).is_some()
+}
+
+/// True when `addr` (16 bytes, IPv4 v4-mapped) is inside a prefix trusted for IPIP.
+#[inline(always)]
+pub fn is_trusted_for_ipip(addr: &LpmAddr) -> bool {
+    TRUSTED_IPIP.get(&Key::new(128, *addr)).is_some()
+}
+
+/// True when `addr` (16 bytes, IPv4 v4-mapped) is one of this host's addresses.
+#[inline(always)]
+pub fn is_local(addr: &LpmAddr) -> bool {
+    // SAFETY: the value is only tested for presence, never read after the lookup.
+    unsafe { LOCAL_ADDRS.get(addr) }.is_some()
 }
 
 #[inline(always)]

@@ -19,7 +19,9 @@ use ntlm_tag_common::{
     AF_INET, AF_INET6, ClientSource, ConnIdentity, Counter, IpipKey, Setting, ToaOption, v4_mapped,
 };
 
-use crate::maps::{CONN_IDENTITY, IPIP_ORIGIN, OPTION_BUF, SCRATCH, SETTINGS, count, is_trusted};
+use crate::maps::{
+    CONN_IDENTITY, IPIP_ORIGIN, OPTION_BUF, SCRATCH, SETTINGS, count, is_trusted_for_toa,
+};
 
 /// `TCP_CLOSE` from the kernel's `enum tcp_state`.
 const TCP_CLOSE: u32 = 7;
@@ -151,8 +153,9 @@ fn ip6_bytes(words: [u32; 4]) -> [u8; 16] {
     ]
 }
 
-/// If the ACK that completed the handshake carries a TOA option from a trusted peer, the client it
-/// names becomes the connection's original client.
+/// If the ACK that completed the handshake carries a TOA option from a peer trusted for TOA, the
+/// client it names becomes the connection's original client. With TOA off (kind 0, the default) the
+/// packet is not read at all.
 fn apply_toa(ctx: &SockOpsContext, id: &mut ConnIdentity) {
     let kind = match SETTINGS.get(Setting::ToaKind as u32) {
         Some(&k) if k != 0 && k < 256 => k as u8,
@@ -175,7 +178,7 @@ fn apply_toa(ctx: &SockOpsContext, id: &mut ConnIdentity) {
         ToaOption::Absent => {}
         ToaOption::Malformed => count(Counter::ToaMalformed),
         ToaOption::Found(client) => {
-            if is_trusted(&id.peer_addr) {
+            if is_trusted_for_toa(&id.peer_addr) {
                 id.balancer_addr = id.peer_addr;
                 id.client_addr = client.addr;
                 id.client_port = client.port;

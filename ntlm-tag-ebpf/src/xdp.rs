@@ -1,8 +1,10 @@
 //! XDP: decapsulate IPv4-in-IPv4 and IPv6-in-IPv6 packets from trusted balancers (the way Katran-style
-//! balancers deliver to backends), so the gateway needs no tunnel device. On the SYN of each inner
-//! connection it records which balancer delivered it; the sock_ops program joins that record when the
-//! connection is established. Every other packet passes untouched, and errors pass too: this program
-//! never drops traffic.
+//! balancers deliver to backends), so the gateway needs no tunnel device. Only an inner packet that is
+//! TCP and addressed to one of this host's own addresses is decapsulated: anything else would be
+//! routed onwards by the stack, and the gateway would relay for whoever can reach a trusted tunnel. On
+//! the SYN of each inner connection it records which balancer delivered it; the sock_ops program joins
+//! that record when the connection is established. Every other packet passes untouched, and errors
+//! pass too: this program never drops traffic.
 //!
 //! Offsets are compile-time constants: the L2 header length (14, or 18 with one VLAN tag) is a const
 //! generic, and outer headers with IPv4 options or IPv6 extension headers are passed untouched.
@@ -14,7 +16,7 @@ use aya_ebpf::{
 };
 use ntlm_tag_common::{IpipKey, IpipOrigin, XdpCounter, v4_mapped};
 
-use crate::maps::{IPIP_ORIGIN, count_xdp, is_trusted};
+use crate::maps::{IPIP_ORIGIN, count_xdp, is_local, is_trusted_for_ipip};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -64,7 +66,7 @@ fn decap_v4<const L2: usize>(ctx: &XdpContext) -> Result<(), ()> {
         return Ok(());
     }
     let outer_src: [u8; 4] = read(ctx, L2 + 12)?;
-    if !is_trusted(&v4_mapped(outer_src)) {
+    if !is_trusted_for_ipip(&v4_mapped(outer_src)) {
         count_xdp(XdpCounter::Untrusted);
         return Ok(());
     }
@@ -74,13 +76,18 @@ fn decap_v4<const L2: usize>(ctx: &XdpContext) -> Result<(), ()> {
         count_xdp(XdpCounter::Skipped);
         return Ok(());
     }
+    if read::<u8>(ctx, inner + 9)? != IPPROTO_TCP {
+        count_xdp(XdpCounter::InnerNotTcp);
+        return Ok(());
+    }
+    if !is_local(&v4_mapped(read(ctx, inner + 16)?)) {
+        count_xdp(XdpCounter::InnerNotLocal);
+        return Ok(());
+    }
     // Remember the balancer for a new inner TCP connection (its SYN). Inner IPv4 options are rare;
     // such connections are still decapsulated, just not joined to their balancer.
     let inner_frag = u16::from_be(read::<u16>(ctx, inner + 6)?);
-    if inner_version_ihl == 0x45
-        && inner_frag & 0x3fff == 0
-        && read::<u8>(ctx, inner + 9)? == IPPROTO_TCP
-    {
+    if inner_version_ihl == 0x45 && inner_frag & 0x3fff == 0 {
         let tcp = inner + IPV4_LEN;
         let flags = read::<u8>(ctx, tcp + 13)?;
         if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
@@ -107,7 +114,7 @@ fn decap_v6<const L2: usize>(ctx: &XdpContext) -> Result<(), ()> {
         return Ok(());
     }
     let outer_src: [u8; 16] = read(ctx, L2 + 8)?;
-    if !is_trusted(&outer_src) {
+    if !is_trusted_for_ipip(&outer_src) {
         count_xdp(XdpCounter::Untrusted);
         return Ok(());
     }
@@ -116,22 +123,31 @@ fn decap_v6<const L2: usize>(ctx: &XdpContext) -> Result<(), ()> {
         count_xdp(XdpCounter::Skipped);
         return Ok(());
     }
-    if read::<u8>(ctx, inner + 6)? == IPPROTO_TCP {
-        let tcp = inner + IPV6_LEN;
-        let flags = read::<u8>(ctx, tcp + 13)?;
-        if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            let key = IpipKey {
-                client_addr: read(ctx, inner + 8)?,
-                local_addr: read(ctx, inner + 24)?,
-                client_port: u16::from_be(read::<u16>(ctx, tcp)?),
-                local_port: u16::from_be(read::<u16>(ctx, tcp + 2)?),
-                _pad: [0; 4],
-            };
-            let origin = IpipOrigin {
-                balancer_addr: outer_src,
-            };
-            let _ = IPIP_ORIGIN.insert(&key, &origin, 0);
-        }
+    // TCP directly after the inner header: an inner extension header is not looked through (it is
+    // passed untouched, like anything else that is not plainly TCP).
+    if read::<u8>(ctx, inner + 6)? != IPPROTO_TCP {
+        count_xdp(XdpCounter::InnerNotTcp);
+        return Ok(());
+    }
+    let inner_dst: [u8; 16] = read(ctx, inner + 24)?;
+    if !is_local(&inner_dst) {
+        count_xdp(XdpCounter::InnerNotLocal);
+        return Ok(());
+    }
+    let tcp = inner + IPV6_LEN;
+    let flags = read::<u8>(ctx, tcp + 13)?;
+    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        let key = IpipKey {
+            client_addr: read(ctx, inner + 8)?,
+            local_addr: read(ctx, inner + 24)?,
+            client_port: u16::from_be(read::<u16>(ctx, tcp)?),
+            local_port: u16::from_be(read::<u16>(ctx, tcp + 2)?),
+            _pad: [0; 4],
+        };
+        let origin = IpipOrigin {
+            balancer_addr: outer_src,
+        };
+        let _ = IPIP_ORIGIN.insert(&key, &origin, 0);
     }
     strip::<L2, IPV6_LEN>(ctx, ETH_P_IPV6)
 }

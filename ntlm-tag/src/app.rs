@@ -19,7 +19,7 @@ use crate::{
     cli::{EbpfMode, RunArgs},
     config::{Config, ListenerConfig},
     identity::{IdDisplay, Identifier, UidGenerator, trust::TrustedSources},
-    kernel::{KernelOptions, KernelTracker, privileges},
+    kernel::{KernelOptions, KernelTracker, local_addrs, privileges},
     metrics::Metrics,
     proxy::{self, Gateway, Live, rewrite::StampPolicy},
     registry::Registry,
@@ -50,6 +50,7 @@ pub struct Prepared {
 /// no_new_privs belong to each thread; the runtime's threads, created after this, inherit exactly
 /// what the switch left.
 pub fn prepare(config: &Config) -> Result<Prepared> {
+    log_warnings(config);
     let (mut kernel, mut ebpf_status) = start_kernel(config)?;
     let mut listeners = Vec::new();
     for l in &config.listeners {
@@ -196,6 +197,11 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
         open: AtomicUsize::new(0),
     });
 
+    // Subscribed here, on the runtime (the socket is registered with it); rtnetlink address
+    // announcements need no privilege.
+    if let (Some(watch), Some(k)) = (watch_local_addresses(&config, kernel.as_ref()), &kernel) {
+        tokio::spawn(watch.run(Arc::downgrade(k)));
+    }
     let mut signals = Signals::install()?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
@@ -295,7 +301,7 @@ fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
     }
     Ok(Live {
         upstream: Arc::new(upstream),
-        trusted: TrustedSources::new(&config.trusted_lbs),
+        trusted: TrustedSources::new(&config.trust.proxy),
         limits: config.limits,
         timeouts: config.timeouts,
         tls,
@@ -326,18 +332,15 @@ fn reload(
             return;
         }
     };
-    if let Some(k) = kernel {
-        let options = KernelOptions {
-            map_entries: new.ebpf.map_entries,
-            toa_kind: new.ebpf.toa_kind,
-            trusted_lbs: new.trusted_lbs.clone(),
-            xdp_interfaces: new.ebpf.xdp_interfaces.clone(),
-        };
-        if let Err(e) = k.configure(&options) {
-            tracing::error!(error = %e, "reload refused: cannot update the kernel's trust list");
-            return;
-        }
+    // The kernel first, all or nothing; userspace (PROXY trust and the rest) only once it took
+    // the new lists, so neither ever trusts more than the configuration that is running.
+    if let Some(k) = kernel
+        && let Err(e) = k.configure(&kernel_options(&new))
+    {
+        tracing::error!(error = %e, "reload refused: cannot update the kernel's trust lists; the running configuration stays");
+        return;
     }
+    log_warnings(&new);
     for key in restart_only_changes(running, &new) {
         tracing::warn!(
             key,
@@ -393,6 +396,45 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     keys
 }
 
+/// With XDP on, a subscription to address changes (made now, before any privilege drop), so that
+/// the kernel's list of local addresses follows the host's.
+fn watch_local_addresses(
+    config: &Config,
+    kernel: Option<&Arc<KernelTracker>>,
+) -> Option<local_addrs::AddressWatch> {
+    if config.ebpf.xdp_interfaces.is_empty() || kernel.is_none() {
+        return None;
+    }
+    match local_addrs::AddressWatch::subscribe() {
+        Ok(watch) => Some(watch),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot watch this host's address changes; after adding an address that tunnels \
+                 carry traffic for, reload (SIGHUP) so that XDP decapsulates for it"
+            );
+            None
+        }
+    }
+}
+
+fn kernel_options(config: &Config) -> KernelOptions {
+    KernelOptions {
+        map_entries: config.ebpf.map_entries,
+        toa_kind: config.ebpf.toa_kind,
+        toa_trusted: config.trust.toa.clone(),
+        ipip_trusted: config.trust.ipip.clone(),
+        xdp_interfaces: config.ebpf.xdp_interfaces.clone(),
+    }
+}
+
+/// Valid settings that weaken safety, each with its key.
+fn log_warnings(config: &Config) {
+    for w in &config.warnings {
+        tracing::warn!(key = w.key, "{}", w.message);
+    }
+}
+
 /// Loads the kernel programs as `config.ebpf.mode` asks. Returns the tracker and a status line.
 fn start_kernel(config: &Config) -> Result<(Option<Arc<KernelTracker>>, String)> {
     match config.ebpf.mode {
@@ -403,12 +445,7 @@ fn start_kernel(config: &Config) -> Result<(Option<Arc<KernelTracker>>, String)>
             );
             Ok((None, "off".to_string()))
         }
-        mode => match KernelTracker::start(&KernelOptions {
-            map_entries: config.ebpf.map_entries,
-            toa_kind: config.ebpf.toa_kind,
-            trusted_lbs: config.trusted_lbs.clone(),
-            xdp_interfaces: config.ebpf.xdp_interfaces.clone(),
-        }) {
+        mode => match KernelTracker::start(&kernel_options(config)) {
             Ok(k) => Ok((Some(Arc::new(k)), "attached".to_string())),
             Err(e) if mode == EbpfMode::Required => Err(EbpfRequiredError(format!("{e:#}")).into()),
             Err(e) => {

@@ -74,15 +74,24 @@ pub struct RunArgs {
     /// Expect a PROXY protocol (v1 or v2) header on the --listen listeners.
     #[arg(long)]
     pub proxy_protocol: bool,
-    /// A balancer prefix (CIDR, repeatable) allowed to convey client identity (PROXY header, TOA, IPIP).
+    /// A balancer prefix (CIDR, repeatable) allowed to send PROXY headers; also trusted for TOA and
+    /// IPIP when those are on and have no list of their own.
     #[arg(long = "trusted-lb", value_name = "CIDR")]
     pub trusted_lbs: Vec<ipnet::IpNet>,
-    /// TCP option kind that carries TOA (254 by default; 200 is also used; 0 turns TOA off).
+    /// Turn TOA on: the TCP option kind that carries it (254 for LVS FULLNAT / DPVS; 200 is also
+    /// used). Off unless given; 0 is off.
     #[arg(long, value_name = "KIND")]
     pub toa_kind: Option<u8>,
-    /// Interface to decapsulate IPIP / IPv6-in-IPv6 from trusted balancers on, with XDP (repeatable).
+    /// A balancer prefix (CIDR, repeatable) whose TOA options are believed (instead of --trusted-lb).
+    #[arg(long = "toa-trusted-lb", value_name = "CIDR")]
+    pub toa_trusted_lbs: Vec<ipnet::IpNet>,
+    /// Interface to decapsulate IPIP / IPv6-in-IPv6 from trusted balancers on, with XDP (repeatable);
+    /// IPIP is off without one.
     #[arg(long = "xdp", value_name = "IFACE")]
     pub xdp_interfaces: Vec<String>,
+    /// A balancer prefix (CIDR, repeatable) whose tunnels XDP decapsulates (instead of --trusted-lb).
+    #[arg(long = "ipip-trusted-lb", value_name = "CIDR")]
+    pub ipip_trusted_lbs: Vec<ipnet::IpNet>,
     /// `bind` (default, safe with every backend): shared pool for anonymous requests, an upstream
     /// connection that carried NTLM/Negotiate belongs to its client connection from then on; `tag`:
     /// shared pool for every request (only for backends keying NTLM on the id header, e.g. Jespa);

@@ -15,7 +15,10 @@ use thiserror::Error;
 use crate::{
     admin::{AdminEndpoint, AdminToken},
     cli::{EbpfMode, LogFormat, RunArgs},
-    identity::conn_id::{DEFAULT_TEMPLATE, IdTemplate},
+    identity::{
+        conn_id::{DEFAULT_TEMPLATE, IdTemplate},
+        trust::{TrustLists, covers_a_whole_family, normalise},
+    },
     proxy::{rewrite::is_reserved_header, tls::TlsCertConfig},
     upstream::{Balance, Mode},
 };
@@ -73,6 +76,8 @@ struct FileConfig {
     listen: Option<Vec<ListenEntry>>,
     trusted_lbs: Option<Vec<ipnet::IpNet>>,
     toa_kind: Option<u8>,
+    toa_trusted_lbs: Option<Vec<ipnet::IpNet>>,
+    ipip_trusted_lbs: Option<Vec<ipnet::IpNet>>,
     xdp: Option<Vec<String>>,
     backends: Option<Vec<String>>,
     mode: Option<Mode>,
@@ -173,7 +178,7 @@ pub struct IdentityConfig {
 pub struct EbpfConfig {
     pub mode: EbpfMode,
     pub map_entries: u32,
-    /// TCP option kind of TOA; 0: off.
+    /// TCP option kind of TOA; 0 (the default): off.
     pub toa_kind: u8,
     /// Interfaces with the IPIP-decapsulating XDP program.
     pub xdp_interfaces: Vec<String>,
@@ -253,8 +258,8 @@ pub struct Config {
     /// An access log line per request (target `access`).
     pub access_log: bool,
     pub identity: IdentityConfig,
-    /// Balancer prefixes allowed to convey client identity.
-    pub trusted_lbs: Vec<ipnet::IpNet>,
+    /// Balancer prefixes allowed to convey client identity, per mechanism.
+    pub trust: TrustLists,
     pub ebpf: EbpfConfig,
     pub admin: Option<AdminConfig>,
     /// Show full connection ids in logs and the admin table (else keyed hashes).
@@ -262,6 +267,21 @@ pub struct Config {
     pub workers: usize,
     pub log_format: LogFormat,
     pub timeouts: Timeouts,
+    /// Valid but risky settings, logged at start-up and on reload (and printed by `check`).
+    pub warnings: Vec<ConfigWarning>,
+}
+
+/// A setting that is allowed but weakens safety; the message says what it allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}`: {}", self.key, self.message)
+    }
 }
 
 impl Config {
@@ -400,34 +420,6 @@ impl Config {
 
         let timeouts = build_timeouts(file.timeouts.unwrap_or_default())?;
 
-        let trusted_lbs: Vec<ipnet::IpNet> = if !args.trusted_lbs.is_empty() {
-            args.trusted_lbs.clone()
-        } else {
-            file.trusted_lbs.unwrap_or_default()
-        };
-        let trusted_lbs: Vec<ipnet::IpNet> = trusted_lbs.iter().map(ipnet::IpNet::trunc).collect();
-        if trusted_lbs.len() > ntlm_tag_common::TRUSTED_LB_ENTRIES as usize {
-            return Err(ConfigError::invalid(
-                "trusted_lbs",
-                format!(
-                    "{} prefixes; at most {} fit the kernel's table",
-                    trusted_lbs.len(),
-                    ntlm_tag_common::TRUSTED_LB_ENTRIES
-                ),
-            ));
-        }
-        if let Some(l) = listeners.iter().find(|l| l.proxy_protocol)
-            && trusted_lbs.is_empty()
-        {
-            return Err(ConfigError::invalid(
-                "trusted_lbs",
-                format!(
-                    "listener {} expects PROXY protocol, but no balancer is trusted to send it; add \
-                     --trusted-lb CIDR (or `trusted_lbs = [...]`)",
-                    l.address
-                ),
-            ));
-        }
         let xdp_interfaces = if !args.xdp_interfaces.is_empty() {
             args.xdp_interfaces.clone()
         } else {
@@ -442,21 +434,33 @@ impl Config {
                 format!("{bad:?} is not an interface name"),
             ));
         }
-        if !xdp_interfaces.is_empty() && trusted_lbs.is_empty() {
-            return Err(ConfigError::invalid(
-                "trusted_lbs",
-                "XDP decapsulation only accepts tunnels from trusted balancers; add --trusted-lb CIDR",
-            ));
-        }
-        let toa_kind = args
-            .toa_kind
-            .or(file.toa_kind)
-            .unwrap_or(ntlm_tag_common::DEFAULT_TOA_KIND as u8);
+        let toa_kind = args.toa_kind.or(file.toa_kind).unwrap_or(0);
         if matches!(toa_kind, 1 | 2 | 3 | 4 | 5 | 8) {
             return Err(ConfigError::invalid(
                 "toa_kind",
                 format!(
                     "{toa_kind} is a standard TCP option (NOP/MSS/WS/SACK/timestamps), not TOA"
+                ),
+            ));
+        }
+        let (trust, warnings) = build_trust(
+            TrustInput {
+                proxy: pick_list(&args.trusted_lbs, file.trusted_lbs),
+                toa: pick_list(&args.toa_trusted_lbs, file.toa_trusted_lbs),
+                ipip: pick_list(&args.ipip_trusted_lbs, file.ipip_trusted_lbs),
+            },
+            toa_kind,
+            !xdp_interfaces.is_empty(),
+        )?;
+        if let Some(l) = listeners.iter().find(|l| l.proxy_protocol)
+            && trust.proxy.is_empty()
+        {
+            return Err(ConfigError::invalid(
+                "trusted_lbs",
+                format!(
+                    "listener {} expects PROXY protocol, but no balancer is trusted to send it; add \
+                     --trusted-lb CIDR (or `trusted_lbs = [...]`)",
+                    l.address
                 ),
             ));
         }
@@ -497,7 +501,7 @@ impl Config {
                 template,
                 forwarded_headers: file.forwarded_headers.unwrap_or(true),
             },
-            trusted_lbs,
+            trust,
             ebpf: EbpfConfig {
                 mode: args.ebpf.or(file.ebpf).unwrap_or(EbpfMode::Auto),
                 map_entries,
@@ -512,6 +516,7 @@ impl Config {
                 .or(file.log_format)
                 .unwrap_or(LogFormat::Human),
             timeouts,
+            warnings,
         })
     }
 
@@ -531,7 +536,13 @@ impl Config {
             health_check: Option<&'a HealthCheckConfig>,
             trusted_lbs: &'a [ipnet::IpNet],
             toa_kind: u8,
+            // The effective lists after the fallback to trusted_lbs; absent while the mechanism
+            // is off (so that the output is itself a valid configuration).
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            toa_trusted_lbs: &'a [ipnet::IpNet],
             xdp: &'a [String],
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            ipip_trusted_lbs: &'a [ipnet::IpNet],
             backends: Vec<String>,
             header: &'a str,
             id_template: &'a str,
@@ -557,9 +568,11 @@ impl Config {
             access_log: self.access_log,
             limits: self.limits,
             health_check: self.health_check.as_ref(),
-            trusted_lbs: &self.trusted_lbs,
+            trusted_lbs: &self.trust.proxy,
             toa_kind: self.ebpf.toa_kind,
+            toa_trusted_lbs: &self.trust.toa,
             xdp: &self.ebpf.xdp_interfaces,
+            ipip_trusted_lbs: &self.trust.ipip,
             backends: self.backends.iter().map(ToString::to_string).collect(),
             header: self.identity.header.as_str(),
             id_template: self.identity.template.as_str(),
@@ -615,6 +628,140 @@ fn build_admin(
         token_file,
         token,
     }))
+}
+
+/// The trust lists as given (flags, else file), before normalisation and fallback.
+struct TrustInput {
+    proxy: Vec<ipnet::IpNet>,
+    toa: Vec<ipnet::IpNet>,
+    ipip: Vec<ipnet::IpNet>,
+}
+
+/// Flags replace the file's list.
+fn pick_list(flags: &[ipnet::IpNet], file: Option<Vec<ipnet::IpNet>>) -> Vec<ipnet::IpNet> {
+    if flags.is_empty() {
+        file.unwrap_or_default()
+    } else {
+        flags.to_vec()
+    }
+}
+
+/// One list per mechanism: `trusted_lbs` is PROXY protocol's, and the list TOA and IPIP fall back
+/// to when they have none of their own. TOA is on only with a `toa_kind`, IPIP only with `xdp`
+/// interfaces; a list for a mechanism that is off is refused (it would suggest trust that is not
+/// there), and so is a mechanism that is on with nobody to trust.
+fn build_trust(
+    input: TrustInput,
+    toa_kind: u8,
+    xdp_on: bool,
+) -> Result<(TrustLists, Vec<ConfigWarning>), ConfigError> {
+    let normalised = |list: Vec<ipnet::IpNet>| -> Vec<ipnet::IpNet> {
+        let mut out: Vec<ipnet::IpNet> = Vec::with_capacity(list.len());
+        for net in list.into_iter().map(normalise) {
+            if !out.contains(&net) {
+                out.push(net);
+            }
+        }
+        out
+    };
+    let proxy = normalised(input.proxy);
+    let own_toa = normalised(input.toa);
+    let own_ipip = normalised(input.ipip);
+    let mut warnings = Vec::new();
+    let mut uses_of_proxy_list = vec!["PROXY protocol"];
+    let (toa_has_own, ipip_has_own) = (!own_toa.is_empty(), !own_ipip.is_empty());
+
+    let toa = match (toa_kind, own_toa.is_empty()) {
+        (0, true) => Vec::new(),
+        (0, false) => {
+            return Err(ConfigError::invalid(
+                "toa_trusted_lbs",
+                "TOA is off, so no balancer can be trusted for it; set toa_kind (--toa-kind, \
+                 254 for LVS FULLNAT / DPVS) to turn it on, or remove the list",
+            ));
+        }
+        (_, false) => own_toa,
+        (kind, true) if proxy.is_empty() => {
+            return Err(ConfigError::invalid(
+                "toa_trusted_lbs",
+                format!(
+                    "toa_kind {kind} turns TOA on, but no balancer is trusted to send it; add \
+                     --toa-trusted-lb CIDR (or `toa_trusted_lbs`, or `trusted_lbs`, which TOA falls \
+                     back to)"
+                ),
+            ));
+        }
+        (_, true) => {
+            uses_of_proxy_list.push("TOA");
+            proxy.clone()
+        }
+    };
+    let ipip = match (xdp_on, own_ipip.is_empty()) {
+        (false, true) => Vec::new(),
+        (false, false) => {
+            return Err(ConfigError::invalid(
+                "ipip_trusted_lbs",
+                "no XDP interface is configured, so no tunnel is decapsulated; add --xdp IFACE \
+                 (or `xdp = [...]`) to turn IPIP on, or remove the list",
+            ));
+        }
+        (true, false) => own_ipip,
+        (true, true) if proxy.is_empty() => {
+            return Err(ConfigError::invalid(
+                "ipip_trusted_lbs",
+                "XDP decapsulation only accepts tunnels from trusted balancers; add \
+                 --ipip-trusted-lb CIDR (or `ipip_trusted_lbs`, or `trusted_lbs`, which IPIP falls \
+                 back to)",
+            ));
+        }
+        (true, true) => {
+            uses_of_proxy_list.push("IPIP");
+            proxy.clone()
+        }
+    };
+
+    let too_many = [("toa_trusted_lbs", &toa), ("ipip_trusted_lbs", &ipip)];
+    for (key, list) in too_many {
+        if list.len() > ntlm_tag_common::TRUSTED_PREFIX_ENTRIES as usize {
+            return Err(ConfigError::invalid(
+                key,
+                format!(
+                    "{} prefixes; at most {} fit the kernel's table",
+                    list.len(),
+                    ntlm_tag_common::TRUSTED_PREFIX_ENTRIES
+                ),
+            ));
+        }
+    }
+
+    let own_lists: [(&'static str, &[ipnet::IpNet], String); 3] = [
+        ("trusted_lbs", &proxy, uses_of_proxy_list.join(", ")),
+        (
+            "toa_trusted_lbs",
+            if toa_has_own { &toa } else { &[] },
+            "TOA".to_string(),
+        ),
+        (
+            "ipip_trusted_lbs",
+            if ipip_has_own { &ipip } else { &[] },
+            "IPIP".to_string(),
+        ),
+    ];
+    for (key, list, uses) in own_lists {
+        for net in list {
+            if let Some(what) = covers_a_whole_family(net) {
+                warnings.push(ConfigWarning {
+                    key,
+                    message: format!(
+                        "{net} covers {what}: any such peer may name the client ({uses}) and \
+                         choose the address and id the backend sees; list your balancers' \
+                         addresses instead"
+                    ),
+                });
+            }
+        }
+    }
+    Ok((TrustLists { proxy, toa, ipip }, warnings))
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -922,8 +1069,9 @@ mod tests {
         .expect("valid");
         assert!(c.listeners[0].proxy_protocol);
         assert!(!c.listeners[1].proxy_protocol);
-        assert_eq!(c.trusted_lbs[0].to_string(), "198.18.5.0/24");
+        assert_eq!(c.trust.proxy[0].to_string(), "198.18.5.0/24");
         assert_eq!(c.ebpf.toa_kind, 200);
+        assert_eq!(c.trust.toa, c.trust.proxy, "TOA falls back to trusted_lbs");
         let err = Config::from_toml(
             r#"listen = [{ address = "0.0.0.0:80", proxy_protocol = true }]
                backends = ["b:80"]"#,
@@ -948,6 +1096,160 @@ mod tests {
             ),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    const BASE: &str = "listen = [\"0.0.0.0:80\"]\nbackends = [\"b:80\"]\n";
+
+    fn with(text: &str, a: &RunArgs) -> Result<Config, ConfigError> {
+        Config::from_toml(&format!("{BASE}{text}"), a)
+    }
+
+    fn nets(list: &[ipnet::IpNet]) -> Vec<String> {
+        list.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn toa_and_ipip_are_off_unless_configured() {
+        let c = with(r#"trusted_lbs = ["198.18.1.0/24"]"#, &args()).expect("valid");
+        assert_eq!(c.ebpf.toa_kind, 0, "TOA is off by default");
+        assert!(c.trust.toa.is_empty());
+        assert!(c.trust.ipip.is_empty());
+        assert_eq!(nets(&c.trust.proxy), ["198.18.1.0/24"]);
+        // The same with flags: --trusted-lb alone no longer turns TOA on.
+        let mut a = args();
+        a.trusted_lbs = vec!["198.18.1.100/32".parse().expect("net")];
+        let c = Config::from_toml(BASE, &a).expect("valid");
+        assert_eq!((c.ebpf.toa_kind, c.trust.toa.len()), (0, 0));
+        // toa_kind = 0 is off, as before.
+        let c = with("trusted_lbs = [\"198.18.1.0/24\"]\ntoa_kind = 0", &args()).expect("valid");
+        assert!(c.trust.toa.is_empty());
+        // And off is what `check` prints: no TOA or IPIP list, and the output parses again.
+        let text = c.to_toml();
+        assert!(text.contains("toa_kind = 0"), "{text}");
+        assert!(!text.contains("toa_trusted_lbs") && !text.contains("ipip_trusted_lbs"));
+    }
+
+    #[test]
+    fn each_mechanism_has_its_own_list_or_falls_back_to_trusted_lbs() {
+        // --trusted-lb CIDR --toa-kind 254: TOA from CIDR, as before.
+        let mut a = args();
+        a.trusted_lbs = vec!["198.18.1.0/24".parse().expect("net")];
+        a.toa_kind = Some(254);
+        let c = Config::from_toml(BASE, &a).expect("valid");
+        assert_eq!(c.ebpf.toa_kind, 254);
+        assert_eq!(nets(&c.trust.toa), ["198.18.1.0/24"]);
+        // Own lists win over trusted_lbs, flags over the file.
+        let c = with(
+            r#"trusted_lbs = ["198.18.1.0/24"]
+               toa_kind = 254
+               toa_trusted_lbs = ["198.18.7.0/24"]
+               xdp = ["eth1"]
+               ipip_trusted_lbs = ["198.18.8.1/32", "fd00:5418:8::/64"]"#,
+            &args(),
+        )
+        .expect("valid");
+        assert_eq!(nets(&c.trust.proxy), ["198.18.1.0/24"]);
+        assert_eq!(nets(&c.trust.toa), ["198.18.7.0/24"]);
+        assert_eq!(nets(&c.trust.ipip), ["198.18.8.1/32", "fd00:5418:8::/64"]);
+        let text = c.to_toml();
+        assert!(
+            text.contains("toa_trusted_lbs = [\"198.18.7.0/24\"]"),
+            "{text}"
+        );
+        let again = Config::from_toml(&text, &args()).expect("check output re-parses");
+        assert_eq!(again.trust, c.trust);
+        let mut a = args();
+        a.toa_trusted_lbs = vec!["198.18.9.0/24".parse().expect("net")];
+        let c = with(
+            "trusted_lbs = [\"198.18.1.0/24\"]\ntoa_kind = 200\ntoa_trusted_lbs = [\"198.18.7.0/24\"]",
+            &a,
+        )
+        .expect("valid");
+        assert_eq!(nets(&c.trust.toa), ["198.18.9.0/24"]);
+        // IPIP falls back to trusted_lbs when XDP is on and it has no list.
+        let c = with(
+            "trusted_lbs = [\"198.18.1.0/24\"]\nxdp = [\"eth1\"]",
+            &args(),
+        )
+        .expect("valid");
+        assert_eq!(nets(&c.trust.ipip), ["198.18.1.0/24"]);
+        assert!(c.trust.toa.is_empty());
+        // TOA trusted from its own list only: nobody is trusted for PROXY protocol.
+        let c = with(
+            "toa_kind = 254\ntoa_trusted_lbs = [\"198.18.7.0/24\"]",
+            &args(),
+        )
+        .expect("valid");
+        assert!(c.trust.proxy.is_empty());
+        assert_eq!(nets(&c.trust.toa), ["198.18.7.0/24"]);
+    }
+
+    #[test]
+    fn a_list_for_a_mechanism_that_is_off_or_a_mechanism_with_no_list_is_refused() {
+        for (text, key) in [
+            ("toa_trusted_lbs = [\"198.18.7.0/24\"]", "toa_trusted_lbs"),
+            (
+                "toa_kind = 0\ntoa_trusted_lbs = [\"198.18.7.0/24\"]",
+                "toa_trusted_lbs",
+            ),
+            ("toa_kind = 254", "toa_trusted_lbs"),
+            ("ipip_trusted_lbs = [\"198.18.7.0/24\"]", "ipip_trusted_lbs"),
+            ("xdp = [\"eth1\"]", "ipip_trusted_lbs"),
+        ] {
+            let err = with(text, &args()).expect_err(text);
+            assert_eq!(key_of(err), key, "{text}");
+        }
+        let many: Vec<String> = (0..1025u32)
+            .map(|i| format!("\"10.{}.{}.0/24\"", i / 256, i % 256))
+            .collect();
+        let text = format!("toa_kind = 254\ntoa_trusted_lbs = [{}]", many.join(", "));
+        assert_eq!(
+            key_of(with(&text, &args()).expect_err("too many")),
+            "toa_trusted_lbs"
+        );
+    }
+
+    #[test]
+    fn prefixes_are_normalised_and_whole_families_warned_about_by_key() {
+        let c = with(
+            r#"trusted_lbs = ["::ffff:198.18.1.0/120", "198.18.1.0/24", "198.18.2.9/24"]"#,
+            &args(),
+        )
+        .expect("valid");
+        assert_eq!(nets(&c.trust.proxy), ["198.18.1.0/24", "198.18.2.0/24"]);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+
+        let c = with(
+            r#"trusted_lbs = ["0.0.0.0/0"]
+               toa_kind = 254
+               xdp = ["eth1"]
+               ipip_trusted_lbs = ["::/0"]"#,
+            &args(),
+        )
+        .expect("valid, with warnings");
+        let keys: Vec<&str> = c.warnings.iter().map(|w| w.key).collect();
+        assert_eq!(
+            keys,
+            ["trusted_lbs", "ipip_trusted_lbs"],
+            "{:?}",
+            c.warnings
+        );
+        let text = c.warnings[0].to_string();
+        assert!(
+            text.contains("0.0.0.0/0 covers every IPv4 address"),
+            "{text}"
+        );
+        assert!(text.contains("PROXY protocol, TOA"), "{text}");
+        assert!(!text.contains("IPIP"), "IPIP has its own list: {text}");
+        let c = with(
+            r#"toa_kind = 254
+                        toa_trusted_lbs = ["::ffff:0.0.0.0/96"]"#,
+            &args(),
+        )
+        .expect("valid");
+        assert_eq!(nets(&c.trust.toa), ["0.0.0.0/0"]);
+        assert_eq!(c.warnings.len(), 1);
+        assert_eq!(c.warnings[0].key, "toa_trusted_lbs");
     }
 
     #[test]
@@ -1078,7 +1380,9 @@ mod tests {
             "forwarded_headers",
             "trusted_lbs",
             "toa_kind",
+            "toa_trusted_lbs",
             "xdp",
+            "ipip_trusted_lbs",
             "ebpf",
             "map_entries",
             "admin_token_file",

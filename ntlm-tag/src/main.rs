@@ -20,6 +20,9 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Check(args)) => match Config::load(&args) {
             Ok(config) => {
+                for w in &config.warnings {
+                    eprintln!("ntlm-tag: warning: {w}");
+                }
                 print!("{}", config.to_toml());
                 ExitCode::SUCCESS
             }

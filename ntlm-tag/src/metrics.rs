@@ -320,6 +320,8 @@ impl Metrics {
                     ("xdp_decapsulated", k.xdp_decapsulated),
                     ("xdp_untrusted", k.xdp_untrusted),
                     ("xdp_skipped", k.xdp_skipped),
+                    ("xdp_inner_not_tcp", k.xdp_inner_not_tcp),
+                    ("xdp_inner_not_local", k.xdp_inner_not_local),
                     ("lookup_miss", k.lookup_misses),
                 ]
                 .into_iter()

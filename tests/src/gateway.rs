@@ -209,6 +209,23 @@ impl Gateway {
         }
     }
 
+    /// Starts a gateway in `ns` listening on `listen` in front of the standard topology's backend,
+    /// with the kernel programs required, plus `extra` arguments.
+    pub fn start_with_ebpf(ns: &NetNs, listen: SocketAddr, extra: &[&str]) -> Gateway {
+        let listen = listen.to_string();
+        let backend = crate::topology::Topology::backend_addr().to_string();
+        let mut args = vec![
+            "--listen",
+            &listen,
+            "--backend",
+            &backend,
+            "--ebpf",
+            "required",
+        ];
+        args.extend_from_slice(extra);
+        Self::start(ns, &args)
+    }
+
     /// Like [`start`](Self::start), but reports an exit instead of panicking. `wrapper` runs the
     /// binary through another program (e.g. `setpriv ...`).
     pub fn try_start(ns: &NetNs, args: &[&str], wrapper: Option<&[&str]>) -> Started {
@@ -403,6 +420,13 @@ impl Drop for Gateway {
             self.terminate();
         }
     }
+}
+
+/// A counter of the kernel programs from `/kernel`'s JSON.
+pub fn kernel_counter(kernel: &Value, name: &str) -> u64 {
+    kernel["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {kernel:#}"))
 }
 
 /// A gateway that was SIGKILLed.

@@ -92,6 +92,27 @@ impl ToaWritingCgroup {
         ToaWritingCgroup { path, _ebpf: ebpf }
     }
 
+    /// One GET of `url` with curl from `source`, in `ns` and inside this cgroup (so its handshake
+    /// carries the option); returns the request the backend recorded for it.
+    pub fn curl_seen_by(
+        &self,
+        ns: &NetNs,
+        source: std::net::IpAddr,
+        url: &str,
+        backend: &crate::backend::Backend,
+    ) -> crate::backend::Seen {
+        let before = backend.seen().len();
+        let source = source.to_string();
+        let body = self.run(
+            ns,
+            "curl",
+            &["-sS", "--max-time", "10", "--interface", &source, url],
+        );
+        let seen = backend.seen();
+        assert_eq!(seen.len(), before + 1, "curl said {body}");
+        seen[before].clone()
+    }
+
     /// Runs `program args...` inside `ns` and inside this cgroup, waits for it, returns stdout.
     pub fn run(&self, ns: &NetNs, program: &str, args: &[&str]) -> String {
         let script = format!(

@@ -141,13 +141,15 @@ impl SnatTopology {
             "nft rules rejected: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        // (After the NAT rules: they load conntrack, which owns the second key.) Forward, and forget a closed connection at once so the single SNAT port is free for the
-        // next client right away (what a busy balancer's port reuse looks like).
+        // (After the NAT rules: they load conntrack, which owns the other keys.) Forward, and forget
+        // a closed connection at once, reset or closed by the client (TIME_WAIT), so the single SNAT
+        // port is free for the next client right away (what a busy balancer's port reuse looks like).
         let mut sysctl = balancer.command("sysctl");
         sysctl.args([
             "-qw",
             "net.ipv4.ip_forward=1",
             "net.netfilter.nf_conntrack_tcp_timeout_close=0",
+            "net.netfilter.nf_conntrack_tcp_timeout_time_wait=0",
         ]);
         assert!(sysctl.status().expect("sysctl").success());
         SnatTopology {

@@ -1,60 +1,35 @@
 //! Client identity learned in the kernel from trusted balancers: TOA options and IPIP tunnels.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
 
 use ntlm_tag_tests::{
     backend::Backend,
     client::Connection,
-    gateway::Gateway,
+    gateway::{Gateway, kernel_counter as counter, scaled},
     programs::{IpipEncap, ToaWritingCgroup, toa_option},
     topology::{IPIP_VIP, IpipTopology, SNAT_SOURCE, Topology},
 };
 use serde_json::Value;
 
-fn start(topo_gw: &ntlm_tag_tests::netns::NetNs, listen: SocketAddr, extra: &[&str]) -> Gateway {
-    let listen = listen.to_string();
-    let backend = Topology::backend_addr().to_string();
-    let mut args = vec![
-        "--listen",
-        &listen,
-        "--backend",
-        &backend,
-        "--ebpf",
-        "required",
-    ];
-    args.extend_from_slice(extra);
-    Gateway::start(topo_gw, &args)
-}
-
-fn counter(kernel: &Value, name: &str) -> u64 {
-    kernel["counters"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no counter {name} in {kernel:#}"))
-}
-
 /// curl through the TOA-writing cgroup, from client address `i`; returns the id the backend saw.
 fn curl_with_toa(topo: &Topology, toa: &ToaWritingCgroup, backend: &Backend, i: u8) -> String {
-    let before = backend.seen().len();
     let url = format!("http://{}/toa", Topology::gateway_addr());
-    let source = Topology::client_v4(i).to_string();
-    let body = toa.run(
-        &topo.client,
-        "curl",
-        &["-sS", "--max-time", "10", "--interface", &source, &url],
-    );
-    let seen = backend.seen();
-    assert_eq!(seen.len(), before + 1, "curl said {body}");
-    seen[before].all("jespa-connection-id").remove(0)
+    toa.curl_seen_by(&topo.client, Topology::client_v4(i), &url, backend)
+        .all("jespa-connection-id")
+        .remove(0)
 }
 
 #[test]
 fn toa_from_a_trusted_peer_names_the_client() {
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = start(
+    let gw = Gateway::start_with_ebpf(
         &topo.gateway,
         Topology::gateway_addr(),
-        &["--trusted-lb", "198.18.1.0/24"],
+        &["--trusted-lb", "198.18.1.0/24", "--toa-kind", "254"],
     );
     let toa = ToaWritingCgroup::new(toa_option(254, "198.19.77.7:4321".parse().expect("addr")));
     let id = curl_with_toa(&topo, &toa, &backend, 0);
@@ -68,10 +43,10 @@ fn toa_from_a_trusted_peer_names_the_client() {
 fn toa_from_an_untrusted_peer_is_ignored_and_counted() {
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = start(
+    let gw = Gateway::start_with_ebpf(
         &topo.gateway,
         Topology::gateway_addr(),
-        &["--trusted-lb", "198.18.99.0/24"],
+        &["--trusted-lb", "198.18.99.0/24", "--toa-kind", "254"],
     );
     let toa = ToaWritingCgroup::new(toa_option(254, "198.19.77.7:4321".parse().expect("addr")));
     let id = curl_with_toa(&topo, &toa, &backend, 1);
@@ -88,7 +63,7 @@ fn toa_from_an_untrusted_peer_is_ignored_and_counted() {
 fn toa_with_kind_200_and_an_ipv6_client() {
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = start(
+    let gw = Gateway::start_with_ebpf(
         &topo.gateway,
         Topology::gateway_addr(),
         &["--trusted-lb", "198.18.1.0/24", "--toa-kind", "200"],
@@ -104,7 +79,7 @@ fn toa_with_kind_200_and_an_ipv6_client() {
 fn ipip_from_a_trusted_balancer_is_decapsulated_and_names_client_and_balancer() {
     let topo = IpipTopology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = start(
+    let gw = Gateway::start_with_ebpf(
         &topo.gateway,
         IpipTopology::vip(),
         &["--trusted-lb", "198.18.1.100/32", "--xdp", "down0"],
@@ -160,10 +135,18 @@ fn ipip_from_a_trusted_balancer_is_decapsulated_and_names_client_and_balancer() 
 fn ipip_from_an_untrusted_balancer_is_not_decapsulated() {
     let topo = IpipTopology::new();
     let _backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = start(
+    let gw = Gateway::start_with_ebpf(
         &topo.gateway,
         IpipTopology::vip(),
-        &["--trusted-lb", "198.18.99.0/24", "--xdp", "down0"],
+        // The balancer is trusted for PROXY protocol only: tunnels trust their own list.
+        &[
+            "--trusted-lb",
+            "198.18.1.100/32",
+            "--ipip-trusted-lb",
+            "198.18.99.0/24",
+            "--xdp",
+            "down0",
+        ],
     );
     let _encap = IpipEncap::attach(
         &topo.balancer,
@@ -204,4 +187,45 @@ fn ipip_from_an_untrusted_balancer_is_not_decapsulated() {
             .all(|r| !r["client"].as_str().unwrap_or("").starts_with(&client)),
         "{kernel:#}"
     );
+}
+
+#[test]
+fn a_virtual_ip_added_after_start_up_is_decapsulated_without_a_reload() {
+    let topo = IpipTopology::new();
+    // The balancer's virtual IP is not on the gateway yet when it starts.
+    topo.gateway
+        .ip(&["addr", "del", &format!("{IPIP_VIP}/32"), "dev", "lo"]);
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let listen = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), IpipTopology::vip().port());
+    let mut gw = Gateway::start_with_ebpf(
+        &topo.gateway,
+        listen,
+        &["--trusted-lb", "198.18.1.100/32", "--xdp", "down0"],
+    );
+    let _encap = IpipEncap::attach(
+        &topo.balancer,
+        "up0",
+        IPIP_VIP.parse().expect("vip"),
+        SNAT_SOURCE.parse().expect("src"),
+        Ipv4Addr::new(198, 18, 1, 1),
+    );
+    ntlm_tag_tests::netns::addr(&topo.gateway, "lo", &format!("{IPIP_VIP}/32"));
+    let line = gw
+        .wait_for_line(
+            "this host's addresses changed",
+            scaled(Duration::from_secs(5)),
+        )
+        .unwrap_or_else(|| panic!("no refresh after the address was added: {:?}", gw.log()));
+    assert!(line.contains("local_addresses"), "{line}");
+    let local = topo.client.run(|| async {
+        let src = SocketAddr::new(IpipTopology::client_v4(2), 0);
+        let mut conn = Connection::open(Some(src), IpipTopology::vip()).await;
+        assert_eq!(conn.get("/late-vip", &[]).await.status, 200);
+        conn.local
+    });
+    let id = backend.seen()[0].all("jespa-connection-id").remove(0);
+    assert!(id.starts_with(&format!("{local}/")), "{id}");
+    let kernel = gw.admin_json("/kernel");
+    assert_eq!(counter(&kernel, "ipip_joined"), 1, "{kernel:#}");
+    assert_eq!(counter(&kernel, "xdp_inner_not_local"), 0, "{kernel:#}");
 }

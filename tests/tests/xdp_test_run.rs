@@ -9,7 +9,9 @@ use aya::{
     },
     programs::{TestRun as _, Xdp},
 };
-use ntlm_tag_common::{IpipKey, IpipOrigin, XdpCounter, v4_mapped};
+use ntlm_tag_common::{
+    IpipKey, IpipOrigin, LOCAL_ADDRS_MAP, TRUSTED_IPIP_MAP, TRUSTED_TOA_MAP, XdpCounter, v4_mapped,
+};
 use ntlm_tag_tests::programs::object;
 
 const XDP_PASS: u32 = 2;
@@ -22,6 +24,11 @@ const CLIENT_V6: [u8; 16] = [
     0xfd, 0, 0x54, 0x18, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
 ];
 const VIP_V6: [u8; 16] = [0xfd, 0, 0x54, 0x18, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+/// Addresses of other hosts: what a tunnel's inner packet must not be relayed to.
+const ELSEWHERE_V4: [u8; 4] = [203, 0, 113, 9];
+const ELSEWHERE_V6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+/// Trusted for TOA only, never for tunnels.
+const TOA_ONLY_V4: [u8; 4] = [198, 18, 1, 50];
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 
@@ -43,14 +50,27 @@ impl Decap {
             .try_into()
             .expect("xdp");
         program.load().expect("verifier accepts decap_ipip");
+        assert!(
+            ebpf.map("TRUSTED_LB_V1").is_none(),
+            "the shared trust list is gone"
+        );
         let mut trusted: LpmTrie<_, [u8; 16], u8> =
-            LpmTrie::try_from(ebpf.map_mut("TRUSTED_LB_V1").expect("map")).expect("trie");
+            LpmTrie::try_from(ebpf.map_mut(TRUSTED_IPIP_MAP).expect("map")).expect("trie");
         trusted
             .insert(&Key::new(96 + 32, v4_mapped(TRUSTED_V4)), 1, 0)
             .expect("trust v4");
         trusted
             .insert(&Key::new(64, TRUSTED_V6), 1, 0)
             .expect("trust v6");
+        let mut toa: LpmTrie<_, [u8; 16], u8> =
+            LpmTrie::try_from(ebpf.map_mut(TRUSTED_TOA_MAP).expect("map")).expect("trie");
+        toa.insert(&Key::new(96 + 32, v4_mapped(TOA_ONLY_V4)), 1, 0)
+            .expect("trust for TOA");
+        // What the gateway loads from the host's addresses: the virtual IPs are local.
+        let mut local: HashMap<_, [u8; 16], u8> =
+            HashMap::try_from(ebpf.map_mut(LOCAL_ADDRS_MAP).expect("map")).expect("hash");
+        local.insert(v4_mapped(VIP_V4), 1, 0).expect("local v4");
+        local.insert(VIP_V6, 1, 0).expect("local v6");
         Decap { ebpf }
     }
 
@@ -283,19 +303,109 @@ fn everything_else_passes_untouched() {
 }
 
 #[test]
-fn an_inner_non_tcp_packet_is_decapsulated_without_a_record() {
+fn an_inner_packet_that_is_not_tcp_is_passed_untouched_and_counted() {
     let mut decap = Decap::load();
-    let inner = ipv4(
-        CLIENT_V4,
-        VIP_V4,
-        17,
-        0,
-        &[0x9c, 0x41, 0x1f, 0x90, 0, 8, 0, 0],
+    let udp = [0x9c, 0x41, 0x1f, 0x90, 0, 8, 0, 0];
+    let cases = [
+        frame(
+            eth(0x0800),
+            ipv4(
+                TRUSTED_V4,
+                [198, 18, 1, 1],
+                4,
+                0,
+                &ipv4(CLIENT_V4, VIP_V4, 17, 0, &udp),
+            ),
+        ),
+        frame(
+            eth(0x0800),
+            ipv4(
+                TRUSTED_V4,
+                [198, 18, 1, 1],
+                4,
+                0,
+                &ipv4(CLIENT_V4, VIP_V4, 1, 0, &[8, 0, 0, 0, 0, 0, 0, 0]),
+            ),
+        ),
+        frame(
+            eth(0x86dd),
+            ipv6(TRUSTED_V6, VIP_V6, 41, &ipv6(CLIENT_V6, VIP_V6, 17, &udp)),
+        ),
+    ];
+    for input in &cases {
+        let (action, out) = decap.run(input);
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(&out, input, "a non-TCP inner packet is not decapsulated");
+    }
+    assert_eq!(decap.counter(XdpCounter::InnerNotTcp), 3);
+    assert_eq!(decap.counter(XdpCounter::Decapsulated), 0);
+}
+
+#[test]
+fn an_inner_packet_for_another_host_is_passed_untouched_and_counted() {
+    let mut decap = Decap::load();
+    // A SYN through a trusted tunnel to an address that is not this host's: decapsulated, the stack
+    // would forward it, and the gateway would relay for whoever reaches the balancer.
+    let v4 = frame(
+        eth(0x0800),
+        ipv4(
+            TRUSTED_V4,
+            [198, 18, 1, 1],
+            4,
+            0,
+            &ipv4(CLIENT_V4, ELSEWHERE_V4, 6, 0, &tcp(40010, 8080, SYN)),
+        ),
     );
-    let input = frame(eth(0x0800), ipv4(TRUSTED_V4, [198, 18, 1, 1], 4, 0, &inner));
-    let (_, out) = decap.run(&input);
+    let v6 = frame(
+        eth(0x86dd),
+        ipv6(
+            TRUSTED_V6,
+            VIP_V6,
+            41,
+            &ipv6(CLIENT_V6, ELSEWHERE_V6, 6, &tcp(40011, 8080, SYN)),
+        ),
+    );
+    for input in [&v4, &v6] {
+        let (action, out) = decap.run(input);
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(&out, input, "not decapsulated");
+    }
+    assert_eq!(decap.counter(XdpCounter::InnerNotLocal), 2);
+    assert_eq!(decap.counter(XdpCounter::Decapsulated), 0);
+    let key = IpipKey {
+        local_addr: v4_mapped(ELSEWHERE_V4),
+        ..key_v4(40010)
+    };
+    assert!(decap.origin(&key).is_none(), "no origin recorded");
+
+    // The same SYN to a local address is decapsulated (the positive of the same fixture).
+    let inner = ipv4(CLIENT_V4, VIP_V4, 6, 0, &tcp(40012, 8080, SYN));
+    let (_, out) = decap.run(&frame(
+        eth(0x0800),
+        ipv4(TRUSTED_V4, [198, 18, 1, 1], 4, 0, &inner),
+    ));
     assert_eq!(out, frame(eth(0x0800), inner));
-    assert!(decap.origin(&key_v4(40001)).is_none());
+    assert_eq!(decap.counter(XdpCounter::Decapsulated), 1);
+    assert!(decap.origin(&key_v4(40012)).is_some());
+}
+
+#[test]
+fn a_balancer_trusted_for_toa_only_is_not_trusted_for_tunnels() {
+    let mut decap = Decap::load();
+    let input = frame(
+        eth(0x0800),
+        ipv4(
+            TOA_ONLY_V4,
+            [198, 18, 1, 1],
+            4,
+            0,
+            &ipv4(CLIENT_V4, VIP_V4, 6, 0, &tcp(40013, 8080, SYN)),
+        ),
+    );
+    let (_, out) = decap.run(&input);
+    assert_eq!(out, input);
+    assert_eq!(decap.counter(XdpCounter::Untrusted), 1);
+    assert_eq!(decap.counter(XdpCounter::Decapsulated), 0);
 }
 
 /// The gateway's TOA search (the code its sock_ops program runs), run in the kernel on crafted TCP

@@ -152,7 +152,9 @@ impl Demo {
             format!(
                 "listen = [\"{GATEWAY}:8080\", {{ address = \"{GATEWAY}:8443\", proxy_protocol = true }}]\n\
                  backends = [\"198.18.2.2:8081\", \"198.18.2.2:8082\"]\n\
-                 trusted_lbs = [\"198.18.1.100/30\"]\n\
+                 trusted_lbs = [\"198.18.1.100/32\"]\n\
+                 toa_kind = 254\n\
+                 toa_trusted_lbs = [\"198.18.1.102/32\"]\n\
                  ebpf = \"required\"\n\
                  show_full_ids = true\n"
             ),

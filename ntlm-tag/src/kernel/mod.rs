@@ -2,6 +2,8 @@
 //! proxy's own cgroup, and look up connection records by socket cookie.
 
 pub mod cgroup;
+mod key_sets;
+pub mod local_addrs;
 pub mod privileges;
 mod sockopt;
 
@@ -24,10 +26,13 @@ use aya::{
     programs::{CgroupAttachMode, SockOps, Xdp, XdpMode},
 };
 use ntlm_tag_common::{
-    CONN_IDENTITY_MAP, COUNTERS_MAP, ClientSource, ConnIdentity, Counter, LpmAddr, SETTINGS_MAP,
-    SOCK_OPS_PROGRAM, Setting, TRUSTED_LB_MAP, XDP_COUNTERS_MAP, XDP_PROGRAM, XdpCounter,
+    CONN_IDENTITY_MAP, COUNTERS_MAP, ClientSource, ConnIdentity, Counter, LOCAL_ADDRS_MAP, LpmAddr,
+    SETTINGS_MAP, SOCK_OPS_PROGRAM, Setting, TRUSTED_IPIP_MAP, TRUSTED_TOA_MAP, XDP_COUNTERS_MAP,
+    XDP_PROGRAM, XdpCounter,
 };
 use thiserror::Error;
+
+use key_sets::{KeySet, KeySetError, SetKey};
 
 pub use cgroup::{CgroupError, OwnCgroup};
 pub use sockopt::{monotonic_ns, socket_cookie};
@@ -96,6 +101,12 @@ pub enum KernelError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("{0}; the kernel keeps the lists it had")]
+    Update(#[from] KeySetError),
+    #[error(
+        "cannot read this host's addresses (XDP decapsulates only tunnels addressed to them): {0}"
+    )]
+    LocalAddresses(#[source] io::Error),
 }
 
 /// What the kernel recorded about one connection, in userspace types.
@@ -137,8 +148,10 @@ pub struct KernelOptions {
     pub map_entries: u32,
     /// TCP option kind of TOA; 0 turns TOA parsing off.
     pub toa_kind: u8,
-    /// Balancer prefixes whose TOA (and IPIP) the kernel believes.
-    pub trusted_lbs: Vec<ipnet::IpNet>,
+    /// Balancer prefixes whose TOA options the kernel believes (empty: none).
+    pub toa_trusted: Vec<ipnet::IpNet>,
+    /// Balancer prefixes whose tunnels XDP decapsulates (empty: none).
+    pub ipip_trusted: Vec<ipnet::IpNet>,
     /// Interfaces to decapsulate IPIP / IPv6-in-IPv6 on (XDP).
     pub xdp_interfaces: Vec<String>,
 }
@@ -165,6 +178,8 @@ pub struct KernelCounters {
     pub xdp_decapsulated: u64,
     pub xdp_untrusted: u64,
     pub xdp_skipped: u64,
+    pub xdp_inner_not_tcp: u64,
+    pub xdp_inner_not_local: u64,
     /// Accepted connections that had no record (userspace).
     pub lookup_misses: u64,
 }
@@ -176,8 +191,8 @@ pub struct KernelTracker {
     counters: PerCpuArray<MapData, u64>,
     xdp_counters: PerCpuArray<MapData, u64>,
     xdp: Vec<XdpAttachment>,
-    trusted_lbs: Mutex<LpmTrie<MapData, LpmAddr, u8>>,
-    settings: Mutex<Array<MapData, u32>>,
+    /// The maps userspace configures, under one lock so that reloads apply one at a time.
+    configurable: Mutex<Configurable>,
     map_entries: u32,
     lookup_misses: AtomicU64,
     last_miss_warning: Mutex<Option<Instant>>,
@@ -243,10 +258,16 @@ impl KernelTracker {
             .and_then(|m| PerCpuArray::try_from(m).map_err(map_error(COUNTERS_MAP)))?;
         let xdp_counters = take_map(&mut ebpf, XDP_COUNTERS_MAP)
             .and_then(|m| PerCpuArray::try_from(m).map_err(map_error(XDP_COUNTERS_MAP)))?;
-        let trusted_lbs = take_map(&mut ebpf, TRUSTED_LB_MAP)
-            .and_then(|m| LpmTrie::try_from(m).map_err(map_error(TRUSTED_LB_MAP)))?;
-        let settings = take_map(&mut ebpf, SETTINGS_MAP)
-            .and_then(|m| Array::try_from(m).map_err(map_error(SETTINGS_MAP)))?;
+        let configurable = Configurable {
+            toa: NamedTrie::take(&mut ebpf, TRUSTED_TOA_MAP)?,
+            ipip: NamedTrie::take(&mut ebpf, TRUSTED_IPIP_MAP)?,
+            local: LocalAddrs(
+                take_map(&mut ebpf, LOCAL_ADDRS_MAP)
+                    .and_then(|m| HashMap::try_from(m).map_err(map_error(LOCAL_ADDRS_MAP)))?,
+            ),
+            settings: take_map(&mut ebpf, SETTINGS_MAP)
+                .and_then(|m| Array::try_from(m).map_err(map_error(SETTINGS_MAP)))?,
+        };
         tracing::info!(
             cgroup = %cgroup.path().display(),
             map_entries,
@@ -257,8 +278,7 @@ impl KernelTracker {
             counters,
             xdp_counters,
             xdp,
-            trusted_lbs: Mutex::new(trusted_lbs),
-            settings: Mutex::new(settings),
+            configurable: Mutex::new(configurable),
             map_entries,
             lookup_misses: AtomicU64::new(0),
             last_miss_warning: Mutex::new(None),
@@ -270,24 +290,65 @@ impl KernelTracker {
         Ok(tracker)
     }
 
-    /// Loads the trust list and the TOA kind into the kernel's maps (start-up and reload).
+    /// Loads the trust lists, this host's addresses and the TOA kind into the kernel's maps
+    /// (start-up and reload). All or nothing: what narrows trust is applied before what widens it,
+    /// and on a failure everything applied is undone, so the kernel never trusts more than the
+    /// configuration the caller keeps running.
     pub fn configure(&self, options: &KernelOptions) -> Result<(), KernelError> {
-        let mut settings = self.settings.lock().map_err(|_| KernelError::Poisoned)?;
-        settings
-            .set(Setting::ToaKind as u32, u32::from(options.toa_kind), 0)
+        let local = if options.xdp_interfaces.is_empty() {
+            Vec::new()
+        } else {
+            local_addrs::host_addresses().map_err(KernelError::LocalAddresses)?
+        };
+        let wanted = [
+            options.toa_trusted.iter().map(SetKey::of_prefix).collect(),
+            options.ipip_trusted.iter().map(SetKey::of_prefix).collect(),
+            local.iter().copied().map(SetKey::of_addr).collect(),
+        ];
+        let mut c = self
+            .configurable
+            .lock()
+            .map_err(|_| KernelError::Poisoned)?;
+        let old_kind = c
+            .settings
+            .get(&(Setting::ToaKind as u32), 0)
             .map_err(map_error(SETTINGS_MAP))?;
-        let mut trie = self.trusted_lbs.lock().map_err(|_| KernelError::Poisoned)?;
-        let old: Vec<Key<LpmAddr>> = trie.keys().filter_map(Result::ok).collect();
-        let new: Vec<Key<LpmAddr>> = options.trusted_lbs.iter().map(lpm_key).collect();
-        for key in &new {
-            trie.insert(key, 1, 0).map_err(map_error(TRUSTED_LB_MAP))?;
+        let new_kind = u32::from(options.toa_kind);
+        // Turning TOA off narrows trust: first. Turning it on (or changing the kind) widens it:
+        // last, once the trust list it reads is in place.
+        if new_kind == 0 && old_kind != 0 {
+            c.set_toa_kind(0)?;
         }
-        for key in old.iter().filter(|k| {
-            !new.iter()
-                .any(|n| n.prefix_len() == k.prefix_len() && n.data() == k.data())
-        }) {
-            trie.remove(key).map_err(map_error(TRUSTED_LB_MAP))?;
+        let Configurable {
+            toa,
+            ipip,
+            local: local_map,
+            settings,
+        } = &mut *c;
+        let sets: &mut [&mut dyn KeySet] = &mut [toa, ipip, local_map];
+        let applied = match key_sets::replace_all(sets, &wanted) {
+            Ok(applied) => applied,
+            Err(e) => {
+                if new_kind != old_kind {
+                    let _ = settings.set(Setting::ToaKind as u32, old_kind, 0);
+                }
+                return Err(e.into());
+            }
+        };
+        if new_kind != 0
+            && new_kind != old_kind
+            && let Err(e) = settings.set(Setting::ToaKind as u32, new_kind, 0)
+        {
+            applied.undo(sets);
+            return Err(map_error(SETTINGS_MAP)(e));
         }
+        tracing::debug!(
+            toa_kind = new_kind,
+            toa_prefixes = wanted[0].len(),
+            ipip_prefixes = wanted[1].len(),
+            local_addresses = wanted[2].len(),
+            "kernel trust lists loaded"
+        );
         Ok(())
     }
 
@@ -302,6 +363,19 @@ impl KernelTracker {
         if let Some(logger) = taken {
             spawn_kernel_log_forwarding(logger);
         }
+    }
+
+    /// Reloads this host's addresses into the map XDP checks inner destinations against (an
+    /// address added or removed since start-up or the last reload). Returns how many there are.
+    pub fn refresh_local_addresses(&self) -> Result<usize, KernelError> {
+        let local = local_addrs::host_addresses().map_err(KernelError::LocalAddresses)?;
+        let wanted = [local.iter().copied().map(SetKey::of_addr).collect()];
+        let mut c = self
+            .configurable
+            .lock()
+            .map_err(|_| KernelError::Poisoned)?;
+        key_sets::replace_all(&mut [&mut c.local], &wanted)?;
+        Ok(local.len())
     }
 
     pub fn cgroup_path(&self) -> &std::path::Path {
@@ -378,6 +452,8 @@ impl KernelTracker {
             xdp_decapsulated: read_xdp(XdpCounter::Decapsulated),
             xdp_untrusted: read_xdp(XdpCounter::Untrusted),
             xdp_skipped: read_xdp(XdpCounter::Skipped),
+            xdp_inner_not_tcp: read_xdp(XdpCounter::InnerNotTcp),
+            xdp_inner_not_local: read_xdp(XdpCounter::InnerNotLocal),
             lookup_misses: self.lookup_misses.load(Ordering::Relaxed),
         }
     }
@@ -470,14 +546,82 @@ fn attach_xdp(ebpf: &mut Ebpf, interfaces: &[String]) -> Result<Vec<XdpAttachmen
     Ok(attached)
 }
 
-/// An LPM key for a prefix: IPv4 as v4-mapped IPv6 with the prefix length shifted by 96.
-fn lpm_key(net: &ipnet::IpNet) -> Key<LpmAddr> {
-    match net {
-        ipnet::IpNet::V4(v4) => Key::new(
-            96 + u32::from(v4.prefix_len()),
-            ntlm_tag_common::v4_mapped(v4.network().octets()),
-        ),
-        ipnet::IpNet::V6(v6) => Key::new(u32::from(v6.prefix_len()), v6.network().octets()),
+/// The maps userspace writes: the trust tries, the local addresses and the settings.
+struct Configurable {
+    toa: NamedTrie,
+    ipip: NamedTrie,
+    local: LocalAddrs,
+    settings: Array<MapData, u32>,
+}
+
+impl Configurable {
+    fn set_toa_kind(&mut self, kind: u32) -> Result<(), KernelError> {
+        self.settings
+            .set(Setting::ToaKind as u32, kind, 0)
+            .map_err(map_error(SETTINGS_MAP))
+    }
+}
+
+/// A trust trie and its name.
+struct NamedTrie {
+    name: &'static str,
+    trie: LpmTrie<MapData, LpmAddr, u8>,
+}
+
+impl NamedTrie {
+    fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Self, KernelError> {
+        let trie =
+            take_map(ebpf, name).and_then(|m| LpmTrie::try_from(m).map_err(map_error(name)))?;
+        Ok(NamedTrie { name, trie })
+    }
+}
+
+impl KeySet for NamedTrie {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn keys(&self) -> Result<Vec<SetKey>, aya::maps::MapError> {
+        self.trie
+            .keys()
+            .map(|k| {
+                k.map(|k| SetKey {
+                    prefix_len: k.prefix_len(),
+                    addr: k.data(),
+                })
+            })
+            .collect()
+    }
+    fn insert(&mut self, key: &SetKey) -> Result<(), aya::maps::MapError> {
+        self.trie.insert(&Key::new(key.prefix_len, key.addr), 1, 0)
+    }
+    fn remove(&mut self, key: &SetKey) -> Result<(), aya::maps::MapError> {
+        self.trie.remove(&Key::new(key.prefix_len, key.addr))
+    }
+}
+
+/// The local-address map (keys are whole addresses).
+struct LocalAddrs(HashMap<MapData, LpmAddr, u8>);
+
+impl KeySet for LocalAddrs {
+    fn name(&self) -> &'static str {
+        LOCAL_ADDRS_MAP
+    }
+    fn keys(&self) -> Result<Vec<SetKey>, aya::maps::MapError> {
+        self.0
+            .keys()
+            .map(|k| {
+                k.map(|addr| SetKey {
+                    prefix_len: 128,
+                    addr,
+                })
+            })
+            .collect()
+    }
+    fn insert(&mut self, key: &SetKey) -> Result<(), aya::maps::MapError> {
+        self.0.insert(key.addr, 1, 0)
+    }
+    fn remove(&mut self, key: &SetKey) -> Result<(), aya::maps::MapError> {
+        self.0.remove(&key.addr)
     }
 }
 

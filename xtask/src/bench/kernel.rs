@@ -16,6 +16,7 @@ use aya::{
     maps::lpm_trie::{Key, LpmTrie},
     programs::{TestRun as _, Xdp},
 };
+use ntlm_tag_common::{LOCAL_ADDRS_MAP, TRUSTED_IPIP_MAP};
 
 /// The kernel's BPF run-time statistics, switched on with BPF_ENABLE_STATS for as long as the
 /// switch holds its descriptor: they end with this process however it ends, and
@@ -134,8 +135,6 @@ pub struct XdpCase {
 }
 
 const XDP_PROGRAM: &str = "decap_ipip";
-/// ntlm_tag_common::TRUSTED_LB_MAP.
-const TRUSTED_LB_MAP: &str = "TRUSTED_LB_V1";
 const TRUSTED: [u8; 4] = [198, 18, 1, 100];
 const UNTRUSTED: [u8; 4] = [198, 18, 9, 9];
 const CLIENT: [u8; 4] = [198, 18, 10, 10];
@@ -158,8 +157,12 @@ pub fn xdp_test_runs(object: &Path, stats: &StatsSwitch) -> Result<Vec<XdpCase>>
         .load()
         .context("the verifier refused decap_ipip")?;
     let mut trusted: LpmTrie<_, [u8; 16], u8> =
-        LpmTrie::try_from(ebpf.map_mut(TRUSTED_LB_MAP).context("no trust map")?)?;
+        LpmTrie::try_from(ebpf.map_mut(TRUSTED_IPIP_MAP).context("no trust map")?)?;
     trusted.insert(&Key::new(96 + 32, v4_mapped(TRUSTED)), 1, 0)?;
+    // The virtual IP is one of "this host's" addresses, as the gateway loads them.
+    let mut local: aya::maps::HashMap<_, [u8; 16], u8> =
+        aya::maps::HashMap::try_from(ebpf.map_mut(LOCAL_ADDRS_MAP).context("no local map")?)?;
+    local.insert(v4_mapped(VIP), 1, 0)?;
     let inner = |flags| ipv4(CLIENT, VIP, 6, &tcp(40001, 8080, flags));
     let cases = [
         (
