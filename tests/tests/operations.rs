@@ -707,3 +707,163 @@ fn id_templates_with_surrounding_spaces_are_refused_at_load() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Runs the gateway binary with `args` and returns its exit code and stderr; a process still running
+/// after a generous deadline is killed and reported as `None` (it started instead of refusing).
+fn exit_of(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(ntlm_tag_tests::gateway::binary())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ntlm-tag");
+    let deadline = Instant::now() + ntlm_tag_tests::gateway::scaled(Duration::from_secs(20));
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    (code, stderr)
+}
+
+#[test]
+fn check_and_run_refuse_what_run_could_not_load_with_exit_64_naming_the_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cert_a, key_a) = certificate(dir.path(), "a.example");
+    let (cert_b, key_b) = certificate(dir.path(), "b.example");
+    // Port 0: should a case wrongly start, it binds nothing anyone else uses.
+    let base = "listen = [{ address = \"127.0.0.1:0\", tls = [{ cert = \"CERT\", key = \"KEY\" }] }]\n\
+                backends = [\"BACKEND\"]\nebpf = \"off\"\n";
+    let file = |name: &str, cert: &str, key: &str, backend: &str, extra: &str| {
+        write(
+            dir.path(),
+            name,
+            &format!(
+                "{}{extra}",
+                base.replace("CERT", cert)
+                    .replace("KEY", key)
+                    .replace("BACKEND", backend)
+            ),
+        )
+    };
+    let good = file("good.toml", &cert_a, &key_a, "127.0.0.1:9", "");
+    let (code, stderr) = exit_of(&["check", "--config", &good]);
+    assert_eq!(code, Some(0), "a complete configuration passes: {stderr}");
+    assert!(stderr.contains("configuration OK"), "{stderr}");
+
+    let missing = dir.path().join("missing.pem").to_string_lossy().into_owned();
+    let cases = [
+        (
+            "a missing certificate",
+            file("nocert.toml", &missing, &key_a, "127.0.0.1:9", ""),
+            "`listen.tls`",
+        ),
+        (
+            "a key that is not the certificate's",
+            file("mismatch.toml", &cert_a, &key_b, "127.0.0.1:9", ""),
+            "`listen.tls`",
+        ),
+        (
+            "a key file that holds a certificate",
+            file("notakey.toml", &cert_a, &cert_b, "127.0.0.1:9", ""),
+            "`listen.tls`",
+        ),
+        (
+            "a user that does not exist",
+            file(
+                "user.toml",
+                &cert_a,
+                &key_a,
+                "127.0.0.1:9",
+                "user = \"no-such-user-7f3a\"\n",
+            ),
+            "`user`",
+        ),
+        (
+            "an XDP interface that does not exist",
+            file(
+                "xdp.toml",
+                &cert_a,
+                &key_a,
+                "127.0.0.1:9",
+                "xdp = [\"nosuch7f3a\"]\ntrusted_lbs = [\"10.0.0.0/8\"]\n",
+            ),
+            "`xdp`",
+        ),
+        (
+            "a backend name that does not resolve",
+            file("backend.toml", &cert_a, &key_a, "no-such-host.invalid:80", ""),
+            "`backends`",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, config, key) in &cases {
+        for command in ["check", "run"] {
+            let (code, stderr) = exit_of(&[command, "--config", config]);
+            if code != Some(64) || !stderr.contains(key) {
+                failures.push(format!(
+                    "{command} with {what}: exit {code:?}, expected 64 naming {key}: {stderr}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn check_reports_the_kernel_and_refuses_required_ebpf_that_cannot_load() {
+    let bin = ntlm_tag_tests::gateway::binary();
+    let args = [
+        "check",
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        "127.0.0.1:9",
+        "--ebpf",
+        "required",
+    ];
+    // As root the programs pass the verifier here (this kernel runs them in every other test).
+    let (code, stderr) = exit_of(&args);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("eBPF programs: pass the verifier") && stderr.contains("cgroup v2: mounted"),
+        "{stderr}"
+    );
+    // As nobody the kernel refuses to load them: `run` would exit 69, and so does `check`, saying why.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .arg(&bin)
+        .args(args)
+        .output()
+        .expect("setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(
+        stderr.contains("cannot load") && stderr.contains("needs root"),
+        "{stderr}"
+    );
+    // With `auto` the same host is a report, not an error.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .arg(&bin)
+        .args(&args[..5])
+        .args(["--ebpf", "auto"])
+        .output()
+        .expect("setpriv");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
