@@ -205,7 +205,13 @@ impl Metrics {
             }
         }
         requests.sort();
-        let total: u64 = requests.iter().map(|(_, n)| n).sum();
+        // Requests that reached a backend; those the gateway answered itself (backend "-") used
+        // no upstream connection.
+        let total: u64 = requests
+            .iter()
+            .filter(|(labels, _)| !labels.starts_with("backend=\"-\""))
+            .map(|(_, n)| n)
+            .sum();
         out.family(
             "ntlm_tag_requests_total",
             "Requests answered, by backend and status.",

@@ -86,7 +86,10 @@ mod tests {
 
     #[test]
     fn what_run_would_fail_on_is_named_by_key() {
-        assert_eq!(key_of(verify(&config("user = \"no-such-user-7f3a\""))), "user");
+        assert_eq!(
+            key_of(verify(&config("user = \"no-such-user-7f3a\""))),
+            "user"
+        );
         assert_eq!(
             key_of(verify(&config(
                 "xdp = [\"nosuch7f3a\"]\ntrusted_lbs = [\"10.0.0.0/8\"]"

@@ -470,6 +470,31 @@ fn slow_headers_are_cut_off_excess_connections_refused_and_big_headers_get_431()
         .sum();
     assert_eq!(ok_requests, 2.0, "{metrics}");
     assert!(value("ntlm_tag_kernel_map_capacity") > 0.0);
+    // The gateway's own answers are counted as responses (backend "-") and logged like any other.
+    let made_by_gateway = |status: &str| {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| {
+                s.metric == "ntlm_tag_requests_total"
+                    && s.labels.get("backend") == Some("-")
+                    && s.labels.get("status") == Some(status)
+            })
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) => v,
+                _ => 0.0,
+            })
+            .sum::<f64>()
+    };
+    assert_eq!(made_by_gateway("503"), 1.0, "{metrics}");
+    assert_eq!(made_by_gateway("431"), 1.0, "{metrics}");
+    let log = gw.log();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("access") && l.contains("status=503") && l.contains("method=-")),
+        "no access line for the 503:\n{}",
+        log.join("\n")
+    );
 }
 
 #[test]
@@ -761,7 +786,11 @@ fn check_and_run_refuse_what_run_could_not_load_with_exit_64_naming_the_key() {
     assert_eq!(code, Some(0), "a complete configuration passes: {stderr}");
     assert!(stderr.contains("configuration OK"), "{stderr}");
 
-    let missing = dir.path().join("missing.pem").to_string_lossy().into_owned();
+    let missing = dir
+        .path()
+        .join("missing.pem")
+        .to_string_lossy()
+        .into_owned();
     let cases = [
         (
             "a missing certificate",
@@ -802,7 +831,13 @@ fn check_and_run_refuse_what_run_could_not_load_with_exit_64_naming_the_key() {
         ),
         (
             "a backend name that does not resolve",
-            file("backend.toml", &cert_a, &key_a, "no-such-host.invalid:80", ""),
+            file(
+                "backend.toml",
+                &cert_a,
+                &key_a,
+                "no-such-host.invalid:80",
+                "",
+            ),
             "`backends`",
         ),
     ];
@@ -836,12 +871,19 @@ fn check_reports_the_kernel_and_refuses_required_ebpf_that_cannot_load() {
     let (code, stderr) = exit_of(&args);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
-        stderr.contains("eBPF programs: pass the verifier") && stderr.contains("cgroup v2: mounted"),
+        stderr.contains("eBPF programs: pass the verifier")
+            && stderr.contains("cgroup v2: mounted"),
         "{stderr}"
     );
     // As nobody the kernel refuses to load them: `run` would exit 69, and so does `check`, saying why.
     let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
         .arg(&bin)
         .args(args)
         .output()
@@ -854,7 +896,13 @@ fn check_reports_the_kernel_and_refuses_required_ebpf_that_cannot_load() {
     );
     // With `auto` the same host is a report, not an error.
     let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
         .arg(&bin)
         .args(&args[..5])
         .args(["--ebpf", "auto"])
@@ -865,5 +913,34 @@ fn check_reports_the_kernel_and_refuses_required_ebpf_that_cannot_load() {
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn logs_to_a_pipe_or_journald_carry_no_colour_codes() {
+    // No NO_COLOR here (the harness sets it): the gateway itself must see that stderr is no
+    // terminal. An address of TEST-NET-2 is on no interface, so the gateway logs why it cannot
+    // listen and exits.
+    let mut child = std::process::Command::new(ntlm_tag_tests::gateway::binary());
+    child
+        .args([
+            "run",
+            "--listen",
+            "198.51.100.1:80",
+            "--backend",
+            "127.0.0.1:9",
+            "--ebpf",
+            "off",
+        ])
+        .env_remove("NO_COLOR");
+    let out = child.output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ERROR") && stderr.contains("cannot listen on 198.51.100.1:80"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "ANSI escape codes in a log written to a pipe: {stderr:?}"
     );
 }

@@ -37,7 +37,10 @@ impl fmt::Display for KernelSupport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "kernel {}", self.release)?;
         match &self.programs {
-            Ok(()) => writeln!(f, "  eBPF programs: pass the verifier (loaded, not attached)")?,
+            Ok(()) => writeln!(
+                f,
+                "  eBPF programs: pass the verifier (loaded, not attached)"
+            )?,
             Err(e) => writeln!(f, "  eBPF programs: cannot load: {e}")?,
         }
         match &self.cgroup2 {
