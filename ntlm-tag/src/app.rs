@@ -17,7 +17,7 @@ use crate::{
     config::Config,
     identity::{IdDisplay, Identifier, UidGenerator, trust::TrustedSources},
     kernel::{KernelOptions, KernelTracker, privileges},
-    metrics::Metrics,
+    metrics::{Metrics, ReloadResult},
     proxy::{self, Gateway, Live, rewrite::StampPolicy},
     registry::Registry,
     upstream::Upstream,
@@ -142,6 +142,17 @@ pub async fn run(config: Config, args: RunArgs) -> Result<()> {
                 kernel: kernel.clone(),
                 ebpf_status: ebpf_status.clone(),
                 private,
+                backends: {
+                    let gateway = Arc::clone(&gateway);
+                    Arc::new(move || {
+                        let live = gateway.live.load();
+                        live.upstream
+                            .backends()
+                            .iter()
+                            .map(|b| (b.authority().to_string(), b.is_up()))
+                            .collect()
+                    })
+                },
             });
             tokio::spawn(admin::serve(listener, state, shutdown_rx.clone()));
             Some(address)
@@ -224,6 +235,7 @@ fn reload(
     let new = match Config::load_for_reload(args) {
         Ok(c) => c,
         Err(e) => {
+            metrics.reload(ReloadResult::Failure);
             tracing::error!(error = %e, "reload refused: the configuration is invalid; the running one stays");
             return;
         }
@@ -231,6 +243,7 @@ fn reload(
     let live = match build_live(&new, metrics) {
         Ok(live) => live,
         Err(e) => {
+            metrics.reload(ReloadResult::Failure);
             tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays");
             return;
         }
@@ -243,6 +256,7 @@ fn reload(
             xdp_interfaces: new.ebpf.xdp_interfaces.clone(),
         };
         if let Err(e) = k.configure(&options) {
+            metrics.reload(ReloadResult::Failure);
             tracing::error!(error = %e, "reload refused: cannot update the kernel's trust list");
             return;
         }
@@ -254,6 +268,7 @@ fn reload(
         );
     }
     gateway.live.store(Arc::new(live));
+    metrics.reload(ReloadResult::Success);
     tracing::info!(
         backends = ?new.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "configuration reloaded; established connections keep their settings"

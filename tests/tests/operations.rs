@@ -944,3 +944,152 @@ fn logs_to_a_pipe_or_journald_carry_no_colour_codes() {
         "ANSI escape codes in a log written to a pipe: {stderr:?}"
     );
 }
+
+/// The value of the sample `name` whose labels include `labels`, from Prometheus text.
+fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_string())))
+        .expect("Prometheus text");
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+/// Polls `check` until it holds; panics with `what` and the last value after a deadline that only
+/// stops a stuck test.
+fn eventually<T: std::fmt::Debug>(
+    what: &str,
+    mut probe: impl FnMut() -> T,
+    check: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + ntlm_tag_tests::gateway::scaled(Duration::from_secs(15));
+    loop {
+        let value = probe();
+        if check(&value) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {value:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn healthz_follows_the_backends_and_metrics_show_build_reloads_and_timings() {
+    let topo = Topology::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend_addr = Topology::backend_addr();
+    let config_text = format!(
+        "listen = [\"{}\"]\nbackends = [\"{backend_addr}\"]\nebpf = \"required\"\n\
+         [health_check]\npath = \"/\"\ninterval_secs = 0.2\ntimeout_secs = 0.5\n",
+        Topology::gateway_addr()
+    );
+    let config = write(dir.path(), "gw.toml", &config_text);
+    let gw = Gateway::start(&topo.gateway, &["--config", &config]);
+    let backend_label = backend_addr.to_string();
+    let up = [("backend", backend_label.as_str())];
+
+    // No backend listens yet: alive, but not ready.
+    eventually(
+        "/healthz with the only backend down",
+        || gw.admin.get("/healthz", &[]).status,
+        |s| *s == 503,
+    );
+    assert_eq!(gw.admin.get("/livez", &[]).status, 200);
+    let metrics = gw.admin_metrics();
+    assert_eq!(
+        sample(&metrics, "ntlm_tag_backend_up", &up),
+        Some(0.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "ntlm_tag_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    // The backend comes up: ready again.
+    let _backend = Backend::start(&topo.backend, backend_addr);
+    eventually(
+        "/healthz once the backend answers",
+        || gw.admin.get("/healthz", &[]).status,
+        |s| *s == 200,
+    );
+    assert_eq!(
+        sample(&gw.admin_metrics(), "ntlm_tag_backend_up", &up),
+        Some(1.0)
+    );
+
+    // Two requests on one client connection: the first opens an upstream connection, the second
+    // reuses it; both are timed.
+    let statuses = topo.client.run(|| async {
+        let src = SocketAddr::new(Topology::client_v4(0), 0);
+        let mut conn = Connection::open(Some(src), Topology::gateway_addr()).await;
+        let first = conn.get("/one", &[]).await.status;
+        let second = conn.get("/two", &[]).await.status;
+        (first, second)
+    });
+    assert_eq!(statuses, (200, 200));
+    let metrics = gw.admin_metrics();
+    let count = |name: &str, labels: &[(&str, &str)]| sample(&metrics, name, labels);
+    assert_eq!(
+        count("ntlm_tag_upstream_connections_total", &[("kind", "opened")]),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        count("ntlm_tag_upstream_connections_total", &[("kind", "reused")]),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ntlm_tag_request_duration_seconds_count 2")
+            && metrics.contains("ntlm_tag_upstream_connect_duration_seconds_count 1")
+            && metrics.contains("ntlm_tag_request_duration_seconds_bucket{le=\"+Inf\"} 2"),
+        "{metrics}"
+    );
+    assert_eq!(
+        count("ntlm_tag_config_last_reload_successful", &[]),
+        Some(1.0)
+    );
+    let started_at = count("ntlm_tag_config_last_reload_success_timestamp_seconds", &[])
+        .expect("reload timestamp");
+
+    // A good reload, then a broken file: counted by result, and the gauges say which ran last.
+    gw.signal(libc::SIGHUP);
+    let after_good = eventually(
+        "a counted good reload",
+        || gw.admin_metrics(),
+        |m| sample(m, "ntlm_tag_config_reloads_total", &[("result", "success")]) == Some(1.0),
+    );
+    assert!(
+        sample(
+            &after_good,
+            "ntlm_tag_config_last_reload_success_timestamp_seconds",
+            &[]
+        )
+        .is_some_and(|t| t >= started_at),
+        "{after_good}"
+    );
+    std::fs::write(&config, "listen = [").expect("break the file");
+    gw.signal(libc::SIGHUP);
+    let after_bad = eventually(
+        "a counted refused reload",
+        || gw.admin_metrics(),
+        |m| sample(m, "ntlm_tag_config_reloads_total", &[("result", "failure")]) == Some(1.0),
+    );
+    assert_eq!(
+        sample(&after_bad, "ntlm_tag_config_last_reload_successful", &[]),
+        Some(0.0),
+        "{after_bad}"
+    );
+}

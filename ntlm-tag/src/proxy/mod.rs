@@ -175,9 +175,11 @@ fn refuse_over_limit(
     let _ = stream.try_write(BUSY);
     let limit = live.limits.max_connections;
     tracing::warn!(%peer, limit, "connection limit reached; refusing a connection (raise limits.max_connections?)");
-    gateway
-        .metrics
-        .request("-", StatusCode::SERVICE_UNAVAILABLE.as_u16());
+    gateway.metrics.request(
+        "-",
+        StatusCode::SERVICE_UNAVAILABLE.as_u16(),
+        std::time::Duration::ZERO,
+    );
     if live.access_log {
         AccessRecord::without_request(None, peer.ip(), StatusCode::SERVICE_UNAVAILABLE.as_u16())
             .emit(0);
@@ -437,7 +439,9 @@ async fn serve_connection<S>(
             // hyper answered a request head it could not parse itself; count and log that answer.
             let gateway = &connection.gateway;
             gateway.metrics.client_request_error();
-            gateway.metrics.request("-", status.as_u16());
+            gateway
+                .metrics
+                .request("-", status.as_u16(), std::time::Duration::ZERO);
             tracing::info!(conn = %connection.conn, status = status.as_u16(), error = %error_chain(&*e), "unparsable request head");
             if connection.live.access_log {
                 AccessRecord::without_request(
@@ -510,9 +514,11 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
     let (response, backend) = respond(req, connection, record.as_mut()).await;
     let status = response.status().as_u16();
     // Responses made before a backend was chosen count under backend "-", as in the access log.
-    gateway
-        .metrics
-        .request(backend.as_ref().map_or("-", Authority::as_str), status);
+    gateway.metrics.request(
+        backend.as_ref().map_or("-", Authority::as_str),
+        status,
+        started.elapsed(),
+    );
     if let Some(record) = &mut record {
         record.status(status);
     }
