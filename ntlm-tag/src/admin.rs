@@ -1,4 +1,5 @@
-//! The admin endpoint: `/healthz` and `/metrics` (no client addresses, no ids), `/connections` (the
+//! The admin endpoint: `/healthz` (ready: a backend is up), `/livez` (the process answers) and
+//! `/metrics` (no client addresses, no ids), `/connections` (the
 //! live table) and `/kernel` (the eBPF side's counters and records).
 //!
 //! `/connections` and `/kernel` name clients, and `/connections` correlates them with connection
@@ -37,7 +38,7 @@ use tokio::{
 
 use crate::{
     kernel::{KernelCounters, KernelTracker, monotonic_ns},
-    metrics::Metrics,
+    metrics::{self, Metrics, Scrape},
     registry::Registry,
 };
 
@@ -289,7 +290,13 @@ pub struct AdminState {
     /// `attached`, `off`, or `unavailable: <reason>`.
     pub ebpf_status: String,
     pub private: PrivateAccess,
+    /// The running configuration's backends and whether each is up, asked at every request (a
+    /// reload changes them).
+    pub backends: BackendHealth,
 }
+
+/// Reads the backends' health: `(HOST:PORT, up)`.
+pub type BackendHealth = Arc<dyn Fn() -> Vec<(String, bool)> + Send + Sync>;
 
 #[derive(Serialize)]
 struct KernelReport {
@@ -390,7 +397,25 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
         return refusal;
     }
     match path {
-        "/healthz" => text(StatusCode::OK, "ok\n"),
+        // Ready to serve: a balancer or orchestrator should send clients only while some backend
+        // can take them.
+        "/healthz" => {
+            let backends = (state.backends)();
+            let up = backends.iter().filter(|(_, up)| *up).count();
+            if up > 0 {
+                text(
+                    StatusCode::OK,
+                    format!("ok: {up} of {} backends up\n", backends.len()),
+                )
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("no backend is up (of {})\n", backends.len()),
+                )
+            }
+        }
+        // Alive: the process and its runtime answer; restart it only when this fails.
+        "/livez" => text(StatusCode::OK, "ok\n"),
         "/connections" => json(&state.registry.rows()),
         "/kernel" => json(&kernel_report(state)),
         "/metrics" => {
@@ -398,19 +423,21 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
                 .kernel
                 .as_deref()
                 .map(|k| (k.counters(), k.map_entries()));
-            let body = state
-                .metrics
-                .render(state.registry.len(), kernel.as_ref().map(|(c, n)| (c, *n)));
+            let body = state.metrics.render(Scrape {
+                connections_open: state.registry.len(),
+                kernel: kernel.as_ref().map(|(c, n)| (c, *n)),
+                backends: (state.backends)(),
+            });
             let mut r = Response::new(Full::new(Bytes::from(body)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                http::HeaderValue::from_static(metrics::CONTENT_TYPE),
             );
             r
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz, /connections, /kernel, /metrics\n",
+            "not found; try /healthz, /livez, /connections, /kernel, /metrics\n",
         ),
     }
 }
@@ -475,8 +502,8 @@ fn kernel_report(state: &AdminState) -> KernelReport {
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,

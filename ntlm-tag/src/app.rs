@@ -20,7 +20,7 @@ use crate::{
     config::{Config, ListenerConfig},
     identity::{IdDisplay, Identifier, UidGenerator, trust::TrustedSources},
     kernel::{KernelOptions, KernelTracker, local_addrs, privileges},
-    metrics::Metrics,
+    metrics::{Metrics, ReloadResult},
     proxy::{self, Gateway, Live, rewrite::StampPolicy},
     registry::Registry,
     upstream::Upstream,
@@ -239,6 +239,17 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
                 kernel: kernel.clone(),
                 ebpf_status: ebpf_status.clone(),
                 private,
+                backends: {
+                    let gateway = Arc::clone(&gateway);
+                    Arc::new(move || {
+                        let live = gateway.live.load();
+                        live.upstream
+                            .backends()
+                            .iter()
+                            .map(|b| (b.authority().to_string(), b.is_up()))
+                            .collect()
+                    })
+                },
             });
             tokio::spawn(admin::serve(listener, state, shutdown_rx.clone()));
             Some(address)
@@ -321,6 +332,7 @@ fn reload(
     let new = match Config::load_for_reload(args) {
         Ok(c) => c,
         Err(e) => {
+            metrics.reload(ReloadResult::Failure);
             tracing::error!(error = %e, "reload refused: the configuration is invalid; the running one stays");
             return;
         }
@@ -328,6 +340,7 @@ fn reload(
     let live = match build_live(&new, metrics) {
         Ok(live) => live,
         Err(e) => {
+            metrics.reload(ReloadResult::Failure);
             tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays");
             return;
         }
@@ -337,6 +350,7 @@ fn reload(
     if let Some(k) = kernel
         && let Err(e) = k.configure(&kernel_options(&new))
     {
+        metrics.reload(ReloadResult::Failure);
         tracing::error!(error = %e, "reload refused: cannot update the kernel's trust lists; the running configuration stays");
         return;
     }
@@ -348,6 +362,7 @@ fn reload(
         );
     }
     gateway.live.store(Arc::new(live));
+    metrics.reload(ReloadResult::Success);
     tracing::info!(
         backends = ?new.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "configuration reloaded; established connections keep their settings"

@@ -6,10 +6,12 @@ use clap::Parser;
 
 use ntlm_tag::{
     app,
-    cli::{self, Cli, Command, LogFormat},
+    cli::{self, Cli, Command, EbpfMode, LogFormat},
     config::Config,
     conns,
     kernel::privileges::PrivilegeError,
+    kernel::support,
+    preflight,
 };
 
 /// Exit code for a bad configuration (EX_USAGE).
@@ -18,19 +20,7 @@ const EXIT_BAD_CONFIG: u8 = 64;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Check(args)) => match Config::load(&args) {
-            Ok(config) => {
-                for w in &config.warnings {
-                    eprintln!("ntlm-tag: warning: {w}");
-                }
-                print!("{}", config.to_toml());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("ntlm-tag: invalid configuration: {e}");
-                ExitCode::from(EXIT_BAD_CONFIG)
-            }
-        },
+        Some(Command::Check(args)) => check(&args),
         Some(Command::Conns { admin, token_file }) => {
             match conns::print_table(&admin, token_file.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -55,13 +45,50 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &cli::RunArgs) -> ExitCode {
-    let config = match Config::load(args) {
+/// Loads and verifies the configuration as `run` would, then says what the kernel supports; exits
+/// 64 on a configuration error and 69 when `ebpf = "required"` cannot work here.
+fn check(args: &cli::RunArgs) -> ExitCode {
+    let config = match load_verified(args) {
         Ok(config) => config,
+        Err(code) => return code,
+    };
+    for w in &config.warnings {
+        eprintln!("ntlm-tag: warning: {w}");
+    }
+    print!("{}", config.to_toml());
+    if config.ebpf.mode == EbpfMode::Off {
+        eprintln!("ntlm-tag: eBPF off: the kernel is not probed");
+    } else {
+        let support = support::probe(!config.ebpf.xdp_interfaces.is_empty());
+        eprint!("ntlm-tag: {support}");
+        if config.ebpf.mode == EbpfMode::Required && !support.usable() {
+            eprintln!(
+                "ntlm-tag: ebpf = \"required\" cannot work on this host (see above); fix that, or \
+                 use ebpf = \"auto\" to run on peer addresses"
+            );
+            return ExitCode::from(app::EXIT_EBPF_UNAVAILABLE);
+        }
+    }
+    eprintln!("ntlm-tag: configuration OK");
+    ExitCode::SUCCESS
+}
+
+/// The configuration, checked against what it names (files, user, interfaces, backends); on an
+/// error, the message is printed and the exit code returned.
+fn load_verified(args: &cli::RunArgs) -> Result<Config, ExitCode> {
+    match Config::load(args).and_then(|c| preflight::verify(&c).map(|()| c)) {
+        Ok(config) => Ok(config),
         Err(e) => {
             eprintln!("ntlm-tag: invalid configuration: {e}");
-            return ExitCode::from(EXIT_BAD_CONFIG);
+            Err(ExitCode::from(EXIT_BAD_CONFIG))
         }
+    }
+}
+
+fn run(args: &cli::RunArgs) -> ExitCode {
+    let config = match load_verified(args) {
+        Ok(config) => config,
+        Err(code) => return code,
     };
     init_tracing(config.log_format);
     // Before the runtime: the user switch must happen while the process has one thread.
@@ -104,7 +131,12 @@ fn failed(e: &anyhow::Error) -> ExitCode {
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_env("NTLM_TAG_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only for a person at a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let _ = match format {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

@@ -1,364 +1,711 @@
-//! Counters kept by userspace, shown on the admin listener's `/metrics` (Prometheus text format).
+//! The gateway's metrics, kept with `prometheus-client` and shown on the admin listener's `/metrics`
+//! (Prometheus text format 0.0.4). Label values are enums, so a typo cannot start a new series; the
+//! metric names are those dashboards already use.
+//!
+//! Counters only go up. Values that live elsewhere (open connections, the kernel's counters, the
+//! backends' health) are brought in at scrape time: gauges are set, and the kernel's running totals
+//! advance their counters by what they grew since the last scrape.
 #![forbid(unsafe_code)]
 
 use std::{
-    collections::HashMap,
     fmt::Write as _,
     sync::{
         Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU64},
     },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+        info::Info,
+    },
+    registry::Registry,
 };
 
 use crate::kernel::KernelCounters;
 
-/// Why a connection on a PROXY-protocol listener was closed before any HTTP.
-#[derive(Debug, Clone, Copy)]
-pub enum ProxyRejection {
-    Untrusted = 0,
-    Malformed = 1,
-    Oversized = 2,
-    Unsupported = 3,
-    Timeout = 4,
-    Closed = 5,
+/// An enum whose variants are label values, with the text each shows in the exposition.
+macro_rules! label_enum {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vmeta])* $variant,)+ }
+
+        impl $name {
+            pub const ALL: &[$name] = &[$($name::$variant,)+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text,)+ }
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                encoder.write_str(self.as_str())
+            }
+        }
+    };
 }
 
-const REJECTION_NAMES: [&str; 6] = [
-    "untrusted",
-    "malformed",
-    "oversized",
-    "unsupported",
-    "timeout",
-    "closed",
-];
-
-/// Identity sources as `(label, index)`.
-const SOURCE_NAMES: [&str; 7] = [
-    "kernel-peer",
-    "kernel-toa",
-    "kernel-ipip",
-    "fallback",
-    "proxy-v1",
-    "proxy-v2",
-    "other",
-];
-
-/// NTLM messages seen in `Authorization` headers.
-#[derive(Debug, Clone, Copy)]
-pub enum NtlmMessage {
-    Negotiate = 0,
-    Authenticate = 1,
-    Spnego = 2,
+label_enum! {
+    /// Why a connection on a PROXY-protocol listener was closed before any HTTP.
+    pub enum ProxyRejection {
+        Untrusted => "untrusted",
+        Malformed => "malformed",
+        Oversized => "oversized",
+        Unsupported => "unsupported",
+        Timeout => "timeout",
+        Closed => "closed",
+    }
 }
 
-/// What bound an upstream connection to one client connection (bind mode).
-#[derive(Debug, Clone, Copy)]
-pub enum BindTrigger {
-    /// The request carried an NTLM/Negotiate token.
-    Request = 0,
-    /// The response carried a challenge token or `Persistent-Auth`.
-    Response = 1,
+label_enum! {
+    /// How a client connection's identity was learned.
+    pub enum ConnectionSource {
+        KernelPeer => "kernel-peer",
+        KernelToa => "kernel-toa",
+        KernelIpip => "kernel-ipip",
+        Fallback => "fallback",
+        ProxyV1 => "proxy-v1",
+        ProxyV2 => "proxy-v2",
+    }
 }
 
-const BIND_TRIGGER_NAMES: [&str; 2] = ["request", "response"];
+label_enum! {
+    /// NTLM messages seen in `Authorization` headers.
+    pub enum NtlmMessage {
+        Negotiate => "negotiate",
+        Authenticate => "authenticate",
+        Spnego => "spnego",
+    }
+}
 
-#[derive(Debug, Default)]
+label_enum! {
+    /// What bound an upstream connection to one client connection (bind mode).
+    pub enum BindTrigger {
+        /// The request carried an NTLM/Negotiate token.
+        Request => "request",
+        /// The response carried a challenge token or `Persistent-Auth`.
+        Response => "response",
+    }
+}
+
+label_enum! {
+    /// Whether a request went on a new upstream connection or one already open.
+    pub enum UpstreamUse {
+        Opened => "opened",
+        Reused => "reused",
+    }
+}
+
+label_enum! {
+    /// Where an error came from.
+    pub enum Origin {
+        Client => "client",
+        Upstream => "upstream",
+        Internal => "internal",
+    }
+}
+
+label_enum! {
+    pub enum UpstreamFailure {
+        Error => "error",
+        Timeout => "timeout",
+    }
+}
+
+label_enum! {
+    pub enum ReloadResult {
+        Success => "success",
+        Failure => "failure",
+    }
+}
+
+label_enum! {
+    /// The kernel's event counters (and userspace lookup misses).
+    pub enum KernelEvent {
+        Recorded => "recorded",
+        Deleted => "deleted",
+        InsertFailed => "insert_failed",
+        CallbacksUnavailable => "callbacks_unavailable",
+        ToaAccepted => "toa_accepted",
+        ToaUntrusted => "toa_untrusted",
+        ToaMalformed => "toa_malformed",
+        IpipJoined => "ipip_joined",
+        XdpDecapsulated => "xdp_decapsulated",
+        XdpUntrusted => "xdp_untrusted",
+        XdpSkipped => "xdp_skipped",
+        XdpInnerNotTcp => "xdp_inner_not_tcp",
+        XdpInnerNotLocal => "xdp_inner_not_local",
+        LookupMiss => "lookup_miss",
+    }
+}
+
+impl KernelEvent {
+    fn of(self, k: &KernelCounters) -> u64 {
+        match self {
+            KernelEvent::Recorded => k.recorded,
+            KernelEvent::Deleted => k.deleted,
+            KernelEvent::InsertFailed => k.insert_failed,
+            KernelEvent::CallbacksUnavailable => k.callbacks_unavailable,
+            KernelEvent::ToaAccepted => k.toa_accepted,
+            KernelEvent::ToaUntrusted => k.toa_untrusted,
+            KernelEvent::ToaMalformed => k.toa_malformed,
+            KernelEvent::IpipJoined => k.ipip_joined,
+            KernelEvent::XdpDecapsulated => k.xdp_decapsulated,
+            KernelEvent::XdpUntrusted => k.xdp_untrusted,
+            KernelEvent::XdpSkipped => k.xdp_skipped,
+            KernelEvent::XdpInnerNotTcp => k.xdp_inner_not_tcp,
+            KernelEvent::XdpInnerNotLocal => k.xdp_inner_not_local,
+            KernelEvent::LookupMiss => k.lookup_misses,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SourceLabel {
+    source: ConnectionSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: ProxyRejection,
+}
+
+/// A backend's `HOST:PORT` (an open set, from the configuration) and a status; `-` is the gateway
+/// answering without a backend.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RequestLabels {
+    backend: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BackendLabel {
+    backend: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabel {
+    kind: UpstreamUse,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct FailureLabel {
+    kind: UpstreamFailure,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TriggerLabel {
+    trigger: BindTrigger,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TypeLabel {
+    r#type: NtlmMessage,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OriginLabel {
+    origin: Origin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabel {
+    result: ReloadResult,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EventLabel {
+    event: KernelEvent,
+}
+
+/// What `/metrics` brings in from outside at scrape time.
+pub struct Scrape<'a> {
+    /// Client connections open now.
+    pub connections_open: usize,
+    /// The kernel's counters and its map's capacity, when the programs run.
+    pub kernel: Option<(&'a KernelCounters, u32)>,
+    /// Every backend of the running configuration and whether it is up.
+    pub backends: Vec<(String, bool)>,
+}
+
+#[derive(Debug)]
 pub struct Metrics {
-    proxy_rejected: [AtomicU64; 6],
-    connections: [AtomicU64; 7],
-    connections_refused: AtomicU64,
-    /// Connections already reset by their client when the gateway looked for their kernel record.
-    closed_before_identified: AtomicU64,
-    tls_failed: AtomicU64,
-    internal_errors: AtomicU64,
-    /// Client requests refused for what the client sent (a broken request body, a bad target).
-    client_request_errors: AtomicU64,
-    /// backend → status → count.
-    requests: Mutex<HashMap<String, HashMap<u16, u64>>>,
-    upstream_errors: AtomicU64,
-    upstream_timeouts: AtomicU64,
-    /// Upstream TCP connections opened (pool and pinned); requests minus these were reuses.
-    pub upstream_opened: AtomicU64,
-    pub pinned_opened: AtomicU64,
-    pub pinned_open: AtomicU64,
-    /// Upstream connections bound to one client connection's NTLM session, open now (bind mode).
-    pub bound_open: AtomicU64,
-    bindings: [AtomicU64; 2],
-    /// Requests that never reached their backend and went to another one.
-    upstream_failovers: AtomicU64,
-    ntlm_messages: [AtomicU64; 3],
+    registry: Registry,
+    connections: Family<SourceLabel, Counter>,
+    connections_open: Gauge,
+    connections_refused: Counter,
+    closed_before_identified: Counter,
+    proxy_rejected: Family<ReasonLabel, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Histogram,
+    upstream_connections: Family<KindLabel, Counter>,
+    upstream_connect_duration: Histogram,
+    pinned_open: Gauge,
+    bound_open: Gauge,
+    bindings: Family<TriggerLabel, Counter>,
+    upstream_failovers: Counter,
+    ntlm_messages: Family<TypeLabel, Counter>,
+    errors: Family<OriginLabel, Counter>,
+    upstream_errors: Family<FailureLabel, Counter>,
+    backend_up: Family<BackendLabel, Gauge>,
+    reloads: Family<ResultLabel, Counter>,
+    last_reload_successful: Gauge,
+    last_reload_success: Gauge<f64, AtomicU64>,
+    kernel_map_records: Gauge,
+    kernel_map_capacity: Gauge,
+    kernel_events: Family<EventLabel, Counter>,
+    /// One scrape at a time advances the kernel's counters (two at once would add a delta twice).
+    scrape: Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Metrics {
-    pub fn proxy_rejected(&self, why: ProxyRejection) {
-        self.proxy_rejected[why as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Counts an accepted connection by how its identity was learned (a label of `SOURCE_NAMES`).
-    pub fn connection(&self, source: &str) {
-        let i = SOURCE_NAMES
-            .iter()
-            .position(|s| *s == source)
-            .unwrap_or(SOURCE_NAMES.len() - 1);
-        self.connections[i].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn request(&self, backend: &str, status: u16) {
-        if let Ok(mut map) = self.requests.lock() {
-            match map.get_mut(backend) {
-                Some(by_status) => *by_status.entry(status).or_default() += 1,
-                None => {
-                    map.insert(backend.to_string(), HashMap::from([(status, 1)]));
-                }
-            }
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ntlm_tag");
+        let m = Metrics {
+            registry: Registry::default(),
+            connections: Family::default(),
+            connections_open: Gauge::default(),
+            connections_refused: Counter::default(),
+            closed_before_identified: Counter::default(),
+            proxy_rejected: Family::default(),
+            requests: Family::default(),
+            // 0.5 ms … 65 s: from a pooled keep-alive request to upstream_response_secs.
+            request_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
+            upstream_connections: Family::default(),
+            // 0.1 ms … 6.6 s: a LAN connect to the default upstream_connect_secs.
+            upstream_connect_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
+            pinned_open: Gauge::default(),
+            bound_open: Gauge::default(),
+            bindings: Family::default(),
+            upstream_failovers: Counter::default(),
+            ntlm_messages: Family::default(),
+            errors: Family::default(),
+            upstream_errors: Family::default(),
+            backend_up: Family::default(),
+            reloads: Family::default(),
+            last_reload_successful: Gauge::default(),
+            last_reload_success: Gauge::default(),
+            kernel_map_records: Gauge::default(),
+            kernel_map_capacity: Gauge::default(),
+            kernel_events: Family::default(),
+            scrape: Mutex::new(()),
+        };
+        // Every labelled series exists from the start (at 0), so rates and alerts see it before
+        // its first event.
+        for &source in ConnectionSource::ALL {
+            m.connections.get_or_create(&SourceLabel { source }).get();
         }
+        for &reason in ProxyRejection::ALL {
+            m.proxy_rejected
+                .get_or_create(&ReasonLabel { reason })
+                .get();
+        }
+        for &kind in UpstreamUse::ALL {
+            m.upstream_connections
+                .get_or_create(&KindLabel { kind })
+                .get();
+        }
+        for &trigger in BindTrigger::ALL {
+            m.bindings.get_or_create(&TriggerLabel { trigger }).get();
+        }
+        for &r#type in NtlmMessage::ALL {
+            m.ntlm_messages.get_or_create(&TypeLabel { r#type }).get();
+        }
+        for &origin in Origin::ALL {
+            m.errors.get_or_create(&OriginLabel { origin }).get();
+        }
+        for &kind in UpstreamFailure::ALL {
+            m.upstream_errors
+                .get_or_create(&FailureLabel { kind })
+                .get();
+        }
+        for &result in ReloadResult::ALL {
+            m.reloads.get_or_create(&ResultLabel { result }).get();
+        }
+        // The configuration running now was loaded successfully, at start-up.
+        m.last_reload_successful.set(1);
+        m.last_reload_success.set(unix_now());
+
+        // Counters are registered without `_total`: the encoder appends it.
+        registry.register(
+            "connections",
+            "Client connections accepted, by how the client was identified",
+            m.connections.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Client connections open now",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections refused at limits.max_connections (answered 503)",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "connections_reset_before_identified",
+            "Connections the client had reset before the gateway found their kernel record (closed \
+             unserved; not lookup misses)",
+            m.closed_before_identified.clone(),
+        );
+        registry.register(
+            "proxy_protocol_rejected",
+            "Connections closed before HTTP on PROXY-protocol listeners",
+            m.proxy_rejected.clone(),
+        );
+        registry.register(
+            "requests",
+            "Responses sent, by backend and status (backend \"-\": made by the gateway without one)",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request's head to its response's head",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "upstream_connections",
+            "Requests sent upstream on a newly opened connection or on one already open",
+            m.upstream_connections.clone(),
+        );
+        registry.register(
+            "upstream_connect_duration_seconds",
+            "Time to open an upstream connection (TCP and HTTP/1.1 handshake)",
+            m.upstream_connect_duration.clone(),
+        );
+        registry.register(
+            "pinned_connections",
+            "Upstream connections pinned to one client connection (pin mode)",
+            m.pinned_open.clone(),
+        );
+        registry.register(
+            "bound_connections",
+            "Upstream connections bound to one client connection's NTLM session (bind mode), open now",
+            m.bound_open.clone(),
+        );
+        registry.register(
+            "upstream_bindings",
+            "Upstream connections bound to a client connection (bind mode), by what bound them: an \
+             NTLM/Negotiate token in the request, or a challenge token or Persistent-Auth in the response",
+            m.bindings.clone(),
+        );
+        registry.register(
+            "upstream_failovers",
+            "Requests that never reached their backend (connect refused or timed out, a connection \
+             found closed before the request was written) and went to another backend",
+            m.upstream_failovers.clone(),
+        );
+        registry.register(
+            "ntlm_messages",
+            "NTLM/Negotiate messages seen in request Authorization headers",
+            m.ntlm_messages.clone(),
+        );
+        registry.register(
+            "errors",
+            "Errors by origin: client (PROXY header, TLS, malformed request), upstream (502/504, a \
+             response broken off), internal",
+            m.errors.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream exchanges that failed (502, or a response body broken off) or timed out (504)",
+            m.upstream_errors.clone(),
+        );
+        registry.register(
+            "backend_up",
+            "1 while a backend takes new client connections, 0 while it is marked down",
+            m.backend_up.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP), by result",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "config_last_reload_successful",
+            "1 if the last reload (or the start) applied its configuration, 0 if it was refused",
+            m.last_reload_successful.clone(),
+        );
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time the running configuration was applied (start-up or the last good reload)",
+            m.last_reload_success.clone(),
+        );
+        registry.register(
+            "kernel_map_records",
+            "Connection records in the kernel map (recorded minus deleted; LRU evictions not \
+             subtracted)",
+            m.kernel_map_records.clone(),
+        );
+        registry.register(
+            "kernel_map_capacity",
+            "Size of the kernel connection map",
+            m.kernel_map_capacity.clone(),
+        );
+        registry.register(
+            "kernel_events",
+            "Events counted by the eBPF programs (and userspace lookup misses)",
+            m.kernel_events.clone(),
+        );
+        registry.register(
+            "build",
+            "The running build",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn proxy_rejected(&self, reason: ProxyRejection) {
+        self.proxy_rejected
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+        self.error(Origin::Client);
+    }
+
+    /// Counts an accepted connection by how its identity was learned.
+    pub fn connection(&self, source: ConnectionSource) {
+        self.connections
+            .get_or_create(&SourceLabel { source })
+            .inc();
+    }
+
+    /// One response sent: by the backend that was asked (`-`: none), with its status, and how long
+    /// it took from the request head.
+    pub fn request(&self, backend: &str, status: u16, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                backend: backend.to_string(),
+                status,
+            })
+            .inc();
+        self.request_duration.observe(elapsed.as_secs_f64());
     }
 
     pub fn connection_refused(&self) {
-        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+        self.connections_refused.inc();
     }
 
     pub fn closed_before_identified(&self) {
-        self.closed_before_identified
-            .fetch_add(1, Ordering::Relaxed);
+        self.closed_before_identified.inc();
     }
 
     pub fn tls_failed(&self) {
-        self.tls_failed.fetch_add(1, Ordering::Relaxed);
+        self.error(Origin::Client);
     }
 
     pub fn internal_error(&self) {
-        self.internal_errors.fetch_add(1, Ordering::Relaxed);
+        self.error(Origin::Internal);
     }
 
     pub fn client_request_error(&self) {
-        self.client_request_errors.fetch_add(1, Ordering::Relaxed);
+        self.error(Origin::Client);
+    }
+
+    fn error(&self, origin: Origin) {
+        self.errors.get_or_create(&OriginLabel { origin }).inc();
     }
 
     pub fn ntlm_message(&self, m: NtlmMessage) {
-        self.ntlm_messages[m as usize].fetch_add(1, Ordering::Relaxed);
+        self.ntlm_messages
+            .get_or_create(&TypeLabel { r#type: m })
+            .inc();
     }
 
     pub fn upstream_error(&self) {
-        self.upstream_errors.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn bound(&self, trigger: BindTrigger) {
-        self.bindings[trigger as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn upstream_failover(&self) {
-        self.upstream_failovers.fetch_add(1, Ordering::Relaxed);
+        self.upstream_errors
+            .get_or_create(&FailureLabel {
+                kind: UpstreamFailure::Error,
+            })
+            .inc();
+        self.error(Origin::Upstream);
     }
 
     pub fn upstream_timeout(&self) {
-        self.upstream_timeouts.fetch_add(1, Ordering::Relaxed);
+        self.upstream_errors
+            .get_or_create(&FailureLabel {
+                kind: UpstreamFailure::Timeout,
+            })
+            .inc();
+        self.error(Origin::Upstream);
     }
 
-    /// Prometheus text exposition.
-    pub fn render(&self, live: usize, kernel: Option<(&KernelCounters, u32)>) -> String {
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut out = Exposition::default();
-        out.family(
-            "ntlm_tag_connections_total",
-            "Client connections accepted, by how the client was identified.",
-            "counter",
-            SOURCE_NAMES
-                .iter()
-                .zip(&self.connections)
-                .map(|(name, v)| (format!("source=\"{name}\""), get(v))),
-        );
-        out.single(
-            "ntlm_tag_connections_open",
-            "Client connections open now.",
-            "gauge",
-            live as u64,
-        );
-        out.single(
-            "ntlm_tag_connections_refused_total",
-            "Connections refused at limits.max_connections.",
-            "counter",
-            get(&self.connections_refused),
-        );
-        out.single(
-            "ntlm_tag_connections_reset_before_identified_total",
-            "Connections the client had reset before the gateway found their kernel record (closed \
-             unserved; not lookup misses).",
-            "counter",
-            get(&self.closed_before_identified),
-        );
-        out.family(
-            "ntlm_tag_proxy_protocol_rejected_total",
-            "Connections closed before HTTP on PROXY-protocol listeners.",
-            "counter",
-            REJECTION_NAMES
-                .iter()
-                .zip(&self.proxy_rejected)
-                .map(|(name, v)| (format!("reason=\"{name}\""), get(v))),
-        );
-        let mut requests: Vec<(String, u64)> = Vec::new();
-        if let Ok(map) = self.requests.lock() {
-            for (backend, by_status) in map.iter() {
-                for (status, n) in by_status {
-                    requests.push((format!("backend=\"{backend}\",status=\"{status}\""), *n));
+    pub fn bound(&self, trigger: BindTrigger) {
+        self.bindings.get_or_create(&TriggerLabel { trigger }).inc();
+    }
+
+    pub fn upstream_failover(&self) {
+        self.upstream_failovers.inc();
+    }
+
+    /// A request went upstream on a new connection (`Opened`) or one already open (`Reused`).
+    pub fn upstream_request(&self, kind: UpstreamUse) {
+        self.upstream_connections
+            .get_or_create(&KindLabel { kind })
+            .inc();
+    }
+
+    /// An upstream connection was opened in `elapsed`.
+    pub fn upstream_connected(&self, elapsed: Duration) {
+        self.upstream_connect_duration
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn pinned_open(&self) -> &Gauge<i64, AtomicI64> {
+        &self.pinned_open
+    }
+
+    pub fn bound_open(&self) -> &Gauge<i64, AtomicI64> {
+        &self.bound_open
+    }
+
+    /// A SIGHUP reload applied its file (`Success`) or was refused (`Failure`).
+    pub fn reload(&self, result: ReloadResult) {
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+        match result {
+            ReloadResult::Success => {
+                self.last_reload_successful.set(1);
+                self.last_reload_success.set(unix_now());
+            }
+            ReloadResult::Failure => {
+                self.last_reload_successful.set(0);
+            }
+        }
+    }
+
+    /// Prometheus text exposition, with what lives outside brought in first.
+    pub fn render(&self, now: Scrape<'_>) -> String {
+        let _one_at_a_time = self.scrape.lock();
+        self.connections_open
+            .set(i64::try_from(now.connections_open).unwrap_or(i64::MAX));
+        for (backend, up) in now.backends {
+            self.backend_up
+                .get_or_create(&BackendLabel { backend })
+                .set(i64::from(up));
+        }
+        if let Some((k, capacity)) = now.kernel {
+            self.kernel_map_records
+                .set(i64::try_from(k.recorded.saturating_sub(k.deleted)).unwrap_or(i64::MAX));
+            self.kernel_map_capacity.set(i64::from(capacity));
+            for &event in KernelEvent::ALL {
+                let counter = self.kernel_events.get_or_create(&EventLabel { event });
+                // The kernel keeps running totals; the counter follows them up, never down.
+                let grown = event.of(k).saturating_sub(counter.get());
+                if grown > 0 {
+                    counter.inc_by(grown);
                 }
             }
         }
-        requests.sort();
-        let total: u64 = requests.iter().map(|(_, n)| n).sum();
-        out.family(
-            "ntlm_tag_requests_total",
-            "Requests answered, by backend and status.",
-            "counter",
-            requests.into_iter(),
-        );
-        let opened = get(&self.upstream_opened) + get(&self.pinned_opened);
-        out.family(
-            "ntlm_tag_upstream_connections_total",
-            "Upstream connections opened, and requests that reused an open one.",
-            "counter",
-            [
-                ("kind=\"opened\"".to_string(), opened),
-                ("kind=\"reused\"".to_string(), total.saturating_sub(opened)),
-            ]
-            .into_iter(),
-        );
-        out.single(
-            "ntlm_tag_pinned_connections",
-            "Upstream connections pinned to one client connection (pin mode).",
-            "gauge",
-            get(&self.pinned_open),
-        );
-        out.single(
-            "ntlm_tag_bound_connections",
-            "Upstream connections bound to one client connection's NTLM session (bind mode), open now.",
-            "gauge",
-            get(&self.bound_open),
-        );
-        out.family(
-            "ntlm_tag_upstream_bindings_total",
-            "Upstream connections bound to a client connection (bind mode), by what bound them: an \
-             NTLM/Negotiate token in the request, or a challenge token or Persistent-Auth in the response.",
-            "counter",
-            BIND_TRIGGER_NAMES
-                .iter()
-                .zip(&self.bindings)
-                .map(|(name, v)| (format!("trigger=\"{name}\""), get(v))),
-        );
-        out.single(
-            "ntlm_tag_upstream_failovers_total",
-            "Requests that never reached their backend (connect refused or timed out, a connection \
-             found closed before the request was written) and went to another backend.",
-            "counter",
-            get(&self.upstream_failovers),
-        );
-        out.family(
-            "ntlm_tag_ntlm_messages_total",
-            "NTLM/Negotiate messages seen in client Authorization headers.",
-            "counter",
-            ["negotiate", "authenticate", "spnego"]
-                .iter()
-                .zip(&self.ntlm_messages)
-                .map(|(name, v)| (format!("type=\"{name}\""), get(v))),
-        );
-        let client_errors = self.proxy_rejected.iter().map(get).sum::<u64>()
-            + get(&self.tls_failed)
-            + get(&self.client_request_errors);
-        out.family(
-            "ntlm_tag_errors_total",
-            "Errors by origin: client (PROXY header, TLS, malformed request body), upstream (502/504, a response broken off), internal.",
-            "counter",
-            [
-                ("origin=\"client\"".to_string(), client_errors),
-                (
-                    "origin=\"upstream\"".to_string(),
-                    get(&self.upstream_errors) + get(&self.upstream_timeouts),
-                ),
-                (
-                    "origin=\"internal\"".to_string(),
-                    get(&self.internal_errors),
-                ),
-            ]
-            .into_iter(),
-        );
-        out.family(
-            "ntlm_tag_upstream_errors_total",
-            "Upstream exchanges that failed (502, or a response body broken off) or timed out (504).",
-            "counter",
-            [
-                ("kind=\"error\"".to_string(), get(&self.upstream_errors)),
-                ("kind=\"timeout\"".to_string(), get(&self.upstream_timeouts)),
-            ]
-            .into_iter(),
-        );
-        if let Some((k, capacity)) = kernel {
-            out.single(
-                "ntlm_tag_kernel_map_records",
-                "Connection records in the kernel map (recorded minus deleted; LRU evictions not subtracted).",
-                "gauge",
-                k.recorded.saturating_sub(k.deleted),
-            );
-            out.single(
-                "ntlm_tag_kernel_map_capacity",
-                "Size of the kernel connection map.",
-                "gauge",
-                u64::from(capacity),
-            );
-            out.family(
-                "ntlm_tag_kernel_events_total",
-                "Events counted by the eBPF programs (and userspace lookup misses).",
-                "counter",
-                [
-                    ("recorded", k.recorded),
-                    ("deleted", k.deleted),
-                    ("insert_failed", k.insert_failed),
-                    ("callbacks_unavailable", k.callbacks_unavailable),
-                    ("toa_accepted", k.toa_accepted),
-                    ("toa_untrusted", k.toa_untrusted),
-                    ("toa_malformed", k.toa_malformed),
-                    ("ipip_joined", k.ipip_joined),
-                    ("xdp_decapsulated", k.xdp_decapsulated),
-                    ("xdp_untrusted", k.xdp_untrusted),
-                    ("xdp_skipped", k.xdp_skipped),
-                    ("xdp_inner_not_tcp", k.xdp_inner_not_tcp),
-                    ("xdp_inner_not_local", k.xdp_inner_not_local),
-                    ("lookup_miss", k.lookup_misses),
-                ]
-                .into_iter()
-                .map(|(name, v)| (format!("event=\"{name}\""), v)),
-            );
+        let mut text = String::new();
+        if let Err(e) =
+            prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)
+        {
+            let _ = writeln!(text, "# cannot encode the metrics: {e}");
         }
-        out.text
+        text
     }
 }
 
-/// Builds Prometheus text: one `# HELP`/`# TYPE` pair per family.
-#[derive(Default)]
-struct Exposition {
-    text: String,
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
-impl Exposition {
-    fn header(&mut self, name: &str, help: &str, kind: &str) {
-        let _ = writeln!(self.text, "# HELP {name} {help}");
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
+/// The `Content-Type` of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scrape(m: &Metrics, kernel: Option<(&KernelCounters, u32)>) -> String {
+        m.render(Scrape {
+            connections_open: 3,
+            kernel,
+            backends: vec![("10.0.0.5:8080".to_string(), false)],
+        })
     }
 
-    fn single(&mut self, name: &str, help: &str, kind: &str, value: u64) {
-        self.header(name, help, kind);
-        let _ = writeln!(self.text, "{name} {value}");
-    }
-
-    fn family(
-        &mut self,
-        name: &str,
-        help: &str,
-        kind: &str,
-        rows: impl Iterator<Item = (String, u64)>,
-    ) {
-        self.header(name, help, kind);
-        for (labels, value) in rows {
-            let _ = writeln!(self.text, "{name}{{{labels}}} {value}");
+    #[test]
+    fn the_names_dashboards_use_are_kept() {
+        let m = Metrics::new();
+        let text = scrape(&m, Some((&KernelCounters::default(), 1024)));
+        for name in [
+            "ntlm_tag_connections_total{source=\"kernel-peer\"} 0",
+            "ntlm_tag_connections_open 3",
+            "ntlm_tag_connections_refused_total 0",
+            "ntlm_tag_connections_reset_before_identified_total 0",
+            "ntlm_tag_proxy_protocol_rejected_total{reason=\"untrusted\"} 0",
+            "ntlm_tag_upstream_connections_total{kind=\"reused\"} 0",
+            "ntlm_tag_pinned_connections 0",
+            "ntlm_tag_bound_connections 0",
+            "ntlm_tag_upstream_bindings_total{trigger=\"response\"} 0",
+            "ntlm_tag_upstream_failovers_total 0",
+            "ntlm_tag_ntlm_messages_total{type=\"spnego\"} 0",
+            "ntlm_tag_errors_total{origin=\"client\"} 0",
+            "ntlm_tag_upstream_errors_total{kind=\"timeout\"} 0",
+            "ntlm_tag_kernel_map_records 0",
+            "ntlm_tag_kernel_map_capacity 1024",
+            "ntlm_tag_kernel_events_total{event=\"lookup_miss\"} 0",
+            "ntlm_tag_backend_up{backend=\"10.0.0.5:8080\"} 0",
+            "ntlm_tag_config_reloads_total{result=\"failure\"} 0",
+            "ntlm_tag_config_last_reload_successful 1",
+            "ntlm_tag_build_info{version=\"",
+            "# TYPE ntlm_tag_request_duration_seconds histogram",
+            "# TYPE ntlm_tag_upstream_connect_duration_seconds histogram",
+        ] {
+            assert!(text.contains(name), "{name} missing:\n{text}");
         }
+    }
+
+    #[test]
+    fn kernel_totals_advance_counters_and_never_move_them_back() {
+        let m = Metrics::new();
+        let mut k = KernelCounters {
+            recorded: 5,
+            ..KernelCounters::default()
+        };
+        assert!(scrape(&m, Some((&k, 8))).contains("event=\"recorded\"} 5"));
+        k.recorded = 9;
+        assert!(scrape(&m, Some((&k, 8))).contains("event=\"recorded\"} 9"));
+        // A smaller total (a reset map) never lowers a counter.
+        k.recorded = 2;
+        assert!(scrape(&m, Some((&k, 8))).contains("event=\"recorded\"} 9"));
+    }
+
+    #[test]
+    fn errors_and_reloads_are_counted_where_they_happen() {
+        let m = Metrics::new();
+        m.proxy_rejected(ProxyRejection::Timeout);
+        m.tls_failed();
+        m.upstream_timeout();
+        m.reload(ReloadResult::Failure);
+        let text = scrape(&m, None);
+        assert!(
+            text.contains("ntlm_tag_errors_total{origin=\"client\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ntlm_tag_errors_total{origin=\"upstream\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ntlm_tag_config_last_reload_successful 0"),
+            "{text}"
+        );
     }
 }

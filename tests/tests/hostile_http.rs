@@ -596,3 +596,105 @@ fn obfuscated_transfer_encodings_are_rejected() {
         assert_rejected(&s, case, &reply);
     }
 }
+
+/// The gateway's access line that contains `needle`, awaited.
+fn access_line(s: &mut Setup, needle: &str) -> String {
+    s.gw.wait_for_line(
+        needle,
+        ntlm_tag_tests::gateway::scaled(std::time::Duration::from_secs(5)),
+    )
+    .filter(|l| l.contains("access"))
+    .unwrap_or_else(|| panic!("no access line with {needle}:\n{}", s.gw.log().join("\n")))
+}
+
+#[test]
+fn every_response_gets_a_combined_access_line_and_is_counted() {
+    let mut s = setup();
+    let client = Topology::client_v4(1);
+    let (_, reply) = s.send(
+        1,
+        "GET /combined?token=secret HTTP/1.1\r\nHost: gateway.test\r\nReferer: https://ref.test/page\r\n\
+         User-Agent: agent \"quoted\"/1.0\r\n\r\n",
+        Until::Responses(1),
+    );
+    assert_eq!(reply.statuses(), vec![200], "{:?}", reply.text());
+    let line = access_line(&mut s, "path=/combined");
+    for field in [
+        format!("client={client}"),
+        "method=GET".to_string(),
+        "protocol=HTTP/1.1".to_string(),
+        "status=200".to_string(),
+        "referer=\"https://ref.test/page\"".to_string(),
+        "user_agent=\"agent \\\"quoted\\\"/1.0\"".to_string(),
+        "host=\"gateway.test\"".to_string(),
+        format!("backend={}", Topology::backend_addr()),
+        "upstream_ms=".to_string(),
+        "duration_ms=".to_string(),
+        "conn=".to_string(),
+    ] {
+        assert!(line.contains(&field), "no {field} in: {line}");
+    }
+    assert!(
+        !line.contains("secret"),
+        "the query string is logged: {line}"
+    );
+    let bytes: u64 = line
+        .split_once("bytes=")
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no bytes= in: {line}"));
+    assert_eq!(
+        bytes as usize,
+        reply.responses[0].body.len(),
+        "bytes= is the body the client got: {line}"
+    );
+
+    // The gateway's own answers, before any backend is asked: 501 (its check) and 431 (hyper's).
+    let (_, reply) = s.send(
+        2,
+        "POST /coded HTTP/1.1\r\nHost: gateway.test\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        Until::Closed,
+    );
+    assert_eq!(reply.statuses(), vec![501]);
+    let line = access_line(&mut s, "path=/coded");
+    assert!(
+        line.contains("status=501") && line.contains("backend=-") && !line.contains("upstream_ms"),
+        "{line}"
+    );
+    let reply = oversized(&s, 3, "huge", 1 << 20, 1 << 20, Until::Closed);
+    assert_eq!(reply.statuses(), vec![431]);
+    let line = access_line(&mut s, "status=431 bytes=");
+    assert!(
+        line.contains(&format!("client={}", Topology::client_v4(3))) && line.contains("method=-"),
+        "{line}"
+    );
+    for (status, expected) in [("200", 1), ("501", 0), ("431", 0)] {
+        assert_eq!(
+            metric(
+                &s,
+                "ntlm_tag_requests_total",
+                &format!(
+                    "backend=\"{}\",status=\"{status}\"",
+                    Topology::backend_addr()
+                )
+            )
+            .unwrap_or(0),
+            expected,
+            "{status} via the backend"
+        );
+    }
+    for status in ["501", "431"] {
+        assert_eq!(
+            metric(
+                &s,
+                "ntlm_tag_requests_total",
+                &format!("backend=\"-\",status=\"{status}\"")
+            ),
+            Some(1),
+            "{status} made by the gateway"
+        );
+    }
+    assert_eq!(
+        metric(&s, "ntlm_tag_errors_total", "origin=\"client\""),
+        Some(2)
+    );
+}

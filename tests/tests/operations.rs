@@ -723,6 +723,31 @@ fn slow_headers_are_cut_off_excess_connections_refused_and_big_headers_get_431()
         .sum();
     assert_eq!(ok_requests, 2.0, "{metrics}");
     assert!(value("ntlm_tag_kernel_map_capacity") > 0.0);
+    // The gateway's own answers are counted as responses (backend "-") and logged like any other.
+    let made_by_gateway = |status: &str| {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| {
+                s.metric == "ntlm_tag_requests_total"
+                    && s.labels.get("backend") == Some("-")
+                    && s.labels.get("status") == Some(status)
+            })
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) => v,
+                _ => 0.0,
+            })
+            .sum::<f64>()
+    };
+    assert_eq!(made_by_gateway("503"), 1.0, "{metrics}");
+    assert_eq!(made_by_gateway("431"), 1.0, "{metrics}");
+    let log = gw.log();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("access") && l.contains("status=503") && l.contains("method=-")),
+        "no access line for the 503:\n{}",
+        log.join("\n")
+    );
 }
 
 #[test]
@@ -958,5 +983,366 @@ fn id_templates_with_surrounding_spaces_are_refused_at_load() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs the gateway binary with `args` and returns its exit code and stderr; a process still running
+/// after a generous deadline is killed and reported as `None` (it started instead of refusing).
+fn exit_of(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(ntlm_tag_tests::gateway::binary())
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ntlm-tag");
+    let deadline = Instant::now() + ntlm_tag_tests::gateway::scaled(Duration::from_secs(20));
+    let code = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    (code, stderr)
+}
+
+#[test]
+fn check_and_run_refuse_what_run_could_not_load_with_exit_64_naming_the_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (cert_a, key_a) = certificate(dir.path(), "a.example");
+    let (cert_b, key_b) = certificate(dir.path(), "b.example");
+    // Port 0: should a case wrongly start, it binds nothing anyone else uses.
+    let base = "listen = [{ address = \"127.0.0.1:0\", tls = [{ cert = \"CERT\", key = \"KEY\" }] }]\n\
+                backends = [\"BACKEND\"]\nebpf = \"off\"\n";
+    let file = |name: &str, cert: &str, key: &str, backend: &str, extra: &str| {
+        write(
+            dir.path(),
+            name,
+            &format!(
+                "{}{extra}",
+                base.replace("CERT", cert)
+                    .replace("KEY", key)
+                    .replace("BACKEND", backend)
+            ),
+        )
+    };
+    let good = file("good.toml", &cert_a, &key_a, "127.0.0.1:9", "");
+    let (code, stderr) = exit_of(&["check", "--config", &good]);
+    assert_eq!(code, Some(0), "a complete configuration passes: {stderr}");
+    assert!(stderr.contains("configuration OK"), "{stderr}");
+
+    let missing = dir
+        .path()
+        .join("missing.pem")
+        .to_string_lossy()
+        .into_owned();
+    let cases = [
+        (
+            "a missing certificate",
+            file("nocert.toml", &missing, &key_a, "127.0.0.1:9", ""),
+            "`listen.tls`",
+        ),
+        (
+            "a key that is not the certificate's",
+            file("mismatch.toml", &cert_a, &key_b, "127.0.0.1:9", ""),
+            "`listen.tls`",
+        ),
+        (
+            "a key file that holds a certificate",
+            file("notakey.toml", &cert_a, &cert_b, "127.0.0.1:9", ""),
+            "`listen.tls`",
+        ),
+        (
+            "a user that does not exist",
+            file(
+                "user.toml",
+                &cert_a,
+                &key_a,
+                "127.0.0.1:9",
+                "user = \"no-such-user-7f3a\"\n",
+            ),
+            "`user`",
+        ),
+        (
+            "an XDP interface that does not exist",
+            file(
+                "xdp.toml",
+                &cert_a,
+                &key_a,
+                "127.0.0.1:9",
+                "xdp = [\"nosuch7f3a\"]\ntrusted_lbs = [\"10.0.0.0/8\"]\n",
+            ),
+            "`xdp`",
+        ),
+        (
+            "a backend name that does not resolve",
+            file(
+                "backend.toml",
+                &cert_a,
+                &key_a,
+                "no-such-host.invalid:80",
+                "",
+            ),
+            "`backends`",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, config, key) in &cases {
+        for command in ["check", "run"] {
+            let (code, stderr) = exit_of(&[command, "--config", config]);
+            if code != Some(64) || !stderr.contains(key) {
+                failures.push(format!(
+                    "{command} with {what}: exit {code:?}, expected 64 naming {key}: {stderr}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn check_reports_the_kernel_and_refuses_required_ebpf_that_cannot_load() {
+    let bin = ntlm_tag_tests::gateway::binary();
+    let args = [
+        "check",
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        "127.0.0.1:9",
+        "--ebpf",
+        "required",
+    ];
+    // As root the programs pass the verifier here (this kernel runs them in every other test).
+    let (code, stderr) = exit_of(&args);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("eBPF programs: pass the verifier")
+            && stderr.contains("cgroup v2: mounted"),
+        "{stderr}"
+    );
+    // As nobody the kernel refuses to load them: `run` would exit 69, and so does `check`, saying why.
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(&bin)
+        .args(args)
+        .output()
+        .expect("setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(
+        stderr.contains("cannot load") && stderr.contains("needs root"),
+        "{stderr}"
+    );
+    // With `auto` the same host is a report, not an error.
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(&bin)
+        .args(&args[..5])
+        .args(["--ebpf", "auto"])
+        .output()
+        .expect("setpriv");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn logs_to_a_pipe_or_journald_carry_no_colour_codes() {
+    // No NO_COLOR here (the harness sets it): the gateway itself must see that stderr is no
+    // terminal. An address of TEST-NET-2 is on no interface, so the gateway logs why it cannot
+    // listen and exits.
+    let mut child = std::process::Command::new(ntlm_tag_tests::gateway::binary());
+    child
+        .args([
+            "run",
+            "--listen",
+            "198.51.100.1:80",
+            "--backend",
+            "127.0.0.1:9",
+            "--ebpf",
+            "off",
+        ])
+        .env_remove("NO_COLOR");
+    let out = child.output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ERROR") && stderr.contains("cannot listen on 198.51.100.1:80"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "ANSI escape codes in a log written to a pipe: {stderr:?}"
+    );
+}
+
+/// The value of the sample `name` whose labels include `labels`, from Prometheus text.
+fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let scrape = prometheus_parse::Scrape::parse(metrics.lines().map(|l| Ok(l.to_string())))
+        .expect("Prometheus text");
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+/// Polls `check` until it holds; panics with `what` and the last value after a deadline that only
+/// stops a stuck test.
+fn eventually<T: std::fmt::Debug>(
+    what: &str,
+    mut probe: impl FnMut() -> T,
+    check: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + ntlm_tag_tests::gateway::scaled(Duration::from_secs(15));
+    loop {
+        let value = probe();
+        if check(&value) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {value:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn healthz_follows_the_backends_and_metrics_show_build_reloads_and_timings() {
+    let topo = Topology::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let backend_addr = Topology::backend_addr();
+    let config_text = format!(
+        "listen = [\"{}\"]\nbackends = [\"{backend_addr}\"]\nebpf = \"required\"\n\
+         [health_check]\npath = \"/\"\ninterval_secs = 0.2\ntimeout_secs = 0.5\n",
+        Topology::gateway_addr()
+    );
+    let config = write(dir.path(), "gw.toml", &config_text);
+    let gw = Gateway::start(&topo.gateway, &["--config", &config]);
+    let backend_label = backend_addr.to_string();
+    let up = [("backend", backend_label.as_str())];
+
+    // No backend listens yet: alive, but not ready.
+    eventually(
+        "/healthz with the only backend down",
+        || gw.admin.get("/healthz", &[]).status,
+        |s| *s == 503,
+    );
+    assert_eq!(gw.admin.get("/livez", &[]).status, 200);
+    let metrics = gw.admin_metrics();
+    assert_eq!(
+        sample(&metrics, "ntlm_tag_backend_up", &up),
+        Some(0.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            "ntlm_tag_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    // The backend comes up: ready again.
+    let _backend = Backend::start(&topo.backend, backend_addr);
+    eventually(
+        "/healthz once the backend answers",
+        || gw.admin.get("/healthz", &[]).status,
+        |s| *s == 200,
+    );
+    assert_eq!(
+        sample(&gw.admin_metrics(), "ntlm_tag_backend_up", &up),
+        Some(1.0)
+    );
+
+    // Two requests on one client connection: the first opens an upstream connection, the second
+    // reuses it; both are timed.
+    let statuses = topo.client.run(|| async {
+        let src = SocketAddr::new(Topology::client_v4(0), 0);
+        let mut conn = Connection::open(Some(src), Topology::gateway_addr()).await;
+        let first = conn.get("/one", &[]).await.status;
+        let second = conn.get("/two", &[]).await.status;
+        (first, second)
+    });
+    assert_eq!(statuses, (200, 200));
+    let metrics = gw.admin_metrics();
+    let count = |name: &str, labels: &[(&str, &str)]| sample(&metrics, name, labels);
+    assert_eq!(
+        count("ntlm_tag_upstream_connections_total", &[("kind", "opened")]),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        count("ntlm_tag_upstream_connections_total", &[("kind", "reused")]),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ntlm_tag_request_duration_seconds_count 2")
+            && metrics.contains("ntlm_tag_upstream_connect_duration_seconds_count 1")
+            && metrics.contains("ntlm_tag_request_duration_seconds_bucket{le=\"+Inf\"} 2"),
+        "{metrics}"
+    );
+    assert_eq!(
+        count("ntlm_tag_config_last_reload_successful", &[]),
+        Some(1.0)
+    );
+    let started_at = count("ntlm_tag_config_last_reload_success_timestamp_seconds", &[])
+        .expect("reload timestamp");
+
+    // A good reload, then a broken file: counted by result, and the gauges say which ran last.
+    gw.signal(libc::SIGHUP);
+    let after_good = eventually(
+        "a counted good reload",
+        || gw.admin_metrics(),
+        |m| sample(m, "ntlm_tag_config_reloads_total", &[("result", "success")]) == Some(1.0),
+    );
+    assert!(
+        sample(
+            &after_good,
+            "ntlm_tag_config_last_reload_success_timestamp_seconds",
+            &[]
+        )
+        .is_some_and(|t| t >= started_at),
+        "{after_good}"
+    );
+    std::fs::write(&config, "listen = [").expect("break the file");
+    gw.signal(libc::SIGHUP);
+    let after_bad = eventually(
+        "a counted refused reload",
+        || gw.admin_metrics(),
+        |m| sample(m, "ntlm_tag_config_reloads_total", &[("result", "failure")]) == Some(1.0),
+    );
+    assert_eq!(
+        sample(&after_bad, "ntlm_tag_config_last_reload_successful", &[]),
+        Some(0.0),
+        "{after_bad}"
     );
 }

@@ -24,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing: Debian packages, nightly rust-src, bpf-linker.
+    /// Install what is missing: nightly rust-src, the Debian packages (LLVM of that nightly), bpf-linker.
     Setup,
     /// Build the eBPF object that `ntlm-tag` embeds.
     BuildEbpf,
@@ -139,6 +139,7 @@ fn cargo() -> Command {
 }
 
 fn build_ebpf() -> Result<()> {
+    setup::check_llvm_match()?;
     step("building the eBPF object (nightly, bpfel-unknown-none)");
     let mut cmd = Command::new("cargo");
     cmd.current_dir(root().join("ntlm-tag-ebpf"))

@@ -101,14 +101,15 @@ impl ConnectionIdentity {
     }
 
     /// A label for metrics: where the identity came from.
-    pub fn metrics_label(&self) -> &'static str {
+    pub fn metrics_label(&self) -> crate::metrics::ConnectionSource {
+        use crate::metrics::ConnectionSource as S;
         match (self.learned_from, self.source) {
-            (ClientSource::ProxyV1, _) => "proxy-v1",
-            (ClientSource::ProxyV2, _) => "proxy-v2",
-            (_, IdentitySource::Fallback) => "fallback",
-            (ClientSource::Toa, _) => "kernel-toa",
-            (ClientSource::Ipip, _) => "kernel-ipip",
-            (ClientSource::Peer, IdentitySource::Kernel) => "kernel-peer",
+            (ClientSource::ProxyV1, _) => S::ProxyV1,
+            (ClientSource::ProxyV2, _) => S::ProxyV2,
+            (_, IdentitySource::Fallback) => S::Fallback,
+            (ClientSource::Toa, _) => S::KernelToa,
+            (ClientSource::Ipip, _) => S::KernelIpip,
+            (ClientSource::Peer, IdentitySource::Kernel) => S::KernelPeer,
         }
     }
 }

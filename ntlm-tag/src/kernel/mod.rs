@@ -6,6 +6,7 @@ mod key_sets;
 pub mod local_addrs;
 pub mod privileges;
 mod sockopt;
+pub mod support;
 
 use std::{
     io,
@@ -640,7 +641,13 @@ fn is_permission(e: &io::Error) -> bool {
 }
 
 fn hint_for_load(e: &aya::EbpfError) -> &'static str {
-    let text = e.to_string();
+    // The errno sits at the end of the source chain (map creation → syscall), not in the top message.
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
     if text.contains("Operation not permitted") || text.contains("Permission denied") {
         PRIVILEGE_HINT
     } else {

@@ -1,6 +1,7 @@
 //! Listeners and the per-connection path: accept → identify → serve requests → stamp → forward.
 #![forbid(unsafe_code)]
 
+mod access_log;
 mod head_clock;
 mod prefixed;
 pub mod rewrite;
@@ -21,7 +22,7 @@ use arc_swap::ArcSwap;
 use tokio_rustls::TlsAcceptor;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, Version};
+use http::{Request, Response, StatusCode, Version, uri::Authority};
 use http_body_util::{Either, Full};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::{
@@ -43,6 +44,7 @@ use crate::{
     registry::{Registration, Registry},
     upstream::{ClientBody, ClientUpstream, Upstream},
 };
+use access_log::{AccessRecord, LoggedBody};
 use head_clock::{ClockedIo, HeadClock};
 use prefixed::PrefixedIo;
 use rewrite::{ClientScheme, ConnectionStamp, StampPolicy};
@@ -133,7 +135,7 @@ pub async fn serve_listener(
         if gateway.open.fetch_add(1, Ordering::Relaxed) >= live.limits.max_connections {
             gateway.open.fetch_sub(1, Ordering::Relaxed);
             gateway.metrics.connection_refused();
-            refuse_over_limit(stream, peer, live.limits.max_connections);
+            refuse_over_limit(stream, peer, &gateway, &live);
             continue;
         }
         let slot = OpenSlot(Arc::clone(&gateway));
@@ -162,10 +164,26 @@ pub async fn serve_listener(
 }
 
 /// Over the connection limit: a short 503 (best effort, never blocking the accept loop), then close.
-fn refuse_over_limit(stream: tokio::net::TcpStream, peer: SocketAddr, limit: usize) {
+/// It answers no request, but it is a response the client sees: counted and logged like one.
+fn refuse_over_limit(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    gateway: &Gateway,
+    live: &Live,
+) {
     const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\nRetry-After: 1\r\n\r\n";
     let _ = stream.try_write(BUSY);
+    let limit = live.limits.max_connections;
     tracing::warn!(%peer, limit, "connection limit reached; refusing a connection (raise limits.max_connections?)");
+    gateway.metrics.request(
+        "-",
+        StatusCode::SERVICE_UNAVAILABLE.as_u16(),
+        std::time::Duration::ZERO,
+    );
+    if live.access_log {
+        AccessRecord::without_request(None, peer.ip(), StatusCode::SERVICE_UNAVAILABLE.as_u16())
+            .emit(0);
+    }
 }
 
 fn identify(
@@ -414,8 +432,54 @@ async fn serve_connection<S>(
         .map_err(Into::into)
     };
     if let Err(e) = result {
-        tracing::debug!(conn = %connection.conn, error = %error_chain(&*e), "client connection ended with an error");
+        if let Some(status) = e
+            .downcast_ref::<hyper::Error>()
+            .and_then(automatic_response)
+        {
+            // hyper answered a request head it could not parse itself; count and log that answer.
+            let gateway = &connection.gateway;
+            gateway.metrics.client_request_error();
+            gateway
+                .metrics
+                .request("-", status.as_u16(), std::time::Duration::ZERO);
+            tracing::info!(conn = %connection.conn, status = status.as_u16(), error = %error_chain(&*e), "unparsable request head");
+            if connection.live.access_log {
+                AccessRecord::without_request(
+                    Some(connection.conn),
+                    connection.client,
+                    status.as_u16(),
+                )
+                .emit(0);
+            }
+        } else {
+            tracing::debug!(conn = %connection.conn, error = %error_chain(&*e), "client connection ended with an error");
+        }
     }
+}
+
+/// The status hyper's HTTP/1 server sends by itself for a request head it cannot parse (its
+/// `Server::on_error`: 431 for a head over the buffer, 414 for a URI over 64 KiB, 400 for a bad
+/// method, URI, version or header); `None` when it sends nothing (an HTTP/2 preface on an HTTP/1
+/// connection, a closed or timed-out connection).
+fn automatic_response(e: &hyper::Error) -> Option<StatusCode> {
+    // hyper tells these kinds apart only in its messages.
+    let text = e.to_string();
+    if !e.is_parse()
+        || e.is_parse_status()
+        || text.contains("HTTP2 preface")
+        || text.contains("internal")
+    {
+        return None;
+    }
+    Some(if e.is_parse_too_large() {
+        if text.contains("URI") {
+            StatusCode::URI_TOO_LONG
+        } else {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        }
+    } else {
+        StatusCode::BAD_REQUEST
+    })
 }
 
 /// NTLM authenticates a TCP connection; HTTP/2 multiplexes requests of many contexts on one. Like
@@ -424,7 +488,7 @@ async fn serve_connection<S>(
 async fn handle(
     req: Request<Incoming>,
     connection: &ClientConnection,
-) -> Result<Response<ProxyBody>, h2::Error> {
+) -> Result<Response<LoggedBody>, h2::Error> {
     if req.version() == Version::HTTP_2 && crate::upstream::is_ntlm_request(req.headers()) {
         tracing::debug!(conn = %connection.conn, "NTLM over HTTP/2: answering HTTP_1_1_REQUIRED");
         return Err(h2::Error::from(h2::Reason::HTTP_1_1_REQUIRED));
@@ -432,12 +496,44 @@ async fn handle(
     Ok(forward(req, connection).await)
 }
 
-/// Forwards one request to the connection's backend, stamped with the connection id.
-async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Response<ProxyBody> {
+/// Forwards one request to the connection's backend, stamped with the connection id; every
+/// response, the backend's or the gateway's own, is counted and gets an access line.
+async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Response<LoggedBody> {
     let gateway = &connection.gateway;
-    let live = &connection.live;
     let started = Instant::now();
     connection.registration.count_request();
+    let mut record = connection.live.access_log.then(|| {
+        AccessRecord::request(
+            connection.conn,
+            connection.full_id.as_deref(),
+            connection.client,
+            (req.method(), req.uri(), req.version(), req.headers()),
+            started,
+        )
+    });
+    let (response, backend) = respond(req, connection, record.as_mut()).await;
+    let status = response.status().as_u16();
+    // Responses made before a backend was chosen count under backend "-", as in the access log.
+    gateway.metrics.request(
+        backend.as_ref().map_or("-", Authority::as_str),
+        status,
+        started.elapsed(),
+    );
+    if let Some(record) = &mut record {
+        record.status(status);
+    }
+    response.map(|body| LoggedBody::new(body, record))
+}
+
+/// The response to one request, and the backend that was asked (`None` when the gateway answered
+/// without one).
+async fn respond(
+    req: Request<Incoming>,
+    connection: &ClientConnection,
+    record: Option<&mut AccessRecord>,
+) -> (Response<ProxyBody>, Option<Authority>) {
+    let gateway = &connection.gateway;
+    let live = &connection.live;
     // hyper bounds its read buffer, not the head itself: enforce the configured head size exactly.
     let uri = req.uri();
     let head_size = uri.scheme_str().map_or(0, |s| s.len() + 3)
@@ -449,6 +545,7 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
             .map(|(k, v)| k.as_str().len() + v.len() + 4)
             .sum::<usize>();
     if head_size > live.limits.max_header_bytes {
+        gateway.metrics.client_request_error();
         tracing::info!(conn = %connection.conn, head_size, limit = live.limits.max_header_bytes, "request head too large; 431");
         let mut response = error_response(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -458,7 +555,7 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
             http::header::CONNECTION,
             http::HeaderValue::from_static("close"),
         );
-        return response;
+        return (response, None);
     }
     if let Some(codings) = rewrite::unsupported_transfer_coding(req.headers()) {
         // Forwarding would drop the coding (each hop is framed anew, chunked) and pass coded bytes
@@ -473,23 +570,25 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
             http::header::CONNECTION,
             http::HeaderValue::from_static("close"),
         );
-        return response;
+        return (response, None);
     }
     if let Some(m) = crate::upstream::ntlm_message(req.headers()) {
         gateway.metrics.ntlm_message(m);
     }
-    let method = req.method().clone();
-    let path = live.access_log.then(|| req.uri().path().to_string());
     let (mut parts, body) = req.into_parts();
     parts.version = Version::HTTP_11;
     rewrite::prepare_request(&mut parts.headers, &gateway.policy, &connection.stamp);
     let upstream_req = Request::from_parts(parts, ClientBody::new(body));
     let mut upstream = connection.upstream.lock().await;
+    let asked = Instant::now();
     let result = live
         .upstream
         .exchange(&mut upstream, connection.client, upstream_req)
         .await;
     let backend = Arc::clone(upstream.backend());
+    if let Some(record) = record {
+        record.upstream(backend.authority(), asked.elapsed());
+    }
     // The backend moves on failover; the link changes when a connection is bound.
     connection
         .registration
@@ -550,22 +649,7 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
             response
         }
     };
-    gateway
-        .metrics
-        .request(backend.authority().as_str(), response.status().as_u16());
-    if let Some(path) = path {
-        tracing::info!(
-            target: "access",
-            conn = %connection.conn,
-            conn_id = connection.full_id.as_deref().map(tracing::field::display),
-            method = %method,
-            path = %path,
-            backend = %backend.authority(),
-            status = response.status().as_u16(),
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-        );
-    }
-    response
+    (response, Some(backend.authority().clone()))
 }
 
 fn error_response(status: StatusCode, reason: &'static str) -> Response<ProxyBody> {

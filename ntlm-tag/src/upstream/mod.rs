@@ -47,7 +47,7 @@ use thiserror::Error;
 
 use crate::{
     config::{HealthCheckConfig, Timeouts},
-    metrics::{BindTrigger, Metrics},
+    metrics::{BindTrigger, Metrics, UpstreamUse},
 };
 use health::Health;
 use pool::{IdleConnections, Loan};
@@ -267,14 +267,14 @@ struct BoundGauge(Arc<Metrics>);
 
 impl BoundGauge {
     fn new(metrics: &Arc<Metrics>) -> Self {
-        metrics.bound_open.fetch_add(1, Ordering::Relaxed);
+        metrics.bound_open().inc();
         BoundGauge(Arc::clone(metrics))
     }
 }
 
 impl Drop for BoundGauge {
     fn drop(&mut self) {
-        self.0.bound_open.fetch_sub(1, Ordering::Relaxed);
+        self.0.bound_open().dec();
     }
 }
 
@@ -408,7 +408,6 @@ impl Upstream {
         }
     }
 
-    #[cfg(test)]
     pub fn backends(&self) -> &[Arc<Backend>] {
         &self.backends
     }
@@ -725,7 +724,11 @@ impl Upstream {
                 }));
             }
         }
-        self.send_on(&backend, &mut own.sender, req).await.map(wrap)
+        let attempt = self.send_on(&backend, &mut own.sender, req).await;
+        if matches!(attempt, Attempt::Done(_)) {
+            self.metrics.upstream_request(UpstreamUse::Reused);
+        }
+        attempt.map(wrap)
     }
 
     /// Sends `req` on an idle shared connection of `backend` or, when none takes it, on a new one
@@ -748,7 +751,10 @@ impl Upstream {
                     continue;
                 }
                 match self.send_on(backend, &mut sender, req).await {
-                    Attempt::Done(result) => return Attempt::Done(result.map(|r| (r, sender))),
+                    Attempt::Done(result) => {
+                        self.metrics.upstream_request(UpstreamUse::Reused);
+                        return Attempt::Done(result.map(|r| (r, sender)));
+                    }
                     // Closed by the backend before a byte of the request was written.
                     Attempt::Unsent(unsent, _) => req = *unsent,
                 }
@@ -819,6 +825,7 @@ impl Upstream {
             };
         let host = backend.authority.host().trim_matches(['[', ']']);
         let port = backend.authority.port_u16().unwrap_or(80);
+        let started = std::time::Instant::now();
         let connect = tokio::net::TcpStream::connect((host, port));
         let stream = match tokio::time::timeout(self.timeouts.upstream_connect, connect).await {
             Ok(Ok(s)) => s,
@@ -835,19 +842,20 @@ impl Upstream {
             .await
             .map_err(|e| connect_error(Box::new(e)))?;
         let metrics = Arc::clone(&self.metrics);
+        metrics.upstream_connected(started.elapsed());
         match sharing {
             Sharing::Shared | Sharing::Bound => {
-                metrics.upstream_opened.fetch_add(1, Ordering::Relaxed);
+                metrics.upstream_request(UpstreamUse::Opened);
                 tokio::spawn(async move {
                     let _ = connection.await;
                 });
             }
             Sharing::Pinned => {
-                metrics.pinned_opened.fetch_add(1, Ordering::Relaxed);
-                metrics.pinned_open.fetch_add(1, Ordering::Relaxed);
+                metrics.upstream_request(UpstreamUse::Opened);
+                metrics.pinned_open().inc();
                 tokio::spawn(async move {
                     let _ = connection.await;
-                    metrics.pinned_open.fetch_sub(1, Ordering::Relaxed);
+                    metrics.pinned_open().dec();
                 });
             }
         }

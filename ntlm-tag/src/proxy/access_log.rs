@@ -1,0 +1,198 @@
+//! The access log (tracing target `access`): one line per response, the gateway's own (431, 501,
+//! 502, 504, 400, 503 over the connection limit) as well as the backends'. The fields are those of
+//! nginx's `combined` format (client address, method, path, protocol, status, bytes sent, referer,
+//! user agent, host) plus the time to the backend's response head (`upstream_ms`), the whole
+//! duration (`duration_ms`), the backend and the connection's id hash. Like nginx, the line is
+//! written when the response body has been sent (or abandoned), so that it has the bytes and the
+//! whole duration.
+#![forbid(unsafe_code)]
+
+use std::{
+    net::IpAddr,
+    pin::Pin,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Version, header, uri::Authority};
+use hyper::body::{Body, Frame, SizeHint};
+
+use super::ProxyBody;
+use crate::identity::IdHash;
+
+/// Shown for a field the request did not have, or a response made without a backend.
+const NONE: &str = "-";
+
+/// What one access line says about its request, gathered before the response is sent.
+pub struct AccessRecord {
+    conn: Option<IdHash>,
+    conn_id: Option<Box<str>>,
+    client: IpAddr,
+    method: Option<Method>,
+    /// The path only: query strings often carry tokens (OAuth codes, signed URLs).
+    path: Option<Box<str>>,
+    version: Option<Version>,
+    host: Option<HeaderValue>,
+    referer: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+    started: Instant,
+    status: u16,
+    backend: Option<Authority>,
+    upstream: Option<Duration>,
+}
+
+impl AccessRecord {
+    /// A request as it arrived (before any header is rewritten).
+    pub fn request(
+        conn: IdHash,
+        conn_id: Option<&str>,
+        client: IpAddr,
+        parts: (&Method, &http::Uri, Version, &HeaderMap),
+        started: Instant,
+    ) -> Self {
+        let (method, uri, version, headers) = parts;
+        let header = |name: header::HeaderName| headers.get(name).cloned();
+        AccessRecord {
+            conn: Some(conn),
+            conn_id: conn_id.map(Into::into),
+            client,
+            method: Some(method.clone()),
+            path: Some(uri.path().into()),
+            version: Some(version),
+            // HTTP/2 carries the host in the :authority pseudo-header, which is the URI's.
+            host: header(header::HOST)
+                .or_else(|| uri.authority().and_then(|a| a.as_str().parse().ok())),
+            referer: header(header::REFERER),
+            user_agent: header(header::USER_AGENT),
+            started,
+            status: 0,
+            backend: None,
+            upstream: None,
+        }
+    }
+
+    /// A response the gateway made without reading a request (503 over the connection limit, or
+    /// hyper's own answer to a request head it could not parse).
+    pub fn without_request(conn: Option<IdHash>, client: IpAddr, status: u16) -> Self {
+        AccessRecord {
+            conn,
+            conn_id: None,
+            client,
+            method: None,
+            path: None,
+            version: None,
+            host: None,
+            referer: None,
+            user_agent: None,
+            started: Instant::now(),
+            status,
+            backend: None,
+            upstream: None,
+        }
+    }
+
+    /// The backend that was asked and how long its response head took.
+    pub fn upstream(&mut self, backend: &Authority, elapsed: Duration) {
+        self.backend = Some(backend.clone());
+        self.upstream = Some(elapsed);
+    }
+
+    pub fn status(&mut self, status: u16) {
+        self.status = status;
+    }
+
+    /// Writes the line.
+    pub fn emit(self, bytes: u64) {
+        let text = |v: &Option<HeaderValue>| {
+            v.as_ref()
+                .map_or(NONE, |v| v.to_str().unwrap_or("(not ASCII)"))
+                .to_string()
+        };
+        // Milliseconds to the microsecond, without float noise (0.014457000000000001).
+        let ms = |d: Duration| format!("{:.3}", d.as_secs_f64() * 1000.0);
+        tracing::info!(
+            target: "access",
+            conn = self.conn.map(tracing::field::display),
+            conn_id = self.conn_id.as_deref().map(tracing::field::display),
+            client = %self.client,
+            // Tokens and a URI path (no spaces or quotes): shown as they are.
+            method = %self.method.as_ref().map_or(NONE, Method::as_str),
+            path = %self.path.as_deref().unwrap_or(NONE),
+            protocol = %self.version.map_or(NONE, protocol),
+            status = self.status,
+            bytes,
+            // Quoted and escaped (Debug): these are the client's words.
+            referer = ?text(&self.referer),
+            user_agent = ?text(&self.user_agent),
+            host = ?text(&self.host),
+            backend = %self.backend.as_ref().map_or(NONE, Authority::as_str),
+            upstream_ms = self.upstream.map(ms).map(tracing::field::display),
+            duration_ms = %ms(self.started.elapsed()),
+        );
+    }
+}
+
+fn protocol(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => NONE,
+    }
+}
+
+/// A response body that counts the bytes it passes on and writes the access line when it is done
+/// (sent to its end, or dropped because the client went away).
+pub struct LoggedBody {
+    inner: ProxyBody,
+    sent: u64,
+    record: Option<Box<AccessRecord>>,
+}
+
+impl LoggedBody {
+    /// `record` is `None` when the access log is off.
+    pub fn new(inner: ProxyBody, record: Option<AccessRecord>) -> Self {
+        LoggedBody {
+            inner,
+            sent: 0,
+            record: record.map(Box::new),
+        }
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            record.emit(self.sent);
+        }
+    }
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = <ProxyBody as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.sent += data.len() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
