@@ -283,7 +283,7 @@ fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
         &config.timeouts,
         config.limits.max_upstream_per_backend,
         Arc::clone(metrics),
-    );
+    )?;
     if let Some(check) = &config.health_check {
         upstream.spawn_health_checks(check.clone());
     }

@@ -21,6 +21,7 @@ mod client_body;
 mod guarded;
 pub mod health;
 mod pool;
+pub mod tls;
 
 pub use client_body::{ClientBody, ClientBodyState};
 pub use guarded::GuardedBody;
@@ -38,12 +39,11 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, header, uri::Authority};
 use http_body_util::Empty;
 use hyper::{body::Incoming, client::conn::http1::SendRequest};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo},
-};
+use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 use crate::{
     config::{HealthCheckConfig, Timeouts},
@@ -51,6 +51,44 @@ use crate::{
 };
 use health::Health;
 use pool::{IdleConnections, Loan};
+use tls::{BackendTls, BackendTlsConfig, BackendTlsError};
+
+/// A backend as configured: its address and, for an `https://` backend, how to talk TLS to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendAddress {
+    pub authority: Authority,
+    pub tls: Option<BackendTlsConfig>,
+}
+
+impl BackendAddress {
+    pub fn plain(authority: Authority) -> Self {
+        BackendAddress {
+            authority,
+            tls: None,
+        }
+    }
+}
+
+impl std::fmt::Display for BackendAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.tls {
+            Some(_) => write!(f, "https://{}", self.authority),
+            None => write!(f, "{}", self.authority),
+        }
+    }
+}
+
+/// A backend whose TLS client could not be built (a CA or client certificate file).
+#[derive(Debug, Error)]
+#[error("backend {backend}: {source}")]
+pub struct BackendSetupError {
+    pub backend: String,
+    #[source]
+    pub source: BackendTlsError,
+}
+
+/// A connection to a backend: plain TCP, or TLS over it.
+type BackendIo = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// How client connections are tied to upstream connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -96,6 +134,8 @@ pub enum Balance {
 #[derive(Debug)]
 pub struct Backend {
     authority: Authority,
+    /// Set for an `https://` backend.
+    tls: Option<BackendTls>,
     active: AtomicUsize,
     health: Health,
     /// Caps the busy shared upstream connections to this backend, if configured.
@@ -107,6 +147,45 @@ pub struct Backend {
 impl Backend {
     pub fn authority(&self) -> &Authority {
         &self.authority
+    }
+
+    /// Opens a connection within `timeout` (TCP connect and, for TLS, the handshake): the one
+    /// place that dials a backend, for exchanges and health checks alike.
+    async fn connect(&self, timeout: Duration) -> Result<BackendIo, UpstreamError> {
+        let host = self.authority.host().trim_matches(['[', ']']);
+        let port = self
+            .authority
+            .port_u16()
+            .unwrap_or(if self.tls.is_some() { 443 } else { 80 });
+        let dial = async {
+            let stream =
+                TcpStream::connect((host, port))
+                    .await
+                    .map_err(|e| UpstreamError::Connect {
+                        backend: self.authority.clone(),
+                        source: Box::new(e),
+                    })?;
+            let _ = stream.set_nodelay(true);
+            match &self.tls {
+                None => Ok(Either::Left(stream)),
+                Some(tls) => tls
+                    .connect(stream)
+                    .await
+                    .map(Either::Right)
+                    .map_err(|source| UpstreamError::Tls {
+                        backend: self.authority.clone(),
+                        server_name: tls.server_name(),
+                        source,
+                    }),
+            }
+        };
+        match tokio::time::timeout(timeout, dial).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::ConnectTimeout {
+                backend: self.authority.clone(),
+                timeout,
+            }),
+        }
     }
 
     pub fn is_up(&self) -> bool {
@@ -176,6 +255,16 @@ pub enum UpstreamError {
         backend: Authority,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "TLS handshake with {backend} (server name {server_name}) failed: {source}; the backend's \
+         certificate must hold that name and chain to ca_file (or the system's roots)"
+    )]
+    Tls {
+        backend: Authority,
+        server_name: String,
+        #[source]
+        source: std::io::Error,
     },
     #[error("cannot connect to {backend} within {timeout:?}")]
     ConnectTimeout {
@@ -353,20 +442,37 @@ impl Drop for Upstream {
 }
 
 impl Upstream {
+    /// Builds the backends' TLS clients (reading their CA and client certificate files): an
+    /// error names the backend and the file.
     pub fn new(
-        backends: &[Authority],
+        backends: &[BackendAddress],
         mode: Mode,
         balance: Balance,
         timeouts: &Timeouts,
         max_per_backend: usize,
         metrics: Arc<Metrics>,
-    ) -> Self {
+    ) -> Result<Self, BackendSetupError> {
+        let tls = backends
+            .iter()
+            .map(|b| {
+                b.tls
+                    .as_ref()
+                    .map(|t| BackendTls::new(t, b.authority.host()))
+                    .transpose()
+                    .map_err(|source| BackendSetupError {
+                        backend: b.to_string(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let upstream = Upstream {
             backends: backends
                 .iter()
-                .map(|a| {
+                .zip(tls)
+                .map(|(b, tls)| {
                     Arc::new(Backend {
-                        authority: a.clone(),
+                        authority: b.authority.clone(),
+                        tls,
                         active: AtomicUsize::new(0),
                         health: Health::default(),
                         permits: (max_per_backend > 0)
@@ -383,7 +489,7 @@ impl Upstream {
             checks: std::sync::Mutex::new(Vec::new()),
         };
         upstream.spawn_idle_sweeper();
-        upstream
+        Ok(upstream)
     }
 
     /// Closes shared connections left idle for `upstream_idle_secs`, until this Upstream is
@@ -503,7 +609,9 @@ impl Upstream {
                 Attempt::Unsent(unsent, error) => {
                     if matches!(
                         error,
-                        UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. }
+                        UpstreamError::Connect { .. }
+                            | UpstreamError::Tls { .. }
+                            | UpstreamError::ConnectTimeout { .. }
                     ) {
                         self.mark_down(&backend);
                     }
@@ -812,28 +920,13 @@ impl Upstream {
         backend: &Arc<Backend>,
         sharing: Sharing,
     ) -> Result<SendRequest<ClientBody>, UpstreamError> {
-        let connect_error =
-            |source: Box<dyn std::error::Error + Send + Sync>| UpstreamError::Connect {
-                backend: backend.authority.clone(),
-                source,
-            };
-        let host = backend.authority.host().trim_matches(['[', ']']);
-        let port = backend.authority.port_u16().unwrap_or(80);
-        let connect = tokio::net::TcpStream::connect((host, port));
-        let stream = match tokio::time::timeout(self.timeouts.upstream_connect, connect).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(connect_error(Box::new(e))),
-            Err(_) => {
-                return Err(UpstreamError::ConnectTimeout {
-                    backend: backend.authority.clone(),
-                    timeout: self.timeouts.upstream_connect,
-                });
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let io = backend.connect(self.timeouts.upstream_connect).await?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
-            .map_err(|e| connect_error(Box::new(e)))?;
+            .map_err(|e| UpstreamError::Connect {
+                backend: backend.authority.clone(),
+                source: Box::new(e),
+            })?;
         let metrics = Arc::clone(&self.metrics);
         match sharing {
             Sharing::Shared | Sharing::Bound => {
@@ -860,19 +953,13 @@ impl Upstream {
             let backend = Arc::clone(backend);
             let check = check.clone();
             let task = tokio::spawn(async move {
-                let client: Client<HttpConnector, Empty<Bytes>> =
-                    Client::builder(TokioExecutor::new()).build(HttpConnector::new());
                 let mut interval = tokio::time::interval(check.interval);
                 loop {
                     interval.tick().await;
-                    let uri = format!("http://{}{}", backend.authority, check.path);
-                    let ok = match Request::get(uri).body(Empty::new()) {
-                        Ok(req) => matches!(
-                            tokio::time::timeout(check.timeout, client.request(req)).await,
-                            Ok(Ok(r)) if r.status().as_u16() == check.expect_status
-                        ),
-                        Err(_) => false,
-                    };
+                    let ok = matches!(
+                        tokio::time::timeout(check.timeout, probe(&backend, &check.path, check.timeout)).await,
+                        Ok(Some(status)) if status == check.expect_status
+                    );
                     if backend.health.record_check(ok) {
                         if ok {
                             tracing::info!(backend = %backend.authority, "health check passes again; backend back in rotation");
@@ -887,6 +974,28 @@ impl Upstream {
             }
         }
     }
+}
+
+/// One health-check GET on a new connection (plain or TLS, like every exchange); the status, or
+/// None when the backend could not be reached or did not answer.
+async fn probe(backend: &Backend, path: &str, timeout: Duration) -> Option<u16> {
+    let io = backend.connect(timeout).await.ok()?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .ok()?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let req = Request::get(path)
+        .header(header::HOST, backend.authority.as_str())
+        .header(header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .ok()?;
+    sender
+        .send_request(req)
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
 }
 
 fn rendezvous(client: IpAddr, backend: &str) -> u64 {
@@ -960,8 +1069,8 @@ mod tests {
     use super::*;
 
     fn upstream(n: usize, balance: Balance) -> Upstream {
-        let backends: Vec<Authority> = (0..n)
-            .map(|i| format!("10.0.0.{i}:80").parse().expect("authority"))
+        let backends: Vec<BackendAddress> = (0..n)
+            .map(|i| BackendAddress::plain(format!("10.0.0.{i}:80").parse().expect("authority")))
             .collect();
         Upstream::new(
             &backends,
@@ -971,6 +1080,7 @@ mod tests {
             0,
             Arc::new(Metrics::default()),
         )
+        .expect("plain backends")
     }
 
     fn ip(s: &str) -> IpAddr {

@@ -50,6 +50,15 @@ pub struct Cli {
     #[arg(long, value_name = "NAME", default_value = "ACCEPTOR")]
     pub computer: String,
 
+    /// Serve HTTPS with this PEM certificate chain (with `--tls-key`), like an IIS site with an
+    /// https binding.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// `--key header`: how many header-keyed contexts to keep (oldest evicted first).
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     pub max_contexts: usize,

@@ -33,6 +33,7 @@ mod log;
 mod ntlm;
 mod service;
 mod store;
+mod tls;
 mod users;
 
 use std::process::ExitCode;
@@ -91,6 +92,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Handlers first, so a SIGTERM sent right after the ready line is not fatal-by-default.
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::load(cert, key)?),
+        _ => None,
+    };
     let listener = TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
@@ -103,7 +108,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     serial += 1;
-                    tokio::spawn(service::serve_connection(Arc::clone(&app), stream, peer, serial));
+                    let _ = stream.set_nodelay(true);
+                    let app = Arc::clone(&app);
+                    match &tls {
+                        None => {
+                            tokio::spawn(service::serve_connection(app, stream, peer, serial));
+                        }
+                        Some(tls) => {
+                            let acceptor = tls.acceptor.clone();
+                            tokio::spawn(async move {
+                                match acceptor.accept(stream).await {
+                                    Ok(stream) => service::serve_connection(app, stream, peer, serial).await,
+                                    Err(e) => eprintln!("ntlm-acceptor: conn {serial} from {peer}: TLS handshake: {e}"),
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     // E.g. EMFILE under a connection flood: back off instead of spinning.

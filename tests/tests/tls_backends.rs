@@ -1,0 +1,214 @@
+//! Backends over TLS: the NTLM test acceptor serving HTTPS (an IIS site with an https binding), the
+//! gateway's rustls client verifying it against a CA file and a server name, real `curl --ntlm`
+//! logins through it, health checks and failover over TLS, and a backend the gateway must not
+//! trust.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use ntlm_tag_tests::{
+    acceptor::{Acceptor, Keying, curl_ntlm},
+    gateway::{Gateway, scaled},
+    topology::Topology,
+};
+
+fn users() -> Vec<(String, String)> {
+    (0..4)
+        .map(|i| (format!("user{i}"), format!("Tls-Secret-{i}!")))
+        .collect()
+}
+
+fn backend_addr(port: u16) -> SocketAddr {
+    SocketAddr::new(Topology::backend_addr().ip(), port)
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write file");
+    path.to_string_lossy().into_owned()
+}
+
+/// A test CA that issues server certificates.
+struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+    pem_path: String,
+}
+
+impl TestCa {
+    fn new(dir: &Path, name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let cert = params.self_signed(&key).expect("CA certificate");
+        let pem_path = write(dir, &format!("{name}.pem"), &cert.pem());
+        TestCa {
+            cert,
+            key,
+            pem_path,
+        }
+    }
+
+    /// A certificate for `name` (SAN); returns (cert path, key path).
+    fn issue(&self, dir: &Path, name: &str, file: &str) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params
+            .signed_by(&key, &self.cert, &self.key)
+            .expect("certificate");
+        (
+            write(dir, &format!("{file}.pem"), &cert.pem()),
+            write(dir, &format!("{file}.key"), &key.serialize_pem()),
+        )
+    }
+}
+
+fn https_acceptor(topo: &Topology, port: u16, cert: &(String, String)) -> Acceptor {
+    Acceptor::start_with(
+        &topo.backend,
+        backend_addr(port),
+        &users(),
+        Keying::Connection,
+        &["--tls-cert", &cert.0, "--tls-key", &cert.1],
+    )
+}
+
+fn start_gateway(topo: &Topology, dir: &Path, config: &str) -> Gateway {
+    let path = write(dir, "ntlm-tag.toml", config);
+    Gateway::start(&topo.gateway, &["--config", &path, "--ebpf", "required"])
+}
+
+/// Every user logs in with `curl --ntlm` on one connection (3 requests); every answer is theirs.
+fn every_user_logs_in(topo: &Topology) {
+    for (i, (user, password)) in users().iter().enumerate() {
+        let urls: Vec<String> = (0..3)
+            .map(|r| format!("http://{}/u{i}/r{r}", Topology::gateway_addr()))
+            .collect();
+        let run = curl_ntlm(
+            &topo.client,
+            Topology::client_v4(i as u8),
+            user,
+            password,
+            &urls,
+            &[],
+        );
+        assert!(run.success, "{user}: {}", run.stderr);
+        assert_eq!(run.users(), vec![user.clone(); 3], "{user}: {}", run.stdout);
+    }
+}
+
+#[test]
+fn users_log_in_with_real_ntlm_through_https_backends_checked_and_failed_over_over_tls() {
+    let topo = Topology::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new(dir.path(), "test-ca");
+    let cert = ca.issue(dir.path(), "iis.backend.test", "backend");
+    let mut a = https_acceptor(&topo, 8443, &cert);
+    let b = https_acceptor(&topo, 8444, &cert);
+    let config = format!(
+        r#"listen = ["{gw}"]
+backends = [
+  {{ address = "https://{a}", tls_server_name = "iis.backend.test", ca_file = "{ca}" }},
+  {{ address = "https://{b}", tls_server_name = "iis.backend.test", ca_file = "{ca}" }},
+]
+[health_check]
+path = "/healthz"
+interval_secs = 0.2
+"#,
+        gw = Topology::gateway_addr(),
+        a = a.addr,
+        b = b.addr,
+        ca = ca.pem_path,
+    );
+    let gw = start_gateway(&topo, dir.path(), &config);
+    // The acceptors speak nothing but TLS: a health check they log came over a verified handshake.
+    for acceptor in [&a, &b] {
+        acceptor.wait_for_request("/healthz", scaled(Duration::from_secs(10)), |r| {
+            r["path"] == "/healthz"
+        });
+    }
+    every_user_logs_in(&topo);
+    let served = |x: &Acceptor| {
+        x.requests()
+            .iter()
+            .filter(|r| r["user"].is_string())
+            .count()
+    };
+    assert!(
+        served(&a) > 0 && served(&b) > 0,
+        "both TLS backends served logins: {} and {}",
+        served(&a),
+        served(&b)
+    );
+    // One backend dies: new logins go to the other one over TLS.
+    a.kill();
+    let before = served(&b);
+    every_user_logs_in(&topo);
+    assert!(
+        served(&b) >= before + 3 * users().len(),
+        "the survivor served every login"
+    );
+    assert!(
+        gw.log()
+            .iter()
+            .all(|l| !l.contains("invalid peer certificate")),
+        "the certificates verified"
+    );
+}
+
+#[test]
+fn a_backend_whose_certificate_the_gateway_does_not_trust_gets_no_request() {
+    let topo = Topology::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let trusted = TestCa::new(dir.path(), "trusted-ca");
+    let other = TestCa::new(dir.path(), "other-ca");
+    // Signed by a CA the gateway does not trust; then a trusted certificate for another name.
+    let untrusted = https_acceptor(
+        &topo,
+        8443,
+        &other.issue(dir.path(), "iis.backend.test", "untrusted"),
+    );
+    let wrong_name = https_acceptor(
+        &topo,
+        8444,
+        &trusted.issue(dir.path(), "elsewhere.test", "wrong-name"),
+    );
+    for (acceptor, reason) in [
+        (&untrusted, "UnknownIssuer"),
+        (&wrong_name, "not valid for name"),
+    ] {
+        let config = format!(
+            r#"listen = ["{gw}"]
+backends = [{{ address = "https://{addr}", tls_server_name = "iis.backend.test", ca_file = "{ca}" }}]
+"#,
+            gw = Topology::gateway_addr(),
+            addr = acceptor.addr,
+            ca = trusted.pem_path,
+        );
+        let mut gw = start_gateway(&topo, dir.path(), &config);
+        let (user, password) = &users()[0];
+        let run = curl_ntlm(
+            &topo.client,
+            Topology::client_v4(0),
+            user,
+            password,
+            &[format!("http://{}/x", Topology::gateway_addr())],
+            &["-o", "/dev/null", "-w", "%{http_code}"],
+        );
+        assert_eq!(run.stdout, "502", "{reason}: {}", run.stderr);
+        let line = gw
+            .wait_for_line("ca_file", scaled(Duration::from_secs(5)))
+            .unwrap_or_else(|| panic!("{reason}: no log line names the certificate problem"));
+        assert!(line.contains(reason), "{line}");
+        assert!(
+            acceptor.requests().is_empty(),
+            "{reason}: no request reached a backend the gateway does not trust"
+        );
+        drop(gw);
+    }
+}
