@@ -94,6 +94,7 @@ struct FileConfig {
     toa_kind: Option<u8>,
     xdp: Option<Vec<String>>,
     backends: Option<Vec<BackendEntry>>,
+    epa_bridging: Option<bool>,
     mode: Option<Mode>,
     balance: Option<Balance>,
     health_check: Option<HealthCheckFile>,
@@ -261,6 +262,9 @@ enum Secrets {
 pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub backends: Vec<BackendAddress>,
+    /// Check that every TLS backend presents the listeners' certificate (Extended Protection
+    /// through the gateway); every backend must be https:// and a listener must terminate TLS.
+    pub epa_bridging: bool,
     pub mode: Mode,
     pub balance: Balance,
     pub health_check: Option<HealthCheckConfig>,
@@ -383,6 +387,11 @@ impl Config {
             .iter()
             .map(parse_backend_entry)
             .collect::<Result<Vec<_>, _>>()?;
+        let epa_bridging = file.epa_bridging.unwrap_or(false);
+        if epa_bridging && let Some(why) = crate::epa::bridging::unbridgeable(&listeners, &backends)
+        {
+            return Err(ConfigError::invalid("epa_bridging", why));
+        }
 
         let header_text = args
             .header
@@ -508,6 +517,7 @@ impl Config {
         Ok(Config {
             listeners,
             backends,
+            epa_bridging,
             mode: args.mode.or(file.mode).unwrap_or(Mode::Bind),
             balance: args.balance.or(file.balance).unwrap_or(Balance::LeastConn),
             health_check,
@@ -562,6 +572,7 @@ impl Config {
             toa_kind: u8,
             xdp: &'a [String],
             backends: Vec<EffectiveBackend<'a>>,
+            epa_bridging: bool,
             header: &'a str,
             id_template: &'a str,
             allow_reusable_ids: bool,
@@ -597,6 +608,7 @@ impl Config {
                     tls: b.tls.as_ref(),
                 })
                 .collect(),
+            epa_bridging: self.epa_bridging,
             header: self.identity.header.as_str(),
             id_template: self.identity.template.as_str(),
             allow_reusable_ids: self.identity.template.is_reusable(),
@@ -1005,6 +1017,37 @@ mod tests {
                 other => panic!("{bad}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn epa_bridging_needs_a_tls_listener_and_https_backends() {
+        const TLS_LISTEN: &str = r#"listen = [{ address = "0.0.0.0:443", tls = [{ cert = "/c.pem", key = "/c.key" }] }]"#;
+        for (doc, why) in [
+            (
+                "listen = [\"0.0.0.0:80\"]\nbackends = [\"https://b\"]\nepa_bridging = true"
+                    .to_string(),
+                "no listener terminates TLS",
+            ),
+            (
+                format!("{TLS_LISTEN}\nbackends = [\"https://a\", \"b:80\"]\nepa_bridging = true"),
+                "backend b:80 is plain HTTP",
+            ),
+        ] {
+            match Config::from_toml(&doc, &args()) {
+                Err(ConfigError::Invalid { key, message }) => {
+                    assert_eq!(key, "epa_bridging");
+                    assert!(message.contains(why), "{message}");
+                }
+                other => panic!("{doc}: {other:?}"),
+            }
+        }
+        let c = Config::from_toml(
+            &format!("{TLS_LISTEN}\nbackends = [\"https://a\"]\nepa_bridging = true"),
+            &args(),
+        )
+        .expect("valid");
+        assert!(c.epa_bridging);
+        assert!(c.to_toml().contains("epa_bridging = true"));
     }
 
     #[test]

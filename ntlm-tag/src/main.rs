@@ -8,7 +8,7 @@ use ntlm_tag::{
     app,
     cli::{self, Cli, Command, LogFormat},
     config::Config,
-    conns,
+    conns, epa,
     kernel::privileges::PrivilegeError,
 };
 
@@ -21,7 +21,7 @@ fn main() -> ExitCode {
         Some(Command::Check(args)) => match Config::load(&args) {
             Ok(config) => {
                 print!("{}", config.to_toml());
-                ExitCode::SUCCESS
+                check_bridging(&config)
             }
             Err(e) => {
                 eprintln!("ntlm-tag: invalid configuration: {e}");
@@ -49,6 +49,40 @@ fn main() -> ExitCode {
         }
         Some(Command::Run(args)) => run(&args),
         None => run(&cli.run),
+    }
+}
+
+/// `check` with `epa_bridging`: one `# epa_bridging: ...` line per (listener, backend) pair; 64
+/// when a certificate differs or cannot be read.
+fn check_bridging(config: &Config) -> ExitCode {
+    if !config.epa_bridging {
+        return ExitCode::SUCCESS;
+    }
+    let findings = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(epa::bridging::verify(
+                &config.listeners,
+                &config.backends,
+                config.timeouts.upstream_connect,
+            ))
+            .map_err(anyhow::Error::from)
+        });
+    match findings {
+        Ok(findings) => {
+            findings.iter().for_each(|f| println!("# {f}"));
+            if findings.iter().any(epa::bridging::Finding::is_mismatch) {
+                ExitCode::from(EXIT_BAD_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("ntlm-tag: epa_bridging: {e:#}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
     }
 }
 
@@ -88,6 +122,8 @@ fn run(args: &cli::RunArgs) -> ExitCode {
 fn failed(e: &anyhow::Error) -> ExitCode {
     tracing::error!("{e:#}");
     if let Some(PrivilegeError::NoSuchUser(_)) = e.downcast_ref::<PrivilegeError>() {
+        ExitCode::from(EXIT_BAD_CONFIG)
+    } else if e.is::<app::BridgingMismatch>() {
         ExitCode::from(EXIT_BAD_CONFIG)
     } else if e.is::<app::EbpfRequiredError>() {
         ExitCode::from(app::EXIT_EBPF_UNAVAILABLE)

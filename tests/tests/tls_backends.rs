@@ -212,3 +212,108 @@ backends = [{{ address = "https://{addr}", tls_server_name = "iis.backend.test",
         drop(gw);
     }
 }
+
+/// `epa_bridging = true` with a TLS listener on `listener_cert` and one TLS backend.
+fn bridging_config(listener_cert: &(String, String), backend: SocketAddr, ca: &str) -> String {
+    format!(
+        r#"listen = [{{ address = "{gw}", tls = [{{ cert = "{cert}", key = "{key}" }}] }}]
+backends = [{{ address = "https://{backend}", tls_server_name = "iis.backend.test", ca_file = "{ca}" }}]
+epa_bridging = true
+"#,
+        gw = SocketAddr::new(Topology::gateway_addr().ip(), 8443),
+        cert = listener_cert.0,
+        key = listener_cert.1,
+    )
+}
+
+/// `ntlm-tag check --config FILE` in the gateway's namespace: (exit code, stdout).
+fn check(topo: &Topology, config: &str) -> (Option<i32>, String) {
+    let gateway_bin = ntlm_tag_tests::gateway::binary();
+    let out = topo
+        .gateway
+        .command(gateway_bin.to_str().expect("path"))
+        .args(["check", "--config", config])
+        .output()
+        .expect("run ntlm-tag check");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn epa_bridging_checks_that_backends_present_the_listeners_certificate_at_start_reload_and_check() {
+    let topo = Topology::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new(dir.path(), "test-ca");
+    // The site's certificate, on the listener and on the bridged backend; another backend with a
+    // certificate of its own (valid, same CA, same name: only bridging can tell).
+    let site = ca.issue(dir.path(), "iis.backend.test", "site");
+    let own = ca.issue(dir.path(), "iis.backend.test", "own");
+    let same = https_acceptor(&topo, 8443, &site);
+    let other = https_acceptor(&topo, 8444, &own);
+
+    let good = write(
+        dir.path(),
+        "good.toml",
+        &bridging_config(&site, same.addr, &ca.pem_path),
+    );
+    let bad = write(
+        dir.path(),
+        "bad.toml",
+        &bridging_config(&site, other.addr, &ca.pem_path),
+    );
+    let (code, out) = check(&topo, &good);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("presents the same certificate as listener"),
+        "{out}"
+    );
+    let (code, out) = check(&topo, &bad);
+    assert_eq!(
+        code,
+        Some(64),
+        "a different certificate is a configuration error: {out}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.contains("presents certificate sha256"))
+        .unwrap_or_else(|| panic!("check names the backend whose certificate differs: {out}"));
+    assert!(line.contains(&format!("https://{}", other.addr)), "{line}");
+    assert!(line.contains("Install the same certificate"), "{line}");
+
+    // Start-up refuses the mismatch, naming it.
+    match Gateway::try_start(
+        &topo.gateway,
+        &["--config", &bad, "--ebpf", "required"],
+        None,
+    ) {
+        ntlm_tag_tests::gateway::Started::Exited { status, log } => {
+            assert_eq!(status.code(), Some(64), "{}", log.join("\n"));
+            assert!(
+                log.iter()
+                    .any(|l| l.contains("ERROR") && l.contains("presents certificate sha256")),
+                "{}",
+                log.join("\n")
+            );
+        }
+        ntlm_tag_tests::gateway::Started::Ready(_) => panic!("started with a mismatched backend"),
+    }
+
+    // Starts with the same certificate; a reload to the other backend is refused.
+    let live = write(
+        dir.path(),
+        "live.toml",
+        &std::fs::read_to_string(&good).expect("read"),
+    );
+    let mut gw = Gateway::start(&topo.gateway, &["--config", &live, "--ebpf", "required"]);
+    assert!(
+        gw.log()
+            .iter()
+            .any(|l| l.contains("presents the same certificate"))
+    );
+    std::fs::copy(&bad, &live).expect("swap the configuration");
+    gw.signal(libc::SIGHUP);
+    gw.wait_for_line("reload refused", scaled(Duration::from_secs(10)))
+        .expect("the reload to a mismatched backend is refused");
+}
