@@ -317,3 +317,118 @@ fn epa_bridging_checks_that_backends_present_the_listeners_certificate_at_start_
     gw.wait_for_line("reload refused", scaled(Duration::from_secs(10)))
         .expect("the reload to a mismatched backend is refused");
 }
+
+/// An IIS-like HTTPS backend with Extended Protection required for its own certificate.
+fn epa_acceptor(topo: &Topology, port: u16, cert: &(String, String)) -> Acceptor {
+    Acceptor::start_with(
+        &topo.backend,
+        backend_addr(port),
+        &users(),
+        Keying::Connection,
+        &[
+            "--tls-cert",
+            &cert.0,
+            "--tls-key",
+            &cert.1,
+            "--require-channel-binding",
+        ],
+    )
+}
+
+#[test]
+fn an_epa_protected_login_passes_through_the_gateway_only_when_it_bridges_the_same_certificate() {
+    let topo = Topology::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = TestCa::new(dir.path(), "test-ca");
+    let site = ca.issue(dir.path(), "iis.backend.test", "site");
+    let own = ca.issue(dir.path(), "iis.backend.test", "own");
+    let bridged = epa_acceptor(&topo, 8443, &site);
+    let offloaded = epa_acceptor(&topo, 8444, &own);
+    let (user, password) = users()[0].clone();
+    let gateway_ip = Topology::gateway_addr().ip();
+
+    // The client and the acceptor agree on channel bindings when the client sees the backend's
+    // own certificate (from the gateway's namespace, straight to the backend).
+    let direct = ntlm_tag_tests::epa_client::login(
+        &topo.gateway,
+        "198.18.2.1".parse().expect("ip"),
+        &format!("https://{}/direct", offloaded.addr),
+        (&user, &password),
+        &ca.pem_path,
+        "iis.backend.test",
+    );
+    assert_eq!(
+        direct.status, 200,
+        "direct EPA login: {} {}",
+        direct.body, direct.stderr
+    );
+
+    // Bridging: the listener presents the backend's certificate, so the binding matches.
+    let bridging = write(
+        dir.path(),
+        "bridging.toml",
+        &bridging_config(&site, bridged.addr, &ca.pem_path),
+    );
+    let gw = Gateway::start(
+        &topo.gateway,
+        &["--config", &bridging, "--ebpf", "required"],
+    );
+    let url = format!("https://{}/epa", SocketAddr::new(gateway_ip, 8443));
+    let run = ntlm_tag_tests::epa_client::login(
+        &topo.client,
+        Topology::client_v4(0),
+        &url,
+        (&user, &password),
+        &ca.pem_path,
+        "iis.backend.test",
+    );
+    assert_eq!(
+        run.status, 200,
+        "EPA login through the gateway: {} {}",
+        run.body, run.stderr
+    );
+    assert!(run.body.contains(&format!("user={user}")), "{}", run.body);
+    drop(gw);
+
+    // The same gateway in front of a backend with another certificate (no bridging check): the
+    // client's binding names the gateway's certificate and the backend refuses it.
+    let mismatched = format!(
+        r#"listen = [{{ address = "{listen}", tls = [{{ cert = "{cert}", key = "{key}" }}] }}]
+backends = [{{ address = "https://{backend}", tls_server_name = "iis.backend.test", ca_file = "{ca}" }}]
+"#,
+        listen = SocketAddr::new(gateway_ip, 8443),
+        cert = site.0,
+        key = site.1,
+        backend = offloaded.addr,
+        ca = ca.pem_path,
+    );
+    let mismatched = write(dir.path(), "mismatched.toml", &mismatched);
+    let _gw = Gateway::start(
+        &topo.gateway,
+        &["--config", &mismatched, "--ebpf", "required"],
+    );
+    let run = ntlm_tag_tests::epa_client::login(
+        &topo.client,
+        Topology::client_v4(1),
+        &url,
+        (&user, &password),
+        &ca.pem_path,
+        "iis.backend.test",
+    );
+    assert_eq!(
+        run.status, 401,
+        "a mismatched certificate: {} {}",
+        run.body, run.stderr
+    );
+    let refused: Vec<String> = offloaded
+        .requests()
+        .iter()
+        .filter_map(|r| r["refused"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        refused
+            .iter()
+            .any(|r| r.contains("does not match this server's certificate")),
+        "the backend refused the binding, not the password: {refused:?}"
+    );
+}

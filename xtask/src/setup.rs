@@ -4,7 +4,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{run, step};
+use crate::{root, run, step};
 
 /// Debian packages: LLVM 22 for bpf-linker (rustc's own LLVM is 22), and the tools the tests drive.
 const PACKAGES: &[&str] = &[
@@ -19,7 +19,12 @@ const PACKAGES: &[&str] = &[
     "curl",
     "procps",
     "util-linux",
+    "python3-venv",
 ];
+
+/// pyspnego, the NTLM client of the Extended Protection tests (it computes channel bindings from
+/// the server's certificate), in a virtualenv of the workspace's own.
+const PYSPNEGO_VERSION: &str = "0.12.4";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -126,10 +131,43 @@ fn bpf_linker() -> Result<()> {
         ]))
 }
 
+/// `target/pyspnego-venv` with pyspnego at [`PYSPNEGO_VERSION`]; nothing to do when it is there.
+fn pyspnego() -> Result<()> {
+    let venv = root().join("target/pyspnego-venv");
+    let python = venv.join("bin/python");
+    let installed = Command::new(&python)
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('pyspnego'))",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == PYSPNEGO_VERSION)
+        .unwrap_or(false);
+    if installed {
+        step(&format!("pyspnego {PYSPNEGO_VERSION}: present"));
+        return Ok(());
+    }
+    step(&format!(
+        "installing pyspnego {PYSPNEGO_VERSION} into {}",
+        venv.display()
+    ));
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+        &format!("pyspnego=={PYSPNEGO_VERSION}"),
+    ]))
+}
+
 pub fn install_missing() -> Result<()> {
     debian_packages()?;
     rust_src()?;
     bpf_linker()?;
+    pyspnego()?;
     step("setup complete");
     Ok(())
 }

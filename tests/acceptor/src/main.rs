@@ -82,8 +82,19 @@ async fn main() -> ExitCode {
 /// Serves until SIGTERM or SIGINT.
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let users = load_users(&cli)?;
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::load(cert, key)?),
+        _ => None,
+    };
+    let mut acceptor = Acceptor::new(users, ServerNames::new(&cli.domain, &cli.computer));
+    if cli.require_channel_binding
+        && let Some(tls) = &tls
+    {
+        acceptor = acceptor
+            .require_channel_binding(ntlm::binding::expected_for_certificate(tls.leaf.as_ref()));
+    }
     let app = Arc::new(App {
-        acceptor: Acceptor::new(users, ServerNames::new(&cli.domain, &cli.computer)),
+        acceptor,
         key: cli.key,
         header: cli.header.clone(),
         contexts: ContextStore::new(cli.max_contexts),
@@ -92,10 +103,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Handlers first, so a SIGTERM sent right after the ready line is not fatal-by-default.
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let tls = match (&cli.tls_cert, &cli.tls_key) {
-        (Some(cert), Some(key)) => Some(tls::load(cert, key)?),
-        _ => None,
-    };
     let listener = TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen))?;

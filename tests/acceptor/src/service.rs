@@ -134,6 +134,12 @@ async fn handle(
             _ => None,
         },
         body_len: body_len.unwrap_or(0),
+        refused: match &reply {
+            Reply::Unauthorized(Some(why)) | Reply::BadRequest(why) | Reply::Internal(why) => {
+                Some(why)
+            }
+            _ => None,
+        },
     });
     Ok(response)
 }
