@@ -10,6 +10,7 @@ pub mod conns;
 pub mod identity;
 pub mod kernel;
 pub mod metrics;
+pub mod ntlm;
 pub mod proxy;
 pub mod registry;
 pub mod tcp_state;
