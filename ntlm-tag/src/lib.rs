@@ -11,6 +11,7 @@ pub mod epa;
 pub mod identity;
 pub mod kernel;
 pub mod metrics;
+pub mod ntlm;
 pub mod proxy;
 pub mod registry;
 pub mod tcp_state;
