@@ -62,6 +62,32 @@ pub enum BindTrigger {
 
 const BIND_TRIGGER_NAMES: [&str; 2] = ["request", "response"];
 
+/// Why a backend refused an Extended Protection login (a 401 to a Type3 with a channel binding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EpaRefusal {
+    /// The backend is plain HTTP (TLS offloading).
+    PlainBackend = 0,
+    /// The client's binding is for another certificate than the backend's.
+    CertificateDiffers = 1,
+    /// The client's SPN does not name the backend.
+    SpnMismatch = 2,
+    /// Binding and SPN match: not Extended Protection's doing.
+    Other = 3,
+}
+
+const EPA_REFUSAL_NAMES: [&str; 4] = [
+    "plain_http_backend",
+    "certificate_differs",
+    "spn_mismatch",
+    "other",
+];
+
+impl EpaRefusal {
+    pub fn name(self) -> &'static str {
+        EPA_REFUSAL_NAMES[self as usize]
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     proxy_rejected: [AtomicU64; 6],
@@ -87,6 +113,7 @@ pub struct Metrics {
     /// Requests that never reached their backend and went to another one.
     upstream_failovers: AtomicU64,
     ntlm_messages: [AtomicU64; 3],
+    epa_refusals: [AtomicU64; 4],
 }
 
 impl Metrics {
@@ -145,6 +172,10 @@ impl Metrics {
 
     pub fn bound(&self, trigger: BindTrigger) {
         self.bindings[trigger as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn epa_refused(&self, cause: EpaRefusal) {
+        self.epa_refusals[cause as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn upstream_failover(&self) {
@@ -251,6 +282,17 @@ impl Metrics {
              found closed before the request was written) and went to another backend.",
             "counter",
             get(&self.upstream_failovers),
+        );
+        out.family(
+            "ntlm_tag_epa_refusals_total",
+            "401s to NTLMv2 logins that carried an Extended Protection channel binding, by cause: \
+             a plain-HTTP backend, a backend certificate other than the one the client bound to, \
+             an SPN that does not name the backend, or other (not Extended Protection's).",
+            "counter",
+            EPA_REFUSAL_NAMES
+                .iter()
+                .zip(&self.epa_refusals)
+                .map(|(name, v)| (format!("cause=\"{name}\""), get(v))),
         );
         out.family(
             "ntlm_tag_ntlm_messages_total",

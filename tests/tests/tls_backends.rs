@@ -388,6 +388,10 @@ fn an_epa_protected_login_passes_through_the_gateway_only_when_it_bridges_the_sa
         run.body, run.stderr
     );
     assert!(run.body.contains(&format!("user={user}")), "{}", run.body);
+    assert!(
+        !gw.log().iter().any(|l| l.contains("Extended Protection:")),
+        "no refusal to explain"
+    );
     drop(gw);
 
     // The same gateway in front of a backend with another certificate (no bridging check): the
@@ -403,7 +407,7 @@ backends = [{{ address = "https://{backend}", tls_server_name = "iis.backend.tes
         ca = ca.pem_path,
     );
     let mismatched = write(dir.path(), "mismatched.toml", &mismatched);
-    let _gw = Gateway::start(
+    let mut gw = Gateway::start(
         &topo.gateway,
         &["--config", &mismatched, "--ebpf", "required"],
     );
@@ -430,5 +434,22 @@ backends = [{{ address = "https://{backend}", tls_server_name = "iis.backend.tes
             .iter()
             .any(|r| r.contains("does not match this server's certificate")),
         "the backend refused the binding, not the password: {refused:?}"
+    );
+    // The gateway reads the Type3's AV pairs and says why, and what to change.
+    let line = gw
+        .wait_for_line("Extended Protection:", scaled(Duration::from_secs(5)))
+        .expect("a diagnostic line for the refused EPA login");
+    for part in [
+        "cause=\"certificate_differs\"",
+        "channel binding present",
+        "target name HTTP/iis.backend.test",
+        "Install the same certificate and key on the listener and the backend",
+    ] {
+        assert!(line.contains(part), "{part:?} in {line}");
+    }
+    let metrics = gw.admin_metrics();
+    assert!(
+        metrics.contains("ntlm_tag_epa_refusals_total{cause=\"certificate_differs\"} 1"),
+        "{metrics}"
     );
 }

@@ -45,6 +45,7 @@ use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
 
+use crate::epa::diagnosis::{BackendView, BindingClaim, Diagnosis, diagnose};
 use crate::{
     config::{HealthCheckConfig, Timeouts},
     metrics::{BindTrigger, Metrics},
@@ -136,6 +137,8 @@ pub struct Backend {
     authority: Authority,
     /// Set for an `https://` backend.
     tls: Option<BackendTls>,
+    /// The leaf certificate of the last TLS handshake (DER), for Extended Protection diagnostics.
+    last_leaf: std::sync::Mutex<Option<Vec<u8>>>,
     active: AtomicUsize,
     health: Health,
     /// Caps the busy shared upstream connections to this backend, if configured.
@@ -157,28 +160,35 @@ impl Backend {
             .authority
             .port_u16()
             .unwrap_or(if self.tls.is_some() { 443 } else { 80 });
-        let dial = async {
-            let stream =
-                TcpStream::connect((host, port))
-                    .await
-                    .map_err(|e| UpstreamError::Connect {
-                        backend: self.authority.clone(),
-                        source: Box::new(e),
-                    })?;
-            let _ = stream.set_nodelay(true);
-            match &self.tls {
-                None => Ok(Either::Left(stream)),
-                Some(tls) => tls
-                    .connect(stream)
-                    .await
-                    .map(Either::Right)
-                    .map_err(|source| UpstreamError::Tls {
-                        backend: self.authority.clone(),
-                        server_name: tls.server_name(),
-                        source,
-                    }),
-            }
-        };
+        let dial =
+            async {
+                let stream =
+                    TcpStream::connect((host, port))
+                        .await
+                        .map_err(|e| UpstreamError::Connect {
+                            backend: self.authority.clone(),
+                            source: Box::new(e),
+                        })?;
+                let _ = stream.set_nodelay(true);
+                match &self.tls {
+                    None => Ok(Either::Left(stream)),
+                    Some(backend_tls) => {
+                        let stream = backend_tls.connect(stream).await.map_err(|source| {
+                            UpstreamError::Tls {
+                                backend: self.authority.clone(),
+                                server_name: backend_tls.server_name(),
+                                source,
+                            }
+                        })?;
+                        if let (Some(leaf), Ok(mut last)) =
+                            (tls::peer_leaf(&stream), self.last_leaf.lock())
+                        {
+                            *last = Some(leaf.as_ref().to_vec());
+                        }
+                        Ok(Either::Right(stream))
+                    }
+                }
+            };
         match tokio::time::timeout(timeout, dial).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::ConnectTimeout {
@@ -473,6 +483,7 @@ impl Upstream {
                     Arc::new(Backend {
                         authority: b.authority.clone(),
                         tls,
+                        last_leaf: std::sync::Mutex::new(None),
                         active: AtomicUsize::new(0),
                         health: Health::default(),
                         permits: (max_per_backend > 0)
@@ -574,6 +585,10 @@ impl Upstream {
         mut req: Request<ClientBody>,
     ) -> Result<Response<GuardedBody>, UpstreamError> {
         let client_body = req.body().state();
+        let epa_claim = BindingClaim::from_headers(req.headers());
+        if let Some(claim) = &epa_claim {
+            tracing::debug!(%claim, "NTLMv2 Type3 Extended Protection fields");
+        }
         let binds = self.mode == Mode::Bind && binding::request_binds(req.headers());
         if binds || is_ntlm_request(req.headers()) {
             state.ntlm_seen = true;
@@ -641,7 +656,31 @@ impl Upstream {
                 }
             }
         };
-        self.settle(state, &backend, dedicated, &client_body, result)
+        let result = self.settle(state, &backend, dedicated, &client_body, result);
+        if let (Ok(response), Some(claim)) = (&result, &epa_claim)
+            && response.status() == StatusCode::UNAUTHORIZED
+            && claim.is_bound()
+        {
+            self.explain_epa_refusal(&backend, claim);
+        }
+        result
+    }
+
+    /// A backend answered 401 to a Type3 with a channel binding: log and count why.
+    fn explain_epa_refusal(&self, backend: &Backend, claim: &BindingClaim) {
+        let leaf = backend.last_leaf.lock().ok().and_then(|l| l.clone());
+        let view = BackendView {
+            tls_server_name: backend.tls.as_ref().map(BackendTls::server_name),
+            leaf: leaf.as_deref(),
+        };
+        let Diagnosis { cause, advice } = diagnose(claim, &view);
+        self.metrics.epa_refused(cause);
+        tracing::warn!(
+            backend = %backend.authority,
+            cause = cause.name(),
+            %claim,
+            "Extended Protection: the backend refused a login bound to a TLS channel: {advice}"
+        );
     }
 
     /// Health, NTLM bookkeeping and error classification after the last attempt.
