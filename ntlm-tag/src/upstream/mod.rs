@@ -995,15 +995,25 @@ impl Upstream {
                 let mut interval = tokio::time::interval(check.interval);
                 loop {
                     interval.tick().await;
-                    let ok = matches!(
-                        tokio::time::timeout(check.timeout, probe(&backend, &check.path, check.timeout)).await,
-                        Ok(Some(status)) if status == check.expect_status
-                    );
-                    if backend.health.record_check(ok) {
-                        if ok {
-                            tracing::info!(backend = %backend.authority, "health check passes again; backend back in rotation");
-                        } else {
-                            tracing::warn!(backend = %backend.authority, path = %check.path, "health check failed; backend out of rotation");
+                    let outcome = match tokio::time::timeout(
+                        check.timeout,
+                        probe(&backend, &check.path, check.timeout),
+                    )
+                    .await
+                    {
+                        Ok(Ok(status)) if status == check.expect_status => Ok(()),
+                        Ok(Ok(status)) => Err(format!("status {status}")),
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+                    };
+                    if backend.health.record_check(outcome.is_ok()) {
+                        match outcome {
+                            Ok(()) => {
+                                tracing::info!(backend = %backend.authority, "health check passes again; backend back in rotation")
+                            }
+                            Err(why) => {
+                                tracing::warn!(backend = %backend.authority, path = %check.path, %why, "health check failed; backend out of rotation")
+                            }
                         }
                     }
                 }
@@ -1015,13 +1025,16 @@ impl Upstream {
     }
 }
 
-/// One health-check GET on a new connection (plain or TLS, like every exchange); the status, or
-/// None when the backend could not be reached or did not answer.
-async fn probe(backend: &Backend, path: &str, timeout: Duration) -> Option<u16> {
-    let io = backend.connect(timeout).await.ok()?;
+/// One health-check GET on a new connection (plain or TLS, like every exchange): the status, or
+/// why the backend could not be asked (for the log line).
+async fn probe(backend: &Backend, path: &str, timeout: Duration) -> Result<u16, String> {
+    let io = backend
+        .connect(timeout)
+        .await
+        .map_err(|e| crate::proxy::error_chain(&e))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
-        .ok()?;
+        .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -1029,12 +1042,12 @@ async fn probe(backend: &Backend, path: &str, timeout: Duration) -> Option<u16> 
         .header(header::HOST, backend.authority.as_str())
         .header(header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())
-        .ok()?;
+        .map_err(|e| e.to_string())?;
     sender
         .send_request(req)
         .await
-        .ok()
         .map(|r| r.status().as_u16())
+        .map_err(|e| e.to_string())
 }
 
 fn rendezvous(client: IpAddr, backend: &str) -> u64 {
