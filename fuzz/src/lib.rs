@@ -9,15 +9,17 @@
 
 pub mod header_sanitisation;
 pub mod id_template;
+pub mod ntlm_message;
 pub mod proxy_header;
 pub mod toa_options;
 
 /// The fuzz targets, by name (the `[[bin]]`s of this crate, the directories of `corpus/`).
-pub const TARGETS: [&str; 4] = [
+pub const TARGETS: [&str; 5] = [
     "proxy_header",
     "toa_options",
     "id_template",
     "header_sanitisation",
+    "ntlm_message",
 ];
 
 /// Runs the check of `target` on `data`.
@@ -27,6 +29,7 @@ pub fn check(target: &str, data: &[u8]) {
         "toa_options" => toa_options::check(data),
         "id_template" => id_template::check(data),
         "header_sanitisation" => header_sanitisation::check(data),
+        "ntlm_message" => ntlm_message::check(data),
         other => panic!("unknown fuzz target {other}"),
     }
 }

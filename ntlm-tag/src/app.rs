@@ -179,6 +179,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
 
     let registry = Arc::new(Registry::default());
     let metrics = Arc::new(Metrics::default());
+    verify_bridging(&config).await?;
     let live = build_live(&config, &metrics)?;
     let gateway = Arc::new(Gateway {
         identifier: Identifier::new(kernel.clone()),
@@ -268,7 +269,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
 
     let mut running = config;
     while let Signal::Reload = signals.next().await {
-        reload(&args, &mut running, &gateway, kernel.as_deref(), &metrics);
+        reload(&args, &mut running, &gateway, kernel.as_deref(), &metrics).await;
     }
     drop(kernel);
     let drain = gateway.live.load().timeouts.drain;
@@ -288,6 +289,34 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
     Ok(())
 }
 
+/// With `epa_bridging`, a backend presenting another certificate than the listeners (a
+/// configuration that would refuse every Extended Protection login).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "epa_bridging: a backend presents another certificate than the listeners (see the lines above); \
+     Extended Protection logins would be refused, so the configuration is not applied"
+)]
+pub struct BridgingMismatch;
+
+/// `epa_bridging`: fetches each TLS backend's certificate and compares it with the listeners'
+/// (each finding is logged). A backend that cannot be reached is a warning, not a refusal: it
+/// may come up later, and its logins fail visibly if its certificate differs.
+pub async fn verify_bridging(config: &Config) -> Result<()> {
+    if !config.epa_bridging {
+        return Ok(());
+    }
+    let findings = crate::epa::bridging::verify(
+        &config.listeners,
+        &config.backends,
+        config.timeouts.upstream_connect,
+    )
+    .await?;
+    if crate::epa::bridging::log(&findings) {
+        return Err(BridgingMismatch.into());
+    }
+    Ok(())
+}
+
 /// The reloadable part of the configuration, ready to serve.
 fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
     if let Some(warning) = config.mode.warning() {
@@ -300,7 +329,7 @@ fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
         &config.timeouts,
         config.limits.max_upstream_per_backend,
         Arc::clone(metrics),
-    );
+    )?;
     if let Some(check) = &config.health_check {
         upstream.spawn_health_checks(check.clone());
     }
@@ -322,7 +351,7 @@ fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
 
 /// SIGHUP: re-read the file; apply backends, trust list, limits, timeouts and certificates to new
 /// connections. A file that does not validate changes nothing.
-fn reload(
+async fn reload(
     args: &RunArgs,
     running: &mut Config,
     gateway: &Gateway,
@@ -337,6 +366,10 @@ fn reload(
             return;
         }
     };
+    if let Err(e) = verify_bridging(&new).await {
+        tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays");
+        return;
+    }
     let live = match build_live(&new, metrics) {
         Ok(live) => live,
         Err(e) => {

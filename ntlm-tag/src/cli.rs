@@ -120,7 +120,8 @@ pub struct RunArgs {
     /// Accept HTTP/2 from clients (NTLM over HTTP/2 is refused with HTTP_1_1_REQUIRED).
     #[arg(long)]
     pub http2: bool,
-    /// Backend `HOST:PORT` (repeatable).
+    /// Backend `HOST:PORT` (plain HTTP) or `https://HOST[:PORT]` (TLS, verified against the
+    /// system's roots; CA file, server name and client certificate in the file) (repeatable).
     #[arg(long = "backend", value_name = "HOST:PORT")]
     pub backends: Vec<String>,
     /// Name of the connection-id header stamped on every upstream request.

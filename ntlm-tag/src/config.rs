@@ -20,7 +20,7 @@ use crate::{
         trust::{TrustLists, covers_a_whole_family, normalise},
     },
     proxy::{rewrite::is_reserved_header, tls::TlsCertConfig},
-    upstream::{Balance, Mode},
+    upstream::{BackendAddress, Balance, Mode, tls::BackendTlsConfig},
 };
 
 pub const DEFAULT_HEADER: &str = "Jespa-Connection-Id";
@@ -69,6 +69,25 @@ pub struct ListenerConfig {
     pub tls: Vec<TlsCertConfig>,
 }
 
+/// A backend as written in the file: an address (`HOST:PORT` plain HTTP, `https://HOST[:PORT]`
+/// TLS), or a table with TLS settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum BackendEntry {
+    Address(String),
+    Table(BackendTable),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendTable {
+    address: String,
+    tls_server_name: Option<String>,
+    ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+}
+
 /// The file's keys. Every key is optional; defaults are applied in [`Config::build`].
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,7 +98,8 @@ struct FileConfig {
     toa_trusted_lbs: Option<Vec<ipnet::IpNet>>,
     ipip_trusted_lbs: Option<Vec<ipnet::IpNet>>,
     xdp: Option<Vec<String>>,
-    backends: Option<Vec<String>>,
+    backends: Option<Vec<BackendEntry>>,
+    epa_bridging: Option<bool>,
     mode: Option<Mode>,
     balance: Option<Balance>,
     health_check: Option<HealthCheckFile>,
@@ -246,7 +266,10 @@ enum Secrets {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listeners: Vec<ListenerConfig>,
-    pub backends: Vec<Authority>,
+    pub backends: Vec<BackendAddress>,
+    /// Check that every TLS backend presents the listeners' certificate (Extended Protection
+    /// through the gateway); every backend must be https:// and a listener must terminate TLS.
+    pub epa_bridging: bool,
     pub mode: Mode,
     pub balance: Balance,
     pub health_check: Option<HealthCheckConfig>,
@@ -365,21 +388,30 @@ impl Config {
             }
         }
 
-        let backend_texts = if !args.backends.is_empty() {
-            args.backends.clone()
+        let backend_entries: Vec<BackendEntry> = if !args.backends.is_empty() {
+            args.backends
+                .iter()
+                .cloned()
+                .map(BackendEntry::Address)
+                .collect()
         } else {
             file.backends.unwrap_or_default()
         };
-        if backend_texts.is_empty() {
+        if backend_entries.is_empty() {
             return Err(ConfigError::invalid(
                 "backends",
                 "no backend: give --backend HOST:PORT or `backends = [\"10.0.0.5:8080\"]`",
             ));
         }
-        let backends = backend_texts
+        let backends = backend_entries
             .iter()
-            .map(|b| parse_backend(b))
+            .map(parse_backend_entry)
             .collect::<Result<Vec<_>, _>>()?;
+        let epa_bridging = file.epa_bridging.unwrap_or(false);
+        if epa_bridging && let Some(why) = crate::epa::bridging::unbridgeable(&listeners, &backends)
+        {
+            return Err(ConfigError::invalid("epa_bridging", why));
+        }
 
         let header_text = args
             .header
@@ -489,6 +521,7 @@ impl Config {
         Ok(Config {
             listeners,
             backends,
+            epa_bridging,
             mode: args.mode.or(file.mode).unwrap_or(Mode::Bind),
             balance: args.balance.or(file.balance).unwrap_or(Balance::LeastConn),
             health_check,
@@ -523,6 +556,12 @@ impl Config {
     /// The effective configuration as TOML, for `ntlm-tag check`.
     pub fn to_toml(&self) -> String {
         #[derive(Serialize)]
+        struct EffectiveBackend<'a> {
+            address: String,
+            #[serde(flatten, skip_serializing_if = "Option::is_none")]
+            tls: Option<&'a BackendTlsConfig>,
+        }
+        #[derive(Serialize)]
         struct Effective<'a> {
             listen: &'a [ListenerConfig],
             mode: Mode,
@@ -543,7 +582,8 @@ impl Config {
             xdp: &'a [String],
             #[serde(skip_serializing_if = "<[_]>::is_empty")]
             ipip_trusted_lbs: &'a [ipnet::IpNet],
-            backends: Vec<String>,
+            backends: Vec<EffectiveBackend<'a>>,
+            epa_bridging: bool,
             header: &'a str,
             id_template: &'a str,
             allow_reusable_ids: bool,
@@ -573,7 +613,15 @@ impl Config {
             toa_trusted_lbs: &self.trust.toa,
             xdp: &self.ebpf.xdp_interfaces,
             ipip_trusted_lbs: &self.trust.ipip,
-            backends: self.backends.iter().map(ToString::to_string).collect(),
+            backends: self
+                .backends
+                .iter()
+                .map(|b| EffectiveBackend {
+                    address: b.to_string(),
+                    tls: b.tls.as_ref(),
+                })
+                .collect(),
+            epa_bridging: self.epa_bridging,
             header: self.identity.header.as_str(),
             id_template: self.identity.template.as_str(),
             allow_reusable_ids: self.identity.template.is_reusable(),
@@ -779,23 +827,96 @@ fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
-fn parse_backend(text: &str) -> Result<Authority, ConfigError> {
-    let authority: Authority = text
-        .parse()
-        .map_err(|_| ConfigError::invalid("backends", format!("{text:?} is not HOST:PORT")))?;
-    if authority.port_u16().is_none() {
+fn parse_backend_entry(entry: &BackendEntry) -> Result<BackendAddress, ConfigError> {
+    let table = match entry {
+        BackendEntry::Address(text) => {
+            let (authority, https) = parse_backend(text)?;
+            return Ok(BackendAddress {
+                authority,
+                tls: https.then(BackendTlsConfig::default),
+            });
+        }
+        BackendEntry::Table(table) => table,
+    };
+    let (authority, https) = parse_backend(&table.address)?;
+    let tls = BackendTlsConfig {
+        tls_server_name: table.tls_server_name.clone(),
+        ca_file: table.ca_file.clone(),
+        client_cert: table.client_cert.clone(),
+        client_key: table.client_key.clone(),
+    };
+    if !https {
+        if tls != BackendTlsConfig::default() {
+            return Err(ConfigError::invalid(
+                "backends",
+                format!(
+                    "{:?} is plain HTTP, but TLS settings are given; write https://{}",
+                    table.address, authority
+                ),
+            ));
+        }
+        return Ok(BackendAddress::plain(authority));
+    }
+    if tls.client_cert.is_some() != tls.client_key.is_some() {
         return Err(ConfigError::invalid(
             "backends",
-            format!("{text:?} has no port (write HOST:PORT)"),
+            format!(
+                "{:?}: client_cert and client_key go together",
+                table.address
+            ),
         ));
     }
+    if let Some(name) = &tls.tls_server_name
+        && tokio_rustls::rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+    {
+        return Err(ConfigError::invalid(
+            "backends",
+            format!("tls_server_name {name:?} is not a DNS name or an IP address"),
+        ));
+    }
+    Ok(BackendAddress {
+        authority,
+        tls: Some(tls),
+    })
+}
+
+/// `HOST:PORT` (plain HTTP; `http://` may be written), or `https://HOST[:PORT]` (TLS, port 443 by
+/// default). Returns the authority and whether it is TLS.
+fn parse_backend(text: &str) -> Result<(Authority, bool), ConfigError> {
+    let (rest, https) = if let Some(rest) = text.strip_prefix("https://") {
+        (rest, true)
+    } else if let Some(rest) = text.strip_prefix("http://") {
+        (rest, false)
+    } else if text.contains("://") {
+        return Err(ConfigError::invalid(
+            "backends",
+            format!("{text:?}: a backend is HOST:PORT, http://HOST:PORT or https://HOST[:PORT]"),
+        ));
+    } else {
+        (text, false)
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
     if text.contains('@') {
         return Err(ConfigError::invalid(
             "backends",
             format!("{text:?}: credentials are not allowed in a backend address"),
         ));
     }
-    Ok(authority)
+    let mut authority: Authority = rest
+        .parse()
+        .map_err(|_| ConfigError::invalid("backends", format!("{text:?} is not HOST:PORT")))?;
+    if authority.port_u16().is_none() {
+        if !https {
+            return Err(ConfigError::invalid(
+                "backends",
+                format!("{text:?} has no port (write HOST:PORT)"),
+            ));
+        }
+        authority = format!("{rest}:443")
+            .parse()
+            .map_err(|_| ConfigError::invalid("backends", format!("{text:?} is not a host")))?;
+    }
+    Ok((authority, https))
 }
 
 fn build_limits(file: LimitsFile) -> Result<Limits, ConfigError> {
@@ -933,7 +1054,7 @@ mod tests {
         assert_eq!(c.ebpf.mode, EbpfMode::Auto);
         assert_eq!(c.ebpf.map_entries, 262_144);
         assert!(c.identity.forwarded_headers);
-        assert_eq!(c.backends[0].as_str(), "10.0.0.5:80");
+        assert_eq!(c.backends[0].authority.as_str(), "10.0.0.5:80");
         // Safe with every backend unless the operator opts into sharing authenticated connections.
         assert_eq!(c.mode, Mode::Bind);
     }
@@ -984,7 +1105,96 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(c.listeners.len(), 2);
-        assert_eq!(c.backends[0].host(), "[fd00::5]");
+        assert_eq!(c.backends[0].authority.host(), "[fd00::5]");
+    }
+
+    #[test]
+    fn https_backends_as_addresses_and_tables() {
+        let c = Config::from_toml(
+            r#"listen = ["0.0.0.0:80"]
+               backends = [
+                 "10.0.0.5:80",
+                 "http://10.0.0.6:8080",
+                 "https://exch1.corp.example",
+                 { address = "https://10.0.0.7:8443", tls_server_name = "mail.corp.example", ca_file = "/etc/ntlm-tag/ca.pem", client_cert = "/c.pem", client_key = "/c.key" },
+               ]"#,
+            &args(),
+        )
+        .expect("valid");
+        let shown: Vec<String> = c.backends.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "10.0.0.5:80",
+                "10.0.0.6:8080",
+                "https://exch1.corp.example:443",
+                "https://10.0.0.7:8443"
+            ]
+        );
+        assert_eq!(c.backends[0].tls, None);
+        assert_eq!(c.backends[1].tls, None);
+        assert_eq!(c.backends[2].tls, Some(BackendTlsConfig::default()));
+        let table = c.backends[3].tls.as_ref().expect("tls");
+        assert_eq!(table.tls_server_name.as_deref(), Some("mail.corp.example"));
+        assert_eq!(
+            table.ca_file.as_deref(),
+            Some(Path::new("/etc/ntlm-tag/ca.pem"))
+        );
+        let effective = c.to_toml();
+        assert!(
+            effective.contains("tls_server_name = \"mail.corp.example\""),
+            "{effective}"
+        );
+        // The flag keeps meaning plain HTTP, and takes https:// too.
+        let mut a = args();
+        a.backends = vec!["b:80".into(), "https://b".into()];
+        let c = Config::from_toml(r#"listen = ["0.0.0.0:80"]"#, &a).expect("valid");
+        assert_eq!(c.backends[0].tls, None);
+        assert!(c.backends[1].tls.is_some());
+        for bad in [
+            r#"backends = ["ftp://b:21"]"#,
+            r#"backends = ["https://u:p@b"]"#,
+            r#"backends = [{ address = "b:80", ca_file = "/ca.pem" }]"#,
+            r#"backends = [{ address = "https://b", client_cert = "/c.pem" }]"#,
+            r#"backends = [{ address = "https://b", tls_server_name = "a b" }]"#,
+        ] {
+            let doc = format!("listen = [\"0.0.0.0:80\"]\n{bad}");
+            match Config::from_toml(&doc, &args()) {
+                Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "backends", "{bad}"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn epa_bridging_needs_a_tls_listener_and_https_backends() {
+        const TLS_LISTEN: &str = r#"listen = [{ address = "0.0.0.0:443", tls = [{ cert = "/c.pem", key = "/c.key" }] }]"#;
+        for (doc, why) in [
+            (
+                "listen = [\"0.0.0.0:80\"]\nbackends = [\"https://b\"]\nepa_bridging = true"
+                    .to_string(),
+                "no listener terminates TLS",
+            ),
+            (
+                format!("{TLS_LISTEN}\nbackends = [\"https://a\", \"b:80\"]\nepa_bridging = true"),
+                "backend b:80 is plain HTTP",
+            ),
+        ] {
+            match Config::from_toml(&doc, &args()) {
+                Err(ConfigError::Invalid { key, message }) => {
+                    assert_eq!(key, "epa_bridging");
+                    assert!(message.contains(why), "{message}");
+                }
+                other => panic!("{doc}: {other:?}"),
+            }
+        }
+        let c = Config::from_toml(
+            &format!("{TLS_LISTEN}\nbackends = [\"https://a\"]\nepa_bridging = true"),
+            &args(),
+        )
+        .expect("valid");
+        assert!(c.epa_bridging);
+        assert!(c.to_toml().contains("epa_bridging = true"));
     }
 
     #[test]

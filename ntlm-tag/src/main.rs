@@ -8,7 +8,7 @@ use ntlm_tag::{
     app,
     cli::{self, Cli, Command, EbpfMode, LogFormat},
     config::Config,
-    conns,
+    conns, epa,
     kernel::privileges::PrivilegeError,
     kernel::support,
     preflight,
@@ -69,8 +69,45 @@ fn check(args: &cli::RunArgs) -> ExitCode {
             return ExitCode::from(app::EXIT_EBPF_UNAVAILABLE);
         }
     }
-    eprintln!("ntlm-tag: configuration OK");
-    ExitCode::SUCCESS
+    let bridging = check_bridging(&config);
+    if bridging == ExitCode::SUCCESS {
+        eprintln!("ntlm-tag: configuration OK");
+    }
+    bridging
+}
+
+/// `check` with `epa_bridging`: one `# epa_bridging: ...` line per (listener, backend) pair; 64
+/// when a certificate differs or cannot be read.
+fn check_bridging(config: &Config) -> ExitCode {
+    if !config.epa_bridging {
+        return ExitCode::SUCCESS;
+    }
+    let findings = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(epa::bridging::verify(
+                &config.listeners,
+                &config.backends,
+                config.timeouts.upstream_connect,
+            ))
+            .map_err(anyhow::Error::from)
+        });
+    match findings {
+        Ok(findings) => {
+            findings.iter().for_each(|f| println!("# {f}"));
+            if findings.iter().any(epa::bridging::Finding::is_mismatch) {
+                ExitCode::from(EXIT_BAD_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("ntlm-tag: epa_bridging: {e:#}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+    }
 }
 
 /// The configuration, checked against what it names (files, user, interfaces, backends); on an
@@ -118,6 +155,8 @@ fn run(args: &cli::RunArgs) -> ExitCode {
 fn failed(e: &anyhow::Error) -> ExitCode {
     tracing::error!("{e:#}");
     if let Some(PrivilegeError::NoSuchUser(_)) = e.downcast_ref::<PrivilegeError>() {
+        ExitCode::from(EXIT_BAD_CONFIG)
+    } else if e.is::<app::BridgingMismatch>() {
         ExitCode::from(EXIT_BAD_CONFIG)
     } else if e.is::<app::EbpfRequiredError>() {
         ExitCode::from(app::EXIT_EBPF_UNAVAILABLE)

@@ -121,6 +121,26 @@ label_enum! {
 }
 
 label_enum! {
+    /// Why a backend refused an Extended Protection login (a 401 to a Type3 with a channel binding).
+    pub enum EpaRefusal {
+        /// The backend is plain HTTP (TLS offloading).
+        PlainBackend => "plain_http_backend",
+        /// The client's binding is for another certificate than the backend's.
+        CertificateDiffers => "certificate_differs",
+        /// The client's SPN does not name the backend.
+        SpnMismatch => "spn_mismatch",
+        /// Binding and SPN match: not Extended Protection's doing.
+        Other => "other",
+    }
+}
+
+impl EpaRefusal {
+    pub fn name(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+label_enum! {
     pub enum ReloadResult {
         Success => "success",
         Failure => "failure",
@@ -202,6 +222,11 @@ struct FailureLabel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CauseLabel {
+    cause: EpaRefusal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TriggerLabel {
     trigger: BindTrigger,
 }
@@ -252,6 +277,7 @@ pub struct Metrics {
     bound_open: Gauge,
     bindings: Family<TriggerLabel, Counter>,
     upstream_failovers: Counter,
+    epa_refusals: Family<CauseLabel, Counter>,
     ntlm_messages: Family<TypeLabel, Counter>,
     errors: Family<OriginLabel, Counter>,
     upstream_errors: Family<FailureLabel, Counter>,
@@ -292,6 +318,7 @@ impl Metrics {
             bound_open: Gauge::default(),
             bindings: Family::default(),
             upstream_failovers: Counter::default(),
+            epa_refusals: Family::default(),
             ntlm_messages: Family::default(),
             errors: Family::default(),
             upstream_errors: Family::default(),
@@ -321,6 +348,9 @@ impl Metrics {
         }
         for &trigger in BindTrigger::ALL {
             m.bindings.get_or_create(&TriggerLabel { trigger }).get();
+        }
+        for &cause in EpaRefusal::ALL {
+            m.epa_refusals.get_or_create(&CauseLabel { cause }).get();
         }
         for &r#type in NtlmMessage::ALL {
             m.ntlm_messages.get_or_create(&TypeLabel { r#type }).get();
@@ -408,6 +438,13 @@ impl Metrics {
             "Requests that never reached their backend (connect refused or timed out, a connection \
              found closed before the request was written) and went to another backend",
             m.upstream_failovers.clone(),
+        );
+        registry.register(
+            "epa_refusals",
+            "401s to NTLMv2 logins that carried an Extended Protection channel binding, by cause: a \
+             plain-HTTP backend, a backend certificate other than the one the client bound to, an SPN \
+             that does not name the backend, or other (not Extended Protection's)",
+            m.epa_refusals.clone(),
         );
         registry.register(
             "ntlm_messages",
@@ -547,6 +584,10 @@ impl Metrics {
         self.bindings.get_or_create(&TriggerLabel { trigger }).inc();
     }
 
+    pub fn epa_refused(&self, cause: EpaRefusal) {
+        self.epa_refusals.get_or_create(&CauseLabel { cause }).inc();
+    }
+
     pub fn upstream_failover(&self) {
         self.upstream_failovers.inc();
     }
@@ -655,6 +696,7 @@ mod tests {
             "ntlm_tag_bound_connections 0",
             "ntlm_tag_upstream_bindings_total{trigger=\"response\"} 0",
             "ntlm_tag_upstream_failovers_total 0",
+            "ntlm_tag_epa_refusals_total{cause=\"certificate_differs\"} 0",
             "ntlm_tag_ntlm_messages_total{type=\"spnego\"} 0",
             "ntlm_tag_errors_total{origin=\"client\"} 0",
             "ntlm_tag_upstream_errors_total{kind=\"timeout\"} 0",

@@ -51,7 +51,19 @@ impl Acceptor {
         users: &[(String, String)],
         keying: Keying,
     ) -> Acceptor {
+        Self::start_with(ns, addr, users, keying, &[])
+    }
+
+    /// Like [`start`](Self::start), with more flags (e.g. `--tls-cert FILE --tls-key FILE`).
+    pub fn start_with(
+        ns: &NetNs,
+        addr: SocketAddr,
+        users: &[(String, String)],
+        keying: Keying,
+        extra: &[&str],
+    ) -> Acceptor {
         let mut cmd = ns.command(binary().to_str().expect("path"));
+        cmd.args(extra);
         cmd.args(["--listen", &addr.to_string(), "--key"])
             .arg(match keying {
                 Keying::Header => "header",
@@ -105,6 +117,20 @@ impl Acceptor {
         conns.sort_unstable();
         conns.dedup();
         conns.len()
+    }
+
+    /// Waits (up to `timeout`) until a logged request satisfies `check`; panics naming `what`.
+    pub fn wait_for_request(&self, what: &str, timeout: Duration, check: impl Fn(&Value) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !self.requests().iter().any(&check) {
+            assert!(
+                Instant::now() < deadline,
+                "acceptor {}: no request {what} within {timeout:?}: {:?}",
+                self.addr,
+                self.requests()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Kills the acceptor now (a backend dying).

@@ -5,6 +5,7 @@ pub mod acceptor;
 pub mod backend;
 pub mod cleanup;
 pub mod client;
+pub mod epa_client;
 pub mod gateway;
 pub mod haproxy;
 pub mod netns;

@@ -36,11 +36,12 @@ const CHECK_BUILD: [&str; 3] = ["--dev", "--sanitizer", "none"];
 const RUN_BUILD: [&str; 2] = ["--release", "--debug-assertions"];
 
 /// The targets, in the order they run (the `[[bin]]`s of `fuzz/Cargo.toml`).
-const TARGETS: [&str; 4] = [
+const TARGETS: [&str; 5] = [
     "proxy_header",
     "toa_options",
     "id_template",
     "header_sanitisation",
+    "ntlm_message",
 ];
 
 /// Longest input per target: a PROXY v2 header may be 4096 bytes (plus what follows it); the

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{run, step};
+use crate::{root, run, step};
 
 /// Debian packages the tests drive (the LLVM ones follow the nightly; see [`llvm_packages`]).
 const TOOL_PACKAGES: &[&str] = &[
@@ -24,7 +24,12 @@ const TOOL_PACKAGES: &[&str] = &[
     "curl",
     "procps",
     "util-linux",
+    "python3-venv",
 ];
+
+/// pyspnego, the NTLM client of the Extended Protection tests (it computes channel bindings from
+/// the server's certificate), in a virtualenv of the workspace's own.
+const PYSPNEGO_VERSION: &str = "0.12.4";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -260,6 +265,38 @@ fn bpf_linker(llvm: u32) -> Result<()> {
         .arg(format!("llvm-{llvm}")))
 }
 
+/// `target/pyspnego-venv` with pyspnego at [`PYSPNEGO_VERSION`]; nothing to do when it is there.
+fn pyspnego() -> Result<()> {
+    let venv = root().join("target/pyspnego-venv");
+    let python = venv.join("bin/python");
+    let installed = Command::new(&python)
+        .args([
+            "-c",
+            "import importlib.metadata as m; print(m.version('pyspnego'))",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == PYSPNEGO_VERSION)
+        .unwrap_or(false);
+    if installed {
+        step(&format!("pyspnego {PYSPNEGO_VERSION}: present"));
+        return Ok(());
+    }
+    step(&format!(
+        "installing pyspnego {PYSPNEGO_VERSION} into {}",
+        venv.display()
+    ));
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--disable-pip-version-check",
+        &format!("pyspnego=={PYSPNEGO_VERSION}"),
+    ]))
+}
+
 pub fn install_missing() -> Result<()> {
     // The nightly first: its LLVM decides which LLVM packages and which bpf-linker build to install.
     rust_src()?;
@@ -267,6 +304,7 @@ pub fn install_missing() -> Result<()> {
     bpf_linker_supports(llvm)?;
     debian_packages(llvm)?;
     bpf_linker(llvm)?;
+    pyspnego()?;
     step("setup complete");
     Ok(())
 }

@@ -53,10 +53,11 @@ impl fmt::Debug for SniResolver {
     }
 }
 
-impl ResolvesServerCert for SniResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+impl SniResolver {
+    /// The certificate a client asking for `name` gets: the first valid for it, else the first.
+    fn for_name(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let first = self.entries.first().map(|e| Arc::clone(&e.key));
-        let Some(name) = hello.server_name() else {
+        let Some(name) = name else {
             return first;
         };
         let Ok(name) = ServerName::try_from(name) else {
@@ -73,6 +74,24 @@ impl ResolvesServerCert for SniResolver {
             .map(|e| Arc::clone(&e.key))
             .or(first)
     }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.for_name(hello.server_name())
+    }
+}
+
+/// The leaf certificate a listener with `certs` presents to a client asking for `name` (by SNI,
+/// the same choice as a real handshake).
+pub fn leaf_for_name(
+    certs: &[TlsCertConfig],
+    name: &str,
+) -> Result<Option<CertificateDer<'static>>, TlsError> {
+    let entries = certs.iter().map(load).collect::<Result<Vec<_>, _>>()?;
+    Ok(SniResolver { entries }
+        .for_name(Some(name))
+        .and_then(|key| key.cert.first().cloned()))
 }
 
 fn load(pair: &TlsCertConfig) -> Result<Entry, TlsError> {

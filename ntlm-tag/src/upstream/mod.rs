@@ -21,6 +21,7 @@ mod client_body;
 mod guarded;
 pub mod health;
 mod pool;
+pub mod tls;
 
 pub use client_body::{ClientBody, ClientBodyState};
 pub use guarded::GuardedBody;
@@ -38,19 +39,57 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, header, uri::Authority};
 use http_body_util::Empty;
 use hyper::{body::Incoming, client::conn::http1::SendRequest};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo},
-};
+use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
+use crate::epa::diagnosis::{BackendView, BindingClaim, Diagnosis, diagnose};
 use crate::{
     config::{HealthCheckConfig, Timeouts},
     metrics::{BindTrigger, Metrics, UpstreamUse},
 };
 use health::Health;
 use pool::{IdleConnections, Loan};
+use tls::{BackendTls, BackendTlsConfig, BackendTlsError};
+
+/// A backend as configured: its address and, for an `https://` backend, how to talk TLS to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendAddress {
+    pub authority: Authority,
+    pub tls: Option<BackendTlsConfig>,
+}
+
+impl BackendAddress {
+    pub fn plain(authority: Authority) -> Self {
+        BackendAddress {
+            authority,
+            tls: None,
+        }
+    }
+}
+
+impl std::fmt::Display for BackendAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.tls {
+            Some(_) => write!(f, "https://{}", self.authority),
+            None => write!(f, "{}", self.authority),
+        }
+    }
+}
+
+/// A backend whose TLS client could not be built (a CA or client certificate file).
+#[derive(Debug, Error)]
+#[error("backend {backend}: {source}")]
+pub struct BackendSetupError {
+    pub backend: String,
+    #[source]
+    pub source: BackendTlsError,
+}
+
+/// A connection to a backend: plain TCP, or TLS over it.
+type BackendIo = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 
 /// How client connections are tied to upstream connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -96,6 +135,10 @@ pub enum Balance {
 #[derive(Debug)]
 pub struct Backend {
     authority: Authority,
+    /// Set for an `https://` backend.
+    tls: Option<BackendTls>,
+    /// The leaf certificate of the last TLS handshake (DER), for Extended Protection diagnostics.
+    last_leaf: std::sync::Mutex<Option<Vec<u8>>>,
     active: AtomicUsize,
     health: Health,
     /// Caps the busy shared upstream connections to this backend, if configured.
@@ -107,6 +150,52 @@ pub struct Backend {
 impl Backend {
     pub fn authority(&self) -> &Authority {
         &self.authority
+    }
+
+    /// Opens a connection within `timeout` (TCP connect and, for TLS, the handshake): the one
+    /// place that dials a backend, for exchanges and health checks alike.
+    async fn connect(&self, timeout: Duration) -> Result<BackendIo, UpstreamError> {
+        let host = self.authority.host().trim_matches(['[', ']']);
+        let port = self
+            .authority
+            .port_u16()
+            .unwrap_or(if self.tls.is_some() { 443 } else { 80 });
+        let dial =
+            async {
+                let stream =
+                    TcpStream::connect((host, port))
+                        .await
+                        .map_err(|e| UpstreamError::Connect {
+                            backend: self.authority.clone(),
+                            source: Box::new(e),
+                        })?;
+                let _ = stream.set_nodelay(true);
+                match &self.tls {
+                    None => Ok(Either::Left(stream)),
+                    Some(backend_tls) => {
+                        let stream = backend_tls.connect(stream).await.map_err(|source| {
+                            UpstreamError::Tls {
+                                backend: self.authority.clone(),
+                                server_name: backend_tls.server_name(),
+                                source,
+                            }
+                        })?;
+                        if let (Some(leaf), Ok(mut last)) =
+                            (tls::peer_leaf(&stream), self.last_leaf.lock())
+                        {
+                            *last = Some(leaf.as_ref().to_vec());
+                        }
+                        Ok(Either::Right(stream))
+                    }
+                }
+            };
+        match tokio::time::timeout(timeout, dial).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::ConnectTimeout {
+                backend: self.authority.clone(),
+                timeout,
+            }),
+        }
     }
 
     pub fn is_up(&self) -> bool {
@@ -176,6 +265,16 @@ pub enum UpstreamError {
         backend: Authority,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "TLS handshake with {backend} (server name {server_name}) failed: {source}; the backend's \
+         certificate must hold that name and chain to ca_file (or the system's roots)"
+    )]
+    Tls {
+        backend: Authority,
+        server_name: String,
+        #[source]
+        source: std::io::Error,
     },
     #[error("cannot connect to {backend} within {timeout:?}")]
     ConnectTimeout {
@@ -353,20 +452,38 @@ impl Drop for Upstream {
 }
 
 impl Upstream {
+    /// Builds the backends' TLS clients (reading their CA and client certificate files): an
+    /// error names the backend and the file.
     pub fn new(
-        backends: &[Authority],
+        backends: &[BackendAddress],
         mode: Mode,
         balance: Balance,
         timeouts: &Timeouts,
         max_per_backend: usize,
         metrics: Arc<Metrics>,
-    ) -> Self {
+    ) -> Result<Self, BackendSetupError> {
+        let tls = backends
+            .iter()
+            .map(|b| {
+                b.tls
+                    .as_ref()
+                    .map(|t| BackendTls::new(t, b.authority.host()))
+                    .transpose()
+                    .map_err(|source| BackendSetupError {
+                        backend: b.to_string(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let upstream = Upstream {
             backends: backends
                 .iter()
-                .map(|a| {
+                .zip(tls)
+                .map(|(b, tls)| {
                     Arc::new(Backend {
-                        authority: a.clone(),
+                        authority: b.authority.clone(),
+                        tls,
+                        last_leaf: std::sync::Mutex::new(None),
                         active: AtomicUsize::new(0),
                         health: Health::default(),
                         permits: (max_per_backend > 0)
@@ -383,7 +500,7 @@ impl Upstream {
             checks: std::sync::Mutex::new(Vec::new()),
         };
         upstream.spawn_idle_sweeper();
-        upstream
+        Ok(upstream)
     }
 
     /// Closes shared connections left idle for `upstream_idle_secs`, until this Upstream is
@@ -467,6 +584,10 @@ impl Upstream {
         mut req: Request<ClientBody>,
     ) -> Result<Response<GuardedBody>, UpstreamError> {
         let client_body = req.body().state();
+        let epa_claim = BindingClaim::from_headers(req.headers());
+        if let Some(claim) = &epa_claim {
+            tracing::debug!(%claim, "NTLMv2 Type3 Extended Protection fields");
+        }
         let binds = self.mode == Mode::Bind && binding::request_binds(req.headers());
         if binds || is_ntlm_request(req.headers()) {
             state.ntlm_seen = true;
@@ -502,7 +623,9 @@ impl Upstream {
                 Attempt::Unsent(unsent, error) => {
                     if matches!(
                         error,
-                        UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. }
+                        UpstreamError::Connect { .. }
+                            | UpstreamError::Tls { .. }
+                            | UpstreamError::ConnectTimeout { .. }
                     ) {
                         self.mark_down(&backend);
                     }
@@ -532,7 +655,31 @@ impl Upstream {
                 }
             }
         };
-        self.settle(state, &backend, dedicated, &client_body, result)
+        let result = self.settle(state, &backend, dedicated, &client_body, result);
+        if let (Ok(response), Some(claim)) = (&result, &epa_claim)
+            && response.status() == StatusCode::UNAUTHORIZED
+            && claim.is_bound()
+        {
+            self.explain_epa_refusal(&backend, claim);
+        }
+        result
+    }
+
+    /// A backend answered 401 to a Type3 with a channel binding: log and count why.
+    fn explain_epa_refusal(&self, backend: &Backend, claim: &BindingClaim) {
+        let leaf = backend.last_leaf.lock().ok().and_then(|l| l.clone());
+        let view = BackendView {
+            tls_server_name: backend.tls.as_ref().map(BackendTls::server_name),
+            leaf: leaf.as_deref(),
+        };
+        let Diagnosis { cause, advice } = diagnose(claim, &view);
+        self.metrics.epa_refused(cause);
+        tracing::warn!(
+            backend = %backend.authority,
+            cause = cause.name(),
+            %claim,
+            "Extended Protection: the backend refused a login bound to a TLS channel: {advice}"
+        );
     }
 
     /// Health, NTLM bookkeeping and error classification after the last attempt.
@@ -818,29 +965,14 @@ impl Upstream {
         backend: &Arc<Backend>,
         sharing: Sharing,
     ) -> Result<SendRequest<ClientBody>, UpstreamError> {
-        let connect_error =
-            |source: Box<dyn std::error::Error + Send + Sync>| UpstreamError::Connect {
-                backend: backend.authority.clone(),
-                source,
-            };
-        let host = backend.authority.host().trim_matches(['[', ']']);
-        let port = backend.authority.port_u16().unwrap_or(80);
         let started = std::time::Instant::now();
-        let connect = tokio::net::TcpStream::connect((host, port));
-        let stream = match tokio::time::timeout(self.timeouts.upstream_connect, connect).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(connect_error(Box::new(e))),
-            Err(_) => {
-                return Err(UpstreamError::ConnectTimeout {
-                    backend: backend.authority.clone(),
-                    timeout: self.timeouts.upstream_connect,
-                });
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let io = backend.connect(self.timeouts.upstream_connect).await?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
-            .map_err(|e| connect_error(Box::new(e)))?;
+            .map_err(|e| UpstreamError::Connect {
+                backend: backend.authority.clone(),
+                source: Box::new(e),
+            })?;
         let metrics = Arc::clone(&self.metrics);
         metrics.upstream_connected(started.elapsed());
         match sharing {
@@ -868,24 +1000,28 @@ impl Upstream {
             let backend = Arc::clone(backend);
             let check = check.clone();
             let task = tokio::spawn(async move {
-                let client: Client<HttpConnector, Empty<Bytes>> =
-                    Client::builder(TokioExecutor::new()).build(HttpConnector::new());
                 let mut interval = tokio::time::interval(check.interval);
                 loop {
                     interval.tick().await;
-                    let uri = format!("http://{}{}", backend.authority, check.path);
-                    let ok = match Request::get(uri).body(Empty::new()) {
-                        Ok(req) => matches!(
-                            tokio::time::timeout(check.timeout, client.request(req)).await,
-                            Ok(Ok(r)) if r.status().as_u16() == check.expect_status
-                        ),
-                        Err(_) => false,
+                    let outcome = match tokio::time::timeout(
+                        check.timeout,
+                        probe(&backend, &check.path, check.timeout),
+                    )
+                    .await
+                    {
+                        Ok(Ok(status)) if status == check.expect_status => Ok(()),
+                        Ok(Ok(status)) => Err(format!("status {status}")),
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err(format!("no answer within {:?}", check.timeout)),
                     };
-                    if backend.health.record_check(ok) {
-                        if ok {
-                            tracing::info!(backend = %backend.authority, "health check passes again; backend back in rotation");
-                        } else {
-                            tracing::warn!(backend = %backend.authority, path = %check.path, "health check failed; backend out of rotation");
+                    if backend.health.record_check(outcome.is_ok()) {
+                        match outcome {
+                            Ok(()) => {
+                                tracing::info!(backend = %backend.authority, "health check passes again; backend back in rotation")
+                            }
+                            Err(why) => {
+                                tracing::warn!(backend = %backend.authority, path = %check.path, %why, "health check failed; backend out of rotation")
+                            }
                         }
                     }
                 }
@@ -895,6 +1031,31 @@ impl Upstream {
             }
         }
     }
+}
+
+/// One health-check GET on a new connection (plain or TLS, like every exchange): the status, or
+/// why the backend could not be asked (for the log line).
+async fn probe(backend: &Backend, path: &str, timeout: Duration) -> Result<u16, String> {
+    let io = backend
+        .connect(timeout)
+        .await
+        .map_err(|e| crate::proxy::error_chain(&e))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let req = Request::get(path)
+        .header(header::HOST, backend.authority.as_str())
+        .header(header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    sender
+        .send_request(req)
+        .await
+        .map(|r| r.status().as_u16())
+        .map_err(|e| e.to_string())
 }
 
 fn rendezvous(client: IpAddr, backend: &str) -> u64 {
@@ -968,8 +1129,8 @@ mod tests {
     use super::*;
 
     fn upstream(n: usize, balance: Balance) -> Upstream {
-        let backends: Vec<Authority> = (0..n)
-            .map(|i| format!("10.0.0.{i}:80").parse().expect("authority"))
+        let backends: Vec<BackendAddress> = (0..n)
+            .map(|i| BackendAddress::plain(format!("10.0.0.{i}:80").parse().expect("authority")))
             .collect();
         Upstream::new(
             &backends,
@@ -979,6 +1140,7 @@ mod tests {
             0,
             Arc::new(Metrics::default()),
         )
+        .expect("plain backends")
     }
 
     fn ip(s: &str) -> IpAddr {

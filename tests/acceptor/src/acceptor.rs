@@ -50,6 +50,11 @@ pub enum Rejected {
         user: String,
         reason: crypto::ResponseError,
     },
+    #[error("user {user:?}: {reason}")]
+    ChannelBinding {
+        user: String,
+        reason: ntlm::binding::BindingError,
+    },
 }
 
 /// The result of one step.
@@ -70,11 +75,24 @@ pub struct RandomnessError(getrandom::Error);
 pub struct Acceptor {
     users: UserStore,
     names: ServerNames,
+    /// `--require-channel-binding`: the MsvAvChannelBindings every Type3 must carry.
+    required_binding: Option<[u8; 16]>,
 }
 
 impl Acceptor {
     pub fn new(users: UserStore, names: ServerNames) -> Acceptor {
-        Acceptor { users, names }
+        Acceptor {
+            users,
+            names,
+            required_binding: None,
+        }
+    }
+
+    /// Refuses every Type3 whose channel binding is not `binding` (Extended Protection,
+    /// `tokenChecking="Require"`).
+    pub fn require_channel_binding(mut self, binding: [u8; 16]) -> Acceptor {
+        self.required_binding = Some(binding);
+        self
     }
 
     /// Feeds one decoded token into `ctx`.
@@ -132,6 +150,14 @@ impl Acceptor {
                 reason,
             }
         })?;
+        if let Some(expected) = &self.required_binding {
+            ntlm::binding::check(expected, &msg.nt_response).map_err(|reason| {
+                Rejected::ChannelBinding {
+                    user: msg.user.clone(),
+                    reason,
+                }
+            })?;
+        }
         Ok(user.name.clone())
     }
 }

@@ -50,6 +50,21 @@ pub struct Cli {
     #[arg(long, value_name = "NAME", default_value = "ACCEPTOR")]
     pub computer: String,
 
+    /// Serve HTTPS with this PEM certificate chain (with `--tls-key`), like an IIS site with an
+    /// https binding.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Extended Protection like IIS with `tokenChecking="Require"`: refuse every NTLMv2 login
+    /// whose channel binding is not the `tls-server-end-point` of this server's certificate
+    /// (`--tls-cert`, signed with SHA-256).
+    #[arg(long, requires = "tls_cert")]
+    pub require_channel_binding: bool,
+
     /// `--key header`: how many header-keyed contexts to keep (oldest evicted first).
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     pub max_contexts: usize,

@@ -24,6 +24,9 @@ pub struct RequestRecord<'a> {
     pub user: Option<&'a str>,
     /// Request body bytes read (and discarded).
     pub body_len: u64,
+    /// Why a token was refused (401/400/500 with a reason).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<&'a str>,
 }
 
 fn write_line(line: &str) {
@@ -60,6 +63,7 @@ mod tests {
             status: 401,
             user: None,
             body_len: 0,
+            refused: None,
         };
         assert_eq!(
             serde_json::to_string(&r)?,

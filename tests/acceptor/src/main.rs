@@ -33,6 +33,7 @@ mod log;
 mod ntlm;
 mod service;
 mod store;
+mod tls;
 mod users;
 
 use std::process::ExitCode;
@@ -81,8 +82,19 @@ async fn main() -> ExitCode {
 /// Serves until SIGTERM or SIGINT.
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let users = load_users(&cli)?;
+    let tls = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::load(cert, key)?),
+        _ => None,
+    };
+    let mut acceptor = Acceptor::new(users, ServerNames::new(&cli.domain, &cli.computer));
+    if cli.require_channel_binding
+        && let Some(tls) = &tls
+    {
+        acceptor = acceptor
+            .require_channel_binding(ntlm::binding::expected_for_certificate(tls.leaf.as_ref()));
+    }
     let app = Arc::new(App {
-        acceptor: Acceptor::new(users, ServerNames::new(&cli.domain, &cli.computer)),
+        acceptor,
         key: cli.key,
         header: cli.header.clone(),
         contexts: ContextStore::new(cli.max_contexts),
@@ -103,7 +115,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     serial += 1;
-                    tokio::spawn(service::serve_connection(Arc::clone(&app), stream, peer, serial));
+                    let _ = stream.set_nodelay(true);
+                    let app = Arc::clone(&app);
+                    match &tls {
+                        None => {
+                            tokio::spawn(service::serve_connection(app, stream, peer, serial));
+                        }
+                        Some(tls) => {
+                            let acceptor = tls.acceptor.clone();
+                            tokio::spawn(async move {
+                                match acceptor.accept(stream).await {
+                                    Ok(stream) => service::serve_connection(app, stream, peer, serial).await,
+                                    Err(e) => eprintln!("ntlm-acceptor: conn {serial} from {peer}: TLS handshake: {e}"),
+                                }
+                            });
+                        }
+                    }
                 }
                 Err(e) => {
                     // E.g. EMFILE under a connection flood: back off instead of spinning.

@@ -12,7 +12,6 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 
 use crate::acceptor::{Acceptor, SecurityContext, Step};
 use crate::authz::{self, Presented};
@@ -51,13 +50,16 @@ enum Reply {
     Internal(String),
 }
 
-pub async fn serve_connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, serial: u64) {
+/// Serves one connection (plain TCP, or TLS once the handshake is done).
+pub async fn serve_connection<IO>(app: Arc<App>, stream: IO, peer: SocketAddr, serial: u64)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let conn = Arc::new(Conn {
         peer,
         serial,
         context: Mutex::new(SecurityContext::Fresh),
     });
-    let _ = stream.set_nodelay(true);
     let service = service_fn(move |req| handle(Arc::clone(&app), Arc::clone(&conn), req));
     if let Err(e) = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -132,6 +134,12 @@ async fn handle(
             _ => None,
         },
         body_len: body_len.unwrap_or(0),
+        refused: match &reply {
+            Reply::Unauthorized(Some(why)) | Reply::BadRequest(why) | Reply::Internal(why) => {
+                Some(why)
+            }
+            _ => None,
+        },
     });
     Ok(response)
 }

@@ -4,6 +4,7 @@
 //! understand; nothing here indexes a slice without a bounds check.
 
 pub mod authenticate;
+pub mod binding;
 pub mod challenge;
 pub mod crypto;
 pub mod negotiate;
