@@ -42,7 +42,12 @@ pub fn verify(config: &Config) -> Result<(), ConfigError> {
         });
     }
     for backend in &config.backends {
-        resolve(backend.as_str()).map_err(|message| ConfigError::Invalid {
+        let host = backend.authority.host().trim_matches(['[', ']']);
+        let port = backend
+            .authority
+            .port_u16()
+            .unwrap_or(if backend.tls.is_some() { 443 } else { 80 });
+        resolve((host, port)).map_err(|message| ConfigError::Invalid {
             key: "backends",
             message,
         })?;
@@ -50,12 +55,13 @@ pub fn verify(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Resolves `HOST:PORT` with the system resolver, as the upstream connector will on every connect.
-fn resolve(authority: &str) -> Result<(), String> {
-    match authority.to_socket_addrs().map(|mut a| a.next()) {
+/// Resolves a backend's host and port with the system resolver, as the upstream connector will on
+/// every connect.
+fn resolve((host, port): (&str, u16)) -> Result<(), String> {
+    match (host, port).to_socket_addrs().map(|mut a| a.next()) {
         Ok(Some(_)) => Ok(()),
-        Ok(None) => Err(format!("{authority:?} resolves to no address")),
-        Err(e) => Err(format!("cannot resolve {authority:?}: {e}")),
+        Ok(None) => Err(format!("{host:?} (port {port}) resolves to no address")),
+        Err(e) => Err(format!("cannot resolve {host:?} (port {port}): {e}")),
     }
 }
 
