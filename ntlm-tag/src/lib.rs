@@ -7,6 +7,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod conns;
+pub mod guard;
 pub mod identity;
 pub mod kernel;
 pub mod metrics;
