@@ -105,11 +105,13 @@ pub struct AvPair {
 /// Parses one NTLM message; trailing bytes after the fields it points to are ignored.
 pub fn parse(bytes: &[u8]) -> Result<Message, MessageError> {
     if bytes.len() < 12 {
-        return Err(if !bytes.is_empty() && SIGNATURE.starts_with(&bytes[..bytes.len().min(8)]) {
-            MessageError::Truncated(bytes.len())
-        } else {
-            MessageError::NoSignature
-        });
+        return Err(
+            if !bytes.is_empty() && SIGNATURE.starts_with(&bytes[..bytes.len().min(8)]) {
+                MessageError::Truncated(bytes.len())
+            } else {
+                MessageError::NoSignature
+            },
+        );
     }
     if &bytes[..8] != SIGNATURE {
         return Err(MessageError::NoSignature);
@@ -319,7 +321,13 @@ pub(crate) mod tests {
         assert_ne!(a.flags & NEGOTIATE_UNICODE, 0);
         let pairs = a.ntlmv2_av_pairs.expect("NTLMv2");
         assert_eq!(pairs.len(), 2);
-        assert_eq!(pairs[1], AvPair { id: 0x0a, value: vec![7; 16] });
+        assert_eq!(
+            pairs[1],
+            AvPair {
+                id: 0x0a,
+                value: vec![7; 16]
+            }
+        );
     }
 
     #[test]
@@ -370,14 +378,23 @@ pub(crate) mod tests {
         };
         assert_eq!(c.target_name, "CORP");
         assert_eq!(c.server_challenge, [9; 8]);
-        assert_eq!(c.target_info, vec![AvPair { id: 2, value: b"X\0".to_vec() }]);
+        assert_eq!(
+            c.target_info,
+            vec![AvPair {
+                id: 2,
+                value: b"X\0".to_vec()
+            }]
+        );
     }
 
     #[test]
     fn hostile_input_is_an_error_not_a_panic() {
         assert_eq!(parse(b""), Err(MessageError::NoSignature));
         assert_eq!(parse(b"NTLMSSP"), Err(MessageError::Truncated(7)));
-        assert_eq!(parse(b"NTLMSSP\0\x09\0\0\0"), Err(MessageError::UnknownType(9)));
+        assert_eq!(
+            parse(b"NTLMSSP\0\x09\0\0\0"),
+            Err(MessageError::UnknownType(9))
+        );
         let mut t3 = type3("D", "u", "w", &[0; 24]);
         // The user field's offset far past the end.
         t3[40..44].copy_from_slice(&u32::MAX.to_le_bytes());

@@ -111,7 +111,9 @@ mod tests {
             assert_eq!(a.account(), "CORP\\alice");
         }
         assert!(matches!(
-            client_token(&headers("NTLM TlRMTVNTUAABAAAABoIIAAAAAAAAAAAAAAAAAAAAAAA=")),
+            client_token(&headers(
+                "NTLM TlRMTVNTUAABAAAABoIIAAAAAAAAAAAAAAAAAAAAAAA="
+            )),
             Some(ClientToken::Ntlm(Message::Negotiate(_)))
         ));
     }
@@ -129,7 +131,9 @@ mod tests {
             panic!("a wrapped Type3");
         };
         assert_eq!(a.user, "bob");
-        let mut krb = vec![0x60, 0x82, 0x05, 0x00, 0x06, 0x06, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x02];
+        let mut krb = vec![
+            0x60, 0x82, 0x05, 0x00, 0x06, 0x06, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x02,
+        ];
         krb.extend_from_slice(KERBEROS_OIDS[1]);
         krb.extend_from_slice(&[0; 32]);
         assert_eq!(
@@ -146,6 +150,9 @@ mod tests {
             client_token(&headers("NTLM !!!")),
             Some(ClientToken::Unreadable)
         );
-        assert_eq!(client_token(&headers("NTLM")), Some(ClientToken::Unreadable));
+        assert_eq!(
+            client_token(&headers("NTLM")),
+            Some(ClientToken::Unreadable)
+        );
     }
 }
