@@ -748,7 +748,7 @@ fn build_lockout(file: LockoutFile) -> Result<LockoutConfig, ConfigError> {
     }
     let window = match file.window_secs {
         None => d.window,
-        Some(s) if s.is_finite() && s >= 1.0 && s <= 7.0 * 86_400.0 => Duration::from_secs_f64(s),
+        Some(s) if (1.0..=7.0 * 86_400.0).contains(&s) => Duration::from_secs_f64(s),
         Some(s) => {
             return Err(ConfigError::invalid(
                 "lockout.window_secs",
