@@ -490,17 +490,17 @@ fn lockout_scene(demo: &Demo) -> LockoutScene {
 fn print_lockout(scene: &LockoutScene) {
     println!();
     println!(
-        "{:<46} {:<24} {:<26} RESULT",
+        "{:<48} {:<24} {:<26} RESULT",
         "CLIENT", "LOGINS (FINAL STATUS)", "BAD PASSWORDS AT BACKEND"
     );
     println!(
-        "{:<46} {:<24} {:<26} stopped at 4 (429 + Retry-After), before AD's 5th",
+        "{:<48} {:<24} {:<26} stopped at 4 (429 + Retry-After), before AD's 5th",
         "carol 198.18.11.11 via HAProxy, stale password",
         scene.looping.join(" "),
         scene.type3s_refused,
     );
     println!(
-        "{:<46} {:<24} {:<26} {}",
+        "{:<48} {:<24} {:<26} {}",
         "carol 198.18.11.10 via HAProxy, right password",
         if scene.elsewhere.is_empty() {
             "-"
