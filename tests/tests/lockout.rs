@@ -69,6 +69,16 @@ fn refused_type3s(backend: &Acceptor) -> usize {
         .count()
 }
 
+/// The IIS-like backend: NTLM keyed on its own TCP connection.
+fn start_backend(topo: &Topology) -> Acceptor {
+    Acceptor::start(
+        &topo.backend,
+        SocketAddr::new(Topology::backend_addr().ip(), 8081),
+        &users(),
+        Keying::Connection,
+    )
+}
+
 fn start_gateway(
     topo: &Topology,
     backend: SocketAddr,
@@ -99,12 +109,7 @@ fn start_gateway(
 #[test]
 fn a_looping_client_is_stopped_before_the_domain_would_lock_the_account() {
     let topo = Topology::new();
-    let backend = Acceptor::start(
-        &topo.backend,
-        SocketAddr::new(Topology::backend_addr().ip(), 8081),
-        &users(),
-        Keying::Connection,
-    );
+    let backend = start_backend(&topo);
     // Long enough for the attempts below even under TCG, short enough to await its end.
     let window = Duration::from_secs(6 * u64::from(time_scale()));
     let looping = Topology::client_v4(0);
@@ -211,12 +216,7 @@ fn a_looping_client_is_stopped_before_the_domain_would_lock_the_account() {
 #[test]
 fn the_connection_table_and_access_log_show_who_is_authenticated() {
     let topo = Topology::new();
-    let backend = Acceptor::start(
-        &topo.backend,
-        SocketAddr::new(Topology::backend_addr().ip(), 8081),
-        &users(),
-        Keying::Connection,
-    );
+    let backend = start_backend(&topo);
     let mut gw = start_gateway(
         &topo,
         backend.addr,
