@@ -286,6 +286,7 @@ fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
 pub struct AdminState {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    pub lockout: Arc<crate::guard::LockoutGuard>,
     pub kernel: Option<Arc<KernelTracker>>,
     /// `attached`, `off`, or `unavailable: <reason>`.
     pub ebpf_status: String,
@@ -423,11 +424,16 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
                 .kernel
                 .as_deref()
                 .map(|k| (k.counters(), k.map_entries()));
-            let body = state.metrics.render(Scrape {
+            let mut body = state.metrics.render(Scrape {
                 connections_open: state.registry.len(),
                 kernel: kernel.as_ref().map(|(c, n)| (c, *n)),
                 backends: (state.backends)(),
             });
+            // The lockout guard's and auth-state metrics, hand-encoded next to the registry's.
+            body.push_str(&crate::guard::render_metrics(
+                state.registry.auth_counts(),
+                &state.lockout,
+            ));
             let mut r = Response::new(Full::new(Bytes::from(body)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

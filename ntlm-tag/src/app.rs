@@ -18,6 +18,7 @@ use crate::{
     admin::{self, AdminListener, AdminState, PrivateAccess},
     cli::{EbpfMode, RunArgs},
     config::{Config, ListenerConfig},
+    guard::LockoutGuard,
     identity::{IdDisplay, Identifier, UidGenerator, trust::TrustedSources},
     kernel::{KernelOptions, KernelTracker, local_addrs, privileges},
     metrics::{Metrics, ReloadResult},
@@ -181,6 +182,8 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
     let metrics = Arc::new(Metrics::default());
     verify_bridging(&config).await?;
     let live = build_live(&config, &metrics)?;
+    let lockout = Arc::new(LockoutGuard::new(config.lockout.clone()));
+    warn_if_lockout_off(&config);
     let gateway = Arc::new(Gateway {
         identifier: Identifier::new(kernel.clone()),
         uids: UidGenerator::new().context("cannot draw the random uid key and instance nonce")?,
@@ -193,6 +196,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
         },
         registry: Arc::clone(&registry),
         metrics: Arc::clone(&metrics),
+        lockout: Arc::clone(&lockout),
         http2: config.http2,
         live: ArcSwap::from_pointee(live),
         open: AtomicUsize::new(0),
@@ -237,6 +241,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
             let state = Arc::new(AdminState {
                 registry: Arc::clone(&registry),
                 metrics: Arc::clone(&metrics),
+                lockout: Arc::clone(&lockout),
                 kernel: kernel.clone(),
                 ebpf_status: ebpf_status.clone(),
                 private,
@@ -395,12 +400,26 @@ async fn reload(
         );
     }
     gateway.live.store(Arc::new(live));
+    if new.lockout != running.lockout {
+        warn_if_lockout_off(&new);
+        gateway.lockout.reconfigure(new.lockout.clone());
+    }
     metrics.reload(ReloadResult::Success);
     tracing::info!(
         backends = ?new.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "configuration reloaded; established connections keep their settings"
     );
     *running = new;
+}
+
+/// Turning the lockout guard off weakens a default: say so at every start and reload.
+fn warn_if_lockout_off(config: &Config) {
+    if !config.lockout.enabled {
+        tracing::warn!(
+            "lockout.enabled = false: failed NTLM logins are not counted, and a client looping on \
+             a wrong password reaches the domain controller until it locks the account"
+        );
+    }
 }
 
 /// Keys that a reload cannot apply.

@@ -15,6 +15,7 @@ use thiserror::Error;
 use crate::{
     admin::{AdminEndpoint, AdminToken},
     cli::{EbpfMode, LogFormat, RunArgs},
+    guard::LockoutConfig,
     identity::{
         conn_id::{DEFAULT_TEMPLATE, IdTemplate},
         trust::{TrustLists, covers_a_whole_family, normalise},
@@ -119,6 +120,20 @@ struct FileConfig {
     workers: Option<usize>,
     log_format: Option<LogFormat>,
     timeouts: Option<TimeoutsFile>,
+    lockout: Option<LockoutFile>,
+}
+
+/// `[lockout]`: see [`LockoutConfig`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LockoutFile {
+    enabled: Option<bool>,
+    max_failures: Option<u32>,
+    max_failures_per_address: Option<u32>,
+    max_failures_per_user: Option<u32>,
+    window_secs: Option<f64>,
+    allow: Option<Vec<ipnet::IpNet>>,
+    max_tracked: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -290,6 +305,7 @@ pub struct Config {
     pub workers: usize,
     pub log_format: LogFormat,
     pub timeouts: Timeouts,
+    pub lockout: LockoutConfig,
     /// Valid but risky settings, logged at start-up and on reload (and printed by `check`).
     pub warnings: Vec<ConfigWarning>,
 }
@@ -503,6 +519,7 @@ impl Config {
             limits_file.max_upstream_per_backend = Some(n);
         }
         let limits = build_limits(limits_file)?;
+        let lockout = build_lockout(file.lockout.unwrap_or_default())?;
         if let Some(user) = args.user.as_ref().or(file.user.as_ref())
             && (user.is_empty() || user.contains(['/', ':', ' ']))
         {
@@ -550,6 +567,7 @@ impl Config {
                 .unwrap_or(LogFormat::Human),
             timeouts,
             warnings,
+            lockout,
         })
     }
 
@@ -598,6 +616,7 @@ impl Config {
             workers: usize,
             log_format: LogFormat,
             timeouts: Timeouts,
+            lockout: &'a LockoutConfig,
         }
         let effective = Effective {
             listen: &self.listeners,
@@ -634,6 +653,7 @@ impl Config {
             workers: self.workers,
             log_format: self.log_format,
             timeouts: self.timeouts,
+            lockout: &self.lockout,
         };
         toml::to_string_pretty(&effective).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
@@ -985,6 +1005,47 @@ fn build_health_check(
     }))
 }
 
+fn build_lockout(file: LockoutFile) -> Result<LockoutConfig, ConfigError> {
+    let d = LockoutConfig::default();
+    let max_failures = file.max_failures.unwrap_or(d.max_failures);
+    if max_failures == 0 {
+        return Err(ConfigError::invalid(
+            "lockout.max_failures",
+            "must be at least 1 (0 would refuse every login; `enabled = false` turns the guard off)",
+        ));
+    }
+    let window = match file.window_secs {
+        None => d.window,
+        Some(s) if (1.0..=7.0 * 86_400.0).contains(&s) => Duration::from_secs_f64(s),
+        Some(s) => {
+            return Err(ConfigError::invalid(
+                "lockout.window_secs",
+                format!("{s} is not a number of seconds between 1 and 604800 (7 days)"),
+            ));
+        }
+    };
+    let max_tracked = file.max_tracked.unwrap_or(d.max_tracked);
+    if !(1..=10_000_000).contains(&max_tracked) {
+        return Err(ConfigError::invalid(
+            "lockout.max_tracked",
+            format!("{max_tracked} is not between 1 and 10000000"),
+        ));
+    }
+    Ok(LockoutConfig {
+        enabled: file.enabled.unwrap_or(d.enabled),
+        max_failures,
+        max_failures_per_address: file
+            .max_failures_per_address
+            .unwrap_or(d.max_failures_per_address),
+        max_failures_per_user: file
+            .max_failures_per_user
+            .unwrap_or(d.max_failures_per_user),
+        window,
+        allow: file.allow.unwrap_or_default(),
+        max_tracked,
+    })
+}
+
 fn build_timeouts(file: TimeoutsFile) -> Result<Timeouts, ConfigError> {
     let d = Timeouts::default();
     let pick = |key: &'static str, v: Option<f64>, default: Duration| match v {
@@ -1057,6 +1118,41 @@ mod tests {
         assert_eq!(c.backends[0].authority.as_str(), "10.0.0.5:80");
         // Safe with every backend unless the operator opts into sharing authenticated connections.
         assert_eq!(c.mode, Mode::Bind);
+    }
+
+    #[test]
+    fn lockout_defaults_keys_and_errors() {
+        let base = "listen = [\"0.0.0.0:80\"]\nbackends = [\"a:80\"]\n";
+        let c = Config::from_toml(base, &args()).expect("valid");
+        assert_eq!(c.lockout, LockoutConfig::default());
+        assert!(c.lockout.enabled);
+        assert_eq!(c.lockout.max_failures, 4);
+        let c = Config::from_toml(
+            &format!(
+                "{base}[lockout]\nmax_failures = 2\nwindow_secs = 60\nallow = [\"10.0.0.0/8\"]\n\
+                 max_failures_per_user = 9\nmax_tracked = 10"
+            ),
+            &args(),
+        )
+        .expect("valid");
+        assert_eq!(c.lockout.max_failures, 2);
+        assert_eq!(c.lockout.window, Duration::from_secs(60));
+        assert_eq!(c.lockout.max_failures_per_user, 9);
+        assert!(c.to_toml().contains("[lockout]"));
+        for (text, key) in [
+            ("max_failures = 0", "lockout.max_failures"),
+            ("window_secs = 0", "lockout.window_secs"),
+            ("window_secs = 1e9", "lockout.window_secs"),
+            ("max_tracked = 0", "lockout.max_tracked"),
+        ] {
+            let e =
+                Config::from_toml(&format!("{base}[lockout]\n{text}"), &args()).expect_err(text);
+            assert_eq!(key_of(e), key, "{text}");
+        }
+        assert!(matches!(
+            Config::from_toml(&format!("{base}[lockout]\nthreshold = 3"), &args()),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub fn print_table(admin: &str, token_file: Option<&Path>) -> Result<()> {
     let rows = fetch_rows(&endpoint, token.as_ref())?;
     let full_ids = rows.iter().any(|r| r.id.is_some());
     println!(
-        "{:<12} {:<24} {:<24} {:<9} {:<9} {:<22} {:<8} {:>8} {:>9}{}",
+        "{:<12} {:<24} {:<24} {:<9} {:<9} {:<22} {:<8} {:>8} {:>9}  {:<13} {:<24}{}",
         "ID HASH",
         "CLIENT",
         "PEER",
@@ -36,11 +36,13 @@ pub fn print_table(admin: &str, token_file: Option<&Path>) -> Result<()> {
         "UPSTREAM",
         "REQUESTS",
         "AGE",
+        "AUTH",
+        "USER",
         if full_ids { "  ID" } else { "" }
     );
     for r in &rows {
         println!(
-            "{:<12} {:<24} {:<24} {:<9} {:<9} {:<22} {:<8} {:>8} {:>8.1}s{}",
+            "{:<12} {:<24} {:<24} {:<9} {:<9} {:<22} {:<8} {:>8} {:>8.1}s  {:<13} {:<24}{}",
             r.id_hash,
             r.client,
             r.peer,
@@ -50,6 +52,8 @@ pub fn print_table(admin: &str, token_file: Option<&Path>) -> Result<()> {
             r.upstream,
             r.requests,
             r.age_ms as f64 / 1000.0,
+            r.auth,
+            r.user.as_deref().unwrap_or("-"),
             r.id.as_deref()
                 .map(|id| format!("  {id}"))
                 .unwrap_or_default()

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod conns;
 pub mod epa;
+pub mod guard;
 pub mod identity;
 pub mod kernel;
 pub mod metrics;

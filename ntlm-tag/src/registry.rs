@@ -12,7 +12,10 @@ use std::{
 
 use serde::Serialize;
 
-use crate::identity::{ConnectionIdentity, IdHash};
+use crate::{
+    guard::AuthState,
+    identity::{ConnectionIdentity, IdHash},
+};
 
 #[derive(Debug)]
 struct Entry {
@@ -24,6 +27,7 @@ struct Entry {
     listener: String,
     started: Instant,
     requests: Arc<AtomicU64>,
+    auth: Arc<Mutex<AuthState>>,
 }
 
 /// Where a connection's requests go now: its backend (it moves on failover) and how they reach it.
@@ -62,6 +66,12 @@ pub struct ConnectionRow {
     pub cookie: Option<u64>,
     pub age_ms: u64,
     pub requests: u64,
+    /// NTLM/Negotiate state: `anonymous`, `negotiating`, `authenticated` or `failed`.
+    #[serde(default)]
+    pub auth: String,
+    /// `DOMAIN\user` of an `authenticated` or `failed` NTLM login (Kerberos names are encrypted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -77,9 +87,21 @@ pub struct Registration {
     key: u64,
     requests: Arc<AtomicU64>,
     upstream: Arc<Mutex<UpstreamView>>,
+    auth: Arc<Mutex<AuthState>>,
 }
 
 impl Registration {
+    /// The connection's NTLM/Negotiate state now.
+    pub fn auth(&self) -> AuthState {
+        self.auth.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    pub fn set_auth(&self, state: AuthState) {
+        if let Ok(mut auth) = self.auth.lock() {
+            *auth = state;
+        }
+    }
+
     pub fn count_request(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
@@ -118,6 +140,7 @@ impl Registry {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let requests = Arc::new(AtomicU64::new(0));
         let upstream = Arc::new(Mutex::new(UpstreamView { backend, link }));
+        let auth = Arc::new(Mutex::new(AuthState::Anonymous));
         if let Ok(mut live) = self.live.lock() {
             live.insert(
                 key,
@@ -129,6 +152,7 @@ impl Registry {
                     listener,
                     started: Instant::now(),
                     requests: Arc::clone(&requests),
+                    auth: Arc::clone(&auth),
                 },
             );
         }
@@ -137,7 +161,21 @@ impl Registry {
             key,
             requests,
             upstream,
+            auth,
         }
+    }
+
+    /// Open connections by auth state, in [`crate::guard::auth_state::STATE_NAMES`] order.
+    pub fn auth_counts(&self) -> [u64; 4] {
+        let mut counts = [0; 4];
+        if let Ok(live) = self.live.lock() {
+            for e in live.values() {
+                if let Ok(auth) = e.auth.lock() {
+                    counts[auth.index()] += 1;
+                }
+            }
+        }
+        counts
     }
 
     pub fn len(&self) -> usize {
@@ -163,6 +201,7 @@ impl Registry {
                         backend: String::new(),
                         link: "",
                     });
+                let auth = e.auth.lock().map(|a| a.clone()).unwrap_or_default();
                 (
                     *key,
                     ConnectionRow {
@@ -185,6 +224,8 @@ impl Registry {
                         cookie: e.identity.cookie,
                         age_ms: e.started.elapsed().as_millis() as u64,
                         requests: e.requests.load(Ordering::Relaxed),
+                        auth: auth.name().to_string(),
+                        user: auth.user().map(str::to_string),
                     },
                 )
             })

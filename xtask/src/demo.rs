@@ -50,6 +50,7 @@ impl Topology {
             addr(&client, "eth0", &format!("198.18.10.{i}/24"));
         }
         addr(&client, "eth0", "198.18.11.10/24");
+        addr(&client, "eth0", "198.18.11.11/24");
         client.ip(&["route", "add", "default", "via", VIP]);
         addr(&lb, "down0", "198.18.10.1/24");
         addr(&lb, "down0", "198.18.11.1/24");
@@ -382,6 +383,12 @@ pub fn run(keep: bool) -> Result<()> {
          reused, so mallory got a 401."
     );
 
+    step(
+        "the lockout guard: a client loops on a stale password (via HAProxy), the same user logs in from elsewhere",
+    );
+    let lockout = lockout_scene(&demo);
+    print_lockout(&lockout);
+
     if keep {
         println!();
         println!("topology kept; poke at it, then press Enter to clean up:");
@@ -426,7 +433,90 @@ pub fn run(keep: bool) -> Result<()> {
         tag_status == "401",
         "ntlm-tag should have answered 401 to mallory"
     );
+    ensure!(
+        lockout.looping == ["401", "401", "401", "401", "429", "429"]
+            && lockout.type3s_refused == 4,
+        "the lockout guard should have stopped the looping client after 4 failures: {:?}, {} Type3s at the backend",
+        lockout.looping,
+        lockout.type3s_refused
+    );
+    ensure!(
+        lockout.elsewhere == ["carol"],
+        "carol should have logged in from another address"
+    );
     Ok(())
+}
+
+/// What the lockout scene saw.
+struct LockoutScene {
+    /// Final status of each login of the looping client.
+    looping: Vec<String>,
+    /// Type3s the backends refused (each one a bad password the domain controller would count).
+    type3s_refused: usize,
+    /// Who the right-password login from another address was served as.
+    elsewhere: Vec<String>,
+}
+
+fn lockout_scene(demo: &Demo) -> LockoutScene {
+    let url = format!("http://{HAPROXY_FRONT}/");
+    let refused = || {
+        demo.acceptors
+            .iter()
+            .flat_map(Acceptor::requests)
+            .filter(|r| r["ntlm_message"] == 3 && r["status"] == 401)
+            .count()
+    };
+    let before = refused();
+    let looping = (0..6)
+        .map(|_| {
+            let run = curl_ntlm(
+                &demo.topo.client,
+                "198.18.11.11".parse().expect("ip"),
+                "carol",
+                "old-password",
+                std::slice::from_ref(&url),
+                &["-o", "/dev/null", "-w", "%{http_code}"],
+            );
+            run.stdout.trim().to_string()
+        })
+        .collect();
+    let type3s_refused = refused() - before;
+    let elsewhere = demo.curl("198.18.11.10", "carol", &url).users();
+    LockoutScene {
+        looping,
+        type3s_refused,
+        elsewhere,
+    }
+}
+
+fn print_lockout(scene: &LockoutScene) {
+    println!();
+    println!(
+        "{:<48} {:<24} {:<26} RESULT",
+        "CLIENT", "LOGINS (FINAL STATUS)", "BAD PASSWORDS AT BACKEND"
+    );
+    println!(
+        "{:<48} {:<24} {:<26} stopped at 4 (429 + Retry-After), before AD's 5th",
+        "carol 198.18.11.11 via HAProxy, stale password",
+        scene.looping.join(" "),
+        scene.type3s_refused,
+    );
+    println!(
+        "{:<48} {:<24} {:<26} {}",
+        "carol 198.18.11.10 via HAProxy, right password",
+        if scene.elsewhere.is_empty() {
+            "-"
+        } else {
+            "200"
+        },
+        0,
+        if scene.elsewhere == ["carol"] {
+            "logged in as carol"
+        } else {
+            "NOT logged in"
+        }
+    );
+    println!();
 }
 
 /// Connection ids the backends saw, in order, that match `filter`.

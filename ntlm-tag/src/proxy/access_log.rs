@@ -40,6 +40,9 @@ pub struct AccessRecord {
     status: u16,
     backend: Option<Authority>,
     upstream: Option<Duration>,
+    /// The connection's auth state after this response, and the user when known.
+    auth: Option<&'static str>,
+    user: Option<Box<str>>,
 }
 
 impl AccessRecord {
@@ -69,6 +72,8 @@ impl AccessRecord {
             status: 0,
             backend: None,
             upstream: None,
+            auth: None,
+            user: None,
         }
     }
 
@@ -89,6 +94,8 @@ impl AccessRecord {
             status,
             backend: None,
             upstream: None,
+            auth: None,
+            user: None,
         }
     }
 
@@ -96,6 +103,12 @@ impl AccessRecord {
     pub fn upstream(&mut self, backend: &Authority, elapsed: Duration) {
         self.backend = Some(backend.clone());
         self.upstream = Some(elapsed);
+    }
+
+    /// The connection's auth state (and user) once this response was decided.
+    pub fn auth(&mut self, state: &'static str, user: Option<&str>) {
+        self.auth = Some(state);
+        self.user = user.map(Into::into);
     }
 
     pub fn status(&mut self, status: u16) {
@@ -129,6 +142,9 @@ impl AccessRecord {
             backend = %self.backend.as_ref().map_or(NONE, Authority::as_str),
             upstream_ms = self.upstream.map(ms).map(tracing::field::display),
             duration_ms = %ms(self.started.elapsed()),
+            auth = self.auth.map(tracing::field::display),
+            // Quoted and escaped: the name comes from the client's NTLM message.
+            user = self.user.as_deref().map(tracing::field::debug),
         );
     }
 }

@@ -34,6 +34,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::{
     config::{Limits, ListenerConfig, Timeouts},
+    guard::{Leg, LockoutGuard, Verdict},
     identity::{
         ConnectionIdentity, IdDisplay, IdHash, IdTemplate, Identifier, Settled, UidGenerator,
         proxy_header::{self, ProxyHeaderError},
@@ -73,6 +74,8 @@ pub struct Gateway {
     pub policy: StampPolicy,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    /// Counts failed NTLM logins and refuses attempts past the lockout thresholds.
+    pub lockout: Arc<LockoutGuard>,
     /// Accept HTTP/2 from clients.
     pub http2: bool,
     pub live: ArcSwap<Live>,
@@ -521,6 +524,8 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
     );
     if let Some(record) = &mut record {
         record.status(status);
+        let auth = connection.registration.auth();
+        record.auth(auth.name(), auth.user());
     }
     response.map(|body| LoggedBody::new(body, record))
 }
@@ -574,6 +579,13 @@ async fn respond(
     }
     if let Some(m) = crate::upstream::ntlm_message(req.headers()) {
         gateway.metrics.ntlm_message(m);
+    }
+    // What this request's token means for the connection's auth state and the lockout guard.
+    let leg = crate::ntlm::client_token(req.headers()).map(|t| Leg::of(&t));
+    if let Some(account) = leg.as_ref().and_then(Leg::account)
+        && let Some(refusal) = refuse_locked_out(connection, account)
+    {
+        return (refusal, None);
     }
     let (mut parts, body) = req.into_parts();
     parts.version = Version::HTTP_11;
@@ -649,7 +661,81 @@ async fn respond(
             response
         }
     };
+    if let Some(leg) = &leg {
+        record_auth_outcome(connection, leg, &response);
+    }
     (response, Some(backend.authority().clone()))
+}
+
+/// A Type3 from a user or address past its lockout threshold: 429 at the gateway, so that neither
+/// the backend nor the domain controller counts another bad password. `None`: let it through.
+fn refuse_locked_out(connection: &ClientConnection, account: &str) -> Option<Response<ProxyBody>> {
+    let Verdict::Refuse {
+        kind,
+        failures,
+        retry_after,
+    } = connection.gateway.lockout.check(account, connection.client)
+    else {
+        return None;
+    };
+    // Whole seconds, rounded up: a client retrying on time finds the window moved on.
+    let retry_secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    let retry_secs = retry_secs.max(1);
+    tracing::warn!(
+        conn = %connection.conn,
+        user = %account,
+        client = %connection.client,
+        count = kind.name(),
+        failures,
+        retry_after_secs = retry_secs,
+        "NTLM login refused before the backend (429): too many failed logins in the lockout \
+         window; the client must stop or fix its password (a trusted client address can go in \
+         lockout.allow)"
+    );
+    connection
+        .registration
+        .set_auth(crate::guard::AuthState::Failed(Some(account.into())));
+    let mut response = error_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        "Too many failed logins; try again later",
+    );
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from(retry_secs),
+    );
+    // The half-done handshake at the backend goes with the connection.
+    headers.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    Some(response)
+}
+
+/// The connection's auth state after a request with a token, and the lockout guard's count.
+fn record_auth_outcome(connection: &ClientConnection, leg: &Leg, response: &Response<ProxyBody>) {
+    let challenged = crate::guard::auth_state::carries_challenge(response.headers());
+    let state = leg.outcome(response.status(), challenged);
+    if let Some(account) = leg.account() {
+        let lockout = &connection.gateway.lockout;
+        match &state {
+            crate::guard::AuthState::Failed(_) => {
+                let failures = lockout.record_failure(account, connection.client);
+                tracing::info!(
+                    conn = %connection.conn,
+                    user = %account,
+                    client = %connection.client,
+                    failures,
+                    "NTLM login failed (the backend answered the Type3 with 401)"
+                );
+            }
+            crate::guard::AuthState::Authenticated(_) => {
+                lockout.record_success(account, connection.client);
+            }
+            _ => {}
+        }
+    }
+    connection.registration.set_auth(state);
 }
 
 fn error_response(status: StatusCode, reason: &'static str) -> Response<ProxyBody> {

@@ -19,6 +19,8 @@ pub struct RequestRecord<'a> {
     pub path: &'a str,
     /// The Authorization scheme: `NTLM`, `Negotiate`, another scheme as sent, or null.
     pub authorization: Option<&'a str>,
+    /// The NTLM message type of the token (1, 3), if it was a readable NTLM message.
+    pub ntlm_message: Option<u32>,
     pub status: u16,
     /// The authenticated user the response was served as (200s only).
     pub user: Option<&'a str>,
@@ -60,6 +62,7 @@ mod tests {
             method: "GET",
             path: "/x",
             authorization: Some("NTLM"),
+            ntlm_message: Some(1),
             status: 401,
             user: None,
             body_len: 0,
@@ -67,7 +70,7 @@ mod tests {
         };
         assert_eq!(
             serde_json::to_string(&r)?,
-            r#"{"peer":"127.0.0.1:5000","conn":3,"conn_id":null,"method":"GET","path":"/x","authorization":"NTLM","status":401,"user":null,"body_len":0}"#
+            r#"{"peer":"127.0.0.1:5000","conn":3,"conn_id":null,"method":"GET","path":"/x","authorization":"NTLM","ntlm_message":1,"status":401,"user":null,"body_len":0}"#
         );
         Ok(())
     }

@@ -128,6 +128,7 @@ async fn handle(
         method: parts.method.as_str(),
         path,
         authorization: presented.as_ref().map(|p| p.scheme.as_str()),
+        ntlm_message: presented.as_ref().and_then(ntlm_message_type),
         status: response.status().as_u16(),
         user: match &reply {
             Reply::Authenticated(user) => Some(user),
@@ -169,6 +170,13 @@ fn connection_id(headers: &HeaderMap, name: &HeaderName) -> Result<Option<Header
         return Err(format!("empty {name} header"));
     }
     Ok(Some(first.clone()))
+}
+
+/// The message type of a raw NTLM token (`NTLMSSP\0` then a little-endian u32).
+fn ntlm_message_type(presented: &Presented) -> Option<u32> {
+    let (_, token) = presented.token.as_ref().ok()?;
+    let rest = token.strip_prefix(b"NTLMSSP\0")?;
+    Some(u32::from_le_bytes(rest.get(..4)?.try_into().ok()?))
 }
 
 /// One step of the IIS-like protocol on `ctx`.
