@@ -220,29 +220,10 @@ impl KernelTracker {
             tracing::debug!(error = %e, "could not raise RLIMIT_MEMLOCK");
         }
         let cgroup = OwnCgroup::create()?;
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(CONN_IDENTITY_MAP, map_entries)
-            .load(EBPF_OBJECT)
-            .map_err(|source| KernelError::Load {
-                hint: hint_for_load(&source),
-                source,
-            })?;
+        let mut ebpf = load_object(map_entries)?;
         let kernel_log = init_kernel_log(&mut ebpf);
-        let program: &mut SockOps = ebpf
-            .program_mut(SOCK_OPS_PROGRAM)
-            .ok_or(KernelError::Missing {
-                what: "program",
-                name: SOCK_OPS_PROGRAM,
-            })?
-            .try_into()
-            .map_err(|source| KernelError::Program {
-                source,
-                hint: "unexpected program type",
-            })?;
-        program.load().map_err(|source| KernelError::Program {
-            hint: hint_for_program(&source),
-            source,
-        })?;
+        let program: &mut SockOps = program_of(&mut ebpf, SOCK_OPS_PROGRAM)?;
+        program.load().map_err(program_error)?;
         // The cgroup is ours alone. `Single` is what bpf_link (5.7+) requires (it then coexists with
         // programs on ancestor cgroups anyway); on older kernels it is an exclusive attachment to it.
         program
@@ -506,21 +487,8 @@ fn attach_xdp(ebpf: &mut Ebpf, interfaces: &[String]) -> Result<Vec<XdpAttachmen
     if interfaces.is_empty() {
         return Ok(Vec::new());
     }
-    let program: &mut Xdp = ebpf
-        .program_mut(XDP_PROGRAM)
-        .ok_or(KernelError::Missing {
-            what: "program",
-            name: XDP_PROGRAM,
-        })?
-        .try_into()
-        .map_err(|source| KernelError::Program {
-            source,
-            hint: "unexpected program type",
-        })?;
-    program.load().map_err(|source| KernelError::Program {
-        hint: hint_for_program(&source),
-        source,
-    })?;
+    let program: &mut Xdp = program_of(ebpf, XDP_PROGRAM)?;
+    program.load().map_err(program_error)?;
     let mut attached = Vec::new();
     for interface in interfaces {
         let mode = match program.attach(interface, XdpMode::Driver) {
@@ -652,6 +620,43 @@ fn hint_for_load(e: &aya::EbpfError) -> &'static str {
         PRIVILEGE_HINT
     } else {
         "the kernel may be too old for the maps used (LRU hash: Linux 4.10+)"
+    }
+}
+
+/// The embedded eBPF object, loaded with a connection map of `map_entries` (programs not yet in
+/// the kernel): the start-up path and `check`'s verifier probe share it.
+fn load_object(map_entries: u32) -> Result<Ebpf, KernelError> {
+    EbpfLoader::new()
+        .map_max_entries(CONN_IDENTITY_MAP, map_entries)
+        .load(EBPF_OBJECT)
+        .map_err(|source| KernelError::Load {
+            hint: hint_for_load(&source),
+            source,
+        })
+}
+
+/// Program `name` of the object, as its type `P` (sock_ops, XDP).
+fn program_of<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, KernelError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(KernelError::Missing {
+            what: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|source| KernelError::Program {
+            source,
+            hint: "unexpected program type",
+        })
+}
+
+/// A program the kernel refused to load, with the hint that tells the operator what to do.
+fn program_error(source: aya::programs::ProgramError) -> KernelError {
+    KernelError::Program {
+        hint: hint_for_program(&source),
+        source,
     }
 }
 

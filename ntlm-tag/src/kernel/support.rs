@@ -4,15 +4,12 @@
 
 use std::{ffi::CString, fmt};
 
-use aya::{
-    EbpfLoader,
-    programs::{SockOps, Xdp},
-};
-use ntlm_tag_common::{CONN_IDENTITY_MAP, SOCK_OPS_PROGRAM, XDP_PROGRAM};
+use aya::programs::{SockOps, Xdp};
+use ntlm_tag_common::{SOCK_OPS_PROGRAM, XDP_PROGRAM};
 
 use super::{
-    EBPF_OBJECT, KernelError, cgroup::find_cgroup2_mount, explain_old_kernel, hint_for_load,
-    hint_for_program, sockopt,
+    KernelError, cgroup::find_cgroup2_mount, explain_old_kernel, load_object, program_error,
+    program_of, sockopt,
 };
 
 /// The kernel's side of a configuration, as `check` reports it.
@@ -70,35 +67,11 @@ fn load_programs(with_xdp: bool) -> Result<(), KernelError> {
     // Kernels before 5.11 charge maps to RLIMIT_MEMLOCK; start-up raises it the same way.
     let _ = sockopt::raise_memlock_limit();
     // The smallest connection map: the probe only needs the maps to exist for the verifier.
-    let mut ebpf = EbpfLoader::new()
-        .map_max_entries(CONN_IDENTITY_MAP, 1)
-        .load(EBPF_OBJECT)
-        .map_err(|source| KernelError::Load {
-            hint: hint_for_load(&source),
-            source,
-        })?;
-    let program_error = |source: aya::programs::ProgramError| KernelError::Program {
-        hint: hint_for_program(&source),
-        source,
-    };
-    let sock_ops: &mut SockOps = ebpf
-        .program_mut(SOCK_OPS_PROGRAM)
-        .ok_or(KernelError::Missing {
-            what: "program",
-            name: SOCK_OPS_PROGRAM,
-        })?
-        .try_into()
-        .map_err(program_error)?;
+    let mut ebpf = load_object(1)?;
+    let sock_ops: &mut SockOps = program_of(&mut ebpf, SOCK_OPS_PROGRAM)?;
     sock_ops.load().map_err(program_error)?;
     if with_xdp {
-        let xdp: &mut Xdp = ebpf
-            .program_mut(XDP_PROGRAM)
-            .ok_or(KernelError::Missing {
-                what: "program",
-                name: XDP_PROGRAM,
-            })?
-            .try_into()
-            .map_err(program_error)?;
+        let xdp: &mut Xdp = program_of(&mut ebpf, XDP_PROGRAM)?;
         xdp.load().map_err(program_error)?;
     }
     Ok(())
