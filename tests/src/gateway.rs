@@ -482,12 +482,18 @@ fn walk_named(root: &std::path::Path, name: &str) -> Vec<PathBuf> {
         })
         .unwrap_or_else(|| "/".into());
     let base = root.join(own.trim_start_matches('/'));
-    let candidate = base.join(name);
-    if candidate.is_dir() {
-        vec![candidate]
-    } else {
-        Vec::new()
-    }
+    // Beside this process, or one level down (a test that starts its gateways in a cgroup of its own).
+    let children = std::fs::read_dir(&base)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir());
+    std::iter::once(base.clone())
+        .chain(children)
+        .map(|dir| dir.join(name))
+        .filter(|candidate| candidate.is_dir())
+        .collect()
 }
 
 fn strip_ansi(s: &str) -> String {

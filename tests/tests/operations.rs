@@ -536,7 +536,8 @@ struct DelegatedCgroup {
 }
 
 impl DelegatedCgroup {
-    fn create() -> Self {
+    /// `<this process's cgroup>/ntlm-tag-<role>-test.<pid>`.
+    fn create(role: &str) -> Self {
         let mount = ntlm_tag_tests::gateway::cgroup2_mount().expect("cgroup2 mounted");
         let own = std::fs::read_to_string("/proc/self/cgroup").expect("own cgroup");
         let own = own
@@ -545,7 +546,7 @@ impl DelegatedCgroup {
             .expect("a cgroup v2 line");
         let path = mount
             .join(own.trim_start_matches('/'))
-            .join(format!("ntlm-tag-unit-test.{}", std::process::id()));
+            .join(format!("ntlm-tag-{role}-test.{}", std::process::id()));
         std::fs::create_dir(&path).expect("create the delegated cgroup");
         DelegatedCgroup { path }
     }
@@ -582,7 +583,7 @@ fn the_packaged_units_capabilities_are_enough_to_start_and_switch_user() {
             .join(",")
     );
     // systemd's Delegate=yes: a cgroup of the service's own, owned by the user it starts as (root).
-    let cgroup = DelegatedCgroup::create();
+    let cgroup = DelegatedCgroup::create("unit");
     let cgroup_path = cgroup.path.to_string_lossy().into_owned();
     let mut wrapper = vec![
         "sh",
@@ -764,12 +765,25 @@ fn a_crashed_gateway_leaves_nothing_attached_after_the_next_start() {
         "--ebpf",
         "required",
     ];
-    let first = Gateway::start(&topo.gateway, &args);
+    // Both instances in a cgroup of their own: any gateway starting removes the crashed ones' leftovers
+    // beside it, and the other tests of this binary start theirs in parallel in this process's cgroup.
+    let cgroup = DelegatedCgroup::create("crash");
+    let cgroup_path = cgroup.path.to_string_lossy().into_owned();
+    let wrapper = [
+        "sh",
+        "-c",
+        "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"",
+        &cgroup_path,
+    ];
+    let Started::Ready(first) = Gateway::try_start(&topo.gateway, &args, Some(&wrapper)) else {
+        panic!("the first gateway must start");
+    };
     let crashed = first.kill();
     let leftover = crashed
         .leftover_cgroup()
         .expect("a crash leaves its cgroup (and attachment) behind");
-    let Started::Ready(mut second) = Gateway::try_start(&topo.gateway, &args, None) else {
+    let Started::Ready(mut second) = Gateway::try_start(&topo.gateway, &args, Some(&wrapper))
+    else {
         panic!("the gateway must start after a crash");
     };
     assert!(
