@@ -70,8 +70,20 @@ enum Task {
     },
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    // The error and its causes on one line, never a backtrace: with RUST_BACKTRACE set (as CI
+    // environments often have it), anyhow's backtrace of xtask itself would push the failing
+    // command's own output (a test's panic message) out of the visible end of the log.
+    match run_task(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_task(cli: Cli) -> Result<()> {
     match cli.task {
         Task::Setup => setup::install_missing(),
         Task::BuildEbpf => build_ebpf(),
