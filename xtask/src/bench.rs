@@ -2,13 +2,14 @@
 //! one run on this machine with the same backend and the same load.
 //!
 //! Every proxy runs alone on core 0 with one worker; the backend (nginx, or the NTLM acceptor) and
-//! the load generator (this process, a Rust client on one thread) share core 1. Workloads: keep-alive
-//! requests on 64 connections, a new connection per request, full NTLM handshakes, and 20,000 idle
-//! keep-alive connections (resident memory per connection). The kernel's own BPF run-time statistics
+//! the load generator share core 1. Workloads: keep-alive requests on 64 connections and a new
+//! connection per request (both driven by `wrk`), full NTLM handshakes (this process's own client:
+//! wrk cannot speak NTLM), each repeated `--runs` times with the systems interleaved, and 10,000
+//! idle keep-alive connections (resident memory per connection). The kernel's own BPF run-time statistics
 //! give the cost of ntlm-tag's programs; `BPF_PROG_TEST_RUN` gives the XDP program's cost per packet.
 //! Results go to `bench/results/` as Markdown, CSV and an SVG chart.
 //!
-//! Not part of CI; needs root. The whole run takes about six minutes after the build.
+//! Not part of CI; needs root. The whole run takes about seven minutes after the build.
 
 mod chart;
 mod idle;
@@ -20,6 +21,7 @@ mod report;
 mod runs;
 mod servers;
 mod setup;
+mod wrk;
 
 use std::path::PathBuf;
 
@@ -30,13 +32,16 @@ use crate::step;
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Measured seconds per run (each run also has a short warm-up).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 4)]
     pub seconds: u64,
+    /// Measured runs of every system under every load workload (the tables give min, median, max).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
     /// Client connections per load run.
     #[arg(long, default_value_t = 64)]
     pub connections: usize,
     /// Idle keep-alive client connections for the memory run.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 10_000)]
     pub idle: usize,
     /// Before measuring, wait up to this many seconds for the 1-minute load average to drop
     /// below 0.5 (other work on the machine skews every number).
@@ -47,7 +52,7 @@ pub struct Args {
     #[arg(long)]
     pub perf: bool,
     /// Only these systems (comma-separated keys: direct, nginx-common, nginx-tuned, haproxy,
-    /// ntlm-tag-ebpf, ntlm-tag-no-ebpf, ntlm-tag-ebpf-xdp-lo); default: all.
+    /// haproxy-tcp, ntlm-tag-ebpf, ntlm-tag-no-ebpf, ntlm-tag-ebpf-xdp-lo); default: all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where the results go (relative to the workspace root).
@@ -65,6 +70,9 @@ pub enum Proxy {
     NginxCommon,
     NginxTuned,
     Haproxy,
+    /// HAProxy relaying TCP (`mode tcp`): no HTTP work at all, the floor an HTTP proxy on the
+    /// same loop and the same syscalls can approach.
+    HaproxyTcp,
     NtlmTagEbpf,
     NtlmTagNoEbpf,
     /// ntlm-tag with eBPF and its XDP program attached to `lo` (generic mode): only for the XDP
@@ -74,11 +82,12 @@ pub enum Proxy {
 
 impl Proxy {
     /// The systems of the main table, in table order.
-    pub const MAIN: [Proxy; 6] = [
+    pub const MAIN: [Proxy; 7] = [
         Proxy::Direct,
         Proxy::NginxCommon,
         Proxy::NginxTuned,
         Proxy::Haproxy,
+        Proxy::HaproxyTcp,
         Proxy::NtlmTagEbpf,
         Proxy::NtlmTagNoEbpf,
     ];
@@ -89,6 +98,7 @@ impl Proxy {
             Proxy::NginxCommon => "nginx common (keepalive 16)",
             Proxy::NginxTuned => "nginx tuned (keepalive 256)",
             Proxy::Haproxy => "HAProxy (http-reuse safe)",
+            Proxy::HaproxyTcp => "HAProxy mode tcp (L4 relay floor)",
             Proxy::NtlmTagEbpf => "ntlm-tag eBPF",
             Proxy::NtlmTagNoEbpf => "ntlm-tag no eBPF",
             Proxy::NtlmTagXdp => "ntlm-tag eBPF + XDP on lo (generic)",
@@ -102,6 +112,7 @@ impl Proxy {
             Proxy::NginxCommon => "nginx-common",
             Proxy::NginxTuned => "nginx-tuned",
             Proxy::Haproxy => "haproxy",
+            Proxy::HaproxyTcp => "haproxy-tcp",
             Proxy::NtlmTagEbpf => "ntlm-tag-ebpf",
             Proxy::NtlmTagNoEbpf => "ntlm-tag-no-ebpf",
             Proxy::NtlmTagXdp => "ntlm-tag-ebpf-xdp-lo",

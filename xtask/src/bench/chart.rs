@@ -27,6 +27,7 @@ fn colour(p: Proxy) -> &'static str {
         Proxy::NginxCommon => "#f6b26b",
         Proxy::NginxTuned => "#e69138",
         Proxy::Haproxy => "#6fa8dc",
+        Proxy::HaproxyTcp => "#3d85c6",
         Proxy::NtlmTagEbpf => "#38761d",
         Proxy::NtlmTagNoEbpf => "#93c47d",
         Proxy::NtlmTagXdp => "#274e13",

@@ -1,5 +1,7 @@
-//! The measured runs: every system under every workload, one at a time, each proxy alone on its
-//! core and restarted for the NTLM and the idle-memory runs (a fresh heap for the latter).
+//! The measured runs: every system under every load workload, one at a time, each proxy alone on
+//! its core; `--runs` rounds with the systems interleaved (a slow minute on a shared machine then
+//! touches every system, not one), merged into min/median/max. Each proxy is restarted for the
+//! NTLM and the idle-memory runs (a fresh heap for the latter).
 
 use std::{
     path::{Path, PathBuf},
@@ -19,6 +21,7 @@ use super::{
     procs::{self, Server},
     servers::{self, Upstream},
     setup::{self, Environment},
+    wrk::{self, WrkMode, WrkPlan},
 };
 use crate::{root, step};
 
@@ -38,6 +41,13 @@ pub struct Measurement {
     pub p99_us: f64,
     /// utime + stime of the proxy's processes over the measured interval ÷ requests.
     pub cpu_us_per_request: Option<f64>,
+    /// The proxy's CPU time ÷ the interval: near 1.0, the proxy's core was the limit; well below,
+    /// something else (the load generator, the backend) was.
+    pub proxy_busy: Option<f64>,
+    /// Over the runs of this system and workload (the fields above are the medians).
+    pub rate_spread: Option<Spread>,
+    pub cpu_spread: Option<Spread>,
+    pub repeats: usize,
     pub errors: u64,
     pub first_error: Option<String>,
     /// ntlm-tag's programs over the measured interval.
@@ -45,6 +55,69 @@ pub struct Measurement {
     pub idle: Option<IdleResult>,
     /// `/proc/loadavg` at the end of the run.
     pub load_average: String,
+}
+
+/// Minimum, median and maximum of one quantity over repeated runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    pub fn of(values: &[f64]) -> Option<Spread> {
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        // The lower middle for an even count: a value that was measured, not an average.
+        let median = v[(v.len() - 1) / 2];
+        Some(Spread {
+            min: v[0],
+            median,
+            max: v[v.len() - 1],
+        })
+    }
+}
+
+/// One measurement per system and workload from the rounds' runs: the median run's latencies, the
+/// medians of rate and CPU, the errors of all runs, and the spreads.
+fn merge(samples: Vec<Measurement>) -> Vec<Measurement> {
+    let mut keys: Vec<(Proxy, Workload)> = Vec::new();
+    for m in &samples {
+        if !keys.contains(&(m.proxy, m.workload)) {
+            keys.push((m.proxy, m.workload));
+        }
+    }
+    let mut samples: Vec<Option<Measurement>> = samples.into_iter().map(Some).collect();
+    keys.into_iter()
+        .filter_map(|(proxy, workload)| {
+            let mut group: Vec<Measurement> = samples
+                .iter_mut()
+                .filter(|m| m.as_ref().is_some_and(|m| m.proxy == proxy && m.workload == workload))
+                .filter_map(Option::take)
+                .collect();
+            let rates: Vec<f64> = group.iter().map(|m| m.per_second).collect();
+            let cpus: Vec<f64> = group.iter().filter_map(|m| m.cpu_us_per_request).collect();
+            let rate_spread = Spread::of(&rates);
+            let cpu_spread = Spread::of(&cpus);
+            let errors = group.iter().map(|m| m.errors).sum();
+            let first_error = group.iter().find_map(|m| m.first_error.clone());
+            let repeats = group.len();
+            group.sort_by(|a, b| a.per_second.total_cmp(&b.per_second));
+            let mut median = group.swap_remove((repeats.checked_sub(1)? ) / 2);
+            median.per_second = rate_spread.map_or(median.per_second, |s| s.median);
+            median.cpu_us_per_request = cpu_spread.map(|s| s.median);
+            median.rate_spread = rate_spread;
+            median.cpu_spread = cpu_spread;
+            median.errors = errors;
+            median.first_error = first_error;
+            median.repeats = repeats;
+            Some(median)
+        })
+        .collect()
 }
 
 pub struct Results {
@@ -94,9 +167,21 @@ pub fn run_all(args: &Args, env: &Environment) -> Result<Results> {
     let backend = servers::start_backend(dir.path())?;
     let acceptors = servers::start_acceptors(dir.path(), &users)?;
     let users = Arc::new(users);
-    let mut runs = Vec::new();
+    let mut samples = Vec::new();
+    for round in 1..=args.runs.max(1) {
+        step(&format!("round {round} of {}", args.runs.max(1)));
+        for proxy in Proxy::MAIN.into_iter().filter(|p| p.selected(args)) {
+            samples.extend(run_proxy(proxy, args, dir.path(), &users)?);
+        }
+    }
+    let mut runs = merge(samples);
     for proxy in Proxy::MAIN.into_iter().filter(|p| p.selected(args)) {
-        runs.extend(run_proxy(proxy, args, dir.path(), &users)?);
+        if proxy != Proxy::Direct {
+            let count = idle_connections(args);
+            runs.push(with_proxy(proxy, Upstream::Http, dir.path(), |s| {
+                idle_run(proxy, s, count)
+            })?);
+        }
     }
     if Proxy::NtlmTagXdp.selected(args) {
         runs.push(xdp_on_loopback(args, dir.path(), &users)?);
@@ -161,7 +246,7 @@ fn run_proxy(
     users: &Arc<Vec<Identity>>,
 ) -> Result<Vec<Measurement>> {
     step(&format!(
-        "{}: keep-alive, new connections, NTLM, idle memory",
+        "{}: keep-alive, new connections, NTLM",
         proxy.label()
     ));
     let mut out = with_proxy(proxy, Upstream::Http, dir, |s| {
@@ -173,12 +258,6 @@ fn run_proxy(
     out.push(with_proxy(proxy, Upstream::Ntlm, dir, |s| {
         load_run(proxy, Workload::Ntlm, s, args, users)
     })?);
-    if proxy != Proxy::Direct {
-        let count = idle_connections(args);
-        out.push(with_proxy(proxy, Upstream::Http, dir, |s| {
-            idle_run(proxy, s, count)
-        })?);
-    }
     Ok(out)
 }
 
@@ -222,6 +301,23 @@ fn sample(server: Option<&Server>, proxy: Proxy) -> Sample {
     }
 }
 
+/// The keep-alive and new-connection workloads run under wrk; NTLM handshakes under the built-in
+/// client (wrk cannot answer a challenge).
+fn wrk_plan(proxy: Proxy, workload: Workload, args: &Args) -> Option<WrkPlan> {
+    let mode = match workload {
+        Workload::KeepAlive => WrkMode::KeepAlive,
+        Workload::NewConnection => WrkMode::NewConnection,
+        Workload::Ntlm | Workload::Idle => return None,
+    };
+    Some(WrkPlan {
+        target: servers::target(proxy, Upstream::Http),
+        mode,
+        connections: args.connections,
+        warmup: Duration::from_secs(1),
+        measure: Duration::from_secs(args.seconds),
+    })
+}
+
 fn load_run(
     proxy: Proxy,
     workload: Workload,
@@ -229,26 +325,44 @@ fn load_run(
     args: &Args,
     users: &Arc<Vec<Identity>>,
 ) -> Result<Measurement> {
-    let outcome = load::run(&plan(proxy, workload, args, users), || {
-        sample(server, proxy)
-    })
-    .with_context(|| format!("{} under {}", proxy.label(), workload.label()))?;
+    let probe = || sample(server, proxy);
+    let (outcome, percentiles) = match wrk_plan(proxy, workload, args) {
+        Some(plan) => {
+            let run = wrk::run(&plan, probe)
+                .with_context(|| format!("{} under {} (wrk)", proxy.label(), workload.label()))?;
+            (run.outcome, Some((run.p50_us, run.p99_us)))
+        }
+        None => (
+            load::run(&plan(proxy, workload, args, users), probe)
+                .with_context(|| format!("{} under {}", proxy.label(), workload.label()))?,
+            None,
+        ),
+    };
+    let (p50_us, p99_us) = percentiles.unwrap_or_else(|| {
+        (outcome.percentile_us(50.0), outcome.percentile_us(99.0))
+    });
     let ticks = outcome
         .after
         .cpu_ticks
         .saturating_sub(outcome.before.cpu_ticks);
+    let cpu_seconds = ticks as f64 / procs::ticks_per_second();
     let cpu_us_per_request = server
         .filter(|_| outcome.completed > 0)
-        .map(|_| ticks as f64 / procs::ticks_per_second() * 1e6 / outcome.completed as f64);
+        .map(|_| cpu_seconds * 1e6 / outcome.completed as f64);
+    let proxy_busy = server.map(|_| cpu_seconds / outcome.elapsed.as_secs_f64().max(1e-9));
     let m = Measurement {
         proxy,
         workload,
         completed: outcome.completed,
         seconds: outcome.elapsed.as_secs_f64(),
         per_second: outcome.per_second(),
-        p50_us: outcome.percentile_us(50.0),
-        p99_us: outcome.percentile_us(99.0),
+        p50_us,
+        p99_us,
         cpu_us_per_request,
+        proxy_busy,
+        rate_spread: None,
+        cpu_spread: None,
+        repeats: 1,
         errors: outcome.errors,
         bpf: kernel::delta(&outcome.before.bpf, &outcome.after.bpf),
         first_error: outcome.first_error,
@@ -284,6 +398,10 @@ fn idle_run(proxy: Proxy, server: Option<&Server>, count: usize) -> Result<Measu
         p50_us: f64::NAN,
         p99_us: f64::NAN,
         cpu_us_per_request: None,
+        proxy_busy: None,
+        rate_spread: None,
+        cpu_spread: None,
+        repeats: 1,
         errors: 0,
         first_error: None,
         bpf: Vec::new(),
@@ -306,7 +424,7 @@ fn print_line(m: &Measurement) {
             idle.kib_per_connection()
         ),
         None => eprintln!(
-            "    {:<32} {:<28} {:>9.0}/s  p50 {:>7.0} µs  p99 {:>7.0} µs  CPU {:>6} µs/req  errors {}{}",
+            "    {:<32} {:<28} {:>9.0}/s  p50 {:>7.0} µs  p99 {:>7.0} µs  CPU {:>6} µs/req  busy {:>4}  errors {}{}",
             m.proxy.label(),
             m.workload.label(),
             m.per_second,
@@ -314,6 +432,8 @@ fn print_line(m: &Measurement) {
             m.p99_us,
             m.cpu_us_per_request
                 .map_or("-".into(), |c| format!("{c:.1}")),
+            m.proxy_busy
+                .map_or("-".into(), |b| format!("{:.0}%", b * 100.0)),
             m.errors,
             m.first_error
                 .as_deref()
@@ -395,4 +515,17 @@ fn shorten_lines(text: &str) -> String {
             format!("{cut}\n")
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_takes_measured_values() {
+        let s = Spread::of(&[3.0, 1.0, f64::NAN, 2.0, 10.0]).unwrap();
+        assert_eq!((s.min, s.median, s.max), (1.0, 2.0, 10.0));
+        assert_eq!(Spread::of(&[5.0]).unwrap().median, 5.0);
+        assert!(Spread::of(&[]).is_none());
+    }
 }

@@ -198,7 +198,8 @@ pub fn start_proxy(proxy: Proxy, upstream: Upstream, dir: &Path) -> Result<Optio
         Proxy::Direct => return Ok(None),
         Proxy::NginxCommon => start_nginx_proxy(&dir, upstream, false)?,
         Proxy::NginxTuned => start_nginx_proxy(&dir, upstream, true)?,
-        Proxy::Haproxy => start_haproxy(&dir, upstream)?,
+        Proxy::Haproxy => start_haproxy(&dir, upstream, HaproxyMode::Http)?,
+        Proxy::HaproxyTcp => start_haproxy(&dir, upstream, HaproxyMode::Tcp)?,
         Proxy::NtlmTagEbpf | Proxy::NtlmTagNoEbpf | Proxy::NtlmTagXdp => {
             start_ntlm_tag(&dir, proxy, upstream)?
         }
@@ -234,11 +235,49 @@ fn start_nginx_proxy(dir: &Path, upstream: Upstream, tuned: bool) -> Result<Serv
     start_nginx(name, PROXY_CORE, dir, &config, local(PROXY_PORT))
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HaproxyMode {
+    /// `mode http`, `http-reuse safe`, the connection-id header set like the common recipe.
+    Http,
+    /// `mode tcp`: every client connection relayed to a backend connection of its own, nothing
+    /// parsed. For NTLM it relays to the acceptor keyed by TCP connection (no header to key by).
+    Tcp,
+}
+
 /// HAProxy sizes its file-descriptor needs from `maxconn` (two per connection) and refuses to
 /// start if it cannot raise RLIMIT_NOFILE that far; an idle client connection holds one.
-fn haproxy_config(upstream: Upstream) -> String {
+fn haproxy_config(upstream: Upstream, mode: HaproxyMode) -> String {
     let nofile = super::setup::nofile();
     let maxconn = nofile.saturating_sub(200);
+    if mode == HaproxyMode::Tcp {
+        let upstream = match upstream {
+            Upstream::Http => upstream.addr(),
+            Upstream::Ntlm => local(ACCEPTOR_CONNECTION_PORT),
+        };
+        return format!(
+            "global
+    maxconn {maxconn}
+    ulimit-n {nofile}
+    no strict-limits
+    nbthread 1
+
+defaults
+    mode tcp
+    maxconn {maxconn}
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+
+frontend fe
+    bind {listen}
+    default_backend be
+
+backend be
+    server s1 {upstream}
+",
+            listen = local(PROXY_PORT),
+        );
+    }
     format!(
         "global
     maxconn {maxconn}
@@ -269,8 +308,8 @@ backend be
     )
 }
 
-fn start_haproxy(dir: &Path, upstream: Upstream) -> Result<Server> {
-    let conf = write(dir, "haproxy.cfg", &haproxy_config(upstream))?;
+fn start_haproxy(dir: &Path, upstream: Upstream, mode: HaproxyMode) -> Result<Server> {
+    let conf = write(dir, "haproxy.cfg", &haproxy_config(upstream, mode))?;
     let args = strings(&["-db", "-f", &conf.display().to_string()]);
     let mut server = Server::spawn(
         "haproxy",
@@ -345,6 +384,15 @@ mod tests {
             tuned.replace("keepalive 256;", "")
         );
         assert!(common.contains("proxy_set_header Jespa-Connection-Id $remote_addr:$remote_port;"));
+    }
+
+    #[test]
+    fn haproxy_tcp_relays_without_http() {
+        let tcp = haproxy_config(Upstream::Ntlm, HaproxyMode::Tcp);
+        assert!(tcp.contains("mode tcp") && !tcp.contains("mode http"));
+        assert!(tcp.contains(&local(ACCEPTOR_CONNECTION_PORT).to_string()));
+        let http = haproxy_config(Upstream::Http, HaproxyMode::Http);
+        assert!(http.contains("http-reuse safe") && http.contains("nbthread 1"));
     }
 
     #[test]

@@ -11,8 +11,8 @@ use anyhow::{Context, Result, bail};
 
 use crate::{root, run, step};
 
-/// Debian packages the bench drives (the load generator is built in).
-const PACKAGES: &[&str] = &["nginx", "haproxy", "util-linux", "procps"];
+/// Debian packages the bench drives (the NTLM load generator is built in).
+const PACKAGES: &[&str] = &["nginx", "haproxy", "wrk", "util-linux", "procps"];
 
 /// Open files for this process and everything it starts (20,000 idle connections on both ends).
 pub const NOFILE: u64 = 200_000;
