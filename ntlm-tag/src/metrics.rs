@@ -10,7 +10,7 @@
 use std::{
     fmt::Write as _,
     sync::{
-        Mutex,
+        Arc, Mutex, OnceLock, RwLock,
         atomic::{AtomicI64, AtomicU64},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -206,6 +206,52 @@ struct RequestLabels {
     status: u16,
 }
 
+/// One backend's `requests` series by status, each made on first use and then counted with one
+/// atomic add (the family's `get_or_create` hashes the labels and needs an owned `String`).
+#[derive(Debug)]
+struct StatusCounters {
+    backend: String,
+    family: Family<RequestLabels, Counter>,
+    /// Statuses 100–599 (what hyper sends); others go through the family.
+    by_status: Box<[OnceLock<Counter>]>,
+}
+
+impl StatusCounters {
+    const FIRST: u16 = 100;
+    const LAST: u16 = 599;
+
+    fn new(backend: &str, family: Family<RequestLabels, Counter>) -> Self {
+        StatusCounters {
+            backend: backend.to_string(),
+            family,
+            by_status: (Self::FIRST..=Self::LAST).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    fn series(&self, status: u16) -> Counter {
+        self.family
+            .get_or_create(&RequestLabels {
+                backend: self.backend.clone(),
+                status,
+            })
+            .clone()
+    }
+
+    fn inc(&self, status: u16) {
+        match status
+            .checked_sub(Self::FIRST)
+            .and_then(|i| self.by_status.get(usize::from(i)))
+        {
+            Some(slot) => {
+                slot.get_or_init(|| self.series(status)).inc();
+            }
+            None => {
+                self.series(status).inc();
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct BackendLabel {
     backend: String,
@@ -270,8 +316,12 @@ pub struct Metrics {
     closed_before_identified: Counter,
     proxy_rejected: Family<ReasonLabel, Counter>,
     requests: Family<RequestLabels, Counter>,
+    /// The request counters by backend, found per response without hashing or allocating a label.
+    requests_by_backend: RwLock<Vec<Arc<StatusCounters>>>,
     request_duration: Histogram,
     upstream_connections: Family<KindLabel, Counter>,
+    /// `upstream_connections`' counters by `UpstreamUse` (in `UpstreamUse::ALL` order).
+    upstream_uses: Vec<(UpstreamUse, Counter)>,
     upstream_connect_duration: Histogram,
     pinned_open: Gauge,
     bound_open: Gauge,
@@ -301,7 +351,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("ntlm_tag");
-        let m = Metrics {
+        let mut m = Metrics {
             registry: Registry::default(),
             connections: Family::default(),
             connections_open: Gauge::default(),
@@ -309,9 +359,11 @@ impl Metrics {
             closed_before_identified: Counter::default(),
             proxy_rejected: Family::default(),
             requests: Family::default(),
+            requests_by_backend: RwLock::new(Vec::new()),
             // 0.5 ms … 65 s: from a pooled keep-alive request to upstream_response_secs.
             request_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
             upstream_connections: Family::default(),
+            upstream_uses: Vec::new(),
             // 0.1 ms … 6.6 s: a LAN connect to the default upstream_connect_secs.
             upstream_connect_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
             pinned_open: Gauge::default(),
@@ -341,11 +393,14 @@ impl Metrics {
                 .get_or_create(&ReasonLabel { reason })
                 .get();
         }
-        for &kind in UpstreamUse::ALL {
-            m.upstream_connections
-                .get_or_create(&KindLabel { kind })
-                .get();
-        }
+        // Counters share their value with their clone: these are the family's own series.
+        m.upstream_uses = UpstreamUse::ALL
+            .iter()
+            .map(|&kind| {
+                let counter = m.upstream_connections.get_or_create(&KindLabel { kind }).clone();
+                (kind, counter)
+            })
+            .collect();
         for &trigger in BindTrigger::ALL {
             m.bindings.get_or_create(&TriggerLabel { trigger }).get();
         }
@@ -523,13 +578,28 @@ impl Metrics {
     /// One response sent: by the backend that was asked (`-`: none), with its status, and how long
     /// it took from the request head.
     pub fn request(&self, backend: &str, status: u16, elapsed: Duration) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                backend: backend.to_string(),
-                status,
-            })
-            .inc();
+        self.status_counters(backend).inc(status);
         self.request_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// The counters of `backend`, created on its first response. A handful of backends: a linear
+    /// scan under a read lock costs less than hashing a label set (and allocating its `String`)
+    /// for every response.
+    fn status_counters(&self, backend: &str) -> Arc<StatusCounters> {
+        if let Ok(known) = self.requests_by_backend.read()
+            && let Some(c) = known.iter().find(|c| c.backend == backend)
+        {
+            return Arc::clone(c);
+        }
+        let Ok(mut known) = self.requests_by_backend.write() else {
+            return Arc::new(StatusCounters::new(backend, self.requests.clone()));
+        };
+        if let Some(c) = known.iter().find(|c| c.backend == backend) {
+            return Arc::clone(c);
+        }
+        let c = Arc::new(StatusCounters::new(backend, self.requests.clone()));
+        known.push(Arc::clone(&c));
+        c
     }
 
     pub fn connection_refused(&self) {
@@ -594,9 +664,16 @@ impl Metrics {
 
     /// A request went upstream on a new connection (`Opened`) or one already open (`Reused`).
     pub fn upstream_request(&self, kind: UpstreamUse) {
-        self.upstream_connections
-            .get_or_create(&KindLabel { kind })
-            .inc();
+        match self.upstream_uses.iter().find(|(k, _)| *k == kind) {
+            Some((_, counter)) => {
+                counter.inc();
+            }
+            None => {
+                self.upstream_connections
+                    .get_or_create(&KindLabel { kind })
+                    .inc();
+            }
+        }
     }
 
     /// An upstream connection was opened in `elapsed`.
