@@ -572,10 +572,22 @@ impl Signals {
     }
 }
 
-/// Checks that the runtime can be built with `workers` threads.
+/// The worker threads for `workers` (0: one per CPU this process may run on, so a gateway
+/// confined by `taskset`, a cpuset or a CPU quota gets as many workers as it has CPUs).
+pub fn resolve_workers(workers: usize) -> usize {
+    if workers != 0 {
+        return workers;
+    }
+    // `available_parallelism` honours sched_getaffinity and cgroup CPU quotas on Linux.
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// The runtime with `workers` threads (see `resolve_workers` for 0).
 pub fn build_runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
+    let workers = resolve_workers(workers);
     // One worker: a current-thread runtime. The multi-thread scheduler with a single worker still
-    // pays for cross-thread wake-ups and work-stealing bookkeeping on every request.
+    // pays for cross-thread wake-ups and work-stealing bookkeeping on every request (about twice
+    // the CPU per keep-alive request on one core).
     let mut builder = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
