@@ -224,7 +224,9 @@ impl StatusCounters {
         StatusCounters {
             backend: backend.to_string(),
             family,
-            by_status: (Self::FIRST..=Self::LAST).map(|_| OnceLock::new()).collect(),
+            by_status: (Self::FIRST..=Self::LAST)
+                .map(|_| OnceLock::new())
+                .collect(),
         }
     }
 
@@ -397,7 +399,10 @@ impl Metrics {
         m.upstream_uses = UpstreamUse::ALL
             .iter()
             .map(|&kind| {
-                let counter = m.upstream_connections.get_or_create(&KindLabel { kind }).clone();
+                let counter = m
+                    .upstream_connections
+                    .get_or_create(&KindLabel { kind })
+                    .clone();
                 (kind, counter)
             })
             .collect();

@@ -63,9 +63,10 @@ fn readme_summary(env: &Environment, results: &Results, stamp: &str) -> String {
     out.push('\n');
     type Cell = fn(&Results, Proxy) -> String;
     let rows: [(&str, Cell); 7] = [
-        ("keep-alive requests/s, wrk 64 connections: median (min–max)", |r, p| {
-            rate_cell(r.get(p, Workload::KeepAlive))
-        }),
+        (
+            "keep-alive requests/s, wrk 64 connections: median (min–max)",
+            |r, p| rate_cell(r.get(p, Workload::KeepAlive)),
+        ),
         ("keep-alive p99 latency, µs (median run)", |r, p| {
             opt(r.get(p, Workload::KeepAlive).map(|m| m.p99_us), 0)
         }),
@@ -78,9 +79,10 @@ fn readme_summary(env: &Environment, results: &Results, stamp: &str) -> String {
         ("**proxy CPU per new connection + request, µs**", |r, p| {
             cpu_cell(r.get(p, Workload::NewConnection))
         }),
-        ("NTLMv2 handshakes/s, end to end (built-in client)", |r, p| {
-            rate_cell(r.get(p, Workload::Ntlm))
-        }),
+        (
+            "NTLMv2 handshakes/s, end to end (built-in client)",
+            |r, p| rate_cell(r.get(p, Workload::Ntlm)),
+        ),
         ("resident memory per idle connection, KiB", |r, p| {
             opt(idle_kib(r, p), 1)
         }),
@@ -99,12 +101,7 @@ fn readme_summary(env: &Environment, results: &Results, stamp: &str) -> String {
          statistics, XDP per-packet costs and every ratio: \
          [`bench/results/{stamp}.md`](bench/results/{stamp}.md); chart: \
          [`bench/results/{stamp}.svg`](bench/results/{stamp}.svg).",
-        results
-            .runs
-            .iter()
-            .map(|m| m.repeats)
-            .max()
-            .unwrap_or(0),
+        results.runs.iter().map(|m| m.repeats).max().unwrap_or(0),
         env.load_before.trim(),
         results.load_after.trim()
     );
@@ -647,7 +644,10 @@ fn sock_ops_share(results: &Results) -> (Option<f64>, String) {
                 format!(
                     "sock_ops {per_conn_us:.2} µs per connection = {pct:.1}% of ntlm-tag's {total:.1} µs \
                      (median run; without eBPF {} µs)",
-                    opt(cpu(results, Proxy::NtlmTagNoEbpf, Workload::NewConnection), 1)
+                    opt(
+                        cpu(results, Proxy::NtlmTagNoEbpf, Workload::NewConnection),
+                        1
+                    )
                 ),
             )
         }

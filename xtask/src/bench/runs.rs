@@ -96,7 +96,10 @@ fn merge(samples: Vec<Measurement>) -> Vec<Measurement> {
         .filter_map(|(proxy, workload)| {
             let mut group: Vec<Measurement> = samples
                 .iter_mut()
-                .filter(|m| m.as_ref().is_some_and(|m| m.proxy == proxy && m.workload == workload))
+                .filter(|m| {
+                    m.as_ref()
+                        .is_some_and(|m| m.proxy == proxy && m.workload == workload)
+                })
                 .filter_map(Option::take)
                 .collect();
             let rates: Vec<f64> = group.iter().map(|m| m.per_second).collect();
@@ -107,7 +110,7 @@ fn merge(samples: Vec<Measurement>) -> Vec<Measurement> {
             let first_error = group.iter().find_map(|m| m.first_error.clone());
             let repeats = group.len();
             group.sort_by(|a, b| a.per_second.total_cmp(&b.per_second));
-            let mut median = group.swap_remove((repeats.checked_sub(1)? ) / 2);
+            let mut median = group.swap_remove((repeats.checked_sub(1)?) / 2);
             median.per_second = rate_spread.map_or(median.per_second, |s| s.median);
             median.cpu_us_per_request = cpu_spread.map(|s| s.median);
             median.rate_spread = rate_spread;
@@ -338,9 +341,8 @@ fn load_run(
             None,
         ),
     };
-    let (p50_us, p99_us) = percentiles.unwrap_or_else(|| {
-        (outcome.percentile_us(50.0), outcome.percentile_us(99.0))
-    });
+    let (p50_us, p99_us) =
+        percentiles.unwrap_or_else(|| (outcome.percentile_us(50.0), outcome.percentile_us(99.0)));
     let ticks = outcome
         .after
         .cpu_ticks

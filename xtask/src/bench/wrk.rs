@@ -72,7 +72,9 @@ fn wrk(plan: &WrkPlan, duration: Duration) -> Result<WrkReport> {
         cmd.args(["-H", "Connection: close"]);
     }
     cmd.arg(format!("http://{}/", plan.target));
-    let out = cmd.output().context("cannot run wrk (apt-get install wrk)")?;
+    let out = cmd
+        .output()
+        .context("cannot run wrk (apt-get install wrk)")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
