@@ -764,6 +764,32 @@ mod tests {
     }
 
     #[test]
+    fn responses_count_by_backend_and_status_through_the_cached_series() {
+        let m = Metrics::new();
+        for _ in 0..3 {
+            m.request("10.0.0.5:8080", 200, Duration::ZERO);
+        }
+        m.request("10.0.0.6:8080", 200, Duration::ZERO);
+        m.request("10.0.0.5:8080", 401, Duration::ZERO);
+        m.request("-", 431, Duration::ZERO);
+        // Outside the cached range: still counted, through the family.
+        m.request("-", 999, Duration::ZERO);
+        m.upstream_request(UpstreamUse::Reused);
+        m.upstream_request(UpstreamUse::Reused);
+        let text = scrape(&m, None);
+        for line in [
+            "ntlm_tag_requests_total{backend=\"10.0.0.5:8080\",status=\"200\"} 3",
+            "ntlm_tag_requests_total{backend=\"10.0.0.6:8080\",status=\"200\"} 1",
+            "ntlm_tag_requests_total{backend=\"10.0.0.5:8080\",status=\"401\"} 1",
+            "ntlm_tag_requests_total{backend=\"-\",status=\"431\"} 1",
+            "ntlm_tag_requests_total{backend=\"-\",status=\"999\"} 1",
+            "ntlm_tag_upstream_connections_total{kind=\"reused\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+    }
+
+    #[test]
     fn the_names_dashboards_use_are_kept() {
         let m = Metrics::new();
         let text = scrape(&m, Some((&KernelCounters::default(), 1024)));

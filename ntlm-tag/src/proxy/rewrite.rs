@@ -134,7 +134,15 @@ impl ConnectionStamp {
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none (and without `Connection` nothing else is named): one pass over the
     // names instead of a lookup per listed header.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(&k.as_str())) {
+    let mut hop_by_hop = headers.keys().filter(|k| HOP_BY_HOP.contains(&k.as_str()));
+    let Some(first) = hop_by_hop.next() else {
+        return;
+    };
+    // Most others carry only `Connection: keep-alive` (or `close`), which names no header present:
+    // remove it without collecting names (every keep-alive response from the backend).
+    let only_connection = first == CONNECTION && hop_by_hop.next().is_none();
+    if only_connection && headers.get_all(CONNECTION).iter().all(names_no_header) {
+        headers.remove(CONNECTION);
         return;
     }
     let named: Vec<&str> = headers
@@ -155,6 +163,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in doomed {
         headers.remove(name);
     }
+}
+
+/// A `Connection` value of only `keep-alive` and `close` tokens: the former names the `Keep-Alive`
+/// header, which is hop-by-hop itself, the latter no header at all.
+fn names_no_header(value: &HeaderValue) -> bool {
+    value
+        .as_bytes()
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .all(|t| {
+            t.is_empty()
+                || t.eq_ignore_ascii_case(b"keep-alive")
+                || t.eq_ignore_ascii_case(b"close")
+        })
 }
 
 /// Header names up to this long are folded on the stack; longer ones take the iterator path.
@@ -399,6 +421,35 @@ mod tests {
         assert!(h.get("upgrade").is_none());
         assert!(h.get("proxy-authorization").is_none());
         assert_eq!(h["authorization"], "NTLM TlRMTVNTUAABAAAA");
+    }
+
+    #[test]
+    fn a_plain_keep_alive_connection_header_goes_and_nothing_else() {
+        for value in [
+            "keep-alive",
+            "Keep-Alive",
+            "close",
+            "keep-alive, close",
+            " , keep-alive",
+        ] {
+            let mut h = headers(&[
+                ("Connection", value),
+                ("Content-Length", "3"),
+                ("X-Other", "1"),
+            ]);
+            prepare_response(&mut h);
+            assert!(h.get("connection").is_none(), "{value}");
+            assert_eq!(h["content-length"], "3");
+            assert_eq!(h["x-other"], "1");
+        }
+        // A named header still goes (the general path).
+        let mut h = headers(&[("Connection", "keep-alive, x-other"), ("X-Other", "1")]);
+        prepare_response(&mut h);
+        assert!(h.get("connection").is_none() && h.get("x-other").is_none());
+        // So does a Keep-Alive header next to it.
+        let mut h = headers(&[("Connection", "keep-alive"), ("Keep-Alive", "timeout=5")]);
+        prepare_response(&mut h);
+        assert!(h.get("connection").is_none() && h.get("keep-alive").is_none());
     }
 
     #[test]
