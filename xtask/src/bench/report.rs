@@ -96,11 +96,12 @@ fn readme_summary(env: &Environment, results: &Results, stamp: &str) -> String {
     }
     let _ = writeln!(
         out,
-        "\nEach proxy alone on core 0 with one worker; the backend and the load generator on core 1; {} runs \
-         per cell, systems interleaved. Load average before the run {}, after it {}. Goals, eBPF run-time \
+        "\n{}. Each proxy alone on core 0 with one worker; the backend and the load generator on core 1; {} \
+         runs per cell, systems interleaved. Load average before the run {}, after it {}. Goals, eBPF run-time \
          statistics, XDP per-packet costs and every ratio: \
-         [`bench/results/{stamp}.md`](bench/results/{stamp}.md); chart: \
-         [`bench/results/{stamp}.svg`](bench/results/{stamp}.svg).",
+         [`bench/results/{stamp}.md`](bench/results/{stamp}.md).\n\n\
+         ![proxy CPU and throughput per system](bench/results/{stamp}.svg)",
+        machine(),
         results.runs.iter().map(|m| m.repeats).max().unwrap_or(0),
         env.load_before.trim(),
         results.load_after.trim()
@@ -178,8 +179,9 @@ fn cpu(results: &Results, proxy: Proxy, workload: Workload) -> Option<f64> {
         .and_then(|m| m.cpu_us_per_request)
 }
 
-fn environment(args: &Args, env: &Environment, results: &Results, stamp: &str) -> String {
-    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+/// The CPU model as `/proc/cpuinfo` names it.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
             t.lines().find_map(|l| {
@@ -188,7 +190,21 @@ fn environment(args: &Args, env: &Environment, results: &Results, stamp: &str) -
                     .map(|(_, v)| v.trim().to_string())
             })
         })
-        .unwrap_or_else(|| "?".into());
+        .unwrap_or_else(|| "?".into())
+}
+
+/// `2 × <model>, Linux <release>`.
+fn machine() -> String {
+    format!(
+        "{} × {}, Linux {}",
+        setup::cores(),
+        cpu_model(),
+        setup::sysctl("kernel.osrelease")
+    )
+}
+
+fn environment(args: &Args, env: &Environment, results: &Results, stamp: &str) -> String {
+    let cpu_model = cpu_model();
     let dirty = !setup::first_line(
         "git",
         &["-C", &root().display().to_string(), "status", "--porcelain"],

@@ -185,13 +185,13 @@ Transfer/sec:      7.50MB
 
     #[test]
     fn reads_wrk_report() {
-        let r = parse(SAMPLE).unwrap();
+        let r = parse(SAMPLE).expect("a full report");
         assert_eq!(r.requests, 244_000);
         assert!((r.seconds - 4.0).abs() < 1e-9);
         assert!((r.p50_us - 812.0).abs() < 1e-9);
         assert!((r.p99_us - 2500.0).abs() < 1e-9);
         assert_eq!(r.errors, 6);
-        assert!(r.error_text.unwrap().contains("read 3"));
+        assert!(r.error_text.expect("errors").contains("read 3"));
     }
 
     #[test]
@@ -201,7 +201,7 @@ Transfer/sec:      7.50MB
             .filter(|l| !l.contains("errors") && !l.contains("Non-2xx"))
             .map(|l| format!("{l}\n"))
             .collect();
-        let r = parse(&clean).unwrap();
+        let r = parse(&clean).expect("a report without errors");
         assert_eq!((r.errors, r.error_text), (0, None));
         assert!(parse("garbage").is_err());
     }
