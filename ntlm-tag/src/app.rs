@@ -602,3 +602,37 @@ pub fn build_runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
         Err(e) => bail!("cannot start the runtime: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `f` on a thread confined to CPU 0: what `taskset -c 0`, a one-CPU cpuset or container
+    /// gives the whole process (`available_parallelism` reads the calling thread's affinity).
+    fn on_one_cpu<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write inside it; pid 0 is
+                // the calling thread.
+                let status = unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_ZERO(&mut set);
+                    libc::CPU_SET(0, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+                };
+                assert_eq!(status, 0, "sched_setaffinity to CPU 0");
+                f()
+            })
+            .join()
+            .expect("the confined thread panicked")
+        })
+    }
+
+    #[test]
+    fn workers_zero_on_one_cpu_is_the_single_threaded_runtime() {
+        assert_eq!(resolve_workers(3), 3);
+        assert_eq!(on_one_cpu(|| resolve_workers(0)), 1);
+        let flavor = on_one_cpu(|| build_runtime(0).expect("runtime").handle().runtime_flavor());
+        assert_eq!(flavor, tokio::runtime::RuntimeFlavor::CurrentThread);
+    }
+}
