@@ -424,16 +424,13 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
                 .kernel
                 .as_deref()
                 .map(|k| (k.counters(), k.map_entries()));
-            let mut body = state.metrics.render(Scrape {
+            let body = state.metrics.render(Scrape {
                 connections_open: state.registry.len(),
                 kernel: kernel.as_ref().map(|(c, n)| (c, *n)),
                 backends: (state.backends)(),
+                auth_states: state.registry.auth_counts(),
+                lockout: state.lockout.totals(),
             });
-            // The lockout guard's and auth-state metrics, hand-encoded next to the registry's.
-            body.push_str(&crate::guard::render_metrics(
-                state.registry.auth_counts(),
-                &state.lockout,
-            ));
             let mut r = Response::new(Full::new(Bytes::from(body)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -28,7 +28,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::kernel::KernelCounters;
+use crate::{
+    guard::{LockoutTotals, auth_state, lockout},
+    kernel::KernelCounters,
+};
 
 /// An enum whose variants are label values, with the text each shows in the exposition.
 macro_rules! label_enum {
@@ -251,6 +254,16 @@ struct EventLabel {
     event: KernelEvent,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AuthStateLabel {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct LockoutKeyLabel {
+    key: &'static str,
+}
+
 /// What `/metrics` brings in from outside at scrape time.
 pub struct Scrape<'a> {
     /// Client connections open now.
@@ -259,6 +272,10 @@ pub struct Scrape<'a> {
     pub kernel: Option<(&'a KernelCounters, u32)>,
     /// Every backend of the running configuration and whether it is up.
     pub backends: Vec<(String, bool)>,
+    /// Open client connections by NTLM/Negotiate state, in [`auth_state::STATE_NAMES`] order.
+    pub auth_states: [u64; 4],
+    /// The lockout guard's running totals.
+    pub lockout: LockoutTotals,
 }
 
 #[derive(Debug)]
@@ -288,6 +305,11 @@ pub struct Metrics {
     kernel_map_records: Gauge,
     kernel_map_capacity: Gauge,
     kernel_events: Family<EventLabel, Counter>,
+    connections_by_auth_state: Family<AuthStateLabel, Gauge>,
+    lockout_failures: Counter,
+    lockout_refused: Family<LockoutKeyLabel, Counter>,
+    lockout_tracked: Gauge,
+    lockout_evicted: Counter,
     /// One scrape at a time advances the kernel's counters (two at once would add a delta twice).
     scrape: Mutex<()>,
 }
@@ -329,6 +351,11 @@ impl Metrics {
             kernel_map_records: Gauge::default(),
             kernel_map_capacity: Gauge::default(),
             kernel_events: Family::default(),
+            connections_by_auth_state: Family::default(),
+            lockout_failures: Counter::default(),
+            lockout_refused: Family::default(),
+            lockout_tracked: Gauge::default(),
+            lockout_evicted: Counter::default(),
             scrape: Mutex::new(()),
         };
         // Every labelled series exists from the start (at 0), so rates and alerts see it before
@@ -365,6 +392,16 @@ impl Metrics {
         }
         for &result in ReloadResult::ALL {
             m.reloads.get_or_create(&ResultLabel { result }).get();
+        }
+        for state in auth_state::STATE_NAMES {
+            m.connections_by_auth_state
+                .get_or_create(&AuthStateLabel { state })
+                .get();
+        }
+        for key in lockout::KEY_KIND_NAMES {
+            m.lockout_refused
+                .get_or_create(&LockoutKeyLabel { key })
+                .get();
         }
         // The configuration running now was loaded successfully, at start-up.
         m.last_reload_successful.set(1);
@@ -497,6 +534,31 @@ impl Metrics {
             "kernel_events",
             "Events counted by the eBPF programs (and userspace lookup misses)",
             m.kernel_events.clone(),
+        );
+        registry.register(
+            "connections_by_auth_state",
+            "Client connections open now, by NTLM/Negotiate state",
+            m.connections_by_auth_state.clone(),
+        );
+        registry.register(
+            "lockout_failures",
+            "Failed NTLM logins counted by the lockout guard (a Type3 answered with 401)",
+            m.lockout_failures.clone(),
+        );
+        registry.register(
+            "lockout_refused",
+            "Logins refused with 429 before the backend, by the count that was over its threshold",
+            m.lockout_refused.clone(),
+        );
+        registry.register(
+            "lockout_tracked_keys",
+            "Users, addresses and users at addresses with failures counted now",
+            m.lockout_tracked.clone(),
+        );
+        registry.register(
+            "lockout_evicted",
+            "Counts forgotten because lockout.max_tracked was reached (raise it if this grows)",
+            m.lockout_evicted.clone(),
         );
         registry.register(
             "build",
@@ -637,17 +699,30 @@ impl Metrics {
                 .get_or_create(&BackendLabel { backend })
                 .set(i64::from(up));
         }
+        for (state, n) in auth_state::STATE_NAMES.into_iter().zip(now.auth_states) {
+            self.connections_by_auth_state
+                .get_or_create(&AuthStateLabel { state })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        advance(&self.lockout_failures, now.lockout.failures);
+        for (key, n) in lockout::KEY_KIND_NAMES.into_iter().zip(now.lockout.refused) {
+            advance(
+                &self.lockout_refused.get_or_create(&LockoutKeyLabel { key }),
+                n,
+            );
+        }
+        self.lockout_tracked
+            .set(i64::try_from(now.lockout.tracked).unwrap_or(i64::MAX));
+        advance(&self.lockout_evicted, now.lockout.evicted);
         if let Some((k, capacity)) = now.kernel {
             self.kernel_map_records
                 .set(i64::try_from(k.recorded.saturating_sub(k.deleted)).unwrap_or(i64::MAX));
             self.kernel_map_capacity.set(i64::from(capacity));
             for &event in KernelEvent::ALL {
-                let counter = self.kernel_events.get_or_create(&EventLabel { event });
-                // The kernel keeps running totals; the counter follows them up, never down.
-                let grown = event.of(k).saturating_sub(counter.get());
-                if grown > 0 {
-                    counter.inc_by(grown);
-                }
+                advance(
+                    &self.kernel_events.get_or_create(&EventLabel { event }),
+                    event.of(k),
+                );
             }
         }
         let mut text = String::new();
@@ -657,6 +732,15 @@ impl Metrics {
             let _ = writeln!(text, "# cannot encode the metrics: {e}");
         }
         text
+    }
+}
+
+/// Moves `counter` up to a running total kept elsewhere (the kernel's, the lockout guard's); never
+/// down, so a total that was reset cannot make Prometheus read a counter reset.
+fn advance(counter: &Counter, total: u64) {
+    let grown = total.saturating_sub(counter.get());
+    if grown > 0 {
+        counter.inc_by(grown);
     }
 }
 
@@ -678,6 +762,8 @@ mod tests {
             connections_open: 3,
             kernel,
             backends: vec![("10.0.0.5:8080".to_string(), false)],
+            auth_states: [3, 0, 0, 0],
+            lockout: LockoutTotals::default(),
         })
     }
 
@@ -707,6 +793,11 @@ mod tests {
             "ntlm_tag_config_reloads_total{result=\"failure\"} 0",
             "ntlm_tag_config_last_reload_successful 1",
             "ntlm_tag_build_info{version=\"",
+            "ntlm_tag_connections_by_auth_state{state=\"anonymous\"} 3",
+            "ntlm_tag_lockout_failures_total 0",
+            "ntlm_tag_lockout_refused_total{key=\"user_at_address\"} 0",
+            "ntlm_tag_lockout_tracked_keys 0",
+            "ntlm_tag_lockout_evicted_total 0",
             "# TYPE ntlm_tag_request_duration_seconds histogram",
             "# TYPE ntlm_tag_upstream_connect_duration_seconds histogram",
         ] {
