@@ -321,6 +321,9 @@ pub enum UpstreamError {
         backend: Authority,
         /// `pinned` or `bound`.
         link: &'static str,
+        /// The backend did not answer in time (a 504 rather than a 502; the session is lost
+        /// either way, since the connection is abandoned mid-exchange).
+        timed_out: bool,
     },
     #[error("bad request target: {0}")]
     BadTarget(#[from] http::Error),
@@ -336,9 +339,11 @@ pub enum UpstreamError {
 impl UpstreamError {
     pub fn status(&self) -> StatusCode {
         match self {
-            UpstreamError::Timeout { .. } | UpstreamError::ConnectTimeout { .. } => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            UpstreamError::Timeout { .. }
+            | UpstreamError::ConnectTimeout { .. }
+            | UpstreamError::SessionLost {
+                timed_out: true, ..
+            } => StatusCode::GATEWAY_TIMEOUT,
             UpstreamError::BadTarget(_) | UpstreamError::ClientBody { .. } => {
                 StatusCode::BAD_REQUEST
             }
@@ -350,7 +355,12 @@ impl UpstreamError {
     pub fn is_timeout(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Timeout { .. } | UpstreamError::ConnectTimeout { .. }
+            UpstreamError::Timeout { .. }
+                | UpstreamError::ConnectTimeout { .. }
+                | UpstreamError::SessionLost {
+                    timed_out: true,
+                    ..
+                }
         )
     }
 
@@ -803,6 +813,7 @@ impl Upstream {
             return Err(UpstreamError::SessionLost {
                 backend: backend.authority.clone(),
                 link,
+                timed_out: matches!(result, Err(UpstreamError::Timeout { .. })),
             });
         }
         result
@@ -899,6 +910,7 @@ impl Upstream {
                 return Attempt::Done(Err(UpstreamError::SessionLost {
                     backend: backend.authority.clone(),
                     link: lost.link,
+                    timed_out: false,
                 }));
             }
             let sharing = match self.mode {
@@ -929,6 +941,7 @@ impl Upstream {
             return Attempt::Done(Err(UpstreamError::SessionLost {
                 backend: backend.authority.clone(),
                 link: "pinned",
+                timed_out: false,
             }));
         };
         let deadline = self.timeouts.upstream_response;

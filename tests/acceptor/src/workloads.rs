@@ -127,8 +127,9 @@ pub async fn echo(upgrade: OnUpgrade, serial: u64) {
     while let Some(message) = ws.next().await {
         let reply = match message {
             Ok(m @ (Message::Text(_) | Message::Binary(_))) => m,
-            Ok(Message::Close(_)) | Err(_) => break,
+            // tungstenite answers a close itself; the stream ends once the answer is sent.
             Ok(_) => continue,
+            Err(_) => break,
         };
         if ws.send(reply).await.is_err() {
             break;
