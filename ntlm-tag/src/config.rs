@@ -1244,7 +1244,10 @@ mod tests {
                 "[[timeouts.route]]\npath_prefix = \"/ews\"\nresponse_secs = 0",
                 "timeouts.route.response_secs",
             ),
-            ("[upstream_caps]\nmax_age_secs = -1", "upstream_caps.max_age_secs"),
+            (
+                "[upstream_caps]\nmax_age_secs = -1",
+                "upstream_caps.max_age_secs",
+            ),
         ] {
             match Config::from_toml(&format!("{base}{text}"), &args()) {
                 Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),

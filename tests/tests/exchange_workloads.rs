@@ -263,7 +263,9 @@ fn rpc_channels_stream(mode: &str) {
     );
     let rpc_out = requests_with(&backend, "RPC_OUT_DATA");
     assert!(
-        rpc_out.iter().any(|r| r["status"] == 200 && r["user"] == USER),
+        rpc_out
+            .iter()
+            .any(|r| r["status"] == 200 && r["user"] == USER),
         "{rpc_out:?}"
     );
     let growth = peak.saturating_sub(before);
@@ -344,19 +346,21 @@ fn an_activesync_long_poll_outlives_the_default_response_timeout_while_other_pat
         assert!(body.contains("user=alice"), "{body}");
         assert!(took >= poll, "answered after {took:?}");
         let (status, took, body) = unrouted.join().expect("unrouted");
-        assert_eq!(status, 504, "a path without a route keeps the default: {body}");
+        assert_eq!(
+            status, 504,
+            "a path without a route keeps the default: {body}"
+        );
         assert!(
             took < poll,
             "504 after {took:?}: the 2 s default, not the backend's {poll:?}"
         );
     });
     assert!(
-        backend
-            .requests()
-            .iter()
-            .any(|r| r["path"].as_str().is_some_and(|p| p.starts_with("/Microsoft-Server-ActiveSync"))
-                && r["status"] == 200
-                && r["user"] == USER),
+        backend.requests().iter().any(|r| r["path"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("/Microsoft-Server-ActiveSync"))
+            && r["status"] == 200
+            && r["user"] == USER),
         "{:?}",
         backend.requests()
     );
@@ -365,8 +369,8 @@ fn an_activesync_long_poll_outlives_the_default_response_timeout_while_other_pat
 
 /// Runs the pyspnego WebSocket client: an NTLM login, then a WebSocket on the same connection.
 fn websocket_after_login(topo: &Topology, source: std::net::IpAddr, path: &str) -> Value {
-    let script =
-        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("clients/ws_after_ntlm_client.py");
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("clients/ws_after_ntlm_client.py");
     let gateway = Topology::gateway_addr();
     let out = topo
         .client
@@ -421,7 +425,10 @@ fn a_websocket_after_an_ntlm_login_is_echoed_through_the_bound_connection_and_ne
         ],
         "{result}"
     );
-    assert_eq!(result["close_opcode"], 8, "the close handshake passed: {result}");
+    assert_eq!(
+        result["close_opcode"], 8,
+        "the close handshake passed: {result}"
+    );
 
     let requests = backend.requests();
     let login = requests
@@ -433,7 +440,10 @@ fn a_websocket_after_an_ntlm_login_is_echoed_through_the_bound_connection_and_ne
         .find(|r| r["path"] == "/signalr/connect")
         .unwrap_or_else(|| panic!("no upgrade request: {requests:?}"));
     assert_eq!(upgrade["status"], 101, "{upgrade}");
-    assert_eq!(upgrade["user"], USER, "the upgrade ran as the logged-in user");
+    assert_eq!(
+        upgrade["user"], USER,
+        "the upgrade ran as the logged-in user"
+    );
     assert_eq!(
         upgrade["conn"], login["conn"],
         "the upgrade went on the upstream connection the login authenticated"
@@ -485,17 +495,21 @@ fn a_bound_connection_at_its_request_cap_closes_with_its_client_connection() {
         dir.path(),
         "mode = \"bind\"\n[upstream_caps]\nmax_requests = 3\n",
     );
-    let urls: Vec<String> = (0..4).map(|i| url(&format!("/ews/exchange.asmx?r={i}"))).collect();
-    let run = curl_ntlm(&topo.client, Topology::client_v4(1), USER, PASSWORD, &urls, &["-v"]);
+    let urls: Vec<String> = (0..4)
+        .map(|i| url(&format!("/ews/exchange.asmx?r={i}")))
+        .collect();
+    let run = curl_ntlm(
+        &topo.client,
+        Topology::client_v4(1),
+        USER,
+        PASSWORD,
+        &urls,
+        &["-v"],
+    );
     assert!(run.success, "{}", run.stderr);
     assert_eq!(run.users(), [USER; 4], "{}\n{}", run.stdout, run.stderr);
     // Type1 + Type3 (answering r=0) + r=1 on the first connection; then a new login for r=2, r=3.
-    assert_eq!(
-        backend.tcp_connections(),
-        2,
-        "{:?}",
-        backend.requests()
-    );
+    assert_eq!(backend.tcp_connections(), 2, "{:?}", backend.requests());
     assert!(
         run.stderr.contains("Connection: close") || run.stderr.contains("connection: close"),
         "the third response told the client to close: {}",

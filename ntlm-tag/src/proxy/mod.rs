@@ -47,11 +47,11 @@ use crate::{
     registry::{Registration, Registry},
     upstream::{ClientBody, ClientUpstream, ResponseTimeout, Retired, Upstream},
 };
-use route_timeouts::RouteTimeouts;
 use access_log::{AccessRecord, LoggedBody};
 use head_clock::{ClockedIo, HeadClock};
 use prefixed::PrefixedIo;
 use rewrite::{ClientScheme, ConnectionStamp, StampPolicy};
+use route_timeouts::RouteTimeouts;
 
 pub type ProxyBody = Either<crate::upstream::GuardedBody, Full<Bytes>>;
 

@@ -85,13 +85,16 @@ mod tests {
 
     #[test]
     fn websocket_upgrades_pass_and_h2c_does_not() {
-        let ws = headers(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")]);
+        let ws = headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert_eq!(requested(&ws), Some(HeaderValue::from_static("websocket")));
         assert_eq!(
-            requested(&ws),
-            Some(HeaderValue::from_static("websocket"))
-        );
-        assert_eq!(
-            requested(&headers(&[("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c")])),
+            requested(&headers(&[
+                ("connection", "Upgrade, HTTP2-Settings"),
+                ("upgrade", "h2c")
+            ])),
             None
         );
         // Both headers are needed.

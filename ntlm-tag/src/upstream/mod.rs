@@ -722,7 +722,11 @@ impl Upstream {
     /// connection is let go (it closes once this response has been read) and the response is
     /// marked [`Retired`], so that the client connection closes after it too: the NTLM context
     /// and the client connection that holds it end together, never one without the other.
-    fn count_dedicated_use(&self, state: &mut ClientUpstream, response: &mut Response<GuardedBody>) {
+    fn count_dedicated_use(
+        &self,
+        state: &mut ClientUpstream,
+        response: &mut Response<GuardedBody>,
+    ) {
         let now = std::time::Instant::now();
         let Some(own) = state.dedicated.as_mut() else {
             return;

@@ -117,7 +117,11 @@ async fn handle(
         .path_and_query()
         .map_or_else(|| parts.uri.path(), |p| p.as_str());
     let shape = Shape::from_query(parts.uri.query());
-    let response = match (&reply, workloads::websocket_accept(&parts.headers), on_upgrade) {
+    let response = match (
+        &reply,
+        workloads::websocket_accept(&parts.headers),
+        on_upgrade,
+    ) {
         (Reply::Authenticated(_), Some(accept), Some(upgrade)) => {
             tokio::spawn(workloads::echo(upgrade, conn.serial));
             workloads::switching_protocols(accept).map(Either::Left)

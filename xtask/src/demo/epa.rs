@@ -77,7 +77,12 @@ fn certificates(dir: &Path) -> Result<Certificates> {
 }
 
 /// An IIS-like HTTPS backend that requires channel bindings for its own certificate.
-fn epa_backend(be: &NetNs, port: u16, cert: &(String, String), users: &[(String, String)]) -> Acceptor {
+fn epa_backend(
+    be: &NetNs,
+    port: u16,
+    cert: &(String, String),
+    users: &[(String, String)],
+) -> Acceptor {
     Acceptor::start_with(
         be,
         format!("{BACKEND}:{port}").parse().expect("address"),
@@ -147,8 +152,24 @@ pub fn run(
     let certs = certificates(dir.path())?;
     let _bridged_backend = epa_backend(be, 8443, &certs.site, users);
     let _other_backend = epa_backend(be, 8444, &certs.other, users);
-    let bridging = gateway(gw, dir.path(), "bridging", (8445, 8443), &certs.site, &certs.ca, true)?;
-    let offloading = gateway(gw, dir.path(), "other-cert", (8446, 8444), &certs.site, &certs.ca, false)?;
+    let bridging = gateway(
+        gw,
+        dir.path(),
+        "bridging",
+        (8445, 8443),
+        &certs.site,
+        &certs.ca,
+        true,
+    )?;
+    let offloading = gateway(
+        gw,
+        dir.path(),
+        "other-cert",
+        (8446, 8444),
+        &certs.site,
+        &certs.ca,
+        false,
+    )?;
     let login = |port: u16| {
         epa_client::login(
             lb,
