@@ -1114,7 +1114,7 @@ fn build_route_timeouts(routes: Vec<RouteTimeoutFile>) -> Result<RouteTimeouts, 
 fn build_upstream_caps(file: UpstreamCapsFile) -> Result<DedicatedCaps, ConfigError> {
     let max_age = match file.max_age_secs {
         None => None,
-        Some(s) if s == 0.0 => None,
+        Some(0.0) => None,
         Some(s) if s.is_finite() && s > 0.0 && s <= 7.0 * 86_400.0 => {
             Some(Duration::from_secs_f64(s))
         }

@@ -48,13 +48,14 @@ impl RouteTimeouts {
         if let Some(bad) = routes.iter().find(|r| !r.path_prefix.starts_with('/')) {
             return Err(RouteTimeoutError::NotAPath(bad.path_prefix.clone()));
         }
-        routes.sort_by(|a, b| b.path_prefix.len().cmp(&a.path_prefix.len()));
-        if let Some(pair) = routes
-            .windows(2)
-            .find(|w| w[0].path_prefix.eq_ignore_ascii_case(&w[1].path_prefix))
+        let mut seen = std::collections::HashSet::new();
+        if let Some(twice) = routes
+            .iter()
+            .find(|r| !seen.insert(r.path_prefix.to_ascii_lowercase()))
         {
-            return Err(RouteTimeoutError::Duplicate(pair[0].path_prefix.clone()));
+            return Err(RouteTimeoutError::Duplicate(twice.path_prefix.clone()));
         }
+        routes.sort_by_key(|r| std::cmp::Reverse(r.path_prefix.len()));
         Ok(RouteTimeouts(routes))
     }
 
@@ -117,7 +118,7 @@ mod tests {
             Err(RouteTimeoutError::NotAPath("ews".into()))
         );
         assert!(matches!(
-            RouteTimeouts::new(vec![route("/EWS", 60), route("/ews", 90)]),
+            RouteTimeouts::new(vec![route("/EWS", 60), route("/abc", 1), route("/ews", 90)]),
             Err(RouteTimeoutError::Duplicate(_))
         ));
     }

@@ -21,12 +21,7 @@ use crate::{identity::IdHash, metrics::Metrics};
 /// not: the gateway speaks HTTP/1.1 upstream, and HTTP/2 from clients is negotiated with TLS
 /// (ALPN) instead.
 pub fn requested(headers: &HeaderMap) -> Option<HeaderValue> {
-    let wants_upgrade = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let wants_upgrade = crate::upstream::is_upgrade_request(headers);
     let protocol = headers.get(header::UPGRADE)?;
     let h2c = protocol
         .to_str()

@@ -98,10 +98,9 @@ pub struct ResponseTimeout(pub Duration);
 /// A request that asks to switch protocols (`Connection: upgrade` with `Upgrade`, e.g. WebSocket):
 /// it goes on an upstream connection of its own, which becomes the client's tunnel after a `101`
 /// and is never pooled.
-pub fn is_upgrade_request<B>(req: &Request<B>) -> bool {
-    req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
@@ -634,7 +633,7 @@ impl Upstream {
         if binds || is_ntlm_request(req.headers()) {
             state.ntlm_seen = true;
         }
-        let upgrade = is_upgrade_request(&req);
+        let upgrade = is_upgrade_request(req.headers());
         // Whether this request goes on a connection of the client's own (pinned or bound). An
         // upgrade always does: after a 101 its connection is the client's tunnel, never pooled.
         let dedicated = upgrade
