@@ -25,6 +25,8 @@ import sys
 
 import spnego
 
+from ntlm_http import request as _request
+
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -120,20 +122,6 @@ def _read_frame(sock):
     elif n == 127:
         (n,) = struct.unpack("!Q", _read_exactly(sock, 8))
     return b0 & 0x0F, _read_exactly(sock, n)
-
-
-def _request(conn, path, token):
-    conn.request(
-        "GET", path, headers={"Authorization": "NTLM " + base64.b64encode(token).decode()}
-    )
-    response = conn.getresponse()
-    body = response.read().decode(errors="replace")
-    challenge = None
-    for value in response.headers.get_all("WWW-Authenticate") or []:
-        scheme, _, data = value.partition(" ")
-        if scheme.upper() == "NTLM" and data:
-            challenge = base64.b64decode(data)
-    return response.status, body, challenge
 
 
 if __name__ == "__main__":

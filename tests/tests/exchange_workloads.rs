@@ -47,20 +47,10 @@ fn start_backend(topo: &Topology) -> Acceptor {
 fn start_gateway(topo: &Topology, dir: &Path, config: &str) -> Gateway {
     let file = dir.join("ntlm-tag.toml");
     std::fs::write(&file, config).expect("write the configuration");
-    let listen = Topology::gateway_addr().to_string();
-    let backend = Topology::backend_addr().to_string();
-    Gateway::start(
+    Gateway::start_with_ebpf(
         &topo.gateway,
-        &[
-            "--listen",
-            &listen,
-            "--backend",
-            &backend,
-            "--ebpf",
-            "required",
-            "--config",
-            file.to_str().expect("utf-8 path"),
-        ],
+        Topology::gateway_addr(),
+        &["--config", file.to_str().expect("utf-8 path")],
     )
 }
 
@@ -133,6 +123,26 @@ impl Drop for RssWatch {
     }
 }
 
+/// Runs `transfer` while watching the gateway's resident memory, and fails if it grew by `bound`
+/// or more meanwhile.
+fn within_memory_bound<T>(gw: &Gateway, what: &str, bound: u64, transfer: impl FnOnce() -> T) -> T {
+    let before = rss(gw.pid());
+    let watch = RssWatch::start(gw.pid());
+    let started = Instant::now();
+    let result = transfer();
+    let took = started.elapsed();
+    let peak = watch.peak();
+    let growth = peak.saturating_sub(before);
+    eprintln!(
+        "{what}: {took:?}; gateway RSS {before} -> peak {peak} (+{growth} bytes, bound {bound})"
+    );
+    assert!(
+        growth < bound,
+        "gateway RSS grew by {growth} bytes during {what}: bodies must stream, not buffer"
+    );
+    result
+}
+
 /// The acceptor's log lines for requests with `method`.
 fn requests_with(backend: &Acceptor, method: &str) -> Vec<Value> {
     backend
@@ -183,28 +193,27 @@ fn rpc_channels_stream(mode: &str) {
     let warm = curl_ntlm(&topo.client, source, USER, PASSWORD, &[url("/owa/")], &[]);
     assert_eq!(warm.users(), [USER], "{}", warm.stderr);
 
-    let before = rss(gw.pid());
-    let watch = RssWatch::start(gw.pid());
-    let started = Instant::now();
-    let run = curl_ntlm(
-        &topo.client,
-        source,
-        USER,
-        PASSWORD,
-        &[url("/rpc/rpcproxy.dll?exch1.corp.example:6001")],
-        &[
-            "-X",
-            "RPC_IN_DATA",
-            "-T",
-            upload.to_str().expect("utf-8 path"),
-            "-H",
-            "Content-Type: application/rpc",
-            "--max-time",
-            &max_time,
-        ],
-    );
-    let took = started.elapsed();
-    let peak = watch.peak();
+    let upload_run = || {
+        curl_ntlm(
+            &topo.client,
+            source,
+            USER,
+            PASSWORD,
+            &[url("/rpc/rpcproxy.dll?exch1.corp.example:6001")],
+            &[
+                "-X",
+                "RPC_IN_DATA",
+                "-T",
+                upload.to_str().expect("utf-8 path"),
+                "-H",
+                "Content-Type: application/rpc",
+                "--max-time",
+                &max_time,
+            ],
+        )
+    };
+    let what = format!("RPC_IN_DATA of {size} bytes ({mode})");
+    let run = within_memory_bound(&gw, &what, bound, upload_run);
     assert!(run.success, "RPC_IN_DATA: {}", run.stderr);
     assert_eq!(run.users(), [USER], "RPC_IN_DATA answered for {USER}");
     let rpc_in = requests_with(&backend, "RPC_IN_DATA");
@@ -221,40 +230,30 @@ fn rpc_channels_stream(mode: &str) {
     // The handshake and the upload went on one upstream connection: the one NTLM authenticated.
     let conns: Vec<_> = rpc_in.iter().map(|r| r["conn"].clone()).collect();
     assert!(conns.windows(2).all(|w| w[0] == w[1]), "{rpc_in:?}");
-    let growth = peak.saturating_sub(before);
-    eprintln!(
-        "RPC_IN_DATA ({mode}): {size} bytes in {took:?}; gateway RSS {before} -> peak {peak} \
-         (+{growth} bytes, bound {bound})"
-    );
-    assert!(
-        growth < bound,
-        "gateway RSS grew by {growth} bytes while streaming {size} bytes upstream ({mode})"
-    );
 
-    let before = rss(gw.pid());
-    let watch = RssWatch::start(gw.pid());
-    let started = Instant::now();
-    let run = curl_ntlm(
-        &topo.client,
-        source,
-        USER,
-        PASSWORD,
-        &[url(&format!(
-            "/rpc/rpcproxy.dll?exch1.corp.example:6001&out_bytes={size}"
-        ))],
-        &[
-            "-X",
-            "RPC_OUT_DATA",
-            "-o",
-            "/dev/null",
-            "-w",
-            "downloaded=%{size_download} code=%{http_code}\n",
-            "--max-time",
-            &max_time,
-        ],
-    );
-    let took = started.elapsed();
-    let peak = watch.peak();
+    let download_run = || {
+        curl_ntlm(
+            &topo.client,
+            source,
+            USER,
+            PASSWORD,
+            &[url(&format!(
+                "/rpc/rpcproxy.dll?exch1.corp.example:6001&out_bytes={size}"
+            ))],
+            &[
+                "-X",
+                "RPC_OUT_DATA",
+                "-o",
+                "/dev/null",
+                "-w",
+                "downloaded=%{size_download} code=%{http_code}\n",
+                "--max-time",
+                &max_time,
+            ],
+        )
+    };
+    let what = format!("RPC_OUT_DATA of {size} bytes ({mode})");
+    let run = within_memory_bound(&gw, &what, bound, download_run);
     assert!(run.success, "RPC_OUT_DATA: {}", run.stderr);
     assert_eq!(
         run.stdout.trim(),
@@ -267,15 +266,6 @@ fn rpc_channels_stream(mode: &str) {
             .iter()
             .any(|r| r["status"] == 200 && r["user"] == USER),
         "{rpc_out:?}"
-    );
-    let growth = peak.saturating_sub(before);
-    eprintln!(
-        "RPC_OUT_DATA ({mode}): {size} bytes in {took:?}; gateway RSS {before} -> peak {peak} \
-         (+{growth} bytes, bound {bound})"
-    );
-    assert!(
-        growth < bound,
-        "gateway RSS grew by {growth} bytes while streaming {size} bytes to the client ({mode})"
     );
     drop(gw);
 }
