@@ -651,6 +651,26 @@ async fn respond(
             );
             error_response(StatusCode::BAD_GATEWAY, "Bad Gateway")
         }
+        Ok(response)
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                && (client_upgrade.is_none()
+                    || !response.headers().contains_key(http::header::UPGRADE)) =>
+        {
+            // A 101 the client did not ask for, or one that names no protocol: nothing could
+            // speak on that connection afterwards.
+            gateway.metrics.upstream_error();
+            tracing::warn!(
+                conn = %connection.conn,
+                backend = %backend.authority(),
+                "backend switched protocols without a matching upgrade request; 502"
+            );
+            let mut response = error_response(StatusCode::BAD_GATEWAY, "Bad Gateway");
+            response.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            response
+        }
         Ok(mut response) => {
             let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
             let upstream_upgrade = switched.then(|| hyper::upgrade::on(&mut response));
