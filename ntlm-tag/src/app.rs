@@ -334,7 +334,8 @@ fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
         &config.timeouts,
         config.limits.max_upstream_per_backend,
         Arc::clone(metrics),
-    )?;
+    )?
+    .with_dedicated_caps(config.upstream_caps);
     if let Some(check) = &config.health_check {
         upstream.spawn_health_checks(check.clone());
     }
@@ -349,6 +350,7 @@ fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
         trusted: TrustedSources::new(&config.trust.proxy),
         limits: config.limits,
         timeouts: config.timeouts,
+        route_timeouts: Arc::new(config.route_timeouts.clone()),
         tls,
         access_log: config.access_log,
     })

@@ -20,8 +20,12 @@ use crate::{
         conn_id::{DEFAULT_TEMPLATE, IdTemplate},
         trust::{TrustLists, covers_a_whole_family, normalise},
     },
-    proxy::{rewrite::is_reserved_header, tls::TlsCertConfig},
-    upstream::{BackendAddress, Balance, Mode, tls::BackendTlsConfig},
+    proxy::{
+        rewrite::is_reserved_header,
+        route_timeouts::{RouteTimeout, RouteTimeouts},
+        tls::TlsCertConfig,
+    },
+    upstream::{BackendAddress, Balance, DedicatedCaps, Mode, tls::BackendTlsConfig},
 };
 
 pub const DEFAULT_HEADER: &str = "Jespa-Connection-Id";
@@ -121,6 +125,15 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     timeouts: Option<TimeoutsFile>,
     lockout: Option<LockoutFile>,
+    upstream_caps: Option<UpstreamCapsFile>,
+}
+
+/// `[upstream_caps]`: see [`DedicatedCaps`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamCapsFile {
+    max_age_secs: Option<f64>,
+    max_requests: Option<u64>,
 }
 
 /// `[lockout]`: see [`LockoutConfig`].
@@ -197,6 +210,15 @@ struct TimeoutsFile {
     idle_secs: Option<f64>,
     drain_secs: Option<f64>,
     proxy_header_secs: Option<f64>,
+    route: Option<Vec<RouteTimeoutFile>>,
+}
+
+/// One `[[timeouts.route]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteTimeoutFile {
+    path_prefix: String,
+    response_secs: f64,
 }
 
 /// How connection ids are made and which headers carry identity.
@@ -305,6 +327,10 @@ pub struct Config {
     pub workers: usize,
     pub log_format: LogFormat,
     pub timeouts: Timeouts,
+    /// `[[timeouts.route]]`: response timeouts of path prefixes that answer late by design.
+    pub route_timeouts: RouteTimeouts,
+    /// `[upstream_caps]`: age and request caps on bound and pinned upstream connections.
+    pub upstream_caps: DedicatedCaps,
     pub lockout: LockoutConfig,
     /// Valid but risky settings, logged at start-up and on reload (and printed by `check`).
     pub warnings: Vec<ConfigWarning>,
@@ -466,7 +492,10 @@ impl Config {
             return Err(ConfigError::invalid("map_entries", "must be at least 1"));
         }
 
-        let timeouts = build_timeouts(file.timeouts.unwrap_or_default())?;
+        let mut timeouts_file = file.timeouts.unwrap_or_default();
+        let route_timeouts = build_route_timeouts(timeouts_file.route.take().unwrap_or_default())?;
+        let timeouts = build_timeouts(timeouts_file)?;
+        let upstream_caps = build_upstream_caps(file.upstream_caps.unwrap_or_default())?;
 
         let xdp_interfaces = if !args.xdp_interfaces.is_empty() {
             args.xdp_interfaces.clone()
@@ -566,6 +595,8 @@ impl Config {
                 .or(file.log_format)
                 .unwrap_or(LogFormat::Human),
             timeouts,
+            route_timeouts,
+            upstream_caps,
             warnings,
             lockout,
         })
@@ -578,6 +609,13 @@ impl Config {
             address: String,
             #[serde(flatten, skip_serializing_if = "Option::is_none")]
             tls: Option<&'a BackendTlsConfig>,
+        }
+        #[derive(Serialize)]
+        struct EffectiveTimeouts<'a> {
+            #[serde(flatten)]
+            base: Timeouts,
+            #[serde(skip_serializing_if = "RouteTimeouts::is_empty")]
+            route: &'a RouteTimeouts,
         }
         #[derive(Serialize)]
         struct Effective<'a> {
@@ -615,8 +653,9 @@ impl Config {
             show_full_ids: bool,
             workers: usize,
             log_format: LogFormat,
-            timeouts: Timeouts,
+            timeouts: EffectiveTimeouts<'a>,
             lockout: &'a LockoutConfig,
+            upstream_caps: DedicatedCaps,
         }
         let effective = Effective {
             listen: &self.listeners,
@@ -652,8 +691,12 @@ impl Config {
             show_full_ids: self.show_full_ids,
             workers: self.workers,
             log_format: self.log_format,
-            timeouts: self.timeouts,
+            timeouts: EffectiveTimeouts {
+                base: self.timeouts,
+                route: &self.route_timeouts,
+            },
             lockout: &self.lockout,
+            upstream_caps: self.upstream_caps,
         };
         toml::to_string_pretty(&effective).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
@@ -1046,6 +1089,48 @@ fn build_lockout(file: LockoutFile) -> Result<LockoutConfig, ConfigError> {
     })
 }
 
+fn build_route_timeouts(routes: Vec<RouteTimeoutFile>) -> Result<RouteTimeouts, ConfigError> {
+    let routes = routes
+        .into_iter()
+        .map(|r| match r.response_secs {
+            s if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(RouteTimeout {
+                path_prefix: r.path_prefix,
+                response: Duration::from_secs_f64(s),
+            }),
+            s => Err(ConfigError::invalid(
+                "timeouts.route.response_secs",
+                format!(
+                    "{s} (for {:?}) is not a number of seconds between 0 and 86400",
+                    r.path_prefix
+                ),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RouteTimeouts::new(routes)
+        .map_err(|e| ConfigError::invalid("timeouts.route.path_prefix", e.to_string()))
+}
+
+/// `[upstream_caps]`; 0 (or absent) turns a cap off.
+fn build_upstream_caps(file: UpstreamCapsFile) -> Result<DedicatedCaps, ConfigError> {
+    let max_age = match file.max_age_secs {
+        None => None,
+        Some(0.0) => None,
+        Some(s) if s.is_finite() && s > 0.0 && s <= 7.0 * 86_400.0 => {
+            Some(Duration::from_secs_f64(s))
+        }
+        Some(s) => {
+            return Err(ConfigError::invalid(
+                "upstream_caps.max_age_secs",
+                format!("{s} is not a number of seconds between 0 (off) and 604800"),
+            ));
+        }
+    };
+    Ok(DedicatedCaps {
+        max_age,
+        max_requests: file.max_requests.filter(|n| *n > 0),
+    })
+}
+
 fn build_timeouts(file: TimeoutsFile) -> Result<Timeouts, ConfigError> {
     let d = Timeouts::default();
     let pick = |key: &'static str, v: Option<f64>, default: Duration| match v {
@@ -1118,6 +1203,57 @@ mod tests {
         assert_eq!(c.backends[0].authority.as_str(), "10.0.0.5:80");
         // Safe with every backend unless the operator opts into sharing authenticated connections.
         assert_eq!(c.mode, Mode::Bind);
+    }
+
+    #[test]
+    fn route_timeouts_and_upstream_caps() {
+        let base = "listen = [\"0.0.0.0:80\"]\nbackends = [\"a:80\"]\n";
+        let c = Config::from_toml(base, &args()).expect("valid");
+        assert!(c.route_timeouts.is_empty());
+        assert_eq!(c.upstream_caps, DedicatedCaps::default());
+        let c = Config::from_toml(
+            &format!(
+                "{base}[timeouts]\nupstream_response_secs = 30\n\
+                 [[timeouts.route]]\npath_prefix = \"/Microsoft-Server-ActiveSync\"\nresponse_secs = 3600\n\
+                 [upstream_caps]\nmax_age_secs = 600\nmax_requests = 1000\n"
+            ),
+            &args(),
+        )
+        .expect("valid");
+        assert_eq!(c.timeouts.upstream_response, Duration::from_secs(30));
+        assert_eq!(
+            c.route_timeouts
+                .response_for("/Microsoft-Server-ActiveSync?Cmd=Ping"),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(c.route_timeouts.response_for("/owa/"), None);
+        assert_eq!(c.upstream_caps.max_age, Some(Duration::from_secs(600)));
+        assert_eq!(c.upstream_caps.max_requests, Some(1000));
+        let effective = c.to_toml();
+        assert!(effective.contains("[[timeouts.route]]"), "{effective}");
+        assert!(effective.contains("[upstream_caps]"), "{effective}");
+        // The effective configuration is itself a valid configuration, routes included.
+        let again = Config::from_toml(&effective, &args()).expect("round trip");
+        assert_eq!(again.to_toml(), effective);
+        for (text, key) in [
+            (
+                "[[timeouts.route]]\npath_prefix = \"ews\"\nresponse_secs = 5",
+                "timeouts.route.path_prefix",
+            ),
+            (
+                "[[timeouts.route]]\npath_prefix = \"/ews\"\nresponse_secs = 0",
+                "timeouts.route.response_secs",
+            ),
+            (
+                "[upstream_caps]\nmax_age_secs = -1",
+                "upstream_caps.max_age_secs",
+            ),
+        ] {
+            match Config::from_toml(&format!("{base}{text}"), &args()) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -100,6 +100,14 @@ label_enum! {
 }
 
 label_enum! {
+    /// Which `[upstream_caps]` cap retired a bound or pinned upstream connection.
+    pub enum UpstreamCap {
+        MaxAge => "max_age",
+        MaxRequests => "max_requests",
+    }
+}
+
+label_enum! {
     /// Whether a request went on a new upstream connection or one already open.
     pub enum UpstreamUse {
         Opened => "opened",
@@ -225,6 +233,11 @@ struct FailureLabel {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CapLabel {
+    cap: UpstreamCap,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct CauseLabel {
     cause: EpaRefusal,
 }
@@ -295,6 +308,8 @@ pub struct Metrics {
     bindings: Family<TriggerLabel, Counter>,
     upstream_failovers: Counter,
     epa_refusals: Family<CauseLabel, Counter>,
+    upstream_retired: Family<CapLabel, Counter>,
+    upgrades: Counter,
     ntlm_messages: Family<TypeLabel, Counter>,
     errors: Family<OriginLabel, Counter>,
     upstream_errors: Family<FailureLabel, Counter>,
@@ -341,6 +356,8 @@ impl Metrics {
             bindings: Family::default(),
             upstream_failovers: Counter::default(),
             epa_refusals: Family::default(),
+            upstream_retired: Family::default(),
+            upgrades: Counter::default(),
             ntlm_messages: Family::default(),
             errors: Family::default(),
             upstream_errors: Family::default(),
@@ -378,6 +395,9 @@ impl Metrics {
         }
         for &cause in EpaRefusal::ALL {
             m.epa_refusals.get_or_create(&CauseLabel { cause }).get();
+        }
+        for &cap in UpstreamCap::ALL {
+            m.upstream_retired.get_or_create(&CapLabel { cap }).get();
         }
         for &r#type in NtlmMessage::ALL {
             m.ntlm_messages.get_or_create(&TypeLabel { r#type }).get();
@@ -475,6 +495,18 @@ impl Metrics {
             "Requests that never reached their backend (connect refused or timed out, a connection \
              found closed before the request was written) and went to another backend",
             m.upstream_failovers.clone(),
+        );
+        registry.register(
+            "upstream_retired",
+            "Bound or pinned upstream connections closed, together with their client connection, \
+             at a request boundary because they reached an [upstream_caps] cap",
+            m.upstream_retired.clone(),
+        );
+        registry.register(
+            "upgraded_connections",
+            "Client connections switched to another protocol (101 Switching Protocols: WebSocket) \
+             and tunnelled to their own upstream connection",
+            m.upgrades.clone(),
         );
         registry.register(
             "epa_refusals",
@@ -650,6 +682,14 @@ impl Metrics {
         self.epa_refusals.get_or_create(&CauseLabel { cause }).inc();
     }
 
+    pub fn upstream_retired(&self, cap: UpstreamCap) {
+        self.upstream_retired.get_or_create(&CapLabel { cap }).inc();
+    }
+
+    pub fn upgraded(&self) {
+        self.upgrades.inc();
+    }
+
     pub fn upstream_failover(&self) {
         self.upstream_failovers.inc();
     }
@@ -782,6 +822,8 @@ mod tests {
             "ntlm_tag_bound_connections 0",
             "ntlm_tag_upstream_bindings_total{trigger=\"response\"} 0",
             "ntlm_tag_upstream_failovers_total 0",
+            "ntlm_tag_upstream_retired_total{cap=\"max_requests\"} 0",
+            "ntlm_tag_upgraded_connections_total 0",
             "ntlm_tag_epa_refusals_total{cause=\"certificate_differs\"} 0",
             "ntlm_tag_ntlm_messages_total{type=\"spnego\"} 0",
             "ntlm_tag_errors_total{origin=\"client\"} 0",

@@ -5,7 +5,9 @@ mod access_log;
 mod head_clock;
 mod prefixed;
 pub mod rewrite;
+pub mod route_timeouts;
 pub mod tls;
+mod upgrade;
 
 use std::{
     collections::HashMap,
@@ -43,12 +45,13 @@ use crate::{
     kernel::socket_cookie,
     metrics::{Metrics, ProxyRejection},
     registry::{Registration, Registry},
-    upstream::{ClientBody, ClientUpstream, Upstream},
+    upstream::{ClientBody, ClientUpstream, ResponseTimeout, Retired, Upstream},
 };
 use access_log::{AccessRecord, LoggedBody};
 use head_clock::{ClockedIo, HeadClock};
 use prefixed::PrefixedIo;
 use rewrite::{ClientScheme, ConnectionStamp, StampPolicy};
+use route_timeouts::RouteTimeouts;
 
 pub type ProxyBody = Either<crate::upstream::GuardedBody, Full<Bytes>>;
 
@@ -59,6 +62,8 @@ pub struct Live {
     pub trusted: TrustedSources,
     pub limits: Limits,
     pub timeouts: Timeouts,
+    /// Response timeouts of the path prefixes that have their own.
+    pub route_timeouts: Arc<RouteTimeouts>,
     /// TLS acceptors by configured listener address.
     pub tls: HashMap<SocketAddr, TlsAcceptor>,
     pub access_log: bool,
@@ -105,6 +110,8 @@ struct ClientConnection {
     /// Requests of one HTTP/1.1 connection are sequential, so this lock is never contended there.
     upstream: tokio::sync::Mutex<ClientUpstream>,
     registration: Registration,
+    /// After a `101 Switching Protocols`: the tunnel this connection became.
+    tunnel: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Accepts clients on `listener` until `shutdown` fires; connections are tracked by `tracker`.
@@ -359,6 +366,7 @@ fn open_connection(
         stamp,
         upstream: tokio::sync::Mutex::new(upstream),
         registration,
+        tunnel: std::sync::Mutex::new(None),
     })
 }
 
@@ -388,6 +396,7 @@ async fn serve_connection<S>(
             })
         })
     };
+    let mut tunnel_shutdown = shutdown.clone();
     let result = if http2 {
         // Sniffs the HTTP/2 preface; HTTP/1.1 otherwise. (HTTP/2 streams have no head to trickle,
         // so hyper's header timer alone bounds HTTP/1.1 heads and idle time here.) Boxed, so that
@@ -400,7 +409,7 @@ async fn serve_connection<S>(
                 .header_read_timeout(timeouts.header_read)
                 .max_buf_size(max_header_bytes)
                 .keep_alive(true);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
                 result = conn.as_mut() => result,
@@ -419,7 +428,8 @@ async fn serve_connection<S>(
             .header_read_timeout(timeouts.idle.max(timeouts.header_read))
             .max_buf_size(max_header_bytes)
             .keep_alive(true)
-            .serve_connection(io, service);
+            .serve_connection(io, service)
+            .with_upgrades();
         tokio::pin!(conn);
         tokio::select! {
             result = conn.as_mut() => result,
@@ -434,6 +444,15 @@ async fn serve_connection<S>(
         }
         .map_err(Into::into)
     };
+    let tunnel = connection.tunnel.lock().ok().and_then(|mut t| t.take());
+    if let Some(mut tunnel) = tunnel {
+        // The connection became a tunnel (WebSocket): it lives until either side closes it, or
+        // until the gateway stops.
+        tokio::select! {
+            _ = &mut tunnel => {}
+            _ = tunnel_shutdown.changed() => tunnel.abort(),
+        }
+    }
     if let Err(e) = result {
         if let Some(status) = e
             .downcast_ref::<hyper::Error>()
@@ -533,7 +552,7 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
 /// The response to one request, and the backend that was asked (`None` when the gateway answered
 /// without one).
 async fn respond(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     connection: &ClientConnection,
     record: Option<&mut AccessRecord>,
 ) -> (Response<ProxyBody>, Option<Authority>) {
@@ -587,9 +606,19 @@ async fn respond(
     {
         return (refusal, None);
     }
+    let upgrade_to = (req.version() == Version::HTTP_11)
+        .then(|| upgrade::requested(req.headers()))
+        .flatten();
+    let mut client_upgrade = upgrade_to.is_some().then(|| hyper::upgrade::on(&mut req));
+    if let Some(deadline) = live.route_timeouts.response_for(req.uri().path()) {
+        req.extensions_mut().insert(ResponseTimeout(deadline));
+    }
     let (mut parts, body) = req.into_parts();
     parts.version = Version::HTTP_11;
     rewrite::prepare_request(&mut parts.headers, &gateway.policy, &connection.stamp);
+    if let Some(protocol) = upgrade_to {
+        upgrade::restore(&mut parts.headers, protocol);
+    }
     let upstream_req = Request::from_parts(parts, ClientBody::new(body));
     let mut upstream = connection.upstream.lock().await;
     let asked = Instant::now();
@@ -622,9 +651,54 @@ async fn respond(
             );
             error_response(StatusCode::BAD_GATEWAY, "Bad Gateway")
         }
-        Ok(response) => {
+        Ok(response)
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                && (client_upgrade.is_none()
+                    || !response.headers().contains_key(http::header::UPGRADE)) =>
+        {
+            // A 101 the client did not ask for, or one that names no protocol: nothing could
+            // speak on that connection afterwards.
+            gateway.metrics.upstream_error();
+            tracing::warn!(
+                conn = %connection.conn,
+                backend = %backend.authority(),
+                "backend switched protocols without a matching upgrade request; 502"
+            );
+            let mut response = error_response(StatusCode::BAD_GATEWAY, "Bad Gateway");
+            response.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            response
+        }
+        Ok(mut response) => {
+            let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+            let upstream_upgrade = switched.then(|| hyper::upgrade::on(&mut response));
+            let protocol = response.headers().get(http::header::UPGRADE).cloned();
             let (mut parts, body) = response.into_parts();
             rewrite::prepare_response(&mut parts.headers);
+            if let (Some(upstream_upgrade), Some(client_upgrade), Some(protocol)) =
+                (upstream_upgrade, client_upgrade.take(), protocol)
+            {
+                upgrade::restore(&mut parts.headers, protocol);
+                let tunnel = upgrade::spawn_tunnel(
+                    client_upgrade,
+                    upstream_upgrade,
+                    connection.conn,
+                    &gateway.metrics,
+                );
+                if let Ok(mut slot) = connection.tunnel.lock() {
+                    *slot = Some(tunnel);
+                }
+            }
+            if let Some(Retired(_)) = parts.extensions.get::<Retired>() {
+                // The upstream connection reached a cap and closes after this response: the
+                // client connection, whose NTLM context lived there, closes with it.
+                parts.headers.insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
             Response::from_parts(parts, Either::Left(body))
         }
         Err(e) => {

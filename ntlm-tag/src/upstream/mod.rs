@@ -17,12 +17,14 @@
 #![forbid(unsafe_code)]
 
 mod binding;
+mod caps;
 mod client_body;
 mod guarded;
 pub mod health;
 mod pool;
 pub mod tls;
 
+pub use caps::{Cap, DedicatedCaps, Retired};
 pub use client_body::{ClientBody, ClientBodyState};
 pub use guarded::GuardedBody;
 
@@ -86,6 +88,24 @@ pub struct BackendSetupError {
     pub backend: String,
     #[source]
     pub source: BackendTlsError,
+}
+
+/// A request extension: this request's response timeout, when its route has one of its own
+/// (`[[timeouts.route]]`); `timeouts.upstream_response_secs` otherwise.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseTimeout(pub Duration);
+
+/// A request that asks to switch protocols (`Connection: upgrade` with `Upgrade`, e.g. WebSocket):
+/// it goes on an upstream connection of its own, which becomes the client's tunnel after a `101`
+/// and is never pooled.
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
 /// A connection to a backend: plain TCP, or TLS over it.
@@ -300,6 +320,9 @@ pub enum UpstreamError {
         backend: Authority,
         /// `pinned` or `bound`.
         link: &'static str,
+        /// The backend did not answer in time (a 504 rather than a 502; the session is lost
+        /// either way, since the connection is abandoned mid-exchange).
+        timed_out: bool,
     },
     #[error("bad request target: {0}")]
     BadTarget(#[from] http::Error),
@@ -315,9 +338,11 @@ pub enum UpstreamError {
 impl UpstreamError {
     pub fn status(&self) -> StatusCode {
         match self {
-            UpstreamError::Timeout { .. } | UpstreamError::ConnectTimeout { .. } => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            UpstreamError::Timeout { .. }
+            | UpstreamError::ConnectTimeout { .. }
+            | UpstreamError::SessionLost {
+                timed_out: true, ..
+            } => StatusCode::GATEWAY_TIMEOUT,
             UpstreamError::BadTarget(_) | UpstreamError::ClientBody { .. } => {
                 StatusCode::BAD_REQUEST
             }
@@ -329,7 +354,12 @@ impl UpstreamError {
     pub fn is_timeout(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Timeout { .. } | UpstreamError::ConnectTimeout { .. }
+            UpstreamError::Timeout { .. }
+                | UpstreamError::ConnectTimeout { .. }
+                | UpstreamError::SessionLost {
+                    timed_out: true,
+                    ..
+                }
         )
     }
 
@@ -357,6 +387,8 @@ struct Dedicated {
     backend: Arc<Backend>,
     sender: SendRequest<ClientBody>,
     link: &'static str,
+    /// Age and requests, for `[upstream_caps]`.
+    usage: caps::Usage,
     /// Keeps `ntlm_tag_bound_connections` while a bound connection lives.
     _bound: Option<BoundGauge>,
 }
@@ -439,6 +471,8 @@ pub struct Upstream {
     balance: Balance,
     timeouts: Timeouts,
     metrics: Arc<Metrics>,
+    /// Caps on bound and pinned connections (off by default).
+    caps: DedicatedCaps,
     /// Active health-check tasks; stopped when this Upstream is replaced by a reload.
     checks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
 }
@@ -497,6 +531,7 @@ impl Upstream {
             balance,
             timeouts: *timeouts,
             metrics,
+            caps: DedicatedCaps::default(),
             checks: std::sync::Mutex::new(Vec::new()),
         };
         upstream.spawn_idle_sweeper();
@@ -523,6 +558,12 @@ impl Upstream {
         if let Ok(mut checks) = self.checks.lock() {
             checks.push(task.abort_handle());
         }
+    }
+
+    /// Caps the age and requests of bound and pinned connections (`[upstream_caps]`).
+    pub fn with_dedicated_caps(mut self, caps: DedicatedCaps) -> Self {
+        self.caps = caps;
+        self
     }
 
     pub fn backends(&self) -> &[Arc<Backend>] {
@@ -592,12 +633,15 @@ impl Upstream {
         if binds || is_ntlm_request(req.headers()) {
             state.ntlm_seen = true;
         }
-        // Whether this request goes on a connection of the client's own (pinned or bound).
-        let dedicated = match self.mode {
-            Mode::Pin => true,
-            Mode::Bind => binds || state.dedicated.is_some(),
-            Mode::Tag => false,
-        };
+        let upgrade = is_upgrade_request(req.headers());
+        // Whether this request goes on a connection of the client's own (pinned or bound). An
+        // upgrade always does: after a 101 its connection is the client's tunnel, never pooled.
+        let dedicated = upgrade
+            || match self.mode {
+                Mode::Pin => true,
+                Mode::Bind => binds || state.dedicated.is_some(),
+                Mode::Tag => false,
+            };
         let had_host = req.headers().contains_key(header::HOST);
         if !state.backend().is_up() && !state.holds_session() {
             let old = Arc::clone(state.backend());
@@ -655,7 +699,15 @@ impl Upstream {
                 }
             }
         };
-        let result = self.settle(state, &backend, dedicated, &client_body, result);
+        let mut result = self.settle(state, &backend, dedicated, &client_body, result);
+        if dedicated && let Ok(response) = &mut result {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                // The connection now carries the tunnel, and closes with it.
+                state.dedicated = None;
+            } else {
+                self.count_dedicated_use(state, response);
+            }
+        }
         if let (Ok(response), Some(claim)) = (&result, &epa_claim)
             && response.status() == StatusCode::UNAUTHORIZED
             && claim.is_bound()
@@ -663,6 +715,36 @@ impl Upstream {
             self.explain_epa_refusal(&backend, claim);
         }
         result
+    }
+
+    /// Counts a response on the client's own connection against `[upstream_caps]`. At a cap the
+    /// connection is let go (it closes once this response has been read) and the response is
+    /// marked [`Retired`], so that the client connection closes after it too: the NTLM context
+    /// and the client connection that holds it end together, never one without the other.
+    fn count_dedicated_use(
+        &self,
+        state: &mut ClientUpstream,
+        response: &mut Response<GuardedBody>,
+    ) {
+        let now = std::time::Instant::now();
+        let Some(own) = state.dedicated.as_mut() else {
+            return;
+        };
+        let Some(cap) = own.usage.record_response(&self.caps, now) else {
+            return;
+        };
+        self.metrics.upstream_retired(cap);
+        tracing::info!(
+            backend = %own.backend.authority,
+            link = own.link,
+            cap = cap.as_str(),
+            requests = own.usage.requests(),
+            age_secs = own.usage.age(now).as_secs_f64(),
+            "upstream connection reached its [upstream_caps] cap; closing it and its client \
+             connection after this response (the client reconnects and authenticates again)"
+        );
+        state.dedicated = None;
+        response.extensions_mut().insert(Retired(cap));
     }
 
     /// A backend answered 401 to a Type3 with a channel binding: log and count why.
@@ -734,6 +816,7 @@ impl Upstream {
             return Err(UpstreamError::SessionLost {
                 backend: backend.authority.clone(),
                 link,
+                timed_out: matches!(result, Err(UpstreamError::Timeout { .. })),
             });
         }
         result
@@ -800,6 +883,7 @@ impl Upstream {
             backend: Arc::clone(backend),
             sender,
             link: "bound",
+            usage: caps::Usage::new(std::time::Instant::now()),
             _bound: Some(BoundGauge::new(&self.metrics)),
         }
     }
@@ -829,6 +913,7 @@ impl Upstream {
                 return Attempt::Done(Err(UpstreamError::SessionLost {
                     backend: backend.authority.clone(),
                     link: lost.link,
+                    timed_out: false,
                 }));
             }
             let sharing = match self.mode {
@@ -842,6 +927,7 @@ impl Upstream {
                             backend: Arc::clone(&backend),
                             sender,
                             link: "pinned",
+                            usage: caps::Usage::new(std::time::Instant::now()),
                             _bound: None,
                         },
                         Sharing::Bound | Sharing::Shared => {
@@ -858,6 +944,7 @@ impl Upstream {
             return Attempt::Done(Err(UpstreamError::SessionLost {
                 backend: backend.authority.clone(),
                 link: "pinned",
+                timed_out: false,
             }));
         };
         let deadline = self.timeouts.upstream_response;
@@ -934,7 +1021,10 @@ impl Upstream {
         sender: &mut SendRequest<ClientBody>,
         req: Request<ClientBody>,
     ) -> Attempt<Response<Incoming>> {
-        let deadline = self.timeouts.upstream_response;
+        let deadline = req
+            .extensions()
+            .get::<ResponseTimeout>()
+            .map_or(self.timeouts.upstream_response, |t| t.0);
         match tokio::time::timeout(deadline, sender.try_send_request(req)).await {
             Ok(Ok(response)) => Attempt::Done(Ok(response)),
             Ok(Err(mut e)) => match e.take_message() {
@@ -976,17 +1066,19 @@ impl Upstream {
         let metrics = Arc::clone(&self.metrics);
         metrics.upstream_connected(started.elapsed());
         match sharing {
+            // With upgrades: a 101 hands the connection to the client's tunnel (only requests
+            // sent on a connection of the client's own can be upgrades).
             Sharing::Shared | Sharing::Bound => {
                 metrics.upstream_request(UpstreamUse::Opened);
                 tokio::spawn(async move {
-                    let _ = connection.await;
+                    let _ = connection.with_upgrades().await;
                 });
             }
             Sharing::Pinned => {
                 metrics.upstream_request(UpstreamUse::Opened);
                 metrics.pinned_open().inc();
                 tokio::spawn(async move {
-                    let _ = connection.await;
+                    let _ = connection.with_upgrades().await;
                     metrics.pinned_open().dec();
                 });
             }

@@ -35,6 +35,7 @@ mod service;
 mod store;
 mod tls;
 mod users;
+mod workloads;
 
 use std::process::ExitCode;
 use std::sync::Arc;

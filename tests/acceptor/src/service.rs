@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -18,6 +18,10 @@ use crate::authz::{self, Presented};
 use crate::cli::KeyMode;
 use crate::log::{self, RequestRecord};
 use crate::store::ContextStore;
+use crate::workloads::{self, Shape, Zeros};
+
+/// A short answer, or a long streamed one (`out_bytes=N`).
+type ReplyBody = Either<Full<Bytes>, Zeros>;
 
 pub const AUTHENTICATED_USER: HeaderName = HeaderName::from_static("x-authenticated-user");
 
@@ -65,6 +69,7 @@ where
         .timer(TokioTimer::new())
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
         .await
     {
         eprintln!("ntlm-acceptor: conn {serial} from {peer}: {e}");
@@ -75,8 +80,9 @@ async fn handle(
     app: Arc<App>,
     conn: Arc<Conn>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (parts, body) = req.into_parts();
+) -> Result<Response<ReplyBody>, Infallible> {
+    let (mut parts, body) = req.into_parts();
+    let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     let body_len = drain(body).await;
     let conn_id = connection_id(&parts.headers, &app.header);
     let conn_id_text = conn_id
@@ -110,7 +116,27 @@ async fn handle(
         .uri
         .path_and_query()
         .map_or_else(|| parts.uri.path(), |p| p.as_str());
-    let response = respond(&reply, conn_id_text.as_deref());
+    let shape = Shape::from_query(parts.uri.query());
+    let response = match (
+        &reply,
+        workloads::websocket_accept(&parts.headers),
+        on_upgrade,
+    ) {
+        (Reply::Authenticated(_), Some(accept), Some(upgrade)) => {
+            tokio::spawn(workloads::echo(upgrade, conn.serial));
+            workloads::switching_protocols(accept).map(Either::Left)
+        }
+        (Reply::Authenticated(_), ..) => {
+            if let Some(delay) = shape.delay {
+                tokio::time::sleep(delay).await;
+            }
+            match shape.out_bytes {
+                Some(n) => Response::new(Either::Right(Zeros::new(n))),
+                None => respond(&reply, conn_id_text.as_deref()).map(Either::Left),
+            }
+        }
+        _ => respond(&reply, conn_id_text.as_deref()).map(Either::Left),
+    };
     if let Reply::Unauthorized(Some(why)) | Reply::BadRequest(why) | Reply::Internal(why) = &reply {
         // Why, for whoever debugs a test; stdout stays machine-readable.
         eprintln!(
