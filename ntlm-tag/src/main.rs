@@ -40,8 +40,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Run(args)) => run(&args),
-        None => run(&cli.run),
+        Some(Command::Run(args)) => run(&args, false),
+        Some(Command::Upgrade(args)) => run(&args, true),
+        None => run(&cli.run, false),
     }
 }
 
@@ -122,14 +123,15 @@ fn load_verified(args: &cli::RunArgs) -> Result<Config, ExitCode> {
     }
 }
 
-fn run(args: &cli::RunArgs) -> ExitCode {
+/// Runs the gateway; with `upgrade`, after taking the listeners over from the running one.
+fn run(args: &cli::RunArgs, upgrade: bool) -> ExitCode {
     let config = match load_verified(args) {
         Ok(config) => config,
         Err(code) => return code,
     };
     init_tracing(config.log_format);
     // Before the runtime: the user switch must happen while the process has one thread.
-    let prepared = match app::prepare(&config) {
+    let prepared = match app::prepare(&config, upgrade) {
         Ok(prepared) => prepared,
         Err(e) => return failed(&e),
     };
