@@ -189,8 +189,8 @@ pub struct SocketFile(PathBuf);
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        if crate::handover::handed_over() {
-            // A successor serves on it now.
+        if !crate::handover::owns_socket_files() {
+            // The other process of an upgrade serves on it.
             return;
         }
         if let Err(e) = std::fs::remove_file(&self.0) {

@@ -70,6 +70,17 @@ pub fn prepare(config: &Config, upgrade: bool) -> Result<Prepared> {
     } else {
         (None, None)
     };
+    // First: a second gateway started by mistake stops here, naming `ntlm-tag upgrade`.
+    let upgrade_socket = match &config.upgrade_socket {
+        Some(path) => Some(
+            match inherited.as_mut().and_then(|i| i.take_upgrade_socket(path)) {
+                Some(fd) => UpgradeSocket::inherited(fd, path)
+                    .context("cannot use the upgrade socket the running gateway handed over")?,
+                None => UpgradeSocket::bind(path)?,
+            },
+        ),
+        None => None,
+    };
     let (mut kernel, mut ebpf_status) = match &inherited {
         Some(i) if i.cgroup.is_none() && config.ebpf.mode != EbpfMode::Off => {
             let problem = "the running gateway has no kernel programs, so its listeners belong to no \
@@ -116,16 +127,6 @@ pub fn prepare(config: &Config, upgrade: bool) -> Result<Prepared> {
                 Some(AdminListener::bind(&admin.endpoint, owner)?)
             }
         },
-        None => None,
-    };
-    let upgrade_socket = match &config.upgrade_socket {
-        Some(path) => Some(
-            match inherited.as_mut().and_then(|i| i.take_upgrade_socket(path)) {
-                Some(fd) => UpgradeSocket::inherited(fd, path)
-                    .context("cannot use the upgrade socket the running gateway handed over")?,
-                None => UpgradeSocket::bind(path)?,
-            },
-        ),
         None => None,
     };
     if let Some(inherited) = inherited {

@@ -46,13 +46,13 @@ pub use wire::{Message, Offer, WireError};
 /// kernel programs) happens in between, which takes seconds on a slow machine.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Set once a successor took the sockets over: from then on the socket files belong to it, and
-/// this process must not remove them at exit.
-static HANDED_OVER: AtomicBool = AtomicBool::new(false);
+/// Whether the socket files (admin, upgrade) are this process's to remove at exit: not while a
+/// successor is taking over from a running gateway (they are the running one's until it releases
+/// them), and not after this process handed them to a successor.
+static OWNS_SOCKET_FILES: AtomicBool = AtomicBool::new(true);
 
-/// Whether this process handed its sockets to a successor.
-pub fn handed_over() -> bool {
-    HANDED_OVER.load(Ordering::SeqCst)
+pub fn owns_socket_files() -> bool {
+    OWNS_SOCKET_FILES.load(Ordering::SeqCst)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,7 +144,7 @@ impl UpgradeSocket {
 
 impl Drop for UpgradeSocket {
     fn drop(&mut self) {
-        if handed_over() {
+        if !owns_socket_files() {
             return;
         }
         if let Err(e) = std::fs::remove_file(&self.path) {
@@ -201,7 +201,7 @@ pub struct Successor {
 impl Successor {
     /// Tells the successor to accept from now on. From here the sockets are its own.
     pub fn release(self, drained: usize, draining: usize) -> Result<(), WireError> {
-        HANDED_OVER.store(true, Ordering::SeqCst);
+        OWNS_SOCKET_FILES.store(false, Ordering::SeqCst);
         wire::send(&self.stream, &Message::Released { drained, draining }, &[])
     }
 }
@@ -315,6 +315,7 @@ pub struct Inherited {
 
 /// Connects to the gateway running on `path` and receives its offer.
 pub fn take_over(path: &Path) -> Result<(Predecessor, Inherited), HandoverError> {
+    OWNS_SOCKET_FILES.store(false, Ordering::SeqCst);
     let stream = UnixStream::connect(path).map_err(|source| HandoverError::Connect {
         path: path.to_path_buf(),
         source,
@@ -447,6 +448,7 @@ impl Predecessor {
                 });
             }
         };
+        OWNS_SOCKET_FILES.store(true, Ordering::SeqCst);
         if let Some(socket) = &self.notify_socket {
             announce_main_pid(socket);
         }
