@@ -219,7 +219,9 @@ fn an_upgrade_keeps_logged_in_connections_on_the_old_process_and_refuses_no_new_
         Keying::Connection,
     );
     let dir = tempfile::tempdir().expect("temp dir");
-    let args = gateway_args(dir.path(), &[]);
+    // The same admin socket for both: the successor takes it over too.
+    let admin = format!("unix:{}", dir.path().join("admin.sock").display());
+    let args = gateway_args(dir.path(), &["--admin", &admin]);
     let mut old = start(&topo, &args);
     let old_nonce = uid_nonce(&mut old);
     let old_pid = old.pid();
@@ -271,6 +273,7 @@ fn an_upgrade_keeps_logged_in_connections_on_the_old_process_and_refuses_no_new_
             "{id} comes from neither gateway"
         );
     }
+    eprintln!("client loop: {attempts} attempts, {} ids", ids.len());
     let by_new = ids
         .iter()
         .filter(|id| uid_of(id).starts_with(&new_nonce))
@@ -316,6 +319,12 @@ fn an_upgrade_keeps_logged_in_connections_on_the_old_process_and_refuses_no_new_
         !cgroup_of(old_pid).is_empty(),
         "the cgroup stays while the new process is in it"
     );
+    for socket in ["upgrade.sock", "admin.sock"] {
+        assert!(
+            dir.path().join(socket).exists(),
+            "the old process leaves {socket} to the new one"
+        );
+    }
 
     // And the new process serves on, then leaves nothing behind: the shared cgroup (and with it
     // both processes' attachments) is gone.
@@ -323,7 +332,9 @@ fn an_upgrade_keeps_logged_in_connections_on_the_old_process_and_refuses_no_new_
     let status = new.stop();
     assert!(status.success(), "{status}");
     assert_eq!(cgroup_of(old_pid), Vec::<std::path::PathBuf>::new());
-    assert!(!dir.path().join("upgrade.sock").exists());
+    for socket in ["upgrade.sock", "admin.sock"] {
+        assert!(!dir.path().join(socket).exists(), "{socket} is removed");
+    }
 }
 
 #[test]

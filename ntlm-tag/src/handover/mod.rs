@@ -201,7 +201,6 @@ pub struct Successor {
 impl Successor {
     /// Tells the successor to accept from now on. From here the sockets are its own.
     pub fn release(self, drained: usize, draining: usize) -> Result<(), WireError> {
-        OWNS_SOCKET_FILES.store(false, Ordering::SeqCst);
         wire::send(&self.stream, &Message::Released { drained, draining }, &[])
     }
 }
@@ -243,6 +242,9 @@ pub async fn offer_to_successors(
         let offered = tokio::task::spawn_blocking(move || offer(stream, &handover)).await;
         match offered {
             Ok(Ok(successor)) => {
+                // From here the main loop hands the sockets over; stopping this task must not
+                // remove their files.
+                OWNS_SOCKET_FILES.store(false, Ordering::SeqCst);
                 tracing::info!(
                     successor = successor.pid,
                     successor_uid_nonce = %successor.uid_nonce,
