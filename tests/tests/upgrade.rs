@@ -108,6 +108,9 @@ fn wait_for_requests(acceptor: &Acceptor, path: &str, nonce: &str, n: usize) {
     );
 }
 
+/// Clients connecting at the same time in the loop.
+const CONCURRENT_CLIENTS: usize = 4;
+
 /// Connects again and again (a new connection for each request) until stopped; every attempt must
 /// get an HTTP response. Returns (attempts, failures).
 struct ClientLoop {
@@ -124,17 +127,32 @@ impl ClientLoop {
             let stop = Arc::clone(&stop);
             let failures = Arc::clone(&failures);
             topo.client.spawn(move || async move {
+                // Several connections at a time, so that some are in the kernel's queue while the
+                // listeners change hands.
+                let tasks: Vec<_> = (0..CONCURRENT_CLIENTS)
+                    .map(|task| {
+                        let stop = Arc::clone(&stop);
+                        let failures = Arc::clone(&failures);
+                        tokio::spawn(async move {
+                            let mut attempts = 0;
+                            while !stop.load(Ordering::SeqCst) {
+                                attempts += 1;
+                                if let Err(e) = one_request(Topology::gateway_addr(), path).await {
+                                    failures
+                                        .lock()
+                                        .expect("failures")
+                                        .push(format!("client {task}, attempt {attempts}: {e}"));
+                                }
+                                // Paced, so that the loop leaves the shared CPUs to the gateways.
+                                tokio::time::sleep(Duration::from_millis(2)).await;
+                            }
+                            attempts
+                        })
+                    })
+                    .collect();
                 let mut attempts = 0;
-                while !stop.load(Ordering::SeqCst) {
-                    attempts += 1;
-                    if let Err(e) = one_request(Topology::gateway_addr(), path).await {
-                        failures
-                            .lock()
-                            .expect("failures")
-                            .push(format!("attempt {attempts}: {e}"));
-                    }
-                    // Paced, so that the loop leaves the shared CPUs to the gateways.
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                for task in tasks {
+                    attempts += task.await.expect("client task");
                 }
                 attempts
             })
