@@ -65,6 +65,14 @@ pub fn prepare(config: &Config, upgrade: bool) -> Result<Prepared> {
         let path = config.upgrade_socket.as_deref().context(
             "`ntlm-tag upgrade` takes over through upgrade_socket, and the configuration sets none",
         )?;
+        if !config.ebpf.xdp_interfaces.is_empty() {
+            // XDP takes one program per interface and mode, held by the running gateway; taking it
+            // over is not implemented, so refuse before the running gateway is touched.
+            bail!(
+                "`ntlm-tag upgrade` does not support `xdp` interfaces yet (the running gateway holds \
+                 their XDP attachment); restart the service instead"
+            );
+        }
         let (predecessor, inherited) = handover::take_over(path)?;
         (Some(predecessor), Some(inherited))
     } else {
