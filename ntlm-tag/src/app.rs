@@ -245,7 +245,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
                 socket,
                 kernel.as_deref(),
             )
-                .context("cannot prepare the sockets for an upgrade")?,
+            .context("cannot prepare the sockets for an upgrade")?,
         )),
         None => None,
     };
@@ -448,8 +448,10 @@ async fn drain_after_upgrade(
 ) -> bool {
     let open = || gateway.open.load(std::sync::atomic::Ordering::Relaxed);
     let deadline = tokio::time::Instant::now() + gateway.live.load().timeouts.upgrade_drain;
-    let mut progress =
-        tokio::time::interval_at(tokio::time::Instant::now() + DRAIN_PROGRESS_EVERY, DRAIN_PROGRESS_EVERY);
+    let mut progress = tokio::time::interval_at(
+        tokio::time::Instant::now() + DRAIN_PROGRESS_EVERY,
+        DRAIN_PROGRESS_EVERY,
+    );
     loop {
         tokio::select! {
             _ = tracker.wait() => {
@@ -483,11 +485,10 @@ async fn drain_after_upgrade(
 async fn take_over(predecessor: Predecessor, uid_nonce: &str) -> Result<()> {
     let pid = predecessor.pid;
     let nonce = uid_nonce.to_string();
-    let (drained, draining) =
-        tokio::task::spawn_blocking(move || predecessor.hand_over(&nonce))
-            .await
-            .context("the hand-over task failed")?
-            .context("the running gateway did not release its listeners; it keeps serving")?;
+    let (drained, draining) = tokio::task::spawn_blocking(move || predecessor.hand_over(&nonce))
+        .await
+        .context("the hand-over task failed")?
+        .context("the running gateway did not release its listeners; it keeps serving")?;
     tracing::info!(
         predecessor = pid,
         predecessor_accepted_from_queue = drained,

@@ -571,7 +571,9 @@ impl Config {
             },
             admin,
             show_full_ids: args.show_full_ids || file.show_full_ids.unwrap_or(false),
-            upgrade_socket: build_upgrade_socket(args.upgrade_socket.clone().or(file.upgrade_socket))?,
+            upgrade_socket: build_upgrade_socket(
+                args.upgrade_socket.clone().or(file.upgrade_socket),
+            )?,
             workers: args.workers.or(file.workers).unwrap_or(0),
             log_format: args
                 .log_format

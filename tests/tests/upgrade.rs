@@ -64,7 +64,9 @@ fn uid_nonce(gateway: &mut Gateway) -> String {
     let line = gateway
         .wait_for_line("ntlm-tag ready", Duration::from_secs(1))
         .expect("ready line");
-    let (_, rest) = line.split_once("uid_nonce=").expect("uid_nonce in the ready line");
+    let (_, rest) = line
+        .split_once("uid_nonce=")
+        .expect("uid_nonce in the ready line");
     rest.trim_start_matches('"')
         .chars()
         .take_while(char::is_ascii_alphanumeric)
@@ -311,15 +313,22 @@ fn an_upgrade_keeps_logged_in_connections_on_the_old_process_and_refuses_no_new_
         "{from_kernel} kernel identities for {by_new} connections"
     );
     assert_eq!(
-        metric(&metrics, "ntlm_tag_connections_total", "{source=\"fallback\"}"),
+        metric(
+            &metrics,
+            "ntlm_tag_connections_total",
+            "{source=\"fallback\"}"
+        ),
         Some(0),
         "no connection of the new process fell back to its peer address"
     );
     let kernel = new.admin_json("/kernel");
     assert_eq!(kernel_counter(&kernel, "lookup_misses"), 0, "{kernel:#}");
     assert!(
-        old.wait_for_line("upgrade: the successor accepts new connections now", Duration::ZERO)
-            .is_some()
+        old.wait_for_line(
+            "upgrade: the successor accepts new connections now",
+            Duration::ZERO
+        )
+        .is_some()
     );
 
     // The old process leaves once its last connection closes.
@@ -382,7 +391,10 @@ fn at_the_upgrade_drain_deadline_the_old_process_closes_what_is_left_and_says_ho
         .expect("the deadline is logged");
     assert!(line.contains("connections=1"), "{line}");
     let after = held.get("/held");
-    assert!(after.get("error").is_some(), "the held connection is closed: {after}");
+    assert!(
+        after.get("error").is_some(),
+        "the held connection is closed: {after}"
+    );
     drop(held);
     // A new login goes to the new process.
     let (held, _) = log_in(&topo);
@@ -402,7 +414,8 @@ fn an_upgrade_without_a_running_gateway_fails_and_a_second_plain_start_is_refuse
     };
     assert_eq!(status.code(), Some(1));
     assert!(
-        log.iter().any(|l| l.contains("cannot reach a running gateway")),
+        log.iter()
+            .any(|l| l.contains("cannot reach a running gateway")),
         "{log:#?}"
     );
 

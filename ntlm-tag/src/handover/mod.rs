@@ -71,7 +71,9 @@ pub enum HandoverError {
          or stop it first"
     )]
     Running(PathBuf),
-    #[error("{path} exists and is not a socket; refusing to replace it (choose another upgrade_socket)")]
+    #[error(
+        "{path} exists and is not a socket; refusing to replace it (choose another upgrade_socket)"
+    )]
     NotASocket { path: PathBuf },
     #[error("cannot create the upgrade socket {path}: {source}")]
     Bind {
@@ -345,13 +347,11 @@ pub fn take_over(path: &Path) -> Result<(Predecessor, Inherited), HandoverError>
         });
     }
     let mut fds = fds.into_iter();
-    let listeners = offer
-        .listeners
-        .iter()
-        .copied()
-        .zip(fds.by_ref())
-        .collect();
-    let admin = offer.admin.clone().zip(fds.next().filter(|_| offer.admin.is_some()));
+    let listeners = offer.listeners.iter().copied().zip(fds.by_ref()).collect();
+    let admin = offer
+        .admin
+        .clone()
+        .zip(fds.next().filter(|_| offer.admin.is_some()));
     let upgrade = fds.next().map(|fd| (offer.upgrade_socket.clone(), fd));
     if let Some(log) = fds.next() {
         take_log_stream(log);
@@ -383,7 +383,9 @@ fn take_log_stream(log: OwnedFd) {
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         return;
     }
-    eprintln!("ntlm-tag: upgrade: logging to the running gateway's log (e.g. journalctl -u ntlm-tag) from now on");
+    eprintln!(
+        "ntlm-tag: upgrade: logging to the running gateway's log (e.g. journalctl -u ntlm-tag) from now on"
+    );
     if let Err(e) = rustix::stdio::dup2_stderr(&log) {
         tracing::warn!(error = %e, "cannot log to the running gateway's log stream; logging here");
     }
@@ -473,6 +475,8 @@ fn announce_main_pid(socket: &str) {
     });
     match sent {
         Ok(_) => tracing::info!("upgrade: told systemd this process is the main one now"),
-        Err(e) => tracing::warn!(error = %e, %socket, "upgrade: cannot tell systemd the new main pid; it may consider the service stopped when the old process exits (set NotifyAccess=all)"),
+        Err(e) => {
+            tracing::warn!(error = %e, %socket, "upgrade: cannot tell systemd the new main pid; it may consider the service stopped when the old process exits (set NotifyAccess=all)")
+        }
     }
 }

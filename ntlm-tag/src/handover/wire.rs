@@ -70,13 +70,8 @@ pub enum WireError {
 }
 
 /// Sends `message` with `fds` attached.
-pub fn send(
-    socket: impl AsFd,
-    message: &Message,
-    fds: &[BorrowedFd<'_>],
-) -> Result<(), WireError> {
-    let mut line =
-        serde_json::to_vec(message).map_err(|e| WireError::Malformed(e.to_string()))?;
+pub fn send(socket: impl AsFd, message: &Message, fds: &[BorrowedFd<'_>]) -> Result<(), WireError> {
+    let mut line = serde_json::to_vec(message).map_err(|e| WireError::Malformed(e.to_string()))?;
     line.push(b'\n');
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
@@ -139,8 +134,7 @@ pub fn recv(socket: impl AsFd) -> Result<(Message, Vec<OwnedFd>), WireError> {
             )));
         }
     }
-    let message =
-        serde_json::from_slice(&line).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let message = serde_json::from_slice(&line).map_err(|e| WireError::Malformed(e.to_string()))?;
     Ok((message, fds))
 }
 

@@ -111,12 +111,12 @@ impl OwnCgroup {
                 });
             }
         };
-        fs::write(path.join("cgroup.procs"), std::process::id().to_string()).map_err(
-            |source| CgroupError::Enter {
+        fs::write(path.join("cgroup.procs"), std::process::id().to_string()).map_err(|source| {
+            CgroupError::Enter {
                 path: path.to_path_buf(),
                 source,
-            },
-        )?;
+            }
+        })?;
         let dir = File::open(path).map_err(|source| CgroupError::Read {
             path: path.to_path_buf(),
             source,

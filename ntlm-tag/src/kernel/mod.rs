@@ -212,11 +212,17 @@ impl KernelTracker {
     /// With `join`, the process joins that cgroup instead of creating its own (an upgrade: the
     /// listening sockets handed over were created there) and attaches its programs beside those of
     /// the process that created it.
-    pub fn start(options: &KernelOptions, join: Option<&std::path::Path>) -> Result<Self, KernelError> {
+    pub fn start(
+        options: &KernelOptions,
+        join: Option<&std::path::Path>,
+    ) -> Result<Self, KernelError> {
         Self::load_and_attach(options, join).map_err(explain_old_kernel)
     }
 
-    fn load_and_attach(options: &KernelOptions, join: Option<&std::path::Path>) -> Result<Self, KernelError> {
+    fn load_and_attach(
+        options: &KernelOptions,
+        join: Option<&std::path::Path>,
+    ) -> Result<Self, KernelError> {
         let map_entries = options.map_entries;
         if let Err(e) = sockopt::raise_memlock_limit() {
             // Only kernels before 5.11 need it; there the map creation below fails with a clear error.
