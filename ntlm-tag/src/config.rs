@@ -1744,6 +1744,34 @@ mod tests {
         }
     }
 
+    #[test]
+    fn upgrade_socket_is_an_absolute_path_and_the_upgrade_drain_has_a_long_default() {
+        let c = with("", &args()).expect("base");
+        assert_eq!(c.upgrade_socket, None, "upgrades are off unless configured");
+        assert_eq!(c.timeouts.upgrade_drain, Duration::from_secs(3600));
+        let c = with(
+            "upgrade_socket = \"/run/ntlm-tag/upgrade.sock\"\n[timeouts]\nupgrade_drain_secs = 60",
+            &args(),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.upgrade_socket.as_deref(),
+            Some(Path::new("/run/ntlm-tag/upgrade.sock"))
+        );
+        assert_eq!(c.timeouts.upgrade_drain, Duration::from_secs(60));
+        for (text, key) in [
+            ("upgrade_socket = \"upgrade.sock\"", "upgrade_socket"),
+            ("upgrade_socket = \"/\"", "upgrade_socket"),
+            (
+                "[timeouts]\nupgrade_drain_secs = -1",
+                "timeouts.upgrade_drain_secs",
+            ),
+        ] {
+            let err = with(text, &args()).expect_err(text);
+            assert_eq!(key_of(err), key, "{text}");
+        }
+    }
+
     fn token_file(mode: u32, token: &str) -> tempfile::NamedTempFile {
         use std::{io::Write as _, os::unix::fs::PermissionsExt as _};
         let mut f = tempfile::NamedTempFile::new().expect("temp file");

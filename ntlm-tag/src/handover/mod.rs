@@ -55,6 +55,14 @@ pub fn owns_socket_files() -> bool {
     OWNS_SOCKET_FILES.load(Ordering::SeqCst)
 }
 
+/// Set once this process released its sockets to a successor: from then on it is not the
+/// service's main process, and must not tell the service manager that the service stops.
+static HANDED_OVER: AtomicBool = AtomicBool::new(false);
+
+pub fn handed_over() -> bool {
+    HANDED_OVER.load(Ordering::SeqCst)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HandoverError {
     #[error(
@@ -203,6 +211,7 @@ pub struct Successor {
 impl Successor {
     /// Tells the successor to accept from now on. From here the sockets are its own.
     pub fn release(self, drained: usize, draining: usize) -> Result<(), WireError> {
+        HANDED_OVER.store(true, Ordering::SeqCst);
         wire::send(&self.stream, &Message::Released { drained, draining }, &[])
     }
 }
@@ -478,5 +487,31 @@ fn announce_main_pid(socket: &str) {
         Err(e) => {
             tracing::warn!(error = %e, %socket, "upgrade: cannot tell systemd the new main pid; it may consider the service stopped when the old process exits (set NotifyAccess=all)")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_learns_the_new_main_pid_on_a_path_or_an_abstract_socket() {
+        let expected = format!("MAINPID={}\nREADY=1\n", std::process::id());
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("notify");
+        let systemd = UnixDatagram::bind(&path).expect("bind");
+        announce_main_pid(path.to_str().expect("utf-8"));
+        let mut buf = [0u8; 128];
+        let n = systemd.recv(&mut buf).expect("a notification");
+        assert_eq!(std::str::from_utf8(&buf[..n]), Ok(expected.as_str()));
+
+        use std::os::linux::net::SocketAddrExt as _;
+        let name = format!("ntlm-tag-test-notify-{}", std::process::id());
+        let address =
+            std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("name");
+        let systemd = UnixDatagram::bind_addr(&address).expect("bind abstract");
+        announce_main_pid(&format!("@{name}"));
+        let n = systemd.recv(&mut buf).expect("a notification");
+        assert_eq!(std::str::from_utf8(&buf[..n]), Ok(expected.as_str()));
     }
 }
