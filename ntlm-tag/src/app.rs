@@ -293,7 +293,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
     }
     let mut signals = Signals::install()?;
     if let Some(predecessor) = predecessor {
-        take_over(predecessor, gateway.uids.nonce()).await?;
+        take_over(predecessor, gateway.uids.nonce(), Arc::clone(&metrics)).await?;
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Fired when a successor takes the listeners: stop accepting, keep serving.
@@ -397,8 +397,9 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
         tracker.close();
         let draining = gateway.open.load(std::sync::atomic::Ordering::Relaxed);
         let pid = successor.pid;
+        let mut reports = None;
         match tokio::task::spawn_blocking(move || successor.release(drained, draining)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(r)) => reports = Some(r),
             Ok(Err(e)) => tracing::error!(
                 successor = pid,
                 error = %e,
@@ -415,7 +416,13 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
             "upgrade: the successor accepts new connections now; serving this process's own until \
              they close or the upgrade drain deadline passes"
         );
-        if drain_after_upgrade(&gateway, &tracker, &mut signals).await {
+        let all_closed =
+            drain_after_upgrade(&gateway, &tracker, &mut signals, reports.as_mut()).await;
+        let left = gateway.open.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(r) = reports {
+            r.drained(if all_closed { 0 } else { left });
+        }
+        if all_closed {
             return Ok(());
         }
     }
@@ -439,14 +446,19 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
 /// How often a process draining after an upgrade says how many connections it still serves.
 const DRAIN_PROGRESS_EVERY: Duration = Duration::from_secs(60);
 
+/// How often the successor's metrics learn how many connections this process still serves.
+const REPORT_TO_SUCCESSOR_EVERY: Duration = Duration::from_secs(1);
+
 /// After a hand-over: serves the remaining connections until the last one closes (true), or until
 /// `timeouts.upgrade_drain_secs` passes or SIGTERM arrives (false: the caller closes them).
 async fn drain_after_upgrade(
     gateway: &Gateway,
     tracker: &TaskTracker,
     signals: &mut Signals,
+    mut reports: Option<&mut handover::DrainReports>,
 ) -> bool {
     let open = || gateway.open.load(std::sync::atomic::Ordering::Relaxed);
+    let mut report_every = tokio::time::interval(REPORT_TO_SUCCESSOR_EVERY);
     let deadline = tokio::time::Instant::now() + gateway.live.load().timeouts.upgrade_drain;
     let mut progress = tokio::time::interval_at(
         tokio::time::Instant::now() + DRAIN_PROGRESS_EVERY,
@@ -470,6 +482,11 @@ async fn drain_after_upgrade(
             _ = progress.tick() => {
                 tracing::info!(connections = open(), "upgrade: still serving this process's connections");
             }
+            _ = report_every.tick() => {
+                if let Some(r) = reports.as_deref_mut() {
+                    r.draining(open());
+                }
+            }
             signal = signals.next() => match signal {
                 Signal::Stop => return false,
                 Signal::Reload => tracing::info!(
@@ -482,13 +499,14 @@ async fn drain_after_upgrade(
 }
 
 /// The successor's side of a hand-over: ready, so the predecessor may stop accepting.
-async fn take_over(predecessor: Predecessor, uid_nonce: &str) -> Result<()> {
+async fn take_over(predecessor: Predecessor, uid_nonce: &str, metrics: Arc<Metrics>) -> Result<()> {
     let pid = predecessor.pid;
     let nonce = uid_nonce.to_string();
-    let (drained, draining) = tokio::task::spawn_blocking(move || predecessor.hand_over(&nonce))
-        .await
-        .context("the hand-over task failed")?
-        .context("the running gateway did not release its listeners; it keeps serving")?;
+    let (drained, draining) =
+        tokio::task::spawn_blocking(move || predecessor.hand_over(&nonce, metrics))
+            .await
+            .context("the hand-over task failed")?
+            .context("the running gateway did not release its listeners; it keeps serving")?;
     tracing::info!(
         predecessor = pid,
         predecessor_accepted_from_queue = drained,

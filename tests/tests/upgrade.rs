@@ -78,6 +78,23 @@ fn uid_of(id: &str) -> &str {
     id.rsplit_once('/').map_or("", |(_, uid)| uid)
 }
 
+/// Polls `gateway`'s metric `name` until it equals `value` (it is reported once a second).
+fn wait_for_metric(gateway: &Gateway, name: &str, value: u64) {
+    let deadline = Instant::now() + scaled(Duration::from_secs(20));
+    loop {
+        let text = gateway.admin_metrics();
+        if metric(&text, name, "") == Some(value) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not reach {value}: {:?}",
+            text.lines().find(|l| l.starts_with(name))
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn metric(text: &str, name: &str, labels: &str) -> Option<u64> {
     let wanted = format!("{name}{labels} ");
     text.lines()
@@ -331,6 +348,9 @@ fn an_upgrade_keeps_logged_in_connections_on_the_old_process_and_refuses_no_new_
         .is_some()
     );
 
+    // The new process's metrics show what the old one still serves: the logged-in connection.
+    wait_for_metric(&new, "ntlm_tag_upgrade_predecessor_connections", 1);
+
     // The old process leaves once its last connection closes.
     held.close();
     let status = old
@@ -352,6 +372,13 @@ fn an_upgrade_keeps_logged_in_connections_on_the_old_process_and_refuses_no_new_
             "the old process leaves {socket} to the new one"
         );
     }
+
+    wait_for_metric(&new, "ntlm_tag_upgrade_predecessor_connections", 0);
+    wait_for_metric(
+        &new,
+        "ntlm_tag_upgrade_predecessor_deadline_closed_connections_total",
+        0,
+    );
 
     // And the new process serves on, then leaves nothing behind: the shared cgroup (and with it
     // both processes' attachments) is gone.
@@ -390,6 +417,12 @@ fn at_the_upgrade_drain_deadline_the_old_process_closes_what_is_left_and_says_ho
         .wait_for_line("upgrade drain deadline passed", Duration::ZERO)
         .expect("the deadline is logged");
     assert!(line.contains("connections=1"), "{line}");
+    wait_for_metric(
+        &new,
+        "ntlm_tag_upgrade_predecessor_deadline_closed_connections_total",
+        1,
+    );
+    wait_for_metric(&new, "ntlm_tag_upgrade_predecessor_connections", 0);
     let after = held.get("/held");
     assert!(
         after.get("error").is_some(),

@@ -40,6 +40,8 @@ use std::{
 
 use tokio::sync::{mpsc, watch};
 
+use crate::metrics::Metrics;
+
 pub use wire::{Message, Offer, WireError};
 
 /// How long each side waits for the other's next message: the successor's start-up (loading the
@@ -209,10 +211,45 @@ pub struct Successor {
 }
 
 impl Successor {
-    /// Tells the successor to accept from now on. From here the sockets are its own.
-    pub fn release(self, drained: usize, draining: usize) -> Result<(), WireError> {
+    /// Tells the successor to accept from now on. From here the sockets are its own. The returned
+    /// reporter tells it how the drain goes, for its metrics.
+    pub fn release(self, drained: usize, draining: usize) -> Result<DrainReports, WireError> {
         HANDED_OVER.store(true, Ordering::SeqCst);
-        wire::send(&self.stream, &Message::Released { drained, draining }, &[])
+        wire::send(&self.stream, &Message::Released { drained, draining }, &[])?;
+        // A successor that stops reading must not hold up the drain.
+        let _ = self.stream.set_write_timeout(Some(Duration::from_secs(1)));
+        Ok(DrainReports {
+            stream: self.stream,
+            last: draining,
+        })
+    }
+}
+
+/// The old process's reports to its successor while it drains (best effort: the successor's
+/// metrics are all that depends on them).
+pub struct DrainReports {
+    stream: UnixStream,
+    last: usize,
+}
+
+impl DrainReports {
+    /// Reports the connections still served, when the number changed.
+    pub fn draining(&mut self, connections: usize) {
+        if connections != self.last {
+            self.last = connections;
+            self.send(&Message::Draining { connections });
+        }
+    }
+
+    /// The last report, as this process exits.
+    pub fn drained(mut self, closed_at_deadline: usize) {
+        self.send(&Message::Drained { closed_at_deadline });
+    }
+
+    fn send(&mut self, message: &Message) {
+        if let Err(e) = wire::send(&self.stream, message, &[]) {
+            tracing::debug!(error = %e, "cannot report the drain to the successor");
+        }
     }
 }
 
@@ -446,7 +483,12 @@ impl Inherited {
 impl Predecessor {
     /// Tells the predecessor this process is ready and waits until it stopped accepting. Returns
     /// (connections it accepted from the queue while letting go, connections it keeps serving).
-    pub fn hand_over(self, uid_nonce: &str) -> Result<(usize, usize), HandoverError> {
+    /// Then follows the predecessor's drain reports into `metrics` until it exits.
+    pub fn hand_over(
+        self,
+        uid_nonce: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<(usize, usize), HandoverError> {
         let ready = Message::Ready {
             pid: std::process::id(),
             uid_nonce: uid_nonce.to_string(),
@@ -465,7 +507,47 @@ impl Predecessor {
         if let Some(socket) = &self.notify_socket {
             announce_main_pid(socket);
         }
+        metrics.predecessor_connections(released.1);
+        let (stream, pid) = (self.stream, self.pid);
+        let follow = move || follow_drain(&stream, pid, &metrics);
+        if let Err(e) = std::thread::Builder::new()
+            .name("ntlm-tag-drain".into())
+            .spawn(follow)
+        {
+            tracing::warn!(error = %e, "cannot follow the old process's drain; its metrics stay as they are");
+        }
         Ok(released)
+    }
+}
+
+/// Reads the predecessor's drain reports until it exits (a thread of its own: a few blocking reads
+/// over the whole drain).
+fn follow_drain(stream: &UnixStream, pid: u32, metrics: &Metrics) {
+    let _ = stream.set_read_timeout(None);
+    loop {
+        match wire::recv(stream) {
+            Ok((Message::Draining { connections }, _)) => {
+                metrics.predecessor_connections(connections);
+            }
+            Ok((Message::Drained { closed_at_deadline }, _)) => {
+                metrics.predecessor_connections(0);
+                metrics.predecessor_closed_at_deadline(closed_at_deadline);
+                tracing::info!(
+                    predecessor = pid,
+                    closed_at_deadline,
+                    "upgrade: the old process finished draining and exits"
+                );
+                return;
+            }
+            Ok((other, _)) => {
+                tracing::debug!(message = ?other, "unexpected message from the old process");
+            }
+            Err(e) => {
+                metrics.predecessor_connections(0);
+                tracing::info!(predecessor = pid, reason = %e, "upgrade: the old process is gone");
+                return;
+            }
+        }
     }
 }
 

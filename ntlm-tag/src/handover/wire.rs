@@ -23,7 +23,8 @@ pub const MAX_FDS: usize = 64;
 const MAX_MESSAGE: usize = 64 * 1024;
 
 /// What the two processes say to each other, in order: `Offer` (old → new, with the sockets),
-/// `Ready` (new → old, once it can serve), `Released` (old → new, once it stopped accepting).
+/// `Ready` (new → old, once it can serve), `Released` (old → new, once it stopped accepting), then
+/// `Draining` reports and a last `Drained` (old → new, for the new process's metrics).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "message", rename_all = "snake_case")]
 pub enum Message {
@@ -37,6 +38,14 @@ pub enum Message {
         drained: usize,
         /// Connections it keeps serving until they close or its deadline.
         draining: usize,
+    },
+    /// Old → new while the old process drains, when the number changed.
+    Draining {
+        connections: usize,
+    },
+    /// Old → new as it exits: how many connections its drain deadline closed.
+    Drained {
+        closed_at_deadline: usize,
     },
 }
 
