@@ -30,6 +30,9 @@ use crate::{
     upstream::Upstream,
 };
 
+/// How the line `ntlm-tag upgrade` prints on stdout once it took over begins.
+pub const TOOK_OVER: &str = "ntlm-tag: upgrade done";
+
 /// Exit code when `--ebpf required` cannot be honoured (EX_UNAVAILABLE).
 pub const EXIT_EBPF_UNAVAILABLE: u8 = 69;
 
@@ -512,6 +515,11 @@ async fn take_over(predecessor: Predecessor, uid_nonce: &str, metrics: Arc<Metri
         predecessor_accepted_from_queue = drained,
         predecessor_draining = draining,
         "upgrade: took the listeners over; the old process serves its own connections until they close"
+    );
+    // For whoever started `ntlm-tag upgrade` (an operator's terminal waits for this line).
+    println!(
+        "{TOOK_OVER}: pid {} serves new connections; pid {pid} serves its {draining} until they close",
+        std::process::id()
     );
     Ok(())
 }

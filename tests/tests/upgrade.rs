@@ -465,3 +465,92 @@ fn an_upgrade_without_a_running_gateway_fails_and_a_second_plain_start_is_refuse
     );
     assert!(running.stop().success());
 }
+
+/// Sends SIGTERM to a process that is not our child (the detached gateway) when dropped, and waits
+/// for it to go.
+struct Detached(i32);
+
+impl Detached {
+    fn stop(&self) -> bool {
+        // SAFETY: signalling a process this test started (through `ntlm-tag upgrade`).
+        unsafe { libc::kill(self.0, libc::SIGTERM) };
+        let deadline = Instant::now() + scaled(Duration::from_secs(15));
+        while Path::new(&format!("/proc/{}", self.0)).exists() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if Path::new(&format!("/proc/{}", self.0)).exists() {
+            self.stop();
+        }
+    }
+}
+
+#[test]
+fn an_upgrade_typed_at_a_terminal_returns_once_the_new_gateway_serves_and_leaves_it_running() {
+    let topo = Topology::new();
+    let acceptor = Acceptor::start(
+        &topo.backend,
+        Topology::backend_addr(),
+        &users(),
+        Keying::Connection,
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let admin = format!("unix:{}", dir.path().join("admin.sock").display());
+    let args = gateway_args(dir.path(), &["--admin", &admin]);
+    let mut old = start(&topo, &args);
+    let old_nonce = uid_nonce(&mut old);
+
+    // `script` gives the command a terminal, as an operator's shell would.
+    let command = format!(
+        "nsenter --net={} -- {} upgrade {}",
+        topo.gateway.path().display(),
+        ntlm_tag_tests::gateway::binary().display(),
+        args.join(" ")
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("ntlm-tag: upgrade done: pid "))
+        .unwrap_or_else(|| panic!("the command says the upgrade is done: {stdout}"));
+    let pid: i32 = line["ntlm-tag: upgrade done: pid ".len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the new gateway's pid");
+    let new = Detached(pid);
+
+    // The command returned, the old gateway (with nothing to drain) exited, and the new one serves.
+    let status = old
+        .wait_for_exit(scaled(Duration::from_secs(20)))
+        .expect("the old gateway exits");
+    assert!(status.success());
+    topo.client
+        .run(|| async { one_request(Topology::gateway_addr(), "/after").await })
+        .expect("the new gateway serves");
+    let ids = ids_for(&acceptor, "/after");
+    assert_eq!(ids.len(), 1);
+    assert!(!uid_of(&ids[0]).starts_with(&old_nonce), "{ids:?}");
+    // Once it had the sockets, the new gateway logged where the old one did.
+    assert!(
+        old.log()
+            .iter()
+            .any(|l| l.contains("ntlm-tag ready") && !l.contains(&old_nonce)),
+        "{:#?}",
+        old.log()
+    );
+    assert!(new.stop(), "the new gateway stops on SIGTERM");
+}

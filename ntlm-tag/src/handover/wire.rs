@@ -1,6 +1,7 @@
 //! The hand-over protocol on the upgrade socket: one JSON line per message, the sockets handed over
-//! travelling with the first byte of a message as SCM_RIGHTS. Requests and answers alternate, so a
-//! reader never reads past the end of the message it waits for.
+//! travelling with the first byte of a message as SCM_RIGHTS. Messages may follow each other
+//! without an answer in between (the drain reports), so a reader reads a byte at a time and never
+//! past the end of its message: a few small messages per upgrade, no buffer to keep.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -114,7 +115,7 @@ pub fn send(socket: impl AsFd, message: &Message, fds: &[BorrowedFd<'_>]) -> Res
 pub fn recv(socket: impl AsFd) -> Result<(Message, Vec<OwnedFd>), WireError> {
     let mut line = Vec::new();
     let mut fds = Vec::new();
-    let mut buf = [0u8; 4096];
+    let mut buf = [0u8; 1];
     loop {
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
@@ -172,6 +173,22 @@ mod tests {
         assert_ne!(fds[0].as_raw_fd(), listener.as_raw_fd(), "a new descriptor");
         let passed = std::net::TcpListener::from(fds.into_iter().next().expect("fd"));
         assert_eq!(passed.local_addr().ok(), listener.local_addr().ok());
+    }
+
+    #[test]
+    fn messages_sent_back_to_back_are_read_one_at_a_time() {
+        let (a, b) = UnixStream::pair().expect("pair");
+        let first = Message::Released {
+            drained: 0,
+            draining: 0,
+        };
+        let second = Message::Drained {
+            closed_at_deadline: 0,
+        };
+        send(&a, &first, &[]).expect("send");
+        send(&a, &second, &[]).expect("send");
+        assert_eq!(recv(&b).expect("first").0, first);
+        assert_eq!(recv(&b).expect("second").0, second);
     }
 
     #[test]
