@@ -1,9 +1,11 @@
 //! Start-up and shutdown of the gateway: kernel programs first (so listeners land in the proxy's own
 //! cgroup), then listeners, then the user switch (all three before the runtime's threads exist), then
-//! serve until SIGTERM/SIGINT and drain.
+//! serve until SIGTERM/SIGINT and drain, or until a successor (`ntlm-tag upgrade`) takes the
+//! listeners over and the connections of this process have closed (see [`crate::handover`]).
 
 use std::{
     collections::HashMap,
+    io::Write as _,
     net::SocketAddr,
     os::fd::OwnedFd,
     sync::{Arc, atomic::AtomicUsize},
@@ -516,8 +518,10 @@ async fn take_over(predecessor: Predecessor, uid_nonce: &str, metrics: Arc<Metri
         predecessor_draining = draining,
         "upgrade: took the listeners over; the old process serves its own connections until they close"
     );
-    // For whoever started `ntlm-tag upgrade` (an operator's terminal waits for this line).
-    println!(
+    // For whoever started `ntlm-tag upgrade` (an operator's terminal waits for this line). Best
+    // effort: nobody may be reading any more, and that must not stop the gateway.
+    let _ = writeln!(
+        std::io::stdout(),
         "{TOOK_OVER}: pid {} serves new connections; pid {pid} serves its {draining} until they close",
         std::process::id()
     );
