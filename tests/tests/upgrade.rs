@@ -246,19 +246,48 @@ fn log_in(topo: &Topology) -> (KeepAliveLogin, String) {
     (client, id)
 }
 
+/// The standard topology with an IIS-like backend, and the arguments of gateways whose upgrade
+/// socket and admin socket (the same for both, so that it is handed over too) live in a directory
+/// of their own, with `config` as their file.
+struct Scene {
+    topo: Topology,
+    acceptor: Acceptor,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+impl Scene {
+    fn new(config: &str) -> Scene {
+        let topo = Topology::new();
+        let acceptor = Acceptor::start(
+            &topo.backend,
+            Topology::backend_addr(),
+            &users(),
+            Keying::Connection,
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("gw.toml");
+        std::fs::write(&file, config).expect("config");
+        let admin = format!("unix:{}", dir.path().join("admin.sock").display());
+        let file = file.display().to_string();
+        let args = gateway_args(dir.path(), &["--admin", &admin, "--config", &file]);
+        Scene {
+            topo,
+            acceptor,
+            dir,
+            args,
+        }
+    }
+}
+
 #[test]
 fn an_upgrade_keeps_logged_in_connections_on_the_old_process_and_refuses_no_new_one() {
-    let topo = Topology::new();
-    let acceptor = Acceptor::start(
-        &topo.backend,
-        Topology::backend_addr(),
-        &users(),
-        Keying::Connection,
-    );
-    let dir = tempfile::tempdir().expect("temp dir");
-    // The same admin socket for both: the successor takes it over too.
-    let admin = format!("unix:{}", dir.path().join("admin.sock").display());
-    let args = gateway_args(dir.path(), &["--admin", &admin]);
+    let Scene {
+        topo,
+        acceptor,
+        dir,
+        args,
+    } = Scene::new("");
     let mut old = start(&topo, &args);
     let old_nonce = uid_nonce(&mut old);
     let old_pid = old.pid();
@@ -393,17 +422,13 @@ fn an_upgrade_keeps_logged_in_connections_on_the_old_process_and_refuses_no_new_
 
 #[test]
 fn at_the_upgrade_drain_deadline_the_old_process_closes_what_is_left_and_says_how_many() {
-    let topo = Topology::new();
-    let _acceptor = Acceptor::start(
-        &topo.backend,
-        Topology::backend_addr(),
-        &users(),
-        Keying::Connection,
-    );
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("gw.toml");
-    std::fs::write(&config, "[timeouts]\nupgrade_drain_secs = 1\n").expect("config");
-    let args = gateway_args(dir.path(), &["--config", config.to_str().expect("utf-8")]);
+    // Bound, not `..`: the backend and the directory must live as long as the test.
+    let Scene {
+        topo,
+        args,
+        acceptor: _acceptor,
+        dir: _dir,
+    } = Scene::new("[timeouts]\nupgrade_drain_secs = 1\n");
     let mut old = start(&topo, &args);
     let (mut held, _) = log_in(&topo);
     let upgraded_at = Instant::now();
@@ -495,16 +520,12 @@ impl Drop for Detached {
 
 #[test]
 fn an_upgrade_typed_at_a_terminal_returns_once_the_new_gateway_serves_and_leaves_it_running() {
-    let topo = Topology::new();
-    let acceptor = Acceptor::start(
-        &topo.backend,
-        Topology::backend_addr(),
-        &users(),
-        Keying::Connection,
-    );
-    let dir = tempfile::tempdir().expect("temp dir");
-    let admin = format!("unix:{}", dir.path().join("admin.sock").display());
-    let args = gateway_args(dir.path(), &["--admin", &admin]);
+    let Scene {
+        topo,
+        acceptor,
+        args,
+        dir: _dir,
+    } = Scene::new("");
     let mut old = start(&topo, &args);
     let old_nonce = uid_nonce(&mut old);
 
