@@ -189,6 +189,10 @@ pub struct SocketFile(PathBuf);
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
+        if !crate::handover::owns_socket_files() {
+            // The other process of an upgrade serves on it.
+            return;
+        }
         if let Err(e) = std::fs::remove_file(&self.0) {
             tracing::info!(path = %self.0.display(), error = %e, "cannot remove the admin socket; the next start removes it");
         }
@@ -242,6 +246,31 @@ impl AdminListener {
                 }
                 Ok(AdminListener::Unix(listener, file))
             }
+        }
+    }
+
+    /// The listening socket a predecessor handed over for `endpoint` (an upgrade).
+    pub fn inherited(endpoint: &AdminEndpoint, fd: std::os::fd::OwnedFd) -> std::io::Result<Self> {
+        match endpoint {
+            AdminEndpoint::Tcp(_) => {
+                let listener = std::net::TcpListener::from(fd);
+                listener.set_nonblocking(true)?;
+                Ok(AdminListener::Tcp(listener))
+            }
+            AdminEndpoint::Unix(path) => {
+                let listener = std::os::unix::net::UnixListener::from(fd);
+                listener.set_nonblocking(true)?;
+                Ok(AdminListener::Unix(listener, SocketFile(path.clone())))
+            }
+        }
+    }
+
+    /// A second descriptor of the listening socket, to hand to a successor.
+    pub fn dup(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd as _;
+        match self {
+            AdminListener::Tcp(l) => l.as_fd().try_clone_to_owned(),
+            AdminListener::Unix(l, _) => l.as_fd().try_clone_to_owned(),
         }
     }
 

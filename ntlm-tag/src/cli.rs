@@ -30,6 +30,9 @@ pub enum Command {
     Run(RunArgs),
     /// Validate the configuration and print the effective settings; exit 64 naming the offending key.
     Check(RunArgs),
+    /// Take over from the gateway running on `upgrade_socket` (as root): this new process gets its
+    /// listeners and serves new connections, the old one serves its own until they close.
+    Upgrade(RunArgs),
     /// Print the manual page (roff) generated from these definitions; `cargo xtask install` installs it.
     #[command(hide = true)]
     Man,
@@ -145,6 +148,9 @@ pub struct RunArgs {
     /// what a header-keyed backend (Jespa) trusts: whoever reads it can act as that connection.
     #[arg(long)]
     pub show_full_ids: bool,
+    /// Unix socket a successor (`ntlm-tag upgrade`) takes the listeners over through.
+    #[arg(long, value_name = "PATH")]
+    pub upgrade_socket: Option<PathBuf>,
     /// Entries of the kernel connection map (LRU).
     #[arg(long, value_name = "N")]
     pub map_entries: Option<u32>,

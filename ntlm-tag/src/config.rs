@@ -121,6 +121,7 @@ struct FileConfig {
     admin: Option<String>,
     admin_token_file: Option<PathBuf>,
     show_full_ids: Option<bool>,
+    upgrade_socket: Option<PathBuf>,
     workers: Option<usize>,
     log_format: Option<LogFormat>,
     timeouts: Option<TimeoutsFile>,
@@ -209,6 +210,7 @@ struct TimeoutsFile {
     header_read_secs: Option<f64>,
     idle_secs: Option<f64>,
     drain_secs: Option<f64>,
+    upgrade_drain_secs: Option<f64>,
     proxy_header_secs: Option<f64>,
     route: Option<Vec<RouteTimeoutFile>>,
 }
@@ -256,6 +258,10 @@ pub struct Timeouts {
     pub idle: Duration,
     #[serde(serialize_with = "secs", rename = "drain_secs")]
     pub drain: Duration,
+    /// After an upgrade handed the listeners to a successor: how long the old process keeps serving
+    /// its established connections before it closes the rest.
+    #[serde(serialize_with = "secs", rename = "upgrade_drain_secs")]
+    pub upgrade_drain: Duration,
     #[serde(serialize_with = "secs", rename = "proxy_header_secs")]
     pub proxy_header: Duration,
 }
@@ -274,6 +280,8 @@ impl Default for Timeouts {
             // IIS's default connection timeout: authenticated NTLM connections survive think time.
             idle: Duration::from_secs(120),
             drain: Duration::from_secs(10),
+            // Long: an authenticated NTLM connection lost to an upgrade costs its user a new login.
+            upgrade_drain: Duration::from_secs(3600),
             proxy_header: Duration::from_secs(5),
         }
     }
@@ -324,6 +332,9 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Show full connection ids in logs and the admin table (else keyed hashes).
     pub show_full_ids: bool,
+    /// The unix socket a successor connects to in order to take over the listeners (none: upgrades
+    /// are off).
+    pub upgrade_socket: Option<PathBuf>,
     pub workers: usize,
     pub log_format: LogFormat,
     pub timeouts: Timeouts,
@@ -589,6 +600,9 @@ impl Config {
             },
             admin,
             show_full_ids: args.show_full_ids || file.show_full_ids.unwrap_or(false),
+            upgrade_socket: build_upgrade_socket(
+                args.upgrade_socket.clone().or(file.upgrade_socket),
+            )?,
             workers: args.workers.or(file.workers).unwrap_or(0),
             log_format: args
                 .log_format
@@ -651,6 +665,8 @@ impl Config {
             #[serde(skip_serializing_if = "Option::is_none")]
             admin_token_file: Option<&'a Path>,
             show_full_ids: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            upgrade_socket: Option<&'a Path>,
             workers: usize,
             log_format: LogFormat,
             timeouts: EffectiveTimeouts<'a>,
@@ -689,6 +705,7 @@ impl Config {
             admin: self.admin.as_ref().map(|a| a.endpoint.to_string()),
             admin_token_file: self.admin.as_ref().and_then(|a| a.token_file.as_deref()),
             show_full_ids: self.show_full_ids,
+            upgrade_socket: self.upgrade_socket.as_deref(),
             workers: self.workers,
             log_format: self.log_format,
             timeouts: EffectiveTimeouts {
@@ -1164,12 +1181,29 @@ fn build_timeouts(file: TimeoutsFile) -> Result<Timeouts, ConfigError> {
         )?,
         idle: pick("timeouts.idle_secs", file.idle_secs, d.idle)?,
         drain: pick("timeouts.drain_secs", file.drain_secs, d.drain)?,
+        upgrade_drain: pick(
+            "timeouts.upgrade_drain_secs",
+            file.upgrade_drain_secs,
+            d.upgrade_drain,
+        )?,
         proxy_header: pick(
             "timeouts.proxy_header_secs",
             file.proxy_header_secs,
             d.proxy_header,
         )?,
     })
+}
+
+/// `upgrade_socket`: an absolute path (it is handed from one process to the next, whatever their
+/// working directories).
+fn build_upgrade_socket(path: Option<PathBuf>) -> Result<Option<PathBuf>, ConfigError> {
+    match path {
+        Some(p) if !p.is_absolute() || p.file_name().is_none() => Err(ConfigError::invalid(
+            "upgrade_socket",
+            format!("{} is not an absolute path to a socket file", p.display()),
+        )),
+        other => Ok(other),
+    }
 }
 
 #[cfg(test)]
@@ -1829,6 +1863,7 @@ mod tests {
             "map_entries",
             "admin_token_file",
             "show_full_ids",
+            "upgrade_socket",
             "workers",
             "http2",
             "user",
@@ -1842,6 +1877,34 @@ mod tests {
                 example.contains(&format!("# {key}")) || example.contains(&format!("\n{key} = ")),
                 "the example documents {key}"
             );
+        }
+    }
+
+    #[test]
+    fn upgrade_socket_is_an_absolute_path_and_the_upgrade_drain_has_a_long_default() {
+        let c = with("", &args()).expect("base");
+        assert_eq!(c.upgrade_socket, None, "upgrades are off unless configured");
+        assert_eq!(c.timeouts.upgrade_drain, Duration::from_secs(3600));
+        let c = with(
+            "upgrade_socket = \"/run/ntlm-tag/upgrade.sock\"\n[timeouts]\nupgrade_drain_secs = 60",
+            &args(),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.upgrade_socket.as_deref(),
+            Some(Path::new("/run/ntlm-tag/upgrade.sock"))
+        );
+        assert_eq!(c.timeouts.upgrade_drain, Duration::from_secs(60));
+        for (text, key) in [
+            ("upgrade_socket = \"upgrade.sock\"", "upgrade_socket"),
+            ("upgrade_socket = \"/\"", "upgrade_socket"),
+            (
+                "[timeouts]\nupgrade_drain_secs = -1",
+                "timeouts.upgrade_drain_secs",
+            ),
+        ] {
+            let err = with(text, &args()).expect_err(text);
+            assert_eq!(key_of(err), key, "{text}");
         }
     }
 

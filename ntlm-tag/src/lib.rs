@@ -9,6 +9,7 @@ pub mod config;
 pub mod conns;
 pub mod epa;
 pub mod guard;
+pub mod handover;
 pub mod identity;
 pub mod kernel;
 pub mod metrics;

@@ -40,8 +40,17 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Run(args)) => run(&args),
-        None => run(&cli.run),
+        Some(Command::Run(args)) => run(&args, false),
+        Some(Command::Upgrade(args)) => {
+            if std::env::var_os(UPGRADE_DETACHED).is_none()
+                && std::io::IsTerminal::is_terminal(&std::io::stdin())
+            {
+                detach_upgrade()
+            } else {
+                run(&args, true)
+            }
+        }
+        None => run(&cli.run, false),
     }
 }
 
@@ -122,14 +131,60 @@ fn load_verified(args: &cli::RunArgs) -> Result<Config, ExitCode> {
     }
 }
 
-fn run(args: &cli::RunArgs) -> ExitCode {
+/// Set in the environment of the gateway an interactive `ntlm-tag upgrade` starts in the background.
+const UPGRADE_DETACHED: &str = "NTLM_TAG_UPGRADE_DETACHED";
+
+/// `ntlm-tag upgrade` typed at a terminal: the new gateway must outlive the command (and not stop
+/// on the terminal's Ctrl-C), so it runs as a copy of this command in a process group of its own;
+/// this one waits for the line that says the hand-over is done (or for the copy to fail) and
+/// exits with the result.
+fn detach_upgrade() -> ExitCode {
+    use std::{io::BufRead as _, os::unix::process::CommandExt as _, process::Stdio};
+    let started = std::env::current_exe().and_then(|exe| {
+        std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env(UPGRADE_DETACHED, "1")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+    });
+    let mut child = match started {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("ntlm-tag: cannot start the new gateway: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut line = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+    }
+    if line.starts_with(app::TOOK_OVER) {
+        print!("{line}");
+        return ExitCode::SUCCESS;
+    }
+    // No line: the new gateway stopped before it took over (it said why on stderr).
+    match child.wait() {
+        Ok(status) => ExitCode::from(
+            status
+                .code()
+                .and_then(|c| u8::try_from(c).ok())
+                .unwrap_or(1),
+        ),
+        Err(_) => ExitCode::FAILURE,
+    }
+}
+
+/// Runs the gateway; with `upgrade`, after taking the listeners over from the running one.
+fn run(args: &cli::RunArgs, upgrade: bool) -> ExitCode {
     let config = match load_verified(args) {
         Ok(config) => config,
         Err(code) => return code,
     };
     init_tracing(config.log_format);
     // Before the runtime: the user switch must happen while the process has one thread.
-    let prepared = match app::prepare(&config) {
+    let prepared = match app::prepare(&config, upgrade) {
         Ok(prepared) => prepared,
         Err(e) => return failed(&e),
     };

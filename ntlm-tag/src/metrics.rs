@@ -325,6 +325,8 @@ pub struct Metrics {
     lockout_refused: Family<LockoutKeyLabel, Counter>,
     lockout_tracked: Gauge,
     lockout_evicted: Counter,
+    predecessor_connections: Gauge,
+    predecessor_deadline_closed: Counter,
     /// One scrape at a time advances the kernel's counters (two at once would add a delta twice).
     scrape: Mutex<()>,
 }
@@ -373,6 +375,8 @@ impl Metrics {
             lockout_refused: Family::default(),
             lockout_tracked: Gauge::default(),
             lockout_evicted: Counter::default(),
+            predecessor_connections: Gauge::default(),
+            predecessor_deadline_closed: Counter::default(),
             scrape: Mutex::new(()),
         };
         // Every labelled series exists from the start (at 0), so rates and alerts see it before
@@ -593,6 +597,17 @@ impl Metrics {
             m.lockout_evicted.clone(),
         );
         registry.register(
+            "upgrade_predecessor_connections",
+            "Connections the process this one took the listeners over from still serves (0 once \
+             it exited)",
+            m.predecessor_connections.clone(),
+        );
+        registry.register(
+            "upgrade_predecessor_deadline_closed_connections",
+            "Connections that process closed at its upgrade drain deadline",
+            m.predecessor_deadline_closed.clone(),
+        );
+        registry.register(
             "build",
             "The running build",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -624,6 +639,17 @@ impl Metrics {
             })
             .inc();
         self.request_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// What the process this one took over from reports while it drains.
+    pub fn predecessor_connections(&self, connections: usize) {
+        self.predecessor_connections
+            .set(i64::try_from(connections).unwrap_or(i64::MAX));
+    }
+
+    pub fn predecessor_closed_at_deadline(&self, connections: usize) {
+        self.predecessor_deadline_closed
+            .inc_by(u64::try_from(connections).unwrap_or(u64::MAX));
     }
 
     pub fn connection_refused(&self) {

@@ -369,6 +369,22 @@ impl Gateway {
         }
     }
 
+    /// Waits (up to `timeout`) for the process to exit by itself; None if it is still running.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit; the process must leave no cgroup behind.
     pub fn stop(mut self) -> ExitStatus {
         self.terminate()
@@ -473,7 +489,7 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 }
 
 /// Directories named `name` below `root`, two levels deep at most below our own cgroup's parent.
-fn walk_named(root: &std::path::Path, name: &str) -> Vec<PathBuf> {
+pub fn walk_named(root: &std::path::Path, name: &str) -> Vec<PathBuf> {
     let own = std::fs::read_to_string("/proc/self/cgroup")
         .ok()
         .and_then(|t| {

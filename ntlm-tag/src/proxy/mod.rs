@@ -114,63 +114,133 @@ struct ClientConnection {
     tunnel: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-/// Accepts clients on `listener` until `shutdown` fires; connections are tracked by `tracker`.
+/// When a listener stops accepting.
+pub struct ListenerStops {
+    /// The gateway stops: connections are closed gracefully too.
+    pub shutdown: watch::Receiver<bool>,
+    /// A successor took the listener over: stop accepting, connections go on.
+    pub hand_over: watch::Receiver<bool>,
+}
+
+/// Accepts clients on `listener` until `shutdown` or `hand_over` fires; connections are tracked by
+/// `tracker`. On a hand-over it first accepts what the kernel already queued (those connections
+/// were recorded by this process's kernel program, not necessarily by the successor's) and returns
+/// how many that were.
 pub async fn serve_listener(
     listener: TcpListener,
     config: Arc<ListenerConfig>,
     gateway: Arc<Gateway>,
-    mut shutdown: watch::Receiver<bool>,
+    stops: ListenerStops,
     tracker: TaskTracker,
-) {
+) -> usize {
+    let ListenerStops {
+        mut shutdown,
+        mut hand_over,
+    } = stops;
     let listen_addr: Arc<str> = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default()
         .into();
+    let connections_stop = shutdown.clone();
+    let admit = |stream, peer| {
+        admit(
+            stream,
+            peer,
+            &config,
+            &gateway,
+            &listen_addr,
+            &connections_stop,
+            &tracker,
+        )
+    };
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = shutdown.changed() => break,
+            _ = shutdown.changed() => return 0,
+            _ = hand_over.changed() => break,
         };
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
+        match accepted {
+            Ok((stream, peer)) => admit(stream, peer),
             Err(e) => {
                 // EMFILE/ENFILE and friends: keep serving what we have, try again shortly.
                 tracing::warn!(listener = %listen_addr, error = %e, "accept failed (raise the fd limit if this is EMFILE)");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
             }
-        };
-        let live = gateway.live.load_full();
-        if gateway.open.fetch_add(1, Ordering::Relaxed) >= live.limits.max_connections {
-            gateway.open.fetch_sub(1, Ordering::Relaxed);
-            gateway.metrics.connection_refused();
-            refuse_over_limit(stream, peer, &gateway, &live);
-            continue;
         }
-        let slot = OpenSlot(Arc::clone(&gateway));
-        // Identify on the accept path (the kernel record is there already), but read any PROXY
-        // header or TLS handshake in the connection's own task so a slow peer never holds up the
-        // accept loop.
-        let identity = match identify(&gateway, &stream, peer) {
-            Ok(identity) => identity,
-            Err(e) => {
-                gateway.metrics.internal_error();
-                tracing::error!(%peer, error = %e, "cannot identify a client connection; closing it");
-                continue;
-            }
-        };
-        tracker.spawn(handle_connection(
-            stream,
-            identity,
-            Arc::clone(&config),
-            Arc::clone(&gateway),
-            live,
-            slot,
-            Arc::clone(&listen_addr),
-            shutdown.clone(),
-        ));
     }
+    // The runtime's readiness may lag the kernel's queue: accept on the socket itself until the
+    // kernel says the queue is empty.
+    let mut drained = 0;
+    loop {
+        match socket2::SockRef::from(&listener).accept() {
+            Ok((socket, peer)) => {
+                let Some(peer) = peer.as_socket() else {
+                    continue;
+                };
+                let stream = socket
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpStream::from_std(socket.into()));
+                match stream {
+                    Ok(stream) => {
+                        drained += 1;
+                        admit(stream, peer);
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "cannot register a queued connection; closing it")
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                tracing::warn!(listener = %listen_addr, error = %e, "accept failed while handing the listener over; the successor accepts the rest");
+                break;
+            }
+        }
+    }
+    drained
+}
+
+/// One accepted connection: counted against the limit, identified, and served in a task of its own.
+fn admit(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    config: &Arc<ListenerConfig>,
+    gateway: &Arc<Gateway>,
+    listen_addr: &Arc<str>,
+    shutdown: &watch::Receiver<bool>,
+    tracker: &TaskTracker,
+) {
+    let live = gateway.live.load_full();
+    if gateway.open.fetch_add(1, Ordering::Relaxed) >= live.limits.max_connections {
+        gateway.open.fetch_sub(1, Ordering::Relaxed);
+        gateway.metrics.connection_refused();
+        refuse_over_limit(stream, peer, gateway, &live);
+        return;
+    }
+    let slot = OpenSlot(Arc::clone(gateway));
+    // Identify on the accept path (the kernel record is there already), but read any PROXY
+    // header or TLS handshake in the connection's own task so a slow peer never holds up the
+    // accept loop.
+    let identity = match identify(gateway, &stream, peer) {
+        Ok(identity) => identity,
+        Err(e) => {
+            gateway.metrics.internal_error();
+            tracing::error!(%peer, error = %e, "cannot identify a client connection; closing it");
+            return;
+        }
+    };
+    tracker.spawn(handle_connection(
+        stream,
+        identity,
+        Arc::clone(config),
+        Arc::clone(gateway),
+        live,
+        slot,
+        Arc::clone(listen_addr),
+        shutdown.clone(),
+    ));
 }
 
 /// Over the connection limit: a short 503 (best effort, never blocking the accept loop), then close.
