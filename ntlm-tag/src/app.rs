@@ -249,11 +249,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
                     let gateway = Arc::clone(&gateway);
                     Arc::new(move || {
                         let live = gateway.live.load();
-                        live.upstream
-                            .backends()
-                            .iter()
-                            .map(|b| (b.authority().to_string(), b.is_up()))
-                            .collect()
+                        live.upstream.states()
                     })
                 },
             });
@@ -266,6 +262,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
         listen = ?addresses,
         admin = ?admin_address,
         backends = ?config.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        routes = ?config.routes.iter().map(|r| r.path_prefix.as_str()).collect::<Vec<_>>(),
         header = config.identity.header.as_str(),
         uid_nonce = gateway.uids.nonce(),
         ebpf = %ebpf_status,
@@ -312,7 +309,7 @@ pub async fn verify_bridging(config: &Config) -> Result<()> {
     }
     let findings = crate::epa::bridging::verify(
         &config.listeners,
-        &config.backends,
+        &config.all_backends(),
         config.timeouts.upstream_connect,
     )
     .await?;
@@ -329,15 +326,14 @@ fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
     }
     let upstream = Upstream::new(
         &config.backends,
+        &config.routes,
         config.mode,
         config.balance,
         &config.timeouts,
         config.limits.max_upstream_per_backend,
         Arc::clone(metrics),
     )?;
-    if let Some(check) = &config.health_check {
-        upstream.spawn_health_checks(check.clone());
-    }
+    upstream.spawn_health_checks(config.health_check.as_ref());
     let mut tls = HashMap::new();
     for l in config.listeners.iter().filter(|l| !l.tls.is_empty()) {
         let acceptor = proxy::tls::acceptor(&l.tls, config.http2)
@@ -407,7 +403,8 @@ async fn reload(
     metrics.reload(ReloadResult::Success);
     tracing::info!(
         backends = ?new.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "configuration reloaded; established connections keep their settings"
+        routes = ?new.routes.iter().map(|r| r.path_prefix.as_str()).collect::<Vec<_>>(),
+        "configuration reloaded; established connections keep their settings (and routes)"
     );
     *running = new;
 }
