@@ -490,6 +490,15 @@ impl Config {
             .unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
         let template = IdTemplate::parse(&template_text, allow_reusable_ids)
             .map_err(|e| ConfigError::invalid("id_template", e.to_string()))?;
+        if template.uses_proxy_tlvs() && !listeners.iter().any(|l| l.proxy_protocol) {
+            return Err(ConfigError::invalid(
+                "id_template",
+                format!(
+                    "{template_text:?} names PROXY v2 TLVs, but no listener reads PROXY headers \
+                     (proxy_protocol = true): every id would say `-` there"
+                ),
+            ));
+        }
 
         let map_entries = args
             .map_entries

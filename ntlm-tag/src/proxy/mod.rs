@@ -324,7 +324,9 @@ fn open_connection(
     scheme: ClientScheme,
 ) -> Result<ClientConnection, Box<dyn StdError + Send + Sync>> {
     let uid = gateway.uids.next_uid();
-    let id = gateway.template.render(identity.client, &uid);
+    let id = gateway
+        .template
+        .render(identity.client, &uid, identity.proxy_tlvs.as_ref());
     let stamp = ConnectionStamp::new(&id, identity.client, scheme)?;
     let conn = gateway.id_display.hash(&id);
     let full_id: Option<Box<str>> = gateway.id_display.full(&id).map(Into::into);
