@@ -1939,6 +1939,8 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
         assert_eq!(c.listeners.len(), 3);
         assert!(c.health_check.is_some());
+        assert_eq!(c.routes.len(), 1, "the route example");
+        assert!(c.routes[0].health_check.is_some());
         assert!(
             example
                 .lines()
@@ -1971,6 +1973,7 @@ mod tests {
             "[limits]",
             "[timeouts]",
             "[health_check]",
+            "[[route]]",
         ] {
             assert!(
                 example.contains(&format!("# {key}")) || example.contains(&format!("\n{key} = ")),
