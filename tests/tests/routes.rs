@@ -273,6 +273,12 @@ fn a_bound_connection_keeps_its_backend_across_routes_and_is_refused_where_that_
         "{line}"
     );
 
+    let metrics = gw.admin_metrics();
+    assert!(
+        metrics.contains("ntlm_tag_errors_total{origin=\"internal\"} 1"),
+        "the refusal is counted as the gateway's own: {metrics}"
+    );
+
     // A new connection is routed afresh: /ews reaches B.
     let run = curl_ntlm(
         &topo.client,

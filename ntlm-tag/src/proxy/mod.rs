@@ -633,6 +633,7 @@ async fn respond(
             match &e {
                 e if e.is_timeout() => gateway.metrics.upstream_timeout(),
                 e if e.is_client_error() => gateway.metrics.client_request_error(),
+                e if e.is_gateway_refusal() => gateway.metrics.internal_error(),
                 _ => gateway.metrics.upstream_error(),
             }
             let status = e.status();

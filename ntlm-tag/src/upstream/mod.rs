@@ -361,6 +361,12 @@ impl UpstreamError {
         )
     }
 
+    /// The gateway refused the request by its own configuration (a route the client's session
+    /// cannot reach), neither the client's nor the backend's fault.
+    pub fn is_gateway_refusal(&self) -> bool {
+        matches!(self, UpstreamError::Misdirected { .. })
+    }
+
     /// The client caused this error (its request), not the backend.
     pub fn is_client_error(&self) -> bool {
         matches!(
