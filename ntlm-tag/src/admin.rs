@@ -559,3 +559,62 @@ fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
         Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot render\n"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(route: &str, backend: &str, up: bool) -> BackendState {
+        BackendState {
+            route: route.to_string(),
+            backend: backend.to_string(),
+            up,
+        }
+    }
+
+    /// `/healthz`'s status and body for `states`.
+    fn answer(states: &[BackendState]) -> (StatusCode, String) {
+        use http_body_util::BodyExt as _;
+        let response = readiness(states);
+        let status = response.status();
+        let bytes = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(response.into_body().collect())
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[test]
+    fn ready_while_some_route_has_a_backend_up_naming_the_routes_without() {
+        let all_up = [
+            state("/owa", "a:80", true),
+            state("/owa", "b:80", false),
+            state("default", "a:80", true),
+        ];
+        let (status, body) = answer(&all_up);
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.starts_with("ok\n") && body.contains("route /owa: 1 of 2 backends up"));
+
+        let degraded = [
+            state("/owa", "a:80", false),
+            state("/owa", "b:80", false),
+            state("default", "a:80", true),
+        ];
+        let (status, body) = answer(&degraded);
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            body.starts_with("degraded: no backend up for route /owa\n"),
+            "{body}"
+        );
+
+        let none = [
+            state("/owa", "a:80", false),
+            state("default", "a:80", false),
+        ];
+        let (status, body) = answer(&none);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("route default: 0 of 1 backends up"), "{body}");
+    }
+}

@@ -606,7 +606,7 @@ impl Upstream {
     /// a route moves it when that route is not served there).
     pub fn attach(&self, client: IpAddr) -> ClientUpstream {
         ClientUpstream {
-            assignment: Assignment::new(self.choose(self.routes.default(), client, &[])),
+            assignment: Assignment::new(self.choose(self.routes.default_pool(), client, &[])),
             mode: self.mode,
             dedicated: None,
             ntlm_seen: false,
@@ -1085,15 +1085,12 @@ impl Upstream {
     /// failing check takes the backend out of that route only.
     pub fn spawn_health_checks(&self, default_check: Option<&HealthCheckConfig>) {
         for pool in self.routes.pools() {
-            let Some(check) = pool
-                .check
-                .as_ref()
-                .or(if pool.name() == routes::DEFAULT_ROUTE {
-                    default_check
-                } else {
-                    None
-                })
-            else {
+            let check = match &pool.check {
+                Some(check) => Some(check),
+                None if pool.is_default() => default_check,
+                None => None,
+            };
+            let Some(check) = check else {
                 continue;
             };
             for member in &pool.members {

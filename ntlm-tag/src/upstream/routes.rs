@@ -66,6 +66,11 @@ impl Pool {
         &self.name
     }
 
+    /// The pool of the top-level `backends`: what no route matches.
+    pub fn is_default(&self) -> bool {
+        self.prefix.is_none()
+    }
+
     /// Whether `path` (without query) is under this pool's prefix, on whole segments.
     fn matches(&self, path: &str) -> bool {
         let Some(prefix) = &self.prefix else {
@@ -113,10 +118,10 @@ impl RouteTable {
         self.pools
             .iter()
             .find(|p| p.matches(path))
-            .unwrap_or_else(|| self.default())
+            .unwrap_or_else(|| self.default_pool())
     }
 
-    pub fn default(&self) -> &Pool {
+    pub fn default_pool(&self) -> &Pool {
         // `new` always pushes the default pool last.
         &self.pools[self.pools.len() - 1]
     }
