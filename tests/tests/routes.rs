@@ -3,15 +3,11 @@
 //! which has a broken virtual directory (`--broken /owa`: its pages and its `healthcheck.htm`
 //! answer 503).
 
-use std::{
-    net::SocketAddr,
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use ntlm_tag_tests::{
-    acceptor::{Acceptor, Keying, curl_ntlm},
-    gateway::{Gateway, scaled},
+    acceptor::{Acceptor, CurlRun, Keying, curl_ntlm},
+    gateway::{Gateway, eventually, scaled},
     topology::Topology,
 };
 use serde_json::Value;
@@ -36,6 +32,34 @@ fn url(path: &str) -> String {
     format!("http://{}{path}", Topology::gateway_addr())
 }
 
+/// Two IIS-like backends, A (with `a_flags`) and B.
+fn iis_backends(topo: &Topology, a_flags: &[&str]) -> (Acceptor, Acceptor) {
+    let start = |port, flags| {
+        Acceptor::start_with(
+            &topo.backend,
+            backend_addr(port),
+            &users(),
+            Keying::Connection,
+            flags,
+        )
+    };
+    (start(8081, a_flags), start(8082, &[]))
+}
+
+/// `curl --ntlm` as user `i` from client address `i`, fetching `paths` on one connection.
+fn login(topo: &Topology, i: usize, paths: &[&str], extra: &[&str]) -> CurlRun {
+    let (user, password) = &users()[i];
+    let urls: Vec<String> = paths.iter().map(|p| url(p)).collect();
+    curl_ntlm(
+        &topo.client,
+        Topology::client_v4(i as u8),
+        user,
+        password,
+        &urls,
+        extra,
+    )
+}
+
 /// The value of `ntlm_tag_backend_up{backend, route}`, if the gateway reports that pair.
 fn backend_up(gw: &Gateway, backend: SocketAddr, route: &str) -> Option<f64> {
     let text = gw.admin_metrics();
@@ -54,22 +78,6 @@ fn backend_up(gw: &Gateway, backend: SocketAddr, route: &str) -> Option<f64> {
             prometheus_parse::Value::Gauge(v) | prometheus_parse::Value::Untyped(v) => Some(v),
             _ => None,
         })
-}
-
-fn eventually<T: std::fmt::Debug>(
-    what: &str,
-    mut probe: impl FnMut() -> T,
-    check: impl Fn(&T) -> bool,
-) -> T {
-    let deadline = Instant::now() + scaled(Duration::from_secs(15));
-    loop {
-        let value = probe();
-        if check(&value) {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what}: still {value:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Logins (authenticated answers) an acceptor gave under `prefix`.
@@ -97,19 +105,7 @@ fn served_under(acceptor: &Acceptor, prefix: &str) -> Vec<Value> {
 fn a_broken_virtual_directory_takes_only_its_own_traffic_away_from_that_backend() {
     let topo = Topology::new();
     // /owa is broken on A only; everything else works on both.
-    let a = Acceptor::start_with(
-        &topo.backend,
-        backend_addr(8081),
-        &users(),
-        Keying::Connection,
-        &["--broken", "/owa"],
-    );
-    let b = Acceptor::start(
-        &topo.backend,
-        backend_addr(8082),
-        &users(),
-        Keying::Connection,
-    );
+    let (a, b) = iis_backends(&topo, &["--broken", "/owa"]);
     let dir = tempfile::tempdir().expect("temp dir");
     let check = |path: &str| {
         format!("health_check = {{ path = \"{path}\", interval_secs = 0.2, timeout_secs = 0.5 }}")
@@ -156,20 +152,23 @@ fn a_broken_virtual_directory_takes_only_its_own_traffic_away_from_that_backend(
     );
 
     // Every /owa login lands on B, whatever the case of the path; /ews and the rest keep both.
-    let login = |i: usize, path: &str| {
-        let (user, password) = &users()[i];
-        let source = Topology::client_v4(i as u8);
-        let run = curl_ntlm(&topo.client, source, user, password, &[url(path)], &[]);
-        assert_eq!(run.users(), vec![user.clone()], "{path}: {}", run.stderr);
+    let logs_in = |i: usize, path: &str| {
+        let run = login(&topo, i, &[path], &[]);
+        assert_eq!(
+            run.users(),
+            [users()[i].0.clone()],
+            "{path}: {}",
+            run.stderr
+        );
     };
     for i in 0..users().len() {
-        login(i, if i % 2 == 0 { "/owa/" } else { "/OWA/Inbox" });
+        logs_in(i, if i % 2 == 0 { "/owa/" } else { "/OWA/Inbox" });
     }
     for i in 0..users().len() {
-        login(i, "/ews/exchange.asmx");
+        logs_in(i, "/ews/exchange.asmx");
     }
     for i in 0..users().len() {
-        login(i, "/ecp/");
+        logs_in(i, "/ecp/");
     }
     assert!(
         served_under(&a, "/owa").is_empty(),
@@ -190,18 +189,7 @@ fn a_broken_virtual_directory_takes_only_its_own_traffic_away_from_that_backend(
 #[test]
 fn a_bound_connection_keeps_its_backend_across_routes_and_is_refused_where_that_backend_is_not() {
     let topo = Topology::new();
-    let a = Acceptor::start(
-        &topo.backend,
-        backend_addr(8081),
-        &users(),
-        Keying::Connection,
-    );
-    let b = Acceptor::start(
-        &topo.backend,
-        backend_addr(8082),
-        &users(),
-        Keying::Connection,
-    );
+    let (a, b) = iis_backends(&topo, &[]);
     let dir = tempfile::tempdir().expect("temp dir");
     // /owa only on A, /ecp on both, /ews only on B.
     let config = write(
@@ -222,12 +210,10 @@ fn a_bound_connection_keeps_its_backend_across_routes_and_is_refused_where_that_
     // One client connection: NTLM login on /owa (bound to an upstream connection to A), then
     // /ecp (A serves it: the same upstream connection, still authenticated), then /ews (A does not
     // serve it: 421 and the connection is closed, nothing sent to B).
-    let run = curl_ntlm(
-        &topo.client,
-        Topology::client_v4(1),
-        "user01",
-        "Secret-1!",
-        &[url("/owa/"), url("/ecp/"), url("/ews/exchange.asmx")],
+    let run = login(
+        &topo,
+        1,
+        &["/owa/", "/ecp/", "/ews/exchange.asmx"],
         &["-w", "status=%{http_code}\n"],
     );
     let statuses: Vec<&str> = run
@@ -280,14 +266,7 @@ fn a_bound_connection_keeps_its_backend_across_routes_and_is_refused_where_that_
     );
 
     // A new connection is routed afresh: /ews reaches B.
-    let run = curl_ntlm(
-        &topo.client,
-        Topology::client_v4(1),
-        "user01",
-        "Secret-1!",
-        &[url("/ews/exchange.asmx")],
-        &[],
-    );
+    let run = login(&topo, 1, &["/ews/exchange.asmx"], &[]);
     assert_eq!(run.users(), ["user01"], "{}", run.stderr);
     assert!(!served_under(&b, "/ews").is_empty());
 }
@@ -295,18 +274,7 @@ fn a_bound_connection_keeps_its_backend_across_routes_and_is_refused_where_that_
 #[test]
 fn a_reload_applies_route_changes_to_new_connections() {
     let topo = Topology::new();
-    let a = Acceptor::start(
-        &topo.backend,
-        backend_addr(8081),
-        &users(),
-        Keying::Connection,
-    );
-    let b = Acceptor::start(
-        &topo.backend,
-        backend_addr(8082),
-        &users(),
-        Keying::Connection,
-    );
+    let (a, b) = iis_backends(&topo, &[]);
     let dir = tempfile::tempdir().expect("temp dir");
     let base = format!(
         "listen = [\"{}\"]\nbackends = [\"{}\"]\nebpf = \"required\"\n",
@@ -315,18 +283,11 @@ fn a_reload_applies_route_changes_to_new_connections() {
     );
     let config = write(dir.path(), "gw.toml", &base);
     let mut gw = Gateway::start(&topo.gateway, &["--config", &config]);
-    let login = || {
-        let run = curl_ntlm(
-            &topo.client,
-            Topology::client_v4(2),
-            "user02",
-            "Secret-2!",
-            &[url("/owa/")],
-            &[],
-        );
+    let logs_in = || {
+        let run = login(&topo, 2, &["/owa/"], &[]);
         assert_eq!(run.users(), ["user02"], "{}", run.stderr);
     };
-    login();
+    logs_in();
     assert_eq!(logins_under(&a, "/owa"), 1);
 
     write(
@@ -349,7 +310,7 @@ fn a_reload_applies_route_changes_to_new_connections() {
         || backend_up(&gw, b.addr, "/owa"),
         |v| *v == Some(1.0),
     );
-    login();
+    logs_in();
     assert_eq!(logins_under(&b, "/owa"), 1, "the new route's pool");
     assert_eq!(logins_under(&a, "/owa"), 1, "nothing more on the old one");
 }
