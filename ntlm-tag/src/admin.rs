@@ -1,4 +1,4 @@
-//! The admin endpoint: `/healthz` (ready: a backend is up), `/livez` (the process answers) and
+//! The admin endpoint: `/healthz` (ready: some route has a backend up), `/livez` (the process answers) and
 //! `/metrics` (no client addresses, no ids), `/connections` (the
 //! live table) and `/kernel` (the eBPF side's counters and records).
 //!
@@ -40,6 +40,7 @@ use crate::{
     kernel::{KernelCounters, KernelTracker, monotonic_ns},
     metrics::{self, Metrics, Scrape},
     registry::Registry,
+    upstream::BackendState,
 };
 
 /// A request head must be complete this long after the connection opened or the previous response.
@@ -320,13 +321,13 @@ pub struct AdminState {
     /// `attached`, `off`, or `unavailable: <reason>`.
     pub ebpf_status: String,
     pub private: PrivateAccess,
-    /// The running configuration's backends and whether each is up, asked at every request (a
-    /// reload changes them).
+    /// The running configuration's backends and whether each is up for each route, asked at
+    /// every request (a reload changes them).
     pub backends: BackendHealth,
 }
 
-/// Reads the backends' health: `(HOST:PORT, up)`.
-pub type BackendHealth = Arc<dyn Fn() -> Vec<(String, bool)> + Send + Sync>;
+/// Reads the backends' health per route.
+pub type BackendHealth = Arc<dyn Fn() -> Vec<BackendState> + Send + Sync>;
 
 #[derive(Serialize)]
 struct KernelReport {
@@ -416,6 +417,49 @@ async fn accept(listener: &Accepting) -> std::io::Result<Box<dyn AdminIo>> {
     })
 }
 
+/// Ready to serve while some route has a backend up: a balancer or orchestrator should send
+/// clients only then. A route with no backend up does not make the gateway unready: a broken
+/// virtual directory is usually broken behind every gateway alike, and taking the gateways out
+/// would take every other route down with it. The body names such routes (`degraded`), and
+/// `backend_up{route}` alerts on them.
+fn readiness(states: &[BackendState]) -> Response<Full<Bytes>> {
+    let mut routes: Vec<(&str, usize, usize)> = Vec::new();
+    for s in states {
+        match routes.iter_mut().find(|(name, ..)| *name == s.route) {
+            Some((_, up, of)) => {
+                *up += usize::from(s.up);
+                *of += 1;
+            }
+            None => routes.push((&s.route, usize::from(s.up), 1)),
+        }
+    }
+    let lines: String = routes
+        .iter()
+        .map(|(name, up, of)| format!("route {name}: {up} of {of} backends up\n"))
+        .collect();
+    let down: Vec<&str> = routes
+        .iter()
+        .filter(|(_, up, _)| *up == 0)
+        .map(|(name, ..)| *name)
+        .collect();
+    if down.len() == routes.len() {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no backend is up\n{lines}"),
+        )
+    } else if down.is_empty() {
+        text(StatusCode::OK, format!("ok\n{lines}"))
+    } else {
+        text(
+            StatusCode::OK,
+            format!(
+                "degraded: no backend up for route {}\n{lines}",
+                down.join(", route ")
+            ),
+        )
+    }
+}
+
 fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
@@ -427,23 +471,7 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
         return refusal;
     }
     match path {
-        // Ready to serve: a balancer or orchestrator should send clients only while some backend
-        // can take them.
-        "/healthz" => {
-            let backends = (state.backends)();
-            let up = backends.iter().filter(|(_, up)| *up).count();
-            if up > 0 {
-                text(
-                    StatusCode::OK,
-                    format!("ok: {up} of {} backends up\n", backends.len()),
-                )
-            } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("no backend is up (of {})\n", backends.len()),
-                )
-            }
-        }
+        "/healthz" => readiness(&(state.backends)()),
         // Alive: the process and its runtime answer; restart it only when this fails.
         "/livez" => text(StatusCode::OK, "ok\n"),
         "/connections" => json(&state.registry.rows()),
@@ -555,5 +583,64 @@ fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
             r
         }
         Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot render\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(route: &str, backend: &str, up: bool) -> BackendState {
+        BackendState {
+            route: route.to_string(),
+            backend: backend.to_string(),
+            up,
+        }
+    }
+
+    /// `/healthz`'s status and body for `states`.
+    fn answer(states: &[BackendState]) -> (StatusCode, String) {
+        use http_body_util::BodyExt as _;
+        let response = readiness(states);
+        let status = response.status();
+        let bytes = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(response.into_body().collect())
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[test]
+    fn ready_while_some_route_has_a_backend_up_naming_the_routes_without() {
+        let all_up = [
+            state("/owa", "a:80", true),
+            state("/owa", "b:80", false),
+            state("default", "a:80", true),
+        ];
+        let (status, body) = answer(&all_up);
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.starts_with("ok\n") && body.contains("route /owa: 1 of 2 backends up"));
+
+        let degraded = [
+            state("/owa", "a:80", false),
+            state("/owa", "b:80", false),
+            state("default", "a:80", true),
+        ];
+        let (status, body) = answer(&degraded);
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            body.starts_with("degraded: no backend up for route /owa\n"),
+            "{body}"
+        );
+
+        let none = [
+            state("/owa", "a:80", false),
+            state("default", "a:80", false),
+        ];
+        let (status, body) = answer(&none);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("route default: 0 of 1 backends up"), "{body}");
     }
 }

@@ -358,11 +358,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
                     let gateway = Arc::clone(&gateway);
                     Arc::new(move || {
                         let live = gateway.live.load();
-                        live.upstream
-                            .backends()
-                            .iter()
-                            .map(|b| (b.authority().to_string(), b.is_up()))
-                            .collect()
+                        live.upstream.states()
                     })
                 },
             });
@@ -375,6 +371,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
         listen = ?addresses,
         admin = ?admin_address,
         backends = ?config.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        routes = ?config.routes.iter().map(|r| r.path_prefix.as_str()).collect::<Vec<_>>(),
         header = config.identity.header.as_str(),
         uid_nonce = gateway.uids.nonce(),
         ebpf = %ebpf_status,
@@ -571,7 +568,7 @@ pub async fn verify_bridging(config: &Config) -> Result<()> {
     }
     let findings = crate::epa::bridging::verify(
         &config.listeners,
-        &config.backends,
+        &config.all_backends(),
         config.timeouts.upstream_connect,
     )
     .await?;
@@ -588,6 +585,7 @@ fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
     }
     let upstream = Upstream::new(
         &config.backends,
+        &config.routes,
         config.mode,
         config.balance,
         &config.timeouts,
@@ -595,9 +593,7 @@ fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
         Arc::clone(metrics),
     )?
     .with_dedicated_caps(config.upstream_caps);
-    if let Some(check) = &config.health_check {
-        upstream.spawn_health_checks(check.clone());
-    }
+    upstream.spawn_health_checks(config.health_check.as_ref());
     let mut tls = HashMap::new();
     for l in config.listeners.iter().filter(|l| !l.tls.is_empty()) {
         let acceptor = proxy::tls::acceptor(&l.tls, config.http2)
@@ -668,7 +664,8 @@ async fn reload(
     metrics.reload(ReloadResult::Success);
     tracing::info!(
         backends = ?new.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "configuration reloaded; established connections keep their settings"
+        routes = ?new.routes.iter().map(|r| r.path_prefix.as_str()).collect::<Vec<_>>(),
+        "configuration reloaded; established connections keep their settings (and routes)"
     );
     *running = new;
 }

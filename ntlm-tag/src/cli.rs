@@ -130,7 +130,8 @@ pub struct RunArgs {
     /// Name of the connection-id header stamped on every upstream request.
     #[arg(long, value_name = "NAME")]
     pub header: Option<String>,
-    /// Connection-id template: {client}, {client_ip}, {client_port}, {uid}.
+    /// Connection-id template: {client}, {client_ip}, {client_port}, {uid}; behind PROXY v2,
+    /// {aws_vpce_id}, {azure_link_id}, {tlv:0xNN} (`-` when the header had none).
     #[arg(long, value_name = "TEMPLATE")]
     pub id_template: Option<String>,
     /// Kernel identity tracking.

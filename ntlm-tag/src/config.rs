@@ -104,6 +104,7 @@ struct FileConfig {
     ipip_trusted_lbs: Option<Vec<ipnet::IpNet>>,
     xdp: Option<Vec<String>>,
     backends: Option<Vec<BackendEntry>>,
+    route: Option<Vec<RouteFile>>,
     epa_bridging: Option<bool>,
     mode: Option<Mode>,
     balance: Option<Balance>,
@@ -188,6 +189,27 @@ struct HealthCheckFile {
     interval_secs: Option<f64>,
     timeout_secs: Option<f64>,
     expect_status: Option<u16>,
+}
+
+/// `[[route]]` as written in the file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    path_prefix: String,
+    backends: Vec<BackendEntry>,
+    health_check: Option<HealthCheckFile>,
+}
+
+/// A path prefix served by a pool of its own, with its own health check: an IIS or Exchange
+/// virtual directory (`/owa`, `/ews`) that can break on one backend while the others work.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteConfig {
+    /// As configured, without a trailing `/`; matched case-insensitively on whole path segments.
+    pub path_prefix: String,
+    #[serde(skip)]
+    pub backends: Vec<BackendAddress>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckConfig>,
 }
 
 /// Active health checks of the backends.
@@ -311,7 +333,10 @@ enum Secrets {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listeners: Vec<ListenerConfig>,
+    /// The default pool: every request no route matches.
     pub backends: Vec<BackendAddress>,
+    /// Path prefixes with pools of their own (longest prefix wins).
+    pub routes: Vec<RouteConfig>,
     /// Check that every TLS backend presents the listeners' certificate (Extended Protection
     /// through the gateway); every backend must be https:// and a listener must terminate TLS.
     pub epa_bridging: bool,
@@ -361,6 +386,11 @@ impl std::fmt::Display for ConfigWarning {
 }
 
 impl Config {
+    /// Every backend of the default pool and the routes, each once.
+    pub fn all_backends(&self) -> Vec<BackendAddress> {
+        all_backends(&self.backends, &self.routes)
+    }
+
     /// Reads the file named by `--config` (if any) and merges the flags over it.
     pub fn load(args: &RunArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {
@@ -460,8 +490,11 @@ impl Config {
             .iter()
             .map(parse_backend_entry)
             .collect::<Result<Vec<_>, _>>()?;
+        let routes = build_routes(file.route.unwrap_or_default(), &backends)?;
         let epa_bridging = file.epa_bridging.unwrap_or(false);
-        if epa_bridging && let Some(why) = crate::epa::bridging::unbridgeable(&listeners, &backends)
+        if epa_bridging
+            && let Some(why) =
+                crate::epa::bridging::unbridgeable(&listeners, &all_backends(&backends, &routes))
         {
             return Err(ConfigError::invalid("epa_bridging", why));
         }
@@ -494,6 +527,15 @@ impl Config {
             .unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
         let template = IdTemplate::parse(&template_text, allow_reusable_ids)
             .map_err(|e| ConfigError::invalid("id_template", e.to_string()))?;
+        if template.uses_proxy_tlvs() && !listeners.iter().any(|l| l.proxy_protocol) {
+            return Err(ConfigError::invalid(
+                "id_template",
+                format!(
+                    "{template_text:?} names PROXY v2 TLVs, but no listener reads PROXY headers \
+                     (proxy_protocol = true): every id would say `-` there"
+                ),
+            ));
+        }
 
         let map_entries = args
             .map_entries
@@ -578,6 +620,7 @@ impl Config {
         Ok(Config {
             listeners,
             backends,
+            routes,
             epa_bridging,
             mode: args.mode.or(file.mode).unwrap_or(Mode::Bind),
             balance: args.balance.or(file.balance).unwrap_or(Balance::LeastConn),
@@ -632,6 +675,13 @@ impl Config {
             route: &'a RouteTimeouts,
         }
         #[derive(Serialize)]
+        struct EffectiveRoute<'a> {
+            path_prefix: &'a str,
+            backends: Vec<EffectiveBackend<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            health_check: Option<&'a HealthCheckConfig>,
+        }
+        #[derive(Serialize)]
         struct Effective<'a> {
             listen: &'a [ListenerConfig],
             mode: Mode,
@@ -653,6 +703,8 @@ impl Config {
             #[serde(skip_serializing_if = "<[_]>::is_empty")]
             ipip_trusted_lbs: &'a [ipnet::IpNet],
             backends: Vec<EffectiveBackend<'a>>,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            route: Vec<EffectiveRoute<'a>>,
             epa_bridging: bool,
             header: &'a str,
             id_template: &'a str,
@@ -693,6 +745,22 @@ impl Config {
                 .map(|b| EffectiveBackend {
                     address: b.to_string(),
                     tls: b.tls.as_ref(),
+                })
+                .collect(),
+            route: self
+                .routes
+                .iter()
+                .map(|r| EffectiveRoute {
+                    path_prefix: &r.path_prefix,
+                    backends: r
+                        .backends
+                        .iter()
+                        .map(|b| EffectiveBackend {
+                            address: b.to_string(),
+                            tls: b.tls.as_ref(),
+                        })
+                        .collect(),
+                    health_check: r.health_check.as_ref(),
                 })
                 .collect(),
             epa_bridging: self.epa_bridging,
@@ -1063,6 +1131,112 @@ fn build_health_check(
         timeout: secs("health_check.timeout_secs", file.timeout_secs, 1.0)?,
         expect_status,
     }))
+}
+
+/// Every backend of the default pool and the routes, each once, in the order first named.
+fn all_backends(default: &[BackendAddress], routes: &[RouteConfig]) -> Vec<BackendAddress> {
+    let mut all: Vec<BackendAddress> = Vec::new();
+    for b in default
+        .iter()
+        .chain(routes.iter().flat_map(|r| &r.backends))
+    {
+        if !all.contains(b) {
+            all.push(b.clone());
+        }
+    }
+    all
+}
+
+/// `[[route]]`: each prefix an absolute path of whole segments, named once (case-insensitively,
+/// as IIS names virtual directories); a backend named in two places must be the same backend
+/// (same TLS settings), since the gateway keeps one set of connections per backend.
+fn build_routes(
+    files: Vec<RouteFile>,
+    default: &[BackendAddress],
+) -> Result<Vec<RouteConfig>, ConfigError> {
+    let mut routes: Vec<RouteConfig> = Vec::with_capacity(files.len());
+    for file in files {
+        let text = file.path_prefix;
+        let prefix = text.strip_suffix('/').unwrap_or(&text);
+        if prefix.is_empty() {
+            return Err(ConfigError::invalid(
+                "route.path_prefix",
+                format!(
+                    "{text:?} would take every request: the top-level `backends` are the pool for \
+                     everything no route matches"
+                ),
+            ));
+        }
+        if !prefix.starts_with('/')
+            || prefix
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '?' | '#' | '%'))
+        {
+            return Err(ConfigError::invalid(
+                "route.path_prefix",
+                format!("{text:?} is not an absolute path (like \"/owa\"; no spaces, ?, # or %)"),
+            ));
+        }
+        if routes
+            .iter()
+            .any(|r| r.path_prefix.eq_ignore_ascii_case(prefix))
+        {
+            return Err(ConfigError::invalid(
+                "route.path_prefix",
+                format!("{text:?} is given twice (prefixes are matched case-insensitively)"),
+            ));
+        }
+        let in_route = |e: ConfigError| match e {
+            ConfigError::Invalid { key, message } => ConfigError::Invalid {
+                key: match key {
+                    "health_check.path" => "route.health_check.path",
+                    "health_check.interval_secs" => "route.health_check.interval_secs",
+                    "health_check.timeout_secs" => "route.health_check.timeout_secs",
+                    "health_check.expect_status" => "route.health_check.expect_status",
+                    _ => "route.backends",
+                },
+                message: format!("route {prefix}: {message}"),
+            },
+            other => other,
+        };
+        if file.backends.is_empty() {
+            return Err(ConfigError::invalid(
+                "route.backends",
+                format!("route {prefix}: no backend"),
+            ));
+        }
+        let backends = file
+            .backends
+            .iter()
+            .map(parse_backend_entry)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(in_route)?;
+        let named = all_backends(default, &routes);
+        if let Some(b) = backends.iter().find(|b| {
+            named
+                .iter()
+                .any(|n| n.authority == b.authority && n.tls != b.tls)
+        }) {
+            return Err(ConfigError::invalid(
+                "route.backends",
+                format!(
+                    "route {prefix}: {} is named elsewhere with other TLS settings; one backend \
+                     address has one set of settings",
+                    b.authority
+                ),
+            ));
+        }
+        let health_check = match file.health_check {
+            Some(check) => build_health_check(None, Some(check)).map_err(in_route)?,
+            None => None,
+        };
+        routes.push(RouteConfig {
+            path_prefix: prefix.to_string(),
+            backends,
+            health_check,
+        });
+    }
+    Ok(routes)
 }
 
 fn build_lockout(file: LockoutFile) -> Result<LockoutConfig, ConfigError> {
@@ -1585,6 +1759,102 @@ mod tests {
     }
 
     #[test]
+    fn routes_name_pools_with_checks_of_their_own_and_check_prints_them_back() {
+        let text = r#"
+            [health_check]
+            path = "/healthz"
+            [[route]]
+            path_prefix = "/owa/"
+            backends = ["a:80", "https://c"]
+            health_check = { path = "/owa/healthcheck.htm", expect_status = 200 }
+            [[route]]
+            path_prefix = "/ews"
+            backends = ["b:80"]
+        "#;
+        let c = with(text, &args()).expect("valid");
+        assert_eq!(c.routes.len(), 2);
+        assert_eq!(
+            c.routes[0].path_prefix, "/owa",
+            "the trailing slash is dropped"
+        );
+        let shown: Vec<String> = c.routes[0]
+            .backends
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(shown, ["a:80", "https://c:443"]);
+        let check = c.routes[0].health_check.as_ref().expect("a check");
+        assert_eq!(check.path, "/owa/healthcheck.htm");
+        assert!(c.routes[1].health_check.is_none(), "no check unless given");
+        let all: Vec<String> = c.all_backends().iter().map(ToString::to_string).collect();
+        assert_eq!(all, ["b:80", "a:80", "https://c:443"]);
+        // `check` prints them, and what it prints is a valid configuration again.
+        let printed = c.to_toml();
+        assert!(printed.contains("[[route]]") && printed.contains("/owa/healthcheck.htm"));
+        let again = Config::from_toml(&printed, &args()).expect("the printed file parses");
+        assert_eq!(again.routes.len(), 2);
+        assert_eq!(again.routes[0].backends, c.routes[0].backends);
+    }
+
+    #[test]
+    fn bad_routes_are_refused_naming_the_key() {
+        for (text, key) in [
+            (
+                "[[route]]\npath_prefix = \"/\"\nbackends = [\"a:80\"]",
+                "route.path_prefix",
+            ),
+            (
+                "[[route]]\npath_prefix = \"owa\"\nbackends = [\"a:80\"]",
+                "route.path_prefix",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/o wa\"\nbackends = [\"a:80\"]",
+                "route.path_prefix",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/owa?x\"\nbackends = [\"a:80\"]",
+                "route.path_prefix",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/owa\"\nbackends = [\"a:80\"]\n\
+                 [[route]]\npath_prefix = \"/OWA/\"\nbackends = [\"a:80\"]",
+                "route.path_prefix",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/owa\"\nbackends = []",
+                "route.backends",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/owa\"\nbackends = [\"a\"]",
+                "route.backends",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/owa\"\nbackends = [\"https://b:80\"]",
+                "route.backends",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/owa\"\nbackends = [\"a:80\"]\n\
+                 health_check = { path = \"owa\" }",
+                "route.health_check.path",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/owa\"\nbackends = [\"a:80\"]\n\
+                 health_check = { expect_status = 999 }",
+                "route.health_check.expect_status",
+            ),
+        ] {
+            match with(text, &args()) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            with("[[route]]\nbackends = [\"a:80\"]", &args()),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
     fn toa_and_ipip_are_off_unless_configured() {
         let c = with(r#"trusted_lbs = ["198.18.1.0/24"]"#, &args()).expect("valid");
         assert_eq!(c.ebpf.toa_kind, 0, "TOA is off by default");
@@ -1839,6 +2109,8 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
         assert_eq!(c.listeners.len(), 3);
         assert!(c.health_check.is_some());
+        assert_eq!(c.routes.len(), 1, "the route example");
+        assert!(c.routes[0].health_check.is_some());
         assert!(
             example
                 .lines()
@@ -1872,6 +2144,7 @@ mod tests {
             "[limits]",
             "[timeouts]",
             "[health_check]",
+            "[[route]]",
         ] {
             assert!(
                 example.contains(&format!("# {key}")) || example.contains(&format!("\n{key} = ")),

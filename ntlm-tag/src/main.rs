@@ -98,7 +98,7 @@ fn check_bridging(config: &Config) -> ExitCode {
         .and_then(|rt| {
             rt.block_on(epa::bridging::verify(
                 &config.listeners,
-                &config.backends,
+                &config.all_backends(),
                 config.timeouts.upstream_connect,
             ))
             .map_err(anyhow::Error::from)

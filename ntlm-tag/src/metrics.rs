@@ -220,6 +220,7 @@ struct RequestLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct BackendLabel {
     backend: String,
+    route: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -283,8 +284,8 @@ pub struct Scrape<'a> {
     pub connections_open: usize,
     /// The kernel's counters and its map's capacity, when the programs run.
     pub kernel: Option<(&'a KernelCounters, u32)>,
-    /// Every backend of the running configuration and whether it is up.
-    pub backends: Vec<(String, bool)>,
+    /// Every backend of every route of the running configuration and whether it is up there.
+    pub backends: Vec<crate::upstream::BackendState>,
     /// Open client connections by NTLM/Negotiate state, in [`auth_state::STATE_NAMES`] order.
     pub auth_states: [u64; 4],
     /// The lockout guard's running totals.
@@ -537,7 +538,8 @@ impl Metrics {
         );
         registry.register(
             "backend_up",
-            "1 while a backend takes new client connections, 0 while it is marked down",
+            "1 while a backend takes new requests of a route (`default`: the top-level backends), 0 while \
+             it is marked down or fails the route's health check",
             m.backend_up.clone(),
         );
         registry.register(
@@ -760,10 +762,16 @@ impl Metrics {
         let _one_at_a_time = self.scrape.lock();
         self.connections_open
             .set(i64::try_from(now.connections_open).unwrap_or(i64::MAX));
-        for (backend, up) in now.backends {
+        // Only the running configuration's pairs: a reload that drops a route or backend drops
+        // its series.
+        self.backend_up.clear();
+        for state in now.backends {
             self.backend_up
-                .get_or_create(&BackendLabel { backend })
-                .set(i64::from(up));
+                .get_or_create(&BackendLabel {
+                    backend: state.backend,
+                    route: state.route,
+                })
+                .set(i64::from(state.up));
         }
         for (state, n) in auth_state::STATE_NAMES.into_iter().zip(now.auth_states) {
             self.connections_by_auth_state
@@ -827,7 +835,11 @@ mod tests {
         m.render(Scrape {
             connections_open: 3,
             kernel,
-            backends: vec![("10.0.0.5:8080".to_string(), false)],
+            backends: vec![crate::upstream::BackendState {
+                route: "/owa".to_string(),
+                backend: "10.0.0.5:8080".to_string(),
+                up: false,
+            }],
             auth_states: [3, 0, 0, 0],
             lockout: LockoutTotals::default(),
         })
@@ -857,7 +869,7 @@ mod tests {
             "ntlm_tag_kernel_map_records 0",
             "ntlm_tag_kernel_map_capacity 1024",
             "ntlm_tag_kernel_events_total{event=\"lookup_miss\"} 0",
-            "ntlm_tag_backend_up{backend=\"10.0.0.5:8080\"} 0",
+            "ntlm_tag_backend_up{backend=\"10.0.0.5:8080\",route=\"/owa\"} 0",
             "ntlm_tag_config_reloads_total{result=\"failure\"} 0",
             "ntlm_tag_config_last_reload_successful 1",
             "ntlm_tag_build_info{version=\"",

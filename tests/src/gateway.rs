@@ -528,3 +528,21 @@ fn strip_ansi(s: &str) -> String {
     }
     out
 }
+
+/// Polls `probe` until `check` accepts its value (then returns it), for up to 15 s (scaled);
+/// panics with `what` and the last value otherwise.
+pub fn eventually<T: std::fmt::Debug>(
+    what: &str,
+    mut probe: impl FnMut() -> T,
+    check: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + scaled(Duration::from_secs(15));
+    loop {
+        let value = probe();
+        if check(&value) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {value:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -401,7 +401,9 @@ fn open_connection(
     scheme: ClientScheme,
 ) -> Result<ClientConnection, Box<dyn StdError + Send + Sync>> {
     let uid = gateway.uids.next_uid();
-    let id = gateway.template.render(identity.client, &uid);
+    let id = gateway
+        .template
+        .render(identity.client, &uid, identity.proxy_tlvs.as_ref());
     let stamp = ConnectionStamp::new(&id, identity.client, scheme)?;
     let conn = gateway.id_display.hash(&id);
     let full_id: Option<Box<str>> = gateway.id_display.full(&id).map(Into::into);
@@ -775,6 +777,7 @@ async fn respond(
             match &e {
                 e if e.is_timeout() => gateway.metrics.upstream_timeout(),
                 e if e.is_client_error() => gateway.metrics.client_request_error(),
+                e if e.is_gateway_refusal() => gateway.metrics.internal_error(),
                 _ => gateway.metrics.upstream_error(),
             }
             let status = e.status();

@@ -1,8 +1,8 @@
 //! Backends, the upstream connection pool, and the connections that belong to one client.
 //!
 //! Each client connection is assigned one backend for its life (an NTLM context lives in one backend
-//! process); it moves only when that backend goes down, or when a request never reached it. Three
-//! modes:
+//! process); it moves only when that backend goes down, when a request never reached it, or when a
+//! request's [route](routes) is not served (or not healthy) there. Three modes:
 //! - `bind` (the default, safe with every backend): anonymous requests share keep-alive connections;
 //!   an upstream connection that carries any NTLM/Negotiate leg (see [`binding`]) is bound to its
 //!   client connection from then on: never pooled again, used for all its later requests, closed
@@ -14,6 +14,13 @@
 //! A bound or pinned connection that dies after NTLM was seen on it closes the client connection
 //! too: the client must authenticate again, never silently continue on a connection authenticated
 //! for someone else, or on a fresh one as nobody.
+//!
+//! Routes and sessions: a client connection whose NTLM session lives on an upstream connection to
+//! backend B keeps using that connection for every later request whose route B serves, healthy for
+//! that route or not (the session cannot move). A request for a route whose pool does not contain
+//! B is answered `421 Misdirected Request` with `Connection: close` and logged: it is never sent
+//! on another connection (it would arrive there anonymous, or on someone else's), and the client
+//! retries on a new connection, which is routed afresh.
 #![forbid(unsafe_code)]
 
 mod binding;
@@ -22,6 +29,7 @@ mod client_body;
 mod guarded;
 pub mod health;
 mod pool;
+pub mod routes;
 pub mod tls;
 
 pub use caps::{Cap, DedicatedCaps, Retired};
@@ -49,11 +57,12 @@ use tokio_util::either::Either;
 
 use crate::epa::diagnosis::{BackendView, BindingClaim, Diagnosis, diagnose};
 use crate::{
-    config::{HealthCheckConfig, Timeouts},
+    config::{HealthCheckConfig, RouteConfig, Timeouts},
     metrics::{BindTrigger, Metrics, UpstreamUse},
 };
 use health::Health;
 use pool::{IdleConnections, Loan};
+use routes::{Pool, RouteTable};
 use tls::{BackendTls, BackendTlsConfig, BackendTlsError};
 
 /// A backend as configured: its address and, for an `https://` backend, how to talk TLS to it.
@@ -324,6 +333,13 @@ pub enum UpstreamError {
         /// either way, since the connection is abandoned mid-exchange).
         timed_out: bool,
     },
+    #[error(
+        "route {route}: this client connection's NTLM session lives on an upstream connection to \
+         {backend}, which is not in the route's pool; answering 421 and closing the client \
+         connection (the client retries on a new connection and authenticates there). Add \
+         {backend} to the route's backends if one login should serve both"
+    )]
+    Misdirected { route: String, backend: Authority },
     #[error("bad request target: {0}")]
     BadTarget(#[from] http::Error),
     /// The client's request body broke (an invalid chunk, the connection closed mid-body) while it
@@ -346,6 +362,7 @@ impl UpstreamError {
             UpstreamError::BadTarget(_) | UpstreamError::ClientBody { .. } => {
                 StatusCode::BAD_REQUEST
             }
+            UpstreamError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -368,8 +385,16 @@ impl UpstreamError {
     pub fn closes_client(&self) -> bool {
         matches!(
             self,
-            UpstreamError::SessionLost { .. } | UpstreamError::ClientBody { .. }
+            UpstreamError::SessionLost { .. }
+                | UpstreamError::ClientBody { .. }
+                | UpstreamError::Misdirected { .. }
         )
+    }
+
+    /// The gateway refused the request by its own configuration (a route the client's session
+    /// cannot reach), neither the client's nor the backend's fault.
+    pub fn is_gateway_refusal(&self) -> bool {
+        matches!(self, UpstreamError::Misdirected { .. })
     }
 
     /// The client caused this error (its request), not the backend.
@@ -463,9 +488,19 @@ impl<T> Attempt<T> {
     }
 }
 
-/// The backends, the pool and the policies.
+/// One backend's health for one route, for `/healthz` and `backend_up{backend,route}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendState {
+    pub route: String,
+    pub backend: String,
+    pub up: bool,
+}
+
+/// The backends, the routes, the pool and the policies.
 pub struct Upstream {
+    /// Every backend once, whichever routes name it: one set of connections per backend.
     backends: Vec<Arc<Backend>>,
+    routes: RouteTable,
     next: AtomicUsize,
     mode: Mode,
     balance: Balance,
@@ -490,42 +525,65 @@ impl Upstream {
     /// error names the backend and the file.
     pub fn new(
         backends: &[BackendAddress],
+        routes: &[RouteConfig],
         mode: Mode,
         balance: Balance,
         timeouts: &Timeouts,
         max_per_backend: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Self, BackendSetupError> {
-        let tls = backends
-            .iter()
-            .map(|b| {
-                b.tls
-                    .as_ref()
-                    .map(|t| BackendTls::new(t, b.authority.host()))
-                    .transpose()
-                    .map_err(|source| BackendSetupError {
-                        backend: b.to_string(),
-                        source,
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let upstream = Upstream {
-            backends: backends
+        let mut all: Vec<Arc<Backend>> = Vec::new();
+        // The backend named `address`, made on first mention.
+        let mut backend = |address: &BackendAddress| -> Result<Arc<Backend>, BackendSetupError> {
+            if let Some(known) = all.iter().find(|b| b.authority == address.authority) {
+                return Ok(Arc::clone(known));
+            }
+            let tls = address
+                .tls
+                .as_ref()
+                .map(|t| BackendTls::new(t, address.authority.host()))
+                .transpose()
+                .map_err(|source| BackendSetupError {
+                    backend: address.to_string(),
+                    source,
+                })?;
+            let made = Arc::new(Backend {
+                authority: address.authority.clone(),
+                tls,
+                last_leaf: std::sync::Mutex::new(None),
+                active: AtomicUsize::new(0),
+                health: Health::default(),
+                permits: (max_per_backend > 0)
+                    .then(|| Arc::new(tokio::sync::Semaphore::new(max_per_backend))),
+                idle: IdleConnections::default(),
+            });
+            all.push(Arc::clone(&made));
+            Ok(made)
+        };
+        let default = Pool::new(
+            None,
+            backends
                 .iter()
-                .zip(tls)
-                .map(|(b, tls)| {
-                    Arc::new(Backend {
-                        authority: b.authority.clone(),
-                        tls,
-                        last_leaf: std::sync::Mutex::new(None),
-                        active: AtomicUsize::new(0),
-                        health: Health::default(),
-                        permits: (max_per_backend > 0)
-                            .then(|| Arc::new(tokio::sync::Semaphore::new(max_per_backend))),
-                        idle: IdleConnections::default(),
-                    })
-                })
-                .collect(),
+                .map(&mut backend)
+                .collect::<Result<_, _>>()?,
+            None,
+        );
+        let mut pools = Vec::with_capacity(routes.len());
+        for route in routes {
+            let members = route
+                .backends
+                .iter()
+                .map(&mut backend)
+                .collect::<Result<_, _>>()?;
+            pools.push(Pool::new(
+                Some(&route.path_prefix),
+                members,
+                route.health_check.clone(),
+            ));
+        }
+        let upstream = Upstream {
+            backends: all,
+            routes: RouteTable::new(pools, default),
             next: AtomicUsize::new(0),
             mode,
             balance,
@@ -570,28 +628,47 @@ impl Upstream {
         &self.backends
     }
 
-    /// The upstream side of a new client connection.
+    /// Every route's view of each of its backends, the default pool last.
+    pub fn states(&self) -> Vec<BackendState> {
+        self.routes
+            .pools()
+            .iter()
+            .flat_map(|pool| {
+                pool.members.iter().map(|m| BackendState {
+                    route: pool.name().to_string(),
+                    backend: m.backend.authority.to_string(),
+                    up: m.is_up(),
+                })
+            })
+            .collect()
+    }
+
+    /// The upstream side of a new client connection: a backend of the default pool (a request for
+    /// a route moves it when that route is not served there).
     pub fn attach(&self, client: IpAddr) -> ClientUpstream {
         ClientUpstream {
-            assignment: Assignment::new(self.choose(client, &[])),
+            assignment: Assignment::new(self.choose(self.routes.default_pool(), client, &[])),
             mode: self.mode,
             dedicated: None,
             ntlm_seen: false,
         }
     }
 
-    /// Picks a backend among the healthy ones not in `avoid` (all of them if none is healthy).
-    fn choose(&self, client: IpAddr, avoid: &[Arc<Backend>]) -> Arc<Backend> {
-        self.pick(client, avoid)
-            .unwrap_or_else(|| self.pick_from(client, self.backends.iter().collect()))
+    /// Picks one of `pool`'s backends among those up for it and not in `avoid` (any of its
+    /// backends if none is up).
+    fn choose(&self, pool: &Pool, client: IpAddr, avoid: &[Arc<Backend>]) -> Arc<Backend> {
+        self.pick(pool, client, avoid).unwrap_or_else(|| {
+            self.pick_from(client, pool.members.iter().map(|m| &m.backend).collect())
+        })
     }
 
-    /// A healthy backend not in `avoid`, if there is one.
-    fn pick(&self, client: IpAddr, avoid: &[Arc<Backend>]) -> Option<Arc<Backend>> {
-        let healthy: Vec<&Arc<Backend>> = self
-            .backends
+    /// One of `pool`'s backends up for it and not in `avoid`, if there is one.
+    fn pick(&self, pool: &Pool, client: IpAddr, avoid: &[Arc<Backend>]) -> Option<Arc<Backend>> {
+        let healthy: Vec<&Arc<Backend>> = pool
+            .members
             .iter()
-            .filter(|b| b.is_up() && !avoid.iter().any(|a| Arc::ptr_eq(a, b)))
+            .filter(|m| m.is_up() && !avoid.iter().any(|a| Arc::ptr_eq(a, &m.backend)))
+            .map(|m| &m.backend)
             .collect();
         (!healthy.is_empty()).then(|| self.pick_from(client, healthy))
     }
@@ -643,11 +720,20 @@ impl Upstream {
                 Mode::Tag => false,
             };
         let had_host = req.headers().contains_key(header::HOST);
-        if !state.backend().is_up() && !state.holds_session() {
+        let pool = self.routes.route(req.uri().path());
+        if state.holds_session() {
+            // The session cannot move: its connection serves every route its backend serves.
+            if !pool.serves(state.backend()) {
+                return Err(UpstreamError::Misdirected {
+                    route: pool.name().to_string(),
+                    backend: state.backend().authority.clone(),
+                });
+            }
+        } else if !pool.is_up_on(state.backend()) {
             let old = Arc::clone(state.backend());
-            let new = self.choose(client, std::slice::from_ref(&old));
+            let new = self.choose(pool, client, std::slice::from_ref(&old));
             if !Arc::ptr_eq(&new, &old) {
-                tracing::info!(from = %old.authority, to = %new.authority, "backend down; moving the client connection");
+                tracing::info!(route = pool.name(), from = %old.authority, to = %new.authority, "backend down or not serving this route; moving the client connection");
                 state.move_to(new);
             }
         }
@@ -678,7 +764,7 @@ impl Upstream {
                     let next = if state.holds_session() {
                         None
                     } else {
-                        self.pick(client, &tried)
+                        self.pick(pool, client, &tried)
                     };
                     let Some(next) = next else {
                         break (backend, Err(error));
@@ -1086,40 +1172,65 @@ impl Upstream {
         Ok(sender)
     }
 
-    /// Runs active health checks until the process ends.
-    pub fn spawn_health_checks(&self, check: HealthCheckConfig) {
-        for backend in &self.backends {
-            let backend = Arc::clone(backend);
-            let check = check.clone();
-            let task = tokio::spawn(async move {
-                let mut interval = tokio::time::interval(check.interval);
-                loop {
-                    interval.tick().await;
-                    let outcome = match tokio::time::timeout(
-                        check.timeout,
-                        probe(&backend, &check.path, check.timeout),
-                    )
-                    .await
-                    {
-                        Ok(Ok(status)) if status == check.expect_status => Ok(()),
-                        Ok(Ok(status)) => Err(format!("status {status}")),
-                        Ok(Err(e)) => Err(e),
-                        Err(_) => Err(format!("no answer within {:?}", check.timeout)),
-                    };
-                    if backend.health.record_check(outcome.is_ok()) {
-                        match outcome {
-                            Ok(()) => {
-                                tracing::info!(backend = %backend.authority, "health check passes again; backend back in rotation")
-                            }
-                            Err(why) => {
-                                tracing::warn!(backend = %backend.authority, path = %check.path, %why, "health check failed; backend out of rotation")
-                            }
-                        }
-                    }
+    /// Runs active health checks until this Upstream is replaced (a reload) or the process ends:
+    /// each route's check (the default pool's is `default_check`) on each of its backends. A
+    /// failing check takes the backend out of that route only.
+    pub fn spawn_health_checks(&self, default_check: Option<&HealthCheckConfig>) {
+        for pool in self.routes.pools() {
+            let check = match &pool.check {
+                Some(check) => Some(check),
+                None if pool.is_default() => default_check,
+                None => None,
+            };
+            let Some(check) = check else {
+                continue;
+            };
+            for member in &pool.members {
+                let task = tokio::spawn(run_health_check(
+                    pool.name().to_string(),
+                    Arc::clone(&member.backend),
+                    Arc::clone(&member.check),
+                    check.clone(),
+                ));
+                if let Ok(mut checks) = self.checks.lock() {
+                    checks.push(task.abort_handle());
                 }
-            });
-            if let Ok(mut checks) = self.checks.lock() {
-                checks.push(task.abort_handle());
+            }
+        }
+    }
+}
+
+/// Probes `check.path` on `backend` every interval; the outcome is `route`'s health there. A pass
+/// also ends a passive backoff (the backend answers again).
+async fn run_health_check(
+    route: String,
+    backend: Arc<Backend>,
+    health: Arc<Health>,
+    check: HealthCheckConfig,
+) {
+    let mut interval = tokio::time::interval(check.interval);
+    loop {
+        interval.tick().await;
+        let outcome =
+            match tokio::time::timeout(check.timeout, probe(&backend, &check.path, check.timeout))
+                .await
+            {
+                Ok(Ok(status)) if status == check.expect_status => Ok(()),
+                Ok(Ok(status)) => Err(format!("status {status}")),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+            };
+        if outcome.is_ok() {
+            backend.health.record_success();
+        }
+        if health.record_check(outcome.is_ok()) {
+            match outcome {
+                Ok(()) => {
+                    tracing::info!(%route, backend = %backend.authority, path = %check.path, "health check passes again; backend back in the route's rotation")
+                }
+                Err(why) => {
+                    tracing::warn!(%route, backend = %backend.authority, path = %check.path, %why, "health check failed; backend out of the route's rotation (other routes keep it)")
+                }
             }
         }
     }
@@ -1226,6 +1337,7 @@ mod tests {
             .collect();
         Upstream::new(
             &backends,
+            &[],
             Mode::Tag,
             balance,
             &Timeouts::default(),

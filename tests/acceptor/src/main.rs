@@ -99,6 +99,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         key: cli.key,
         header: cli.header.clone(),
         contexts: ContextStore::new(cli.max_contexts),
+        broken: cli.broken.clone(),
     });
 
     // Handlers first, so a SIGTERM sent right after the ready line is not fatal-by-default.

@@ -31,6 +31,26 @@ pub struct App {
     pub key: KeyMode,
     pub header: HeaderName,
     pub contexts: ContextStore,
+    /// Path prefixes answered 503 (`--broken`).
+    pub broken: Vec<String>,
+}
+
+impl App {
+    fn is_broken(&self, path: &str) -> bool {
+        self.broken.iter().any(|prefix| {
+            path.get(..prefix.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+        })
+    }
+}
+
+/// An anonymous health page: `/healthz`, or an Exchange-style `<vdir>/healthcheck.htm`.
+fn is_health_page(path: &str) -> bool {
+    path == "/healthz"
+        || path
+            .rsplit('/')
+            .next()
+            .is_some_and(|page| page.eq_ignore_ascii_case("healthcheck.htm"))
 }
 
 /// One TCP connection.
@@ -45,6 +65,8 @@ struct Conn {
 #[derive(Debug, PartialEq, Eq)]
 enum Reply {
     Health,
+    /// Under a `--broken` prefix.
+    Broken,
     Authenticated(String),
     Challenge(authz::Mechanism, Vec<u8>),
     /// 401 with fresh `WWW-Authenticate: Negotiate` and `WWW-Authenticate: NTLM`; the reason a
@@ -92,7 +114,9 @@ async fn handle(
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let presented = authz::from_headers(&parts.headers);
 
-    let reply = if parts.uri.path() == "/healthz" {
+    let reply = if app.is_broken(parts.uri.path()) {
+        Reply::Broken
+    } else if is_health_page(parts.uri.path()) {
         Reply::Health
     } else if let Err(e) = &body_len {
         Reply::BadRequest(format!("cannot read the request body: {e}"))
@@ -245,6 +269,10 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 fn respond(reply: &Reply, conn_id: Option<&str>) -> Response<Full<Bytes>> {
     match reply {
         Reply::Health => text(StatusCode::OK, "ok\n".to_string()),
+        Reply::Broken => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 virtual directory broken (--broken)\n".to_string(),
+        ),
         Reply::Authenticated(user) => {
             let body = format!("user={user}\nconn_id={}\n", conn_id.unwrap_or(""));
             let mut response = text(StatusCode::OK, body);
