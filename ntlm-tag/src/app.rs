@@ -11,11 +11,15 @@ use std::{
 use anyhow::{Context, Result, bail};
 use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
-use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
+use tokio::{
+    net::TcpListener,
+    signal::unix::SignalKind,
+    sync::{mpsc, oneshot, watch},
+};
 use tokio_util::task::TaskTracker;
 
 use crate::{
-    admin::{self, AdminListener, AdminState, PrivateAccess},
+    admin::{self, AdminListener, AdminState, PrivateAccess, ReloadOutcome},
     cli::{EbpfMode, RunArgs},
     config::{Config, ListenerConfig},
     guard::LockoutGuard,
@@ -24,6 +28,7 @@ use crate::{
     metrics::{Metrics, ReloadResult},
     proxy::{self, Gateway, Live, rewrite::StampPolicy},
     registry::Registry,
+    service::{self, ServiceManager, Snapshot},
     upstream::Upstream,
 };
 
@@ -146,8 +151,9 @@ fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Runs the gateway until SIGTERM/SIGINT. `args` are kept to re-read the file on SIGHUP (flags still
-/// override it).
+/// Runs the gateway until SIGTERM/SIGINT. `args` are kept to re-read the file on SIGHUP or an admin
+/// `POST /reload` (flags still override it). Tells systemd (when it started the gateway) when it is
+/// ready, reloading and stopping.
 pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()> {
     let Prepared {
         kernel,
@@ -208,6 +214,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
         tokio::spawn(watch.run(Arc::downgrade(k)));
     }
     let mut signals = Signals::install()?;
+    let (reload_tx, mut reload_requests) = mpsc::channel::<oneshot::Sender<ReloadOutcome>>(4);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
     let mut addresses = Vec::new();
@@ -256,6 +263,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
                             .collect()
                     })
                 },
+                reload: reload_tx,
             });
             tokio::spawn(admin::serve(listener, state, shutdown_rx.clone()));
             Some(address)
@@ -271,11 +279,45 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
         ebpf = %ebpf_status,
         "ntlm-tag ready"
     );
+    let snapshot = {
+        let gateway = Arc::clone(&gateway);
+        move || snapshot(&gateway)
+    };
+    let manager = Arc::new(ServiceManager::from_env());
+    manager.ready(&snapshot());
+    tokio::spawn(service::keep_status_current(
+        Arc::clone(&manager),
+        snapshot.clone(),
+        shutdown_rx.clone(),
+    ));
 
+    // Reloads run here, one at a time, whether a signal or the admin endpoint asked: each admin
+    // request is answered with the outcome of a reload that began after it arrived.
     let mut running = config;
-    while let Signal::Reload = signals.next().await {
-        reload(&args, &mut running, &gateway, kernel.as_deref(), &metrics).await;
+    loop {
+        let reply = tokio::select! {
+            signal = signals.next() => match signal {
+                Signal::Stop => break,
+                Signal::Reload => None,
+            },
+            Some(reply) = reload_requests.recv() => {
+                tracing::info!("reload requested on the admin endpoint");
+                Some(reply)
+            }
+        };
+        manager.reloading();
+        let outcome = reload(&args, &mut running, &gateway, kernel.as_deref(), &metrics).await;
+        manager.reloaded(
+            outcome.as_ref().map(|_| ()).map_err(String::as_str),
+            &snapshot(),
+        );
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
+        }
     }
+    // Requests that arrive from now on are answered "stopping" (their sender is gone).
+    drop(reload_requests);
+    manager.stopping(registry.len());
     drop(kernel);
     let drain = gateway.live.load().timeouts.drain;
     tracing::info!(
@@ -292,6 +334,17 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
         );
     }
     Ok(())
+}
+
+/// What the service manager's status line shows now.
+fn snapshot(gateway: &Gateway) -> Snapshot {
+    let live = gateway.live.load();
+    let backends = live.upstream.backends();
+    Snapshot {
+        connections: gateway.registry.len(),
+        backends_up: backends.iter().filter(|b| b.is_up()).count(),
+        backends: backends.len(),
+    }
 }
 
 /// With `epa_bridging`, a backend presenting another certificate than the listeners (a
@@ -354,46 +407,34 @@ fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
     })
 }
 
-/// SIGHUP: re-read the file; apply backends, trust list, limits, timeouts and certificates to new
-/// connections. A file that does not validate changes nothing.
+/// SIGHUP or `POST /reload`: re-read the file; apply backends, trust list, limits, timeouts and
+/// certificates to new connections. A file that does not validate changes nothing. Returns what
+/// was applied, or why the file was refused (each logged and counted here).
 async fn reload(
     args: &RunArgs,
     running: &mut Config,
     gateway: &Gateway,
     kernel: Option<&KernelTracker>,
     metrics: &Arc<Metrics>,
-) {
-    let new = match Config::load_for_reload(args) {
-        Ok(c) => c,
-        Err(e) => {
-            metrics.reload(ReloadResult::Failure);
-            tracing::error!(error = %e, "reload refused: the configuration is invalid; the running one stays");
-            return;
-        }
+) -> ReloadOutcome {
+    let refused = |what: &str, e: &anyhow::Error| {
+        metrics.reload(ReloadResult::Failure);
+        let reason = format!("{what}{e:#}");
+        tracing::error!(error = %reason, "reload refused; the running configuration stays");
+        reason
     };
-    if let Err(e) = verify_bridging(&new).await {
-        tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays");
-        return;
-    }
-    let live = match build_live(&new, metrics) {
-        Ok(live) => live,
-        Err(e) => {
-            metrics.reload(ReloadResult::Failure);
-            tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays");
-            return;
-        }
-    };
+    let new = Config::load_for_reload(args).map_err(|e| refused("", &e.into()))?;
+    verify_bridging(&new).await.map_err(|e| refused("", &e))?;
+    let live = build_live(&new, metrics).map_err(|e| refused("", &e))?;
     // The kernel first, all or nothing; userspace (PROXY trust and the rest) only once it took
     // the new lists, so neither ever trusts more than the configuration that is running.
-    if let Some(k) = kernel
-        && let Err(e) = k.configure(&kernel_options(&new))
-    {
-        metrics.reload(ReloadResult::Failure);
-        tracing::error!(error = %e, "reload refused: cannot update the kernel's trust lists; the running configuration stays");
-        return;
+    if let Some(k) = kernel {
+        k.configure(&kernel_options(&new))
+            .map_err(|e| refused("cannot update the kernel's trust lists: ", &e.into()))?;
     }
     log_warnings(&new);
-    for key in restart_only_changes(running, &new) {
+    let restart_only = restart_only_changes(running, &new);
+    for key in &restart_only {
         tracing::warn!(
             key,
             "changed in the file, but takes effect only after a restart"
@@ -405,11 +446,20 @@ async fn reload(
         gateway.lockout.reconfigure(new.lockout.clone());
     }
     metrics.reload(ReloadResult::Success);
+    let backends: Vec<String> = new.backends.iter().map(ToString::to_string).collect();
     tracing::info!(
-        backends = ?new.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ?backends,
         "configuration reloaded; established connections keep their settings"
     );
+    let mut summary = format!("backends {}", backends.join(", "));
+    if !restart_only.is_empty() {
+        summary.push_str(&format!(
+            "; changed but applied only at the next restart: {}",
+            restart_only.join(", ")
+        ));
+    }
     *running = new;
+    Ok(summary)
 }
 
 /// Turning the lockout guard off weakens a default: say so at every start and reload.

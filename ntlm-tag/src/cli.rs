@@ -43,6 +43,18 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
     },
+    /// Ask the running gateway to re-read its configuration file and wait for the result: exit 0
+    /// when applied, 64 with the reason when refused (the running configuration stays), 1 when the
+    /// gateway cannot be asked. The packaged unit's `ExecReload`.
+    Reload {
+        /// The gateway's admin endpoint: `unix:/path` (run as root or the service user) or
+        /// `HOST:PORT` (with --token-file).
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin: String,
+        /// File with the admin bearer token (the gateway's admin_token_file), for a TCP endpoint.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize, serde::Serialize)]

@@ -12,6 +12,7 @@ use ntlm_tag::{
     kernel::privileges::PrivilegeError,
     kernel::support,
     preflight,
+    reload::{self, Reloaded},
 };
 
 /// Exit code for a bad configuration (EX_USAGE).
@@ -26,6 +27,22 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("ntlm-tag: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Command::Reload { admin, token_file }) => {
+            match reload::request(&admin, token_file.as_deref()) {
+                Ok(Reloaded::Applied(summary)) => {
+                    println!("ntlm-tag: {summary}");
+                    ExitCode::SUCCESS
+                }
+                Ok(Reloaded::Refused(reason)) => {
+                    eprintln!("ntlm-tag: {reason}");
+                    ExitCode::from(EXIT_BAD_CONFIG)
+                }
+                Err(e) => {
+                    eprintln!("ntlm-tag: reload: {e:#}");
                     ExitCode::FAILURE
                 }
             }
