@@ -1,6 +1,7 @@
 //! Running as a systemd service: what the gateway tells the service manager (`Type=notify`:
 //! READY, RELOADING, STOPPING, STATUS) on a notification socket the test owns, and `ntlm-tag
-//! reload`, the unit's `ExecReload`, which waits for the reload and fails with the gateway's reason.
+//! reload`, the unit's `ExecReload`, which waits for the reload and fails with the gateway's reason;
+//! colour in logs only for a terminal that did not ask for none.
 
 use std::{
     net::SocketAddr,
@@ -283,5 +284,37 @@ fn ntlm_tag_reload_exits_0_when_applied_and_64_with_the_reason_when_refused() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("cannot open the admin socket"),
         "{out:?}"
+    );
+}
+
+#[test]
+fn no_color_turns_colour_off_on_a_terminal_too() {
+    // `script` gives the gateway a terminal for stderr; a TEST-NET-2 address is on no interface, so
+    // it logs why it cannot listen and exits.
+    let gateway = gateway::binary();
+    let run = |no_color: Option<&str>| {
+        let mut cmd = std::process::Command::new("script");
+        cmd.args(["-qec"])
+            .arg(format!(
+                "{} run --listen 198.51.100.1:80 --backend 127.0.0.1:9 --ebpf off",
+                gateway.display()
+            ))
+            .arg("/dev/null")
+            .env_remove("NO_COLOR");
+        if let Some(v) = no_color {
+            cmd.env("NO_COLOR", v);
+        }
+        let out = cmd.output().expect("run script");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let coloured = run(None);
+    assert!(
+        coloured.contains("cannot listen") && coloured.contains('\u{1b}'),
+        "a terminal gets colour: {coloured:?}"
+    );
+    let plain = run(Some("1"));
+    assert!(
+        plain.contains("cannot listen") && !plain.contains('\u{1b}'),
+        "NO_COLOR=1 on a terminal: {plain:?}"
     );
 }
