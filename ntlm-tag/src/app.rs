@@ -240,7 +240,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
                 (AdminListener::Tcp(_), None) => {
                     tracing::info!(
                         "admin on TCP without admin_token_file: /healthz and /metrics only; \
-                         /connections and /kernel answer 403"
+                         /connections, /kernel and /reload answer 403"
                     );
                     PrivateAccess::Closed
                 }

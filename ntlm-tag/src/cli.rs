@@ -145,12 +145,13 @@ pub struct RunArgs {
     /// Kernel identity tracking.
     #[arg(long, value_enum)]
     pub ebpf: Option<EbpfMode>,
-    /// Admin endpoint (/healthz, /metrics, /connections, /kernel): `unix:/path` (private to root
-    /// and the service user) or `HOST:PORT` (/connections and /kernel then need --admin-token-file).
+    /// Admin endpoint (/healthz, /metrics, /connections, /kernel, POST /reload): `unix:/path`
+    /// (private to root and the service user) or `HOST:PORT` (/connections, /kernel and /reload
+    /// then need --admin-token-file).
     #[arg(long, value_name = "ENDPOINT")]
     pub admin: Option<String>,
-    /// Bearer token file that opens /connections and /kernel on a TCP admin address (not readable
-    /// by other users; at least 32 characters).
+    /// Bearer token file that opens /connections, /kernel and /reload on a TCP admin address (not
+    /// readable by other users; at least 32 characters).
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
     /// Show full connection ids in logs and /connections, not only their keyed hashes. The id is

@@ -318,3 +318,53 @@ fn no_color_turns_colour_off_on_a_terminal_too() {
         "NO_COLOR=1 on a terminal: {plain:?}"
     );
 }
+
+#[test]
+fn reload_on_a_tcp_admin_address_needs_the_token() {
+    use std::os::unix::fs::PermissionsExt;
+    let topo = Topology::new();
+    let a = Acceptor::start(
+        &topo.backend,
+        SocketAddr::new(Topology::backend_addr().ip(), 8081),
+        &users(),
+        Keying::Header,
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("gw.toml");
+    std::fs::write(&config, config_text(&[a.addr])).expect("write config");
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, "7c1f0a9e5d3b2c4a6e8f0d1b3a5c7e9f\n").expect("token");
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let token = token_file.to_str().expect("utf-8");
+    let gw = Gateway::start(
+        &topo.gateway,
+        &[
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--admin",
+            "127.0.0.1:9181",
+            "--admin-token-file",
+            token,
+        ],
+    );
+    let reload = |extra: &[&str]| {
+        topo.gateway
+            .command(gateway::binary().to_str().expect("utf-8"))
+            .args(["reload", "--admin", "127.0.0.1:9181"])
+            .args(extra)
+            .output()
+            .expect("run ntlm-tag reload")
+    };
+    let refused = reload(&[]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("401"),
+        "without the token: {refused:?}"
+    );
+    assert!(
+        !gw.log().iter().any(|l| l.contains("reload requested")),
+        "nothing was reloaded"
+    );
+    let applied = reload(&["--token-file", token]);
+    assert_eq!(applied.status.code(), Some(0), "{applied:?}");
+}
