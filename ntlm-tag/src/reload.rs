@@ -11,8 +11,9 @@ use anyhow::{Result, bail};
 use crate::admin_client::AdminClient;
 
 /// How long to wait for the gateway's answer: a reload re-reads certificates and, with
-/// `epa_bridging`, connects to the TLS backends. Below systemd's default 90 s for `ExecReload`.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// `epa_bridging`, connects to the TLS backends. A little over the 30 s after which the admin
+/// endpoint closes any connection, and well below systemd's 90 s for `ExecReload`.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(35);
 
 /// What the gateway did with the file.
 #[derive(Debug, PartialEq, Eq)]
