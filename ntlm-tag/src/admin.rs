@@ -1,14 +1,16 @@
-//! The admin endpoint: `/healthz` (ready: some route has a backend up), `/livez` (the process answers) and
-//! `/metrics` (no client addresses, no ids), `/connections` (the
-//! live table) and `/kernel` (the eBPF side's counters and records).
+//! The admin endpoint: `/healthz` (ready: some route has a backend up), `/livez` (the process
+//! answers), `/metrics` (no client addresses, no ids), `/connections` (the live table), `/kernel`
+//! (the eBPF side's counters and records) and `POST /reload` (re-read the configuration file and
+//! answer with the result; `ntlm-tag reload` asks it).
 //!
 //! `/connections` and `/kernel` name clients, and `/connections` correlates them with connection
-//! ids, so they are private: on a `unix:` socket (created 0600, owned by the service user) the file
-//! mode keeps other local users out; on a TCP address they need `Authorization: Bearer <token>`
-//! with the token from `admin_token_file`, and without one they are refused with a message saying
-//! how to enable them. Ids are shown as keyed hashes unless `show_full_ids` (see
-//! `identity::id_hash`). Every admin connection has a head timeout, a lifetime and a cap on how many
-//! are open at once, so no local client can pin the gateway's resources through it.
+//! ids, so they are private, and so is `/reload`, which changes what runs: on a `unix:` socket
+//! (created 0600, owned by the service user) the file mode keeps other local users out; on a TCP
+//! address they need `Authorization: Bearer <token>` with the token from `admin_token_file`, and
+//! without one they are refused with a message saying how to enable them. Ids are shown as keyed
+//! hashes unless `show_full_ids` (see `identity::id_hash`). Every admin connection has a head
+//! timeout, a lifetime and a cap on how many are open at once, so no local client can pin the
+//! gateway's resources through it.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -33,7 +35,7 @@ use thiserror::Error;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, UnixListener},
-    sync::{Semaphore, watch},
+    sync::{Semaphore, mpsc, oneshot, watch},
 };
 
 use crate::{
@@ -324,7 +326,17 @@ pub struct AdminState {
     /// The running configuration's backends and whether each is up for each route, asked at
     /// every request (a reload changes them).
     pub backends: BackendHealth,
+    /// Where `POST /reload` sends its request.
+    pub reload: ReloadRequests,
 }
+
+/// How a reload ended: what was applied, or why the file was refused (the running configuration
+/// stays).
+pub type ReloadOutcome = Result<String, String>;
+
+/// Asks the gateway's control loop for a reload; it runs reloads one at a time (signals and
+/// requests alike) and answers each request with the outcome of a reload that started after it.
+pub type ReloadRequests = mpsc::Sender<oneshot::Sender<ReloadOutcome>>;
 
 /// Reads the backends' health per route.
 pub type BackendHealth = Arc<dyn Fn() -> Vec<BackendState> + Send + Sync>;
@@ -394,7 +406,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(route(&req, &state)) }
+                async move { Ok::<_, Infallible>(handle(&req, &state).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -460,6 +472,42 @@ fn readiness(states: &[BackendState]) -> Response<Full<Bytes>> {
     }
 }
 
+async fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    if req.uri().path() != "/reload" {
+        return route(req, state);
+    }
+    if req.method() != Method::POST {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "POST only\n");
+    }
+    if let Some(refusal) = refuse_private(req, &state.private) {
+        return refusal;
+    }
+    reload(&state.reload).await
+}
+
+/// Runs a reload through the control loop and answers with its outcome: 200 applied, 422 refused
+/// (with the reason), 503 when the gateway is stopping.
+async fn reload(requests: &ReloadRequests) -> Response<Full<Bytes>> {
+    let stopping = || {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the gateway is stopping; nothing was reloaded\n",
+        )
+    };
+    let (reply, outcome) = oneshot::channel();
+    if requests.send(reply).await.is_err() {
+        return stopping();
+    }
+    match outcome.await {
+        Ok(Ok(summary)) => text(StatusCode::OK, format!("reloaded: {summary}\n")),
+        Ok(Err(reason)) => text(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("reload refused, the running configuration stays: {reason}\n"),
+        ),
+        Err(_) => stopping(),
+    }
+}
+
 fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
@@ -497,7 +545,7 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz, /livez, /connections, /kernel, /metrics\n",
+            "not found; try /healthz, /livez, /connections, /kernel, /metrics, POST /reload\n",
         ),
     }
 }
@@ -515,8 +563,9 @@ fn refuse_private(
         PrivateAccess::Bearer(_) => {
             let mut r = text(
                 StatusCode::UNAUTHORIZED,
-                "/connections and /kernel need `Authorization: Bearer <token>` with the token in \
-                 admin_token_file (ntlm-tag conns --token-file FILE sends it)\n",
+                "/connections, /kernel and /reload need `Authorization: Bearer <token>` with the \
+                 token in admin_token_file (`ntlm-tag conns` and `ntlm-tag reload` send it with \
+                 --token-file FILE)\n",
             );
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -526,8 +575,9 @@ fn refuse_private(
         }
         PrivateAccess::Closed => Some(text(
             StatusCode::FORBIDDEN,
-            "/connections and /kernel show clients and connections, so a TCP admin address serves \
-             them only with admin_token_file set; or use admin = \"unix:/run/ntlm-tag/admin.sock\"\n",
+            "/connections and /kernel show clients and connections, and /reload changes what runs, \
+             so a TCP admin address serves them only with admin_token_file set; or use \
+             admin = \"unix:/run/ntlm-tag/admin.sock\"\n",
         )),
     }
 }

@@ -15,11 +15,15 @@ use std::{
 use anyhow::{Context, Result, bail};
 use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
-use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
+use tokio::{
+    net::TcpListener,
+    signal::unix::SignalKind,
+    sync::{mpsc, oneshot, watch},
+};
 use tokio_util::task::TaskTracker;
 
 use crate::{
-    admin::{self, AdminListener, AdminState, PrivateAccess},
+    admin::{self, AdminListener, AdminState, PrivateAccess, ReloadOutcome},
     cli::{EbpfMode, RunArgs},
     config::{Config, ListenerConfig},
     guard::LockoutGuard,
@@ -29,6 +33,7 @@ use crate::{
     metrics::{Metrics, ReloadResult},
     proxy::{self, Gateway, Live, rewrite::StampPolicy},
     registry::Registry,
+    service::{self, ServiceManager, Snapshot},
     upstream::Upstream,
 };
 
@@ -218,8 +223,9 @@ fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Runs the gateway until SIGTERM/SIGINT. `args` are kept to re-read the file on SIGHUP (flags still
-/// override it).
+/// Runs the gateway until SIGTERM/SIGINT. `args` are kept to re-read the file on SIGHUP or an admin
+/// `POST /reload` (flags still override it). Tells systemd (when it started the gateway) when it is
+/// ready, reloading and stopping.
 pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()> {
     let Prepared {
         kernel,
@@ -300,6 +306,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
     if let Some(predecessor) = predecessor {
         take_over(predecessor, gateway.uids.nonce(), Arc::clone(&metrics)).await?;
     }
+    let (reload_tx, mut reload_requests) = mpsc::channel::<oneshot::Sender<ReloadOutcome>>(4);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // Fired when a successor takes the listeners: stop accepting, keep serving.
     let (hand_over_tx, hand_over_rx) = watch::channel(false);
@@ -342,7 +349,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
                 (AdminListener::Tcp(_), None) => {
                     tracing::info!(
                         "admin on TCP without admin_token_file: /healthz and /metrics only; \
-                         /connections and /kernel answer 403"
+                         /connections, /kernel and /reload answer 403"
                     );
                     PrivateAccess::Closed
                 }
@@ -361,6 +368,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
                         live.upstream.states()
                     })
                 },
+                reload: reload_tx,
             });
             tokio::spawn(admin::serve(listener, state, stop_serving_rx.clone()));
             Some(address)
@@ -377,17 +385,50 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
         ebpf = %ebpf_status,
         "ntlm-tag ready"
     );
+    let snapshot = {
+        let gateway = Arc::clone(&gateway);
+        move || snapshot(&gateway)
+    };
+    let manager = Arc::new(ServiceManager::from_env());
+    manager.ready(&snapshot());
+    tokio::spawn(service::keep_status_current(
+        Arc::clone(&manager),
+        snapshot.clone(),
+        shutdown_rx.clone(),
+    ));
 
+    // Reloads run here, one at a time, whether a signal or the admin endpoint asked: each admin
+    // request is answered with the outcome of a reload that began after it arrived.
     let mut running = config;
     let successor = loop {
-        tokio::select! {
+        let reply = tokio::select! {
             signal = signals.next() => match signal {
-                Signal::Reload => reload(&args, &mut running, &gateway, kernel.as_deref(), &metrics).await,
                 Signal::Stop => break None,
+                Signal::Reload => None,
             },
+            Some(reply) = reload_requests.recv() => {
+                tracing::info!("reload requested on the admin endpoint");
+                Some(reply)
+            }
             Some(successor) = successors.recv() => break Some(successor),
+        };
+        manager.reloading();
+        let outcome = reload(&args, &mut running, &gateway, kernel.as_deref(), &metrics).await;
+        manager.reloaded(
+            outcome.as_ref().map(|_| ()).map_err(String::as_str),
+            &snapshot(),
+        );
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
         }
     };
+    // Requests that arrive from now on are answered "stopping" (their sender is gone).
+    drop(reload_requests);
+    // After a hand-over the service goes on in the successor: telling the service manager that it
+    // stops would make it stop the successor too.
+    if successor.is_none() {
+        manager.stopping(registry.len());
+    }
     drop(kernel);
     let _ = stop_serving_tx.send(true);
     if let Some(successor) = successor {
@@ -550,6 +591,17 @@ fn handover_sockets(
     })
 }
 
+/// What the service manager's status line shows now.
+fn snapshot(gateway: &Gateway) -> Snapshot {
+    let live = gateway.live.load();
+    let backends = live.upstream.backends();
+    Snapshot {
+        connections: gateway.registry.len(),
+        backends_up: backends.iter().filter(|b| b.is_up()).count(),
+        backends: backends.len(),
+    }
+}
+
 /// With `epa_bridging`, a backend presenting another certificate than the listeners (a
 /// configuration that would refuse every Extended Protection login).
 #[derive(Debug, thiserror::Error)]
@@ -611,46 +663,34 @@ fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
     })
 }
 
-/// SIGHUP: re-read the file; apply backends, trust list, limits, timeouts and certificates to new
-/// connections. A file that does not validate changes nothing.
+/// SIGHUP or `POST /reload`: re-read the file; apply backends, trust list, limits, timeouts and
+/// certificates to new connections. A file that does not validate changes nothing. Returns what
+/// was applied, or why the file was refused (each logged and counted here).
 async fn reload(
     args: &RunArgs,
     running: &mut Config,
     gateway: &Gateway,
     kernel: Option<&KernelTracker>,
     metrics: &Arc<Metrics>,
-) {
-    let new = match Config::load_for_reload(args) {
-        Ok(c) => c,
-        Err(e) => {
-            metrics.reload(ReloadResult::Failure);
-            tracing::error!(error = %e, "reload refused: the configuration is invalid; the running one stays");
-            return;
-        }
+) -> ReloadOutcome {
+    let refused = |what: &str, e: &anyhow::Error| {
+        metrics.reload(ReloadResult::Failure);
+        let reason = format!("{what}{e:#}");
+        tracing::error!(error = %reason, "reload refused; the running configuration stays");
+        reason
     };
-    if let Err(e) = verify_bridging(&new).await {
-        tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays");
-        return;
-    }
-    let live = match build_live(&new, metrics) {
-        Ok(live) => live,
-        Err(e) => {
-            metrics.reload(ReloadResult::Failure);
-            tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays");
-            return;
-        }
-    };
+    let new = Config::load_for_reload(args).map_err(|e| refused("", &e.into()))?;
+    verify_bridging(&new).await.map_err(|e| refused("", &e))?;
+    let live = build_live(&new, metrics).map_err(|e| refused("", &e))?;
     // The kernel first, all or nothing; userspace (PROXY trust and the rest) only once it took
     // the new lists, so neither ever trusts more than the configuration that is running.
-    if let Some(k) = kernel
-        && let Err(e) = k.configure(&kernel_options(&new))
-    {
-        metrics.reload(ReloadResult::Failure);
-        tracing::error!(error = %e, "reload refused: cannot update the kernel's trust lists; the running configuration stays");
-        return;
+    if let Some(k) = kernel {
+        k.configure(&kernel_options(&new))
+            .map_err(|e| refused("cannot update the kernel's trust lists: ", &e.into()))?;
     }
     log_warnings(&new);
-    for key in restart_only_changes(running, &new) {
+    let restart_only = restart_only_changes(running, &new);
+    for key in &restart_only {
         tracing::warn!(
             key,
             "changed in the file, but takes effect only after a restart"
@@ -662,12 +702,21 @@ async fn reload(
         gateway.lockout.reconfigure(new.lockout.clone());
     }
     metrics.reload(ReloadResult::Success);
+    let backends: Vec<String> = new.backends.iter().map(ToString::to_string).collect();
     tracing::info!(
-        backends = ?new.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ?backends,
         routes = ?new.routes.iter().map(|r| r.path_prefix.as_str()).collect::<Vec<_>>(),
         "configuration reloaded; established connections keep their settings (and routes)"
     );
+    let mut summary = format!("backends {}", backends.join(", "));
+    if !restart_only.is_empty() {
+        summary.push_str(&format!(
+            "; changed but applied only at the next restart: {}",
+            restart_only.join(", ")
+        ));
+    }
     *running = new;
+    Ok(summary)
 }
 
 /// Turning the lockout guard off weakens a default: say so at every start and reload.

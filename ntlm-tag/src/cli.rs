@@ -46,6 +46,18 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
     },
+    /// Ask the running gateway to re-read its configuration file and wait for the result: exit 0
+    /// when applied, 64 with the reason when refused (the running configuration stays), 1 when the
+    /// gateway cannot be asked. The packaged unit's `ExecReload`.
+    Reload {
+        /// The gateway's admin endpoint: `unix:/path` (run as root or the service user) or
+        /// `HOST:PORT` (with --token-file).
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin: String,
+        /// File with the admin bearer token (the gateway's admin_token_file), for a TCP endpoint.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize, serde::Serialize)]
@@ -137,12 +149,13 @@ pub struct RunArgs {
     /// Kernel identity tracking.
     #[arg(long, value_enum)]
     pub ebpf: Option<EbpfMode>,
-    /// Admin endpoint (/healthz, /metrics, /connections, /kernel): `unix:/path` (private to root
-    /// and the service user) or `HOST:PORT` (/connections and /kernel then need --admin-token-file).
+    /// Admin endpoint (/healthz, /metrics, /connections, /kernel, POST /reload): `unix:/path`
+    /// (private to root and the service user) or `HOST:PORT` (/connections, /kernel and /reload
+    /// then need --admin-token-file).
     #[arg(long, value_name = "ENDPOINT")]
     pub admin: Option<String>,
-    /// Bearer token file that opens /connections and /kernel on a TCP admin address (not readable
-    /// by other users; at least 32 characters).
+    /// Bearer token file that opens /connections, /kernel and /reload on a TCP admin address (not
+    /// readable by other users; at least 32 characters).
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
     /// Show full connection ids in logs and /connections, not only their keyed hashes. The id is

@@ -3,6 +3,7 @@
 //! `proxy::rewrite`) through here.
 
 pub mod admin;
+pub mod admin_client;
 pub mod app;
 pub mod cli;
 pub mod config;
@@ -17,5 +18,7 @@ pub mod ntlm;
 pub mod preflight;
 pub mod proxy;
 pub mod registry;
+pub mod reload;
+pub mod service;
 pub mod tcp_state;
 pub mod upstream;

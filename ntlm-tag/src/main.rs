@@ -12,6 +12,7 @@ use ntlm_tag::{
     kernel::privileges::PrivilegeError,
     kernel::support,
     preflight,
+    reload::{self, Reloaded},
 };
 
 /// Exit code for a bad configuration (EX_USAGE).
@@ -26,6 +27,22 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("ntlm-tag: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Command::Reload { admin, token_file }) => {
+            match reload::request(&admin, token_file.as_deref()) {
+                Ok(Reloaded::Applied(summary)) => {
+                    println!("ntlm-tag: {summary}");
+                    ExitCode::SUCCESS
+                }
+                Ok(Reloaded::Refused(reason)) => {
+                    eprintln!("ntlm-tag: {reason}");
+                    ExitCode::from(EXIT_BAD_CONFIG)
+                }
+                Err(e) => {
+                    eprintln!("ntlm-tag: reload: {e:#}");
                     ExitCode::FAILURE
                 }
             }
@@ -225,8 +242,10 @@ fn failed(e: &anyhow::Error) -> ExitCode {
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_env("NTLM_TAG_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colour only for a person at a terminal: journald and log files get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Colour only for a person at a terminal who did not ask for none (NO_COLOR, no-color.org):
+    // journald and log files get plain text.
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !no_color;
     let builder = fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -229,6 +229,16 @@ impl Gateway {
     /// Like [`start`](Self::start), but reports an exit instead of panicking. `wrapper` runs the
     /// binary through another program (e.g. `setpriv ...`).
     pub fn try_start(ns: &NetNs, args: &[&str], wrapper: Option<&[&str]>) -> Started {
+        Self::try_start_with_env(ns, args, wrapper, &[])
+    }
+
+    /// Like [`try_start`](Self::try_start), with extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub fn try_start_with_env(
+        ns: &NetNs,
+        args: &[&str],
+        wrapper: Option<&[&str]>,
+        env: &[(&str, &str)],
+    ) -> Started {
         // The admin endpoint: the one in `args`, or a unix socket of this gateway's own added.
         let given = args
             .iter()
@@ -263,6 +273,7 @@ impl Gateway {
             })
             .env("NTLM_TAG_LOG", "info,ntlm_tag=debug")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
