@@ -3,7 +3,10 @@
 //!
 //! Input: `flags`, 16 address bytes, 2 port bytes (big-endian), 8 nonce bytes, then the template
 //! (UTF-8, lossily). `flags` bit 0: `allow_reusable_ids`; bits 1-2: the client address is IPv4
-//! (first 4 bytes), IPv6, IPv4 v4-mapped into IPv6 (a dual-stack listener), or IPv6 with a scope id.
+//! (first 4 bytes), IPv6, IPv4 v4-mapped into IPv6 (a dual-stack listener), or IPv6 with a scope id;
+//! bit 3: the connection came with PROXY v2 TLVs, made from the nonce bytes: an AWS VPC endpoint
+//! id (0xEA, subtype 0x01, the 8 bytes), an Azure LinkID (the low 32 bits), and a TLV of type
+//! `nonce[0]` whose value is the 8 bytes repeated `nonce[1]` times (up to 2040 bytes).
 //!
 //! Checked:
 //! - a template is accepted only if it is non-empty printable ASCII that neither starts nor ends
@@ -13,7 +16,9 @@
 //! - a rendered id is a valid header value, and `ConnectionStamp::new` (what the gateway does
 //!   with it on every accepted connection) accepts it;
 //! - it is the template with each placeholder replaced by the canonical client (v4-mapped shown as
-//!   IPv4), its ip, its port or the uid;
+//!   IPv4), its ip, its port, the uid, or the TLV's rendering (`-` when missing);
+//! - a TLV value renders as at most 64 unreserved characters (`A-Z a-z 0-9 - . _ ~`) that are the
+//!   value itself, or `0x` and hex of at most 32 bytes then `~`: never anything else;
 //! - with `{uid}` it contains the uid and two uids give two ids; without, the id never changes;
 //! - uids are `UID_CHARS` (39) lowercase base32 characters that start with the instance nonce,
 //!   and two in a row differ (the key is random: the input only chooses the nonce).
@@ -21,7 +26,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 
 use http::HeaderValue;
 use ntlm_tag::{
-    identity::conn_id::{IdTemplate, TemplateError, UID_CHARS, Uid, UidGenerator, canonical},
+    identity::{
+        conn_id::{
+            IdTemplate, MISSING_TLV, TLV_HEX_MAX, TLV_TEXT_MAX, TemplateError, UID_CHARS, Uid,
+            UidGenerator, canonical, push_tlv_text,
+        },
+        proxy_header::ProxyTlvs,
+    },
     proxy::rewrite::{ClientScheme, ConnectionStamp},
 };
 
@@ -32,6 +43,7 @@ pub struct Input {
     pub allow_reusable: bool,
     pub client: SocketAddr,
     pub nonce: u64,
+    pub tlvs: Option<ProxyTlvs>,
     pub template: String,
 }
 
@@ -56,10 +68,20 @@ impl Input {
                 (nonce >> 32) as u32,
             )),
         };
+        let n = nonce.to_be_bytes();
+        let tlvs = (flags & 8 != 0).then(|| ProxyTlvs {
+            raw: vec![
+                (0xEA, [&[0x01u8][..], &n].concat().into()),
+                (n[0], n.repeat(usize::from(n[1])).into()),
+            ],
+            azure_link_id: Some(nonce as u32),
+            ..ProxyTlvs::default()
+        });
         Some(Input {
             allow_reusable: flags & 1 == 1,
             client,
             nonce,
+            tlvs,
             template: String::from_utf8_lossy(&data[HEADER_BYTES..]).into_owned(),
         })
     }
@@ -124,7 +146,12 @@ pub fn check(data: &[u8]) {
         input.nonce
     );
 
-    let id = template.render(input.client, &u1);
+    if let Some(tlvs) = &input.tlvs {
+        for (_, value) in &tlvs.raw {
+            check_tlv_text(value);
+        }
+    }
+    let id = template.render(input.client, &u1, input.tlvs.as_ref());
     assert!(
         HeaderValue::from_str(&id).is_ok(),
         "{t:?} rendered for {} is not a header value: {id:?}",
@@ -138,11 +165,11 @@ pub fn check(data: &[u8]) {
     }
     assert_eq!(
         id,
-        expand(t, input.client, &u1),
+        expand(t, input.client, &u1, input.tlvs.as_ref()),
         "{t:?} rendered for {}",
         input.client
     );
-    let other = template.render(input.client, &u2);
+    let other = template.render(input.client, &u2, input.tlvs.as_ref());
     if has_uid {
         assert!(id.contains(u1.as_str()), "{id:?} lacks its uid {u1:?}");
         assert_ne!(id, other, "two uids, one id: {t:?}");
@@ -151,8 +178,43 @@ pub fn check(data: &[u8]) {
     }
 }
 
+/// A TLV value's rendering is the value itself when short unreserved text, else bounded hex.
+fn check_tlv_text(value: &[u8]) {
+    let mut out = String::new();
+    push_tlv_text(&mut out, Some(value));
+    let unreserved = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~');
+    assert!(out.chars().all(unreserved), "{value:?} rendered {out:?}");
+    if value.is_empty() {
+        assert_eq!(out, MISSING_TLV);
+    } else if out.as_bytes() == value {
+        assert!(
+            value.len() <= TLV_TEXT_MAX && !out.starts_with("0x"),
+            "{out:?}"
+        );
+    } else {
+        let hex = out
+            .strip_prefix("0x")
+            .unwrap_or_else(|| panic!("{value:?} rendered {out:?}"));
+        let hex = hex.strip_suffix('~').unwrap_or(hex);
+        assert!(hex.len() <= 2 * TLV_HEX_MAX, "{out:?} is too long");
+        assert_eq!(
+            hex.len(),
+            2 * value.len().min(TLV_HEX_MAX),
+            "{value:?} rendered {out:?}"
+        );
+        assert_eq!(out.ends_with('~'), value.len() > TLV_HEX_MAX, "{out:?}");
+    }
+}
+
+/// What a TLV placeholder becomes, by the documented rules.
+fn tlv(value: Option<&[u8]>) -> String {
+    let mut out = String::new();
+    push_tlv_text(&mut out, value);
+    out
+}
+
 /// The template with its placeholders replaced (it was accepted, so braces only open placeholders).
-fn expand(t: &str, client: SocketAddr, uid: &Uid) -> String {
+fn expand(t: &str, client: SocketAddr, uid: &Uid, tlvs: Option<&ProxyTlvs>) -> String {
     let client = canonical(client);
     let mut out = String::new();
     let mut rest = t;
@@ -167,7 +229,23 @@ fn expand(t: &str, client: SocketAddr, uid: &Uid) -> String {
             "client_ip" => out.push_str(&client.ip().to_string()),
             "client_port" => out.push_str(&client.port().to_string()),
             "uid" => out.push_str(uid.as_str()),
-            other => panic!("accepted an unknown placeholder {other:?} in {t:?}"),
+            "aws_vpce_id" => out.push_str(&tlv(tlvs
+                .and_then(|t| t.value(0xEA))
+                .and_then(|v| v.strip_prefix(&[0x01])))),
+            "azure_link_id" => match tlvs.and_then(|t| t.azure_link_id) {
+                Some(link) => out.push_str(&link.to_string()),
+                None => out.push_str(MISSING_TLV),
+            },
+            other => {
+                let kind = other
+                    .strip_prefix("tlv:0x")
+                    .or_else(|| other.strip_prefix("tlv:0X"))
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                    .unwrap_or_else(|| {
+                        panic!("accepted an unknown placeholder {other:?} in {t:?}")
+                    });
+                out.push_str(&tlv(tlvs.and_then(|t| t.value(kind))));
+            }
         }
         rest = &rest[close + 1..];
     }

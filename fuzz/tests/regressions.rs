@@ -10,8 +10,12 @@ use ntlm_tag_fuzz::{TARGETS, check, toa_options};
 
 fn inputs(dir: &str, target: &str) -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir).join(target);
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Vec::new();
+    // A target without inputs of this kind has no folder; any other failure to read one is an
+    // error, never "nothing to replay".
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => panic!("cannot read {}: {e}", dir.display()),
     };
     let mut files: Vec<PathBuf> = entries
         .filter_map(Result::ok)
@@ -50,9 +54,27 @@ fn every_target_has_seeds_and_they_pass() {
     assert!(replay("corpus") >= 16);
 }
 
+/// The regression inputs on record: replaying must find every one of them, so that a moved or
+/// deleted folder fails here instead of silently replaying nothing.
+const REGRESSION_INPUTS: &[(&str, &str)] = &[
+    ("toa_options", "reads-one-past-len"),
+    ("toa_options", "reads-port-of-a-2-byte-option"),
+];
+
 #[test]
 fn inputs_that_once_failed_pass() {
-    replay("regressions");
+    for (target, name) in REGRESSION_INPUTS {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("regressions")
+            .join(target)
+            .join(name);
+        assert!(
+            path.is_file(),
+            "regression input {} is missing",
+            path.display()
+        );
+    }
+    assert!(replay("regressions") >= REGRESSION_INPUTS.len());
 }
 
 /// TOA kind 254 as the only option byte (`len` 1) followed by a byte past `len`: `find_toa` reads

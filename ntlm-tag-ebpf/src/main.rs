@@ -4,6 +4,9 @@
 //! from `ntlm-tag-common` so the proxy never repeats a string.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the counters' atomic add (see `maps::count`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod maps;
 mod sock_ops;

@@ -1,6 +1,8 @@
 //! Every map of the object, in one place: the programs share them, and userspace finds them by the
 //! names in `ntlm-tag-common` (a layout change gets a new `_V<n>` name).
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
@@ -79,8 +81,13 @@ pub fn is_local(addr: &LpmAddr) -> bool {
 #[inline(always)]
 pub fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
-        unsafe { *slot += 1 };
+        // An atomic add although the slot is per CPU: sock_ops runs in process context too (a
+        // close), where a softirq on the same CPU can run this program for another socket between
+        // a plain load and store, losing one of the two counts. The result is unused, so this
+        // compiles to BPF's plain atomic add, which every supported kernel (5.10+) accepts.
+        // (`AtomicU64` has no read-modify-write operations on the BPF target, hence the intrinsic.)
+        // SAFETY: `slot` points to a live, aligned u64 in the map for the program's run.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
     }
 }
 

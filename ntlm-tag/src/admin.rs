@@ -1,14 +1,16 @@
-//! The admin endpoint: `/healthz` (ready: a backend is up), `/livez` (the process answers) and
-//! `/metrics` (no client addresses, no ids), `/connections` (the
-//! live table) and `/kernel` (the eBPF side's counters and records).
+//! The admin endpoint: `/healthz` (ready: some route has a backend up), `/livez` (the process
+//! answers), `/metrics` (no client addresses, no ids), `/connections` (the live table), `/kernel`
+//! (the eBPF side's counters and records) and `POST /reload` (re-read the configuration file and
+//! answer with the result; `ntlm-tag reload` asks it).
 //!
 //! `/connections` and `/kernel` name clients, and `/connections` correlates them with connection
-//! ids, so they are private: on a `unix:` socket (created 0600, owned by the service user) the file
-//! mode keeps other local users out; on a TCP address they need `Authorization: Bearer <token>`
-//! with the token from `admin_token_file`, and without one they are refused with a message saying
-//! how to enable them. Ids are shown as keyed hashes unless `show_full_ids` (see
-//! `identity::id_hash`). Every admin connection has a head timeout, a lifetime and a cap on how many
-//! are open at once, so no local client can pin the gateway's resources through it.
+//! ids, so they are private, and so is `/reload`, which changes what runs: on a `unix:` socket
+//! (created 0600, owned by the service user) the file mode keeps other local users out; on a TCP
+//! address they need `Authorization: Bearer <token>` with the token from `admin_token_file`, and
+//! without one they are refused with a message saying how to enable them. Ids are shown as keyed
+//! hashes unless `show_full_ids` (see `identity::id_hash`). Every admin connection has a head
+//! timeout, a lifetime and a cap on how many are open at once, so no local client can pin the
+//! gateway's resources through it.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -33,13 +35,14 @@ use thiserror::Error;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, UnixListener},
-    sync::{Semaphore, watch},
+    sync::{Semaphore, mpsc, oneshot, watch},
 };
 
 use crate::{
     kernel::{KernelCounters, KernelTracker, monotonic_ns},
     metrics::{self, Metrics, Scrape},
     registry::Registry,
+    upstream::BackendState,
 };
 
 /// A request head must be complete this long after the connection opened or the previous response.
@@ -189,6 +192,10 @@ pub struct SocketFile(PathBuf);
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
+        if !crate::handover::owns_socket_files() {
+            // The other process of an upgrade serves on it.
+            return;
+        }
         if let Err(e) = std::fs::remove_file(&self.0) {
             tracing::info!(path = %self.0.display(), error = %e, "cannot remove the admin socket; the next start removes it");
         }
@@ -245,6 +252,31 @@ impl AdminListener {
         }
     }
 
+    /// The listening socket a predecessor handed over for `endpoint` (an upgrade).
+    pub fn inherited(endpoint: &AdminEndpoint, fd: std::os::fd::OwnedFd) -> std::io::Result<Self> {
+        match endpoint {
+            AdminEndpoint::Tcp(_) => {
+                let listener = std::net::TcpListener::from(fd);
+                listener.set_nonblocking(true)?;
+                Ok(AdminListener::Tcp(listener))
+            }
+            AdminEndpoint::Unix(path) => {
+                let listener = std::os::unix::net::UnixListener::from(fd);
+                listener.set_nonblocking(true)?;
+                Ok(AdminListener::Unix(listener, SocketFile(path.clone())))
+            }
+        }
+    }
+
+    /// A second descriptor of the listening socket, to hand to a successor.
+    pub fn dup(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd as _;
+        match self {
+            AdminListener::Tcp(l) => l.as_fd().try_clone_to_owned(),
+            AdminListener::Unix(l, _) => l.as_fd().try_clone_to_owned(),
+        }
+    }
+
     /// What the ready line shows.
     pub fn describe(&self) -> String {
         match self {
@@ -291,13 +323,23 @@ pub struct AdminState {
     /// `attached`, `off`, or `unavailable: <reason>`.
     pub ebpf_status: String,
     pub private: PrivateAccess,
-    /// The running configuration's backends and whether each is up, asked at every request (a
-    /// reload changes them).
+    /// The running configuration's backends and whether each is up for each route, asked at
+    /// every request (a reload changes them).
     pub backends: BackendHealth,
+    /// Where `POST /reload` sends its request.
+    pub reload: ReloadRequests,
 }
 
-/// Reads the backends' health: `(HOST:PORT, up)`.
-pub type BackendHealth = Arc<dyn Fn() -> Vec<(String, bool)> + Send + Sync>;
+/// How a reload ended: what was applied, or why the file was refused (the running configuration
+/// stays).
+pub type ReloadOutcome = Result<String, String>;
+
+/// Asks the gateway's control loop for a reload; it runs reloads one at a time (signals and
+/// requests alike) and answers each request with the outcome of a reload that started after it.
+pub type ReloadRequests = mpsc::Sender<oneshot::Sender<ReloadOutcome>>;
+
+/// Reads the backends' health per route.
+pub type BackendHealth = Arc<dyn Fn() -> Vec<BackendState> + Send + Sync>;
 
 #[derive(Serialize)]
 struct KernelReport {
@@ -364,7 +406,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(route(&req, &state)) }
+                async move { Ok::<_, Infallible>(handle(&req, &state).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -387,6 +429,85 @@ async fn accept(listener: &Accepting) -> std::io::Result<Box<dyn AdminIo>> {
     })
 }
 
+/// Ready to serve while some route has a backend up: a balancer or orchestrator should send
+/// clients only then. A route with no backend up does not make the gateway unready: a broken
+/// virtual directory is usually broken behind every gateway alike, and taking the gateways out
+/// would take every other route down with it. The body names such routes (`degraded`), and
+/// `backend_up{route}` alerts on them.
+fn readiness(states: &[BackendState]) -> Response<Full<Bytes>> {
+    let mut routes: Vec<(&str, usize, usize)> = Vec::new();
+    for s in states {
+        match routes.iter_mut().find(|(name, ..)| *name == s.route) {
+            Some((_, up, of)) => {
+                *up += usize::from(s.up);
+                *of += 1;
+            }
+            None => routes.push((&s.route, usize::from(s.up), 1)),
+        }
+    }
+    let lines: String = routes
+        .iter()
+        .map(|(name, up, of)| format!("route {name}: {up} of {of} backends up\n"))
+        .collect();
+    let down: Vec<&str> = routes
+        .iter()
+        .filter(|(_, up, _)| *up == 0)
+        .map(|(name, ..)| *name)
+        .collect();
+    if down.len() == routes.len() {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no backend is up\n{lines}"),
+        )
+    } else if down.is_empty() {
+        text(StatusCode::OK, format!("ok\n{lines}"))
+    } else {
+        text(
+            StatusCode::OK,
+            format!(
+                "degraded: no backend up for route {}\n{lines}",
+                down.join(", route ")
+            ),
+        )
+    }
+}
+
+async fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    if req.uri().path() != "/reload" {
+        return route(req, state);
+    }
+    if req.method() != Method::POST {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "POST only\n");
+    }
+    if let Some(refusal) = refuse_private(req, &state.private) {
+        return refusal;
+    }
+    reload(&state.reload).await
+}
+
+/// Runs a reload through the control loop and answers with its outcome: 200 applied, 422 refused
+/// (with the reason), 503 when the gateway is stopping.
+async fn reload(requests: &ReloadRequests) -> Response<Full<Bytes>> {
+    let stopping = || {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the gateway is stopping; nothing was reloaded\n",
+        )
+    };
+    let (reply, outcome) = oneshot::channel();
+    if requests.send(reply).await.is_err() {
+        return stopping();
+    }
+    match outcome.await {
+        Ok(Ok(summary)) => text(StatusCode::OK, format!("reloaded: {summary}\n")),
+        Ok(Err(reason)) => text(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("reload refused, the running configuration stays: {reason}\n"),
+        ),
+        Err(_) => stopping(),
+    }
+}
+
 fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
@@ -398,23 +519,7 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
         return refusal;
     }
     match path {
-        // Ready to serve: a balancer or orchestrator should send clients only while some backend
-        // can take them.
-        "/healthz" => {
-            let backends = (state.backends)();
-            let up = backends.iter().filter(|(_, up)| *up).count();
-            if up > 0 {
-                text(
-                    StatusCode::OK,
-                    format!("ok: {up} of {} backends up\n", backends.len()),
-                )
-            } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("no backend is up (of {})\n", backends.len()),
-                )
-            }
-        }
+        "/healthz" => readiness(&(state.backends)()),
         // Alive: the process and its runtime answer; restart it only when this fails.
         "/livez" => text(StatusCode::OK, "ok\n"),
         "/connections" => json(&state.registry.rows()),
@@ -424,16 +529,13 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
                 .kernel
                 .as_deref()
                 .map(|k| (k.counters(), k.map_entries()));
-            let mut body = state.metrics.render(Scrape {
+            let body = state.metrics.render(Scrape {
                 connections_open: state.registry.len(),
                 kernel: kernel.as_ref().map(|(c, n)| (c, *n)),
                 backends: (state.backends)(),
+                auth_states: state.registry.auth_counts(),
+                lockout: state.lockout.totals(),
             });
-            // The lockout guard's and auth-state metrics, hand-encoded next to the registry's.
-            body.push_str(&crate::guard::render_metrics(
-                state.registry.auth_counts(),
-                &state.lockout,
-            ));
             let mut r = Response::new(Full::new(Bytes::from(body)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -443,7 +545,7 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz, /livez, /connections, /kernel, /metrics\n",
+            "not found; try /healthz, /livez, /connections, /kernel, /metrics, POST /reload\n",
         ),
     }
 }
@@ -461,8 +563,9 @@ fn refuse_private(
         PrivateAccess::Bearer(_) => {
             let mut r = text(
                 StatusCode::UNAUTHORIZED,
-                "/connections and /kernel need `Authorization: Bearer <token>` with the token in \
-                 admin_token_file (ntlm-tag conns --token-file FILE sends it)\n",
+                "/connections, /kernel and /reload need `Authorization: Bearer <token>` with the \
+                 token in admin_token_file (`ntlm-tag conns` and `ntlm-tag reload` send it with \
+                 --token-file FILE)\n",
             );
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -472,8 +575,9 @@ fn refuse_private(
         }
         PrivateAccess::Closed => Some(text(
             StatusCode::FORBIDDEN,
-            "/connections and /kernel show clients and connections, so a TCP admin address serves \
-             them only with admin_token_file set; or use admin = \"unix:/run/ntlm-tag/admin.sock\"\n",
+            "/connections and /kernel show clients and connections, and /reload changes what runs, \
+             so a TCP admin address serves them only with admin_token_file set; or use \
+             admin = \"unix:/run/ntlm-tag/admin.sock\"\n",
         )),
     }
 }
@@ -529,5 +633,64 @@ fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
             r
         }
         Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot render\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(route: &str, backend: &str, up: bool) -> BackendState {
+        BackendState {
+            route: route.to_string(),
+            backend: backend.to_string(),
+            up,
+        }
+    }
+
+    /// `/healthz`'s status and body for `states`.
+    fn answer(states: &[BackendState]) -> (StatusCode, String) {
+        use http_body_util::BodyExt as _;
+        let response = readiness(states);
+        let status = response.status();
+        let bytes = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(response.into_body().collect())
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[test]
+    fn ready_while_some_route_has_a_backend_up_naming_the_routes_without() {
+        let all_up = [
+            state("/owa", "a:80", true),
+            state("/owa", "b:80", false),
+            state("default", "a:80", true),
+        ];
+        let (status, body) = answer(&all_up);
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.starts_with("ok\n") && body.contains("route /owa: 1 of 2 backends up"));
+
+        let degraded = [
+            state("/owa", "a:80", false),
+            state("/owa", "b:80", false),
+            state("default", "a:80", true),
+        ];
+        let (status, body) = answer(&degraded);
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            body.starts_with("degraded: no backend up for route /owa\n"),
+            "{body}"
+        );
+
+        let none = [
+            state("/owa", "a:80", false),
+            state("default", "a:80", false),
+        ];
+        let (status, body) = answer(&none);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("route default: 0 of 1 backends up"), "{body}");
     }
 }

@@ -1,31 +1,44 @@
 //! Start-up and shutdown of the gateway: kernel programs first (so listeners land in the proxy's own
 //! cgroup), then listeners, then the user switch (all three before the runtime's threads exist), then
-//! serve until SIGTERM/SIGINT and drain.
+//! serve until SIGTERM/SIGINT and drain, or until a successor (`ntlm-tag upgrade`) takes the
+//! listeners over and the connections of this process have closed (see [`crate::handover`]).
 
 use std::{
     collections::HashMap,
+    io::Write as _,
     net::SocketAddr,
+    os::fd::OwnedFd,
     sync::{Arc, atomic::AtomicUsize},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
 use arc_swap::ArcSwap;
 use socket2::{Domain, Socket, Type};
-use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
+use tokio::{
+    net::TcpListener,
+    signal::unix::SignalKind,
+    sync::{mpsc, oneshot, watch},
+};
 use tokio_util::task::TaskTracker;
 
 use crate::{
-    admin::{self, AdminListener, AdminState, PrivateAccess},
+    admin::{self, AdminListener, AdminState, PrivateAccess, ReloadOutcome},
     cli::{EbpfMode, RunArgs},
     config::{Config, ListenerConfig},
     guard::LockoutGuard,
+    handover::{self, Handover, Predecessor, UpgradeSocket},
     identity::{IdDisplay, Identifier, UidGenerator, trust::TrustedSources},
     kernel::{KernelOptions, KernelTracker, local_addrs, privileges},
     metrics::{Metrics, ReloadResult},
     proxy::{self, Gateway, Live, rewrite::StampPolicy},
     registry::Registry,
+    service::{self, ServiceManager, Snapshot},
     upstream::Upstream,
 };
+
+/// How the line `ntlm-tag upgrade` prints on stdout once it took over begins.
+pub const TOOK_OVER: &str = "ntlm-tag: upgrade done";
 
 /// Exit code when `--ebpf required` cannot be honoured (EX_UNAVAILABLE).
 pub const EXIT_EBPF_UNAVAILABLE: u8 = 69;
@@ -44,37 +57,99 @@ pub struct Prepared {
     ebpf_status: String,
     listeners: Vec<(std::net::TcpListener, Arc<ListenerConfig>)>,
     admin_listener: Option<AdminListener>,
+    upgrade_socket: Option<UpgradeSocket>,
+    /// With `ntlm-tag upgrade`: the running gateway, until it released its listeners to this one.
+    predecessor: Option<Predecessor>,
 }
 
 /// The privileged part of start-up, on the process's only thread: attach the kernel programs (so
 /// that the listeners land in the proxy's own cgroup), bind, then switch user. Capabilities and
 /// no_new_privs belong to each thread; the runtime's threads, created after this, inherit exactly
 /// what the switch left.
-pub fn prepare(config: &Config) -> Result<Prepared> {
+///
+/// With `upgrade`, the sockets come from the gateway running on `upgrade_socket` (those the
+/// configuration still names), and the kernel programs are attached in the cgroup they belong to.
+pub fn prepare(config: &Config, upgrade: bool) -> Result<Prepared> {
     log_warnings(config);
-    let (mut kernel, mut ebpf_status) = start_kernel(config)?;
+    let (predecessor, mut inherited) = if upgrade {
+        let path = config.upgrade_socket.as_deref().context(
+            "`ntlm-tag upgrade` takes over through upgrade_socket, and the configuration sets none",
+        )?;
+        if !config.ebpf.xdp_interfaces.is_empty() {
+            // XDP takes one program per interface and mode, held by the running gateway; taking it
+            // over is not implemented, so refuse before the running gateway is touched.
+            bail!(
+                "`ntlm-tag upgrade` does not support `xdp` interfaces yet (the running gateway holds \
+                 their XDP attachment); restart the service instead"
+            );
+        }
+        let (predecessor, inherited) = handover::take_over(path)?;
+        (Some(predecessor), Some(inherited))
+    } else {
+        (None, None)
+    };
+    // First: a second gateway started by mistake stops here, naming `ntlm-tag upgrade`.
+    let upgrade_socket = match &config.upgrade_socket {
+        Some(path) => Some(
+            match inherited.as_mut().and_then(|i| i.take_upgrade_socket(path)) {
+                Some(fd) => UpgradeSocket::inherited(fd, path)
+                    .context("cannot use the upgrade socket the running gateway handed over")?,
+                None => UpgradeSocket::bind(path)?,
+            },
+        ),
+        None => None,
+    };
+    let (mut kernel, mut ebpf_status) = match &inherited {
+        Some(i) if i.cgroup.is_none() && config.ebpf.mode != EbpfMode::Off => {
+            let problem = "the running gateway has no kernel programs, so its listeners belong to no \
+                           cgroup of ntlm-tag's and a kernel program of this process would record none \
+                           of their connections; restart the service instead of upgrading to turn eBPF on";
+            if config.ebpf.mode == EbpfMode::Required {
+                return Err(EbpfRequiredError(problem.to_string()).into());
+            }
+            tracing::warn!("{problem}; connections use peer addresses");
+            (None, format!("unavailable: {problem}"))
+        }
+        Some(i) => start_kernel(config, i.cgroup.as_deref())?,
+        None => start_kernel(config, None)?,
+    };
     let mut listeners = Vec::new();
     for l in &config.listeners {
-        let listener = bind(l.address).with_context(|| {
-            format!(
-                "cannot listen on {} (in use? ports below 1024 need root or CAP_NET_BIND_SERVICE)",
-                l.address
-            )
-        })?;
+        let listener = match inherited.as_mut().and_then(|i| i.take_listener(l.address)) {
+            Some(listener) => listener,
+            None => bind(l.address).with_context(|| {
+                format!(
+                    "cannot listen on {} (in use? ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+                    l.address
+                )
+            })?,
+        };
         listeners.push((listener, Arc::new(l.clone())));
     }
     let admin_listener = match &config.admin {
-        Some(admin) => {
-            // A unix socket belongs to the service user, so that it (and root) can read it after the
-            // switch, and the gateway can remove it at exit.
-            let owner = match &config.user {
-                Some(user) => Some(privileges::lookup_user(user)?),
-                None => None,
-            };
-            Some(AdminListener::bind(&admin.endpoint, owner)?)
-        }
+        Some(admin) => match inherited
+            .as_mut()
+            .and_then(|i| i.take_admin(&admin.endpoint.to_string()))
+        {
+            Some(fd) => Some(
+                AdminListener::inherited(&admin.endpoint, fd)
+                    .context("cannot use the admin socket the running gateway handed over")?,
+            ),
+            None => {
+                // A unix socket belongs to the service user, so that it (and root) can read it
+                // after the switch, and the gateway can remove it at exit.
+                let owner = match &config.user {
+                    Some(user) => Some(privileges::lookup_user(user)?),
+                    None => None,
+                };
+                Some(AdminListener::bind(&admin.endpoint, owner)?)
+            }
+        },
         None => None,
     };
+    if let Some(inherited) = inherited {
+        inherited.close_unused();
+    }
     if let Some(user) = &config.user {
         let records_usable = switch_user(user, kernel.as_deref(), config.ebpf.mode)?;
         if !records_usable {
@@ -92,6 +167,8 @@ pub fn prepare(config: &Config) -> Result<Prepared> {
         ebpf_status,
         listeners,
         admin_listener,
+        upgrade_socket,
+        predecessor,
     })
 }
 
@@ -146,14 +223,17 @@ fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Runs the gateway until SIGTERM/SIGINT. `args` are kept to re-read the file on SIGHUP (flags still
-/// override it).
+/// Runs the gateway until SIGTERM/SIGINT. `args` are kept to re-read the file on SIGHUP or an admin
+/// `POST /reload` (flags still override it). Tells systemd (when it started the gateway) when it is
+/// ready, reloading and stopping.
 pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()> {
     let Prepared {
         kernel,
         ebpf_status,
         listeners,
         admin_listener,
+        upgrade_socket,
+        predecessor,
     } = prepared;
     if let Some(k) = &kernel {
         k.forward_kernel_log();
@@ -165,6 +245,21 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
              (NAT, terminal servers, reconnects); a new client can then inherit another user's NTLM session"
         );
     }
+    // Second descriptors of every socket, for a successor (the runtime owns the first ones).
+    let handover = match upgrade_socket.as_ref() {
+        Some(socket) => Some(Arc::new(
+            handover_sockets(
+                &listeners,
+                admin_listener
+                    .as_ref()
+                    .zip(config.admin.as_ref().map(|a| a.endpoint.to_string())),
+                socket,
+                kernel.as_deref(),
+            )
+            .context("cannot prepare the sockets for an upgrade")?,
+        )),
+        None => None,
+    };
     let listeners = listeners
         .into_iter()
         .map(|(l, c)| Ok((TcpListener::from_std(l)?, c)))
@@ -208,17 +303,38 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
         tokio::spawn(watch.run(Arc::downgrade(k)));
     }
     let mut signals = Signals::install()?;
+    if let Some(predecessor) = predecessor {
+        take_over(predecessor, gateway.uids.nonce(), Arc::clone(&metrics)).await?;
+    }
+    let (reload_tx, mut reload_requests) = mpsc::channel::<oneshot::Sender<ReloadOutcome>>(4);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Fired when a successor takes the listeners: stop accepting, keep serving.
+    let (hand_over_tx, hand_over_rx) = watch::channel(false);
+    // Fired at a stop and at a hand-over: the admin endpoint and the upgrade socket.
+    let (stop_serving_tx, stop_serving_rx) = watch::channel(false);
     let tracker = TaskTracker::new();
     let mut addresses = Vec::new();
+    let mut accepting = Vec::new();
     for (listener, listener_config) in listeners {
         addresses.push(listener.local_addr()?.to_string());
-        tokio::spawn(proxy::serve_listener(
+        accepting.push(tokio::spawn(proxy::serve_listener(
             listener,
             listener_config,
             Arc::clone(&gateway),
-            shutdown_rx.clone(),
+            proxy::ListenerStops {
+                shutdown: shutdown_rx.clone(),
+                hand_over: hand_over_rx.clone(),
+            },
             tracker.clone(),
+        )));
+    }
+    let (successor_tx, mut successors) = tokio::sync::mpsc::channel(1);
+    if let (Some(socket), Some(handover)) = (upgrade_socket, handover) {
+        tokio::spawn(handover::offer_to_successors(
+            socket,
+            handover,
+            successor_tx,
+            stop_serving_rx.clone(),
         ));
     }
     let admin_address = match admin_listener {
@@ -233,7 +349,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
                 (AdminListener::Tcp(_), None) => {
                     tracing::info!(
                         "admin on TCP without admin_token_file: /healthz and /metrics only; \
-                         /connections and /kernel answer 403"
+                         /connections, /kernel and /reload answer 403"
                     );
                     PrivateAccess::Closed
                 }
@@ -249,15 +365,12 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
                     let gateway = Arc::clone(&gateway);
                     Arc::new(move || {
                         let live = gateway.live.load();
-                        live.upstream
-                            .backends()
-                            .iter()
-                            .map(|b| (b.authority().to_string(), b.is_up()))
-                            .collect()
+                        live.upstream.states()
                     })
                 },
+                reload: reload_tx,
             });
-            tokio::spawn(admin::serve(listener, state, shutdown_rx.clone()));
+            tokio::spawn(admin::serve(listener, state, stop_serving_rx.clone()));
             Some(address)
         }
         None => None,
@@ -266,17 +379,96 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
         listen = ?addresses,
         admin = ?admin_address,
         backends = ?config.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        routes = ?config.routes.iter().map(|r| r.path_prefix.as_str()).collect::<Vec<_>>(),
         header = config.identity.header.as_str(),
         uid_nonce = gateway.uids.nonce(),
         ebpf = %ebpf_status,
         "ntlm-tag ready"
     );
+    let snapshot = {
+        let gateway = Arc::clone(&gateway);
+        move || snapshot(&gateway)
+    };
+    let manager = Arc::new(ServiceManager::from_env());
+    manager.ready(&snapshot());
+    tokio::spawn(service::keep_status_current(
+        Arc::clone(&manager),
+        snapshot.clone(),
+        shutdown_rx.clone(),
+    ));
 
+    // Reloads run here, one at a time, whether a signal or the admin endpoint asked: each admin
+    // request is answered with the outcome of a reload that began after it arrived.
     let mut running = config;
-    while let Signal::Reload = signals.next().await {
-        reload(&args, &mut running, &gateway, kernel.as_deref(), &metrics).await;
+    let successor = loop {
+        let reply = tokio::select! {
+            signal = signals.next() => match signal {
+                Signal::Stop => break None,
+                Signal::Reload => None,
+            },
+            Some(reply) = reload_requests.recv() => {
+                tracing::info!("reload requested on the admin endpoint");
+                Some(reply)
+            }
+            Some(successor) = successors.recv() => break Some(successor),
+        };
+        manager.reloading();
+        let outcome = reload(&args, &mut running, &gateway, kernel.as_deref(), &metrics).await;
+        manager.reloaded(
+            outcome.as_ref().map(|_| ()).map_err(String::as_str),
+            &snapshot(),
+        );
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
+        }
+    };
+    // Requests that arrive from now on are answered "stopping" (their sender is gone).
+    drop(reload_requests);
+    // After a hand-over the service goes on in the successor: telling the service manager that it
+    // stops would make it stop the successor too.
+    if successor.is_none() {
+        manager.stopping(registry.len());
     }
     drop(kernel);
+    let _ = stop_serving_tx.send(true);
+    if let Some(successor) = successor {
+        let _ = hand_over_tx.send(true);
+        let mut drained = 0;
+        for task in accepting {
+            drained += task.await.unwrap_or(0);
+        }
+        tracker.close();
+        let draining = gateway.open.load(std::sync::atomic::Ordering::Relaxed);
+        let pid = successor.pid;
+        let mut reports = None;
+        match tokio::task::spawn_blocking(move || successor.release(drained, draining)).await {
+            Ok(Ok(r)) => reports = Some(r),
+            Ok(Err(e)) => tracing::error!(
+                successor = pid,
+                error = %e,
+                "upgrade: the successor went away after it said it was ready, and this process \
+                 no longer accepts: nothing accepts new connections now; start the service again"
+            ),
+            Err(e) => tracing::error!(error = %e, "upgrade: the hand-over task failed"),
+        }
+        tracing::info!(
+            successor = pid,
+            accepted_from_queue = drained,
+            draining,
+            deadline_secs = gateway.live.load().timeouts.upgrade_drain.as_secs_f64(),
+            "upgrade: the successor accepts new connections now; serving this process's own until \
+             they close or the upgrade drain deadline passes"
+        );
+        let all_closed =
+            drain_after_upgrade(&gateway, &tracker, &mut signals, reports.as_mut()).await;
+        let left = gateway.open.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(r) = reports {
+            r.drained(if all_closed { 0 } else { left });
+        }
+        if all_closed {
+            return Ok(());
+        }
+    }
     let drain = gateway.live.load().timeouts.drain;
     tracing::info!(
         connections = registry.len(),
@@ -292,6 +484,122 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
         );
     }
     Ok(())
+}
+
+/// How often a process draining after an upgrade says how many connections it still serves.
+const DRAIN_PROGRESS_EVERY: Duration = Duration::from_secs(60);
+
+/// How often the successor's metrics learn how many connections this process still serves.
+const REPORT_TO_SUCCESSOR_EVERY: Duration = Duration::from_secs(1);
+
+/// After a hand-over: serves the remaining connections until the last one closes (true), or until
+/// `timeouts.upgrade_drain_secs` passes or SIGTERM arrives (false: the caller closes them).
+async fn drain_after_upgrade(
+    gateway: &Gateway,
+    tracker: &TaskTracker,
+    signals: &mut Signals,
+    mut reports: Option<&mut handover::DrainReports>,
+) -> bool {
+    let open = || gateway.open.load(std::sync::atomic::Ordering::Relaxed);
+    let mut report_every = tokio::time::interval(REPORT_TO_SUCCESSOR_EVERY);
+    let deadline = tokio::time::Instant::now() + gateway.live.load().timeouts.upgrade_drain;
+    let mut progress = tokio::time::interval_at(
+        tokio::time::Instant::now() + DRAIN_PROGRESS_EVERY,
+        DRAIN_PROGRESS_EVERY,
+    );
+    loop {
+        tokio::select! {
+            _ = tracker.wait() => {
+                tracing::info!("upgrade: the last connection of this process closed; exiting");
+                return true;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(
+                    connections = open(),
+                    "upgrade drain deadline passed (timeouts.upgrade_drain_secs); closing this \
+                     process's remaining connections (their clients reconnect to the new process \
+                     and log in again)"
+                );
+                return false;
+            }
+            _ = progress.tick() => {
+                tracing::info!(connections = open(), "upgrade: still serving this process's connections");
+            }
+            _ = report_every.tick() => {
+                if let Some(r) = reports.as_deref_mut() {
+                    r.draining(open());
+                }
+            }
+            signal = signals.next() => match signal {
+                Signal::Stop => return false,
+                Signal::Reload => tracing::info!(
+                    "reload ignored: this process handed its listeners over and only drains; \
+                     reload the new one"
+                ),
+            },
+        }
+    }
+}
+
+/// The successor's side of a hand-over: ready, so the predecessor may stop accepting.
+async fn take_over(predecessor: Predecessor, uid_nonce: &str, metrics: Arc<Metrics>) -> Result<()> {
+    let pid = predecessor.pid;
+    let nonce = uid_nonce.to_string();
+    let (drained, draining) =
+        tokio::task::spawn_blocking(move || predecessor.hand_over(&nonce, metrics))
+            .await
+            .context("the hand-over task failed")?
+            .context("the running gateway did not release its listeners; it keeps serving")?;
+    tracing::info!(
+        predecessor = pid,
+        predecessor_accepted_from_queue = drained,
+        predecessor_draining = draining,
+        "upgrade: took the listeners over; the old process serves its own connections until they close"
+    );
+    // For whoever started `ntlm-tag upgrade` (an operator's terminal waits for this line). Best
+    // effort: nobody may be reading any more, and that must not stop the gateway.
+    let _ = writeln!(
+        std::io::stdout(),
+        "{TOOK_OVER}: pid {} serves new connections; pid {pid} serves its {draining} until they close",
+        std::process::id()
+    );
+    Ok(())
+}
+
+/// Second descriptors of the sockets, and the cgroup they belong to, for a successor.
+fn handover_sockets(
+    listeners: &[(std::net::TcpListener, Arc<ListenerConfig>)],
+    admin: Option<(&AdminListener, String)>,
+    upgrade: &UpgradeSocket,
+    kernel: Option<&KernelTracker>,
+) -> std::io::Result<Handover> {
+    let listeners = listeners
+        .iter()
+        .map(|(l, _)| Ok((l.local_addr()?, OwnedFd::from(l.try_clone()?))))
+        .collect::<std::io::Result<_>>()?;
+    let admin = match admin {
+        Some((listener, endpoint)) => Some((endpoint, listener.dup()?)),
+        None => None,
+    };
+    Ok(Handover {
+        pid: std::process::id(),
+        cgroup: kernel.map(|k| k.cgroup_path().to_path_buf()),
+        listeners,
+        admin,
+        upgrade: upgrade.dup()?,
+        upgrade_path: upgrade.path().to_path_buf(),
+    })
+}
+
+/// What the service manager's status line shows now.
+fn snapshot(gateway: &Gateway) -> Snapshot {
+    let live = gateway.live.load();
+    let backends = live.upstream.backends();
+    Snapshot {
+        connections: gateway.registry.len(),
+        backends_up: backends.iter().filter(|b| b.is_up()).count(),
+        backends: backends.len(),
+    }
 }
 
 /// With `epa_bridging`, a backend presenting another certificate than the listeners (a
@@ -312,7 +620,7 @@ pub async fn verify_bridging(config: &Config) -> Result<()> {
     }
     let findings = crate::epa::bridging::verify(
         &config.listeners,
-        &config.backends,
+        &config.all_backends(),
         config.timeouts.upstream_connect,
     )
     .await?;
@@ -329,15 +637,15 @@ fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
     }
     let upstream = Upstream::new(
         &config.backends,
+        &config.routes,
         config.mode,
         config.balance,
         &config.timeouts,
         config.limits.max_upstream_per_backend,
         Arc::clone(metrics),
-    )?;
-    if let Some(check) = &config.health_check {
-        upstream.spawn_health_checks(check.clone());
-    }
+    )?
+    .with_dedicated_caps(config.upstream_caps);
+    upstream.spawn_health_checks(config.health_check.as_ref());
     let mut tls = HashMap::new();
     for l in config.listeners.iter().filter(|l| !l.tls.is_empty()) {
         let acceptor = proxy::tls::acceptor(&l.tls, config.http2)
@@ -349,51 +657,40 @@ fn build_live(config: &Config, metrics: &Arc<Metrics>) -> Result<Live> {
         trusted: TrustedSources::new(&config.trust.proxy),
         limits: config.limits,
         timeouts: config.timeouts,
+        route_timeouts: Arc::new(config.route_timeouts.clone()),
         tls,
         access_log: config.access_log,
     })
 }
 
-/// SIGHUP: re-read the file; apply backends, trust list, limits, timeouts and certificates to new
-/// connections. A file that does not validate changes nothing.
+/// SIGHUP or `POST /reload`: re-read the file; apply backends, trust list, limits, timeouts and
+/// certificates to new connections. A file that does not validate changes nothing. Returns what
+/// was applied, or why the file was refused (each logged and counted here).
 async fn reload(
     args: &RunArgs,
     running: &mut Config,
     gateway: &Gateway,
     kernel: Option<&KernelTracker>,
     metrics: &Arc<Metrics>,
-) {
-    let new = match Config::load_for_reload(args) {
-        Ok(c) => c,
-        Err(e) => {
-            metrics.reload(ReloadResult::Failure);
-            tracing::error!(error = %e, "reload refused: the configuration is invalid; the running one stays");
-            return;
-        }
+) -> ReloadOutcome {
+    let refused = |what: &str, e: &anyhow::Error| {
+        metrics.reload(ReloadResult::Failure);
+        let reason = format!("{what}{e:#}");
+        tracing::error!(error = %reason, "reload refused; the running configuration stays");
+        reason
     };
-    if let Err(e) = verify_bridging(&new).await {
-        tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays");
-        return;
-    }
-    let live = match build_live(&new, metrics) {
-        Ok(live) => live,
-        Err(e) => {
-            metrics.reload(ReloadResult::Failure);
-            tracing::error!(error = %format!("{e:#}"), "reload refused; the running configuration stays");
-            return;
-        }
-    };
+    let new = Config::load_for_reload(args).map_err(|e| refused("", &e.into()))?;
+    verify_bridging(&new).await.map_err(|e| refused("", &e))?;
+    let live = build_live(&new, metrics).map_err(|e| refused("", &e))?;
     // The kernel first, all or nothing; userspace (PROXY trust and the rest) only once it took
     // the new lists, so neither ever trusts more than the configuration that is running.
-    if let Some(k) = kernel
-        && let Err(e) = k.configure(&kernel_options(&new))
-    {
-        metrics.reload(ReloadResult::Failure);
-        tracing::error!(error = %e, "reload refused: cannot update the kernel's trust lists; the running configuration stays");
-        return;
+    if let Some(k) = kernel {
+        k.configure(&kernel_options(&new))
+            .map_err(|e| refused("cannot update the kernel's trust lists: ", &e.into()))?;
     }
     log_warnings(&new);
-    for key in restart_only_changes(running, &new) {
+    let restart_only = restart_only_changes(running, &new);
+    for key in &restart_only {
         tracing::warn!(
             key,
             "changed in the file, but takes effect only after a restart"
@@ -405,11 +702,21 @@ async fn reload(
         gateway.lockout.reconfigure(new.lockout.clone());
     }
     metrics.reload(ReloadResult::Success);
+    let backends: Vec<String> = new.backends.iter().map(ToString::to_string).collect();
     tracing::info!(
-        backends = ?new.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "configuration reloaded; established connections keep their settings"
+        ?backends,
+        routes = ?new.routes.iter().map(|r| r.path_prefix.as_str()).collect::<Vec<_>>(),
+        "configuration reloaded; established connections keep their settings (and routes)"
     );
+    let mut summary = format!("backends {}", backends.join(", "));
+    if !restart_only.is_empty() {
+        summary.push_str(&format!(
+            "; changed but applied only at the next restart: {}",
+            restart_only.join(", ")
+        ));
+    }
     *running = new;
+    Ok(summary)
 }
 
 /// Turning the lockout guard off weakens a default: say so at every start and reload.
@@ -503,7 +810,10 @@ fn log_warnings(config: &Config) {
 }
 
 /// Loads the kernel programs as `config.ebpf.mode` asks. Returns the tracker and a status line.
-fn start_kernel(config: &Config) -> Result<(Option<Arc<KernelTracker>>, String)> {
+fn start_kernel(
+    config: &Config,
+    join: Option<&std::path::Path>,
+) -> Result<(Option<Arc<KernelTracker>>, String)> {
     match config.ebpf.mode {
         EbpfMode::Off => {
             tracing::info!(
@@ -512,7 +822,7 @@ fn start_kernel(config: &Config) -> Result<(Option<Arc<KernelTracker>>, String)>
             );
             Ok((None, "off".to_string()))
         }
-        mode => match KernelTracker::start(&kernel_options(config)) {
+        mode => match KernelTracker::start(&kernel_options(config), join) {
             Ok(k) => Ok((Some(Arc::new(k)), "attached".to_string())),
             Err(e) if mode == EbpfMode::Required => Err(EbpfRequiredError(format!("{e:#}")).into()),
             Err(e) => {

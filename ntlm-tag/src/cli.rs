@@ -30,11 +30,26 @@ pub enum Command {
     Run(RunArgs),
     /// Validate the configuration and print the effective settings; exit 64 naming the offending key.
     Check(RunArgs),
+    /// Take over from the gateway running on `upgrade_socket` (as root): this new process gets its
+    /// listeners and serves new connections, the old one serves its own until they close.
+    Upgrade(RunArgs),
     /// Print the manual page (roff) generated from these definitions; `cargo xtask install` installs it.
     #[command(hide = true)]
     Man,
     /// Print the live connection table of a running gateway (from its admin endpoint).
     Conns {
+        /// The gateway's admin endpoint: `unix:/path` (run as root or the service user) or
+        /// `HOST:PORT` (with --token-file).
+        #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
+        admin: String,
+        /// File with the admin bearer token (the gateway's admin_token_file), for a TCP endpoint.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+    },
+    /// Ask the running gateway to re-read its configuration file and wait for the result: exit 0
+    /// when applied, 64 with the reason when refused (the running configuration stays), 1 when the
+    /// gateway cannot be asked. The packaged unit's `ExecReload`.
+    Reload {
         /// The gateway's admin endpoint: `unix:/path` (run as root or the service user) or
         /// `HOST:PORT` (with --token-file).
         #[arg(long, default_value = DEFAULT_ADMIN_SOCKET)]
@@ -127,24 +142,29 @@ pub struct RunArgs {
     /// Name of the connection-id header stamped on every upstream request.
     #[arg(long, value_name = "NAME")]
     pub header: Option<String>,
-    /// Connection-id template: {client}, {client_ip}, {client_port}, {uid}.
+    /// Connection-id template: {client}, {client_ip}, {client_port}, {uid}; behind PROXY v2,
+    /// {aws_vpce_id}, {azure_link_id}, {tlv:0xNN} (`-` when the header had none).
     #[arg(long, value_name = "TEMPLATE")]
     pub id_template: Option<String>,
     /// Kernel identity tracking.
     #[arg(long, value_enum)]
     pub ebpf: Option<EbpfMode>,
-    /// Admin endpoint (/healthz, /metrics, /connections, /kernel): `unix:/path` (private to root
-    /// and the service user) or `HOST:PORT` (/connections and /kernel then need --admin-token-file).
+    /// Admin endpoint (/healthz, /metrics, /connections, /kernel, POST /reload): `unix:/path`
+    /// (private to root and the service user) or `HOST:PORT` (/connections, /kernel and /reload
+    /// then need --admin-token-file).
     #[arg(long, value_name = "ENDPOINT")]
     pub admin: Option<String>,
-    /// Bearer token file that opens /connections and /kernel on a TCP admin address (not readable
-    /// by other users; at least 32 characters).
+    /// Bearer token file that opens /connections, /kernel and /reload on a TCP admin address (not
+    /// readable by other users; at least 32 characters).
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
     /// Show full connection ids in logs and /connections, not only their keyed hashes. The id is
     /// what a header-keyed backend (Jespa) trusts: whoever reads it can act as that connection.
     #[arg(long)]
     pub show_full_ids: bool,
+    /// Unix socket a successor (`ntlm-tag upgrade`) takes the listeners over through.
+    #[arg(long, value_name = "PATH")]
+    pub upgrade_socket: Option<PathBuf>,
     /// Entries of the kernel connection map (LRU).
     #[arg(long, value_name = "N")]
     pub map_entries: Option<u32>,

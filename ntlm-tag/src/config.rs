@@ -20,8 +20,12 @@ use crate::{
         conn_id::{DEFAULT_TEMPLATE, IdTemplate},
         trust::{TrustLists, covers_a_whole_family, normalise},
     },
-    proxy::{rewrite::is_reserved_header, tls::TlsCertConfig},
-    upstream::{BackendAddress, Balance, Mode, tls::BackendTlsConfig},
+    proxy::{
+        rewrite::is_reserved_header,
+        route_timeouts::{RouteTimeout, RouteTimeouts},
+        tls::TlsCertConfig,
+    },
+    upstream::{BackendAddress, Balance, DedicatedCaps, Mode, tls::BackendTlsConfig},
 };
 
 pub const DEFAULT_HEADER: &str = "Jespa-Connection-Id";
@@ -100,6 +104,7 @@ struct FileConfig {
     ipip_trusted_lbs: Option<Vec<ipnet::IpNet>>,
     xdp: Option<Vec<String>>,
     backends: Option<Vec<BackendEntry>>,
+    route: Option<Vec<RouteFile>>,
     epa_bridging: Option<bool>,
     mode: Option<Mode>,
     balance: Option<Balance>,
@@ -117,10 +122,20 @@ struct FileConfig {
     admin: Option<String>,
     admin_token_file: Option<PathBuf>,
     show_full_ids: Option<bool>,
+    upgrade_socket: Option<PathBuf>,
     workers: Option<usize>,
     log_format: Option<LogFormat>,
     timeouts: Option<TimeoutsFile>,
     lockout: Option<LockoutFile>,
+    upstream_caps: Option<UpstreamCapsFile>,
+}
+
+/// `[upstream_caps]`: see [`DedicatedCaps`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamCapsFile {
+    max_age_secs: Option<f64>,
+    max_requests: Option<u64>,
 }
 
 /// `[lockout]`: see [`LockoutConfig`].
@@ -176,6 +191,27 @@ struct HealthCheckFile {
     expect_status: Option<u16>,
 }
 
+/// `[[route]]` as written in the file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    path_prefix: String,
+    backends: Vec<BackendEntry>,
+    health_check: Option<HealthCheckFile>,
+}
+
+/// A path prefix served by a pool of its own, with its own health check: an IIS or Exchange
+/// virtual directory (`/owa`, `/ews`) that can break on one backend while the others work.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteConfig {
+    /// As configured, without a trailing `/`; matched case-insensitively on whole path segments.
+    pub path_prefix: String,
+    #[serde(skip)]
+    pub backends: Vec<BackendAddress>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckConfig>,
+}
+
 /// Active health checks of the backends.
 #[derive(Debug, Clone, Serialize)]
 pub struct HealthCheckConfig {
@@ -196,7 +232,17 @@ struct TimeoutsFile {
     header_read_secs: Option<f64>,
     idle_secs: Option<f64>,
     drain_secs: Option<f64>,
+    upgrade_drain_secs: Option<f64>,
     proxy_header_secs: Option<f64>,
+    route: Option<Vec<RouteTimeoutFile>>,
+}
+
+/// One `[[timeouts.route]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteTimeoutFile {
+    path_prefix: String,
+    response_secs: f64,
 }
 
 /// How connection ids are made and which headers carry identity.
@@ -234,6 +280,10 @@ pub struct Timeouts {
     pub idle: Duration,
     #[serde(serialize_with = "secs", rename = "drain_secs")]
     pub drain: Duration,
+    /// After an upgrade handed the listeners to a successor: how long the old process keeps serving
+    /// its established connections before it closes the rest.
+    #[serde(serialize_with = "secs", rename = "upgrade_drain_secs")]
+    pub upgrade_drain: Duration,
     #[serde(serialize_with = "secs", rename = "proxy_header_secs")]
     pub proxy_header: Duration,
 }
@@ -252,6 +302,8 @@ impl Default for Timeouts {
             // IIS's default connection timeout: authenticated NTLM connections survive think time.
             idle: Duration::from_secs(120),
             drain: Duration::from_secs(10),
+            // Long: an authenticated NTLM connection lost to an upgrade costs its user a new login.
+            upgrade_drain: Duration::from_secs(3600),
             proxy_header: Duration::from_secs(5),
         }
     }
@@ -281,7 +333,10 @@ enum Secrets {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listeners: Vec<ListenerConfig>,
+    /// The default pool: every request no route matches.
     pub backends: Vec<BackendAddress>,
+    /// Path prefixes with pools of their own (longest prefix wins).
+    pub routes: Vec<RouteConfig>,
     /// Check that every TLS backend presents the listeners' certificate (Extended Protection
     /// through the gateway); every backend must be https:// and a listener must terminate TLS.
     pub epa_bridging: bool,
@@ -302,9 +357,16 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Show full connection ids in logs and the admin table (else keyed hashes).
     pub show_full_ids: bool,
+    /// The unix socket a successor connects to in order to take over the listeners (none: upgrades
+    /// are off).
+    pub upgrade_socket: Option<PathBuf>,
     pub workers: usize,
     pub log_format: LogFormat,
     pub timeouts: Timeouts,
+    /// `[[timeouts.route]]`: response timeouts of path prefixes that answer late by design.
+    pub route_timeouts: RouteTimeouts,
+    /// `[upstream_caps]`: age and request caps on bound and pinned upstream connections.
+    pub upstream_caps: DedicatedCaps,
     pub lockout: LockoutConfig,
     /// Valid but risky settings, logged at start-up and on reload (and printed by `check`).
     pub warnings: Vec<ConfigWarning>,
@@ -324,6 +386,11 @@ impl std::fmt::Display for ConfigWarning {
 }
 
 impl Config {
+    /// Every backend of the default pool and the routes, each once.
+    pub fn all_backends(&self) -> Vec<BackendAddress> {
+        all_backends(&self.backends, &self.routes)
+    }
+
     /// Reads the file named by `--config` (if any) and merges the flags over it.
     pub fn load(args: &RunArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {
@@ -423,8 +490,11 @@ impl Config {
             .iter()
             .map(parse_backend_entry)
             .collect::<Result<Vec<_>, _>>()?;
+        let routes = build_routes(file.route.unwrap_or_default(), &backends)?;
         let epa_bridging = file.epa_bridging.unwrap_or(false);
-        if epa_bridging && let Some(why) = crate::epa::bridging::unbridgeable(&listeners, &backends)
+        if epa_bridging
+            && let Some(why) =
+                crate::epa::bridging::unbridgeable(&listeners, &all_backends(&backends, &routes))
         {
             return Err(ConfigError::invalid("epa_bridging", why));
         }
@@ -457,6 +527,15 @@ impl Config {
             .unwrap_or_else(|| DEFAULT_TEMPLATE.to_string());
         let template = IdTemplate::parse(&template_text, allow_reusable_ids)
             .map_err(|e| ConfigError::invalid("id_template", e.to_string()))?;
+        if template.uses_proxy_tlvs() && !listeners.iter().any(|l| l.proxy_protocol) {
+            return Err(ConfigError::invalid(
+                "id_template",
+                format!(
+                    "{template_text:?} names PROXY v2 TLVs, but no listener reads PROXY headers \
+                     (proxy_protocol = true): every id would say `-` there"
+                ),
+            ));
+        }
 
         let map_entries = args
             .map_entries
@@ -466,7 +545,10 @@ impl Config {
             return Err(ConfigError::invalid("map_entries", "must be at least 1"));
         }
 
-        let timeouts = build_timeouts(file.timeouts.unwrap_or_default())?;
+        let mut timeouts_file = file.timeouts.unwrap_or_default();
+        let route_timeouts = build_route_timeouts(timeouts_file.route.take().unwrap_or_default())?;
+        let timeouts = build_timeouts(timeouts_file)?;
+        let upstream_caps = build_upstream_caps(file.upstream_caps.unwrap_or_default())?;
 
         let xdp_interfaces = if !args.xdp_interfaces.is_empty() {
             args.xdp_interfaces.clone()
@@ -538,6 +620,7 @@ impl Config {
         Ok(Config {
             listeners,
             backends,
+            routes,
             epa_bridging,
             mode: args.mode.or(file.mode).unwrap_or(Mode::Bind),
             balance: args.balance.or(file.balance).unwrap_or(Balance::LeastConn),
@@ -560,12 +643,17 @@ impl Config {
             },
             admin,
             show_full_ids: args.show_full_ids || file.show_full_ids.unwrap_or(false),
+            upgrade_socket: build_upgrade_socket(
+                args.upgrade_socket.clone().or(file.upgrade_socket),
+            )?,
             workers: args.workers.or(file.workers).unwrap_or(0),
             log_format: args
                 .log_format
                 .or(file.log_format)
                 .unwrap_or(LogFormat::Human),
             timeouts,
+            route_timeouts,
+            upstream_caps,
             warnings,
             lockout,
         })
@@ -578,6 +666,20 @@ impl Config {
             address: String,
             #[serde(flatten, skip_serializing_if = "Option::is_none")]
             tls: Option<&'a BackendTlsConfig>,
+        }
+        #[derive(Serialize)]
+        struct EffectiveTimeouts<'a> {
+            #[serde(flatten)]
+            base: Timeouts,
+            #[serde(skip_serializing_if = "RouteTimeouts::is_empty")]
+            route: &'a RouteTimeouts,
+        }
+        #[derive(Serialize)]
+        struct EffectiveRoute<'a> {
+            path_prefix: &'a str,
+            backends: Vec<EffectiveBackend<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            health_check: Option<&'a HealthCheckConfig>,
         }
         #[derive(Serialize)]
         struct Effective<'a> {
@@ -601,6 +703,8 @@ impl Config {
             #[serde(skip_serializing_if = "<[_]>::is_empty")]
             ipip_trusted_lbs: &'a [ipnet::IpNet],
             backends: Vec<EffectiveBackend<'a>>,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            route: Vec<EffectiveRoute<'a>>,
             epa_bridging: bool,
             header: &'a str,
             id_template: &'a str,
@@ -613,10 +717,13 @@ impl Config {
             #[serde(skip_serializing_if = "Option::is_none")]
             admin_token_file: Option<&'a Path>,
             show_full_ids: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            upgrade_socket: Option<&'a Path>,
             workers: usize,
             log_format: LogFormat,
-            timeouts: Timeouts,
+            timeouts: EffectiveTimeouts<'a>,
             lockout: &'a LockoutConfig,
+            upstream_caps: DedicatedCaps,
         }
         let effective = Effective {
             listen: &self.listeners,
@@ -640,6 +747,22 @@ impl Config {
                     tls: b.tls.as_ref(),
                 })
                 .collect(),
+            route: self
+                .routes
+                .iter()
+                .map(|r| EffectiveRoute {
+                    path_prefix: &r.path_prefix,
+                    backends: r
+                        .backends
+                        .iter()
+                        .map(|b| EffectiveBackend {
+                            address: b.to_string(),
+                            tls: b.tls.as_ref(),
+                        })
+                        .collect(),
+                    health_check: r.health_check.as_ref(),
+                })
+                .collect(),
             epa_bridging: self.epa_bridging,
             header: self.identity.header.as_str(),
             id_template: self.identity.template.as_str(),
@@ -650,10 +773,15 @@ impl Config {
             admin: self.admin.as_ref().map(|a| a.endpoint.to_string()),
             admin_token_file: self.admin.as_ref().and_then(|a| a.token_file.as_deref()),
             show_full_ids: self.show_full_ids,
+            upgrade_socket: self.upgrade_socket.as_deref(),
             workers: self.workers,
             log_format: self.log_format,
-            timeouts: self.timeouts,
+            timeouts: EffectiveTimeouts {
+                base: self.timeouts,
+                route: &self.route_timeouts,
+            },
             lockout: &self.lockout,
+            upstream_caps: self.upstream_caps,
         };
         toml::to_string_pretty(&effective).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
@@ -1005,6 +1133,112 @@ fn build_health_check(
     }))
 }
 
+/// Every backend of the default pool and the routes, each once, in the order first named.
+fn all_backends(default: &[BackendAddress], routes: &[RouteConfig]) -> Vec<BackendAddress> {
+    let mut all: Vec<BackendAddress> = Vec::new();
+    for b in default
+        .iter()
+        .chain(routes.iter().flat_map(|r| &r.backends))
+    {
+        if !all.contains(b) {
+            all.push(b.clone());
+        }
+    }
+    all
+}
+
+/// `[[route]]`: each prefix an absolute path of whole segments, named once (case-insensitively,
+/// as IIS names virtual directories); a backend named in two places must be the same backend
+/// (same TLS settings), since the gateway keeps one set of connections per backend.
+fn build_routes(
+    files: Vec<RouteFile>,
+    default: &[BackendAddress],
+) -> Result<Vec<RouteConfig>, ConfigError> {
+    let mut routes: Vec<RouteConfig> = Vec::with_capacity(files.len());
+    for file in files {
+        let text = file.path_prefix;
+        let prefix = text.strip_suffix('/').unwrap_or(&text);
+        if prefix.is_empty() {
+            return Err(ConfigError::invalid(
+                "route.path_prefix",
+                format!(
+                    "{text:?} would take every request: the top-level `backends` are the pool for \
+                     everything no route matches"
+                ),
+            ));
+        }
+        if !prefix.starts_with('/')
+            || prefix
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '?' | '#' | '%'))
+        {
+            return Err(ConfigError::invalid(
+                "route.path_prefix",
+                format!("{text:?} is not an absolute path (like \"/owa\"; no spaces, ?, # or %)"),
+            ));
+        }
+        if routes
+            .iter()
+            .any(|r| r.path_prefix.eq_ignore_ascii_case(prefix))
+        {
+            return Err(ConfigError::invalid(
+                "route.path_prefix",
+                format!("{text:?} is given twice (prefixes are matched case-insensitively)"),
+            ));
+        }
+        let in_route = |e: ConfigError| match e {
+            ConfigError::Invalid { key, message } => ConfigError::Invalid {
+                key: match key {
+                    "health_check.path" => "route.health_check.path",
+                    "health_check.interval_secs" => "route.health_check.interval_secs",
+                    "health_check.timeout_secs" => "route.health_check.timeout_secs",
+                    "health_check.expect_status" => "route.health_check.expect_status",
+                    _ => "route.backends",
+                },
+                message: format!("route {prefix}: {message}"),
+            },
+            other => other,
+        };
+        if file.backends.is_empty() {
+            return Err(ConfigError::invalid(
+                "route.backends",
+                format!("route {prefix}: no backend"),
+            ));
+        }
+        let backends = file
+            .backends
+            .iter()
+            .map(parse_backend_entry)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(in_route)?;
+        let named = all_backends(default, &routes);
+        if let Some(b) = backends.iter().find(|b| {
+            named
+                .iter()
+                .any(|n| n.authority == b.authority && n.tls != b.tls)
+        }) {
+            return Err(ConfigError::invalid(
+                "route.backends",
+                format!(
+                    "route {prefix}: {} is named elsewhere with other TLS settings; one backend \
+                     address has one set of settings",
+                    b.authority
+                ),
+            ));
+        }
+        let health_check = match file.health_check {
+            Some(check) => build_health_check(None, Some(check)).map_err(in_route)?,
+            None => None,
+        };
+        routes.push(RouteConfig {
+            path_prefix: prefix.to_string(),
+            backends,
+            health_check,
+        });
+    }
+    Ok(routes)
+}
+
 fn build_lockout(file: LockoutFile) -> Result<LockoutConfig, ConfigError> {
     let d = LockoutConfig::default();
     let max_failures = file.max_failures.unwrap_or(d.max_failures);
@@ -1046,6 +1280,48 @@ fn build_lockout(file: LockoutFile) -> Result<LockoutConfig, ConfigError> {
     })
 }
 
+fn build_route_timeouts(routes: Vec<RouteTimeoutFile>) -> Result<RouteTimeouts, ConfigError> {
+    let routes = routes
+        .into_iter()
+        .map(|r| match r.response_secs {
+            s if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(RouteTimeout {
+                path_prefix: r.path_prefix,
+                response: Duration::from_secs_f64(s),
+            }),
+            s => Err(ConfigError::invalid(
+                "timeouts.route.response_secs",
+                format!(
+                    "{s} (for {:?}) is not a number of seconds between 0 and 86400",
+                    r.path_prefix
+                ),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RouteTimeouts::new(routes)
+        .map_err(|e| ConfigError::invalid("timeouts.route.path_prefix", e.to_string()))
+}
+
+/// `[upstream_caps]`; 0 (or absent) turns a cap off.
+fn build_upstream_caps(file: UpstreamCapsFile) -> Result<DedicatedCaps, ConfigError> {
+    let max_age = match file.max_age_secs {
+        None => None,
+        Some(0.0) => None,
+        Some(s) if s.is_finite() && s > 0.0 && s <= 7.0 * 86_400.0 => {
+            Some(Duration::from_secs_f64(s))
+        }
+        Some(s) => {
+            return Err(ConfigError::invalid(
+                "upstream_caps.max_age_secs",
+                format!("{s} is not a number of seconds between 0 (off) and 604800"),
+            ));
+        }
+    };
+    Ok(DedicatedCaps {
+        max_age,
+        max_requests: file.max_requests.filter(|n| *n > 0),
+    })
+}
+
 fn build_timeouts(file: TimeoutsFile) -> Result<Timeouts, ConfigError> {
     let d = Timeouts::default();
     let pick = |key: &'static str, v: Option<f64>, default: Duration| match v {
@@ -1079,12 +1355,29 @@ fn build_timeouts(file: TimeoutsFile) -> Result<Timeouts, ConfigError> {
         )?,
         idle: pick("timeouts.idle_secs", file.idle_secs, d.idle)?,
         drain: pick("timeouts.drain_secs", file.drain_secs, d.drain)?,
+        upgrade_drain: pick(
+            "timeouts.upgrade_drain_secs",
+            file.upgrade_drain_secs,
+            d.upgrade_drain,
+        )?,
         proxy_header: pick(
             "timeouts.proxy_header_secs",
             file.proxy_header_secs,
             d.proxy_header,
         )?,
     })
+}
+
+/// `upgrade_socket`: an absolute path (it is handed from one process to the next, whatever their
+/// working directories).
+fn build_upgrade_socket(path: Option<PathBuf>) -> Result<Option<PathBuf>, ConfigError> {
+    match path {
+        Some(p) if !p.is_absolute() || p.file_name().is_none() => Err(ConfigError::invalid(
+            "upgrade_socket",
+            format!("{} is not an absolute path to a socket file", p.display()),
+        )),
+        other => Ok(other),
+    }
 }
 
 #[cfg(test)]
@@ -1118,6 +1411,57 @@ mod tests {
         assert_eq!(c.backends[0].authority.as_str(), "10.0.0.5:80");
         // Safe with every backend unless the operator opts into sharing authenticated connections.
         assert_eq!(c.mode, Mode::Bind);
+    }
+
+    #[test]
+    fn route_timeouts_and_upstream_caps() {
+        let base = "listen = [\"0.0.0.0:80\"]\nbackends = [\"a:80\"]\n";
+        let c = Config::from_toml(base, &args()).expect("valid");
+        assert!(c.route_timeouts.is_empty());
+        assert_eq!(c.upstream_caps, DedicatedCaps::default());
+        let c = Config::from_toml(
+            &format!(
+                "{base}[timeouts]\nupstream_response_secs = 30\n\
+                 [[timeouts.route]]\npath_prefix = \"/Microsoft-Server-ActiveSync\"\nresponse_secs = 3600\n\
+                 [upstream_caps]\nmax_age_secs = 600\nmax_requests = 1000\n"
+            ),
+            &args(),
+        )
+        .expect("valid");
+        assert_eq!(c.timeouts.upstream_response, Duration::from_secs(30));
+        assert_eq!(
+            c.route_timeouts
+                .response_for("/Microsoft-Server-ActiveSync?Cmd=Ping"),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(c.route_timeouts.response_for("/owa/"), None);
+        assert_eq!(c.upstream_caps.max_age, Some(Duration::from_secs(600)));
+        assert_eq!(c.upstream_caps.max_requests, Some(1000));
+        let effective = c.to_toml();
+        assert!(effective.contains("[[timeouts.route]]"), "{effective}");
+        assert!(effective.contains("[upstream_caps]"), "{effective}");
+        // The effective configuration is itself a valid configuration, routes included.
+        let again = Config::from_toml(&effective, &args()).expect("round trip");
+        assert_eq!(again.to_toml(), effective);
+        for (text, key) in [
+            (
+                "[[timeouts.route]]\npath_prefix = \"ews\"\nresponse_secs = 5",
+                "timeouts.route.path_prefix",
+            ),
+            (
+                "[[timeouts.route]]\npath_prefix = \"/ews\"\nresponse_secs = 0",
+                "timeouts.route.response_secs",
+            ),
+            (
+                "[upstream_caps]\nmax_age_secs = -1",
+                "upstream_caps.max_age_secs",
+            ),
+        ] {
+            match Config::from_toml(&format!("{base}{text}"), &args()) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -1415,6 +1759,102 @@ mod tests {
     }
 
     #[test]
+    fn routes_name_pools_with_checks_of_their_own_and_check_prints_them_back() {
+        let text = r#"
+            [health_check]
+            path = "/healthz"
+            [[route]]
+            path_prefix = "/owa/"
+            backends = ["a:80", "https://c"]
+            health_check = { path = "/owa/healthcheck.htm", expect_status = 200 }
+            [[route]]
+            path_prefix = "/ews"
+            backends = ["b:80"]
+        "#;
+        let c = with(text, &args()).expect("valid");
+        assert_eq!(c.routes.len(), 2);
+        assert_eq!(
+            c.routes[0].path_prefix, "/owa",
+            "the trailing slash is dropped"
+        );
+        let shown: Vec<String> = c.routes[0]
+            .backends
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(shown, ["a:80", "https://c:443"]);
+        let check = c.routes[0].health_check.as_ref().expect("a check");
+        assert_eq!(check.path, "/owa/healthcheck.htm");
+        assert!(c.routes[1].health_check.is_none(), "no check unless given");
+        let all: Vec<String> = c.all_backends().iter().map(ToString::to_string).collect();
+        assert_eq!(all, ["b:80", "a:80", "https://c:443"]);
+        // `check` prints them, and what it prints is a valid configuration again.
+        let printed = c.to_toml();
+        assert!(printed.contains("[[route]]") && printed.contains("/owa/healthcheck.htm"));
+        let again = Config::from_toml(&printed, &args()).expect("the printed file parses");
+        assert_eq!(again.routes.len(), 2);
+        assert_eq!(again.routes[0].backends, c.routes[0].backends);
+    }
+
+    #[test]
+    fn bad_routes_are_refused_naming_the_key() {
+        for (text, key) in [
+            (
+                "[[route]]\npath_prefix = \"/\"\nbackends = [\"a:80\"]",
+                "route.path_prefix",
+            ),
+            (
+                "[[route]]\npath_prefix = \"owa\"\nbackends = [\"a:80\"]",
+                "route.path_prefix",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/o wa\"\nbackends = [\"a:80\"]",
+                "route.path_prefix",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/owa?x\"\nbackends = [\"a:80\"]",
+                "route.path_prefix",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/owa\"\nbackends = [\"a:80\"]\n\
+                 [[route]]\npath_prefix = \"/OWA/\"\nbackends = [\"a:80\"]",
+                "route.path_prefix",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/owa\"\nbackends = []",
+                "route.backends",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/owa\"\nbackends = [\"a\"]",
+                "route.backends",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/owa\"\nbackends = [\"https://b:80\"]",
+                "route.backends",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/owa\"\nbackends = [\"a:80\"]\n\
+                 health_check = { path = \"owa\" }",
+                "route.health_check.path",
+            ),
+            (
+                "[[route]]\npath_prefix = \"/owa\"\nbackends = [\"a:80\"]\n\
+                 health_check = { expect_status = 999 }",
+                "route.health_check.expect_status",
+            ),
+        ] {
+            match with(text, &args()) {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            with("[[route]]\nbackends = [\"a:80\"]", &args()),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
     fn toa_and_ipip_are_off_unless_configured() {
         let c = with(r#"trusted_lbs = ["198.18.1.0/24"]"#, &args()).expect("valid");
         assert_eq!(c.ebpf.toa_kind, 0, "TOA is off by default");
@@ -1669,6 +2109,8 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
         assert_eq!(c.listeners.len(), 3);
         assert!(c.health_check.is_some());
+        assert_eq!(c.routes.len(), 1, "the route example");
+        assert!(c.routes[0].health_check.is_some());
         assert!(
             example
                 .lines()
@@ -1693,6 +2135,7 @@ mod tests {
             "map_entries",
             "admin_token_file",
             "show_full_ids",
+            "upgrade_socket",
             "workers",
             "http2",
             "user",
@@ -1701,11 +2144,40 @@ mod tests {
             "[limits]",
             "[timeouts]",
             "[health_check]",
+            "[[route]]",
         ] {
             assert!(
                 example.contains(&format!("# {key}")) || example.contains(&format!("\n{key} = ")),
                 "the example documents {key}"
             );
+        }
+    }
+
+    #[test]
+    fn upgrade_socket_is_an_absolute_path_and_the_upgrade_drain_has_a_long_default() {
+        let c = with("", &args()).expect("base");
+        assert_eq!(c.upgrade_socket, None, "upgrades are off unless configured");
+        assert_eq!(c.timeouts.upgrade_drain, Duration::from_secs(3600));
+        let c = with(
+            "upgrade_socket = \"/run/ntlm-tag/upgrade.sock\"\n[timeouts]\nupgrade_drain_secs = 60",
+            &args(),
+        )
+        .expect("valid");
+        assert_eq!(
+            c.upgrade_socket.as_deref(),
+            Some(Path::new("/run/ntlm-tag/upgrade.sock"))
+        );
+        assert_eq!(c.timeouts.upgrade_drain, Duration::from_secs(60));
+        for (text, key) in [
+            ("upgrade_socket = \"upgrade.sock\"", "upgrade_socket"),
+            ("upgrade_socket = \"/\"", "upgrade_socket"),
+            (
+                "[timeouts]\nupgrade_drain_secs = -1",
+                "timeouts.upgrade_drain_secs",
+            ),
+        ] {
+            let err = with(text, &args()).expect_err(text);
+            assert_eq!(key_of(err), key, "{text}");
         }
     }
 

@@ -3,12 +3,14 @@
 //! `proxy::rewrite`) through here.
 
 pub mod admin;
+pub mod admin_client;
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod conns;
 pub mod epa;
 pub mod guard;
+pub mod handover;
 pub mod identity;
 pub mod kernel;
 pub mod metrics;
@@ -16,5 +18,7 @@ pub mod ntlm;
 pub mod preflight;
 pub mod proxy;
 pub mod registry;
+pub mod reload;
+pub mod service;
 pub mod tcp_state;
 pub mod upstream;

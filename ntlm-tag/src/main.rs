@@ -12,6 +12,7 @@ use ntlm_tag::{
     kernel::privileges::PrivilegeError,
     kernel::support,
     preflight,
+    reload::{self, Reloaded},
 };
 
 /// Exit code for a bad configuration (EX_USAGE).
@@ -30,6 +31,22 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Reload { admin, token_file }) => {
+            match reload::request(&admin, token_file.as_deref()) {
+                Ok(Reloaded::Applied(summary)) => {
+                    println!("ntlm-tag: {summary}");
+                    ExitCode::SUCCESS
+                }
+                Ok(Reloaded::Refused(reason)) => {
+                    eprintln!("ntlm-tag: {reason}");
+                    ExitCode::from(EXIT_BAD_CONFIG)
+                }
+                Err(e) => {
+                    eprintln!("ntlm-tag: reload: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Command::Man) => {
             let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).section("8");
             match man.render(&mut std::io::stdout()) {
@@ -40,8 +57,17 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Run(args)) => run(&args),
-        None => run(&cli.run),
+        Some(Command::Run(args)) => run(&args, false),
+        Some(Command::Upgrade(args)) => {
+            if std::env::var_os(UPGRADE_DETACHED).is_none()
+                && std::io::IsTerminal::is_terminal(&std::io::stdin())
+            {
+                detach_upgrade()
+            } else {
+                run(&args, true)
+            }
+        }
+        None => run(&cli.run, false),
     }
 }
 
@@ -89,7 +115,7 @@ fn check_bridging(config: &Config) -> ExitCode {
         .and_then(|rt| {
             rt.block_on(epa::bridging::verify(
                 &config.listeners,
-                &config.backends,
+                &config.all_backends(),
                 config.timeouts.upstream_connect,
             ))
             .map_err(anyhow::Error::from)
@@ -122,14 +148,60 @@ fn load_verified(args: &cli::RunArgs) -> Result<Config, ExitCode> {
     }
 }
 
-fn run(args: &cli::RunArgs) -> ExitCode {
+/// Set in the environment of the gateway an interactive `ntlm-tag upgrade` starts in the background.
+const UPGRADE_DETACHED: &str = "NTLM_TAG_UPGRADE_DETACHED";
+
+/// `ntlm-tag upgrade` typed at a terminal: the new gateway must outlive the command (and not stop
+/// on the terminal's Ctrl-C), so it runs as a copy of this command in a process group of its own;
+/// this one waits for the line that says the hand-over is done (or for the copy to fail) and
+/// exits with the result.
+fn detach_upgrade() -> ExitCode {
+    use std::{io::BufRead as _, os::unix::process::CommandExt as _, process::Stdio};
+    let started = std::env::current_exe().and_then(|exe| {
+        std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env(UPGRADE_DETACHED, "1")
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+    });
+    let mut child = match started {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("ntlm-tag: cannot start the new gateway: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut line = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+    }
+    if line.starts_with(app::TOOK_OVER) {
+        print!("{line}");
+        return ExitCode::SUCCESS;
+    }
+    // No line: the new gateway stopped before it took over (it said why on stderr).
+    match child.wait() {
+        Ok(status) => ExitCode::from(
+            status
+                .code()
+                .and_then(|c| u8::try_from(c).ok())
+                .unwrap_or(1),
+        ),
+        Err(_) => ExitCode::FAILURE,
+    }
+}
+
+/// Runs the gateway; with `upgrade`, after taking the listeners over from the running one.
+fn run(args: &cli::RunArgs, upgrade: bool) -> ExitCode {
     let config = match load_verified(args) {
         Ok(config) => config,
         Err(code) => return code,
     };
     init_tracing(config.log_format);
     // Before the runtime: the user switch must happen while the process has one thread.
-    let prepared = match app::prepare(&config) {
+    let prepared = match app::prepare(&config, upgrade) {
         Ok(prepared) => prepared,
         Err(e) => return failed(&e),
     };
@@ -170,8 +242,10 @@ fn failed(e: &anyhow::Error) -> ExitCode {
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::{EnvFilter, fmt};
     let filter = EnvFilter::try_from_env("NTLM_TAG_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colour only for a person at a terminal: journald and log files get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Colour only for a person at a terminal who did not ask for none (NO_COLOR, no-color.org):
+    // journald and log files get plain text.
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !no_color;
     let builder = fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -28,7 +28,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::kernel::KernelCounters;
+use crate::{
+    guard::{LockoutTotals, auth_state, lockout},
+    kernel::KernelCounters,
+};
 
 /// An enum whose variants are label values, with the text each shows in the exposition.
 macro_rules! label_enum {
@@ -93,6 +96,14 @@ label_enum! {
         Request => "request",
         /// The response carried a challenge token or `Persistent-Auth`.
         Response => "response",
+    }
+}
+
+label_enum! {
+    /// Which `[upstream_caps]` cap retired a bound or pinned upstream connection.
+    pub enum UpstreamCap {
+        MaxAge => "max_age",
+        MaxRequests => "max_requests",
     }
 }
 
@@ -257,6 +268,7 @@ impl StatusCounters {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct BackendLabel {
     backend: String,
+    route: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -267,6 +279,11 @@ struct KindLabel {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct FailureLabel {
     kind: UpstreamFailure,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CapLabel {
+    cap: UpstreamCap,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -299,14 +316,28 @@ struct EventLabel {
     event: KernelEvent,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AuthStateLabel {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct LockoutKeyLabel {
+    key: &'static str,
+}
+
 /// What `/metrics` brings in from outside at scrape time.
 pub struct Scrape<'a> {
     /// Client connections open now.
     pub connections_open: usize,
     /// The kernel's counters and its map's capacity, when the programs run.
     pub kernel: Option<(&'a KernelCounters, u32)>,
-    /// Every backend of the running configuration and whether it is up.
-    pub backends: Vec<(String, bool)>,
+    /// Every backend of every route of the running configuration and whether it is up there.
+    pub backends: Vec<crate::upstream::BackendState>,
+    /// Open client connections by NTLM/Negotiate state, in [`auth_state::STATE_NAMES`] order.
+    pub auth_states: [u64; 4],
+    /// The lockout guard's running totals.
+    pub lockout: LockoutTotals,
 }
 
 #[derive(Debug)]
@@ -330,6 +361,8 @@ pub struct Metrics {
     bindings: Family<TriggerLabel, Counter>,
     upstream_failovers: Counter,
     epa_refusals: Family<CauseLabel, Counter>,
+    upstream_retired: Family<CapLabel, Counter>,
+    upgrades: Counter,
     ntlm_messages: Family<TypeLabel, Counter>,
     errors: Family<OriginLabel, Counter>,
     upstream_errors: Family<FailureLabel, Counter>,
@@ -340,6 +373,13 @@ pub struct Metrics {
     kernel_map_records: Gauge,
     kernel_map_capacity: Gauge,
     kernel_events: Family<EventLabel, Counter>,
+    connections_by_auth_state: Family<AuthStateLabel, Gauge>,
+    lockout_failures: Counter,
+    lockout_refused: Family<LockoutKeyLabel, Counter>,
+    lockout_tracked: Gauge,
+    lockout_evicted: Counter,
+    predecessor_connections: Gauge,
+    predecessor_deadline_closed: Counter,
     /// One scrape at a time advances the kernel's counters (two at once would add a delta twice).
     scrape: Mutex<()>,
 }
@@ -373,6 +413,8 @@ impl Metrics {
             bindings: Family::default(),
             upstream_failovers: Counter::default(),
             epa_refusals: Family::default(),
+            upstream_retired: Family::default(),
+            upgrades: Counter::default(),
             ntlm_messages: Family::default(),
             errors: Family::default(),
             upstream_errors: Family::default(),
@@ -383,6 +425,13 @@ impl Metrics {
             kernel_map_records: Gauge::default(),
             kernel_map_capacity: Gauge::default(),
             kernel_events: Family::default(),
+            connections_by_auth_state: Family::default(),
+            lockout_failures: Counter::default(),
+            lockout_refused: Family::default(),
+            lockout_tracked: Gauge::default(),
+            lockout_evicted: Counter::default(),
+            predecessor_connections: Gauge::default(),
+            predecessor_deadline_closed: Counter::default(),
             scrape: Mutex::new(()),
         };
         // Every labelled series exists from the start (at 0), so rates and alerts see it before
@@ -412,6 +461,9 @@ impl Metrics {
         for &cause in EpaRefusal::ALL {
             m.epa_refusals.get_or_create(&CauseLabel { cause }).get();
         }
+        for &cap in UpstreamCap::ALL {
+            m.upstream_retired.get_or_create(&CapLabel { cap }).get();
+        }
         for &r#type in NtlmMessage::ALL {
             m.ntlm_messages.get_or_create(&TypeLabel { r#type }).get();
         }
@@ -425,6 +477,16 @@ impl Metrics {
         }
         for &result in ReloadResult::ALL {
             m.reloads.get_or_create(&ResultLabel { result }).get();
+        }
+        for state in auth_state::STATE_NAMES {
+            m.connections_by_auth_state
+                .get_or_create(&AuthStateLabel { state })
+                .get();
+        }
+        for key in lockout::KEY_KIND_NAMES {
+            m.lockout_refused
+                .get_or_create(&LockoutKeyLabel { key })
+                .get();
         }
         // The configuration running now was loaded successfully, at start-up.
         m.last_reload_successful.set(1);
@@ -500,6 +562,18 @@ impl Metrics {
             m.upstream_failovers.clone(),
         );
         registry.register(
+            "upstream_retired",
+            "Bound or pinned upstream connections closed, together with their client connection, \
+             at a request boundary because they reached an [upstream_caps] cap",
+            m.upstream_retired.clone(),
+        );
+        registry.register(
+            "upgraded_connections",
+            "Client connections switched to another protocol (101 Switching Protocols: WebSocket) \
+             and tunnelled to their own upstream connection",
+            m.upgrades.clone(),
+        );
+        registry.register(
             "epa_refusals",
             "401s to NTLMv2 logins that carried an Extended Protection channel binding, by cause: a \
              plain-HTTP backend, a backend certificate other than the one the client bound to, an SPN \
@@ -524,7 +598,8 @@ impl Metrics {
         );
         registry.register(
             "backend_up",
-            "1 while a backend takes new client connections, 0 while it is marked down",
+            "1 while a backend takes new requests of a route (`default`: the top-level backends), 0 while \
+             it is marked down or fails the route's health check",
             m.backend_up.clone(),
         );
         registry.register(
@@ -557,6 +632,42 @@ impl Metrics {
             "kernel_events",
             "Events counted by the eBPF programs (and userspace lookup misses)",
             m.kernel_events.clone(),
+        );
+        registry.register(
+            "connections_by_auth_state",
+            "Client connections open now, by NTLM/Negotiate state",
+            m.connections_by_auth_state.clone(),
+        );
+        registry.register(
+            "lockout_failures",
+            "Failed NTLM logins counted by the lockout guard (a Type3 answered with 401)",
+            m.lockout_failures.clone(),
+        );
+        registry.register(
+            "lockout_refused",
+            "Logins refused with 429 before the backend, by the count that was over its threshold",
+            m.lockout_refused.clone(),
+        );
+        registry.register(
+            "lockout_tracked_keys",
+            "Users, addresses and users at addresses with failures counted now",
+            m.lockout_tracked.clone(),
+        );
+        registry.register(
+            "lockout_evicted",
+            "Counts forgotten because lockout.max_tracked was reached (raise it if this grows)",
+            m.lockout_evicted.clone(),
+        );
+        registry.register(
+            "upgrade_predecessor_connections",
+            "Connections the process this one took the listeners over from still serves (0 once \
+             it exited)",
+            m.predecessor_connections.clone(),
+        );
+        registry.register(
+            "upgrade_predecessor_deadline_closed_connections",
+            "Connections that process closed at its upgrade drain deadline",
+            m.predecessor_deadline_closed.clone(),
         );
         registry.register(
             "build",
@@ -605,6 +716,17 @@ impl Metrics {
         let c = Arc::new(StatusCounters::new(backend, self.requests.clone()));
         known.push(Arc::clone(&c));
         c
+    }
+
+    /// What the process this one took over from reports while it drains.
+    pub fn predecessor_connections(&self, connections: usize) {
+        self.predecessor_connections
+            .set(i64::try_from(connections).unwrap_or(i64::MAX));
+    }
+
+    pub fn predecessor_closed_at_deadline(&self, connections: usize) {
+        self.predecessor_deadline_closed
+            .inc_by(u64::try_from(connections).unwrap_or(u64::MAX));
     }
 
     pub fn connection_refused(&self) {
@@ -663,6 +785,14 @@ impl Metrics {
         self.epa_refusals.get_or_create(&CauseLabel { cause }).inc();
     }
 
+    pub fn upstream_retired(&self, cap: UpstreamCap) {
+        self.upstream_retired.get_or_create(&CapLabel { cap }).inc();
+    }
+
+    pub fn upgraded(&self) {
+        self.upgrades.inc();
+    }
+
     pub fn upstream_failover(&self) {
         self.upstream_failovers.inc();
     }
@@ -714,22 +844,41 @@ impl Metrics {
         let _one_at_a_time = self.scrape.lock();
         self.connections_open
             .set(i64::try_from(now.connections_open).unwrap_or(i64::MAX));
-        for (backend, up) in now.backends {
+        // Only the running configuration's pairs: a reload that drops a route or backend drops
+        // its series.
+        self.backend_up.clear();
+        for state in now.backends {
             self.backend_up
-                .get_or_create(&BackendLabel { backend })
-                .set(i64::from(up));
+                .get_or_create(&BackendLabel {
+                    backend: state.backend,
+                    route: state.route,
+                })
+                .set(i64::from(state.up));
         }
+        for (state, n) in auth_state::STATE_NAMES.into_iter().zip(now.auth_states) {
+            self.connections_by_auth_state
+                .get_or_create(&AuthStateLabel { state })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        advance(&self.lockout_failures, now.lockout.failures);
+        for (key, n) in lockout::KEY_KIND_NAMES.into_iter().zip(now.lockout.refused) {
+            advance(
+                &self.lockout_refused.get_or_create(&LockoutKeyLabel { key }),
+                n,
+            );
+        }
+        self.lockout_tracked
+            .set(i64::try_from(now.lockout.tracked).unwrap_or(i64::MAX));
+        advance(&self.lockout_evicted, now.lockout.evicted);
         if let Some((k, capacity)) = now.kernel {
             self.kernel_map_records
                 .set(i64::try_from(k.recorded.saturating_sub(k.deleted)).unwrap_or(i64::MAX));
             self.kernel_map_capacity.set(i64::from(capacity));
             for &event in KernelEvent::ALL {
-                let counter = self.kernel_events.get_or_create(&EventLabel { event });
-                // The kernel keeps running totals; the counter follows them up, never down.
-                let grown = event.of(k).saturating_sub(counter.get());
-                if grown > 0 {
-                    counter.inc_by(grown);
-                }
+                advance(
+                    &self.kernel_events.get_or_create(&EventLabel { event }),
+                    event.of(k),
+                );
             }
         }
         let mut text = String::new();
@@ -739,6 +888,15 @@ impl Metrics {
             let _ = writeln!(text, "# cannot encode the metrics: {e}");
         }
         text
+    }
+}
+
+/// Moves `counter` up to a running total kept elsewhere (the kernel's, the lockout guard's); never
+/// down, so a total that was reset cannot make Prometheus read a counter reset.
+fn advance(counter: &Counter, total: u64) {
+    let grown = total.saturating_sub(counter.get());
+    if grown > 0 {
+        counter.inc_by(grown);
     }
 }
 
@@ -759,7 +917,13 @@ mod tests {
         m.render(Scrape {
             connections_open: 3,
             kernel,
-            backends: vec![("10.0.0.5:8080".to_string(), false)],
+            backends: vec![crate::upstream::BackendState {
+                route: "/owa".to_string(),
+                backend: "10.0.0.5:8080".to_string(),
+                up: false,
+            }],
+            auth_states: [3, 0, 0, 0],
+            lockout: LockoutTotals::default(),
         })
     }
 
@@ -804,6 +968,8 @@ mod tests {
             "ntlm_tag_bound_connections 0",
             "ntlm_tag_upstream_bindings_total{trigger=\"response\"} 0",
             "ntlm_tag_upstream_failovers_total 0",
+            "ntlm_tag_upstream_retired_total{cap=\"max_requests\"} 0",
+            "ntlm_tag_upgraded_connections_total 0",
             "ntlm_tag_epa_refusals_total{cause=\"certificate_differs\"} 0",
             "ntlm_tag_ntlm_messages_total{type=\"spnego\"} 0",
             "ntlm_tag_errors_total{origin=\"client\"} 0",
@@ -811,10 +977,15 @@ mod tests {
             "ntlm_tag_kernel_map_records 0",
             "ntlm_tag_kernel_map_capacity 1024",
             "ntlm_tag_kernel_events_total{event=\"lookup_miss\"} 0",
-            "ntlm_tag_backend_up{backend=\"10.0.0.5:8080\"} 0",
+            "ntlm_tag_backend_up{backend=\"10.0.0.5:8080\",route=\"/owa\"} 0",
             "ntlm_tag_config_reloads_total{result=\"failure\"} 0",
             "ntlm_tag_config_last_reload_successful 1",
             "ntlm_tag_build_info{version=\"",
+            "ntlm_tag_connections_by_auth_state{state=\"anonymous\"} 3",
+            "ntlm_tag_lockout_failures_total 0",
+            "ntlm_tag_lockout_refused_total{key=\"user_at_address\"} 0",
+            "ntlm_tag_lockout_tracked_keys 0",
+            "ntlm_tag_lockout_evicted_total 0",
             "# TYPE ntlm_tag_request_duration_seconds histogram",
             "# TYPE ntlm_tag_upstream_connect_duration_seconds histogram",
         ] {

@@ -41,7 +41,7 @@ pub fn verify(config: &Config) -> Result<(), ConfigError> {
             ),
         });
     }
-    for backend in &config.backends {
+    for backend in &config.all_backends() {
         let host = backend.authority.host().trim_matches(['[', ']']);
         let port = backend
             .authority

@@ -8,7 +8,6 @@ Prints one JSON line: {"status": ..., "body": ..., "binding_hash": ...}.
 """
 
 import argparse
-import base64
 import http.client
 import json
 import ssl
@@ -18,6 +17,8 @@ import urllib.parse
 import spnego
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+
+from ntlm_http import request as _request
 
 
 def end_point_hash(der: bytes) -> bytes:
@@ -95,20 +96,6 @@ def _connect_with_name(conn, context, server_name):
         conn.sock = context.wrap_socket(sock, server_hostname=server_name)
 
     return connect
-
-
-def _request(conn, path, token):
-    conn.request(
-        "GET", path, headers={"Authorization": "NTLM " + base64.b64encode(token).decode()}
-    )
-    response = conn.getresponse()
-    body = response.read().decode(errors="replace")
-    challenge = None
-    for value in response.headers.get_all("WWW-Authenticate") or []:
-        scheme, _, data = value.partition(" ")
-        if scheme.upper() == "NTLM" and data:
-            challenge = base64.b64decode(data)
-    return response.status, body, challenge
 
 
 if __name__ == "__main__":

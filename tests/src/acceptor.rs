@@ -106,12 +106,18 @@ impl Acceptor {
         self.log.lock().expect("log").clone()
     }
 
-    /// Distinct upstream TCP connections that carried requests (excluding health checks).
+    /// Distinct upstream TCP connections that carried requests (excluding health checks:
+    /// `/healthz` and `<vdir>/healthcheck.htm`).
     pub fn tcp_connections(&self) -> usize {
         let mut conns: Vec<u64> = self
             .requests()
             .iter()
-            .filter(|r| r["path"] != "/healthz")
+            .filter(|r| {
+                r["path"] != "/healthz"
+                    && !r["path"]
+                        .as_str()
+                        .is_some_and(|p| p.ends_with("/healthcheck.htm"))
+            })
             .filter_map(|r| r["conn"].as_u64())
             .collect();
         conns.sort_unstable();

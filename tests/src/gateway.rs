@@ -229,6 +229,16 @@ impl Gateway {
     /// Like [`start`](Self::start), but reports an exit instead of panicking. `wrapper` runs the
     /// binary through another program (e.g. `setpriv ...`).
     pub fn try_start(ns: &NetNs, args: &[&str], wrapper: Option<&[&str]>) -> Started {
+        Self::try_start_with_env(ns, args, wrapper, &[])
+    }
+
+    /// Like [`try_start`](Self::try_start), with extra environment variables (e.g. `NOTIFY_SOCKET`).
+    pub fn try_start_with_env(
+        ns: &NetNs,
+        args: &[&str],
+        wrapper: Option<&[&str]>,
+        env: &[(&str, &str)],
+    ) -> Started {
         // The admin endpoint: the one in `args`, or a unix socket of this gateway's own added.
         let given = args
             .iter()
@@ -263,6 +273,7 @@ impl Gateway {
             })
             .env("NTLM_TAG_LOG", "info,ntlm_tag=debug")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -366,6 +377,22 @@ impl Gateway {
                 "timed out waiting for {what}; /kernel is {v:#}"
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (up to `timeout`) for the process to exit by itself; None if it is still running.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -473,7 +500,7 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 }
 
 /// Directories named `name` below `root`, two levels deep at most below our own cgroup's parent.
-fn walk_named(root: &std::path::Path, name: &str) -> Vec<PathBuf> {
+pub fn walk_named(root: &std::path::Path, name: &str) -> Vec<PathBuf> {
     let own = std::fs::read_to_string("/proc/self/cgroup")
         .ok()
         .and_then(|t| {
@@ -511,4 +538,22 @@ fn strip_ansi(s: &str) -> String {
         }
     }
     out
+}
+
+/// Polls `probe` until `check` accepts its value (then returns it), for up to 15 s (scaled);
+/// panics with `what` and the last value otherwise.
+pub fn eventually<T: std::fmt::Debug>(
+    what: &str,
+    mut probe: impl FnMut() -> T,
+    check: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + scaled(Duration::from_secs(15));
+    loop {
+        let value = probe();
+        if check(&value) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: still {value:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -8,6 +8,7 @@ pub mod client;
 pub mod epa_client;
 pub mod gateway;
 pub mod haproxy;
+pub mod keepalive_client;
 pub mod netns;
 pub mod programs;
 pub mod raw;

@@ -563,7 +563,7 @@ fn ten_thousand_connections_leave_no_records_descriptors_or_memory_behind() {
     // maps and programs, stdio: the descriptors it has right after start. That is the baseline.
     let fd_baseline = fds(pid);
     let settle = |what: &str| {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + scaled(Duration::from_secs(30));
         loop {
             let n = fds(pid);
             if n <= fd_baseline {
@@ -583,7 +583,8 @@ fn ten_thousand_connections_leave_no_records_descriptors_or_memory_behind() {
         0,
         WARMUP,
         BATCH,
-        Instant::now() + scaled(Duration::from_secs(10)),
+        // Deadlines here only stop a stuck test: a loaded machine may take a while.
+        Instant::now() + scaled(Duration::from_secs(60)),
     );
     settle("descriptors after the warm-up");
     let rss_baseline = rss_kib(pid);
@@ -595,7 +596,7 @@ fn ten_thousand_connections_leave_no_records_descriptors_or_memory_behind() {
         WARMUP,
         N,
         BATCH,
-        started + scaled(Duration::from_secs(20)),
+        started + scaled(Duration::from_secs(180)),
     );
     let churn_time = started.elapsed();
     assert_eq!(

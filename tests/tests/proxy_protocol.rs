@@ -709,3 +709,87 @@ fn haproxy_v2_health_checks_with_a_local_header_are_not_rejected() {
 fn haproxy_v1_health_checks_are_not_rejected() {
     haproxy_health_checks_are_served_as_the_balancer(SendProxy::V1);
 }
+
+/// A PROXY v2 header from a trusted balancer naming `client`, with `tlvs`, then one request.
+fn v2_request(client: SocketAddr, tlvs: &[(u8, &[u8])]) -> Vec<u8> {
+    use ppp::v2;
+    let mut header = v2::Builder::with_addresses(
+        v2::Version::Two | v2::Command::Proxy,
+        v2::Protocol::Stream,
+        (client, HaproxyTopology::gateway_v4()),
+    );
+    for (kind, value) in tlvs {
+        header = header.write_tlv(*kind, value).expect("TLV");
+    }
+    let mut bytes = header.build().expect("PROXY v2 header");
+    bytes.extend_from_slice(b"GET /link HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    bytes
+}
+
+/// Client addresses overlap across AWS VPCs and Azure VNets: two clients with the same address
+/// and port behind different private links must get ids that say which link, from the PROXY v2
+/// TLVs of the balancer (AWS VPC endpoint id 0xEA/0x01, Azure LinkID 0xEE/0x01, any TLV by type);
+/// a TLV missing renders `-`, and a value that could break the header renders as hex.
+#[test]
+fn ids_name_the_private_link_from_proxy_v2_tlvs() {
+    let topo = HaproxyTopology::new();
+    let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
+    let _gw = start_gateway_with(
+        &topo,
+        &[HaproxyTopology::gateway_v4()],
+        &[TRUSTED_BALANCER],
+        &[
+            "--id-template",
+            "{client}/{aws_vpce_id}/{azure_link_id}/{tlv:0xE0}/{uid}",
+        ],
+    );
+    // The same client address and port behind each link (overlapping VPC/VNet ranges).
+    let client: SocketAddr = "10.1.2.3:40000".parse().expect("address");
+    let aws = |id: &str| [&[0x01u8][..], id.as_bytes()].concat();
+    let link_a = aws("vpce-0a1b2c3d4e5f60001");
+    let link_b = aws("vpce-0a1b2c3d4e5f60002");
+    let headers: Vec<Vec<u8>> = vec![
+        v2_request(client, &[(0xEA, &link_a)]),
+        v2_request(client, &[(0xEA, &link_b)]),
+        v2_request(
+            client,
+            &[(0xEE, &[0x01, 0x2a, 0, 0, 0]), (0xE0, b"a,b;c d")],
+        ),
+        v2_request(client, &[]),
+    ];
+    for bytes in headers {
+        let reply = topo.balancer.run(move || async move {
+            raw_exchange(
+                SocketAddr::new(HaproxyTopology::balancer_v4(), 0),
+                HaproxyTopology::gateway_v4(),
+                &bytes,
+                Duration::from_secs(10),
+            )
+            .await
+        });
+        assert!(
+            reply.text().starts_with("HTTP/1.1 200"),
+            "{:?}",
+            reply.text()
+        );
+    }
+    let ids: Vec<String> = backend
+        .seen()
+        .iter()
+        .filter(|s| s.path == "/link")
+        .map(|s| s.all("jespa-connection-id").join(","))
+        .collect();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    let prefixes = [
+        "10.1.2.3:40000/vpce-0a1b2c3d4e5f60001/-/-/",
+        "10.1.2.3:40000/vpce-0a1b2c3d4e5f60002/-/-/",
+        "10.1.2.3:40000/-/42/0x612c623b632064/",
+        "10.1.2.3:40000/-/-/-/",
+    ];
+    for (id, prefix) in ids.iter().zip(prefixes) {
+        let uid = id
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("{id:?} is not {prefix}<uid>"));
+        assert_eq!(uid.len(), 39, "one uid after the link: {id:?}");
+    }
+}

@@ -12,6 +12,8 @@
 //!                          TOA client 198.18.1.102 (LVS FULLNAT style)
 //! ```
 
+mod epa;
+
 use std::{net::SocketAddr, time::Instant};
 
 use crate::step;
@@ -389,6 +391,17 @@ pub fn run(keep: bool) -> Result<()> {
     let lockout = lockout_scene(&demo);
     print_lockout(&lockout);
 
+    step(
+        "Extended Protection through the gateway: an NTLMv2 login bound to the TLS certificate \
+         (pyspnego), to a backend that requires it (bridged, then with another certificate)",
+    );
+    let epa = epa::run(
+        (&demo.topo.lb, &demo.topo.gw, &demo.topo.be),
+        &users(),
+        ("alice", "alice-Pa55!"),
+    )?;
+    epa::print(&epa, "alice");
+
     if keep {
         println!();
         println!("topology kept; poke at it, then press Enter to clean up:");
@@ -443,6 +456,19 @@ pub fn run(keep: bool) -> Result<()> {
     ensure!(
         lockout.elsewhere == ["carol"],
         "carol should have logged in from another address"
+    );
+    ensure!(
+        epa.bridged == (200, Some("alice".to_string())),
+        "the EPA-protected login should have passed the bridging gateway: {:?}",
+        epa.bridged
+    );
+    ensure!(
+        epa.mismatched == 401
+            && epa
+                .diagnostic
+                .as_ref()
+                .is_some_and(|(cause, _)| cause == "certificate_differs"),
+        "the login to a backend with another certificate should have been refused and explained"
     );
     Ok(())
 }

@@ -5,6 +5,7 @@ mod demo;
 mod fuzz;
 mod install;
 mod setup;
+mod unit;
 mod vm;
 
 use std::{
@@ -39,7 +40,8 @@ enum Task {
         filter: Option<String>,
     },
     /// `cargo fmt --check` (main, eBPF, fuzz) and `cargo clippy -D warnings` (main, fuzz); the fuzz
-    /// targets built and every committed fuzz input replayed (the CI fuzz check).
+    /// targets built and every committed fuzz input replayed (the CI fuzz check); the packaged
+    /// systemd unit through `systemd-analyze verify` and `security`.
     Lint,
     /// Install the release binary, an example /etc/ntlm-tag/ntlm-tag.toml, a systemd unit and the man page.
     Install {
@@ -230,6 +232,7 @@ fn lint() -> Result<()> {
         .current_dir(root().join("ntlm-tag-ebpf"))
         .env("RUSTUP_TOOLCHAIN", "nightly")
         .args(["fmt", "--check"]))?;
+    unit::check()?;
     fuzz_check()
 }
 

@@ -25,6 +25,8 @@ const TOOL_PACKAGES: &[&str] = &[
     "procps",
     "util-linux",
     "python3-venv",
+    // systemd-analyze, with which `cargo xtask lint` checks the packaged unit.
+    "systemd",
 ];
 
 /// pyspnego, the NTLM client of the Extended Protection tests (it computes channel bindings from
@@ -131,6 +133,26 @@ fn debian_packages(llvm: u32) -> Result<()> {
         step(&format!("Debian packages (LLVM {llvm}): all present"));
         return Ok(());
     }
+    apt_install(&missing, &format!("LLVM {llvm}"))
+}
+
+/// Installs the Debian packages of `packages` that are missing (root only; otherwise an error
+/// saying what to install).
+pub fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !package_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    apt_install(&missing, "")
+}
+
+/// `apt-get install` of `missing` (after `apt-get update`); `llvm`, when not empty, names the LLVM
+/// the packages follow, for the message when apt does not know one.
+fn apt_install(missing: &[&str], llvm: &str) -> Result<()> {
     if !is_root() {
         bail!(
             "missing Debian packages {}; run `sudo cargo xtask setup` or `sudo apt-get install {}`",
@@ -144,16 +166,20 @@ fn debian_packages(llvm: u32) -> Result<()> {
     ));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     if let Some(unknown) = missing.iter().find(|p| !package_available(p)) {
+        if llvm.is_empty() {
+            bail!("apt has no {unknown}: check the machine's Debian sources");
+        }
         bail!(
-            "the nightly rustc uses LLVM {llvm}, but apt has no {unknown}: add the LLVM {llvm} \
+            "the nightly rustc uses {llvm}, but apt has no {unknown}: add the {llvm} \
              repository of https://apt.llvm.org (`wget https://apt.llvm.org/llvm.sh; sudo bash \
-             llvm.sh {llvm}`), then run `sudo cargo xtask setup` again"
+             llvm.sh {}`), then run `sudo cargo xtask setup` again",
+            llvm.trim_start_matches("LLVM ")
         );
     }
     run(Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing))
+        .args(missing))
 }
 
 /// True when apt knows a package of this name (after `apt-get update`).

@@ -397,9 +397,15 @@ fn install_virtme_ng() -> Result<PathBuf> {
         "installing virtme-ng {VIRTME_NG_VERSION} into {}",
         venv.display()
     ));
-    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
-        .context("cannot create a Python venv; `apt-get install python3-venv` provides it")?;
-    run(Command::new(venv.join("bin/pip")).args([
+    // `--clear`: a venv that stopped working (copied or moved: its scripts name the interpreter by
+    // absolute path) is rebuilt rather than patched. pip runs as a module for the same reason.
+    run(Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv))
+    .context("cannot create a Python venv; `apt-get install python3-venv` provides it")?;
+    run(Command::new(venv.join("bin/python3")).args([
+        "-m",
+        "pip",
         "install",
         "--quiet",
         &format!("virtme-ng=={VIRTME_NG_VERSION}"),

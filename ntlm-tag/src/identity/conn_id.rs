@@ -20,6 +20,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use super::proxy_header::{PP2_SUBTYPE_LINK, PP2_TYPE_AWS, ProxyTlvs};
 use aes::{
     Aes128,
     cipher::{BlockEncrypt, KeyInit},
@@ -28,6 +29,14 @@ use thiserror::Error;
 
 /// The default template: the real client's `ip:port` (`[ip]:port` for IPv6), a slash, the uid.
 pub const DEFAULT_TEMPLATE: &str = "{client}/{uid}";
+
+/// What a PROXY v2 TLV placeholder renders when the connection's header had no such TLV (or no
+/// PROXY v2 header named the client).
+pub const MISSING_TLV: &str = "-";
+/// Longest TLV value rendered as text; longer ones render as hex of their first bytes.
+pub const TLV_TEXT_MAX: usize = 64;
+/// Bytes of a TLV value rendered as hex at most (then `~` marks the cut).
+pub const TLV_HEX_MAX: usize = 32;
 
 const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 /// Base32 characters of the 64-bit nonce and of the 128-bit encrypted counter.
@@ -39,9 +48,12 @@ pub const UID_CHARS: usize = NONCE_CHARS + TAIL_CHARS;
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum TemplateError {
     #[error(
-        "unknown placeholder `{{{0}}}` (known: {{client}}, {{client_ip}}, {{client_port}}, {{uid}})"
+        "unknown placeholder `{{{0}}}` (known: {{client}}, {{client_ip}}, {{client_port}}, {{uid}}, \
+         {{aws_vpce_id}}, {{azure_link_id}}, {{tlv:0xNN}})"
     )]
     UnknownPlaceholder(String),
+    #[error("`{{{0}}}`: a TLV placeholder names its type as two hex digits, like {{tlv:0xEA}}")]
+    BadTlvType(String),
     #[error("unbalanced `{{` or `}}` at byte {0}")]
     Unbalanced(usize),
     #[error(
@@ -68,6 +80,12 @@ enum Part {
     ClientIp,
     ClientPort,
     Uid,
+    /// PROXY v2 AWS TLV (0xEA), subtype 0x01: the VPC endpoint id.
+    AwsVpceId,
+    /// PROXY v2 Azure TLV (0xEE), subtype 0x01: the Private Link LinkID (a 32-bit number).
+    AzureLinkId,
+    /// Any PROXY v2 TLV, by type: its whole value.
+    Tlv(u8),
 }
 
 /// A parsed, validated connection-id template.
@@ -111,7 +129,15 @@ impl IdTemplate {
                 "client_ip" => Part::ClientIp,
                 "client_port" => Part::ClientPort,
                 "uid" => Part::Uid,
-                other => return Err(TemplateError::UnknownPlaceholder(other.to_string())),
+                "aws_vpce_id" => Part::AwsVpceId,
+                "azure_link_id" => Part::AzureLinkId,
+                other => match other.strip_prefix("tlv:") {
+                    Some(kind) => Part::Tlv(
+                        parse_tlv_type(kind)
+                            .ok_or_else(|| TemplateError::BadTlvType(other.to_string()))?,
+                    ),
+                    None => return Err(TemplateError::UnknownPlaceholder(other.to_string())),
+                },
             };
             if !literal.is_empty() {
                 parts.push(Part::Literal(std::mem::take(&mut literal)));
@@ -134,6 +160,13 @@ impl IdTemplate {
         })
     }
 
+    /// True when the template names PROXY v2 TLVs (a listener must receive PROXY headers).
+    pub fn uses_proxy_tlvs(&self) -> bool {
+        self.parts
+            .iter()
+            .any(|p| matches!(p, Part::AwsVpceId | Part::AzureLinkId | Part::Tlv(_)))
+    }
+
     /// True when ids rendered from this template can repeat (no `{uid}`).
     pub fn is_reusable(&self) -> bool {
         !self.parts.contains(&Part::Uid)
@@ -143,8 +176,9 @@ impl IdTemplate {
         &self.source
     }
 
-    /// Renders the id of one connection.
-    pub fn render(&self, client: SocketAddr, uid: &Uid) -> String {
+    /// Renders the id of one connection; `tlvs` are those of the PROXY v2 header that named the
+    /// client, if one did.
+    pub fn render(&self, client: SocketAddr, uid: &Uid, tlvs: Option<&ProxyTlvs>) -> String {
         let mut out = String::with_capacity(64);
         for part in &self.parts {
             // Writing to a String cannot fail.
@@ -160,9 +194,69 @@ impl IdTemplate {
                     out.push_str(uid.as_str());
                     Ok(())
                 }
+                Part::AwsVpceId => {
+                    let id = tlvs
+                        .and_then(|t| t.value(PP2_TYPE_AWS))
+                        .and_then(|v| v.strip_prefix(&[PP2_SUBTYPE_LINK]));
+                    push_tlv_text(&mut out, id);
+                    Ok(())
+                }
+                Part::AzureLinkId => match tlvs.and_then(|t| t.azure_link_id) {
+                    Some(link) => write!(out, "{link}"),
+                    None => {
+                        out.push_str(MISSING_TLV);
+                        Ok(())
+                    }
+                },
+                Part::Tlv(kind) => {
+                    push_tlv_text(&mut out, tlvs.and_then(|t| t.value(*kind)));
+                    Ok(())
+                }
             };
         }
         out
+    }
+}
+
+/// `0xNN` or `0XNN`, two hex digits.
+fn parse_tlv_type(text: &str) -> Option<u8> {
+    let digits = text
+        .strip_prefix("0x")
+        .or_else(|| text.strip_prefix("0X"))?;
+    if digits.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(digits, 16).ok()
+}
+
+/// A TLV value as it goes into an id: never anything that could break the header or how a
+/// backend splits it (no spaces, commas, semicolons, quotes, `/`, `:` or control characters).
+/// - missing or empty: [`MISSING_TLV`];
+/// - up to [`TLV_TEXT_MAX`] bytes of RFC 3986 unreserved characters (`A-Z a-z 0-9 - . _ ~`), not
+///   starting with `0x`: as they are (`vpce-0a1b2c3d`);
+/// - anything else: `0x` and lowercase hex of the first [`TLV_HEX_MAX`] bytes, then `~` if the
+///   value was longer.
+///
+/// A balancer is trusted to name the client, yet its TLV bytes are still data: this rendering is
+/// what makes any value safe in the header (the same rule for every placeholder).
+pub fn push_tlv_text(out: &mut String, value: Option<&[u8]>) {
+    let Some(value) = value.filter(|v| !v.is_empty()) else {
+        out.push_str(MISSING_TLV);
+        return;
+    };
+    let unreserved = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
+    if value.len() <= TLV_TEXT_MAX && value.iter().all(unreserved) && !value.starts_with(b"0x") {
+        // All ASCII, checked just above.
+        out.extend(value.iter().map(|&b| b as char));
+        return;
+    }
+    out.push_str("0x");
+    for b in value.iter().take(TLV_HEX_MAX) {
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{b:02x}");
+    }
+    if value.len() > TLV_HEX_MAX {
+        out.push('~');
     }
 }
 
@@ -278,12 +372,99 @@ mod tests {
         })
     }
 
+    fn tlvs(raw: &[(u8, &[u8])], azure_link_id: Option<u32>) -> ProxyTlvs {
+        ProxyTlvs {
+            raw: raw.iter().map(|(k, v)| (*k, Box::from(*v))).collect(),
+            azure_link_id,
+            ..ProxyTlvs::default()
+        }
+    }
+
+    #[test]
+    fn tlv_placeholders_name_the_link_and_say_dash_when_missing() {
+        let t = IdTemplate::parse(
+            "{client}/{aws_vpce_id}/{azure_link_id}/{tlv:0x30}/{uid}",
+            false,
+        )
+        .expect("valid");
+        assert!(t.uses_proxy_tlvs());
+        assert!(
+            !IdTemplate::parse(DEFAULT_TEMPLATE, false)
+                .expect("valid")
+                .uses_proxy_tlvs()
+        );
+        let uid = Uid("u".into());
+        let client = addr("10.0.0.5:40000");
+        let aws = [&[0x01u8][..], b"vpce-08d2bf15fac5001c9"].concat();
+        let with = tlvs(&[(0xEA, &aws), (0x30, b"link.A_1~")], Some(42));
+        assert_eq!(
+            t.render(client, &uid, Some(&with)),
+            "10.0.0.5:40000/vpce-08d2bf15fac5001c9/42/link.A_1~/u"
+        );
+        assert_eq!(t.render(client, &uid, None), "10.0.0.5:40000/-/-/-/u");
+        // An AWS TLV of another subtype is not the endpoint id.
+        let other = tlvs(&[(0xEA, &[0x02, b'x'])], None);
+        assert_eq!(
+            t.render(client, &uid, Some(&other)),
+            "10.0.0.5:40000/-/-/-/u"
+        );
+        // Upper-case hex works too.
+        let t = IdTemplate::parse("{tlv:0XeA}{uid}", false).expect("valid");
+        assert_eq!(t.render(client, &uid, Some(&other)), "0x0278u");
+    }
+
+    #[test]
+    fn tlv_values_that_could_break_the_header_render_as_bounded_hex() {
+        let text = |v: &[u8]| {
+            let mut out = String::new();
+            push_tlv_text(&mut out, Some(v));
+            out
+        };
+        assert_eq!(text(b"vpce-1"), "vpce-1");
+        assert_eq!(text(b""), MISSING_TLV);
+        assert_eq!(text(b"a,b"), "0x612c62");
+        assert_eq!(text(b"a;b"), "0x613b62");
+        assert_eq!(text(b"a b"), "0x612062");
+        assert_eq!(text(b"a\r\nX-Evil: 1"), "0x610d0a582d4576696c3a2031");
+        assert_eq!(text(b"a/b:c"), "0x612f623a63");
+        assert_eq!(text(&[0xff, 0x00]), "0xff00");
+        // Text that looks like hex is hex, so the two forms never collide.
+        assert_eq!(text(b"0x12"), "0x30783132");
+        assert_eq!(text(&[b'a'; TLV_TEXT_MAX]).len(), TLV_TEXT_MAX);
+        let long = text(&[b'a'; TLV_TEXT_MAX + 1]);
+        assert_eq!(long, format!("0x{}~", "61".repeat(TLV_HEX_MAX)));
+        for bytes in [&[0u8; 1000][..], b"x\x7f", "é".as_bytes()] {
+            let id = text(bytes);
+            assert!(http::HeaderValue::from_str(&id).is_ok(), "{id:?}");
+            assert!(id.len() <= 2 + 2 * TLV_HEX_MAX + 1, "{id:?}");
+        }
+    }
+
+    #[test]
+    fn tlv_placeholders_need_a_type_in_hex() {
+        for bad in [
+            "{tlv:EA}{uid}",
+            "{tlv:0xE}{uid}",
+            "{tlv:0xEAA}{uid}",
+            "{tlv:0xZZ}{uid}",
+            "{tlv:}{uid}",
+        ] {
+            assert!(
+                matches!(
+                    IdTemplate::parse(bad, false),
+                    Err(TemplateError::BadTlvType(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
     #[test]
     fn default_template_renders_ipv4() {
         let t = IdTemplate::parse(DEFAULT_TEMPLATE, false).expect("valid");
         let uid = generator(0).next_uid();
         assert_eq!(
-            t.render(addr("198.18.0.7:40001"), &uid),
+            t.render(addr("198.18.0.7:40001"), &uid, None),
             format!("198.18.0.7:40001/{}", uid.as_str())
         );
         assert_eq!(uid.as_str().len(), UID_CHARS);
@@ -294,7 +475,7 @@ mod tests {
         let t = IdTemplate::parse(DEFAULT_TEMPLATE, false).expect("valid");
         let uid = generator(1).next_uid();
         assert_eq!(
-            t.render(addr("[fd00:5418::2]:443"), &uid),
+            t.render(addr("[fd00:5418::2]:443"), &uid, None),
             format!("[fd00:5418::2]:443/{}", uid.as_str())
         );
     }
@@ -305,7 +486,7 @@ mod tests {
             IdTemplate::parse("{client_ip} {client_port} {client}|{uid}", false).expect("valid");
         let uid = generator(0).next_uid();
         assert_eq!(
-            t.render(addr("[::ffff:198.18.0.9]:5000"), &uid),
+            t.render(addr("[::ffff:198.18.0.9]:5000"), &uid, None),
             format!("198.18.0.9 5000 198.18.0.9:5000|{}", uid.as_str())
         );
     }
@@ -315,7 +496,7 @@ mod tests {
         let t = IdTemplate::parse("{client_ip}-{uid}", false).expect("valid");
         let uid = generator(0).next_uid();
         assert_eq!(
-            t.render(addr("[fd00::1]:1"), &uid),
+            t.render(addr("[fd00::1]:1"), &uid, None),
             format!("fd00::1-{}", uid.as_str())
         );
     }

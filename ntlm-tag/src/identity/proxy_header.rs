@@ -28,8 +28,10 @@ const PP2_TYPE_UNIQUE_ID: u8 = 0x05;
 const PP2_TYPE_SSL: u8 = 0x20;
 const PP2_SUBTYPE_SSL_VERSION: u8 = 0x21;
 const PP2_SUBTYPE_SSL_CN: u8 = 0x22;
-const PP2_TYPE_AWS: u8 = 0xEA;
-const PP2_TYPE_AZURE: u8 = 0xEE;
+pub const PP2_TYPE_AWS: u8 = 0xEA;
+pub const PP2_TYPE_AZURE: u8 = 0xEE;
+/// The subtype of the AWS VPC endpoint id and of the Azure Private Link LinkID.
+pub const PP2_SUBTYPE_LINK: u8 = 0x01;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -70,6 +72,17 @@ pub struct ProxyTlvs {
     /// Other TLV types seen, for the record.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub other_types: Vec<u8>,
+    /// Every TLV as received (type, value), for the id template's `{tlv:0xNN}` placeholders;
+    /// bounded by the header's size ([`V2_MAX`]).
+    #[serde(skip)]
+    pub raw: Vec<(u8, Box<[u8]>)>,
+}
+
+impl ProxyTlvs {
+    /// The value of the first TLV of type `kind`.
+    pub fn value(&self, kind: u8) -> Option<&[u8]> {
+        self.raw.iter().find(|(k, _)| *k == kind).map(|(_, v)| &**v)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -240,17 +253,18 @@ fn read_tlvs(h: &v2::Header<'_>) -> Result<ProxyTlvs, ProxyHeaderError> {
     for tlv in h.tlvs() {
         let tlv = tlv.map_err(|e| ProxyHeaderError::Malformed(format!("TLV: {e}")))?;
         let value: &[u8] = &tlv.value;
+        out.raw.push((tlv.kind, value.into()));
         match tlv.kind {
             PP2_TYPE_AUTHORITY => out.authority = Some(String::from_utf8_lossy(value).into()),
             PP2_TYPE_UNIQUE_ID => out.unique_id = Some(hex(value)),
             PP2_TYPE_SSL => out.ssl = Some(read_ssl(value)?),
             PP2_TYPE_AWS => {
-                if let [0x01, id @ ..] = value {
+                if let [PP2_SUBTYPE_LINK, id @ ..] = value {
                     out.aws_vpce_id = Some(String::from_utf8_lossy(id).into());
                 }
             }
             PP2_TYPE_AZURE => {
-                if let [0x01, a, b, c, d] = value {
+                if let [PP2_SUBTYPE_LINK, a, b, c, d] = value {
                     out.azure_link_id = Some(u32::from_le_bytes([*a, *b, *c, *d]));
                 }
             }
@@ -471,11 +485,17 @@ mod tests {
             Some("vpce-08d2bf15fac5001c9")
         );
         assert_eq!(h.tlvs.azure_link_id, Some(42));
-        let ssl = h.tlvs.ssl.expect("ssl");
+        let ssl = h.tlvs.ssl.clone().expect("ssl");
         assert!(ssl.client_ssl && ssl.client_cert && ssl.verified);
         assert_eq!(ssl.version.as_deref(), Some("TLSv1.3"));
         assert_eq!(ssl.common_name.as_deref(), Some("alice"));
         assert_eq!(h.tlvs.other_types, vec![0x04]);
+        assert_eq!(
+            h.tlvs.value(PP2_TYPE_AZURE),
+            Some(&[0x01, 0x2a, 0, 0, 0][..])
+        );
+        assert_eq!(h.tlvs.value(0x04), Some(&[][..]));
+        assert_eq!(h.tlvs.value(0x30), None);
     }
 
     #[test]

@@ -87,6 +87,47 @@ impl OwnCgroup {
         Ok(OwnCgroup { path, parent, dir })
     }
 
+    /// Moves the whole process into `path`, a cgroup another ntlm-tag process created (an upgrade:
+    /// the listening sockets handed over belong to it, and so do the connections accepted from
+    /// them). Whichever of the two processes leaves last removes it.
+    pub fn join(path: &Path) -> Result<Self, CgroupError> {
+        let mount = find_cgroup2_mount()?;
+        let ours = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(PREFIX));
+        let parent = match path.parent() {
+            Some(parent) if ours && path.starts_with(&mount) => parent.to_path_buf(),
+            _ => {
+                return Err(CgroupError::Enter {
+                    path: path.to_path_buf(),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "not an ntlm-tag cgroup under {} (the running gateway sent it)",
+                            mount.display()
+                        ),
+                    ),
+                });
+            }
+        };
+        fs::write(path.join("cgroup.procs"), std::process::id().to_string()).map_err(|source| {
+            CgroupError::Enter {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        let dir = File::open(path).map_err(|source| CgroupError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(OwnCgroup {
+            path: path.to_path_buf(),
+            parent,
+            dir,
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -105,6 +146,11 @@ impl Drop for OwnCgroup {
             return;
         }
         if let Err(e) = fs::remove_dir(&self.path) {
+            if e.raw_os_error() == Some(libc::EBUSY) {
+                // An upgrade: the other process is still in it, and removes it when it leaves.
+                tracing::debug!(cgroup = %self.path.display(), "own cgroup still holds the other process of an upgrade; it removes it");
+                return;
+            }
             tracing::warn!(cgroup = %self.path.display(), error = %e, "could not remove own cgroup; the next start removes it");
         }
     }

@@ -209,23 +209,36 @@ impl KernelTracker {
     /// Must run before the listening sockets are created, so that they belong to that cgroup. When
     /// the kernel refuses the programs and is older than [`MIN_KERNEL`], the error says so and what
     /// still works.
-    pub fn start(options: &KernelOptions) -> Result<Self, KernelError> {
-        Self::load_and_attach(options).map_err(explain_old_kernel)
+    /// With `join`, the process joins that cgroup instead of creating its own (an upgrade: the
+    /// listening sockets handed over were created there) and attaches its programs beside those of
+    /// the process that created it.
+    pub fn start(
+        options: &KernelOptions,
+        join: Option<&std::path::Path>,
+    ) -> Result<Self, KernelError> {
+        Self::load_and_attach(options, join).map_err(explain_old_kernel)
     }
 
-    fn load_and_attach(options: &KernelOptions) -> Result<Self, KernelError> {
+    fn load_and_attach(
+        options: &KernelOptions,
+        join: Option<&std::path::Path>,
+    ) -> Result<Self, KernelError> {
         let map_entries = options.map_entries;
         if let Err(e) = sockopt::raise_memlock_limit() {
             // Only kernels before 5.11 need it; there the map creation below fails with a clear error.
             tracing::debug!(error = %e, "could not raise RLIMIT_MEMLOCK");
         }
-        let cgroup = OwnCgroup::create()?;
+        let cgroup = match join {
+            Some(path) => OwnCgroup::join(path)?,
+            None => OwnCgroup::create()?,
+        };
         let mut ebpf = load_object(map_entries)?;
         let kernel_log = init_kernel_log(&mut ebpf);
         let program: &mut SockOps = program_of(&mut ebpf, SOCK_OPS_PROGRAM)?;
         program.load().map_err(program_error)?;
-        // The cgroup is ours alone. `Single` is what bpf_link (5.7+) requires (it then coexists with
-        // programs on ancestor cgroups anyway); on older kernels it is an exclusive attachment to it.
+        // The cgroup is ours (shared only during an upgrade). `Single` is what bpf_link (5.7+)
+        // requires; links always coexist with other links (the other process's during an upgrade)
+        // and with programs on ancestor cgroups.
         program
             .attach(cgroup.file(), CgroupAttachMode::Single)
             .map_err(|source| KernelError::Attach {

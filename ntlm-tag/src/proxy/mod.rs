@@ -5,7 +5,9 @@ mod access_log;
 mod head_clock;
 mod prefixed;
 pub mod rewrite;
+pub mod route_timeouts;
 pub mod tls;
+mod upgrade;
 
 use std::{
     collections::HashMap,
@@ -43,12 +45,13 @@ use crate::{
     kernel::socket_cookie,
     metrics::{Metrics, ProxyRejection},
     registry::{Registration, Registry},
-    upstream::{ClientBody, ClientUpstream, Upstream},
+    upstream::{ClientBody, ClientUpstream, ResponseTimeout, Retired, Upstream},
 };
 use access_log::{AccessRecord, LoggedBody};
 use head_clock::{ClockedIo, HeadClock};
 use prefixed::PrefixedIo;
 use rewrite::{ClientScheme, ConnectionStamp, StampPolicy};
+use route_timeouts::RouteTimeouts;
 
 pub type ProxyBody = Either<crate::upstream::GuardedBody, Full<Bytes>>;
 
@@ -59,6 +62,8 @@ pub struct Live {
     pub trusted: TrustedSources,
     pub limits: Limits,
     pub timeouts: Timeouts,
+    /// Response timeouts of the path prefixes that have their own.
+    pub route_timeouts: Arc<RouteTimeouts>,
     /// TLS acceptors by configured listener address.
     pub tls: HashMap<SocketAddr, TlsAcceptor>,
     pub access_log: bool,
@@ -105,65 +110,137 @@ struct ClientConnection {
     /// Requests of one HTTP/1.1 connection are sequential, so this lock is never contended there.
     upstream: tokio::sync::Mutex<ClientUpstream>,
     registration: Registration,
+    /// After a `101 Switching Protocols`: the tunnel this connection became.
+    tunnel: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-/// Accepts clients on `listener` until `shutdown` fires; connections are tracked by `tracker`.
+/// When a listener stops accepting.
+pub struct ListenerStops {
+    /// The gateway stops: connections are closed gracefully too.
+    pub shutdown: watch::Receiver<bool>,
+    /// A successor took the listener over: stop accepting, connections go on.
+    pub hand_over: watch::Receiver<bool>,
+}
+
+/// Accepts clients on `listener` until `shutdown` or `hand_over` fires; connections are tracked by
+/// `tracker`. On a hand-over it first accepts what the kernel already queued (those connections
+/// were recorded by this process's kernel program, not necessarily by the successor's) and returns
+/// how many that were.
 pub async fn serve_listener(
     listener: TcpListener,
     config: Arc<ListenerConfig>,
     gateway: Arc<Gateway>,
-    mut shutdown: watch::Receiver<bool>,
+    stops: ListenerStops,
     tracker: TaskTracker,
-) {
+) -> usize {
+    let ListenerStops {
+        mut shutdown,
+        mut hand_over,
+    } = stops;
     let listen_addr: Arc<str> = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default()
         .into();
+    let connections_stop = shutdown.clone();
+    let admit = |stream, peer| {
+        admit(
+            stream,
+            peer,
+            &config,
+            &gateway,
+            &listen_addr,
+            &connections_stop,
+            &tracker,
+        )
+    };
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = shutdown.changed() => break,
+            _ = shutdown.changed() => return 0,
+            _ = hand_over.changed() => break,
         };
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
+        match accepted {
+            Ok((stream, peer)) => admit(stream, peer),
             Err(e) => {
                 // EMFILE/ENFILE and friends: keep serving what we have, try again shortly.
                 tracing::warn!(listener = %listen_addr, error = %e, "accept failed (raise the fd limit if this is EMFILE)");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
             }
-        };
-        let live = gateway.live.load_full();
-        if gateway.open.fetch_add(1, Ordering::Relaxed) >= live.limits.max_connections {
-            gateway.open.fetch_sub(1, Ordering::Relaxed);
-            gateway.metrics.connection_refused();
-            refuse_over_limit(stream, peer, &gateway, &live);
-            continue;
         }
-        let slot = OpenSlot(Arc::clone(&gateway));
-        // Identify on the accept path (the kernel record is there already), but read any PROXY
-        // header or TLS handshake in the connection's own task so a slow peer never holds up the
-        // accept loop.
-        let identity = match identify(&gateway, &stream, peer) {
-            Ok(identity) => identity,
-            Err(e) => {
-                gateway.metrics.internal_error();
-                tracing::error!(%peer, error = %e, "cannot identify a client connection; closing it");
-                continue;
-            }
-        };
-        tracker.spawn(handle_connection(
-            stream,
-            identity,
-            Arc::clone(&config),
-            Arc::clone(&gateway),
-            live,
-            slot,
-            Arc::clone(&listen_addr),
-            shutdown.clone(),
-        ));
     }
+    // The runtime's readiness may lag the kernel's queue: accept on the socket itself until the
+    // kernel says the queue is empty.
+    let mut drained = 0;
+    loop {
+        match socket2::SockRef::from(&listener).accept() {
+            Ok((socket, peer)) => {
+                let Some(peer) = peer.as_socket() else {
+                    continue;
+                };
+                let stream = socket
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpStream::from_std(socket.into()));
+                match stream {
+                    Ok(stream) => {
+                        drained += 1;
+                        admit(stream, peer);
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "cannot register a queued connection; closing it")
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                tracing::warn!(listener = %listen_addr, error = %e, "accept failed while handing the listener over; the successor accepts the rest");
+                break;
+            }
+        }
+    }
+    drained
+}
+
+/// One accepted connection: counted against the limit, identified, and served in a task of its own.
+fn admit(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    config: &Arc<ListenerConfig>,
+    gateway: &Arc<Gateway>,
+    listen_addr: &Arc<str>,
+    shutdown: &watch::Receiver<bool>,
+    tracker: &TaskTracker,
+) {
+    let live = gateway.live.load_full();
+    if gateway.open.fetch_add(1, Ordering::Relaxed) >= live.limits.max_connections {
+        gateway.open.fetch_sub(1, Ordering::Relaxed);
+        gateway.metrics.connection_refused();
+        refuse_over_limit(stream, peer, gateway, &live);
+        return;
+    }
+    let slot = OpenSlot(Arc::clone(gateway));
+    // Identify on the accept path (the kernel record is there already), but read any PROXY
+    // header or TLS handshake in the connection's own task so a slow peer never holds up the
+    // accept loop.
+    let identity = match identify(gateway, &stream, peer) {
+        Ok(identity) => identity,
+        Err(e) => {
+            gateway.metrics.internal_error();
+            tracing::error!(%peer, error = %e, "cannot identify a client connection; closing it");
+            return;
+        }
+    };
+    tracker.spawn(handle_connection(
+        stream,
+        identity,
+        Arc::clone(config),
+        Arc::clone(gateway),
+        live,
+        slot,
+        Arc::clone(listen_addr),
+        shutdown.clone(),
+    ));
 }
 
 /// Over the connection limit: a short 503 (best effort, never blocking the accept loop), then close.
@@ -324,7 +401,9 @@ fn open_connection(
     scheme: ClientScheme,
 ) -> Result<ClientConnection, Box<dyn StdError + Send + Sync>> {
     let uid = gateway.uids.next_uid();
-    let id = gateway.template.render(identity.client, &uid);
+    let id = gateway
+        .template
+        .render(identity.client, &uid, identity.proxy_tlvs.as_ref());
     let stamp = ConnectionStamp::new(&id, identity.client, scheme)?;
     let conn = gateway.id_display.hash(&id);
     let full_id: Option<Box<str>> = gateway.id_display.full(&id).map(Into::into);
@@ -359,6 +438,7 @@ fn open_connection(
         stamp,
         upstream: tokio::sync::Mutex::new(upstream),
         registration,
+        tunnel: std::sync::Mutex::new(None),
     })
 }
 
@@ -388,6 +468,7 @@ async fn serve_connection<S>(
             })
         })
     };
+    let mut tunnel_shutdown = shutdown.clone();
     let result = if http2 {
         // Sniffs the HTTP/2 preface; HTTP/1.1 otherwise. (HTTP/2 streams have no head to trickle,
         // so hyper's header timer alone bounds HTTP/1.1 heads and idle time here.) Boxed, so that
@@ -400,7 +481,7 @@ async fn serve_connection<S>(
                 .header_read_timeout(timeouts.header_read)
                 .max_buf_size(max_header_bytes)
                 .keep_alive(true);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
                 result = conn.as_mut() => result,
@@ -419,7 +500,8 @@ async fn serve_connection<S>(
             .header_read_timeout(timeouts.idle.max(timeouts.header_read))
             .max_buf_size(max_header_bytes)
             .keep_alive(true)
-            .serve_connection(io, service);
+            .serve_connection(io, service)
+            .with_upgrades();
         tokio::pin!(conn);
         tokio::select! {
             result = conn.as_mut() => result,
@@ -434,6 +516,15 @@ async fn serve_connection<S>(
         }
         .map_err(Into::into)
     };
+    let tunnel = connection.tunnel.lock().ok().and_then(|mut t| t.take());
+    if let Some(mut tunnel) = tunnel {
+        // The connection became a tunnel (WebSocket): it lives until either side closes it, or
+        // until the gateway stops.
+        tokio::select! {
+            _ = &mut tunnel => {}
+            _ = tunnel_shutdown.changed() => tunnel.abort(),
+        }
+    }
     if let Err(e) = result {
         if let Some(status) = e
             .downcast_ref::<hyper::Error>()
@@ -533,7 +624,7 @@ async fn forward(req: Request<Incoming>, connection: &ClientConnection) -> Respo
 /// The response to one request, and the backend that was asked (`None` when the gateway answered
 /// without one).
 async fn respond(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     connection: &ClientConnection,
     record: Option<&mut AccessRecord>,
 ) -> (Response<ProxyBody>, Option<Authority>) {
@@ -587,9 +678,19 @@ async fn respond(
     {
         return (refusal, None);
     }
+    let upgrade_to = (req.version() == Version::HTTP_11)
+        .then(|| upgrade::requested(req.headers()))
+        .flatten();
+    let mut client_upgrade = upgrade_to.is_some().then(|| hyper::upgrade::on(&mut req));
+    if let Some(deadline) = live.route_timeouts.response_for(req.uri().path()) {
+        req.extensions_mut().insert(ResponseTimeout(deadline));
+    }
     let (mut parts, body) = req.into_parts();
     parts.version = Version::HTTP_11;
     rewrite::prepare_request(&mut parts.headers, &gateway.policy, &connection.stamp);
+    if let Some(protocol) = upgrade_to {
+        upgrade::restore(&mut parts.headers, protocol);
+    }
     let upstream_req = Request::from_parts(parts, ClientBody::new(body));
     let mut upstream = connection.upstream.lock().await;
     let asked = Instant::now();
@@ -622,15 +723,61 @@ async fn respond(
             );
             error_response(StatusCode::BAD_GATEWAY, "Bad Gateway")
         }
-        Ok(response) => {
+        Ok(response)
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                && (client_upgrade.is_none()
+                    || !response.headers().contains_key(http::header::UPGRADE)) =>
+        {
+            // A 101 the client did not ask for, or one that names no protocol: nothing could
+            // speak on that connection afterwards.
+            gateway.metrics.upstream_error();
+            tracing::warn!(
+                conn = %connection.conn,
+                backend = %backend.authority(),
+                "backend switched protocols without a matching upgrade request; 502"
+            );
+            let mut response = error_response(StatusCode::BAD_GATEWAY, "Bad Gateway");
+            response.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+            response
+        }
+        Ok(mut response) => {
+            let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+            let upstream_upgrade = switched.then(|| hyper::upgrade::on(&mut response));
+            let protocol = response.headers().get(http::header::UPGRADE).cloned();
             let (mut parts, body) = response.into_parts();
             rewrite::prepare_response(&mut parts.headers);
+            if let (Some(upstream_upgrade), Some(client_upgrade), Some(protocol)) =
+                (upstream_upgrade, client_upgrade.take(), protocol)
+            {
+                upgrade::restore(&mut parts.headers, protocol);
+                let tunnel = upgrade::spawn_tunnel(
+                    client_upgrade,
+                    upstream_upgrade,
+                    connection.conn,
+                    &gateway.metrics,
+                );
+                if let Ok(mut slot) = connection.tunnel.lock() {
+                    *slot = Some(tunnel);
+                }
+            }
+            if let Some(Retired(_)) = parts.extensions.get::<Retired>() {
+                // The upstream connection reached a cap and closes after this response: the
+                // client connection, whose NTLM context lived there, closes with it.
+                parts.headers.insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
             Response::from_parts(parts, Either::Left(body))
         }
         Err(e) => {
             match &e {
                 e if e.is_timeout() => gateway.metrics.upstream_timeout(),
                 e if e.is_client_error() => gateway.metrics.client_request_error(),
+                e if e.is_gateway_refusal() => gateway.metrics.internal_error(),
                 _ => gateway.metrics.upstream_error(),
             }
             let status = e.status();

@@ -1,8 +1,8 @@
 //! Backends, the upstream connection pool, and the connections that belong to one client.
 //!
 //! Each client connection is assigned one backend for its life (an NTLM context lives in one backend
-//! process); it moves only when that backend goes down, or when a request never reached it. Three
-//! modes:
+//! process); it moves only when that backend goes down, when a request never reached it, or when a
+//! request's [route](routes) is not served (or not healthy) there. Three modes:
 //! - `bind` (the default, safe with every backend): anonymous requests share keep-alive connections;
 //!   an upstream connection that carries any NTLM/Negotiate leg (see [`binding`]) is bound to its
 //!   client connection from then on: never pooled again, used for all its later requests, closed
@@ -14,15 +14,25 @@
 //! A bound or pinned connection that dies after NTLM was seen on it closes the client connection
 //! too: the client must authenticate again, never silently continue on a connection authenticated
 //! for someone else, or on a fresh one as nobody.
+//!
+//! Routes and sessions: a client connection whose NTLM session lives on an upstream connection to
+//! backend B keeps using that connection for every later request whose route B serves, healthy for
+//! that route or not (the session cannot move). A request for a route whose pool does not contain
+//! B is answered `421 Misdirected Request` with `Connection: close` and logged: it is never sent
+//! on another connection (it would arrive there anonymous, or on someone else's), and the client
+//! retries on a new connection, which is routed afresh.
 #![forbid(unsafe_code)]
 
 mod binding;
+mod caps;
 mod client_body;
 mod guarded;
 pub mod health;
 mod pool;
+pub mod routes;
 pub mod tls;
 
+pub use caps::{Cap, DedicatedCaps, Retired};
 pub use client_body::{ClientBody, ClientBodyState};
 pub use guarded::GuardedBody;
 
@@ -47,11 +57,12 @@ use tokio_util::either::Either;
 
 use crate::epa::diagnosis::{BackendView, BindingClaim, Diagnosis, diagnose};
 use crate::{
-    config::{HealthCheckConfig, Timeouts},
+    config::{HealthCheckConfig, RouteConfig, Timeouts},
     metrics::{BindTrigger, Metrics, UpstreamUse},
 };
 use health::Health;
 use pool::{IdleConnections, Loan};
+use routes::{Pool, RouteTable};
 use tls::{BackendTls, BackendTlsConfig, BackendTlsError};
 
 /// A backend as configured: its address and, for an `https://` backend, how to talk TLS to it.
@@ -86,6 +97,24 @@ pub struct BackendSetupError {
     pub backend: String,
     #[source]
     pub source: BackendTlsError,
+}
+
+/// A request extension: this request's response timeout, when its route has one of its own
+/// (`[[timeouts.route]]`); `timeouts.upstream_response_secs` otherwise.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseTimeout(pub Duration);
+
+/// A request that asks to switch protocols (`Connection: upgrade` with `Upgrade`, e.g. WebSocket):
+/// it goes on an upstream connection of its own, which becomes the client's tunnel after a `101`
+/// and is never pooled.
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
 /// A connection to a backend: plain TCP, or TLS over it.
@@ -300,7 +329,17 @@ pub enum UpstreamError {
         backend: Authority,
         /// `pinned` or `bound`.
         link: &'static str,
+        /// The backend did not answer in time (a 504 rather than a 502; the session is lost
+        /// either way, since the connection is abandoned mid-exchange).
+        timed_out: bool,
     },
+    #[error(
+        "route {route}: this client connection's NTLM session lives on an upstream connection to \
+         {backend}, which is not in the route's pool; answering 421 and closing the client \
+         connection (the client retries on a new connection and authenticates there). Add \
+         {backend} to the route's backends if one login should serve both"
+    )]
+    Misdirected { route: String, backend: Authority },
     #[error("bad request target: {0}")]
     BadTarget(#[from] http::Error),
     /// The client's request body broke (an invalid chunk, the connection closed mid-body) while it
@@ -315,12 +354,15 @@ pub enum UpstreamError {
 impl UpstreamError {
     pub fn status(&self) -> StatusCode {
         match self {
-            UpstreamError::Timeout { .. } | UpstreamError::ConnectTimeout { .. } => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            UpstreamError::Timeout { .. }
+            | UpstreamError::ConnectTimeout { .. }
+            | UpstreamError::SessionLost {
+                timed_out: true, ..
+            } => StatusCode::GATEWAY_TIMEOUT,
             UpstreamError::BadTarget(_) | UpstreamError::ClientBody { .. } => {
                 StatusCode::BAD_REQUEST
             }
+            UpstreamError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -329,7 +371,12 @@ impl UpstreamError {
     pub fn is_timeout(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Timeout { .. } | UpstreamError::ConnectTimeout { .. }
+            UpstreamError::Timeout { .. }
+                | UpstreamError::ConnectTimeout { .. }
+                | UpstreamError::SessionLost {
+                    timed_out: true,
+                    ..
+                }
         )
     }
 
@@ -338,8 +385,16 @@ impl UpstreamError {
     pub fn closes_client(&self) -> bool {
         matches!(
             self,
-            UpstreamError::SessionLost { .. } | UpstreamError::ClientBody { .. }
+            UpstreamError::SessionLost { .. }
+                | UpstreamError::ClientBody { .. }
+                | UpstreamError::Misdirected { .. }
         )
+    }
+
+    /// The gateway refused the request by its own configuration (a route the client's session
+    /// cannot reach), neither the client's nor the backend's fault.
+    pub fn is_gateway_refusal(&self) -> bool {
+        matches!(self, UpstreamError::Misdirected { .. })
     }
 
     /// The client caused this error (its request), not the backend.
@@ -357,6 +412,8 @@ struct Dedicated {
     backend: Arc<Backend>,
     sender: SendRequest<ClientBody>,
     link: &'static str,
+    /// Age and requests, for `[upstream_caps]`.
+    usage: caps::Usage,
     /// Keeps `ntlm_tag_bound_connections` while a bound connection lives.
     _bound: Option<BoundGauge>,
 }
@@ -431,14 +488,26 @@ impl<T> Attempt<T> {
     }
 }
 
-/// The backends, the pool and the policies.
+/// One backend's health for one route, for `/healthz` and `backend_up{backend,route}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendState {
+    pub route: String,
+    pub backend: String,
+    pub up: bool,
+}
+
+/// The backends, the routes, the pool and the policies.
 pub struct Upstream {
+    /// Every backend once, whichever routes name it: one set of connections per backend.
     backends: Vec<Arc<Backend>>,
+    routes: RouteTable,
     next: AtomicUsize,
     mode: Mode,
     balance: Balance,
     timeouts: Timeouts,
     metrics: Arc<Metrics>,
+    /// Caps on bound and pinned connections (off by default).
+    caps: DedicatedCaps,
     /// Active health-check tasks; stopped when this Upstream is replaced by a reload.
     checks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
 }
@@ -456,47 +525,71 @@ impl Upstream {
     /// error names the backend and the file.
     pub fn new(
         backends: &[BackendAddress],
+        routes: &[RouteConfig],
         mode: Mode,
         balance: Balance,
         timeouts: &Timeouts,
         max_per_backend: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Self, BackendSetupError> {
-        let tls = backends
-            .iter()
-            .map(|b| {
-                b.tls
-                    .as_ref()
-                    .map(|t| BackendTls::new(t, b.authority.host()))
-                    .transpose()
-                    .map_err(|source| BackendSetupError {
-                        backend: b.to_string(),
-                        source,
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let upstream = Upstream {
-            backends: backends
+        let mut all: Vec<Arc<Backend>> = Vec::new();
+        // The backend named `address`, made on first mention.
+        let mut backend = |address: &BackendAddress| -> Result<Arc<Backend>, BackendSetupError> {
+            if let Some(known) = all.iter().find(|b| b.authority == address.authority) {
+                return Ok(Arc::clone(known));
+            }
+            let tls = address
+                .tls
+                .as_ref()
+                .map(|t| BackendTls::new(t, address.authority.host()))
+                .transpose()
+                .map_err(|source| BackendSetupError {
+                    backend: address.to_string(),
+                    source,
+                })?;
+            let made = Arc::new(Backend {
+                authority: address.authority.clone(),
+                tls,
+                last_leaf: std::sync::Mutex::new(None),
+                active: AtomicUsize::new(0),
+                health: Health::default(),
+                permits: (max_per_backend > 0)
+                    .then(|| Arc::new(tokio::sync::Semaphore::new(max_per_backend))),
+                idle: IdleConnections::default(),
+            });
+            all.push(Arc::clone(&made));
+            Ok(made)
+        };
+        let default = Pool::new(
+            None,
+            backends
                 .iter()
-                .zip(tls)
-                .map(|(b, tls)| {
-                    Arc::new(Backend {
-                        authority: b.authority.clone(),
-                        tls,
-                        last_leaf: std::sync::Mutex::new(None),
-                        active: AtomicUsize::new(0),
-                        health: Health::default(),
-                        permits: (max_per_backend > 0)
-                            .then(|| Arc::new(tokio::sync::Semaphore::new(max_per_backend))),
-                        idle: IdleConnections::default(),
-                    })
-                })
-                .collect(),
+                .map(&mut backend)
+                .collect::<Result<_, _>>()?,
+            None,
+        );
+        let mut pools = Vec::with_capacity(routes.len());
+        for route in routes {
+            let members = route
+                .backends
+                .iter()
+                .map(&mut backend)
+                .collect::<Result<_, _>>()?;
+            pools.push(Pool::new(
+                Some(&route.path_prefix),
+                members,
+                route.health_check.clone(),
+            ));
+        }
+        let upstream = Upstream {
+            backends: all,
+            routes: RouteTable::new(pools, default),
             next: AtomicUsize::new(0),
             mode,
             balance,
             timeouts: *timeouts,
             metrics,
+            caps: DedicatedCaps::default(),
             checks: std::sync::Mutex::new(Vec::new()),
         };
         upstream.spawn_idle_sweeper();
@@ -525,32 +618,57 @@ impl Upstream {
         }
     }
 
+    /// Caps the age and requests of bound and pinned connections (`[upstream_caps]`).
+    pub fn with_dedicated_caps(mut self, caps: DedicatedCaps) -> Self {
+        self.caps = caps;
+        self
+    }
+
     pub fn backends(&self) -> &[Arc<Backend>] {
         &self.backends
     }
 
-    /// The upstream side of a new client connection.
+    /// Every route's view of each of its backends, the default pool last.
+    pub fn states(&self) -> Vec<BackendState> {
+        self.routes
+            .pools()
+            .iter()
+            .flat_map(|pool| {
+                pool.members.iter().map(|m| BackendState {
+                    route: pool.name().to_string(),
+                    backend: m.backend.authority.to_string(),
+                    up: m.is_up(),
+                })
+            })
+            .collect()
+    }
+
+    /// The upstream side of a new client connection: a backend of the default pool (a request for
+    /// a route moves it when that route is not served there).
     pub fn attach(&self, client: IpAddr) -> ClientUpstream {
         ClientUpstream {
-            assignment: Assignment::new(self.choose(client, &[])),
+            assignment: Assignment::new(self.choose(self.routes.default_pool(), client, &[])),
             mode: self.mode,
             dedicated: None,
             ntlm_seen: false,
         }
     }
 
-    /// Picks a backend among the healthy ones not in `avoid` (all of them if none is healthy).
-    fn choose(&self, client: IpAddr, avoid: &[Arc<Backend>]) -> Arc<Backend> {
-        self.pick(client, avoid)
-            .unwrap_or_else(|| self.pick_from(client, self.backends.iter().collect()))
+    /// Picks one of `pool`'s backends among those up for it and not in `avoid` (any of its
+    /// backends if none is up).
+    fn choose(&self, pool: &Pool, client: IpAddr, avoid: &[Arc<Backend>]) -> Arc<Backend> {
+        self.pick(pool, client, avoid).unwrap_or_else(|| {
+            self.pick_from(client, pool.members.iter().map(|m| &m.backend).collect())
+        })
     }
 
-    /// A healthy backend not in `avoid`, if there is one.
-    fn pick(&self, client: IpAddr, avoid: &[Arc<Backend>]) -> Option<Arc<Backend>> {
-        let healthy: Vec<&Arc<Backend>> = self
-            .backends
+    /// One of `pool`'s backends up for it and not in `avoid`, if there is one.
+    fn pick(&self, pool: &Pool, client: IpAddr, avoid: &[Arc<Backend>]) -> Option<Arc<Backend>> {
+        let healthy: Vec<&Arc<Backend>> = pool
+            .members
             .iter()
-            .filter(|b| b.is_up() && !avoid.iter().any(|a| Arc::ptr_eq(a, b)))
+            .filter(|m| m.is_up() && !avoid.iter().any(|a| Arc::ptr_eq(a, &m.backend)))
+            .map(|m| &m.backend)
             .collect();
         (!healthy.is_empty()).then(|| self.pick_from(client, healthy))
     }
@@ -592,18 +710,30 @@ impl Upstream {
         if binds || is_ntlm_request(req.headers()) {
             state.ntlm_seen = true;
         }
-        // Whether this request goes on a connection of the client's own (pinned or bound).
-        let dedicated = match self.mode {
-            Mode::Pin => true,
-            Mode::Bind => binds || state.dedicated.is_some(),
-            Mode::Tag => false,
-        };
+        let upgrade = is_upgrade_request(req.headers());
+        // Whether this request goes on a connection of the client's own (pinned or bound). An
+        // upgrade always does: after a 101 its connection is the client's tunnel, never pooled.
+        let dedicated = upgrade
+            || match self.mode {
+                Mode::Pin => true,
+                Mode::Bind => binds || state.dedicated.is_some(),
+                Mode::Tag => false,
+            };
         let had_host = req.headers().contains_key(header::HOST);
-        if !state.backend().is_up() && !state.holds_session() {
+        let pool = self.routes.route(req.uri().path());
+        if state.holds_session() {
+            // The session cannot move: its connection serves every route its backend serves.
+            if !pool.serves(state.backend()) {
+                return Err(UpstreamError::Misdirected {
+                    route: pool.name().to_string(),
+                    backend: state.backend().authority.clone(),
+                });
+            }
+        } else if !pool.is_up_on(state.backend()) {
             let old = Arc::clone(state.backend());
-            let new = self.choose(client, std::slice::from_ref(&old));
+            let new = self.choose(pool, client, std::slice::from_ref(&old));
             if !Arc::ptr_eq(&new, &old) {
-                tracing::info!(from = %old.authority, to = %new.authority, "backend down; moving the client connection");
+                tracing::info!(route = pool.name(), from = %old.authority, to = %new.authority, "backend down or not serving this route; moving the client connection");
                 state.move_to(new);
             }
         }
@@ -634,7 +764,7 @@ impl Upstream {
                     let next = if state.holds_session() {
                         None
                     } else {
-                        self.pick(client, &tried)
+                        self.pick(pool, client, &tried)
                     };
                     let Some(next) = next else {
                         break (backend, Err(error));
@@ -655,7 +785,15 @@ impl Upstream {
                 }
             }
         };
-        let result = self.settle(state, &backend, dedicated, &client_body, result);
+        let mut result = self.settle(state, &backend, dedicated, &client_body, result);
+        if dedicated && let Ok(response) = &mut result {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                // The connection now carries the tunnel, and closes with it.
+                state.dedicated = None;
+            } else {
+                self.count_dedicated_use(state, response);
+            }
+        }
         if let (Ok(response), Some(claim)) = (&result, &epa_claim)
             && response.status() == StatusCode::UNAUTHORIZED
             && claim.is_bound()
@@ -663,6 +801,36 @@ impl Upstream {
             self.explain_epa_refusal(&backend, claim);
         }
         result
+    }
+
+    /// Counts a response on the client's own connection against `[upstream_caps]`. At a cap the
+    /// connection is let go (it closes once this response has been read) and the response is
+    /// marked [`Retired`], so that the client connection closes after it too: the NTLM context
+    /// and the client connection that holds it end together, never one without the other.
+    fn count_dedicated_use(
+        &self,
+        state: &mut ClientUpstream,
+        response: &mut Response<GuardedBody>,
+    ) {
+        let now = std::time::Instant::now();
+        let Some(own) = state.dedicated.as_mut() else {
+            return;
+        };
+        let Some(cap) = own.usage.record_response(&self.caps, now) else {
+            return;
+        };
+        self.metrics.upstream_retired(cap);
+        tracing::info!(
+            backend = %own.backend.authority,
+            link = own.link,
+            cap = cap.as_str(),
+            requests = own.usage.requests(),
+            age_secs = own.usage.age(now).as_secs_f64(),
+            "upstream connection reached its [upstream_caps] cap; closing it and its client \
+             connection after this response (the client reconnects and authenticates again)"
+        );
+        state.dedicated = None;
+        response.extensions_mut().insert(Retired(cap));
     }
 
     /// A backend answered 401 to a Type3 with a channel binding: log and count why.
@@ -734,6 +902,7 @@ impl Upstream {
             return Err(UpstreamError::SessionLost {
                 backend: backend.authority.clone(),
                 link,
+                timed_out: matches!(result, Err(UpstreamError::Timeout { .. })),
             });
         }
         result
@@ -800,6 +969,7 @@ impl Upstream {
             backend: Arc::clone(backend),
             sender,
             link: "bound",
+            usage: caps::Usage::new(std::time::Instant::now()),
             _bound: Some(BoundGauge::new(&self.metrics)),
         }
     }
@@ -829,6 +999,7 @@ impl Upstream {
                 return Attempt::Done(Err(UpstreamError::SessionLost {
                     backend: backend.authority.clone(),
                     link: lost.link,
+                    timed_out: false,
                 }));
             }
             let sharing = match self.mode {
@@ -842,6 +1013,7 @@ impl Upstream {
                             backend: Arc::clone(&backend),
                             sender,
                             link: "pinned",
+                            usage: caps::Usage::new(std::time::Instant::now()),
                             _bound: None,
                         },
                         Sharing::Bound | Sharing::Shared => {
@@ -858,6 +1030,7 @@ impl Upstream {
             return Attempt::Done(Err(UpstreamError::SessionLost {
                 backend: backend.authority.clone(),
                 link: "pinned",
+                timed_out: false,
             }));
         };
         let deadline = self.timeouts.upstream_response;
@@ -934,7 +1107,10 @@ impl Upstream {
         sender: &mut SendRequest<ClientBody>,
         req: Request<ClientBody>,
     ) -> Attempt<Response<Incoming>> {
-        let deadline = self.timeouts.upstream_response;
+        let deadline = req
+            .extensions()
+            .get::<ResponseTimeout>()
+            .map_or(self.timeouts.upstream_response, |t| t.0);
         match tokio::time::timeout(deadline, sender.try_send_request(req)).await {
             Ok(Ok(response)) => Attempt::Done(Ok(response)),
             Ok(Err(mut e)) => match e.take_message() {
@@ -976,17 +1152,19 @@ impl Upstream {
         let metrics = Arc::clone(&self.metrics);
         metrics.upstream_connected(started.elapsed());
         match sharing {
+            // With upgrades: a 101 hands the connection to the client's tunnel (only requests
+            // sent on a connection of the client's own can be upgrades).
             Sharing::Shared | Sharing::Bound => {
                 metrics.upstream_request(UpstreamUse::Opened);
                 tokio::spawn(async move {
-                    let _ = connection.await;
+                    let _ = connection.with_upgrades().await;
                 });
             }
             Sharing::Pinned => {
                 metrics.upstream_request(UpstreamUse::Opened);
                 metrics.pinned_open().inc();
                 tokio::spawn(async move {
-                    let _ = connection.await;
+                    let _ = connection.with_upgrades().await;
                     metrics.pinned_open().dec();
                 });
             }
@@ -994,40 +1172,65 @@ impl Upstream {
         Ok(sender)
     }
 
-    /// Runs active health checks until the process ends.
-    pub fn spawn_health_checks(&self, check: HealthCheckConfig) {
-        for backend in &self.backends {
-            let backend = Arc::clone(backend);
-            let check = check.clone();
-            let task = tokio::spawn(async move {
-                let mut interval = tokio::time::interval(check.interval);
-                loop {
-                    interval.tick().await;
-                    let outcome = match tokio::time::timeout(
-                        check.timeout,
-                        probe(&backend, &check.path, check.timeout),
-                    )
-                    .await
-                    {
-                        Ok(Ok(status)) if status == check.expect_status => Ok(()),
-                        Ok(Ok(status)) => Err(format!("status {status}")),
-                        Ok(Err(e)) => Err(e),
-                        Err(_) => Err(format!("no answer within {:?}", check.timeout)),
-                    };
-                    if backend.health.record_check(outcome.is_ok()) {
-                        match outcome {
-                            Ok(()) => {
-                                tracing::info!(backend = %backend.authority, "health check passes again; backend back in rotation")
-                            }
-                            Err(why) => {
-                                tracing::warn!(backend = %backend.authority, path = %check.path, %why, "health check failed; backend out of rotation")
-                            }
-                        }
-                    }
+    /// Runs active health checks until this Upstream is replaced (a reload) or the process ends:
+    /// each route's check (the default pool's is `default_check`) on each of its backends. A
+    /// failing check takes the backend out of that route only.
+    pub fn spawn_health_checks(&self, default_check: Option<&HealthCheckConfig>) {
+        for pool in self.routes.pools() {
+            let check = match &pool.check {
+                Some(check) => Some(check),
+                None if pool.is_default() => default_check,
+                None => None,
+            };
+            let Some(check) = check else {
+                continue;
+            };
+            for member in &pool.members {
+                let task = tokio::spawn(run_health_check(
+                    pool.name().to_string(),
+                    Arc::clone(&member.backend),
+                    Arc::clone(&member.check),
+                    check.clone(),
+                ));
+                if let Ok(mut checks) = self.checks.lock() {
+                    checks.push(task.abort_handle());
                 }
-            });
-            if let Ok(mut checks) = self.checks.lock() {
-                checks.push(task.abort_handle());
+            }
+        }
+    }
+}
+
+/// Probes `check.path` on `backend` every interval; the outcome is `route`'s health there. A pass
+/// also ends a passive backoff (the backend answers again).
+async fn run_health_check(
+    route: String,
+    backend: Arc<Backend>,
+    health: Arc<Health>,
+    check: HealthCheckConfig,
+) {
+    let mut interval = tokio::time::interval(check.interval);
+    loop {
+        interval.tick().await;
+        let outcome =
+            match tokio::time::timeout(check.timeout, probe(&backend, &check.path, check.timeout))
+                .await
+            {
+                Ok(Ok(status)) if status == check.expect_status => Ok(()),
+                Ok(Ok(status)) => Err(format!("status {status}")),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+            };
+        if outcome.is_ok() {
+            backend.health.record_success();
+        }
+        if health.record_check(outcome.is_ok()) {
+            match outcome {
+                Ok(()) => {
+                    tracing::info!(%route, backend = %backend.authority, path = %check.path, "health check passes again; backend back in the route's rotation")
+                }
+                Err(why) => {
+                    tracing::warn!(%route, backend = %backend.authority, path = %check.path, %why, "health check failed; backend out of the route's rotation (other routes keep it)")
+                }
             }
         }
     }
@@ -1134,6 +1337,7 @@ mod tests {
             .collect();
         Upstream::new(
             &backends,
+            &[],
             Mode::Tag,
             balance,
             &Timeouts::default(),

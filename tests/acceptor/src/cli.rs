@@ -65,6 +65,11 @@ pub struct Cli {
     #[arg(long, requires = "tls_cert")]
     pub require_channel_binding: bool,
 
+    /// A virtual directory that is broken (its application pool stopped, say): requests under
+    /// this path prefix, its `healthcheck.htm` included, get 503 (repeatable, case-insensitive).
+    #[arg(long = "broken", value_name = "PREFIX")]
+    pub broken: Vec<String>,
+
     /// `--key header`: how many header-keyed contexts to keep (oldest evicted first).
     #[arg(long, value_name = "N", default_value_t = 100_000)]
     pub max_contexts: usize,

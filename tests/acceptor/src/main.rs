@@ -35,6 +35,7 @@ mod service;
 mod store;
 mod tls;
 mod users;
+mod workloads;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -98,6 +99,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         key: cli.key,
         header: cli.header.clone(),
         contexts: ContextStore::new(cli.max_contexts),
+        broken: cli.broken.clone(),
     });
 
     // Handlers first, so a SIGTERM sent right after the ready line is not fatal-by-default.

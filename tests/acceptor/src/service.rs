@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -18,6 +18,10 @@ use crate::authz::{self, Presented};
 use crate::cli::KeyMode;
 use crate::log::{self, RequestRecord};
 use crate::store::ContextStore;
+use crate::workloads::{self, Shape, Zeros};
+
+/// A short answer, or a long streamed one (`out_bytes=N`).
+type ReplyBody = Either<Full<Bytes>, Zeros>;
 
 pub const AUTHENTICATED_USER: HeaderName = HeaderName::from_static("x-authenticated-user");
 
@@ -27,6 +31,26 @@ pub struct App {
     pub key: KeyMode,
     pub header: HeaderName,
     pub contexts: ContextStore,
+    /// Path prefixes answered 503 (`--broken`).
+    pub broken: Vec<String>,
+}
+
+impl App {
+    fn is_broken(&self, path: &str) -> bool {
+        self.broken.iter().any(|prefix| {
+            path.get(..prefix.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+        })
+    }
+}
+
+/// An anonymous health page: `/healthz`, or an Exchange-style `<vdir>/healthcheck.htm`.
+fn is_health_page(path: &str) -> bool {
+    path == "/healthz"
+        || path
+            .rsplit('/')
+            .next()
+            .is_some_and(|page| page.eq_ignore_ascii_case("healthcheck.htm"))
 }
 
 /// One TCP connection.
@@ -41,6 +65,8 @@ struct Conn {
 #[derive(Debug, PartialEq, Eq)]
 enum Reply {
     Health,
+    /// Under a `--broken` prefix.
+    Broken,
     Authenticated(String),
     Challenge(authz::Mechanism, Vec<u8>),
     /// 401 with fresh `WWW-Authenticate: Negotiate` and `WWW-Authenticate: NTLM`; the reason a
@@ -65,6 +91,7 @@ where
         .timer(TokioTimer::new())
         .keep_alive(true)
         .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
         .await
     {
         eprintln!("ntlm-acceptor: conn {serial} from {peer}: {e}");
@@ -75,8 +102,9 @@ async fn handle(
     app: Arc<App>,
     conn: Arc<Conn>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let (parts, body) = req.into_parts();
+) -> Result<Response<ReplyBody>, Infallible> {
+    let (mut parts, body) = req.into_parts();
+    let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
     let body_len = drain(body).await;
     let conn_id = connection_id(&parts.headers, &app.header);
     let conn_id_text = conn_id
@@ -86,7 +114,9 @@ async fn handle(
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let presented = authz::from_headers(&parts.headers);
 
-    let reply = if parts.uri.path() == "/healthz" {
+    let reply = if app.is_broken(parts.uri.path()) {
+        Reply::Broken
+    } else if is_health_page(parts.uri.path()) {
         Reply::Health
     } else if let Err(e) = &body_len {
         Reply::BadRequest(format!("cannot read the request body: {e}"))
@@ -110,7 +140,27 @@ async fn handle(
         .uri
         .path_and_query()
         .map_or_else(|| parts.uri.path(), |p| p.as_str());
-    let response = respond(&reply, conn_id_text.as_deref());
+    let shape = Shape::from_query(parts.uri.query());
+    let response = match (
+        &reply,
+        workloads::websocket_accept(&parts.headers),
+        on_upgrade,
+    ) {
+        (Reply::Authenticated(_), Some(accept), Some(upgrade)) => {
+            tokio::spawn(workloads::echo(upgrade, conn.serial));
+            workloads::switching_protocols(accept).map(Either::Left)
+        }
+        (Reply::Authenticated(_), ..) => {
+            if let Some(delay) = shape.delay {
+                tokio::time::sleep(delay).await;
+            }
+            match shape.out_bytes {
+                Some(n) => Response::new(Either::Right(Zeros::new(n))),
+                None => respond(&reply, conn_id_text.as_deref()).map(Either::Left),
+            }
+        }
+        _ => respond(&reply, conn_id_text.as_deref()).map(Either::Left),
+    };
     if let Reply::Unauthorized(Some(why)) | Reply::BadRequest(why) | Reply::Internal(why) = &reply {
         // Why, for whoever debugs a test; stdout stays machine-readable.
         eprintln!(
@@ -219,6 +269,10 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 fn respond(reply: &Reply, conn_id: Option<&str>) -> Response<Full<Bytes>> {
     match reply {
         Reply::Health => text(StatusCode::OK, "ok\n".to_string()),
+        Reply::Broken => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "503 virtual directory broken (--broken)\n".to_string(),
+        ),
         Reply::Authenticated(user) => {
             let body = format!("user={user}\nconn_id={}\n", conn_id.unwrap_or(""));
             let mut response = text(StatusCode::OK, body);

@@ -1,0 +1,99 @@
+//! `Connection: Upgrade` pass-through (WebSocket: Windows Admin Center, SignalR, Exchange's
+//! PowerShell over WebSocket).
+//!
+//! `Upgrade` and `Connection` are hop-by-hop headers, removed from everything else the gateway
+//! forwards; on an HTTP/1.1 upgrade request they are passed on (the connection-id header is
+//! stamped as on every request). The upstream side sends the request on an upstream connection of
+//! the client connection's own (its bound or pinned one when it has one, so a WebSocket opened
+//! after an NTLM login reaches the same authenticated backend connection), and after a `101
+//! Switching Protocols` both connections become one byte tunnel until either side closes. That
+//! upstream connection is never pooled: it ends with the tunnel.
+#![forbid(unsafe_code)]
+
+use http::{HeaderMap, HeaderValue, header};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::task::JoinHandle;
+
+use crate::{identity::IdHash, metrics::Metrics};
+
+/// The protocol a request asks to switch to, when the gateway passes the upgrade on. `h2c` is
+/// not: the gateway speaks HTTP/1.1 upstream, and HTTP/2 from clients is negotiated with TLS
+/// (ALPN) instead.
+pub fn requested(headers: &HeaderMap) -> Option<HeaderValue> {
+    let wants_upgrade = crate::upstream::is_upgrade_request(headers);
+    let protocol = headers.get(header::UPGRADE)?;
+    let h2c = protocol
+        .to_str()
+        .map_or(true, |p| p.trim().eq_ignore_ascii_case("h2c"));
+    (wants_upgrade && !h2c).then(|| protocol.clone())
+}
+
+/// Puts the upgrade headers back after the hop-by-hop headers were removed.
+pub fn restore(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
+/// Joins the client's and the backend's upgraded connections and copies bytes both ways until
+/// either side closes; the task ends with the tunnel.
+pub fn spawn_tunnel(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    conn: IdHash,
+    metrics: &Metrics,
+) -> JoinHandle<()> {
+    metrics.upgraded();
+    tokio::spawn(async move {
+        let (client, upstream) = match tokio::try_join!(client, upstream) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::info!(%conn, error = %e, "protocol upgrade did not complete; closing");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            Ok((sent, received)) => {
+                tracing::debug!(%conn, sent, received, "upgraded connection closed")
+            }
+            Err(e) => tracing::debug!(%conn, error = %e, "upgraded connection ended with an error"),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn websocket_upgrades_pass_and_h2c_does_not() {
+        let ws = headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert_eq!(requested(&ws), Some(HeaderValue::from_static("websocket")));
+        assert_eq!(
+            requested(&headers(&[
+                ("connection", "Upgrade, HTTP2-Settings"),
+                ("upgrade", "h2c")
+            ])),
+            None
+        );
+        // Both headers are needed.
+        assert_eq!(requested(&headers(&[("upgrade", "websocket")])), None);
+        assert_eq!(requested(&headers(&[("connection", "upgrade")])), None);
+    }
+}

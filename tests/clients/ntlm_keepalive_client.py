@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""A real NTLM client (pyspnego) that logs in once and keeps its connection: Type1 -> 401 + Type2 ->
+Type3 on one keep-alive HTTP connection, then one more GET on that same connection (without any
+Authorization header) for every line read on stdin, until stdin closes.
+
+Usage: ntlm_keepalive_client.py HOST PORT PATH USER PASSWORD [--source IP]
+Prints one JSON line per response: {"status": ..., "body": ..., "local_port": ...}; a failed
+request prints {"error": ...} and ends the client.
+"""
+
+import argparse
+import base64
+import http.client
+import json
+import sys
+
+import spnego
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("host")
+    parser.add_argument("port", type=int)
+    parser.add_argument("path")
+    parser.add_argument("user")
+    parser.add_argument("password")
+    parser.add_argument("--source")
+    args = parser.parse_args()
+
+    conn = http.client.HTTPConnection(
+        args.host,
+        args.port,
+        timeout=20,
+        source_address=(args.source, 0) if args.source else None,
+    )
+    conn.connect()
+    local_port = conn.sock.getsockname()[1]
+    client = spnego.client(args.user, args.password, hostname=args.host, service="HTTP", protocol="ntlm")
+    status, body, challenge = request(conn, args.path, client.step())
+    if status == 401 and challenge:
+        status, body, _ = request(conn, args.path, client.step(challenge))
+    report(status, body, local_port)
+    for line in sys.stdin:
+        path = line.strip() or args.path
+        try:
+            status, body, _ = request(conn, path, None)
+        except (OSError, http.client.HTTPException) as e:
+            print(json.dumps({"error": repr(e)}), flush=True)
+            return 1
+        if conn.sock is None:
+            print(json.dumps({"error": "the server closed the connection"}), flush=True)
+            return 1
+        report(status, body, local_port)
+    return 0
+
+
+def report(status, body, local_port):
+    print(json.dumps({"status": status, "body": body, "local_port": local_port}), flush=True)
+
+
+def request(conn, path, token):
+    headers = {}
+    if token is not None:
+        headers["Authorization"] = "NTLM " + base64.b64encode(token).decode()
+    # No automatic reconnection: a request on a closed connection must fail, not open a new one.
+    conn.auto_open = 0
+    conn.request("GET", path, headers=headers)
+    response = conn.getresponse()
+    body = response.read().decode(errors="replace")
+    challenge = None
+    for value in response.headers.get_all("WWW-Authenticate") or []:
+        scheme, _, data = value.partition(" ")
+        if scheme.upper() == "NTLM" and data:
+            challenge = base64.b64decode(data)
+    return response.status, body, challenge
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,577 @@
+//! Zero-downtime upgrade: `ntlm-tag upgrade` takes the listeners over from the running gateway,
+//! which keeps serving its own connections until they close or its drain deadline passes.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use ntlm_tag_tests::{
+    acceptor::{Acceptor, Keying},
+    gateway::{Gateway, Started, cgroup2_mount, kernel_counter, scaled, walk_named},
+    keepalive_client::KeepAliveLogin,
+    topology::Topology,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const USER: (&str, &str) = ("user00", "Secret-0!");
+
+fn users() -> Vec<(String, String)> {
+    vec![(USER.0.to_string(), USER.1.to_string())]
+}
+
+/// The gateway's arguments: eBPF required, an upgrade socket in `dir`, plus `extra`.
+fn gateway_args(dir: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--listen",
+        &Topology::gateway_addr().to_string(),
+        "--backend",
+        &Topology::backend_addr().to_string(),
+        "--ebpf",
+        "required",
+        "--upgrade-socket",
+        &dir.join("upgrade.sock").display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn start(topo: &Topology, args: &[String]) -> Gateway {
+    Gateway::start(
+        &topo.gateway,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+}
+
+/// `ntlm-tag upgrade` with the same arguments.
+fn start_successor(topo: &Topology, args: &[String]) -> Gateway {
+    let mut all = vec!["upgrade".to_string()];
+    all.extend_from_slice(args);
+    start(topo, &all)
+}
+
+/// The uid prefix every id of this gateway carries, from its ready line.
+fn uid_nonce(gateway: &mut Gateway) -> String {
+    let line = gateway
+        .wait_for_line("ntlm-tag ready", Duration::from_secs(1))
+        .expect("ready line");
+    let (_, rest) = line
+        .split_once("uid_nonce=")
+        .expect("uid_nonce in the ready line");
+    rest.trim_start_matches('"')
+        .chars()
+        .take_while(char::is_ascii_alphanumeric)
+        .collect()
+}
+
+/// The uid part of a connection id (`ip:port/uid`).
+fn uid_of(id: &str) -> &str {
+    id.rsplit_once('/').map_or("", |(_, uid)| uid)
+}
+
+/// Polls `gateway`'s metric `name` until it equals `value` (it is reported once a second).
+fn wait_for_metric(gateway: &Gateway, name: &str, value: u64) {
+    let deadline = Instant::now() + scaled(Duration::from_secs(20));
+    loop {
+        let text = gateway.admin_metrics();
+        if metric(&text, name, "") == Some(value) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} did not reach {value}: {:?}",
+            text.lines().find(|l| l.starts_with(name))
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn metric(text: &str, name: &str, labels: &str) -> Option<u64> {
+    let wanted = format!("{name}{labels} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&wanted))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The ids the backend saw on requests for `path`, in order.
+fn ids_for(acceptor: &Acceptor, path: &str) -> Vec<String> {
+    acceptor
+        .requests()
+        .iter()
+        .filter(|r| r["path"] == path)
+        .filter_map(|r| r["conn_id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Waits until the backend saw `n` requests for `path` whose ids start with `nonce`.
+fn wait_for_requests(acceptor: &Acceptor, path: &str, nonce: &str, n: usize) {
+    acceptor.wait_for_request(
+        &format!("{n} requests for {path} from the gateway with uid nonce {nonce}"),
+        scaled(Duration::from_secs(30)),
+        |_| {
+            ids_for(acceptor, path)
+                .iter()
+                .filter(|id| uid_of(id).starts_with(nonce))
+                .count()
+                >= n
+        },
+    );
+}
+
+/// Clients connecting at the same time in the loop.
+const CONCURRENT_CLIENTS: usize = 4;
+
+/// Connects again and again (a new connection for each request) until stopped; every attempt must
+/// get an HTTP response. Returns (attempts, failures).
+struct ClientLoop {
+    stop: Arc<AtomicBool>,
+    failures: Arc<Mutex<Vec<String>>>,
+    handle: std::thread::JoinHandle<usize>,
+}
+
+impl ClientLoop {
+    fn start(topo: &Topology, path: &'static str) -> ClientLoop {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let handle = {
+            let stop = Arc::clone(&stop);
+            let failures = Arc::clone(&failures);
+            topo.client.spawn(move || async move {
+                // Several connections at a time, so that some are in the kernel's queue while the
+                // listeners change hands.
+                let tasks: Vec<_> = (0..CONCURRENT_CLIENTS)
+                    .map(|task| {
+                        let stop = Arc::clone(&stop);
+                        let failures = Arc::clone(&failures);
+                        tokio::spawn(async move {
+                            let mut attempts = 0;
+                            while !stop.load(Ordering::SeqCst) {
+                                attempts += 1;
+                                if let Err(e) = one_request(Topology::gateway_addr(), path).await {
+                                    failures
+                                        .lock()
+                                        .expect("failures")
+                                        .push(format!("client {task}, attempt {attempts}: {e}"));
+                                }
+                                // Paced, so that the loop leaves the shared CPUs to the gateways.
+                                tokio::time::sleep(Duration::from_millis(2)).await;
+                            }
+                            attempts
+                        })
+                    })
+                    .collect();
+                let mut attempts = 0;
+                for task in tasks {
+                    attempts += task.await.expect("client task");
+                }
+                attempts
+            })
+        };
+        ClientLoop {
+            stop,
+            failures,
+            handle,
+        }
+    }
+
+    fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        let attempts = self.handle.join().expect("client loop");
+        let failures = self.failures.lock().expect("failures").clone();
+        (attempts, failures)
+    }
+}
+
+/// One connection, one request, the whole response read: anything but an HTTP response is a failure.
+async fn one_request(dst: SocketAddr, path: &str) -> Result<(), String> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(dst)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .await
+            .map_err(|e| format!("receive: {e}"))?;
+        if response.starts_with(b"HTTP/1.1 ") {
+            Ok(())
+        } else {
+            Err(format!(
+                "no HTTP response: {:?}",
+                String::from_utf8_lossy(&response)
+            ))
+        }
+    };
+    tokio::time::timeout(scaled(Duration::from_secs(10)), exchange)
+        .await
+        .map_err(|_| "timed out".to_string())?
+}
+
+fn cgroup_of(pid: u32) -> Vec<std::path::PathBuf> {
+    cgroup2_mount()
+        .map(|mount| walk_named(&mount, &format!("ntlm-tag.{pid}")))
+        .unwrap_or_default()
+}
+
+fn log_in(topo: &Topology) -> (KeepAliveLogin, String) {
+    let (client, first) = KeepAliveLogin::start(
+        &topo.client,
+        Topology::client_v4(1),
+        Topology::gateway_addr(),
+        "/held",
+        USER,
+    );
+    assert_eq!(first["status"], 200, "the login passes: {first}");
+    let body = first["body"].as_str().unwrap_or_default();
+    assert!(body.contains("user=user00"), "{body}");
+    let id = body
+        .lines()
+        .find_map(|l| l.strip_prefix("conn_id="))
+        .expect("the backend echoes the id")
+        .to_string();
+    (client, id)
+}
+
+/// The standard topology with an IIS-like backend, and the arguments of gateways whose upgrade
+/// socket and admin socket (the same for both, so that it is handed over too) live in a directory
+/// of their own, with `config` as their file.
+struct Scene {
+    topo: Topology,
+    acceptor: Acceptor,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+impl Scene {
+    fn new(config: &str) -> Scene {
+        let topo = Topology::new();
+        let acceptor = Acceptor::start(
+            &topo.backend,
+            Topology::backend_addr(),
+            &users(),
+            Keying::Connection,
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("gw.toml");
+        std::fs::write(&file, config).expect("config");
+        let admin = format!("unix:{}", dir.path().join("admin.sock").display());
+        let file = file.display().to_string();
+        let args = gateway_args(dir.path(), &["--admin", &admin, "--config", &file]);
+        Scene {
+            topo,
+            acceptor,
+            dir,
+            args,
+        }
+    }
+}
+
+#[test]
+fn an_upgrade_keeps_logged_in_connections_on_the_old_process_and_refuses_no_new_one() {
+    let Scene {
+        topo,
+        acceptor,
+        dir,
+        args,
+    } = Scene::new("");
+    let mut old = start(&topo, &args);
+    let old_nonce = uid_nonce(&mut old);
+    let old_pid = old.pid();
+
+    // A user logs in on a keep-alive connection (the IIS-like backend authenticates that connection).
+    let (mut held, held_id) = log_in(&topo);
+    assert!(uid_of(&held_id).starts_with(&old_nonce), "{held_id}");
+
+    // New connections arrive all the time, before, during and after the hand-over.
+    let clients = ClientLoop::start(&topo, "/loop");
+    wait_for_requests(&acceptor, "/loop", &old_nonce, 3);
+    let mut new = start_successor(&topo, &args);
+    let new_nonce = uid_nonce(&mut new);
+    assert_ne!(new_nonce, old_nonce);
+    wait_for_requests(&acceptor, "/loop", &new_nonce, 10);
+    let (attempts, failures) = clients.stop();
+    assert!(
+        failures.is_empty(),
+        "{} of {attempts} connection attempts failed during the upgrade: {failures:#?}",
+        failures.len()
+    );
+
+    // The logged-in connection is still served by the old process, as the same user, with no new
+    // handshake and the same id.
+    let again = held.get("/held");
+    assert_eq!(again["status"], 200, "{again}");
+    let body = again["body"].as_str().unwrap_or_default();
+    assert!(body.contains("user=user00"), "{body}");
+    assert!(body.contains(&format!("conn_id={held_id}")), "{body}");
+    assert_eq!(
+        acceptor
+            .requests()
+            .iter()
+            .filter(|r| r["path"] == "/held" && r["ntlm_message"].is_number())
+            .count(),
+        2,
+        "one handshake (Type1, Type3), none after the upgrade"
+    );
+
+    // Every connection got an id of its own, from the process that accepted it.
+    let ids = ids_for(&acceptor, "/loop");
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "ids never repeat: {ids:?}");
+    assert!(!distinct.contains(&held_id));
+    for id in &ids {
+        let uid = uid_of(id);
+        assert!(
+            uid.starts_with(&old_nonce) || uid.starts_with(&new_nonce),
+            "{id} comes from neither gateway"
+        );
+    }
+    eprintln!("client loop: {attempts} attempts, {} ids", ids.len());
+    let by_new = ids
+        .iter()
+        .filter(|id| uid_of(id).starts_with(&new_nonce))
+        .count();
+
+    // The new process identified its connections from its own kernel records: it attached its
+    // program to the cgroup the listeners (and so the connections accepted from them) belong to.
+    let metrics = new.admin_metrics();
+    let from_kernel = metric(
+        &metrics,
+        "ntlm_tag_connections_total",
+        "{source=\"kernel-peer\"}",
+    )
+    .expect("kernel-peer connections counted");
+    assert!(
+        from_kernel >= by_new as u64,
+        "{from_kernel} kernel identities for {by_new} connections"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "ntlm_tag_connections_total",
+            "{source=\"fallback\"}"
+        ),
+        Some(0),
+        "no connection of the new process fell back to its peer address"
+    );
+    let kernel = new.admin_json("/kernel");
+    assert_eq!(kernel_counter(&kernel, "lookup_misses"), 0, "{kernel:#}");
+    assert!(
+        old.wait_for_line(
+            "upgrade: the successor accepts new connections now",
+            Duration::ZERO
+        )
+        .is_some()
+    );
+
+    // The new process's metrics show what the old one still serves: the logged-in connection.
+    wait_for_metric(&new, "ntlm_tag_upgrade_predecessor_connections", 1);
+
+    // The old process leaves once its last connection closes.
+    held.close();
+    let status = old
+        .wait_for_exit(scaled(Duration::from_secs(20)))
+        .expect("the old process exits once its last connection closed");
+    assert!(status.success(), "{status}");
+    assert!(
+        old.log()
+            .iter()
+            .any(|l| l.contains("the last connection of this process closed"))
+    );
+    assert!(
+        !cgroup_of(old_pid).is_empty(),
+        "the cgroup stays while the new process is in it"
+    );
+    for socket in ["upgrade.sock", "admin.sock"] {
+        assert!(
+            dir.path().join(socket).exists(),
+            "the old process leaves {socket} to the new one"
+        );
+    }
+
+    wait_for_metric(&new, "ntlm_tag_upgrade_predecessor_connections", 0);
+    wait_for_metric(
+        &new,
+        "ntlm_tag_upgrade_predecessor_deadline_closed_connections_total",
+        0,
+    );
+
+    // And the new process serves on, then leaves nothing behind: the shared cgroup (and with it
+    // both processes' attachments) is gone.
+    wait_for_requests(&acceptor, "/loop", &new_nonce, 10);
+    let status = new.stop();
+    assert!(status.success(), "{status}");
+    assert_eq!(cgroup_of(old_pid), Vec::<std::path::PathBuf>::new());
+    for socket in ["upgrade.sock", "admin.sock"] {
+        assert!(!dir.path().join(socket).exists(), "{socket} is removed");
+    }
+}
+
+#[test]
+fn at_the_upgrade_drain_deadline_the_old_process_closes_what_is_left_and_says_how_many() {
+    // Bound, not `..`: the backend and the directory must live as long as the test.
+    let Scene {
+        topo,
+        args,
+        acceptor: _acceptor,
+        dir: _dir,
+    } = Scene::new("[timeouts]\nupgrade_drain_secs = 1\n");
+    let mut old = start(&topo, &args);
+    let (mut held, _) = log_in(&topo);
+    let upgraded_at = Instant::now();
+    let new = start_successor(&topo, &args);
+    let status = old
+        .wait_for_exit(scaled(Duration::from_secs(20)))
+        .expect("the old process exits at its drain deadline");
+    assert!(status.success(), "{status}");
+    assert!(upgraded_at.elapsed() >= Duration::from_secs(1));
+    let line = old
+        .wait_for_line("upgrade drain deadline passed", Duration::ZERO)
+        .expect("the deadline is logged");
+    assert!(line.contains("connections=1"), "{line}");
+    wait_for_metric(
+        &new,
+        "ntlm_tag_upgrade_predecessor_deadline_closed_connections_total",
+        1,
+    );
+    wait_for_metric(&new, "ntlm_tag_upgrade_predecessor_connections", 0);
+    let after = held.get("/held");
+    assert!(
+        after.get("error").is_some(),
+        "the held connection is closed: {after}"
+    );
+    drop(held);
+    // A new login goes to the new process.
+    let (held, _) = log_in(&topo);
+    held.close();
+    assert!(new.stop().success());
+}
+
+#[test]
+fn an_upgrade_without_a_running_gateway_fails_and_a_second_plain_start_is_refused() {
+    let topo = Topology::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let args = gateway_args(dir.path(), &[]);
+    let mut upgrade = vec!["upgrade"];
+    upgrade.extend(args.iter().map(String::as_str));
+    let Started::Exited { status, log } = Gateway::try_start(&topo.gateway, &upgrade, None) else {
+        panic!("an upgrade with nothing to take over from must not start");
+    };
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        log.iter()
+            .any(|l| l.contains("cannot reach a running gateway")),
+        "{log:#?}"
+    );
+
+    let running = start(&topo, &args);
+    let plain: Vec<&str> = args.iter().map(String::as_str).collect();
+    let Started::Exited { status, log } = Gateway::try_start(&topo.gateway, &plain, None) else {
+        panic!("a second gateway on a live upgrade socket must not start");
+    };
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        log.iter()
+            .any(|l| l.contains("is the upgrade socket of a running gateway")),
+        "{log:#?}"
+    );
+    assert!(running.stop().success());
+}
+
+/// Sends SIGTERM to a process that is not our child (the detached gateway) when dropped, and waits
+/// for it to go.
+struct Detached(i32);
+
+impl Detached {
+    fn stop(&self) -> bool {
+        // SAFETY: signalling a process this test started (through `ntlm-tag upgrade`).
+        unsafe { libc::kill(self.0, libc::SIGTERM) };
+        let deadline = Instant::now() + scaled(Duration::from_secs(15));
+        while Path::new(&format!("/proc/{}", self.0)).exists() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if Path::new(&format!("/proc/{}", self.0)).exists() {
+            self.stop();
+        }
+    }
+}
+
+#[test]
+fn an_upgrade_typed_at_a_terminal_returns_once_the_new_gateway_serves_and_leaves_it_running() {
+    let Scene {
+        topo,
+        acceptor,
+        args,
+        dir: _dir,
+    } = Scene::new("");
+    let mut old = start(&topo, &args);
+    let old_nonce = uid_nonce(&mut old);
+
+    // `script` gives the command a terminal, as an operator's shell would.
+    let command = format!(
+        "nsenter --net={} -- {} upgrade {}",
+        topo.gateway.path().display(),
+        ntlm_tag_tests::gateway::binary().display(),
+        args.join(" ")
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("ntlm-tag: upgrade done: pid "))
+        .unwrap_or_else(|| panic!("the command says the upgrade is done: {stdout}"));
+    let pid: i32 = line["ntlm-tag: upgrade done: pid ".len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the new gateway's pid");
+    let new = Detached(pid);
+
+    // The command returned, the old gateway (with nothing to drain) exited, and the new one serves.
+    let status = old
+        .wait_for_exit(scaled(Duration::from_secs(20)))
+        .expect("the old gateway exits");
+    assert!(status.success());
+    topo.client
+        .run(|| async { one_request(Topology::gateway_addr(), "/after").await })
+        .expect("the new gateway serves");
+    let ids = ids_for(&acceptor, "/after");
+    assert_eq!(ids.len(), 1);
+    assert!(!uid_of(&ids[0]).starts_with(&old_nonce), "{ids:?}");
+    // Once it had the sockets, the new gateway logged where the old one did.
+    assert!(
+        old.log()
+            .iter()
+            .any(|l| l.contains("ntlm-tag ready") && !l.contains(&old_nonce)),
+        "{:#?}",
+        old.log()
+    );
+    assert!(new.stop(), "the new gateway stops on SIGTERM");
+}
