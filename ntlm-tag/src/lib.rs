@@ -11,6 +11,7 @@ pub mod epa;
 pub mod guard;
 pub mod identity;
 pub mod kernel;
+pub mod manual;
 pub mod metrics;
 pub mod ntlm;
 pub mod preflight;
