@@ -25,6 +25,9 @@ const TOOL_PACKAGES: &[&str] = &[
     "procps",
     "util-linux",
     "python3-venv",
+    // The manual pages' tests render them with groff -ww; `cargo xtask package` with man.
+    "groff-base",
+    "man-db",
 ];
 
 /// pyspnego, the NTLM client of the Extended Protection tests (it computes channel bindings from
@@ -150,6 +153,27 @@ fn debian_packages(llvm: u32) -> Result<()> {
              llvm.sh {llvm}`), then run `sudo cargo xtask setup` again"
         );
     }
+    run(Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing))
+}
+
+/// Installs those of `names` that are missing (as root), or fails saying how.
+pub fn ensure_debian_packages(names: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|p| !package_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("missing Debian packages: run `sudo apt-get install {}`", missing.join(" "));
+    }
+    step(&format!("installing Debian packages: {}", missing.join(" ")));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
