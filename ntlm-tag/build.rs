@@ -20,7 +20,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=NTLM_TAG_EBPF_OBJECT");
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let ebpf_crate = manifest.join("..").join(EBPF_PACKAGE);
-    let xtask_built = ebpf_crate.join("target/bpfel-unknown-none/release").join(EBPF_PACKAGE);
+    let xtask_built = ebpf_crate
+        .join("target/bpfel-unknown-none/release")
+        .join(EBPF_PACKAGE);
 
     let object = if let Some(given) = env::var_os("NTLM_TAG_EBPF_OBJECT") {
         let given = PathBuf::from(given);

@@ -1874,7 +1874,8 @@ mod tests {
     /// The keys a table of the file accepts, read from serde itself: the error for an unknown key
     /// lists every expected one. A key added to a struct is then a key this test knows about.
     fn schema_keys<T: serde::de::DeserializeOwned + std::fmt::Debug>() -> Vec<String> {
-        let err = toml::from_str::<T>("surely_not_a_key = 0").expect_err("unknown keys are refused");
+        let err =
+            toml::from_str::<T>("surely_not_a_key = 0").expect_err("unknown keys are refused");
         let message = err.to_string();
         let expected = message
             .split_once("expected")
@@ -1924,6 +1925,9 @@ mod tests {
             .iter()
             .filter(|k| !keys.iter().any(|key| key == *k))
             .collect();
-        assert!(unknown.is_empty(), "ntlm-tag.toml(5) documents unknown keys {unknown:?}");
+        assert!(
+            unknown.is_empty(),
+            "ntlm-tag.toml(5) documents unknown keys {unknown:?}"
+        );
     }
 }

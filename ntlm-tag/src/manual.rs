@@ -101,11 +101,17 @@ mod tests {
             assert!(text.contains(section), "no {section}");
         }
         for code in [0, 1, 64, app::EXIT_EBPF_UNAVAILABLE, app::EXIT_PRIVILEGES] {
-            assert!(text.contains(&format!(".TP\n.B {code}\n")), "exit status {code}");
+            assert!(
+                text.contains(&format!(".TP\n.B {code}\n")),
+                "exit status {code}"
+            );
         }
         for sub in Cli::command().get_subcommands() {
             let name = sub.get_name();
-            assert!(text.contains(&format!("ntlm\\-tag\\-{name}")), "subcommand {name}");
+            assert!(
+                text.contains(&format!("ntlm\\-tag\\-{name}")),
+                "subcommand {name}"
+            );
         }
     }
 }

@@ -13,8 +13,17 @@ const SOURCES_DIR: &str = "/etc/apt/sources.list.d";
 /// Debian suite names a main archive is recognised by (other repositories in the sources, such as
 /// a vendor's, have suites of their own).
 const DEBIAN_SUITES: &[&str] = &[
-    "bullseye", "bookworm", "trixie", "forky", "duke", "sid", "oldoldstable", "oldstable",
-    "stable", "testing", "unstable",
+    "bullseye",
+    "bookworm",
+    "trixie",
+    "forky",
+    "duke",
+    "sid",
+    "oldoldstable",
+    "oldstable",
+    "stable",
+    "testing",
+    "unstable",
 ];
 
 /// Where Debian's packages come from on this machine.
@@ -85,7 +94,10 @@ fn machine_mirror() -> Result<DebianMirror> {
 
 fn pick(sources: &[Source]) -> Option<DebianMirror> {
     let (archive, suite) = sources.iter().find_map(|s| {
-        let suite = s.suites.iter().find(|x| DEBIAN_SUITES.contains(&x.as_str()))?;
+        let suite = s
+            .suites
+            .iter()
+            .find(|x| DEBIAN_SUITES.contains(&x.as_str()))?;
         Some((s.uri.clone(), suite.clone()))
     })?;
     let security = sources

@@ -72,7 +72,10 @@ fn ensure_cargo_deb() -> Result<()> {
 
 /// Writes what the package's assets and maintainer scripts name under `staging`.
 fn stage(binary: &Path, staging: &Path) -> Result<()> {
-    step(&format!("staging the unit, man pages and completions in {}", staging.display()));
+    step(&format!(
+        "staging the unit, man pages and completions in {}",
+        staging.display()
+    ));
     if staging.exists() {
         fs::remove_dir_all(staging)?;
     }
@@ -136,7 +139,9 @@ fn check_man_page(path: &Path) -> Result<()> {
 
 fn output_of(cmd: &mut Command) -> Result<Vec<u8>> {
     let shown = format!("{cmd:?}");
-    let out = cmd.output().with_context(|| format!("cannot run {shown}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {shown}"))?;
     if !out.status.success() {
         bail!("{shown} failed: {}", String::from_utf8_lossy(&out.stderr));
     }

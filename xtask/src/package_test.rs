@@ -91,7 +91,10 @@ pub fn install_and_remove(deb: &Path, mirror: Option<&str>) -> Result<()> {
         .prefix("chroot-")
         .tempdir_in(root().join("target/package-chroot"))
         .context("cannot create the chroot's directory")?;
-    step(&format!("unpacking a fresh chroot in {}", tree.path().display()));
+    step(&format!(
+        "unpacking a fresh chroot in {}",
+        tree.path().display()
+    ));
     run(Command::new("tar")
         .arg("-xpf")
         .arg(&base)
@@ -101,7 +104,16 @@ pub fn install_and_remove(deb: &Path, mirror: Option<&str>) -> Result<()> {
         .canonicalize()
         .with_context(|| format!("no package at {}", deb.display()))?;
     let result = run(Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--", "bash", "-c", SCRIPT, "package-test"])
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "bash",
+            "-c",
+            SCRIPT,
+            "package-test",
+        ])
         .arg(tree.path())
         .arg(&deb));
     // The mounts died with the namespace; the tree goes with the TempDir.
@@ -140,7 +152,9 @@ fn base_tarball(mirror: Option<&str>) -> Result<std::path::PathBuf> {
         .args(["--variant=minbase", &mirror.suite])
         .arg(building.path())
         .arg(&mirror.archive))
-    .context("debootstrap failed; check access to the Debian mirror, or give another with --mirror")?;
+    .context(
+        "debootstrap failed; check access to the Debian mirror, or give another with --mirror",
+    )?;
     let partial = dir.join("base.tar.partial");
     run(Command::new("tar")
         .arg("-cpf")

@@ -170,9 +170,15 @@ pub fn ensure_debian_packages(names: &[&str]) -> Result<()> {
         return Ok(());
     }
     if !is_root() {
-        bail!("missing Debian packages: run `sudo apt-get install {}`", missing.join(" "));
+        bail!(
+            "missing Debian packages: run `sudo apt-get install {}`",
+            missing.join(" ")
+        );
     }
-    step(&format!("installing Debian packages: {}", missing.join(" ")));
+    step(&format!(
+        "installing Debian packages: {}",
+        missing.join(" ")
+    ));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")

@@ -123,7 +123,9 @@ pub fn integration_test(args: &IntegrationTestArgs) -> Result<()> {
                 if mirror.is_none() {
                     mirror = Some(crate::apt_sources::debian_mirror(args.mirror.as_deref())?);
                 }
-                let mirror = mirror.as_ref().context("the Debian mirror was read above")?;
+                let mirror = mirror
+                    .as_ref()
+                    .context("the Debian mirror was read above")?;
                 let kernel = fetch_kernel(series, mirror)?;
                 run_in_vm(&plan, tools, &kernel)?
             }
