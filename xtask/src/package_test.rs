@@ -26,20 +26,20 @@ mount --rbind /sys "$root/sys"
 mount --make-rslave "$root/sys"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 cp "$deb" "$root/tmp/ntlm-tag.deb"
-in() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive "$@"; }
-leftovers() { in find / -xdev \( -path /tmp -o -path /proc -o -path /sys \) -prune -o -name '*ntlm-tag*' -print | sort; }
+inside() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive "$@"; }
+leftovers() { inside find / -xdev \( -path /tmp -o -path /proc -o -path /sys \) -prune -o -name '*ntlm-tag*' -print | sort; }
 fail() { echo "package test: $*" >&2; exit 1; }
 
 echo "==> apt-get install ./ntlm-tag.deb (dependencies from the Debian mirror)"
-in apt-get update -qq
-in apt-get install -y -qq --no-install-recommends /tmp/ntlm-tag.deb >/dev/null
-in dpkg-query -W -f='${Package} ${Version} ${Status}\n' ntlm-tag
+inside apt-get update -qq
+inside apt-get install -y -qq --no-install-recommends /tmp/ntlm-tag.deb >/dev/null
+inside dpkg-query -W -f='${Package} ${Version} ${Status}\n' ntlm-tag
 
 echo "==> ntlm-tag --version"
-in ntlm-tag --version | grep -q '^ntlm-tag [0-9]' || fail "--version"
+inside ntlm-tag --version | grep -q '^ntlm-tag [0-9]' || fail "--version"
 
 echo "==> the service user, the enabled unit, documentation"
-in getent passwd ntlm-tag | grep -q '^ntlm-tag:x:[0-9]*:[0-9]*:.*:/usr/sbin/nologin$' || fail "no user ntlm-tag"
+inside getent passwd ntlm-tag | grep -q '^ntlm-tag:x:[0-9]*:[0-9]*:.*:/usr/sbin/nologin$' || fail "no user ntlm-tag"
 test -L "$root/etc/systemd/system/multi-user.target.wants/ntlm-tag.service" || fail "unit not enabled"
 grep -q '^ExecStart=/usr/sbin/ntlm-tag ' "$root/usr/lib/systemd/system/ntlm-tag.service" || fail "unit path"
 for f in /usr/share/man/man8/ntlm-tag.8.gz /usr/share/man/man5/ntlm-tag.toml.5.gz \
@@ -49,11 +49,11 @@ for f in /usr/share/man/man8/ntlm-tag.8.gz /usr/share/man/man5/ntlm-tag.toml.5.g
          /usr/lib/sysusers.d/ntlm-tag.conf; do
     test -s "$root$f" || fail "missing $f"
 done
-in dpkg-query -W -f='${Conffiles}\n' ntlm-tag | grep -q '/etc/ntlm-tag/ntlm-tag.toml' || fail "config is no conffile"
+inside dpkg-query -W -f='${Conffiles}\n' ntlm-tag | grep -q '/etc/ntlm-tag/ntlm-tag.toml' || fail "config is no conffile"
 
 echo "==> ntlm-tag check on the packaged configuration: 64, naming listen"
 set +e
-out=$(in ntlm-tag check --config /etc/ntlm-tag/ntlm-tag.toml 2>&1); code=$?
+out=$(inside ntlm-tag check --config /etc/ntlm-tag/ntlm-tag.toml 2>&1); code=$?
 set -e
 echo "$out" | tail -1
 [ "$code" = 64 ] && grep -q '`listen`' <<<"$out" || fail "check exited $code: $out"
@@ -61,24 +61,24 @@ echo "$out" | tail -1
 echo "==> ntlm-tag check on a completed configuration: 0, kernel programs loaded"
 { echo 'listen = ["127.0.0.1:8080"]'; echo 'backends = ["127.0.0.1:8081"]'; cat "$root/etc/ntlm-tag/ntlm-tag.toml"; } >"$root/tmp/complete.toml"
 set +e
-out=$(in ntlm-tag check --config /tmp/complete.toml 2>&1 >/dev/null); code=$?
+out=$(inside ntlm-tag check --config /tmp/complete.toml 2>&1 >/dev/null); code=$?
 set -e
 [ "$code" = 0 ] && grep -q 'configuration OK' <<<"$out" || fail "check exited $code: $out"
 echo "$out" | grep -iE 'verifier|programs' | head -2 || true
 
 echo "==> dpkg -r: only the configuration (and dpkg's and systemd's records of it) stays"
-in dpkg -r ntlm-tag >/dev/null
+inside dpkg -r ntlm-tag >/dev/null
 test -f "$root/etc/ntlm-tag/ntlm-tag.toml" || fail "dpkg -r removed the configuration"
 kept='^(/etc/ntlm-tag(/ntlm-tag\.toml)?|/etc/systemd/system/(multi-user\.target\.wants/)?ntlm-tag\.service|/var/lib/dpkg/info/ntlm-tag\.[a-z]+|/var/lib/systemd/deb-systemd-helper-[a-z]+/.*ntlm-tag\.service.*)$'
 left=$(leftovers | grep -vE "$kept" || true)
 [ -z "$left" ] || fail "after dpkg -r: $left"
-in dpkg-query -W -f='${Status}\n' ntlm-tag | grep -q 'config-files' || fail "not in config-files state"
+inside dpkg-query -W -f='${Status}\n' ntlm-tag | grep -q 'config-files' || fail "not in config-files state"
 
 echo "==> dpkg --purge: nothing left"
-in dpkg --purge ntlm-tag >/dev/null
+inside dpkg --purge ntlm-tag >/dev/null
 left=$(leftovers)
 [ -z "$left" ] || fail "after dpkg --purge: $left"
-! in dpkg-query -W ntlm-tag >/dev/null 2>&1 || fail "still known to dpkg"
+! inside dpkg-query -W ntlm-tag >/dev/null 2>&1 || fail "still known to dpkg"
 echo "==> package test passed"
 "#;
 
