@@ -33,9 +33,16 @@ pub enum Command {
     /// Take over from the gateway running on `upgrade_socket` (as root): this new process gets its
     /// listeners and serves new connections, the old one serves its own until they close.
     Upgrade(RunArgs),
-    /// Print the manual page (roff) generated from these definitions; `cargo xtask install` installs it.
-    #[command(hide = true)]
-    Man,
+    /// Print a manual page (roff): ntlm-tag(8) or ntlm-tag.toml(5); e.g. `ntlm-tag man | man -l -`.
+    Man {
+        #[arg(value_enum, default_value_t = ManPage::Command)]
+        page: ManPage,
+    },
+    /// Print the completion script for a shell (the package installs them for bash, zsh and fish).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Print the live connection table of a running gateway (from its admin endpoint).
     Conns {
         /// The gateway's admin endpoint: `unix:/path` (run as root or the service user) or
@@ -58,6 +65,15 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
     },
+}
+
+/// The manual pages `ntlm-tag man` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ManPage {
+    /// ntlm-tag(8): the command, its subcommands, options, files, signals and exit status.
+    Command,
+    /// ntlm-tag.toml(5): every key of the configuration file.
+    Config,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize, serde::Serialize)]

@@ -2342,4 +2342,67 @@ mod tests {
         let again = Config::from_toml(&c.to_toml(), &args()).expect("effective config re-parses");
         assert_eq!(again.to_toml(), c.to_toml());
     }
+
+    /// The keys a table of the file accepts, read from serde itself: the error for an unknown key
+    /// lists every expected one. A key added to a struct is then a key this test knows about.
+    fn schema_keys<T: serde::de::DeserializeOwned + std::fmt::Debug>() -> Vec<String> {
+        let err =
+            toml::from_str::<T>("surely_not_a_key = 0").expect_err("unknown keys are refused");
+        let message = err.to_string();
+        let expected = message
+            .split_once("expected")
+            .unwrap_or_else(|| panic!("no list of expected keys in {message:?}"))
+            .1;
+        let keys: Vec<String> = expected
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_string)
+            .collect();
+        assert!(!keys.is_empty(), "no keys in {message:?}");
+        keys
+    }
+
+    /// Every key of the file, top level and in every table, is documented in ntlm-tag.toml(5)
+    /// (as `\fBkey\fR`), and every key the page documents exists: the page cannot drift.
+    #[test]
+    fn the_manual_page_documents_every_key() {
+        let page = crate::manual::CONFIG_PAGE;
+        let keys: Vec<String> = [
+            schema_keys::<FileConfig>(),
+            schema_keys::<ListenerConfig>(),
+            schema_keys::<TlsCertConfig>(),
+            schema_keys::<BackendTable>(),
+            schema_keys::<LimitsFile>(),
+            schema_keys::<TimeoutsFile>(),
+            schema_keys::<LockoutFile>(),
+            schema_keys::<HealthCheckFile>(),
+            schema_keys::<RouteFile>(),
+            schema_keys::<RouteTimeoutFile>(),
+            schema_keys::<UpstreamCapsFile>(),
+        ]
+        .concat();
+        assert!(keys.len() > 40, "{keys:?}");
+        let missing: Vec<&String> = keys
+            .iter()
+            .filter(|k| !page.contains(&format!("\\fB{k}\\fR")))
+            .collect();
+        assert!(missing.is_empty(), "ntlm-tag.toml(5) lacks {missing:?}");
+        // `\fBkey\fR = \fItype\fR` entries (and `\fBkey\fR (default ...)` in [timeouts]).
+        let documented: Vec<&str> = page
+            .lines()
+            .filter_map(|l| l.strip_prefix("\\fB"))
+            .filter_map(|l| l.split_once("\\fR"))
+            .filter(|(_, rest)| rest.starts_with(" = ") || rest.starts_with(" (default"))
+            .map(|(key, _)| key)
+            .collect();
+        let unknown: Vec<&&str> = documented
+            .iter()
+            .filter(|k| !keys.iter().any(|key| key == *k))
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "ntlm-tag.toml(5) documents unknown keys {unknown:?}"
+        );
+    }
 }

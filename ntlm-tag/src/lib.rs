@@ -13,6 +13,7 @@ pub mod guard;
 pub mod handover;
 pub mod identity;
 pub mod kernel;
+pub mod manual;
 pub mod metrics;
 pub mod ntlm;
 pub mod preflight;

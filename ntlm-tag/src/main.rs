@@ -11,7 +11,7 @@ use ntlm_tag::{
     conns, epa,
     kernel::privileges::PrivilegeError,
     kernel::support,
-    preflight,
+    manual, preflight,
     reload::{self, Reloaded},
 };
 
@@ -47,15 +47,17 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Man) => {
-            let man = clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).section("8");
-            match man.render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("ntlm-tag: {e}");
-                    ExitCode::FAILURE
-                }
+        Some(Command::Man { page }) => match manual::render(page, &mut std::io::stdout()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ntlm-tag: {e}");
+                ExitCode::FAILURE
             }
+        },
+        Some(Command::Completions { shell }) => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "ntlm-tag", &mut std::io::stdout());
+            ExitCode::SUCCESS
         }
         Some(Command::Run(args)) => run(&args, false),
         Some(Command::Upgrade(args)) => {

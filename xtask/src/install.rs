@@ -1,5 +1,5 @@
 //! `cargo xtask install`: the release binary, an example configuration (every key commented but
-//! `user = "ntlm-tag"`), a systemd unit, a sysusers.d entry for that user and the manual page, under
+//! `user = "ntlm-tag"`), a systemd unit, a sysusers.d entry for that user and the manual pages, under
 //! `--destdir` (default `/`). Existing configuration is kept. Installing into `/` also creates the user
 //! if it is missing: the gateway refuses to start without it.
 
@@ -52,18 +52,23 @@ pub fn run(destdir: &Path) -> Result<()> {
         0o644,
     )?;
 
-    let man = place("/usr/local/share/man/man8/ntlm-tag.8");
-    step(&format!("generating the manual page {}", man.display()));
-    let page = Command::new(&binary)
-        .arg("man")
-        .output()
-        .context("running ntlm-tag man")?;
-    anyhow::ensure!(page.status.success(), "ntlm-tag man failed");
-    if let Some(parent) = man.parent() {
-        fs::create_dir_all(parent)?;
+    for (page, file) in [
+        ("command", "/usr/local/share/man/man8/ntlm-tag.8"),
+        ("config", "/usr/local/share/man/man5/ntlm-tag.toml.5"),
+    ] {
+        let man = place(file);
+        step(&format!("generating the manual page {}", man.display()));
+        let out = Command::new(&binary)
+            .args(["man", page])
+            .output()
+            .context("running ntlm-tag man")?;
+        anyhow::ensure!(out.status.success(), "ntlm-tag man {page} failed");
+        if let Some(parent) = man.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::write(&man, out.stdout)?;
+        set_mode(&man, 0o644)?;
     }
-    fs::write(&man, page.stdout)?;
-    set_mode(&man, 0o644)?;
 
     if destdir == Path::new("/") {
         create_service_user()?;

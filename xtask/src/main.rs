@@ -1,9 +1,12 @@
 //! `cargo xtask`: the project's tasks. Each is idempotent and says what it does.
 
+mod apt_sources;
 mod bench;
 mod demo;
 mod fuzz;
 mod install;
+mod package;
+mod package_test;
 mod setup;
 mod unit;
 mod vm;
@@ -49,6 +52,9 @@ enum Task {
         #[arg(long, default_value = "/")]
         destdir: PathBuf,
     },
+    /// Build the Debian package (cargo-deb) into target/debian; `--test` installs and removes it
+    /// in a clean Debian chroot (root).
+    Package(package::Args),
     /// Run every fuzz target N seconds (cargo fuzz, nightly; installs cargo-fuzz), or only build them.
     Fuzz {
         /// Seconds per target.
@@ -105,6 +111,7 @@ fn run_task(cli: Cli) -> Result<()> {
             build_only,
             targets,
         } => fuzz::run_fuzz(seconds, build_only, &targets),
+        Task::Package(args) => package::run_task(&args),
         Task::IntegrationTest(args) => vm::integration_test(&args),
         Task::Bench(args) => bench::run(&args),
         Task::Demo { keep } => {

@@ -27,6 +27,9 @@ const TOOL_PACKAGES: &[&str] = &[
     "python3-venv",
     // systemd-analyze, with which `cargo xtask lint` checks the packaged unit.
     "systemd",
+    // The manual pages' tests render them with groff -ww; `cargo xtask package` with man.
+    "groff-base",
+    "man-db",
 ];
 
 /// pyspnego, the NTLM client of the Extended Protection tests (it computes channel bindings from

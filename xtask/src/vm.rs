@@ -20,7 +20,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 
-use crate::{root, run, step};
+use crate::{apt_sources::DebianMirror, root, run, step};
 
 /// Arguments of `cargo xtask integration-test`.
 #[derive(clap::Args)]
@@ -43,6 +43,10 @@ pub struct IntegrationTestArgs {
     /// CI uses it for a quicker VM run of the kernel-facing binaries.
     #[arg(long = "only", value_name = "BINARY", value_delimiter = ',')]
     only: Vec<String>,
+    /// The Debian mirror to fetch kernels from (default: the main archive in this machine's apt
+    /// sources, and its security archive).
+    #[arg(long, value_name = "URL")]
+    mirror: Option<String>,
     /// Passed to every test binary after `--`: a name filter, `--exact`, `--nocapture`, ...
     #[arg(last = true)]
     test_args: Vec<String>,
@@ -106,6 +110,7 @@ pub fn integration_test(args: &IntegrationTestArgs) -> Result<()> {
         timeout: Duration::from_secs(args.timeout_mins * 60),
     };
     let mut vm: Option<VmTools> = None;
+    let mut mirror: Option<DebianMirror> = None;
     let mut reports = Vec::new();
     for target in &targets {
         let report = match target {
@@ -115,7 +120,13 @@ pub fn integration_test(args: &IntegrationTestArgs) -> Result<()> {
                     vm = Some(VmTools::prepare()?);
                 }
                 let tools = vm.as_mut().context("VM tools prepared above")?;
-                let kernel = fetch_kernel(series)?;
+                if mirror.is_none() {
+                    mirror = Some(crate::apt_sources::debian_mirror(args.mirror.as_deref())?);
+                }
+                let mirror = mirror
+                    .as_ref()
+                    .context("the Debian mirror was read above")?;
+                let kernel = fetch_kernel(series, mirror)?;
                 run_in_vm(&plan, tools, &kernel)?
             }
         };
@@ -410,7 +421,7 @@ fn install_virtme_ng() -> Result<PathBuf> {
         "--quiet",
         &format!("virtme-ng=={VIRTME_NG_VERSION}"),
     ]))
-    .context("cannot install virtme-ng from PyPI; check network access to pypi.org")?;
+    .context("cannot install virtme-ng; check network access to the Python package index")?;
     Ok(vng)
 }
 
@@ -428,11 +439,11 @@ fn kernels_dir() -> PathBuf {
     root().join("target/vm-kernels")
 }
 
-fn fetch_kernel(series: &Series) -> Result<Kernel> {
+fn fetch_kernel(series: &Series, mirror: &DebianMirror) -> Result<Kernel> {
     let dir = kernels_dir().join(series.name);
     let marker = dir.join("package");
     if !marker.is_file() {
-        download_and_unpack(series, &dir)?;
+        download_and_unpack(series, mirror, &dir)?;
     }
     let package = fs::read_to_string(&marker)
         .with_context(|| format!("cannot read {}", marker.display()))?
@@ -451,8 +462,8 @@ fn fetch_kernel(series: &Series) -> Result<Kernel> {
     })
 }
 
-fn download_and_unpack(series: &Series, dir: &Path) -> Result<()> {
-    let apt = PrivateApt::for_suite(series.suite)?;
+fn download_and_unpack(series: &Series, mirror: &DebianMirror, dir: &Path) -> Result<()> {
+    let apt = PrivateApt::for_suite(series.suite, mirror)?;
     let package = newest_package(&apt, series)?;
     step(&format!("downloading {package}"));
     let debs = TempDir::new(&kernels_dir().join(format!("download-{}", series.name)))?;
@@ -460,7 +471,7 @@ fn download_and_unpack(series: &Series, dir: &Path) -> Result<()> {
         .command("apt-get")
         .current_dir(&debs.path)
         .args(["download", "-qq", &package]))
-    .with_context(|| format!("cannot download {package}; check access to deb.debian.org"))?;
+    .with_context(|| format!("cannot download {package}; check access to the Debian mirror"))?;
     let deb = only_file(&debs.path)?;
     let unpacking = TempDir::new(&kernels_dir().join(format!("unpack-{}", series.name)))?;
     run(Command::new("dpkg-deb")
@@ -483,7 +494,7 @@ struct PrivateApt {
 }
 
 impl PrivateApt {
-    fn for_suite(suite: Suite) -> Result<Self> {
+    fn for_suite(suite: Suite, mirror: &DebianMirror) -> Result<Self> {
         let base = kernels_dir().join(format!("apt-{}", suite.name()));
         for d in ["lists/partial", "cache/archives/partial"] {
             fs::create_dir_all(base.join(d))
@@ -492,13 +503,11 @@ impl PrivateApt {
         let sources = base.join("sources.list");
         let keyring = "[signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]";
         let s = suite.name();
-        fs::write(
-            &sources,
-            format!(
-                "deb {keyring} http://deb.debian.org/debian {s} main\n\
-                 deb {keyring} http://deb.debian.org/debian-security {s}-security main\n"
-            ),
-        )?;
+        let mut list = format!("deb {keyring} {} {s} main\n", mirror.archive);
+        if let Some(security) = &mirror.security {
+            list.push_str(&format!("deb {keyring} {security} {s}-security main\n"));
+        }
+        fs::write(&sources, list)?;
         let options = [
             format!("Dir::Etc::sourcelist={}", sources.display()),
             "Dir::Etc::sourceparts=-".to_string(),
@@ -512,7 +521,11 @@ impl PrivateApt {
         let apt = PrivateApt { options };
         step(&format!("apt-get update for Debian {s} (private lists)"));
         run(apt.command("apt-get").args(["update", "-qq"])).with_context(|| {
-            format!("cannot read Debian {s}'s package lists; check access to deb.debian.org")
+            format!(
+                "cannot read Debian {s}'s package lists from the Debian mirror {}; check access \
+                 to it, or give another with --mirror",
+                mirror.archive
+            )
         })?;
         Ok(apt)
     }
