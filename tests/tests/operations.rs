@@ -11,7 +11,7 @@ use ntlm_tag_tests::{
     acceptor::{Acceptor, Keying, curl_ntlm},
     backend::Backend,
     client::Connection,
-    gateway::{Gateway, Started, scaled},
+    gateway::{Gateway, Started, eventually, scaled},
     netns::run_in,
     topology::Topology,
 };
@@ -1228,24 +1228,6 @@ fn sample(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
             | prometheus_parse::Value::Untyped(v) => v,
             _ => f64::NAN,
         })
-}
-
-/// Polls `check` until it holds; panics with `what` and the last value after a deadline that only
-/// stops a stuck test.
-fn eventually<T: std::fmt::Debug>(
-    what: &str,
-    mut probe: impl FnMut() -> T,
-    check: impl Fn(&T) -> bool,
-) -> T {
-    let deadline = Instant::now() + ntlm_tag_tests::gateway::scaled(Duration::from_secs(15));
-    loop {
-        let value = probe();
-        if check(&value) {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what}: still {value:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
