@@ -667,6 +667,12 @@ impl Config {
             #[serde(flatten, skip_serializing_if = "Option::is_none")]
             tls: Option<&'a BackendTlsConfig>,
         }
+        fn effective_backend(b: &BackendAddress) -> EffectiveBackend<'_> {
+            EffectiveBackend {
+                address: b.to_string(),
+                tls: b.tls.as_ref(),
+            }
+        }
         #[derive(Serialize)]
         struct EffectiveTimeouts<'a> {
             #[serde(flatten)]
@@ -739,27 +745,13 @@ impl Config {
             toa_trusted_lbs: &self.trust.toa,
             xdp: &self.ebpf.xdp_interfaces,
             ipip_trusted_lbs: &self.trust.ipip,
-            backends: self
-                .backends
-                .iter()
-                .map(|b| EffectiveBackend {
-                    address: b.to_string(),
-                    tls: b.tls.as_ref(),
-                })
-                .collect(),
+            backends: self.backends.iter().map(effective_backend).collect(),
             route: self
                 .routes
                 .iter()
                 .map(|r| EffectiveRoute {
                     path_prefix: &r.path_prefix,
-                    backends: r
-                        .backends
-                        .iter()
-                        .map(|b| EffectiveBackend {
-                            address: b.to_string(),
-                            tls: b.tls.as_ref(),
-                        })
-                        .collect(),
+                    backends: r.backends.iter().map(effective_backend).collect(),
                     health_check: r.health_check.as_ref(),
                 })
                 .collect(),

@@ -12,6 +12,8 @@ use std::time::Duration;
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::upstream::routes::starts_with_ignoring_ascii_case;
+
 /// One route's response timeout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RouteTimeout {
@@ -67,11 +69,7 @@ impl RouteTimeouts {
     pub fn response_for(&self, path: &str) -> Option<Duration> {
         self.0
             .iter()
-            .find(|r| {
-                path.as_bytes()
-                    .get(..r.path_prefix.len())
-                    .is_some_and(|head| head.eq_ignore_ascii_case(r.path_prefix.as_bytes()))
-            })
+            .find(|r| starts_with_ignoring_ascii_case(path, &r.path_prefix))
             .map(|r| r.response)
     }
 }

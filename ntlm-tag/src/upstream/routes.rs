@@ -76,9 +76,7 @@ impl Pool {
         let Some(prefix) = &self.prefix else {
             return true;
         };
-        path.len() >= prefix.len()
-            && path.is_char_boundary(prefix.len())
-            && path[..prefix.len()].eq_ignore_ascii_case(prefix)
+        starts_with_ignoring_ascii_case(path, prefix)
             && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/'))
     }
 
@@ -97,6 +95,14 @@ impl Pool {
     pub fn is_up_on(&self, backend: &Arc<Backend>) -> bool {
         self.member(backend).is_some_and(Member::is_up)
     }
+}
+
+/// `path` begins with `prefix`, ASCII case ignored (IIS paths are case-insensitive). Shared by the
+/// route table and the route timeouts, so both read a prefix the same way.
+pub fn starts_with_ignoring_ascii_case(path: &str, prefix: &str) -> bool {
+    path.as_bytes()
+        .get(..prefix.len())
+        .is_some_and(|head| head.eq_ignore_ascii_case(prefix.as_bytes()))
 }
 
 /// The routes, longest prefix first, the default pool last.
