@@ -54,6 +54,17 @@ const MAX_CONNECTIONS: usize = 16;
 /// Shortest accepted bearer token: 32 characters (e.g. `openssl rand -hex 16`, 128 bits).
 const MIN_TOKEN_CHARS: usize = 32;
 
+/// The admin endpoint and who may read its private pages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub endpoint: AdminEndpoint,
+    /// With a TCP endpoint: the file with the bearer token.
+    pub token_file: Option<PathBuf>,
+    /// The token, read (and checked) at start; a reload does not read it again (the endpoint and
+    /// its token change only with a restart).
+    pub token: Option<AdminToken>,
+}
+
 /// Where the admin endpoint listens: `HOST:PORT` or `unix:/absolute/path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AdminEndpoint {

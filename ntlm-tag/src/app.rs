@@ -24,14 +24,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::{
     admin::{self, AdminListener, AdminState, PrivateAccess, ReloadOutcome},
-    cli::{EbpfMode, RunArgs},
-    config::{Config, ListenerConfig},
+    cli::RunArgs,
+    config::Config,
     guard::LockoutGuard,
     handover::{self, Handover, Predecessor, UpgradeSocket},
     identity::{IdDisplay, Identifier, UidGenerator, trust::TrustedSources},
-    kernel::{KernelOptions, KernelTracker, local_addrs, privileges},
+    kernel::{EbpfMode, KernelOptions, KernelTracker, local_addrs, privileges},
     metrics::{Metrics, ReloadResult},
-    proxy::{self, Gateway, Live, rewrite::StampPolicy},
+    proxy::{self, Gateway, ListenerConfig, Live, rewrite::StampPolicy},
     registry::Registry,
     service::{self, ServiceManager, Snapshot},
     upstream::Upstream,

@@ -9,6 +9,8 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "unix:/run/ntlm-tag/admin.sock";
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::kernel::EbpfMode;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ntlm-tag",
@@ -74,17 +76,6 @@ pub enum ManPage {
     Command,
     /// ntlm-tag.toml(5): every key of the configuration file.
     Config,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EbpfMode {
-    /// Load the kernel programs; if that fails, fall back to the accepted peer address with one warning.
-    Auto,
-    /// Refuse to start unless the kernel programs load and attach.
-    Required,
-    /// Do not load kernel programs; identities are the accepted peer address.
-    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize, serde::Serialize)]

@@ -13,22 +13,26 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::{
-    admin::{AdminEndpoint, AdminToken},
-    cli::{EbpfMode, LogFormat, RunArgs},
+    admin::{AdminConfig, AdminEndpoint, AdminToken},
+    cli::{LogFormat, RunArgs},
     guard::LockoutConfig,
     identity::{
+        DEFAULT_HEADER, IdentityConfig,
         conn_id::{DEFAULT_TEMPLATE, IdTemplate},
         trust::{TrustLists, covers_a_whole_family, normalise},
     },
+    kernel::{EbpfConfig, EbpfMode},
     proxy::{
+        Limits, ListenerConfig,
         rewrite::is_reserved_header,
         route_timeouts::{RouteTimeout, RouteTimeouts},
         tls::TlsCertConfig,
     },
-    upstream::{BackendAddress, Balance, DedicatedCaps, Mode, tls::BackendTlsConfig},
+    upstream::{
+        BackendAddress, Balance, DedicatedCaps, HealthCheckConfig, Mode, RouteConfig, Timeouts,
+        tls::BackendTlsConfig,
+    },
 };
-
-pub const DEFAULT_HEADER: &str = "Jespa-Connection-Id";
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -59,19 +63,6 @@ impl ConfigError {
 enum ListenEntry {
     Address(SocketAddr),
     Table(ListenerConfig),
-}
-
-/// One listening address.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListenerConfig {
-    pub address: SocketAddr,
-    /// Expect a PROXY protocol header (v1 or v2) from a trusted balancer before any HTTP.
-    #[serde(default)]
-    pub proxy_protocol: bool,
-    /// Terminate TLS with these certificates (the first is the default; others are chosen by SNI).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tls: Vec<TlsCertConfig>,
 }
 
 /// A backend as written in the file: an address (`HOST:PORT` plain HTTP, `https://HOST[:PORT]`
@@ -159,29 +150,6 @@ struct LimitsFile {
     max_upstream_per_backend: Option<usize>,
 }
 
-/// Resource limits.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Limits {
-    /// Client connections open at once; more are refused with 503 and counted.
-    pub max_connections: usize,
-    /// Largest request head (request line + headers); larger gets 431.
-    pub max_header_bytes: usize,
-    /// Shared (pooled) upstream connections per backend (0: no cap); requests queue for a free
-    /// one, within the upstream response timeout. Bound and pinned connections are not counted.
-    pub max_upstream_per_backend: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_connections: 10_000,
-            // Negotiate/Kerberos tokens of users in many groups run to tens of kilobytes.
-            max_header_bytes: 64 * 1024,
-            max_upstream_per_backend: 0,
-        }
-    }
-}
-
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HealthCheckFile {
@@ -198,29 +166,6 @@ struct RouteFile {
     path_prefix: String,
     backends: Vec<BackendEntry>,
     health_check: Option<HealthCheckFile>,
-}
-
-/// A path prefix served by a pool of its own, with its own health check: an IIS or Exchange
-/// virtual directory (`/owa`, `/ews`) that can break on one backend while the others work.
-#[derive(Debug, Clone, Serialize)]
-pub struct RouteConfig {
-    /// As configured, without a trailing `/`; matched case-insensitively on whole path segments.
-    pub path_prefix: String,
-    #[serde(skip)]
-    pub backends: Vec<BackendAddress>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub health_check: Option<HealthCheckConfig>,
-}
-
-/// Active health checks of the backends.
-#[derive(Debug, Clone, Serialize)]
-pub struct HealthCheckConfig {
-    pub path: String,
-    #[serde(serialize_with = "secs", rename = "interval_secs")]
-    pub interval: Duration,
-    #[serde(serialize_with = "secs", rename = "timeout_secs")]
-    pub timeout: Duration,
-    pub expect_status: u16,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -243,81 +188,6 @@ struct TimeoutsFile {
 struct RouteTimeoutFile {
     path_prefix: String,
     response_secs: f64,
-}
-
-/// How connection ids are made and which headers carry identity.
-#[derive(Debug, Clone)]
-pub struct IdentityConfig {
-    pub header: HeaderName,
-    pub template: IdTemplate,
-    /// Set X-Forwarded-For, X-Forwarded-Proto and Forwarded to the original client (client-sent copies
-    /// are always removed).
-    pub forwarded_headers: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct EbpfConfig {
-    pub mode: EbpfMode,
-    pub map_entries: u32,
-    /// TCP option kind of TOA; 0 (the default): off.
-    pub toa_kind: u8,
-    /// Interfaces with the IPIP-decapsulating XDP program.
-    pub xdp_interfaces: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Timeouts {
-    #[serde(serialize_with = "secs", rename = "upstream_connect_secs")]
-    pub upstream_connect: Duration,
-    #[serde(serialize_with = "secs", rename = "upstream_response_secs")]
-    pub upstream_response: Duration,
-    #[serde(serialize_with = "secs", rename = "upstream_idle_secs")]
-    pub upstream_idle: Duration,
-    #[serde(serialize_with = "secs", rename = "header_read_secs")]
-    pub header_read: Duration,
-    /// Keep-alive idle time between requests on a client connection.
-    #[serde(serialize_with = "secs", rename = "idle_secs")]
-    pub idle: Duration,
-    #[serde(serialize_with = "secs", rename = "drain_secs")]
-    pub drain: Duration,
-    /// After an upgrade handed the listeners to a successor: how long the old process keeps serving
-    /// its established connections before it closes the rest.
-    #[serde(serialize_with = "secs", rename = "upgrade_drain_secs")]
-    pub upgrade_drain: Duration,
-    #[serde(serialize_with = "secs", rename = "proxy_header_secs")]
-    pub proxy_header: Duration,
-}
-
-fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64())
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            upstream_connect: Duration::from_secs(5),
-            upstream_response: Duration::from_secs(60),
-            upstream_idle: Duration::from_secs(90),
-            header_read: Duration::from_secs(15),
-            // IIS's default connection timeout: authenticated NTLM connections survive think time.
-            idle: Duration::from_secs(120),
-            drain: Duration::from_secs(10),
-            // Long: an authenticated NTLM connection lost to an upgrade costs its user a new login.
-            upgrade_drain: Duration::from_secs(3600),
-            proxy_header: Duration::from_secs(5),
-        }
-    }
-}
-
-/// The admin endpoint and who may read its private pages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdminConfig {
-    pub endpoint: AdminEndpoint,
-    /// With a TCP endpoint: the file with the bearer token.
-    pub token_file: Option<PathBuf>,
-    /// The token, read (and checked) at start; a reload does not read it again (see
-    /// [`Config::load_for_reload`]).
-    pub token: Option<AdminToken>,
 }
 
 /// Whether building the configuration reads the admin token file.

@@ -6,11 +6,10 @@ use clap::Parser;
 
 use ntlm_tag::{
     app,
-    cli::{self, Cli, Command, EbpfMode, LogFormat},
+    cli::{self, Cli, Command, LogFormat},
     config::Config,
     conns, epa,
-    kernel::privileges::PrivilegeError,
-    kernel::support,
+    kernel::{EbpfMode, privileges::PrivilegeError, support},
     manual, preflight,
     reload::{self, Reloaded},
 };

@@ -92,7 +92,7 @@ pub enum BridgingError {
 
 /// Why a configuration cannot bridge at all (known without a handshake): `None` when it can.
 pub fn unbridgeable(
-    listeners: &[crate::config::ListenerConfig],
+    listeners: &[crate::proxy::ListenerConfig],
     backends: &[BackendAddress],
 ) -> Option<String> {
     if !listeners.iter().any(|l| !l.tls.is_empty()) {
@@ -114,7 +114,7 @@ pub fn unbridgeable(
 
 /// Fetches every TLS backend's certificate and compares it with every TLS listener's.
 pub async fn verify(
-    listeners: &[crate::config::ListenerConfig],
+    listeners: &[crate::proxy::ListenerConfig],
     backends: &[BackendAddress],
     timeout: Duration,
 ) -> Result<Vec<Finding>, BridgingError> {
@@ -214,12 +214,12 @@ mod tests {
 
     #[test]
     fn plain_backends_and_plain_listeners_cannot_bridge() {
-        let plain_listener = crate::config::ListenerConfig {
+        let plain_listener = crate::proxy::ListenerConfig {
             address: "0.0.0.0:80".parse().expect("addr"),
             proxy_protocol: false,
             tls: vec![],
         };
-        let tls_listener = crate::config::ListenerConfig {
+        let tls_listener = crate::proxy::ListenerConfig {
             tls: vec![crate::proxy::tls::TlsCertConfig {
                 cert: "/c.pem".into(),
                 key: "/c.key".into(),

@@ -5,6 +5,7 @@
 pub mod conn_id;
 pub mod id_hash;
 pub mod proxy_header;
+mod settings;
 pub mod trust;
 
 use std::{
@@ -17,6 +18,7 @@ use ntlm_tag_common::ClientSource;
 use crate::kernel::{KernelRecord, KernelTracker};
 pub use conn_id::{IdTemplate, UidGenerator, canonical};
 pub use id_hash::{IdDisplay, IdHash};
+pub use settings::{DEFAULT_HEADER, IdentityConfig};
 
 /// Where the identity of a connection came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,16 +3,11 @@
 //! agree on what it covers.
 #![forbid(unsafe_code)]
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-/// `::ffff:0:0/96`: where the kernel keys IPv4 addresses (v4-mapped), and so where an IPv4 prefix
-/// lives in its tries.
-const V4_MAPPED: Ipv6Net = match Ipv6Net::new(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96) {
-    Ok(net) => net,
-    Err(_) => panic!("::ffff:0:0/96 is a valid prefix"),
-};
+use crate::kernel::{V4_MAPPED, as_kernel_prefix};
 
 /// A prefix as it is kept and shown: host bits cleared, and a v4-mapped IPv6 prefix
 /// (`::ffff:198.18.1.0/120`) rewritten as the IPv4 prefix it means (`198.18.1.0/24`). The kernel keys
@@ -30,16 +25,6 @@ pub fn normalise(net: IpNet) -> IpNet {
             }
         }
         other => other,
-    }
-}
-
-/// The prefix in the kernel's key space: IPv6, with IPv4 as v4-mapped (prefix length + 96).
-pub fn as_kernel_prefix(net: &IpNet) -> Ipv6Net {
-    match net {
-        IpNet::V4(v4) => {
-            Ipv6Net::new(v4.network().to_ipv6_mapped(), 96 + v4.prefix_len()).unwrap_or(V4_MAPPED)
-        }
-        IpNet::V6(v6) => *v6,
     }
 }
 

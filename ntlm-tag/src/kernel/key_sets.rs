@@ -11,10 +11,27 @@
 #![forbid(unsafe_code)]
 
 use aya::maps::MapError;
-use ipnet::IpNet;
+use std::net::Ipv6Addr;
+
+use ipnet::{IpNet, Ipv6Net};
 use ntlm_tag_common::LpmAddr;
 
-use crate::identity::trust::as_kernel_prefix;
+/// `::ffff:0:0/96`: where the kernel keys IPv4 addresses (v4-mapped), and so where an IPv4 prefix
+/// lives in its tries.
+pub const V4_MAPPED: Ipv6Net = match Ipv6Net::new(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96) {
+    Ok(net) => net,
+    Err(_) => panic!("::ffff:0:0/96 is a valid prefix"),
+};
+
+/// The prefix in the kernel's key space: IPv6, with IPv4 as v4-mapped (prefix length + 96).
+pub fn as_kernel_prefix(net: &IpNet) -> Ipv6Net {
+    match net {
+        IpNet::V4(v4) => {
+            Ipv6Net::new(v4.network().to_ipv6_mapped(), 96 + v4.prefix_len()).unwrap_or(V4_MAPPED)
+        }
+        IpNet::V6(v6) => *v6,
+    }
+}
 
 /// A key of a set: prefix length and 16 address bytes (IPv4 v4-mapped, prefix length + 96).
 /// Plain address maps use length 128.

@@ -5,6 +5,7 @@ pub mod cgroup;
 mod key_sets;
 pub mod local_addrs;
 pub mod privileges;
+mod settings;
 mod sockopt;
 pub mod support;
 
@@ -36,6 +37,8 @@ use thiserror::Error;
 use key_sets::{KeySet, KeySetError, SetKey};
 
 pub use cgroup::{CgroupError, OwnCgroup};
+pub use key_sets::{V4_MAPPED, as_kernel_prefix};
+pub use settings::{EbpfConfig, EbpfMode};
 pub use sockopt::{monotonic_ns, socket_cookie};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.

@@ -6,8 +6,11 @@ mod head_clock;
 mod prefixed;
 pub mod rewrite;
 pub mod route_timeouts;
+mod settings;
 pub mod tls;
 mod upgrade;
+
+pub use settings::{Limits, ListenerConfig};
 
 use std::{
     collections::HashMap,
@@ -35,7 +38,6 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_util::task::TaskTracker;
 
 use crate::{
-    config::{Limits, ListenerConfig, Timeouts},
     guard::{Leg, LockoutGuard, Verdict},
     identity::{
         ConnectionIdentity, IdDisplay, IdHash, IdTemplate, Identifier, Settled, UidGenerator,
@@ -45,7 +47,7 @@ use crate::{
     kernel::socket_cookie,
     metrics::{Metrics, ProxyRejection},
     registry::{Registration, Registry},
-    upstream::{ClientBody, ClientUpstream, ResponseTimeout, Retired, Upstream},
+    upstream::{ClientBody, ClientUpstream, ResponseTimeout, Retired, Timeouts, Upstream},
 };
 use access_log::{AccessRecord, LoggedBody};
 use head_clock::{ClockedIo, HeadClock};

@@ -30,11 +30,13 @@ mod guarded;
 pub mod health;
 mod pool;
 pub mod routes;
+mod settings;
 pub mod tls;
 
 pub use caps::{Cap, DedicatedCaps, Retired};
 pub use client_body::{ClientBody, ClientBodyState};
 pub use guarded::GuardedBody;
+pub use settings::{HealthCheckConfig, RouteConfig, Timeouts};
 
 use std::{
     net::IpAddr,
@@ -56,10 +58,7 @@ use tokio::net::TcpStream;
 use tokio_util::either::Either;
 
 use crate::epa::diagnosis::{BackendView, BindingClaim, Diagnosis, diagnose};
-use crate::{
-    config::{HealthCheckConfig, RouteConfig, Timeouts},
-    metrics::{BindTrigger, Metrics, UpstreamUse},
-};
+use crate::metrics::{BindTrigger, Metrics, UpstreamUse};
 use health::Health;
 use pool::{IdleConnections, Loan};
 use routes::{Pool, RouteTable};

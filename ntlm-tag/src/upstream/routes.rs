@@ -10,8 +10,8 @@
 
 use std::sync::Arc;
 
+use super::HealthCheckConfig;
 use super::{Backend, health::Health};
-use crate::config::HealthCheckConfig;
 
 /// The name the default pool has in metrics, logs and `/healthz`.
 pub const DEFAULT_ROUTE: &str = "default";
