@@ -1944,7 +1944,7 @@ mod tests {
     /// be a valid configuration.
     #[test]
     fn the_packaged_example_lists_valid_keys() {
-        let example = include_str!("../../packaging/ntlm-tag.toml");
+        let example = include_str!("../../../packaging/ntlm-tag.toml");
         let uncommented: String = example
             .lines()
             .map(|l| l.strip_prefix("# ").unwrap_or(l))
