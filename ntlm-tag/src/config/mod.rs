@@ -19,7 +19,7 @@ use crate::{
     cli::{LogFormat, RunArgs},
     guard::LockoutConfig,
     identity::{IdentityConfig, trust::TrustLists},
-    kernel::EbpfConfig,
+    kernel::{EbpfConfig, KernelOptions},
     proxy::{Limits, ListenerConfig, route_timeouts::RouteTimeouts},
     upstream::{
         BackendAddress, Balance, DedicatedCaps, HealthCheckConfig, Mode, RouteConfig, Timeouts,
@@ -123,6 +123,18 @@ impl Config {
     /// Every backend of the default pool and the routes, each once.
     pub fn all_backends(&self) -> Vec<BackendAddress> {
         all_backends(&self.backends, &self.routes)
+    }
+
+    /// What the kernel programs are configured with: built from the `ebpf` keys and the TOA and
+    /// IPIP trust lists, at start and on every reload.
+    pub fn kernel_options(&self) -> KernelOptions {
+        KernelOptions {
+            map_entries: self.ebpf.map_entries,
+            toa_kind: self.ebpf.toa_kind,
+            toa_trusted: self.trust.toa.clone(),
+            ipip_trusted: self.trust.ipip.clone(),
+            xdp_interfaces: self.ebpf.xdp_interfaces.clone(),
+        }
     }
 
     /// Reads the file named by `--config` (if any) and merges the flags over it.
