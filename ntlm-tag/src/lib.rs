@@ -3,11 +3,9 @@
 //! `proxy::rewrite`) through here.
 
 pub mod admin;
-pub mod admin_client;
 pub mod app;
 pub mod cli;
 pub mod config;
-pub mod conns;
 pub mod epa;
 pub mod guard;
 pub mod handover;
@@ -19,7 +17,6 @@ pub mod ntlm;
 pub mod preflight;
 pub mod proxy;
 pub mod registry;
-pub mod reload;
 pub mod service;
 pub mod tcp_state;
 pub mod upstream;

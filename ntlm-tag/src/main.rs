@@ -5,13 +5,16 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use ntlm_tag::{
+    admin::client::{
+        conns,
+        reload::{self, Reloaded},
+    },
     app,
     cli::{self, Cli, Command, LogFormat},
     config::Config,
-    conns, epa,
+    epa,
     kernel::{EbpfMode, privileges::PrivilegeError, support},
     manual, preflight,
-    reload::{self, Reloaded},
 };
 
 /// Exit code for a bad configuration (EX_USAGE).

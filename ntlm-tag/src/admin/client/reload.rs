@@ -8,7 +8,7 @@ use std::{path::Path, time::Duration};
 
 use anyhow::{Result, bail};
 
-use crate::admin_client::AdminClient;
+use super::AdminClient;
 
 /// How long to wait for the gateway's answer: a reload re-reads certificates and, with
 /// `epa_bridging`, connects to the TLS backends. A little over the 30 s after which the admin

@@ -13,6 +13,8 @@
 //! gateway's resources through it.
 #![forbid(unsafe_code)]
 
+pub mod client;
+
 use std::{
     convert::Infallible,
     fmt,

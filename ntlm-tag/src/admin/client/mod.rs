@@ -3,6 +3,9 @@
 //! `--token-file`. Blocking, one `Connection: close` request: these commands ask once and exit.
 #![forbid(unsafe_code)]
 
+pub mod conns;
+pub mod reload;
+
 use std::{
     io::{Read, Write},
     net::TcpStream,

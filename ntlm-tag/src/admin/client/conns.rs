@@ -6,7 +6,8 @@ use std::{path::Path, time::Duration};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{admin_client::AdminClient, registry::ConnectionRow};
+use super::AdminClient;
+use crate::registry::ConnectionRow;
 
 pub fn print_table(admin: &str, token_file: Option<&Path>) -> Result<()> {
     let rows = fetch_rows(&AdminClient::new(admin, token_file)?)?;
