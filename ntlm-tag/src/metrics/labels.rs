@@ -1,0 +1,253 @@
+//! The label sets of every series: label values are enums, so a typo cannot start a new series.
+#![forbid(unsafe_code)]
+
+use std::fmt::Write as _;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+
+use crate::kernel::KernelCounters;
+
+/// An enum whose variants are label values, with the text each shows in the exposition.
+macro_rules! label_enum {
+    ($(#[$meta:meta])* pub enum $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vmeta])* $variant,)+ }
+
+        impl $name {
+            pub const ALL: &[$name] = &[$($name::$variant,)+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text,)+ }
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                encoder.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+label_enum! {
+    /// Why a connection on a PROXY-protocol listener was closed before any HTTP.
+    pub enum ProxyRejection {
+        Untrusted => "untrusted",
+        Malformed => "malformed",
+        Oversized => "oversized",
+        Unsupported => "unsupported",
+        Timeout => "timeout",
+        Closed => "closed",
+    }
+}
+
+label_enum! {
+    /// How a client connection's identity was learned.
+    pub enum ConnectionSource {
+        KernelPeer => "kernel-peer",
+        KernelToa => "kernel-toa",
+        KernelIpip => "kernel-ipip",
+        Fallback => "fallback",
+        ProxyV1 => "proxy-v1",
+        ProxyV2 => "proxy-v2",
+    }
+}
+
+label_enum! {
+    /// NTLM messages seen in `Authorization` headers.
+    pub enum NtlmMessage {
+        Negotiate => "negotiate",
+        Authenticate => "authenticate",
+        Spnego => "spnego",
+    }
+}
+
+label_enum! {
+    /// What bound an upstream connection to one client connection (bind mode).
+    pub enum BindTrigger {
+        /// The request carried an NTLM/Negotiate token.
+        Request => "request",
+        /// The response carried a challenge token or `Persistent-Auth`.
+        Response => "response",
+    }
+}
+
+label_enum! {
+    /// Which `[upstream_caps]` cap retired a bound or pinned upstream connection.
+    pub enum UpstreamCap {
+        MaxAge => "max_age",
+        MaxRequests => "max_requests",
+    }
+}
+
+label_enum! {
+    /// Whether a request went on a new upstream connection or one already open.
+    pub enum UpstreamUse {
+        Opened => "opened",
+        Reused => "reused",
+    }
+}
+
+label_enum! {
+    /// Where an error came from.
+    pub enum Origin {
+        Client => "client",
+        Upstream => "upstream",
+        Internal => "internal",
+    }
+}
+
+label_enum! {
+    pub enum UpstreamFailure {
+        Error => "error",
+        Timeout => "timeout",
+    }
+}
+
+label_enum! {
+    /// Why a backend refused an Extended Protection login (a 401 to a Type3 with a channel binding).
+    pub enum EpaRefusal {
+        /// The backend is plain HTTP (TLS offloading).
+        PlainBackend => "plain_http_backend",
+        /// The client's binding is for another certificate than the backend's.
+        CertificateDiffers => "certificate_differs",
+        /// The client's SPN does not name the backend.
+        SpnMismatch => "spn_mismatch",
+        /// Binding and SPN match: not Extended Protection's doing.
+        Other => "other",
+    }
+}
+
+impl EpaRefusal {
+    pub fn name(self) -> &'static str {
+        self.as_str()
+    }
+}
+
+label_enum! {
+    pub enum ReloadResult {
+        Success => "success",
+        Failure => "failure",
+    }
+}
+
+label_enum! {
+    /// The kernel's event counters (and userspace lookup misses).
+    pub enum KernelEvent {
+        Recorded => "recorded",
+        Deleted => "deleted",
+        InsertFailed => "insert_failed",
+        CallbacksUnavailable => "callbacks_unavailable",
+        ToaAccepted => "toa_accepted",
+        ToaUntrusted => "toa_untrusted",
+        ToaMalformed => "toa_malformed",
+        IpipJoined => "ipip_joined",
+        XdpDecapsulated => "xdp_decapsulated",
+        XdpUntrusted => "xdp_untrusted",
+        XdpSkipped => "xdp_skipped",
+        XdpInnerNotTcp => "xdp_inner_not_tcp",
+        XdpInnerNotLocal => "xdp_inner_not_local",
+        LookupMiss => "lookup_miss",
+    }
+}
+
+impl KernelEvent {
+    pub(super) fn of(self, k: &KernelCounters) -> u64 {
+        match self {
+            KernelEvent::Recorded => k.recorded,
+            KernelEvent::Deleted => k.deleted,
+            KernelEvent::InsertFailed => k.insert_failed,
+            KernelEvent::CallbacksUnavailable => k.callbacks_unavailable,
+            KernelEvent::ToaAccepted => k.toa_accepted,
+            KernelEvent::ToaUntrusted => k.toa_untrusted,
+            KernelEvent::ToaMalformed => k.toa_malformed,
+            KernelEvent::IpipJoined => k.ipip_joined,
+            KernelEvent::XdpDecapsulated => k.xdp_decapsulated,
+            KernelEvent::XdpUntrusted => k.xdp_untrusted,
+            KernelEvent::XdpSkipped => k.xdp_skipped,
+            KernelEvent::XdpInnerNotTcp => k.xdp_inner_not_tcp,
+            KernelEvent::XdpInnerNotLocal => k.xdp_inner_not_local,
+            KernelEvent::LookupMiss => k.lookup_misses,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct SourceLabel {
+    pub(super) source: ConnectionSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct ReasonLabel {
+    pub(super) reason: ProxyRejection,
+}
+
+/// A backend's `HOST:PORT` (an open set, from the configuration) and a status; `-` is the gateway
+/// answering without a backend.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct RequestLabels {
+    pub(super) backend: String,
+    pub(super) status: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct BackendLabel {
+    pub(super) backend: String,
+    pub(super) route: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct KindLabel {
+    pub(super) kind: UpstreamUse,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct FailureLabel {
+    pub(super) kind: UpstreamFailure,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct CapLabel {
+    pub(super) cap: UpstreamCap,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct CauseLabel {
+    pub(super) cause: EpaRefusal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct TriggerLabel {
+    pub(super) trigger: BindTrigger,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct TypeLabel {
+    pub(super) r#type: NtlmMessage,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct OriginLabel {
+    pub(super) origin: Origin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct ResultLabel {
+    pub(super) result: ReloadResult,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct EventLabel {
+    pub(super) event: KernelEvent,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct AuthStateLabel {
+    pub(super) state: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct LockoutKeyLabel {
+    pub(super) key: &'static str,
+}
