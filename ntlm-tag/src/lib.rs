@@ -18,5 +18,4 @@ pub mod preflight;
 pub mod proxy;
 pub mod registry;
 pub mod service;
-pub mod tcp_state;
 pub mod upstream;

@@ -6,8 +6,9 @@ mod key_sets;
 pub mod local_addrs;
 pub mod privileges;
 mod settings;
-mod sockopt;
 pub mod support;
+mod sys;
+pub mod tcp_state;
 
 use std::{
     io,
@@ -39,7 +40,7 @@ use key_sets::{KeySet, KeySetError, SetKey};
 pub use cgroup::{CgroupError, OwnCgroup};
 pub use key_sets::{V4_MAPPED, as_kernel_prefix};
 pub use settings::{EbpfConfig, EbpfMode};
-pub use sockopt::{monotonic_ns, socket_cookie};
+pub use sys::{monotonic_ns, socket_cookie};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("NTLM_TAG_EBPF_OBJECT"));
@@ -227,7 +228,7 @@ impl KernelTracker {
         join: Option<&std::path::Path>,
     ) -> Result<Self, KernelError> {
         let map_entries = options.map_entries;
-        if let Err(e) = sockopt::raise_memlock_limit() {
+        if let Err(e) = sys::raise_memlock_limit() {
             // Only kernels before 5.11 need it; there the map creation below fails with a clear error.
             tracing::debug!(error = %e, "could not raise RLIMIT_MEMLOCK");
         }

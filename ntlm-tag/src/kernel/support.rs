@@ -9,7 +9,7 @@ use ntlm_tag_common::{SOCK_OPS_PROGRAM, XDP_PROGRAM};
 
 use super::{
     KernelError, cgroup::find_cgroup2_mount, explain_old_kernel, load_object, program_error,
-    program_of, sockopt,
+    program_of, sys,
 };
 
 /// The kernel's side of a configuration, as `check` reports it.
@@ -65,7 +65,7 @@ pub fn probe(with_xdp: bool) -> KernelSupport {
 
 fn load_programs(with_xdp: bool) -> Result<(), KernelError> {
     // Kernels before 5.11 charge maps to RLIMIT_MEMLOCK; start-up raises it the same way.
-    let _ = sockopt::raise_memlock_limit();
+    let _ = sys::raise_memlock_limit();
     // The smallest connection map: the probe only needs the maps to exist for the verifier.
     let mut ebpf = load_object(1)?;
     let sock_ops: &mut SockOps = program_of(&mut ebpf, SOCK_OPS_PROGRAM)?;
