@@ -77,26 +77,6 @@ pub enum XdpCounter {
     InnerNotLocal = 4,
 }
 
-impl XdpCounter {
-    pub const ALL: [XdpCounter; 5] = [
-        XdpCounter::Decapsulated,
-        XdpCounter::Untrusted,
-        XdpCounter::Skipped,
-        XdpCounter::InnerNotTcp,
-        XdpCounter::InnerNotLocal,
-    ];
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            XdpCounter::Decapsulated => "decapsulated",
-            XdpCounter::Untrusted => "untrusted",
-            XdpCounter::Skipped => "skipped",
-            XdpCounter::InnerNotTcp => "inner_not_tcp",
-            XdpCounter::InnerNotLocal => "inner_not_local",
-        }
-    }
-}
-
 /// The inner connection of a decapsulated packet, as the accepted socket will see it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,33 +126,6 @@ pub enum Counter {
     ToaMalformed = 6,
     /// A connection was matched to the balancer that delivered it through IPIP.
     IpipJoined = 7,
-}
-
-impl Counter {
-    pub const ALL: [Counter; 8] = [
-        Counter::Recorded,
-        Counter::Deleted,
-        Counter::InsertFailed,
-        Counter::CallbacksUnavailable,
-        Counter::ToaAccepted,
-        Counter::ToaUntrusted,
-        Counter::ToaMalformed,
-        Counter::IpipJoined,
-    ];
-
-    /// The name used in logs, JSON and metrics.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Counter::Recorded => "recorded",
-            Counter::Deleted => "deleted",
-            Counter::InsertFailed => "insert_failed",
-            Counter::CallbacksUnavailable => "callbacks_unavailable",
-            Counter::ToaAccepted => "toa_accepted",
-            Counter::ToaUntrusted => "toa_untrusted",
-            Counter::ToaMalformed => "toa_malformed",
-            Counter::IpipJoined => "ipip_joined",
-        }
-    }
 }
 
 /// How the original client of a connection was learned. Stored as a `u8` in [`ConnIdentity::source`].

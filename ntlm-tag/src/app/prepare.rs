@@ -11,7 +11,7 @@ use crate::{
     admin::AdminListener,
     config::Config,
     handover::{self, Predecessor, UpgradeSocket},
-    kernel::{EbpfMode, KernelTracker, local_addrs, privileges},
+    kernel::{self, EbpfMode, KernelTracker, local_addrs, privileges},
     proxy::ListenerConfig,
 };
 
@@ -125,7 +125,7 @@ pub fn prepare(config: &Config, upgrade: bool) -> Result<Prepared> {
             kernel = None;
             ebpf_status = "unavailable: map lookups refused after the user switch".to_string();
         }
-    } else if running_as_root() {
+    } else if kernel::running_as_root() {
         tracing::warn!(
             "running as root for the whole life of the process: set `user` (e.g. \"ntlm-tag\") to switch \
              after start-up and keep only what kernel map lookups need"
@@ -179,11 +179,6 @@ pub(super) fn switch_user(
          client shown is the balancer). --ebpf required refuses to start instead"
     );
     Ok(false)
-}
-
-pub(super) fn running_as_root() -> bool {
-    // SAFETY: geteuid has no arguments and cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// A listening socket as tokio would make it (SO_REUSEADDR, backlog 1024), made without a runtime.

@@ -2,17 +2,19 @@
 //! proxy's own cgroup, and look up connection records by socket cookie.
 
 pub mod cgroup;
+mod counters;
 mod key_sets;
+mod load;
 pub mod local_addrs;
+mod maps;
 pub mod privileges;
 mod settings;
 pub mod support;
 mod sys;
-pub mod tcp_state;
 
 use std::{
     io,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
@@ -21,32 +23,31 @@ use std::{
 };
 
 use aya::{
-    Ebpf, EbpfLoader,
-    maps::{
-        Array, HashMap, MapData, PerCpuArray,
-        lpm_trie::{Key, LpmTrie},
-    },
-    programs::{CgroupAttachMode, SockOps, Xdp, XdpMode},
+    Ebpf,
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{CgroupAttachMode, SockOps},
 };
 use ntlm_tag_common::{
-    CONN_IDENTITY_MAP, COUNTERS_MAP, ClientSource, ConnIdentity, Counter, LOCAL_ADDRS_MAP, LpmAddr,
-    SETTINGS_MAP, SOCK_OPS_PROGRAM, Setting, TRUSTED_IPIP_MAP, TRUSTED_TOA_MAP, XDP_COUNTERS_MAP,
-    XDP_PROGRAM, XdpCounter,
+    CONN_IDENTITY_MAP, COUNTERS_MAP, ConnIdentity, LOCAL_ADDRS_MAP, SETTINGS_MAP, SOCK_OPS_PROGRAM,
+    Setting, TRUSTED_IPIP_MAP, TRUSTED_TOA_MAP, XDP_COUNTERS_MAP,
 };
 use thiserror::Error;
 
 use key_sets::{KeySet, KeySetError, SetKey};
 
 pub use cgroup::{CgroupError, OwnCgroup};
+pub use counters::{KernelCounters, KernelEvent, Slot};
+pub use load::MIN_KERNEL;
+pub use maps::KernelRecord;
+
 pub use key_sets::{V4_MAPPED, as_kernel_prefix};
+use load::{
+    KernelLog, MIN_KERNEL_TEXT, attach_xdp, explain_old_kernel, hint_for_program, init_kernel_log,
+    load_object, program_error, program_of, spawn_kernel_log_forwarding,
+};
+use maps::{Configurable, LocalAddrs, NamedTrie, map_error, take_map};
 pub use settings::{EbpfConfig, EbpfMode};
-pub use sys::{monotonic_ns, socket_cookie};
-
-/// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("NTLM_TAG_EBPF_OBJECT"));
-
-const PRIVILEGE_HINT: &str = "loading eBPF needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON and \
-     write access to the cgroup tree; run with sudo, or with --ebpf off to use peer addresses";
+pub use sys::{is_closed, monotonic_ns, running_as_root, socket_cookie};
 
 #[derive(Debug, Error)]
 pub enum KernelError {
@@ -114,39 +115,6 @@ pub enum KernelError {
     LocalAddresses(#[source] io::Error),
 }
 
-/// What the kernel recorded about one connection, in userspace types.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct KernelRecord {
-    pub peer: SocketAddr,
-    pub local: SocketAddr,
-    pub client: SocketAddr,
-    pub learned_from: ClientSource,
-    pub balancer: Option<IpAddr>,
-    pub established_ns: u64,
-}
-
-impl KernelRecord {
-    fn from_raw(raw: &ConnIdentity) -> Self {
-        let balancer = ip_from_bytes(raw.balancer_addr);
-        KernelRecord {
-            peer: SocketAddr::new(ip_from_bytes(raw.peer_addr), raw.peer_port),
-            local: SocketAddr::new(ip_from_bytes(raw.local_addr), raw.local_port),
-            client: SocketAddr::new(ip_from_bytes(raw.client_addr), raw.client_port),
-            learned_from: ClientSource::from_u8(raw.source).unwrap_or(ClientSource::Peer),
-            balancer: (!balancer.is_unspecified()).then_some(balancer),
-            established_ns: raw.established_ns,
-        }
-    }
-}
-
-fn ip_from_bytes(bytes: [u8; 16]) -> IpAddr {
-    let v6 = Ipv6Addr::from(bytes);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    }
-}
-
 /// What the kernel side is configured with.
 #[derive(Debug, Clone)]
 pub struct KernelOptions {
@@ -167,26 +135,6 @@ pub struct XdpAttachment {
     pub interface: String,
     /// `native` (driver) or `generic` (skb).
     pub mode: &'static str,
-}
-
-/// Counters the kernel programs keep, summed over CPUs.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct KernelCounters {
-    pub recorded: u64,
-    pub deleted: u64,
-    pub insert_failed: u64,
-    pub callbacks_unavailable: u64,
-    pub toa_accepted: u64,
-    pub toa_untrusted: u64,
-    pub toa_malformed: u64,
-    pub ipip_joined: u64,
-    pub xdp_decapsulated: u64,
-    pub xdp_untrusted: u64,
-    pub xdp_skipped: u64,
-    pub xdp_inner_not_tcp: u64,
-    pub xdp_inner_not_local: u64,
-    /// Accepted connections that had no record (userspace).
-    pub lookup_misses: u64,
 }
 
 /// The loaded and attached kernel programs and their maps. Dropping it detaches the programs and
@@ -427,34 +375,16 @@ impl KernelTracker {
     }
 
     pub fn counters(&self) -> KernelCounters {
-        let read = |c: Counter| -> u64 {
-            self.counters
-                .get(&(c as u32), 0)
+        let sum = |map: &PerCpuArray<MapData, u64>, index: u32| -> u64 {
+            map.get(&index, 0)
                 .map(|per_cpu| per_cpu.iter().sum())
                 .unwrap_or(0)
         };
-        let read_xdp = |c: XdpCounter| -> u64 {
-            self.xdp_counters
-                .get(&(c as u32), 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0)
-        };
-        KernelCounters {
-            recorded: read(Counter::Recorded),
-            deleted: read(Counter::Deleted),
-            insert_failed: read(Counter::InsertFailed),
-            callbacks_unavailable: read(Counter::CallbacksUnavailable),
-            toa_accepted: read(Counter::ToaAccepted),
-            toa_untrusted: read(Counter::ToaUntrusted),
-            toa_malformed: read(Counter::ToaMalformed),
-            ipip_joined: read(Counter::IpipJoined),
-            xdp_decapsulated: read_xdp(XdpCounter::Decapsulated),
-            xdp_untrusted: read_xdp(XdpCounter::Untrusted),
-            xdp_skipped: read_xdp(XdpCounter::Skipped),
-            xdp_inner_not_tcp: read_xdp(XdpCounter::InnerNotTcp),
-            xdp_inner_not_local: read_xdp(XdpCounter::InnerNotLocal),
-            lookup_misses: self.lookup_misses.load(Ordering::Relaxed),
-        }
+        KernelCounters::read(|slot| match slot {
+            Slot::SockOps(c) => sum(&self.counters, c as u32),
+            Slot::Xdp(c) => sum(&self.xdp_counters, c as u32),
+            Slot::Userspace => self.lookup_misses.load(Ordering::Relaxed),
+        })
     }
 
     /// All records in the map (for the admin listener; walks the whole map).
@@ -467,276 +397,9 @@ impl KernelTracker {
     }
 }
 
-/// The oldest kernel the programs load on (tested: Debian 11's 5.10; see docs/kernels.md).
-pub const MIN_KERNEL: (u32, u32) = (5, 10);
-const MIN_KERNEL_TEXT: &str = "5.10";
-
-/// Adds the kernel's age to an error the kernel's refusal of the object caused, when it is older
-/// than [`MIN_KERNEL`] (a missing privilege, cgroup or interface is not about the kernel's age).
-fn explain_old_kernel(e: KernelError) -> KernelError {
-    let refused = match &e {
-        KernelError::Load { hint, .. }
-        | KernelError::Program { hint, .. }
-        | KernelError::Attach { hint, .. } => *hint != PRIVILEGE_HINT,
-        _ => false,
-    };
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    match kernel_version(&release) {
-        Some(v) if refused && v < MIN_KERNEL => KernelError::KernelTooOld {
-            release: release.trim().to_string(),
-            source: Box::new(e),
-        },
-        _ => e,
-    }
-}
-
-/// `5.10.0-46-amd64` → (5, 10).
-fn kernel_version(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.trim().split(['.', '-']);
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?.parse().ok()?;
-    Some((major, minor))
-}
-
-/// Loads the XDP program and attaches it to each interface: native mode first, generic if the
-/// driver cannot run XDP itself.
-fn attach_xdp(ebpf: &mut Ebpf, interfaces: &[String]) -> Result<Vec<XdpAttachment>, KernelError> {
-    if interfaces.is_empty() {
-        return Ok(Vec::new());
-    }
-    let program: &mut Xdp = program_of(ebpf, XDP_PROGRAM)?;
-    program.load().map_err(program_error)?;
-    let mut attached = Vec::new();
-    for interface in interfaces {
-        let mode = match program.attach(interface, XdpMode::Driver) {
-            Ok(_) => "native",
-            Err(native) => match program.attach(interface, XdpMode::Skb) {
-                Ok(_) => {
-                    tracing::info!(%interface, reason = %native, "native XDP unavailable; using generic (skb) mode");
-                    "generic"
-                }
-                Err(source) => {
-                    return Err(KernelError::Xdp {
-                        interface: interface.clone(),
-                        source,
-                    });
-                }
-            },
-        };
-        tracing::info!(%interface, mode, "XDP IPIP decapsulation attached");
-        attached.push(XdpAttachment {
-            interface: interface.clone(),
-            mode,
-        });
-    }
-    Ok(attached)
-}
-
-/// The maps userspace writes: the trust tries, the local addresses and the settings.
-struct Configurable {
-    toa: NamedTrie,
-    ipip: NamedTrie,
-    local: LocalAddrs,
-    settings: Array<MapData, u32>,
-}
-
-impl Configurable {
-    fn set_toa_kind(&mut self, kind: u32) -> Result<(), KernelError> {
-        self.settings
-            .set(Setting::ToaKind as u32, kind, 0)
-            .map_err(map_error(SETTINGS_MAP))
-    }
-}
-
-/// A trust trie and its name.
-struct NamedTrie {
-    name: &'static str,
-    trie: LpmTrie<MapData, LpmAddr, u8>,
-}
-
-impl NamedTrie {
-    fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Self, KernelError> {
-        let trie =
-            take_map(ebpf, name).and_then(|m| LpmTrie::try_from(m).map_err(map_error(name)))?;
-        Ok(NamedTrie { name, trie })
-    }
-}
-
-impl KeySet for NamedTrie {
-    fn name(&self) -> &'static str {
-        self.name
-    }
-    fn keys(&self) -> Result<Vec<SetKey>, aya::maps::MapError> {
-        self.trie
-            .keys()
-            .map(|k| {
-                k.map(|k| SetKey {
-                    prefix_len: k.prefix_len(),
-                    addr: k.data(),
-                })
-            })
-            .collect()
-    }
-    fn insert(&mut self, key: &SetKey) -> Result<(), aya::maps::MapError> {
-        self.trie.insert(&Key::new(key.prefix_len, key.addr), 1, 0)
-    }
-    fn remove(&mut self, key: &SetKey) -> Result<(), aya::maps::MapError> {
-        self.trie.remove(&Key::new(key.prefix_len, key.addr))
-    }
-}
-
-/// The local-address map (keys are whole addresses).
-struct LocalAddrs(HashMap<MapData, LpmAddr, u8>);
-
-impl KeySet for LocalAddrs {
-    fn name(&self) -> &'static str {
-        LOCAL_ADDRS_MAP
-    }
-    fn keys(&self) -> Result<Vec<SetKey>, aya::maps::MapError> {
-        self.0
-            .keys()
-            .map(|k| {
-                k.map(|addr| SetKey {
-                    prefix_len: 128,
-                    addr,
-                })
-            })
-            .collect()
-    }
-    fn insert(&mut self, key: &SetKey) -> Result<(), aya::maps::MapError> {
-        self.0.insert(key.addr, 1, 0)
-    }
-    fn remove(&mut self, key: &SetKey) -> Result<(), aya::maps::MapError> {
-        self.0.remove(&key.addr)
-    }
-}
-
-fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, KernelError> {
-    ebpf.take_map(name)
-        .ok_or(KernelError::Missing { what: "map", name })
-}
-
-fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> KernelError {
-    move |source| KernelError::Map { name, source }
-}
-
-/// EPERM is missing privilege. (EACCES from a program load is the verifier refusing the program.)
-fn is_permission(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(libc::EPERM)
-}
-
-fn hint_for_load(e: &aya::EbpfError) -> &'static str {
-    // The errno sits at the end of the source chain (map creation → syscall), not in the top message.
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    if text.contains("Operation not permitted") || text.contains("Permission denied") {
-        PRIVILEGE_HINT
-    } else {
-        "the kernel may be too old for the maps used (LRU hash: Linux 4.10+)"
-    }
-}
-
-/// The embedded eBPF object, loaded with a connection map of `map_entries` (programs not yet in
-/// the kernel): the start-up path and `check`'s verifier probe share it.
-fn load_object(map_entries: u32) -> Result<Ebpf, KernelError> {
-    EbpfLoader::new()
-        .map_max_entries(CONN_IDENTITY_MAP, map_entries)
-        .load(EBPF_OBJECT)
-        .map_err(|source| KernelError::Load {
-            hint: hint_for_load(&source),
-            source,
-        })
-}
-
-/// Program `name` of the object, as its type `P` (sock_ops, XDP).
-fn program_of<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, KernelError>
-where
-    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or(KernelError::Missing {
-            what: "program",
-            name,
-        })?
-        .try_into()
-        .map_err(|source| KernelError::Program {
-            source,
-            hint: "unexpected program type",
-        })
-}
-
-/// A program the kernel refused to load, with the hint that tells the operator what to do.
-fn program_error(source: aya::programs::ProgramError) -> KernelError {
-    KernelError::Program {
-        hint: hint_for_program(&source),
-        source,
-    }
-}
-
-fn hint_for_program(e: &aya::programs::ProgramError) -> &'static str {
-    let io = match e {
-        aya::programs::ProgramError::LoadError { io_error, .. } => Some(io_error),
-        aya::programs::ProgramError::SyscallError(s) => Some(&s.io_error),
-        _ => None,
-    };
-    match io {
-        Some(io) if is_permission(io) => PRIVILEGE_HINT,
-        Some(io) if io.raw_os_error() == Some(libc::EACCES) => {
-            "the kernel's verifier rejected the program; this kernel lacks a feature it uses (see the README's \
-             kernel table), or run with --ebpf off"
-        }
-        Some(io) if io.raw_os_error() == Some(libc::EINVAL) => {
-            "the kernel rejected the program: sock_ops state callbacks need Linux 4.16+, socket cookies in \
-             sock_ops 5.x; see the README's kernel table"
-        }
-        _ => "see the README's kernel table for the features each kernel has",
-    }
-}
-
-/// The programs' aya-log buffer, read into the `log` facade (which tracing-subscriber forwards).
-type KernelLog = aya_log::EbpfLogger<&'static dyn log::Log>;
-
-/// The eBPF programs' log buffer (aya-log), if the object has one.
-fn init_kernel_log(ebpf: &mut Ebpf) -> Option<KernelLog> {
-    match aya_log::EbpfLogger::init(ebpf) {
-        Ok(logger) => Some(logger),
-        Err(e) => {
-            tracing::debug!(error = %e, "eBPF programs log nothing (no log map)");
-            None
-        }
-    }
-}
-
-/// Forwards the eBPF programs' log messages (aya-log) into our tracing output. The logger must live as
-/// long as the programs; it is flushed whenever its fd becomes readable.
-fn spawn_kernel_log_forwarding(logger: KernelLog) {
-    // SAFETY: the logger owns its ring-buffer fd, keeps it open until dropped, and always returns the
-    // same fd; the AsyncFd owns the logger, so the fd outlives the registration.
-    let registered = unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
-    };
-    let Ok(mut fd) = registered else {
-        tracing::warn!("cannot watch the eBPF log buffer; kernel-side warnings will not be shown");
-        return;
-    };
-    tokio::spawn(async move {
-        loop {
-            let Ok(mut guard) = fd.readable_mut().await else {
-                return;
-            };
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
-        }
-    });
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{load::kernel_version, *};
 
     #[test]
     fn kernel_versions() {

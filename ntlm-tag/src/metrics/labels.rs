@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 
-use crate::kernel::KernelCounters;
+use crate::kernel::KernelEvent;
 
 /// An enum whose variants are label values, with the text each shows in the exposition.
 macro_rules! label_enum {
@@ -132,44 +132,10 @@ label_enum! {
     }
 }
 
-label_enum! {
-    /// The kernel's event counters (and userspace lookup misses).
-    pub enum KernelEvent {
-        Recorded => "recorded",
-        Deleted => "deleted",
-        InsertFailed => "insert_failed",
-        CallbacksUnavailable => "callbacks_unavailable",
-        ToaAccepted => "toa_accepted",
-        ToaUntrusted => "toa_untrusted",
-        ToaMalformed => "toa_malformed",
-        IpipJoined => "ipip_joined",
-        XdpDecapsulated => "xdp_decapsulated",
-        XdpUntrusted => "xdp_untrusted",
-        XdpSkipped => "xdp_skipped",
-        XdpInnerNotTcp => "xdp_inner_not_tcp",
-        XdpInnerNotLocal => "xdp_inner_not_local",
-        LookupMiss => "lookup_miss",
-    }
-}
-
-impl KernelEvent {
-    pub(super) fn of(self, k: &KernelCounters) -> u64 {
-        match self {
-            KernelEvent::Recorded => k.recorded,
-            KernelEvent::Deleted => k.deleted,
-            KernelEvent::InsertFailed => k.insert_failed,
-            KernelEvent::CallbacksUnavailable => k.callbacks_unavailable,
-            KernelEvent::ToaAccepted => k.toa_accepted,
-            KernelEvent::ToaUntrusted => k.toa_untrusted,
-            KernelEvent::ToaMalformed => k.toa_malformed,
-            KernelEvent::IpipJoined => k.ipip_joined,
-            KernelEvent::XdpDecapsulated => k.xdp_decapsulated,
-            KernelEvent::XdpUntrusted => k.xdp_untrusted,
-            KernelEvent::XdpSkipped => k.xdp_skipped,
-            KernelEvent::XdpInnerNotTcp => k.xdp_inner_not_tcp,
-            KernelEvent::XdpInnerNotLocal => k.xdp_inner_not_local,
-            KernelEvent::LookupMiss => k.lookup_misses,
-        }
+/// The kernel's event counters (and userspace lookup misses), listed in [`KernelEvent`].
+impl EncodeLabelValue for KernelEvent {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.name())
     }
 }
 

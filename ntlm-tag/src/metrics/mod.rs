@@ -12,8 +12,8 @@ mod register;
 
 use labels::*;
 pub use labels::{
-    BindTrigger, ConnectionSource, EpaRefusal, KernelEvent, NtlmMessage, Origin, ProxyRejection,
-    ReloadResult, UpstreamCap, UpstreamFailure, UpstreamUse,
+    BindTrigger, ConnectionSource, EpaRefusal, NtlmMessage, Origin, ProxyRejection, ReloadResult,
+    UpstreamCap, UpstreamFailure, UpstreamUse,
 };
 
 use std::{
@@ -32,7 +32,7 @@ use prometheus_client::{
 
 use crate::{
     guard::{LockoutTotals, auth_state, lockout},
-    kernel::KernelCounters,
+    kernel::{KernelCounters, KernelEvent},
 };
 
 /// One backend's `requests` series by status, each made on first use and then counted with one
@@ -342,13 +342,18 @@ impl Metrics {
             .set(i64::try_from(now.lockout.tracked).unwrap_or(i64::MAX));
         advance(&self.lockout_evicted, now.lockout.evicted);
         if let Some((k, capacity)) = now.kernel {
-            self.kernel_map_records
-                .set(i64::try_from(k.recorded.saturating_sub(k.deleted)).unwrap_or(i64::MAX));
+            self.kernel_map_records.set(
+                i64::try_from(
+                    k.get(KernelEvent::Recorded)
+                        .saturating_sub(k.get(KernelEvent::Deleted)),
+                )
+                .unwrap_or(i64::MAX),
+            );
             self.kernel_map_capacity.set(i64::from(capacity));
             for &event in KernelEvent::ALL {
                 advance(
                     &self.kernel_events.get_or_create(&EventLabel { event }),
-                    event.of(k),
+                    k.get(event),
                 );
             }
         }

@@ -83,15 +83,13 @@ fn the_names_dashboards_use_are_kept() {
 #[test]
 fn kernel_totals_advance_counters_and_never_move_them_back() {
     let m = Metrics::new();
-    let mut k = KernelCounters {
-        recorded: 5,
-        ..KernelCounters::default()
-    };
+    let mut k = KernelCounters::default();
+    k.set(KernelEvent::Recorded, 5);
     assert!(scrape(&m, Some((&k, 8))).contains("event=\"recorded\"} 5"));
-    k.recorded = 9;
+    k.set(KernelEvent::Recorded, 9);
     assert!(scrape(&m, Some((&k, 8))).contains("event=\"recorded\"} 9"));
     // A smaller total (a reset map) never lowers a counter.
-    k.recorded = 2;
+    k.set(KernelEvent::Recorded, 2);
     assert!(scrape(&m, Some((&k, 8))).contains("event=\"recorded\"} 9"));
 }
 
