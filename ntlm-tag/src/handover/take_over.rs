@@ -1,0 +1,269 @@
+//! The new process's side: it connects to the running gateway's upgrade socket, takes the sockets
+//! over, says when it is ready, and follows the old process's drain.
+#![forbid(unsafe_code)]
+
+use std::{
+    net::SocketAddr,
+    os::{
+        fd::OwnedFd,
+        unix::net::{UnixDatagram, UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+};
+
+use super::{
+    HandoverError, OWNS_SOCKET_FILES, STEP_TIMEOUT,
+    wire::{self, Message, WireError},
+};
+use crate::metrics::Metrics;
+
+/// The running gateway, seen from its successor until it released the sockets.
+pub struct Predecessor {
+    stream: UnixStream,
+    pub pid: u32,
+    notify_socket: Option<String>,
+}
+
+/// The sockets received, taken one by one as the configuration asks for them.
+pub struct Inherited {
+    pub cgroup: Option<PathBuf>,
+    listeners: Vec<(SocketAddr, OwnedFd)>,
+    admin: Option<(String, OwnedFd)>,
+    upgrade: Option<(PathBuf, OwnedFd)>,
+}
+
+/// Connects to the gateway running on `path` and receives its offer.
+pub fn take_over(path: &Path) -> Result<(Predecessor, Inherited), HandoverError> {
+    OWNS_SOCKET_FILES.store(false, Ordering::SeqCst);
+    let stream = UnixStream::connect(path).map_err(|source| HandoverError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(STEP_TIMEOUT))
+        .map_err(WireError::from)?;
+    let (offer, fds) = match wire::recv(&stream)? {
+        (Message::Offer(offer), fds) => (offer, fds),
+        (other, _) => {
+            return Err(HandoverError::Unexpected {
+                expected: "an offer",
+                got: format!("{other:?}"),
+            });
+        }
+    };
+    let named = offer.listeners.len()
+        + usize::from(offer.admin.is_some())
+        + 1
+        + usize::from(offer.log_stream);
+    if fds.len() != named {
+        return Err(HandoverError::SocketCount {
+            sockets: fds.len(),
+            named,
+        });
+    }
+    let mut fds = fds.into_iter();
+    let listeners = offer.listeners.iter().copied().zip(fds.by_ref()).collect();
+    let admin = offer
+        .admin
+        .clone()
+        .zip(fds.next().filter(|_| offer.admin.is_some()));
+    let upgrade = fds.next().map(|fd| (offer.upgrade_socket.clone(), fd));
+    if let Some(log) = fds.next() {
+        take_log_stream(log);
+    }
+    tracing::info!(
+        predecessor = offer.pid,
+        listeners = ?offer.listeners,
+        cgroup = ?offer.cgroup,
+        "upgrade: received the running gateway's sockets"
+    );
+    Ok((
+        Predecessor {
+            stream,
+            pid: offer.pid,
+            notify_socket: offer.notify_socket,
+        },
+        Inherited {
+            cgroup: offer.cgroup,
+            listeners,
+            admin,
+            upgrade,
+        },
+    ))
+}
+
+/// Started from a terminal, the successor logs where its predecessor did (the service's journal)
+/// from now on; started by a service manager, it keeps its own log stream.
+pub(super) fn take_log_stream(log: OwnedFd) {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return;
+    }
+    eprintln!(
+        "ntlm-tag: upgrade: logging to the running gateway's log (e.g. journalctl -u ntlm-tag) from now on"
+    );
+    if let Err(e) = rustix::stdio::dup2_stderr(&log) {
+        tracing::warn!(error = %e, "cannot log to the running gateway's log stream; logging here");
+    }
+}
+
+impl Inherited {
+    /// The listening socket for `address`, if the predecessor had one.
+    pub fn take_listener(&mut self, address: SocketAddr) -> Option<std::net::TcpListener> {
+        let i = self.listeners.iter().position(|(a, _)| *a == address)?;
+        Some(std::net::TcpListener::from(self.listeners.swap_remove(i).1))
+    }
+
+    /// The admin socket, if the predecessor's endpoint is `endpoint` too.
+    pub fn take_admin(&mut self, endpoint: &str) -> Option<OwnedFd> {
+        match self.admin.take() {
+            Some((e, fd)) if e == endpoint => Some(fd),
+            other => {
+                self.admin = other;
+                None
+            }
+        }
+    }
+
+    /// The upgrade socket, if the predecessor's is at `path` too.
+    pub fn take_upgrade_socket(&mut self, path: &Path) -> Option<OwnedFd> {
+        match self.upgrade.take() {
+            Some((p, fd)) if p == path => Some(fd),
+            other => {
+                self.upgrade = other;
+                None
+            }
+        }
+    }
+
+    /// Closes what the new configuration does not use, saying so.
+    pub fn close_unused(self) {
+        for (address, _) in &self.listeners {
+            tracing::warn!(%address, "upgrade: the configuration no longer listens here; closing the listener the running gateway handed over");
+        }
+        if let Some((endpoint, _)) = &self.admin {
+            tracing::info!(%endpoint, "upgrade: the admin endpoint changed; closing the old one");
+        }
+        if let Some((path, _)) = &self.upgrade {
+            tracing::info!(path = %path.display(), "upgrade: upgrade_socket changed; closing the old one");
+        }
+    }
+}
+
+impl Predecessor {
+    /// Tells the predecessor this process is ready and waits until it stopped accepting. Returns
+    /// (connections it accepted from the queue while letting go, connections it keeps serving).
+    /// Then follows the predecessor's drain reports into `metrics` until it exits.
+    pub fn hand_over(
+        self,
+        uid_nonce: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<(usize, usize), HandoverError> {
+        let ready = Message::Ready {
+            pid: std::process::id(),
+            uid_nonce: uid_nonce.to_string(),
+        };
+        wire::send(&self.stream, &ready, &[])?;
+        let released = match wire::recv(&self.stream)? {
+            (Message::Released { drained, draining }, _) => (drained, draining),
+            (other, _) => {
+                return Err(HandoverError::Unexpected {
+                    expected: "released",
+                    got: format!("{other:?}"),
+                });
+            }
+        };
+        OWNS_SOCKET_FILES.store(true, Ordering::SeqCst);
+        if let Some(socket) = &self.notify_socket {
+            announce_main_pid(socket);
+        }
+        metrics.predecessor_connections(released.1);
+        let (stream, pid) = (self.stream, self.pid);
+        let follow = move || follow_drain(&stream, pid, &metrics);
+        if let Err(e) = std::thread::Builder::new()
+            .name("ntlm-tag-drain".into())
+            .spawn(follow)
+        {
+            tracing::warn!(error = %e, "cannot follow the old process's drain; its metrics stay as they are");
+        }
+        Ok(released)
+    }
+}
+
+/// Reads the predecessor's drain reports until it exits (a thread of its own: a few blocking reads
+/// over the whole drain).
+pub(super) fn follow_drain(stream: &UnixStream, pid: u32, metrics: &Metrics) {
+    let _ = stream.set_read_timeout(None);
+    loop {
+        match wire::recv(stream) {
+            Ok((Message::Draining { connections }, _)) => {
+                metrics.predecessor_connections(connections);
+            }
+            Ok((Message::Drained { closed_at_deadline }, _)) => {
+                metrics.predecessor_connections(0);
+                metrics.predecessor_closed_at_deadline(closed_at_deadline);
+                tracing::info!(
+                    predecessor = pid,
+                    closed_at_deadline,
+                    "upgrade: the old process finished draining and exits"
+                );
+                return;
+            }
+            Ok((other, _)) => {
+                tracing::debug!(message = ?other, "unexpected message from the old process");
+            }
+            Err(e) => {
+                metrics.predecessor_connections(0);
+                tracing::info!(predecessor = pid, reason = %e, "upgrade: the old process is gone");
+                return;
+            }
+        }
+    }
+}
+
+/// Tells systemd that this process is the service's main process now (needs `NotifyAccess=all`
+/// in the unit: the message comes from a process that is not yet the main one). Written by hand
+/// rather than with a crate because the socket comes from the predecessor, not the environment.
+pub(super) fn announce_main_pid(socket: &str) {
+    let message = format!("MAINPID={}\nREADY=1\n", std::process::id());
+    let sent = UnixDatagram::unbound().and_then(|s| match socket.strip_prefix('@') {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt as _;
+            let address = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            s.send_to_addr(message.as_bytes(), &address)
+        }
+        None => s.send_to(message.as_bytes(), socket),
+    });
+    match sent {
+        Ok(_) => tracing::info!("upgrade: told systemd this process is the main one now"),
+        Err(e) => {
+            tracing::warn!(error = %e, %socket, "upgrade: cannot tell systemd the new main pid; it may consider the service stopped when the old process exits (set NotifyAccess=all)")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_learns_the_new_main_pid_on_a_path_or_an_abstract_socket() {
+        let expected = format!("MAINPID={}\nREADY=1\n", std::process::id());
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("notify");
+        let systemd = UnixDatagram::bind(&path).expect("bind");
+        announce_main_pid(path.to_str().expect("utf-8"));
+        let mut buf = [0u8; 128];
+        let n = systemd.recv(&mut buf).expect("a notification");
+        assert_eq!(std::str::from_utf8(&buf[..n]), Ok(expected.as_str()));
+
+        use std::os::linux::net::SocketAddrExt as _;
+        let name = format!("ntlm-tag-test-notify-{}", std::process::id());
+        let address =
+            std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("name");
+        let systemd = UnixDatagram::bind_addr(&address).expect("bind abstract");
+        announce_main_pid(&format!("@{name}"));
+        let n = systemd.recv(&mut buf).expect("a notification");
+        assert_eq!(std::str::from_utf8(&buf[..n]), Ok(expected.as_str()));
+    }
+}
