@@ -1,5 +1,6 @@
 //! Where the admin endpoint listens and who may read its private pages: a unix socket (private to
 //! root and the service user) or a TCP address with a bearer token.
+#![forbid(unsafe_code)]
 
 use std::{
     fmt,

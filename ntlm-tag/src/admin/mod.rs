@@ -35,7 +35,7 @@ use tokio::{
 
 use crate::{
     kernel::{KernelCounters, KernelTracker, monotonic_ns},
-    metrics::{self, Metrics, Scrape},
+    metrics::{self, BackendUp, Metrics, Scrape},
     registry::Registry,
     upstream::BackendState,
 };
@@ -265,7 +265,14 @@ fn route(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
             let body = state.metrics.render(Scrape {
                 connections_open: state.registry.len(),
                 kernel: kernel.as_ref().map(|(c, n)| (c, *n)),
-                backends: (state.backends)(),
+                backends: (state.backends)()
+                    .into_iter()
+                    .map(|b| BackendUp {
+                        route: b.route,
+                        backend: b.backend,
+                        up: b.up,
+                    })
+                    .collect(),
                 auth_states: state.registry.auth_counts(),
                 lockout: state.lockout.totals(),
             });

@@ -1,5 +1,6 @@
 //! The privileged part of start-up, before the runtime exists: the kernel programs, the listening
 //! sockets (bound, or taken over from a running gateway), the admin socket, and the user switch.
+#![forbid(unsafe_code)]
 
 use std::{net::SocketAddr, sync::Arc};
 

@@ -1,5 +1,6 @@
 //! The maps userspace reads and writes, by the names in `ntlm-tag-common`: connection records
 //! decoded, and the sets (trust tries, local addresses) and settings a reload replaces.
+#![forbid(unsafe_code)]
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 

@@ -2,7 +2,9 @@
 //! programs pass this kernel's verifier (loaded, never attached, dropped at once), whether cgroup v2
 //! is mounted, and whether a network interface exists in this network namespace.
 
-use std::{ffi::CString, fmt};
+use std::fmt;
+
+pub use super::sys::interface_exists;
 
 use aya::programs::{SockOps, Xdp};
 use ntlm_tag_common::{SOCK_OPS_PROGRAM, XDP_PROGRAM};
@@ -75,16 +77,4 @@ fn load_programs(with_xdp: bool) -> Result<(), KernelError> {
         xdp.load().map_err(program_error)?;
     }
     Ok(())
-}
-
-/// True when `name` is a network interface in this process's network namespace. Asks the kernel
-/// (`if_nametoindex`) rather than reading /sys/class/net, which shows the namespace /sys was mounted
-/// in: under `nsenter --net` that is the host's, not the gateway's.
-pub fn interface_exists(name: &str) -> bool {
-    let Ok(name) = CString::new(name) else {
-        return false;
-    };
-    // SAFETY: `name` is a valid NUL-terminated string that outlives the call; the function only
-    // reads it and returns 0 when there is no such interface.
-    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
 }

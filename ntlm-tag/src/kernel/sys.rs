@@ -61,6 +61,18 @@ pub fn running_as_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// True when `name` is a network interface in this process's network namespace. Asks the kernel
+/// (`if_nametoindex`) rather than reading /sys/class/net, which shows the namespace /sys was mounted
+/// in: under `nsenter --net` that is the host's, not the gateway's.
+pub fn interface_exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `name` is a valid NUL-terminated string that outlives the call; the function only
+    // reads it and returns 0 when there is no such interface.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
 /// `TCP_CLOSE` (include/net/tcp_states.h): the state after a reset.
 const TCP_CLOSE: u8 = 7;
 

@@ -83,6 +83,14 @@ impl StatusCounters {
     }
 }
 
+/// Whether one backend is up for one route, as the `backend_up` series shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendUp {
+    pub route: String,
+    pub backend: String,
+    pub up: bool,
+}
+
 /// What `/metrics` brings in from outside at scrape time.
 pub struct Scrape<'a> {
     /// Client connections open now.
@@ -90,7 +98,7 @@ pub struct Scrape<'a> {
     /// The kernel's counters and its map's capacity, when the programs run.
     pub kernel: Option<(&'a KernelCounters, u32)>,
     /// Every backend of every route of the running configuration and whether it is up there.
-    pub backends: Vec<crate::upstream::BackendState>,
+    pub backends: Vec<BackendUp>,
     /// Open client connections by NTLM/Negotiate state, in [`auth_state::STATE_NAMES`] order.
     pub auth_states: [u64; 4],
     /// The lockout guard's running totals.

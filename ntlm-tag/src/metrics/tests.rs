@@ -4,7 +4,7 @@ fn scrape(m: &Metrics, kernel: Option<(&KernelCounters, u32)>) -> String {
     m.render(Scrape {
         connections_open: 3,
         kernel,
-        backends: vec![crate::upstream::BackendState {
+        backends: vec![BackendUp {
             route: "/owa".to_string(),
             backend: "10.0.0.5:8080".to_string(),
             up: false,
