@@ -9,8 +9,8 @@ use std::{fmt, net::SocketAddr, time::Duration};
 
 use thiserror::Error;
 use tokio::net::TcpStream;
-use tokio_rustls::rustls::pki_types::CertificateDer;
 
+use super::fingerprint;
 use crate::{
     proxy::tls::{TlsError, leaf_for_name},
     upstream::{
@@ -179,16 +179,6 @@ async fn fetch_leaf(
     }
 }
 
-/// SHA-256 of the DER certificate, as `openssl x509 -fingerprint -sha256` prints it.
-pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
-    ring::digest::digest(&ring::digest::SHA256, cert.as_ref())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// Logs every finding (info, error, warn); true when a certificate differs.
 pub fn log(findings: &[Finding]) -> bool {
     for f in findings {
@@ -204,13 +194,6 @@ pub fn log(findings: &[Finding]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fingerprints_look_like_openssls() {
-        let fp = fingerprint(&CertificateDer::from(b"abc".to_vec()));
-        assert_eq!(fp.len(), 32 * 3 - 1);
-        assert!(fp.starts_with("BA:78:16:BF"), "{fp}");
-    }
 
     #[test]
     fn plain_backends_and_plain_listeners_cannot_bridge() {

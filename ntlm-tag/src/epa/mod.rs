@@ -13,3 +13,27 @@
 
 pub mod bridging;
 pub mod diagnosis;
+
+use tokio_rustls::rustls::pki_types::CertificateDer;
+
+/// SHA-256 of the DER certificate, as `openssl x509 -fingerprint -sha256` prints it.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    ring::digest::digest(&ring::digest::SHA256, cert.as_ref())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_look_like_openssls() {
+        let fp = fingerprint(&CertificateDer::from(b"abc".to_vec()));
+        assert_eq!(fp.len(), 32 * 3 - 1);
+        assert!(fp.starts_with("BA:78:16:BF"), "{fp}");
+    }
+}
