@@ -2,7 +2,7 @@
 //! backend and an HTTP client, composed into topologies that read like the scenario they check.
 
 pub mod acceptor;
-pub mod backend;
+pub mod backends;
 pub mod cleanup;
 pub mod client;
 pub mod epa_client;

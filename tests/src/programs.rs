@@ -99,8 +99,8 @@ impl ToaWritingCgroup {
         ns: &NetNs,
         source: std::net::IpAddr,
         url: &str,
-        backend: &crate::backend::Backend,
-    ) -> crate::backend::Seen {
+        backend: &crate::backends::recording::Backend,
+    ) -> crate::backends::recording::Seen {
         let before = backend.seen().len();
         let source = source.to_string();
         let body = self.run(

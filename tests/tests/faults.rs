@@ -10,7 +10,7 @@ use std::{
 };
 
 use ntlm_tag_tests::{
-    backend::Backend,
+    backends::recording::Backend,
     client::Connection,
     gateway::{Gateway, scaled},
     netns::NetNs,

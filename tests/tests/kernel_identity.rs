@@ -6,7 +6,7 @@ use std::{
 };
 
 use ntlm_tag_tests::{
-    backend::Backend,
+    backends::recording::Backend,
     client::Connection,
     gateway::{Gateway, kernel_counter as counter, scaled},
     programs::{IpipEncap, ToaWritingCgroup, toa_option},

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use ntlm_tag_tests::{
-    backend::{Backend, Seen},
+    backends::recording::{Backend, Seen},
     client::get_then_reset,
     gateway::{Gateway, kernel_counter as counter, scaled},
     programs::{ToaWritingCgroup, toa_option},

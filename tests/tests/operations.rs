@@ -9,7 +9,7 @@ use std::{
 
 use ntlm_tag_tests::{
     acceptor::{Acceptor, Keying, curl_ntlm},
-    backend::Backend,
+    backends::recording::Backend,
     client::Connection,
     gateway::{Gateway, Started, eventually, scaled},
     netns::run_in,

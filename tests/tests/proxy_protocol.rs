@@ -9,7 +9,7 @@ use std::{
 };
 
 use ntlm_tag_tests::{
-    backend::{Backend, Seen},
+    backends::recording::{Backend, Seen},
     client::Connection,
     gateway::Gateway,
     haproxy::{Haproxy, HaproxyOptions, HaproxyTopology, SendProxy},

@@ -4,7 +4,7 @@
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use ntlm_tag_tests::{
-    backend::Backend,
+    backends::recording::Backend,
     client::{Connection, get_then_reset},
     gateway::{Gateway, Started},
     topology::Topology,
