@@ -13,3 +13,4 @@ pub mod netns;
 pub mod programs;
 pub mod raw;
 pub mod topology;
+pub mod wait;

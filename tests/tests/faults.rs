@@ -11,10 +11,11 @@ use std::{
 
 use ntlm_tag_tests::{
     backends::recording::Backend,
+    backends::scripted::{Script, ScriptedBackend},
     client::Connection,
     gateway::{Gateway, scaled},
     netns::NetNs,
-    raw::{self, End, RawClient, Script, ScriptedBackend},
+    raw::{self, End, RawClient},
     topology::Topology,
 };
 use serde_json::Value;

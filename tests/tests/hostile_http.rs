@@ -7,8 +7,9 @@
 use std::net::SocketAddr;
 
 use ntlm_tag_tests::{
+    backends::wire::{WireBackend, WireRequest},
     gateway::Gateway,
-    raw::{self, End, Leftover, Reply, WireBackend, WireRequest},
+    raw::{self, End, Leftover, Reply},
     topology::Topology,
 };
 

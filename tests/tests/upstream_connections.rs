@@ -12,10 +12,11 @@ use std::{
 
 use ntlm_tag_tests::{
     acceptor::{Acceptor, Keying, curl_ntlm},
+    backends::scripted::{Script, ScriptedBackend},
     client::Connection,
     gateway::{Gateway, scaled},
     netns::NetNs,
-    raw::{self, RawClient, Script, ScriptedBackend},
+    raw::{self, RawClient},
     topology::Topology,
 };
 

@@ -1,18 +1,15 @@
 //! A test backend that records the headers and the TCP peer of every request it receives.
 
-use std::{
-    convert::Infallible,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
 use http::{HeaderMap, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
-use tokio::{net::TcpListener, sync::oneshot};
+use tokio::net::TcpStream;
 
+use super::{Listening, Shared};
 use crate::netns::NetNs;
 
 /// One request as the backend saw it.
@@ -39,28 +36,23 @@ impl Seen {
 /// A recording backend running on its own thread inside a namespace.
 pub struct Backend {
     pub addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    seen: Shared<Vec<Seen>>,
+    _listening: Listening,
 }
 
 impl Backend {
     pub fn start(ns: &NetNs, addr: SocketAddr) -> Backend {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = {
+        let seen: Shared<Vec<Seen>> = Arc::default();
+        let listening = {
             let seen = Arc::clone(&seen);
-            ns.spawn(move || serve(addr, seen, stop_rx, ready_tx))
+            Listening::start(ns, addr, move |stream, peer| {
+                serve(stream, peer, Arc::clone(&seen))
+            })
         };
-        ready_rx
-            .recv()
-            .unwrap_or_else(|_| panic!("backend on {addr} failed to start"));
         Backend {
             addr,
             seen,
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            _listening: listening,
         }
     }
 
@@ -77,60 +69,29 @@ impl Backend {
     }
 }
 
-impl Drop for Backend {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-async fn serve(
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    mut stop: oneshot::Receiver<()>,
-    ready: std::sync::mpsc::Sender<()>,
-) {
-    let listener = TcpListener::bind(addr)
-        .await
-        .unwrap_or_else(|e| panic!("backend bind {addr}: {e}"));
-    let _ = ready.send(());
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(_) => continue,
-            },
-            _ = &mut stop => return,
-        };
+/// Serves one upstream connection: records every request, answers `id=<its connection id>`.
+async fn serve(stream: TcpStream, peer: SocketAddr, seen: Shared<Vec<Seen>>) {
+    let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let seen = Arc::clone(&seen);
-        tokio::spawn(async move {
-            let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let seen = Arc::clone(&seen);
-                async move {
-                    let path = req.uri().to_string();
-                    let headers = req.headers().clone();
-                    let body = req.into_body().collect().await.map(|b| b.to_bytes());
-                    let body_len = body.map(|b| b.len()).unwrap_or(0);
-                    let id = headers
-                        .get("jespa-connection-id")
-                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                        .unwrap_or_default();
-                    seen.lock().expect("seen").push(Seen {
-                        peer,
-                        path,
-                        headers,
-                        body_len,
-                    });
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("id={id}\n")))))
-                }
+        async move {
+            let path = req.uri().to_string();
+            let headers = req.headers().clone();
+            let body = req.into_body().collect().await.map(|b| b.to_bytes());
+            let body_len = body.map(|b| b.len()).unwrap_or(0);
+            let id = headers
+                .get("jespa-connection-id")
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_default();
+            seen.lock().expect("seen").push(Seen {
+                peer,
+                path,
+                headers,
+                body_len,
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("id={id}\n")))))
+        }
+    });
+    let _ = http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
 }

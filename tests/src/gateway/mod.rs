@@ -12,7 +12,19 @@ use std::{
 
 use serde_json::Value;
 
+mod admin;
+mod builder;
+mod cgroup;
+
+pub use admin::{Admin, AdminResponse};
+pub use builder::{GatewayBuilder, Mode, Upstream};
+pub use cgroup::{Crashed, cgroup2_mount, remove_leftover_cgroup, walk_named};
+
 use crate::netns::NetNs;
+use admin::AdminDir;
+
+// Kept while the test files move to `crate::wait`.
+pub use crate::wait::{TIME_SCALE_ENV, eventually, scaled, time_scale};
 
 /// Path of the `ntlm-tag` binary under test: `$NTLM_TAG_BIN`, or the workspace's debug build.
 pub fn binary() -> PathBuf {
@@ -29,29 +41,6 @@ pub fn binary() -> PathBuf {
     path
 }
 
-/// Environment variable with a factor (an integer, 1 by default) by which the harness's waits for
-/// a gateway grow: `cargo xtask integration-test` sets it in VMs, where everything runs many times
-/// slower than on the host (under TCG, a gateway takes seconds to load its programs, not 0.1 s).
-pub const TIME_SCALE_ENV: &str = "NTLM_TAG_TEST_TIME_SCALE";
-
-/// The factor from [`TIME_SCALE_ENV`] (at least 1).
-pub fn time_scale() -> u32 {
-    static SCALE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *SCALE.get_or_init(|| {
-        std::env::var(TIME_SCALE_ENV)
-            .ok()
-            .and_then(|v| v.trim().parse::<u32>().ok())
-            .unwrap_or(1)
-            .max(1)
-    })
-}
-
-/// `d` times [`time_scale`]: for deadlines that only exist to fail a stuck test, never for ones a
-/// test asserts on (those must hold on any machine).
-pub fn scaled(d: Duration) -> Duration {
-    d * time_scale()
-}
-
 static ECHO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// Whether gateways echo their log lines to stderr (on by default, so failing tests show them).
@@ -62,119 +51,6 @@ pub fn set_echo(on: bool) {
 /// How long a gateway may take to print its ready line (times [`time_scale`]); past it the harness
 /// kills it (SIGKILL) and reports "exited (signal: 9) before it was ready" with its log.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Where a gateway's admin endpoint is, and how to read it.
-#[derive(Debug, Clone)]
-pub enum Admin {
-    /// `--admin unix:PATH`: the harness's default (a socket in a directory of its own).
-    Unix(PathBuf),
-    /// `--admin HOST:PORT` given by the test, reached from inside the gateway's namespace.
-    Tcp { addr: SocketAddr, ns_path: PathBuf },
-}
-
-/// An admin answer.
-#[derive(Debug, Clone)]
-pub struct AdminResponse {
-    pub status: u16,
-    /// The head, lowercased (for header checks).
-    pub head: String,
-    pub body: String,
-}
-
-impl Admin {
-    /// The `--admin` argument.
-    pub fn arg(&self) -> String {
-        match self {
-            Admin::Unix(path) => format!("unix:{}", path.display()),
-            Admin::Tcp { addr, .. } => addr.to_string(),
-        }
-    }
-
-    /// GET `path` with extra `headers`, as root.
-    pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> AdminResponse {
-        match self {
-            Admin::Unix(socket) => {
-                let stream = std::os::unix::net::UnixStream::connect(socket)
-                    .unwrap_or_else(|e| panic!("admin socket {}: {e}", socket.display()));
-                raw_get(stream, path, headers)
-            }
-            Admin::Tcp { addr, ns_path } => {
-                let (addr, path) = (*addr, path.to_string());
-                let headers: Vec<(String, String)> = headers
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect();
-                crate::netns::run_in(ns_path, move || async move {
-                    let stream = std::net::TcpStream::connect(addr).expect("admin TCP connect");
-                    let headers: Vec<(&str, &str)> = headers
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str()))
-                        .collect();
-                    raw_get(stream, &path, &headers)
-                })
-            }
-        }
-    }
-
-    /// GET `path`, which must answer 200, parsed as JSON.
-    pub fn json(&self, path: &str) -> Value {
-        let r = self.get(path, &[]);
-        assert_eq!(r.status, 200, "admin {path}: {}", r.body);
-        serde_json::from_str(&r.body).expect("admin JSON")
-    }
-}
-
-/// One `Connection: close` request on a blocking stream; the admin answers with a Content-Length.
-fn raw_get<S: std::io::Read + std::io::Write>(
-    mut stream: S,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> AdminResponse {
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).expect("admin write");
-    let mut bytes = Vec::new();
-    stream.read_to_end(&mut bytes).expect("admin read");
-    let text = String::from_utf8_lossy(&bytes).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("malformed admin answer: {text:?}"));
-    AdminResponse {
-        status,
-        head: head.to_ascii_lowercase(),
-        body: body.to_string(),
-    }
-}
-
-/// A directory of its own for a gateway's admin socket, removed on drop.
-struct AdminDir(PathBuf);
-
-impl AdminDir {
-    /// `open_to_all`: the gateway runs as another user (a wrapper), who must create the socket.
-    fn new(open_to_all: bool) -> AdminDir {
-        use std::os::unix::fs::PermissionsExt;
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("ntlm-tag-admin.{}.{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir).expect("admin socket directory");
-        let mode = if open_to_all { 0o777 } else { 0o700 };
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).expect("chmod");
-        AdminDir(dir)
-    }
-}
-
-impl Drop for AdminDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A running gateway with its log lines.
 pub struct Gateway {
@@ -239,6 +115,13 @@ impl Gateway {
         wrapper: Option<&[&str]>,
         env: &[(&str, &str)],
     ) -> Started {
+        Self::spawn(ns, args, wrapper, env)
+    }
+
+    /// Starts `ntlm-tag` in `ns` with `args` plus `--admin unix:<a socket in a directory of its
+    /// own>` (unless `args` name an admin endpoint), through `wrapper` if given, and waits for its
+    /// ready line.
+    fn spawn(ns: &NetNs, args: &[&str], wrapper: Option<&[&str]>, env: &[(&str, &str)]) -> Started {
         // The admin endpoint: the one in `args`, or a unix socket of this gateway's own added.
         let given = args
             .iter()
@@ -456,73 +339,6 @@ pub fn kernel_counter(kernel: &Value, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {name} in {kernel:#}"))
 }
 
-/// A gateway that was SIGKILLed.
-pub struct Crashed {
-    pub pid: u32,
-}
-
-impl Crashed {
-    /// The cgroup the crashed gateway left, if it is still there.
-    pub fn leftover_cgroup(&self) -> Option<PathBuf> {
-        let mount = cgroup2_mount()?;
-        walk_named(&mount, &format!("ntlm-tag.{}", self.pid))
-            .into_iter()
-            .next()
-    }
-}
-
-impl Drop for Crashed {
-    fn drop(&mut self) {
-        remove_leftover_cgroup(self.pid);
-    }
-}
-
-/// Removes `ntlm-tag.<pid>` if a killed gateway left it; returns whether it existed.
-pub fn remove_leftover_cgroup(pid: u32) -> bool {
-    let Some(mount) = cgroup2_mount() else {
-        return false;
-    };
-    let mut found = false;
-    for dir in walk_named(&mount, &format!("ntlm-tag.{pid}")) {
-        found = true;
-        let _ = std::fs::remove_dir(&dir);
-    }
-    found
-}
-
-pub fn cgroup2_mount() -> Option<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        (right.split_whitespace().next()? == "cgroup2")
-            .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
-    })
-}
-
-/// Directories named `name` below `root`, two levels deep at most below our own cgroup's parent.
-pub fn walk_named(root: &std::path::Path, name: &str) -> Vec<PathBuf> {
-    let own = std::fs::read_to_string("/proc/self/cgroup")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("0::").map(str::to_string))
-        })
-        .unwrap_or_else(|| "/".into());
-    let base = root.join(own.trim_start_matches('/'));
-    // Beside this process, or one level down (a test that starts its gateways in a cgroup of its own).
-    let children = std::fs::read_dir(&base)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_dir());
-    std::iter::once(base.clone())
-        .chain(children)
-        .map(|dir| dir.join(name))
-        .filter(|candidate| candidate.is_dir())
-        .collect()
-}
-
 fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
@@ -538,22 +354,4 @@ fn strip_ansi(s: &str) -> String {
         }
     }
     out
-}
-
-/// Polls `probe` until `check` accepts its value (then returns it), for up to 15 s (scaled);
-/// panics with `what` and the last value otherwise.
-pub fn eventually<T: std::fmt::Debug>(
-    what: &str,
-    mut probe: impl FnMut() -> T,
-    check: impl Fn(&T) -> bool,
-) -> T {
-    let deadline = Instant::now() + scaled(Duration::from_secs(15));
-    loop {
-        let value = probe();
-        if check(&value) {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what}: still {value:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
