@@ -53,8 +53,6 @@ pub struct ConnLog {
 }
 
 /// A raw-TCP backend that misbehaves as scripted, on every connection.
-
-/// A raw-TCP backend that misbehaves as scripted, on every connection.
 pub struct ScriptedBackend {
     pub addr: SocketAddr,
     conns: Shared<Vec<ConnLog>>,
