@@ -28,6 +28,20 @@ pub fn binary() -> PathBuf {
     path
 }
 
+/// The acceptor's `--user` list from `(user, password)` pairs.
+pub fn users(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(user, password)| (user.to_string(), password.to_string()))
+        .collect()
+}
+
+/// `n` users `user00`, `user01`, … with passwords `Secret-0!`, `Secret-1!`, …
+pub fn numbered_users(n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| (format!("user{i:02}"), format!("Secret-{i}!")))
+        .collect()
+}
+
 /// How the acceptor keys NTLM security contexts.
 #[derive(Debug, Clone, Copy)]
 pub enum Keying {
@@ -127,16 +141,12 @@ impl Acceptor {
 
     /// Waits (up to `timeout`) until a logged request satisfies `check`; panics naming `what`.
     pub fn wait_for_request(&self, what: &str, timeout: Duration, check: impl Fn(&Value) -> bool) {
-        let deadline = Instant::now() + timeout;
-        while !self.requests().iter().any(&check) {
-            assert!(
-                Instant::now() < deadline,
-                "acceptor {}: no request {what} within {timeout:?}: {:?}",
-                self.addr,
-                self.requests()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::wait::eventually_within(
+            &format!("acceptor {}: a request {what}", self.addr),
+            timeout,
+            || self.requests(),
+            |requests| requests.iter().any(&check),
+        );
     }
 
     /// Kills the acceptor now (a backend dying).

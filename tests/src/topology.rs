@@ -72,6 +72,16 @@ impl Topology {
     pub fn backend_addr() -> SocketAddr {
         SocketAddr::new(BACKEND_V4.parse().expect("address"), BACKEND_PORT)
     }
+
+    /// The backend namespace's address on another `port` (for a second or third backend).
+    pub fn backend_at(port: u16) -> SocketAddr {
+        SocketAddr::new(BACKEND_V4.parse().expect("address"), port)
+    }
+
+    /// `http://<gateway>/<path>`: a URL for curl (`path` starts with `/`).
+    pub fn url(path: &str) -> String {
+        format!("http://{}{path}", Self::gateway_addr())
+    }
 }
 
 impl Default for Topology {

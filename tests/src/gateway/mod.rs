@@ -247,6 +247,16 @@ impl Gateway {
         r.body
     }
 
+    /// The sample `name{labels}` of `/metrics` (see [`crate::metrics::sample`]).
+    pub fn metric(&self, name: &str, labels: &str) -> Option<u64> {
+        crate::metrics::sample(&self.admin_metrics(), name, labels)
+    }
+
+    /// Waits until `check` holds on `/metrics` (see [`crate::wait::eventually`]); returns the text.
+    pub fn wait_for_metrics(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
+        crate::wait::eventually(what, || self.admin_metrics(), |text| check(text))
+    }
+
     /// Waits (polling the admin listener, with a deadline) until `check` holds on `/kernel`.
     pub fn wait_for_kernel(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + scaled(Duration::from_secs(20));
