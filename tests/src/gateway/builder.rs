@@ -116,7 +116,6 @@ impl Gateway {
     /// which override the file's keys.
     pub fn from_config(path: impl AsRef<Path>) -> GatewayBuilder {
         GatewayBuilder {
-            config: Some(path.as_ref().to_string_lossy().into_owned()),
             listen: Vec::new(),
             backends: Vec::new(),
             default_listen: false,
@@ -124,10 +123,17 @@ impl Gateway {
             ebpf: None,
             ..Gateway::new()
         }
+        .config(path)
     }
 }
 
 impl GatewayBuilder {
+    /// `--config PATH`, beside the flags (which override the file's keys).
+    pub fn config(mut self, path: impl AsRef<Path>) -> Self {
+        self.config = Some(path.as_ref().to_string_lossy().into_owned());
+        self
+    }
+
     /// `--listen ADDR`; the first call replaces the default listener, later ones add listeners.
     pub fn listen(mut self, addr: SocketAddr) -> Self {
         if std::mem::take(&mut self.default_listen) {
