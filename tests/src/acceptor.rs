@@ -12,7 +12,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::netns::NetNs;
+use crate::{netns::NetNs, topology::Topology};
 
 pub fn binary() -> PathBuf {
     let path = std::env::var_os("NTLM_ACCEPTOR_BIN")
@@ -40,6 +40,18 @@ pub fn numbered_users(n: usize) -> Vec<(String, String)> {
     (0..n)
         .map(|i| (format!("user{i:02}"), format!("Secret-{i}!")))
         .collect()
+}
+
+/// Backends A and B of the standard topology (ports 8081 and 8082), with the same `users`.
+pub fn two_backends(
+    ns: &NetNs,
+    users: &[(String, String)],
+    keying: Keying,
+) -> (Acceptor, Acceptor) {
+    (
+        Acceptor::start(ns, Topology::backend_at(8081), users, keying),
+        Acceptor::start(ns, Topology::backend_at(8082), users, keying),
+    )
 }
 
 /// How the acceptor keys NTLM security contexts.

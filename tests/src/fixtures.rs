@@ -1,6 +1,8 @@
 //! Files a test hands the gateway or a backend: configuration files and certificates.
 
-use std::path::Path;
+use std::{net::SocketAddr, path::Path};
+
+use crate::topology::Topology;
 
 /// Writes `text` to `dir/name` and returns the path (as the command-line word it becomes).
 pub fn write(dir: &Path, name: &str, text: &str) -> String {
@@ -20,5 +22,18 @@ pub fn self_signed(dir: &Path, name: &str) -> (String, String) {
     (
         write(dir, &format!("{name}.pem"), &cert.pem()),
         write(dir, &format!("{name}.key"), &key.serialize_pem()),
+    )
+}
+
+/// The standard gateway's configuration file in front of `backends`, kernel programs required.
+pub fn gateway_config(backends: &[SocketAddr]) -> String {
+    format!(
+        "listen = [\"{}\"]\nebpf = \"required\"\nbackends = [{}]\n",
+        Topology::gateway_addr(),
+        backends
+            .iter()
+            .map(|b| format!("\"{b}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
     )
 }

@@ -133,30 +133,9 @@ fn curl_ntlm_over_tls_with_sni_choosing_the_certificate() {
 #[test]
 fn reload_keeps_an_authenticated_connection_and_refuses_a_broken_file() {
     let topo = Topology::new();
-    let a = Acceptor::start(
-        &topo.backend,
-        Topology::backend_at(8081),
-        &users(),
-        Keying::Header,
-    );
-    let b = Acceptor::start(
-        &topo.backend,
-        Topology::backend_at(8082),
-        &users(),
-        Keying::Header,
-    );
+    let (a, b) = acceptor::two_backends(&topo.backend, &users(), Keying::Header);
     let dir = tempfile::tempdir().expect("temp dir");
-    let config_for = |backends: &[SocketAddr]| {
-        format!(
-            "listen = [\"{}\"]\nebpf = \"required\"\nbackends = [{}]\n",
-            Topology::gateway_addr(),
-            backends
-                .iter()
-                .map(|b| format!("\"{b}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
+    let config_for = fixtures::gateway_config;
     let config = fixtures::write(dir.path(), "gw.toml", &config_for(&[a.addr]));
     let mut gw = Gateway::from_config(&config).start(&topo.gateway);
 
