@@ -79,6 +79,8 @@ upstream_at_addr!(Acceptor, Backend, WireBackend, ScriptedBackend);
 /// The command line of a gateway to start; see the module documentation.
 #[derive(Debug, Clone)]
 pub struct GatewayBuilder {
+    /// `upgrade`, `check`, …: the word before the flags (none: `run`).
+    subcommand: Option<&'static str>,
     config: Option<String>,
     listen: Vec<String>,
     backends: Vec<String>,
@@ -100,6 +102,7 @@ impl Gateway {
     )]
     pub fn new() -> GatewayBuilder {
         GatewayBuilder {
+            subcommand: None,
             config: None,
             listen: vec![Topology::gateway_addr().to_string()],
             backends: vec![Topology::backend_addr().to_string()],
@@ -128,6 +131,12 @@ impl Gateway {
 }
 
 impl GatewayBuilder {
+    /// Runs `ntlm-tag SUBCOMMAND` (e.g. `upgrade`) with the same flags.
+    pub fn subcommand(mut self, subcommand: &'static str) -> Self {
+        self.subcommand = Some(subcommand);
+        self
+    }
+
     /// `--config PATH`, beside the flags (which override the file's keys).
     pub fn config(mut self, path: impl AsRef<Path>) -> Self {
         self.config = Some(path.as_ref().to_string_lossy().into_owned());
@@ -199,7 +208,7 @@ impl GatewayBuilder {
 
     /// The command line, without the admin endpoint the harness adds.
     pub fn command_line(&self) -> Vec<String> {
-        let mut line = Vec::new();
+        let mut line: Vec<String> = self.subcommand.iter().map(|s| s.to_string()).collect();
         if let Some(config) = &self.config {
             line.extend(["--config".to_string(), config.clone()]);
         }
