@@ -197,6 +197,16 @@ pub struct CurlRun {
 }
 
 impl CurlRun {
+    /// The last status curl printed with `-w "\ncode=%{http_code}\n"` (the handshake's final one).
+    pub fn final_status(&self) -> u16 {
+        self.stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("code="))
+            .next_back()
+            .and_then(|c| c.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no status in {}", self.stdout))
+    }
+
     /// The users the bodies named, in order (`user=NAME` lines).
     pub fn users(&self) -> Vec<String> {
         self.stdout

@@ -41,13 +41,7 @@ fn login(topo: &Topology, source: IpAddr, user: &str, password: &str) -> Login {
         &["-D", "-", "-w", "\ncode=%{http_code}\n"],
     );
     assert!(run.success, "curl as {user} from {source}: {}", run.stderr);
-    let status = run
-        .stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("code="))
-        .next_back()
-        .and_then(|c| c.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no status in {}", run.stdout));
+    let status = run.final_status();
     let retry_after = run.stdout.lines().find_map(|l| {
         let (name, value) = l.split_once(':')?;
         name.eq_ignore_ascii_case("retry-after")
