@@ -227,13 +227,7 @@ impl GatewayBuilder {
 
     /// Starts the gateway in `ns` and waits for its ready line; panics with its log if it exits.
     pub fn start(&self, ns: &NetNs) -> Gateway {
-        match self.try_start(ns) {
-            Started::Ready(gateway) => gateway,
-            Started::Exited { status, log } => panic!(
-                "ntlm-tag exited ({status}) before it was ready:\n{}",
-                log.join("\n")
-            ),
-        }
+        self.try_start(ns).ready()
     }
 
     /// Like [`start`](Self::start), but reports an exit instead of panicking.

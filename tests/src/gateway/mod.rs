@@ -2,7 +2,6 @@
 
 use std::{
     io::{BufRead, BufReader},
-    net::SocketAddr,
     os::unix::process::ExitStatusExt,
     path::PathBuf,
     process::{Child, ExitStatus, Stdio},
@@ -21,10 +20,8 @@ pub use builder::{GatewayBuilder, Mode, Upstream};
 pub use cgroup::{Crashed, cgroup2_mount, remove_leftover_cgroup, walk_named};
 
 use crate::netns::NetNs;
+use crate::wait::{TIME_SCALE_ENV, eventually_within, scaled, time_scale};
 use admin::AdminDir;
-
-// Kept while the test files move to `crate::wait`.
-pub use crate::wait::{TIME_SCALE_ENV, eventually, scaled, time_scale};
 
 /// Path of the `ntlm-tag` binary under test: `$NTLM_TAG_BIN`, or the workspace's debug build.
 pub fn binary() -> PathBuf {
@@ -70,52 +67,25 @@ pub enum Started {
     },
 }
 
-impl Gateway {
-    /// Starts `ntlm-tag` in `ns` with `args` plus `--admin unix:<a socket in a directory of its
-    /// own>` (unless `args` name an admin endpoint), and waits for its ready line.
-    pub fn start(ns: &NetNs, args: &[&str]) -> Gateway {
-        match Self::try_start(ns, args, None) {
-            Started::Ready(g) => g,
-            Started::Exited { status, log } => {
-                panic!(
-                    "ntlm-tag exited ({status}) before it was ready:\n{}",
-                    log.join("\n")
-                )
-            }
+impl Started {
+    /// The gateway, which must have started; panics with its log otherwise.
+    pub fn ready(self) -> Gateway {
+        match self {
+            Started::Ready(gateway) => gateway,
+            Started::Exited { status, log } => panic!(
+                "ntlm-tag exited ({status}) before it was ready:\n{}",
+                log.join("\n")
+            ),
         }
     }
+}
 
-    /// Starts a gateway in `ns` listening on `listen` in front of the standard topology's backend,
-    /// with the kernel programs required, plus `extra` arguments.
-    pub fn start_with_ebpf(ns: &NetNs, listen: SocketAddr, extra: &[&str]) -> Gateway {
-        let listen = listen.to_string();
-        let backend = crate::topology::Topology::backend_addr().to_string();
-        let mut args = vec![
-            "--listen",
-            &listen,
-            "--backend",
-            &backend,
-            "--ebpf",
-            "required",
-        ];
-        args.extend_from_slice(extra);
-        Self::start(ns, &args)
-    }
-
-    /// Like [`start`](Self::start), but reports an exit instead of panicking. `wrapper` runs the
-    /// binary through another program (e.g. `setpriv ...`).
-    pub fn try_start(ns: &NetNs, args: &[&str], wrapper: Option<&[&str]>) -> Started {
-        Self::try_start_with_env(ns, args, wrapper, &[])
-    }
-
-    /// Like [`try_start`](Self::try_start), with extra environment variables (e.g. `NOTIFY_SOCKET`).
-    pub fn try_start_with_env(
-        ns: &NetNs,
-        args: &[&str],
-        wrapper: Option<&[&str]>,
-        env: &[(&str, &str)],
-    ) -> Started {
-        Self::spawn(ns, args, wrapper, env)
+impl Gateway {
+    /// Starts `ntlm-tag` in `ns` with exactly `args` (plus the harness's admin socket) and waits
+    /// for its ready line. Tests describe their gateway with [`Gateway::new`] instead; this is for
+    /// callers that already hold a command line (the demo).
+    pub fn start(ns: &NetNs, args: &[&str]) -> Gateway {
+        Self::spawn(ns, args, None, &[]).ready()
     }
 
     /// Starts `ntlm-tag` in `ns` with `args` plus `--admin unix:<a socket in a directory of its
@@ -259,18 +229,12 @@ impl Gateway {
 
     /// Waits (polling the admin listener, with a deadline) until `check` holds on `/kernel`.
     pub fn wait_for_kernel(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + scaled(Duration::from_secs(20));
-        loop {
-            let v = self.admin_json("/kernel");
-            if check(&v) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; /kernel is {v:#}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        eventually_within(
+            &format!("{what} (/kernel)"),
+            scaled(Duration::from_secs(20)),
+            || self.admin_json("/kernel"),
+            |kernel| check(kernel),
+        )
     }
 
     /// Waits (up to `timeout`) for the process to exit by itself; None if it is still running.
