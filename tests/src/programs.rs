@@ -20,7 +20,7 @@ use ntlm_tag_common::{
     TEST_ENCAP_CONFIG_MAP, TEST_ENCAP_PROGRAM, TEST_TOA_OPTION_MAP, TEST_WRITE_TOA_PROGRAM,
 };
 
-use crate::{gateway::cgroup2_mount, netns::NetNs};
+use crate::{gateway::own_cgroup, netns::NetNs};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -64,15 +64,7 @@ pub struct ToaWritingCgroup {
 
 impl ToaWritingCgroup {
     pub fn new(option: [u8; 20]) -> ToaWritingCgroup {
-        let mount = cgroup2_mount().expect("cgroup2 mounted");
-        let own = std::fs::read_to_string("/proc/self/cgroup")
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("0::").map(str::to_string))
-            })
-            .unwrap_or_else(|| "/".into());
-        let path = mount.join(own.trim_start_matches('/')).join(format!(
+        let path = own_cgroup().expect("cgroup2 mounted").join(format!(
             "ntlm-tag-test.{}.{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)

@@ -10,7 +10,7 @@ use std::{
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpSocket, TcpStream},
+    net::TcpStream,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -253,20 +253,7 @@ pub struct RawClient {
 impl RawClient {
     /// Connects from `src` (port chosen by the kernel) to `dst`.
     pub async fn connect(src: IpAddr, dst: SocketAddr) -> RawClient {
-        let socket = if dst.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
-        .expect("socket");
-        socket
-            .bind(SocketAddr::new(src, 0))
-            .unwrap_or_else(|e| panic!("bind {src}: {e}"));
-        let stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(dst))
-            .await
-            .unwrap_or_else(|_| panic!("connect to {dst} timed out"))
-            .unwrap_or_else(|e| panic!("connect to {dst}: {e}"));
-        stream.set_nodelay(true).expect("nodelay");
+        let stream = crate::client::connect(Some(SocketAddr::new(src, 0)), dst, false).await;
         let local = stream.local_addr().expect("local addr");
         RawClient {
             stream,

@@ -23,6 +23,15 @@ pub mod wire;
 
 type Shared<T> = Arc<Mutex<T>>;
 
+/// All values of the header `name` (case-insensitive), as text.
+fn header_values(headers: &http::HeaderMap, name: &str) -> Vec<String> {
+    headers
+        .get_all(name)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect()
+}
+
 /// A listener accepting on its own thread in a namespace, each connection served by a task of
 /// its own; stops accepting (and joins the thread) on drop.
 struct Listening {

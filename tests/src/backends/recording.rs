@@ -25,11 +25,7 @@ pub struct Seen {
 impl Seen {
     /// All values of `name` (case-insensitive).
     pub fn all(&self, name: &str) -> Vec<String> {
-        self.headers
-            .get_all(name)
-            .iter()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            .collect()
+        super::header_values(&self.headers, name)
     }
 }
 

@@ -43,11 +43,7 @@ pub struct WireRequest {
 
 impl WireRequest {
     pub fn all(&self, name: &str) -> Vec<String> {
-        self.headers
-            .get_all(name)
-            .iter()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            .collect()
+        super::header_values(&self.headers, name)
     }
 
     /// The one `Jespa-Connection-Id` (panics when there is not exactly one).

@@ -45,16 +45,27 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     })
 }
 
-/// Directories named `name` below `root`, two levels deep at most below our own cgroup's parent.
-pub fn walk_named(root: &std::path::Path, name: &str) -> Vec<PathBuf> {
-    let own = std::fs::read_to_string("/proc/self/cgroup")
+/// This process's cgroup (v2) below the mount, e.g. `user.slice/…/session.scope` (empty at the root).
+fn own_cgroup_path() -> String {
+    std::fs::read_to_string("/proc/self/cgroup")
         .ok()
         .and_then(|t| {
             t.lines()
                 .find_map(|l| l.strip_prefix("0::").map(str::to_string))
         })
-        .unwrap_or_else(|| "/".into());
-    let base = root.join(own.trim_start_matches('/'));
+        .unwrap_or_default()
+        .trim_start_matches('/')
+        .to_string()
+}
+
+/// This process's own cgroup directory: where the gateways and test programs it starts make theirs.
+pub fn own_cgroup() -> Option<PathBuf> {
+    Some(cgroup2_mount()?.join(own_cgroup_path()))
+}
+
+/// Directories named `name` below `root`, two levels deep at most below our own cgroup's parent.
+pub fn walk_named(root: &std::path::Path, name: &str) -> Vec<PathBuf> {
+    let base = root.join(own_cgroup_path());
     // Beside this process, or one level down (a test that starts its gateways in a cgroup of its own).
     let children = std::fs::read_dir(&base)
         .into_iter()

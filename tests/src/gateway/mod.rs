@@ -17,7 +17,7 @@ mod cgroup;
 
 pub use admin::{Admin, AdminResponse};
 pub use builder::{GatewayBuilder, Mode, Upstream};
-pub use cgroup::{Crashed, cgroup2_mount, remove_leftover_cgroup, walk_named};
+pub use cgroup::{Crashed, cgroup2_mount, own_cgroup, remove_leftover_cgroup, walk_named};
 
 use crate::netns::NetNs;
 use crate::wait::{TIME_SCALE_ENV, eventually_within, scaled, time_scale};
