@@ -90,6 +90,19 @@ impl Default for Topology {
     }
 }
 
+/// Four namespaces in a row, joined by veth pairs: client `eth0` — `down0` balancer `up0` —
+/// `down0` gateway `up0` — `eth0` backend (addresses are the caller's).
+pub fn balanced_chain() -> (NetNs, NetNs, NetNs, NetNs) {
+    let client = NetNs::new("cl");
+    let balancer = NetNs::new("lb");
+    let gateway = NetNs::new("gw");
+    let backend = NetNs::new("be");
+    veth(&client, "eth0", &balancer, "down0");
+    veth(&balancer, "up0", &gateway, "down0");
+    veth(&gateway, "up0", &backend, "eth0");
+    (client, balancer, gateway, backend)
+}
+
 /// Clients behind an nftables load balancer that DNATs a virtual IP to the gateway and SNATs every
 /// client to one source `ip:port`, so successive clients reach the gateway with the same `ip:port`:
 ///
@@ -111,13 +124,7 @@ pub const SNAT_PORT: u16 = 40_000;
 
 impl SnatTopology {
     pub fn new() -> SnatTopology {
-        let client = NetNs::new("cl");
-        let balancer = NetNs::new("lb");
-        let gateway = NetNs::new("gw");
-        let backend = NetNs::new("be");
-        veth(&client, "eth0", &balancer, "down0");
-        veth(&balancer, "up0", &gateway, "down0");
-        veth(&gateway, "up0", &backend, "eth0");
+        let (client, balancer, gateway, backend) = balanced_chain();
         for i in 0..4 {
             addr(&client, "eth0", &format!("198.18.10.{}/24", 10 + i));
         }
@@ -209,13 +216,7 @@ pub const IPIP_VIP: &str = "198.18.20.1";
 
 impl IpipTopology {
     pub fn new() -> IpipTopology {
-        let client = NetNs::new("cl");
-        let balancer = NetNs::new("lb");
-        let gateway = NetNs::new("gw");
-        let backend = NetNs::new("be");
-        veth(&client, "eth0", &balancer, "down0");
-        veth(&balancer, "up0", &gateway, "down0");
-        veth(&gateway, "up0", &backend, "eth0");
+        let (client, balancer, gateway, backend) = balanced_chain();
         // Room for the 20-byte outer header.
         balancer.ip(&["link", "set", "up0", "mtu", "1600"]);
         gateway.ip(&["link", "set", "down0", "mtu", "1600"]);
