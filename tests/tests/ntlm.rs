@@ -61,18 +61,7 @@ fn all_users_log_in_concurrently(topo: &Topology) {
 #[test]
 fn sixteen_users_in_tag_mode_share_upstream_connections_and_each_gets_their_own_identity() {
     let topo = Topology::new();
-    let a = Acceptor::start(
-        &topo.backend,
-        Topology::backend_at(8081),
-        &users(),
-        Keying::Header,
-    );
-    let b = Acceptor::start(
-        &topo.backend,
-        Topology::backend_at(8082),
-        &users(),
-        Keying::Header,
-    );
+    let (a, b) = acceptor::two_backends(&topo.backend, &users(), Keying::Header);
     // Without a cap the pool grows to the peak number of requests in flight (16 at worst here);
     // with one, it is bounded however the 16 concurrent logins interleave.
     let gw = Gateway::new()
@@ -124,18 +113,7 @@ fn sixteen_users_in_tag_mode_share_upstream_connections_and_each_gets_their_own_
 #[test]
 fn pin_mode_never_lets_an_upstream_connection_serve_two_clients() {
     let topo = Topology::new();
-    let a = Acceptor::start(
-        &topo.backend,
-        Topology::backend_at(8081),
-        &users(),
-        Keying::Connection,
-    );
-    let b = Acceptor::start(
-        &topo.backend,
-        Topology::backend_at(8082),
-        &users(),
-        Keying::Connection,
-    );
+    let (a, b) = acceptor::two_backends(&topo.backend, &users(), Keying::Connection);
     let gw = Gateway::new()
         .backend(&a)
         .backend(&b)
@@ -192,18 +170,7 @@ fn a_wrong_password_is_refused_through_the_gateway() {
 #[test]
 fn when_a_backend_dies_new_handshakes_succeed_on_the_other_and_it_returns_after_health_checks() {
     let topo = Topology::new();
-    let mut a = Acceptor::start(
-        &topo.backend,
-        Topology::backend_at(8081),
-        &users(),
-        Keying::Header,
-    );
-    let b = Acceptor::start(
-        &topo.backend,
-        Topology::backend_at(8082),
-        &users(),
-        Keying::Header,
-    );
+    let (mut a, b) = acceptor::two_backends(&topo.backend, &users(), Keying::Header);
     let dir = tempfile::tempdir().expect("temp dir");
     let config = fixtures::write(
         dir.path(),
@@ -225,18 +192,22 @@ fn when_a_backend_dies_new_handshakes_succeed_on_the_other_and_it_returns_after_
         "the dead backend is noticed"
     );
     let before_b = b.requests().len();
-    for i in 0..6 {
-        let (user, password) = &users()[i];
-        let run = curl_ntlm(
-            &topo.client,
-            Topology::client_v4(i as u8),
-            user,
-            password,
-            &urls(i)[..2],
-            &[],
-        );
-        assert_eq!(run.users(), vec![user.clone(); 2], "{}", run.stderr);
-    }
+    // Users `which`, each from their own address: two requests on one connection, both theirs.
+    let log_in = |which: std::ops::Range<usize>| {
+        for i in which {
+            let (user, password) = &users()[i];
+            let run = curl_ntlm(
+                &topo.client,
+                Topology::client_v4(i as u8),
+                user,
+                password,
+                &urls(i)[..2],
+                &[],
+            );
+            assert_eq!(run.users(), vec![user.clone(); 2], "{}", run.stderr);
+        }
+    };
+    log_in(0..6);
     assert!(
         b.requests().len() >= before_b + 6 * 3,
         "all went to the live backend"
@@ -253,18 +224,7 @@ fn when_a_backend_dies_new_handshakes_succeed_on_the_other_and_it_returns_after_
             .is_some(),
         "the backend returns"
     );
-    for i in 6..12 {
-        let (user, password) = &users()[i];
-        let run = curl_ntlm(
-            &topo.client,
-            Topology::client_v4(i as u8),
-            user,
-            password,
-            &urls(i)[..2],
-            &[],
-        );
-        assert_eq!(run.users(), vec![user.clone(); 2], "{}", run.stderr);
-    }
+    log_in(6..12);
     assert!(
         a2.requests().iter().any(|r| r["path"] != "/healthz"),
         "the returned backend takes new connections again"
