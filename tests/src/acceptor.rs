@@ -2,17 +2,15 @@
 //! --ntlm` as a real client.
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 
-use crate::{netns::NetNs, topology::Topology};
+use crate::{acceptor_log::AcceptorLog, netns::NetNs, topology::Topology};
 
 pub fn binary() -> PathBuf {
     let path = std::env::var_os("NTLM_ACCEPTOR_BIN")
@@ -67,7 +65,7 @@ pub enum Keying {
 pub struct Acceptor {
     child: Option<Child>,
     pub addr: SocketAddr,
-    log: Arc<Mutex<Vec<Value>>>,
+    log: AcceptorLog,
 }
 
 impl Acceptor {
@@ -103,21 +101,8 @@ impl Acceptor {
         }
         let mut child = cmd.spawn().expect("spawn ntlm-acceptor");
         let stdout = child.stdout.take().expect("stdout");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    if line.starts_with("ntlm-acceptor ready") {
-                        let _ = ready_tx.send(());
-                    } else if let Ok(v) = serde_json::from_str(&line) {
-                        log.lock().expect("log").push(v);
-                    }
-                }
-            });
-        }
-        if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
+        let log = AcceptorLog::new(stdout);
+        if !log.wait_ready(Duration::from_secs(20)) {
             let _ = child.kill();
             panic!("ntlm-acceptor on {addr} did not become ready");
         }
@@ -129,7 +114,7 @@ impl Acceptor {
     }
 
     pub fn requests(&self) -> Vec<Value> {
-        self.log.lock().expect("log").clone()
+        self.log.records()
     }
 
     /// Distinct upstream TCP connections that carried requests (excluding health checks:

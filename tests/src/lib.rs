@@ -2,6 +2,7 @@
 //! backend and an HTTP client, composed into topologies that read like the scenario they check.
 
 pub mod acceptor;
+pub mod acceptor_log;
 pub mod backends;
 pub mod cleanup;
 pub mod client;
