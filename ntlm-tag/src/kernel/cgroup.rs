@@ -157,6 +157,10 @@ impl Drop for OwnCgroup {
 }
 
 /// Removes `ntlm-tag.*` cgroups under `parent` that no process is in any more (left by a crash).
+///
+/// A cgroup whose creator is still alive is never stale: another instance starting beside this one
+/// creates its cgroup and only then moves into it, and removing it in between would make that
+/// start fail.
 fn remove_stale(parent: &Path) {
     let Ok(entries) = fs::read_dir(parent) else {
         return;
@@ -164,13 +168,25 @@ fn remove_stale(parent: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if !name.starts_with(PREFIX) {
+        let Some(creator) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        if creator_is_alive(creator) {
             continue;
         }
         let procs = fs::read_to_string(entry.path().join("cgroup.procs")).unwrap_or_default();
         if procs.trim().is_empty() && fs::remove_dir(entry.path()).is_ok() {
             tracing::info!(cgroup = %entry.path().display(), "removed a cgroup left behind by an instance that did not exit cleanly");
         }
+    }
+}
+
+/// Whether the process named by a cgroup's `<pid>` suffix still exists. A reused pid only keeps an
+/// empty cgroup a little longer; an unparsable suffix is not ours to judge, so it counts as alive.
+fn creator_is_alive(pid: &str) -> bool {
+    match pid.parse::<u32>() {
+        Ok(pid) => Path::new("/proc").join(pid.to_string()).exists(),
+        Err(_) => true,
     }
 }
 
@@ -232,6 +248,14 @@ fn current_cgroup() -> Result<String, CgroupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cgroup_whose_creator_lives_is_not_stale() {
+        assert!(creator_is_alive(&std::process::id().to_string()));
+        // Above the largest pid_max Linux allows (2^22): no such process.
+        assert!(!creator_is_alive("4194305"));
+        assert!(creator_is_alive("not-a-pid"));
+    }
 
     #[test]
     fn finds_hybrid_and_unified_mounts() {
