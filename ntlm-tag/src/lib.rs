@@ -21,5 +21,4 @@ pub mod proxy;
 pub mod registry;
 pub mod reload;
 pub mod service;
-pub mod tcp_state;
 pub mod upstream;

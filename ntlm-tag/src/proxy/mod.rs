@@ -314,7 +314,7 @@ async fn set_up_connection(
     live: &Arc<Live>,
     listener: &str,
 ) -> Option<(PrefixedIo<tokio::net::TcpStream>, Arc<ClientConnection>)> {
-    let closed = || crate::tcp_state::is_closed(&stream).unwrap_or(false);
+    let closed = || crate::kernel::tcp_state::is_closed(&stream).unwrap_or(false);
     if gateway.identifier.settle(&mut identity, closed).await == Settled::ClosedByClient {
         // Reset before the gateway looked: its record is gone, and no reply could reach it.
         gateway.metrics.closed_before_identified();
