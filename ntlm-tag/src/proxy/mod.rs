@@ -38,12 +38,10 @@ use crate::{
     config::{Limits, ListenerConfig, Timeouts},
     guard::{Leg, LockoutGuard, Verdict},
     identity::{
-        ConnectionIdentity, IdDisplay, IdHash, IdTemplate, Identifier, Settled, UidGenerator,
-        proxy_header::{self, ProxyHeaderError},
+        IdDisplay, IdHash, Identified, Identifier, Identifying, ProxyProtocol,
         trust::TrustedSources,
     },
-    kernel::socket_cookie,
-    metrics::{Metrics, ProxyRejection},
+    metrics::Metrics,
     registry::{Registration, Registry},
     upstream::{ClientBody, ClientUpstream, ResponseTimeout, Retired, Upstream},
 };
@@ -71,11 +69,10 @@ pub struct Live {
 
 /// Everything the connections of one gateway share.
 pub struct Gateway {
-    pub identifier: Identifier,
-    pub uids: UidGenerator,
+    /// Who each connection's client is, and its id.
+    pub identifier: Arc<Identifier>,
     /// How logs and the admin table show ids: a keyed hash, the full id only on request.
     pub id_display: IdDisplay,
-    pub template: IdTemplate,
     pub policy: StampPolicy,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
@@ -223,8 +220,15 @@ fn admit(
     // Identify on the accept path (the kernel record is there already), but read any PROXY
     // header or TLS handshake in the connection's own task so a slow peer never holds up the
     // accept loop.
-    let identity = match identify(gateway, &stream, peer) {
-        Ok(identity) => identity,
+    let proxy = config.proxy_protocol.then(|| ProxyProtocol {
+        trusted: &live.trusted,
+        header_timeout: live.timeouts.proxy_header,
+    });
+    let identifying = match gateway
+        .identifier
+        .accept(stream, peer, proxy, Arc::clone(listen_addr))
+    {
+        Ok(identifying) => identifying,
         Err(e) => {
             gateway.metrics.internal_error();
             tracing::error!(%peer, error = %e, "cannot identify a client connection; closing it");
@@ -232,8 +236,7 @@ fn admit(
         }
     };
     tracker.spawn(handle_connection(
-        stream,
-        identity,
+        identifying,
         Arc::clone(config),
         Arc::clone(gateway),
         live,
@@ -266,24 +269,12 @@ fn refuse_over_limit(
     }
 }
 
-fn identify(
-    gateway: &Gateway,
-    stream: &tokio::net::TcpStream,
-    peer: SocketAddr,
-) -> std::io::Result<ConnectionIdentity> {
-    let _ = stream.set_nodelay(true);
-    let local = stream.local_addr()?;
-    let cookie = socket_cookie(stream).ok();
-    Ok(gateway.identifier.identify(cookie, peer, local))
-}
-
 /// One client connection, from accept to close. This future lives as long as the connection, so
 /// it only holds small things: the set-up and the serving run in boxed futures of their own (a task
 /// is as large as its largest state; memory per idle connection).
 #[allow(clippy::too_many_arguments)]
 async fn handle_connection(
-    stream: tokio::net::TcpStream,
-    identity: ConnectionIdentity,
+    identifying: Identifying,
     config: Arc<ListenerConfig>,
     gateway: Arc<Gateway>,
     live: Arc<Live>,
@@ -291,10 +282,11 @@ async fn handle_connection(
     listener: Arc<str>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let set_up = Box::pin(set_up_connection(
-        stream, identity, &config, &gateway, &live, &listener,
-    ));
-    let Some((io, connection)) = set_up.await else {
+    let Some(identified) = identifying.await else {
+        return;
+    };
+    let Some((io, connection)) = set_up_connection(identified, &config, &gateway, &live, &listener)
+    else {
         return;
     };
     match live.tls.get(&config.address).cloned() {
@@ -304,54 +296,26 @@ async fn handle_connection(
     drop(slot);
 }
 
-/// Settles the identity (kernel record, PROXY header) and registers the connection; `None` when it
-/// is closed instead.
-async fn set_up_connection(
-    mut stream: tokio::net::TcpStream,
-    mut identity: ConnectionIdentity,
+/// Registers an identified connection; `None` when it is closed instead.
+fn set_up_connection(
+    identified: Identified,
     config: &ListenerConfig,
     gateway: &Arc<Gateway>,
     live: &Arc<Live>,
     listener: &str,
 ) -> Option<(PrefixedIo<tokio::net::TcpStream>, Arc<ClientConnection>)> {
-    let closed = || crate::kernel::tcp_state::is_closed(&stream).unwrap_or(false);
-    if gateway.identifier.settle(&mut identity, closed).await == Settled::ClosedByClient {
-        // Reset before the gateway looked: its record is gone, and no reply could reach it.
-        gateway.metrics.closed_before_identified();
-        tracing::debug!(peer = %identity.peer, "connection reset by the client before it was identified; closing it");
-        return None;
-    }
-    let mut prefix = Bytes::new();
-    if config.proxy_protocol {
-        let peer = identity.peer;
-        if !live.trusted.contains(peer.ip()) {
-            gateway.metrics.proxy_rejected(ProxyRejection::Untrusted);
-            tracing::warn!(
-                %peer,
-                listener = %listener,
-                "closing a connection on a PROXY-protocol listener from a peer outside trusted_lbs \
-                 (add its prefix with --trusted-lb if it is your balancer)"
-            );
-            return None;
-        }
-        match proxy_header::read(&mut stream, live.timeouts.proxy_header).await {
-            Ok((header, rest)) => {
-                identity.apply_proxy_header(&header);
-                prefix = rest;
-            }
-            Err(e) => {
-                gateway.metrics.proxy_rejected(rejection(&e));
-                tracing::warn!(%peer, listener = %listener, error = %e, "closing a connection whose PROXY header was not acceptable");
-                return None;
-            }
-        }
-    }
+    let Identified {
+        identity,
+        id,
+        stream,
+        prefix,
+    } = identified;
     let scheme = if live.tls.contains_key(&config.address) {
         ClientScheme::Https
     } else {
         ClientScheme::Http
     };
-    match open_connection(gateway, live, identity, listener, scheme) {
+    match open_connection(gateway, live, identity, &id, listener, scheme) {
         Ok(c) => Some((PrefixedIo::new(prefix, stream), Arc::new(c))),
         Err(e) => {
             tracing::error!(error = %e, "cannot set up a client connection; closing it");
@@ -383,30 +347,17 @@ async fn serve_tls(
     }
 }
 
-fn rejection(e: &ProxyHeaderError) -> ProxyRejection {
-    match e {
-        ProxyHeaderError::NotProxy(_) | ProxyHeaderError::Malformed(_) => ProxyRejection::Malformed,
-        ProxyHeaderError::Oversized(_) => ProxyRejection::Oversized,
-        ProxyHeaderError::Unsupported(_) => ProxyRejection::Unsupported,
-        ProxyHeaderError::Timeout(_) => ProxyRejection::Timeout,
-        ProxyHeaderError::Closed | ProxyHeaderError::Io(_) => ProxyRejection::Closed,
-    }
-}
-
 fn open_connection(
     gateway: &Arc<Gateway>,
     live: &Arc<Live>,
-    identity: ConnectionIdentity,
+    identity: crate::identity::ConnectionIdentity,
+    id: &str,
     listener: &str,
     scheme: ClientScheme,
 ) -> Result<ClientConnection, Box<dyn StdError + Send + Sync>> {
-    let uid = gateway.uids.next_uid();
-    let id = gateway
-        .template
-        .render(identity.client, &uid, identity.proxy_tlvs.as_ref());
-    let stamp = ConnectionStamp::new(&id, identity.client, scheme)?;
-    let conn = gateway.id_display.hash(&id);
-    let full_id: Option<Box<str>> = gateway.id_display.full(&id).map(Into::into);
+    let stamp = ConnectionStamp::new(id, identity.client, scheme)?;
+    let conn = gateway.id_display.hash(id);
+    let full_id: Option<Box<str>> = gateway.id_display.full(id).map(Into::into);
     let upstream = live.upstream.attach(identity.client.ip());
     gateway.metrics.connection(identity.metrics_label());
     tracing::debug!(
