@@ -534,7 +534,7 @@ async fn handle(
     req: Request<Incoming>,
     connection: &ClientConnection,
 ) -> Result<Response<LoggedBody>, h2::Error> {
-    if req.version() == Version::HTTP_2 && crate::upstream::is_ntlm_request(req.headers()) {
+    if req.version() == Version::HTTP_2 && crate::ntlm::is_ntlm_request(req.headers()) {
         tracing::debug!(conn = %connection.conn, "NTLM over HTTP/2: answering HTTP_1_1_REQUIRED");
         return Err(h2::Error::from(h2::Reason::HTTP_1_1_REQUIRED));
     }
@@ -619,7 +619,7 @@ async fn respond(
         );
         return (response, None);
     }
-    if let Some(m) = crate::upstream::ntlm_message(req.headers()) {
+    if let Some(m) = crate::ntlm::ntlm_message(req.headers()) {
         gateway.metrics.ntlm_message(m);
     }
     // What this request's token means for the connection's auth state and the lockout guard.
