@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod conns;
 pub mod epa;
+pub mod error;
 pub mod guard;
 pub mod handover;
 pub mod identity;

@@ -36,6 +36,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::{
     config::{Limits, ListenerConfig, Timeouts},
+    error::ErrorSource,
     guard::{Leg, LockoutGuard, Verdict},
     identity::{
         IdDisplay, IdHash, Identified, Identifier, Identifying, ProxyProtocol,
@@ -43,7 +44,7 @@ use crate::{
     },
     metrics::Metrics,
     registry::{Registration, Registry},
-    upstream::{ClientBody, ClientUpstream, ResponseTimeout, Retired, Upstream},
+    upstream::{ClientBody, ClientUpstream, ResponseTimeout, Retired, Upstream, UpstreamError},
 };
 use access_log::{AccessRecord, LoggedBody};
 use head_clock::{ClockedIo, HeadClock};
@@ -230,7 +231,7 @@ fn admit(
     {
         Ok(identifying) => identifying,
         Err(e) => {
-            gateway.metrics.internal_error();
+            ErrorSource::Internal.count(&gateway.metrics, false);
             tracing::error!(%peer, error = %e, "cannot identify a client connection; closing it");
             return;
         }
@@ -483,7 +484,7 @@ async fn serve_connection<S>(
         {
             // hyper answered a request head it could not parse itself; count and log that answer.
             let gateway = &connection.gateway;
-            gateway.metrics.client_request_error();
+            ErrorSource::Client.count(&gateway.metrics, false);
             gateway
                 .metrics
                 .request("-", status.as_u16(), std::time::Duration::ZERO);
@@ -592,32 +593,16 @@ async fn respond(
             .map(|(k, v)| k.as_str().len() + v.len() + 4)
             .sum::<usize>();
     if head_size > live.limits.max_header_bytes {
-        gateway.metrics.client_request_error();
-        tracing::info!(conn = %connection.conn, head_size, limit = live.limits.max_header_bytes, "request head too large; 431");
-        let mut response = error_response(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "Request Header Fields Too Large",
+        let limit = live.limits.max_header_bytes;
+        return (
+            fail(connection, Failure::HeadTooLarge { head_size, limit }),
+            None,
         );
-        response.headers_mut().insert(
-            http::header::CONNECTION,
-            http::HeaderValue::from_static("close"),
-        );
-        return (response, None);
     }
     if let Some(codings) = rewrite::unsupported_transfer_coding(req.headers()) {
         // Forwarding would drop the coding (each hop is framed anew, chunked) and pass coded bytes
         // on as content: 501 (RFC 9112 §6.1), and the unread body ends the connection.
-        gateway.metrics.client_request_error();
-        tracing::info!(conn = %connection.conn, transfer_encoding = %codings, "transfer coding other than chunked; 501");
-        let mut response = error_response(
-            StatusCode::NOT_IMPLEMENTED,
-            "Transfer codings other than chunked are not implemented",
-        );
-        response.headers_mut().insert(
-            http::header::CONNECTION,
-            http::HeaderValue::from_static("close"),
-        );
-        return (response, None);
+        return (fail(connection, Failure::TransferCoding(&codings)), None);
     }
     if let Some(m) = crate::ntlm::ntlm_message(req.headers()) {
         gateway.metrics.ntlm_message(m);
@@ -658,21 +643,18 @@ async fn respond(
         .registration
         .set_upstream(backend.authority().as_str(), upstream.link());
     drop(upstream);
+    let backend_name = backend.authority();
     let response = match result {
         Ok(response)
             if let Some(codings) = rewrite::unsupported_transfer_coding(response.headers()) =>
         {
             // Each hop is framed anew (chunked): any other coding would reach the client unlabelled,
             // its coded bytes taken for the content. The unread body closes that upstream connection.
-            gateway.metrics.upstream_error();
-            tracing::warn!(
-                conn = %connection.conn,
-                backend = %backend.authority(),
-                transfer_encoding = %codings,
-                "backend response with a transfer coding other than chunked; 502 (turn off \
-                 transfer-coding compression on the backend; Content-Encoding passes)"
-            );
-            error_response(StatusCode::BAD_GATEWAY, "Bad Gateway")
+            let failure = Failure::BackendTransferCoding {
+                backend: backend_name,
+                codings: &codings,
+            };
+            fail(connection, failure)
         }
         Ok(response)
             if response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -681,18 +663,12 @@ async fn respond(
         {
             // A 101 the client did not ask for, or one that names no protocol: nothing could
             // speak on that connection afterwards.
-            gateway.metrics.upstream_error();
-            tracing::warn!(
-                conn = %connection.conn,
-                backend = %backend.authority(),
-                "backend switched protocols without a matching upgrade request; 502"
-            );
-            let mut response = error_response(StatusCode::BAD_GATEWAY, "Bad Gateway");
-            response.headers_mut().insert(
-                http::header::CONNECTION,
-                http::HeaderValue::from_static("close"),
-            );
-            response
+            fail(
+                connection,
+                Failure::UnrequestedSwitch {
+                    backend: backend_name,
+                },
+            )
         }
         Ok(mut response) => {
             let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -724,40 +700,13 @@ async fn respond(
             }
             Response::from_parts(parts, Either::Left(body))
         }
-        Err(e) => {
-            match &e {
-                e if e.is_timeout() => gateway.metrics.upstream_timeout(),
-                e if e.is_client_error() => gateway.metrics.client_request_error(),
-                e if e.is_gateway_refusal() => gateway.metrics.internal_error(),
-                _ => gateway.metrics.upstream_error(),
-            }
-            let status = e.status();
-            if e.is_client_error() {
-                tracing::info!(
-                    conn = %connection.conn,
-                    backend = %backend.authority(),
-                    status = status.as_u16(),
-                    error = %error_chain(&e),
-                    "bad request from the client"
-                );
-            } else {
-                tracing::warn!(
-                    conn = %connection.conn,
-                    backend = %backend.authority(),
-                    status = status.as_u16(),
-                    error = %error_chain(&e),
-                    "backend request failed"
-                );
-            }
-            let mut response = error_response(status, status.canonical_reason().unwrap_or("error"));
-            if e.closes_client() {
-                response.headers_mut().insert(
-                    http::header::CONNECTION,
-                    http::HeaderValue::from_static("close"),
-                );
-            }
-            response
-        }
+        Err(error) => fail(
+            connection,
+            Failure::Exchange {
+                backend: backend_name,
+                error: &error,
+            },
+        ),
     };
     if let Some(leg) = &leg {
         record_auth_outcome(connection, leg, &response);
@@ -793,19 +742,15 @@ fn refuse_locked_out(connection: &ClientConnection, account: &str) -> Option<Res
     connection
         .registration
         .set_auth(crate::guard::AuthState::Failed(Some(account.into())));
-    let mut response = error_response(
+    // The half-done handshake at the backend goes with the connection.
+    let mut response = gateway_response(
         StatusCode::TOO_MANY_REQUESTS,
         "Too many failed logins; try again later",
+        Closes::Connection,
     );
-    let headers = response.headers_mut();
-    headers.insert(
+    response.headers_mut().insert(
         http::header::RETRY_AFTER,
         http::HeaderValue::from(retry_secs),
-    );
-    // The half-done handshake at the backend goes with the connection.
-    headers.insert(
-        http::header::CONNECTION,
-        http::HeaderValue::from_static("close"),
     );
     Some(response)
 }
@@ -836,13 +781,145 @@ fn record_auth_outcome(connection: &ClientConnection, leg: &Leg, response: &Resp
     connection.registration.set_auth(state);
 }
 
-fn error_response(status: StatusCode, reason: &'static str) -> Response<ProxyBody> {
-    let mut response = Response::new(Either::Right(Full::new(Bytes::from(format!("{reason}\n")))));
+/// A response the gateway makes itself instead of forwarding one, and why.
+enum Failure<'a> {
+    /// The request head is over `limits.max_header_bytes` (hyper bounds only its read buffer).
+    HeadTooLarge { head_size: usize, limit: usize },
+    /// The request has a transfer coding other than chunked.
+    TransferCoding(&'a str),
+    /// The backend's response has a transfer coding other than chunked.
+    BackendTransferCoding {
+        backend: &'a Authority,
+        codings: &'a str,
+    },
+    /// A `101` the client did not ask for, or one that names no protocol.
+    UnrequestedSwitch { backend: &'a Authority },
+    /// The exchange with the backend failed (or the client broke its request off during it).
+    Exchange {
+        backend: &'a Authority,
+        error: &'a UpstreamError,
+    },
+}
+
+impl Failure<'_> {
+    fn source(&self) -> ErrorSource {
+        match self {
+            Failure::HeadTooLarge { .. } | Failure::TransferCoding(_) => ErrorSource::Client,
+            Failure::BackendTransferCoding { .. } | Failure::UnrequestedSwitch { .. } => {
+                ErrorSource::Upstream
+            }
+            Failure::Exchange { error, .. } => error.error_source(),
+        }
+    }
+
+    /// The status, the text the client reads, and whether the connection closes after it.
+    fn response(&self) -> (StatusCode, &'static str, Closes) {
+        match self {
+            Failure::HeadTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "Request Header Fields Too Large",
+                Closes::Connection,
+            ),
+            Failure::TransferCoding(_) => (
+                StatusCode::NOT_IMPLEMENTED,
+                "Transfer codings other than chunked are not implemented",
+                Closes::Connection,
+            ),
+            Failure::BackendTransferCoding { .. } => {
+                (StatusCode::BAD_GATEWAY, "Bad Gateway", Closes::KeepAlive)
+            }
+            Failure::UnrequestedSwitch { .. } => {
+                (StatusCode::BAD_GATEWAY, "Bad Gateway", Closes::Connection)
+            }
+            Failure::Exchange { error, .. } => {
+                let status = error.status();
+                let closes = if error.closes_client() {
+                    Closes::Connection
+                } else {
+                    Closes::KeepAlive
+                };
+                (status, status.canonical_reason().unwrap_or("error"), closes)
+            }
+        }
+    }
+
+    /// The log line: at info for what only the client can fix, as a warning otherwise.
+    fn log(&self, conn: IdHash, status: StatusCode) {
+        match *self {
+            Failure::HeadTooLarge { head_size, limit } => {
+                tracing::info!(conn = %conn, head_size, limit, "request head too large; 431");
+            }
+            Failure::TransferCoding(codings) => {
+                tracing::info!(conn = %conn, transfer_encoding = %codings, "transfer coding other than chunked; 501");
+            }
+            Failure::BackendTransferCoding { backend, codings } => tracing::warn!(
+                conn = %conn,
+                backend = %backend,
+                transfer_encoding = %codings,
+                "backend response with a transfer coding other than chunked; 502 (turn off \
+                 transfer-coding compression on the backend; Content-Encoding passes)"
+            ),
+            Failure::UnrequestedSwitch { backend } => tracing::warn!(
+                conn = %conn,
+                backend = %backend,
+                "backend switched protocols without a matching upgrade request; 502"
+            ),
+            Failure::Exchange { backend, error } => match error.error_source() {
+                ErrorSource::Client => tracing::info!(
+                    conn = %conn,
+                    backend = %backend,
+                    status = status.as_u16(),
+                    error = %error_chain(error),
+                    "bad request from the client"
+                ),
+                ErrorSource::Upstream | ErrorSource::Internal => tracing::warn!(
+                    conn = %conn,
+                    backend = %backend,
+                    status = status.as_u16(),
+                    error = %error_chain(error),
+                    "backend request failed"
+                ),
+            },
+        }
+    }
+
+    fn timed_out(&self) -> bool {
+        matches!(self, Failure::Exchange { error, .. } if error.is_timeout())
+    }
+}
+
+/// Counts, logs and answers a failure: the one place a gateway-made error response is built.
+fn fail(connection: &ClientConnection, failure: Failure<'_>) -> Response<ProxyBody> {
+    let source = failure.source();
+    source.count(&connection.gateway.metrics, failure.timed_out());
+    let (status, text, closes) = failure.response();
+    failure.log(connection.conn, status);
+    gateway_response(status, text, closes)
+}
+
+/// Whether the client connection closes after a gateway-made response.
+#[derive(Clone, Copy)]
+enum Closes {
+    KeepAlive,
+    Connection,
+}
+
+/// A response the gateway makes itself: a short text body, and `Connection: close` when the
+/// connection cannot go on.
+fn gateway_response(status: StatusCode, text: &'static str, closes: Closes) -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(format!("{text}\n")))));
     *response.status_mut() = status;
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    if let Closes::Connection = closes {
+        headers.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
     response
 }
 

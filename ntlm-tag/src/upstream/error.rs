@@ -5,7 +5,10 @@ use std::time::Duration;
 use http::{StatusCode, uri::Authority};
 use thiserror::Error;
 
-/// What goes wrong talking to a backend; the proxy turns it into 502 or 504.
+use crate::error::ErrorSource;
+
+/// What goes wrong on the way to a backend and back; [`UpstreamError::error_source`] says whose fault it
+/// is (a request the client broke surfaces here too, as the exchange is where it shows).
 #[derive(Debug, Error)]
 pub enum UpstreamError {
     #[error("cannot connect to {backend}: {source}")]
@@ -110,17 +113,18 @@ impl UpstreamError {
         )
     }
 
-    /// The gateway refused the request by its own configuration (a route the client's session
-    /// cannot reach), neither the client's nor the backend's fault.
-    pub fn is_gateway_refusal(&self) -> bool {
-        matches!(self, UpstreamError::Misdirected { .. })
-    }
-
-    /// The client caused this error (its request), not the backend.
-    pub fn is_client_error(&self) -> bool {
-        matches!(
-            self,
-            UpstreamError::BadTarget(_) | UpstreamError::ClientBody { .. }
-        )
+    /// Whose fault it is: the client's request (a bad target, a body it broke off), the gateway's
+    /// own refusal (a route the client's session cannot reach), or the backend's.
+    pub fn error_source(&self) -> ErrorSource {
+        match self {
+            UpstreamError::BadTarget(_) | UpstreamError::ClientBody { .. } => ErrorSource::Client,
+            UpstreamError::Misdirected { .. } => ErrorSource::Internal,
+            UpstreamError::Connect { .. }
+            | UpstreamError::Tls { .. }
+            | UpstreamError::ConnectTimeout { .. }
+            | UpstreamError::Exchange { .. }
+            | UpstreamError::Timeout { .. }
+            | UpstreamError::SessionLost { .. } => ErrorSource::Upstream,
+        }
     }
 }
