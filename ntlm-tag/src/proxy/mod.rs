@@ -2,8 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod access_log;
-mod head_clock;
-mod prefixed;
+mod io;
 pub mod rewrite;
 pub mod route_timeouts;
 pub mod tls;
@@ -47,8 +46,10 @@ use crate::{
     upstream::{ClientBody, ClientUpstream, ResponseTimeout, Retired, Upstream, UpstreamError},
 };
 use access_log::{AccessRecord, LoggedBody};
-use head_clock::{ClockedIo, HeadClock};
-use prefixed::PrefixedIo;
+use io::{
+    head_clock::{ClockedIo, HeadClock},
+    prefixed::PrefixedIo,
+};
 use rewrite::{ClientScheme, ConnectionStamp, StampPolicy};
 use route_timeouts::RouteTimeouts;
 
