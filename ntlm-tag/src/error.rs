@@ -3,6 +3,8 @@
 //! the gateway makes itself from it (`proxy::forward`).
 #![forbid(unsafe_code)]
 
+use std::error::Error as StdError;
+
 use crate::metrics::Metrics;
 
 /// Where a failure came from (pingora's `ErrorSource`): the client's request, the backend, or the
@@ -31,4 +33,19 @@ impl ErrorSource {
             ErrorSource::Internal => metrics.internal_error(),
         }
     }
+}
+
+/// `error: cause: cause`, so a log line names the root cause (connection refused, reset...).
+pub fn error_chain(e: &(dyn StdError + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
 }

@@ -110,7 +110,7 @@ impl Upstream {
                     tracing::info!(
                         from = %backend.authority,
                         to = %next.authority,
-                        error = %crate::proxy::error_chain(&error),
+                        error = %crate::error::error_chain(&error),
                         "the request never reached the backend; sending it to another one and moving the client connection there"
                     );
                     self.metrics.upstream_failover();

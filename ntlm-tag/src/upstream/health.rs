@@ -144,7 +144,7 @@ pub(super) async fn probe(backend: &Backend, path: &str, timeout: Duration) -> R
     let io = backend
         .connect(timeout)
         .await
-        .map_err(|e| crate::proxy::error_chain(&e))?;
+        .map_err(|e| crate::error::error_chain(&e))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| e.to_string())?;
