@@ -35,7 +35,6 @@ use crate::{
 /// One client connection, from accept to close. This future lives as long as the connection, so
 /// it only holds small things: the set-up and the serving run in boxed futures of their own (a task
 /// is as large as its largest state; memory per idle connection).
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn handle_connection(
     identifying: Identifying,
     config: Arc<ListenerConfig>,
