@@ -17,20 +17,20 @@ use crate::metrics::{BindTrigger, Metrics, UpstreamUse};
 /// An upstream connection that belongs to one client connection: pinned (pin mode) or bound to
 /// its NTLM session (bind mode). Dropping it closes the connection.
 pub(super) struct Dedicated {
-    pub(super) backend: Arc<Backend>,
-    pub(super) sender: SendRequest<ClientBody>,
-    pub(super) link: &'static str,
+    backend: Arc<Backend>,
+    sender: SendRequest<ClientBody>,
+    link: &'static str,
     /// Age and requests, for `[upstream_caps]`.
-    pub(super) usage: caps::Usage,
+    usage: caps::Usage,
     /// Keeps `ntlm_tag_bound_connections` while a bound connection lives.
-    pub(super) _bound: Option<BoundGauge>,
+    _bound: Option<BoundGauge>,
 }
 
 /// Counts one bound connection in the metrics while it lives.
-pub(super) struct BoundGauge(Arc<Metrics>);
+struct BoundGauge(Arc<Metrics>);
 
 impl BoundGauge {
-    pub(super) fn new(metrics: &Arc<Metrics>) -> Self {
+    fn new(metrics: &Arc<Metrics>) -> Self {
         metrics.bound_open().inc();
         BoundGauge(Arc::clone(metrics))
     }
