@@ -3,7 +3,7 @@
 
 use std::{sync::Arc, time::Instant};
 
-use http::{Request, Response, StatusCode, Version, uri::Authority};
+use http::{Request, Response, StatusCode, Version};
 use http_body_util::Either;
 use hyper::body::Incoming;
 
@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     guard::{Leg, Verdict},
-    upstream::{ClientBody, ResponseTimeout, Retired},
+    upstream::{Backend, ClientBody, ResponseTimeout, Retired},
 };
 
 /// NTLM authenticates a TCP connection; HTTP/2 multiplexes requests of many contexts on one. Like
@@ -53,11 +53,12 @@ pub(super) async fn forward(
     let (response, backend) = respond(req, connection, record.as_mut()).await;
     let status = response.status().as_u16();
     // Responses made before a backend was chosen count under backend "-", as in the access log.
-    gateway.metrics.request(
-        backend.as_ref().map_or("-", Authority::as_str),
-        status,
-        started.elapsed(),
-    );
+    match &backend {
+        Some(backend) => gateway
+            .metrics
+            .response(backend.responses(), status, started.elapsed()),
+        None => gateway.metrics.request("-", status, started.elapsed()),
+    }
     if let Some(record) = &mut record {
         record.status(status);
         let auth = connection.registration.auth();
@@ -72,7 +73,7 @@ pub(super) async fn respond(
     mut req: Request<Incoming>,
     connection: &ClientConnection,
     record: Option<&mut AccessRecord>,
-) -> (Response<ProxyBody>, Option<Authority>) {
+) -> (Response<ProxyBody>, Option<Arc<Backend>>) {
     let gateway = &connection.gateway;
     let live = &connection.live;
     // hyper bounds its read buffer, not the head itself: enforce the configured head size exactly.
@@ -204,7 +205,7 @@ pub(super) async fn respond(
     if let Some(leg) = &leg {
         record_auth_outcome(connection, leg, &response);
     }
-    (response, Some(backend.authority().clone()))
+    (response, Some(backend))
 }
 
 /// A Type3 from a user or address past its lockout threshold: 429 at the gateway, so that neither

@@ -9,6 +9,8 @@ use std::sync::{
 use http::uri::Authority;
 use thiserror::Error;
 
+use crate::metrics::StatusCounters;
+
 use super::{
     health::Health,
     pool::IdleConnections,
@@ -61,6 +63,8 @@ pub struct Backend {
     pub(super) health: Health,
     /// Caps the busy shared upstream connections to this backend, if configured.
     pub(super) permits: Option<Arc<tokio::sync::Semaphore>>,
+    /// This backend's response counters.
+    pub(super) responses: Arc<StatusCounters>,
     /// Shared keep-alive connections not in use.
     pub(super) idle: IdleConnections,
 }
@@ -68,6 +72,11 @@ pub struct Backend {
 impl Backend {
     pub fn authority(&self) -> &Authority {
         &self.authority
+    }
+
+    /// This backend's response counters, for the proxy to count its answers without a lookup.
+    pub fn responses(&self) -> &StatusCounters {
+        &self.responses
     }
 
     pub fn is_up(&self) -> bool {

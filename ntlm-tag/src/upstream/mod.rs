@@ -145,6 +145,7 @@ impl Upstream {
                 health: Health::default(),
                 permits: (max_per_backend > 0)
                     .then(|| Arc::new(tokio::sync::Semaphore::new(max_per_backend))),
+                responses: metrics.backend_counters(address.authority.as_str()),
                 idle: IdleConnections::default(),
             });
             all.push(Arc::clone(&made));
