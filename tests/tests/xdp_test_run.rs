@@ -10,7 +10,8 @@ use aya::{
     programs::{TestRun as _, Xdp},
 };
 use ntlm_tag_common::{
-    IpipKey, IpipOrigin, LOCAL_ADDRS_MAP, TRUSTED_IPIP_MAP, TRUSTED_TOA_MAP, XdpCounter, v4_mapped,
+    IPIP_ORIGIN_MAP, IpipKey, IpipOrigin, LOCAL_ADDRS_MAP, TRUSTED_IPIP_MAP, TRUSTED_TOA_MAP,
+    XDP_COUNTERS_MAP, XDP_PROGRAM, XdpCounter, v4_mapped,
 };
 use ntlm_tag_tests::programs::object;
 
@@ -45,11 +46,12 @@ impl Decap {
         );
         let mut ebpf = Ebpf::load_file(object("ntlm-tag-ebpf")).expect("load object");
         let program: &mut Xdp = ebpf
-            .program_mut("decap_ipip")
-            .expect("decap_ipip")
+            .program_mut(XDP_PROGRAM)
+            .expect(XDP_PROGRAM)
             .try_into()
             .expect("xdp");
         program.load().expect("verifier accepts decap_ipip");
+        // The map the trust lists replaced: its name is no longer a constant of the common crate.
         assert!(
             ebpf.map("TRUSTED_LB_V1").is_none(),
             "the shared trust list is gone"
@@ -78,8 +80,8 @@ impl Decap {
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         let program: &mut Xdp = self
             .ebpf
-            .program_mut("decap_ipip")
-            .expect("decap_ipip")
+            .program_mut(XDP_PROGRAM)
+            .expect(XDP_PROGRAM)
             .try_into()
             .expect("xdp");
         let mut out = vec![0u8; frame.len() + 256];
@@ -96,7 +98,7 @@ impl Decap {
 
     fn counter(&self, c: XdpCounter) -> u64 {
         let counters: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.ebpf.map("XDP_COUNTERS_V1").expect("map")).expect("array");
+            PerCpuArray::try_from(self.ebpf.map(XDP_COUNTERS_MAP).expect("map")).expect("array");
         counters
             .get(&(c as u32), 0)
             .map(|v| v.iter().sum())
@@ -105,7 +107,7 @@ impl Decap {
 
     fn origin(&self, key: &IpipKey) -> Option<IpipOrigin> {
         let map: HashMap<&MapData, IpipKey, IpipOrigin> =
-            HashMap::try_from(self.ebpf.map("IPIP_ORIGIN_V1").expect("map")).expect("hash");
+            HashMap::try_from(self.ebpf.map(IPIP_ORIGIN_MAP).expect("map")).expect("hash");
         map.get(key, 0).ok()
     }
 }
