@@ -7,6 +7,7 @@ pub mod local_addrs;
 pub mod privileges;
 mod sockopt;
 pub mod support;
+pub mod tcp_state;
 
 use std::{
     io,
