@@ -5,6 +5,7 @@ mod bench;
 mod demo;
 mod fuzz;
 mod install;
+mod lint;
 mod package;
 mod package_test;
 mod setup;
@@ -42,9 +43,10 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
-    /// `cargo fmt --check` (main, eBPF, fuzz) and `cargo clippy -D warnings` (main, fuzz); the fuzz
-    /// targets built and every committed fuzz input replayed (the CI fuzz check); the packaged
-    /// systemd unit through `systemd-analyze verify` and `security`.
+    /// `cargo fmt --check` (main, eBPF, fuzz) and `cargo clippy -D warnings` (main, fuzz); no
+    /// import cycle between the modules of a crate; the fuzz targets built and every committed
+    /// fuzz input replayed (the CI fuzz check); the packaged systemd unit through
+    /// `systemd-analyze verify` and `security`.
     Lint,
     /// Install the release binary, an example /etc/ntlm-tag/ntlm-tag.toml, a systemd unit and the man page.
     Install {
@@ -100,7 +102,7 @@ fn run_task(cli: Cli) -> Result<()> {
             build_gateway(release)
         }
         Task::Test { filter } => test(filter.as_deref()),
-        Task::Lint => lint(),
+        Task::Lint => lint::lint(),
         Task::Install { destdir } => {
             build_ebpf()?;
             build_gateway(true)?;
@@ -219,66 +221,4 @@ fn test(filter: Option<&str>) -> Result<()> {
     run(&mut cmd)?;
     step("all tests passed");
     Ok(())
-}
-
-fn lint() -> Result<()> {
-    step("cargo fmt --check");
-    run(cargo().args(["fmt", "--all", "--check"]))?;
-    step("cargo clippy -D warnings");
-    run(cargo().args([
-        "clippy",
-        "--locked",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
-    step("eBPF crate: cargo fmt --check");
-    run(Command::new("cargo")
-        .current_dir(root().join("ntlm-tag-ebpf"))
-        .env("RUSTUP_TOOLCHAIN", "nightly")
-        .args(["fmt", "--check"]))?;
-    unit::check()?;
-    fuzz_check()
-}
-
-/// The fuzz crate (its own workspace): formatting, lints, and the CI check that the fuzz targets
-/// build. On stable, without cargo-fuzz's instrumentation: the targets are compiled and linked
-/// against libFuzzer exactly as written (`cargo build --bins`), and every seed and regression
-/// input is replayed through their checks (`cargo test`). What `cargo fuzz build` adds on top
-/// (nightly, sanitizer coverage) costs minutes of compiling and checks nothing more of our code.
-/// Measured on 2 cores from an empty fuzz/target: clippy 132 s, build 187 s, test 2 s (~5.4 min,
-/// against ~9 min for a cold `cargo fuzz build`); seconds when warm.
-fn fuzz_check() -> Result<()> {
-    let fuzz_dir = root().join("fuzz");
-    // The fuzzed code never loads the eBPF object: without a built one, embed a placeholder.
-    let placeholder = if fuzz::built_ebpf_object().is_file() {
-        None
-    } else {
-        Some(fuzz::ebpf_object(&fuzz_dir)?)
-    };
-    let fuzz = || {
-        let mut cmd = Command::new("cargo");
-        cmd.current_dir(&fuzz_dir).env_remove("CARGO_TARGET_DIR");
-        if let Some(p) = &placeholder {
-            cmd.env("NTLM_TAG_EBPF_OBJECT", p);
-        }
-        cmd
-    };
-    step("fuzz crate: cargo fmt --check");
-    run(fuzz().args(["fmt", "--check"]))?;
-    step("fuzz crate: cargo clippy -D warnings");
-    run(fuzz().args([
-        "clippy",
-        "--locked",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
-    step("fuzz crate: the targets build and link against libFuzzer");
-    run(fuzz().args(["build", "--locked", "--bins"]))?;
-    step("fuzz crate: every seed and regression input passes its target's checks");
-    run(fuzz().args(["test", "--locked"]))
 }
