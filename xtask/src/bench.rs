@@ -166,7 +166,7 @@ impl Workload {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    if !crate::setup::is_root() {
+    if !crate::sys::process::is_root() {
         bail!(
             "the bench pins processes to cores, raises RLIMIT_NOFILE and loads eBPF programs: run it as root"
         );

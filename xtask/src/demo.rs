@@ -16,7 +16,10 @@ mod epa;
 
 use std::{net::SocketAddr, time::Instant};
 
-use crate::step;
+use crate::{
+    step,
+    sys::interrupts::{self, Live},
+};
 use anyhow::{Context, Result, ensure};
 use ntlm_tag_tests::{
     acceptor::{Acceptor, CurlRun, Keying, curl_ntlm},
@@ -272,7 +275,10 @@ fn write_reusable_config(dir: &std::path::Path) -> Result<String> {
 }
 
 pub fn run(keep: bool) -> Result<()> {
-    install_interrupt_cleanup()?;
+    // On Ctrl-C or SIGTERM, this process's namespaces and children go: the normal drop guards
+    // do not run when a signal ends the process.
+    let _harness = interrupts::track(Live::Harness(std::process::id()));
+    interrupts::install("cleaning up")?;
     ntlm_tag_tests::gateway::set_echo(std::env::var_os("DEMO_VERBOSE").is_some());
     let started = Instant::now();
     step(
@@ -571,22 +577,4 @@ fn print_logins(rows: &[Row]) {
         );
     }
     println!();
-}
-
-/// On Ctrl-C or SIGTERM, remove this process's namespaces and children before exiting: the normal
-/// drop guards do not run when a signal ends the process.
-fn install_interrupt_cleanup() -> Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("cannot install signal handlers")?;
-    std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            eprintln!("\ninterrupted: cleaning up");
-            ntlm_tag_tests::cleanup::remove_everything_of(std::process::id());
-            std::process::exit(130);
-        }
-    });
-    Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod apt_sources;
 mod bench;
+mod build;
 mod demo;
 mod fuzz;
 mod install;
@@ -12,13 +13,13 @@ mod setup;
 mod unit;
 mod vm;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
+use xtask::{cargo, root, run, step, sys};
+
+use build::{build_ebpf, build_gateway};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "ntlm-tag build, test and demo tasks")]
@@ -101,7 +102,7 @@ fn run_task(cli: Cli) -> Result<()> {
             build_ebpf()?;
             build_gateway(release)
         }
-        Task::Test { filter } => test(filter.as_deref()),
+        Task::Test { filter } => build::test(filter.as_deref()),
         Task::Lint => lint::lint(),
         Task::Install { destdir } => {
             build_ebpf()?;
@@ -120,7 +121,7 @@ fn run_task(cli: Cli) -> Result<()> {
             setup::install_missing()?;
             build_ebpf()?;
             build_gateway(false)?;
-            if !setup::is_root() {
+            if !sys::process::is_root() {
                 bail!(
                     "the demo creates network namespaces and loads eBPF programs: run it as root"
                 );
@@ -128,97 +129,4 @@ fn run_task(cli: Cli) -> Result<()> {
             demo::run(keep)
         }
     }
-}
-
-/// The workspace root (the parent of this crate).
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-pub fn step(text: &str) {
-    eprintln!("==> {text}");
-}
-
-/// Runs `cmd`, failing with the command line when it does not succeed.
-pub fn run(cmd: &mut Command) -> Result<()> {
-    let shown = format!("{cmd:?}");
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {shown}"))?;
-    if !status.success() {
-        bail!("{shown} failed ({status})");
-    }
-    Ok(())
-}
-
-/// A `cargo` for the stable toolchain, free of settings inherited from the cargo that runs xtask.
-fn cargo() -> Command {
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(root());
-    cmd
-}
-
-fn build_ebpf() -> Result<()> {
-    setup::check_llvm_match()?;
-    step("building the eBPF object (nightly, bpfel-unknown-none)");
-    let mut cmd = Command::new("cargo");
-    cmd.current_dir(root().join("ntlm-tag-ebpf"))
-        .env("RUSTUP_TOOLCHAIN", "nightly")
-        .env_remove("RUSTC")
-        .env_remove("RUSTC_WRAPPER")
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_TARGET_DIR")
-        .args([
-            "build",
-            "--locked",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ]);
-    run(&mut cmd)
-        .context("building the eBPF object failed; `cargo xtask setup` installs what it needs")
-}
-
-fn build_gateway(release: bool) -> Result<()> {
-    step("building ntlm-tag (and the NTLM test acceptor)");
-    let mut cmd = cargo();
-    cmd.args([
-        "build",
-        "--locked",
-        "-p",
-        "ntlm-tag",
-        "-p",
-        "ntlm-tag-test-acceptor",
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    run(&mut cmd)
-}
-
-fn test(filter: Option<&str>) -> Result<()> {
-    setup::install_missing()?;
-    build_ebpf()?;
-    build_gateway(false)?;
-    if !setup::is_root() {
-        bail!(
-            "the integration tests create network namespaces and load eBPF programs: run as root"
-        );
-    }
-    step("unit and integration tests");
-    let mut cmd = cargo();
-    cmd.args(["test", "--locked", "--workspace"])
-        .env("NTLM_TAG_BIN", root().join("target/debug/ntlm-tag"));
-    if let Some(f) = filter {
-        cmd.arg(f);
-    }
-    run(&mut cmd)?;
-    step("all tests passed");
-    Ok(())
 }

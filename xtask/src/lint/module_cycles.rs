@@ -129,17 +129,17 @@ impl ModuleGraph {
                     .zip(path.iter().cycle().skip(1))
                     .filter_map(|(a, b)| Some(self.edges.get(a)?.get(b)?.0.clone()))
                     .collect();
-                let knot_edges =
-                    knot.iter()
-                        .flat_map(|from| {
-                            self.edges.get(from).into_iter().flatten().filter_map(
-                                |(to, (site, _))| {
-                                    knot.contains(to)
-                                        .then(|| (from.clone(), to.clone(), site.clone()))
-                                },
-                            )
-                        })
-                        .collect();
+                let knot_edges = knot
+                    .iter()
+                    .flat_map(|from| {
+                        self.edges
+                            .get(from)
+                            .into_iter()
+                            .flatten()
+                            .filter(|(to, _)| knot.contains(*to))
+                            .map(|(to, (site, _))| (from.clone(), to.clone(), site.clone()))
+                    })
+                    .collect();
                 let also = knot.into_iter().filter(|m| !path.contains(m)).collect();
                 Some(Cycle {
                     path,

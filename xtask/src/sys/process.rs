@@ -1,0 +1,71 @@
+//! Child processes: waiting with a deadline, reading a command's answer.
+
+use std::{
+    process::{Child, Command, ExitStatus},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+
+use super::interrupts::{self, Live};
+
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Waits for `child`; after `timeout` cleans `live` up (kills the process group, or the test
+/// binary with what it started) and returns `None`.
+pub fn wait_or_kill(
+    mut child: Child,
+    timeout: Duration,
+    live: &Live,
+) -> Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            eprintln!("timed out after {}s: killing it", timeout.as_secs());
+            interrupts::clean_up(live);
+            let _ = child.wait();
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What `cmd` printed on stdout, trimmed.
+pub fn stdout_of(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The first line a command prints (stdout, else stderr), `?` when it cannot run: versions for
+/// a report.
+pub fn first_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("?")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_else(|_| "?".into())
+}
