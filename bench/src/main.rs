@@ -9,7 +9,9 @@
 //! give the cost of ntlm-tag's programs; `BPF_PROG_TEST_RUN` gives the XDP program's cost per packet.
 //! Results go to `bench/results/` as Markdown, CSV and an SVG chart.
 //!
-//! Not part of CI; needs root. The whole run takes about seven minutes after the build.
+//! Not part of CI; needs root. The whole run takes about seven minutes after the build. Run it
+//! with `sudo cargo xtask bench`, which installs what it drives and builds what it measures first;
+//! the command line is `xtask::bench_args::Args`.
 
 mod chart;
 mod idle;
@@ -23,44 +25,30 @@ mod servers;
 mod setup;
 mod wrk;
 
-use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{Result, bail};
+use clap::Parser;
+use xtask::{bench_args::Args, step, sys};
 
-use crate::step;
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask bench",
+    about = "ntlm-tag against nginx, HAProxy and the backend alone"
+)]
+struct Cli {
+    #[command(flatten)]
+    args: Args,
+}
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct Args {
-    /// Measured seconds per run (each run also has a short warm-up).
-    #[arg(long, default_value_t = 4)]
-    pub seconds: u64,
-    /// Measured runs of every system under every load workload (the tables give min, median, max).
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
-    /// Client connections per load run.
-    #[arg(long, default_value_t = 64)]
-    pub connections: usize,
-    /// Idle keep-alive client connections for the memory run.
-    #[arg(long, default_value_t = 10_000)]
-    pub idle: usize,
-    /// Before measuring, wait up to this many seconds for the 1-minute load average to drop
-    /// below 0.5 (other work on the machine skews every number).
-    #[arg(long, default_value_t = 0)]
-    pub wait_quiet: u64,
-    /// After the measured runs, profile ntlm-tag under the keep-alive load with `perf record`
-    /// (software cpu-clock) and write the report next to the results.
-    #[arg(long)]
-    pub perf: bool,
-    /// Only these systems (comma-separated keys: direct, nginx-common, nginx-tuned, haproxy,
-    /// haproxy-tcp, ntlm-tag-ebpf, ntlm-tag-no-ebpf, ntlm-tag-ebpf-xdp-lo); default: all.
-    #[arg(long, value_delimiter = ',')]
-    pub only: Vec<String>,
-    /// Where the results go (relative to the workspace root).
-    #[arg(long, default_value = "bench/results")]
-    pub out: PathBuf,
-    /// Set when the release build of xtask re-executes itself (the load generator must be optimised).
-    #[arg(long, hide = true)]
-    pub in_release: bool,
+fn main() -> ExitCode {
+    match run(&Cli::parse().args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The systems under test. `Direct` is the backend without a proxy: the limit of this set-up.
@@ -165,16 +153,11 @@ impl Workload {
     }
 }
 
-pub fn run(args: &Args) -> Result<()> {
-    if !crate::sys::process::is_root() {
+fn run(args: &Args) -> Result<()> {
+    if !sys::process::is_root() {
         bail!(
             "the bench pins processes to cores, raises RLIMIT_NOFILE and loads eBPF programs: run it as root"
         );
-    }
-    if !args.in_release {
-        setup::install_packages()?;
-        setup::build()?;
-        return setup::exec_release();
     }
     let env = setup::Environment::enter()?;
     setup::wait_quiet(args.wait_quiet);

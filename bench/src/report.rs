@@ -13,7 +13,7 @@ use super::{
     runs::{Measurement, Results},
     setup::{self, Environment},
 };
-use crate::root;
+use xtask::{root, sys::process::first_line};
 
 pub struct Paths {
     pub markdown: PathBuf,
@@ -22,7 +22,7 @@ pub struct Paths {
 pub fn write(args: &Args, env: &Environment, results: &Results) -> Result<Paths> {
     let dir = root().join(&args.out);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let stamp = setup::first_line("date", &["-u", "+%Y%m%dT%H%M%SZ"]);
+    let stamp = first_line("date", &["-u", "+%Y%m%dT%H%M%SZ"]);
     let markdown = markdown(args, env, results, &stamp);
     let csv = csv(results);
     let svg = chart::svg(results, &stamp);
@@ -205,12 +205,12 @@ fn machine() -> String {
 
 fn environment(args: &Args, env: &Environment, results: &Results, stamp: &str) -> String {
     let cpu_model = cpu_model();
-    let dirty = !setup::first_line(
+    let dirty = !first_line(
         "git",
         &["-C", &root().display().to_string(), "status", "--porcelain"],
     )
     .is_empty();
-    let commit = setup::first_line(
+    let commit = first_line(
         "git",
         &[
             "-C",
@@ -245,14 +245,14 @@ fn environment(args: &Args, env: &Environment, results: &Results, stamp: &str) -
         kernel = setup::sysctl("kernel.osrelease"),
         before = env.load_before,
         after = results.load_after,
-        nginx = setup::first_line("nginx", &["-v"]),
-        haproxy = setup::first_line("haproxy", &["-v"]),
-        ntlm_tag_version = setup::first_line(&ntlm_tag, &["--version"]),
+        nginx = first_line("nginx", &["-v"]),
+        haproxy = first_line("haproxy", &["-v"]),
+        ntlm_tag_version = first_line(&ntlm_tag, &["--version"]),
         dirty = if dirty { " + uncommitted changes" } else { "" },
         conns = args.connections,
         secs = args.seconds,
         runs = args.runs,
-        wrk = setup::first_line("wrk", &["-v"]),
+        wrk = first_line("wrk", &["-v"]),
         bpf_note = env.bpf_stats_note,
         nofile = env.nofile,
         nofile_note = nofile_note(args),

@@ -23,7 +23,7 @@ use super::{
     setup::{self, Environment},
     wrk::{self, WrkMode, WrkPlan},
 };
-use crate::{root, step};
+use xtask::{root, step, sys::interrupts::TempDir};
 
 /// Stop a run early after this many measured requests (the time bound usually ends it first).
 const MAX_REQUESTS: u64 = 20_000_000;
@@ -139,33 +139,10 @@ impl Results {
     }
 }
 
-/// A temporary directory for configurations and logs, removed on drop and on Ctrl-C.
-struct WorkDir(tempfile::TempDir);
-
-impl WorkDir {
-    fn new() -> Result<WorkDir> {
-        let dir = tempfile::Builder::new()
-            .prefix("ntlm-tag-bench.")
-            .tempdir()
-            .context("cannot create a temporary directory")?;
-        procs::register_dir(dir.path());
-        Ok(WorkDir(dir))
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        procs::unregister_dir(self.0.path());
-    }
-}
-
 pub fn run_all(args: &Args, env: &Environment) -> Result<Results> {
     servers::check_ports_free()?;
-    let dir = WorkDir::new()?;
+    // Configurations and logs, removed on drop and on Ctrl-C.
+    let dir = TempDir::unique("ntlm-tag-bench.")?;
     let users = ntlm::users(NTLM_USERS);
     let backend = servers::start_backend(dir.path())?;
     let acceptors = servers::start_acceptors(dir.path(), &users)?;

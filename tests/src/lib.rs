@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod haproxy;
 pub mod keepalive_client;
 pub mod netns;
+pub mod packets;
 pub mod programs;
 pub mod raw;
 pub mod topology;

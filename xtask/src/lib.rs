@@ -3,6 +3,7 @@
 //! processes, cleaning up on Ctrl-C), and the bench's command line in [`bench_args`], defined once
 //! for `cargo xtask bench` and the binary it runs.
 
+pub mod bench_args;
 pub mod sys;
 
 use std::{

@@ -72,7 +72,7 @@ enum Task {
     /// The integration tests under Debian's 5.10/6.1/6.12 kernels (qemu + virtme-ng) or the host's.
     IntegrationTest(vm::IntegrationTestArgs),
     /// ntlm-tag against nginx, HAProxy and the backend alone, one core per proxy (root; not in CI).
-    Bench(bench::Args),
+    Bench(xtask::bench_args::Args),
     /// The whole story on a built-in network-namespace topology (root).
     Demo {
         /// Leave the topology up and print how to poke at it.
@@ -116,7 +116,8 @@ fn run_task(cli: Cli) -> Result<()> {
         } => fuzz::run_fuzz(seconds, build_only, &targets),
         Task::Package(args) => package::run_task(&args),
         Task::IntegrationTest(args) => vm::integration_test(&args),
-        Task::Bench(args) => bench::run(&args),
+        // Parsed here for `--help` and early errors; the bench binary parses the same arguments.
+        Task::Bench(_) => bench::run(),
         Task::Demo { keep } => {
             setup::install_missing()?;
             build_ebpf()?;

@@ -12,6 +12,8 @@ use std::{
 
 use anyhow::{Context, Result};
 
+use super::process::{alive, signal};
+
 #[derive(Clone, Debug)]
 pub enum Live {
     /// A process group, led by this pid: killed as a whole.
@@ -59,24 +61,6 @@ fn kill_tree(pid: u32) {
     let _ = Command::new("kill")
         .args(["-KILL", &pid.to_string()])
         .status();
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        // SAFETY: kill has no memory-safety preconditions; the pid is one of our children.
-        unsafe { libc::kill(pid, sig) };
-    }
-}
-
-/// True while `pid` exists and is not a zombie.
-pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next())
-                .is_some_and(|state| state != "Z")
-        })
-        .unwrap_or(false)
 }
 
 /// Cleans one thing up now.
