@@ -20,6 +20,7 @@ mod load;
 mod ntlm;
 mod procs;
 mod report;
+mod results;
 mod runs;
 mod servers;
 mod setup;
