@@ -5,8 +5,9 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, Command, ExitStatus},
     sync::{Mutex, Once, PoisonError, atomic::AtomicU64, atomic::Ordering},
+    thread,
     time::{Duration, Instant},
 };
 
@@ -61,6 +62,28 @@ fn kill_tree(pid: u32) {
     let _ = Command::new("kill")
         .args(["-KILL", &pid.to_string()])
         .status();
+}
+
+/// Waits for `child`; after `timeout` cleans `live` up (kills the process group, or the test
+/// binary with what it started) and returns `None`.
+pub fn wait_or_kill(
+    mut child: Child,
+    timeout: Duration,
+    live: &Live,
+) -> Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if Instant::now() >= deadline {
+            eprintln!("timed out after {}s: killing it", timeout.as_secs());
+            clean_up(live);
+            let _ = child.wait();
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Cleans one thing up now.

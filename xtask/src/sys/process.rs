@@ -1,14 +1,8 @@
-//! Child processes: waiting with a deadline, reading a command's answer.
+//! Child processes: signals, liveness, reading a command's answer.
 
-use std::{
-    process::{Child, Command, ExitStatus},
-    thread,
-    time::{Duration, Instant},
-};
+use std::process::Command;
 
 use anyhow::{Context, Result};
-
-use super::interrupts::{self, Live};
 
 pub fn is_root() -> bool {
     Command::new("id")
@@ -16,28 +10,6 @@ pub fn is_root() -> bool {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
-}
-
-/// Waits for `child`; after `timeout` cleans `live` up (kills the process group, or the test
-/// binary with what it started) and returns `None`.
-pub fn wait_or_kill(
-    mut child: Child,
-    timeout: Duration,
-    live: &Live,
-) -> Result<Option<ExitStatus>> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
-        }
-        if Instant::now() >= deadline {
-            eprintln!("timed out after {}s: killing it", timeout.as_secs());
-            interrupts::clean_up(live);
-            let _ = child.wait();
-            return Ok(None);
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// What `cmd` printed on stdout, trimmed.

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::{kernels::Kernel, run::run_logged};
+use super::{console::run_logged, kernels::Kernel};
 use crate::{root, run, step, sys::apt};
 
 /// Set to `kvm` or `tcg` to skip detecting which accelerator works.

@@ -15,6 +15,7 @@
 
 mod accel;
 mod binaries;
+mod console;
 mod guest;
 mod kernels;
 mod report;

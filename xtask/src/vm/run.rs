@@ -3,12 +3,9 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Write},
     path::Path,
-    process::{Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex},
-    thread,
-    time::{Duration, Instant},
+    process::{Command, Stdio},
+    time::Instant,
 };
 
 use anyhow::{Context, Result};
@@ -17,7 +14,7 @@ use super::{
     Plan,
     accel::{VmTools, vng_command},
     binaries::TestBinary,
-    guest,
+    console, guest,
     kernels::{Kernel, Target},
     report::Report,
     results_dir,
@@ -76,7 +73,7 @@ fn run_test_binary_on_host(
     let live = Live::Harness(child.id());
     let _live = interrupts::track(live.clone());
     let timeout = deadline.saturating_duration_since(Instant::now());
-    Ok(process::wait_or_kill(child, timeout, &live)?.map_or(124, |s| s.code().unwrap_or(128)))
+    Ok(interrupts::wait_or_kill(child, timeout, &live)?.map_or(124, |s| s.code().unwrap_or(128)))
 }
 
 /// Boots `kernel` under qemu and runs every test binary in it.
@@ -97,7 +94,7 @@ pub fn in_vm(plan: &Plan, tools: &mut VmTools, kernel: &Kernel) -> Result<Report
         .arg(&results)
         .arg("--exec")
         .arg(format!("sh {}", script.display()));
-    let status = run_logged(cmd, &results.join("console.log"), &label, plan.timeout)?;
+    let status = console::run_logged(cmd, &results.join("console.log"), &label, plan.timeout)?;
     let release =
         fs::read_to_string(results.join("uname")).unwrap_or_else(|_| kernel.package.clone());
     Ok(Report::read(
@@ -116,56 +113,4 @@ fn kernel_label(kernel: &Kernel) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| kernel.package.clone())
-}
-
-/// Runs `cmd` in its own process group with stdout and stderr copied to `log` (a pipe, not the
-/// file itself: qemu reopens its output path and would garble a file), echoing the guest's
-/// progress lines (`vm: ...`). Kills the whole group after `timeout`; `None` then.
-pub fn run_logged(
-    mut cmd: Command,
-    log: &Path,
-    label: &str,
-    timeout: Duration,
-) -> Result<Option<ExitStatus>> {
-    use std::os::unix::process::CommandExt;
-    let file = Arc::new(Mutex::new(
-        fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?,
-    ));
-    let mut child = cmd
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
-    let live = Live::Group(child.id());
-    let _live = interrupts::track(live.clone());
-    let readers = [
-        child.stdout.take().map(|s| copy_lines(s, &file, label)),
-        child.stderr.take().map(|s| copy_lines(s, &file, label)),
-    ];
-    let status = process::wait_or_kill(child, timeout, &live)?;
-    for r in readers.into_iter().flatten() {
-        let _ = r.join();
-    }
-    Ok(status)
-}
-
-fn copy_lines(
-    from: impl std::io::Read + Send + 'static,
-    to: &Arc<Mutex<fs::File>>,
-    label: &str,
-) -> thread::JoinHandle<()> {
-    let to = Arc::clone(to);
-    let label = label.to_string();
-    thread::spawn(move || {
-        for line in BufReader::new(from).lines().map_while(Result::ok) {
-            if let Some(progress) = line.strip_prefix("vm: ") {
-                eprintln!("[{label}] {progress}");
-            }
-            if let Ok(mut f) = to.lock() {
-                let _ = writeln!(f, "{line}");
-            }
-        }
-    })
 }
