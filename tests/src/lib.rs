@@ -13,6 +13,7 @@ pub mod haproxy;
 pub mod keepalive_client;
 pub mod metrics;
 pub mod netns;
+pub mod packets;
 pub mod programs;
 pub mod raw;
 pub mod topology;

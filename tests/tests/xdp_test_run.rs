@@ -13,7 +13,10 @@ use ntlm_tag_common::{
     IPIP_ORIGIN_MAP, IpipKey, IpipOrigin, LOCAL_ADDRS_MAP, TRUSTED_IPIP_MAP, TRUSTED_TOA_MAP,
     XDP_COUNTERS_MAP, XDP_PROGRAM, XdpCounter, v4_mapped,
 };
-use ntlm_tag_tests::programs::object;
+use ntlm_tag_tests::{
+    packets::{eth, frame, ipv4, ipv6, tcp, vlan_eth},
+    programs::object,
+};
 
 const XDP_PASS: u32 = 2;
 const TRUSTED_V4: [u8; 4] = [198, 18, 1, 100];
@@ -110,54 +113,6 @@ impl Decap {
             HashMap::try_from(self.ebpf.map(IPIP_ORIGIN_MAP).expect("map")).expect("hash");
         map.get(key, 0).ok()
     }
-}
-
-fn eth(ethertype: u16) -> Vec<u8> {
-    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f
-}
-
-fn vlan_eth(inner_ethertype: u16) -> Vec<u8> {
-    let mut f = eth(0x8100);
-    f.extend_from_slice(&[0x00, 0x2a]);
-    f.extend_from_slice(&inner_ethertype.to_be_bytes());
-    f
-}
-
-fn ipv4(src: [u8; 4], dst: [u8; 4], protocol: u8, frag: u16, payload: &[u8]) -> Vec<u8> {
-    let total = (20 + payload.len()) as u16;
-    let mut h = vec![0x45, 0];
-    h.extend_from_slice(&total.to_be_bytes());
-    h.extend_from_slice(&[0, 1]);
-    h.extend_from_slice(&frag.to_be_bytes());
-    h.extend_from_slice(&[64, protocol, 0, 0]);
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    h.extend_from_slice(payload);
-    h
-}
-
-fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, payload: &[u8]) -> Vec<u8> {
-    let mut h = vec![0x60, 0, 0, 0];
-    h.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    h.extend_from_slice(&[next, 64]);
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    h.extend_from_slice(payload);
-    h
-}
-
-fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mut t = Vec::new();
-    t.extend_from_slice(&sport.to_be_bytes());
-    t.extend_from_slice(&dport.to_be_bytes());
-    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    t
-}
-
-fn frame(l2: Vec<u8>, l3: Vec<u8>) -> Vec<u8> {
-    [l2, l3].concat()
 }
 
 fn key_v4(sport: u16) -> IpipKey {

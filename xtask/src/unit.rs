@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{root, run, setup, step};
+use crate::{root, run, step, sys::apt};
 
 /// The packaged unit, relative to the workspace.
 const UNIT: &str = "packaging/ntlm-tag.service";
@@ -25,7 +25,7 @@ const EXPOSURE_CEILING: u32 = 30;
 const SYSTEM_UNIT_DIRS: &[&str] = &["/usr/lib/systemd/system", "/lib/systemd/system"];
 
 pub fn check() -> Result<()> {
-    setup::ensure_debian_packages(&["systemd"])
+    apt::install_missing("systemd-analyze (Debian package systemd)", &["systemd"])
         .context("systemd-analyze (Debian package systemd) checks the packaged unit")?;
     let unit = root().join(UNIT);
     let text = std::fs::read_to_string(&unit).with_context(|| format!("cannot read {UNIT}"))?;

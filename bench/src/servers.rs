@@ -14,7 +14,7 @@ use super::{
     procs::Server,
     setup::{LOAD_CORE, PROXY_CORE},
 };
-use crate::root;
+use xtask::root;
 
 const BACKEND_PORT: u16 = 28080;
 const ACCEPTOR_HEADER_PORT: u16 = 28081;

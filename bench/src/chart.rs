@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Proxy, Workload, runs::Results};
+use super::{Proxy, Workload, results::Results};
 
 const WIDTH: f64 = 980.0;
 const LABEL_WIDTH: f64 = 230.0;
@@ -37,7 +37,7 @@ fn colour(p: Proxy) -> &'static str {
 fn values(
     results: &Results,
     workload: Workload,
-    f: impl Fn(&super::runs::Measurement) -> Option<f64>,
+    f: impl Fn(&super::results::Measurement) -> Option<f64>,
 ) -> Vec<(Proxy, f64)> {
     Proxy::MAIN
         .iter()

@@ -1,92 +1,19 @@
 //! The processes under test: started pinned to a core, sampled from `/proc`, stopped on drop, and
-//! removed with every temporary directory when the bench is interrupted.
+//! stopped too when the bench is interrupted (tracked by `xtask::sys::interrupts`).
 
 use std::{
     fs::File,
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::Mutex,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-
-/// Everything a Ctrl-C must clean up: child processes and temporary directories.
-struct Registry {
-    pids: Vec<u32>,
-    dirs: Vec<PathBuf>,
-}
-
-static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
-    pids: Vec::new(),
-    dirs: Vec::new(),
-});
-
-fn registry() -> std::sync::MutexGuard<'static, Registry> {
-    REGISTRY
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-pub fn register_dir(dir: &Path) {
-    registry().dirs.push(dir.to_path_buf());
-}
-
-pub fn unregister_dir(dir: &Path) {
-    registry().dirs.retain(|d| d != dir);
-}
-
-/// On SIGINT/SIGTERM: stop every child (TERM, then KILL), remove the temporary directories, exit.
-pub fn install_interrupt_cleanup() -> Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("cannot install signal handlers")?;
-    std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            eprintln!("\ninterrupted: stopping the bench's processes and removing its files");
-            cleanup_everything();
-            std::process::exit(130);
-        }
-    });
-    Ok(())
-}
-
-fn cleanup_everything() {
-    let (pids, dirs) = {
-        let r = registry();
-        (r.pids.clone(), r.dirs.clone())
-    };
-    for pid in &pids {
-        signal(*pid, libc::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for pid in pids.iter().filter(|p| alive(**p)) {
-        signal(*pid, libc::SIGKILL);
-    }
-    for dir in dirs {
-        let _ = std::fs::remove_dir_all(dir);
-    }
-}
-
-fn signal(pid: u32, sig: libc::c_int) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        // SAFETY: kill has no memory-safety preconditions; the pid is one of our children.
-        unsafe { libc::kill(pid, sig) };
-    }
-}
-
-/// True while `pid` exists and is not a zombie.
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| stat_fields(&s).first().is_some_and(|state| *state != "Z"))
-        .unwrap_or(false)
-}
+use xtask::sys::{
+    interrupts::{self, Live, Tracked},
+    process,
+};
 
 /// The fields of `/proc/PID/stat` after the command name: state is [0], ppid [1], utime [11],
 /// stime [12].
@@ -103,6 +30,7 @@ pub struct Server {
     log: PathBuf,
     /// The process and its children (nginx's workers), found once it is ready.
     pids: Vec<u32>,
+    _interrupted: Tracked,
 }
 
 impl Server {
@@ -126,10 +54,10 @@ impl Server {
             .stderr(err)
             .spawn()
             .with_context(|| format!("cannot start {name} ({})", program.display()))?;
-        registry().pids.push(child.id());
         Ok(Server {
             name: name.to_string(),
             pids: vec![child.id()],
+            _interrupted: interrupts::track(Live::Process(child.id())),
             child,
             log: log.to_path_buf(),
         })
@@ -185,8 +113,7 @@ impl Server {
     }
 
     fn stop(&mut self) {
-        let pid = self.child.id();
-        signal(pid, libc::SIGTERM);
+        process::signal(self.child.id(), libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if matches!(self.child.try_wait(), Ok(Some(_))) {
@@ -203,8 +130,6 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
-        let pid = self.child.id();
-        registry().pids.retain(|p| *p != pid);
     }
 }
 
@@ -288,6 +213,6 @@ mod tests {
         let me = std::process::id();
         assert!(rss_kib(me) > 0);
         assert_eq!(process_tree(me)[0], me);
-        assert!(alive(me));
+        assert!(process::alive(me));
     }
 }

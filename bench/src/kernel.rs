@@ -16,7 +16,8 @@ use aya::{
     maps::lpm_trie::{Key, LpmTrie},
     programs::{TestRun as _, Xdp},
 };
-use ntlm_tag_common::{LOCAL_ADDRS_MAP, TRUSTED_IPIP_MAP};
+use ntlm_tag_common::{LOCAL_ADDRS_MAP, TRUSTED_IPIP_MAP, v4_mapped};
+use ntlm_tag_tests::packets::{eth, ipv4, tcp};
 
 /// The kernel's BPF run-time statistics, switched on with BPF_ENABLE_STATS for as long as the
 /// switch holds its descriptor: they end with this process however it ends, and
@@ -163,31 +164,31 @@ pub fn xdp_test_runs(object: &Path, stats: &StatsSwitch) -> Result<Vec<XdpCase>>
     let mut local: aya::maps::HashMap<_, [u8; 16], u8> =
         aya::maps::HashMap::try_from(ebpf.map_mut(LOCAL_ADDRS_MAP).context("no local map")?)?;
     local.insert(v4_mapped(VIP), 1, 0)?;
-    let inner = |flags| ipv4(CLIENT, VIP, 6, &tcp(40001, 8080, flags));
+    let inner = |flags| ipv4(CLIENT, VIP, 6, 0, &tcp(40001, 8080, flags));
     let cases = [
         (
             "plain TCP segment, not tunnelled (pass)",
-            frame(inner(ACK)),
+            ipv4_frame(inner(ACK)),
             Runs::Repeat(2_000_000),
         ),
         (
             "plain TCP segment, single runs (calibrates the harness)",
-            frame(inner(ACK)),
+            ipv4_frame(inner(ACK)),
             Runs::Single(50_000),
         ),
         (
             "IPIP from an untrusted source (pass untouched)",
-            frame(ipv4(UNTRUSTED, [198, 18, 1, 1], 4, &inner(SYN))),
+            ipv4_frame(ipv4(UNTRUSTED, [198, 18, 1, 1], 4, 0, &inner(SYN))),
             Runs::Repeat(2_000_000),
         ),
         (
             "IPIP SYN from a trusted balancer (decapsulate + record origin)",
-            frame(ipv4(TRUSTED, [198, 18, 1, 1], 4, &inner(SYN))),
+            ipv4_frame(ipv4(TRUSTED, [198, 18, 1, 1], 4, 0, &inner(SYN))),
             Runs::Single(50_000),
         ),
         (
             "IPIP ACK from a trusted balancer (decapsulate)",
-            frame(ipv4(TRUSTED, [198, 18, 1, 1], 4, &inner(ACK))),
+            ipv4_frame(ipv4(TRUSTED, [198, 18, 1, 1], 4, 0, &inner(ACK))),
             Runs::Single(50_000),
         ),
     ];
@@ -286,38 +287,9 @@ fn test_run(program: &mut Xdp, input: &[u8], repeat: u32) -> Result<Duration> {
     Ok(result.duration)
 }
 
-fn v4_mapped(v4: [u8; 4]) -> [u8; 16] {
-    let mut a = [0u8; 16];
-    a[10] = 0xff;
-    a[11] = 0xff;
-    a[12..].copy_from_slice(&v4);
-    a
-}
-
 /// An Ethernet frame carrying IPv4 `l3`.
-fn frame(l3: Vec<u8>) -> Vec<u8> {
-    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x00];
-    f.extend_from_slice(&l3);
-    f
-}
-
-fn ipv4(src: [u8; 4], dst: [u8; 4], protocol: u8, payload: &[u8]) -> Vec<u8> {
-    let total = u16::try_from(20 + payload.len()).unwrap_or(u16::MAX);
-    let mut h = vec![0x45, 0];
-    h.extend_from_slice(&total.to_be_bytes());
-    h.extend_from_slice(&[0, 1, 0, 0, 64, protocol, 0, 0]);
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    h.extend_from_slice(payload);
-    h
-}
-
-fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mut t = Vec::new();
-    t.extend_from_slice(&sport.to_be_bytes());
-    t.extend_from_slice(&dport.to_be_bytes());
-    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    t
+fn ipv4_frame(l3: Vec<u8>) -> Vec<u8> {
+    ntlm_tag_tests::packets::frame(eth(0x0800), l3)
 }
 
 #[cfg(test)]
@@ -347,11 +319,12 @@ mod tests {
 
     #[test]
     fn crafted_frames_have_consistent_lengths() {
-        let f = frame(ipv4(
+        let f = ipv4_frame(ipv4(
             TRUSTED,
             VIP,
             4,
-            &ipv4(CLIENT, VIP, 6, &tcp(1, 2, SYN)),
+            0,
+            &ipv4(CLIENT, VIP, 6, 0, &tcp(1, 2, SYN)),
         ));
         assert_eq!(f.len(), 14 + 20 + 20 + 20);
         assert_eq!(u16::from_be_bytes([f[16], f[17]]), 60);

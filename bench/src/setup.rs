@@ -1,18 +1,11 @@
-//! What the bench needs before it measures: Debian packages, release builds, a release re-exec,
-//! file-descriptor limits, CPU affinity, BPF statistics and a quiet machine.
+//! What the bench needs before it measures: file-descriptor limits, CPU affinity, BPF statistics,
+//! interrupt cleanup and a quiet machine. (`cargo xtask bench` installed the Debian packages and
+//! built the release binaries.)
 
-use std::{
-    os::unix::process::CommandExt,
-    process::{Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-
-use crate::{root, run, step};
-
-/// Debian packages the bench drives (the NTLM load generator is built in).
-const PACKAGES: &[&str] = &["nginx", "haproxy", "wrk", "util-linux", "procps"];
+use xtask::{step, sys::interrupts};
 
 /// Open files for this process and everything it starts (20,000 idle connections on both ends).
 pub const NOFILE: u64 = 200_000;
@@ -20,60 +13,6 @@ pub const NOFILE: u64 = 200_000;
 /// The core of the proxy under test; everything else runs on the other one.
 pub const PROXY_CORE: usize = 0;
 pub const LOAD_CORE: usize = 1;
-
-pub fn install_packages() -> Result<()> {
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !package_installed(p))
-        .collect();
-    if missing.is_empty() {
-        step("bench packages: all present");
-        return Ok(());
-    }
-    step(&format!("installing {}", missing.join(" ")));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing))
-}
-
-fn package_installed(name: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", name])
-        .stderr(Stdio::null())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        .unwrap_or(false)
-}
-
-/// The eBPF object, then release builds of the gateway, the acceptor and xtask itself.
-pub fn build() -> Result<()> {
-    crate::build_ebpf()?;
-    step("building ntlm-tag, the NTLM acceptor and xtask (release)");
-    run(Command::new("cargo").current_dir(root()).args([
-        "build",
-        "--release",
-        "-p",
-        "ntlm-tag",
-        "-p",
-        "ntlm-tag-test-acceptor",
-        "-p",
-        "xtask",
-    ]))
-}
-
-/// Replaces this (debug) process by the release build of xtask with the same arguments.
-pub fn exec_release() -> Result<()> {
-    let binary = root().join("target/release/xtask");
-    let err = Command::new(&binary)
-        .args(std::env::args_os().skip(1))
-        .arg("--in-release")
-        .current_dir(root())
-        .exec();
-    Err(err).with_context(|| format!("cannot execute {}", binary.display()))
-}
 
 /// The process-wide state of a bench run; restores what it changed when dropped.
 pub struct Environment {
@@ -94,7 +33,7 @@ impl Environment {
         }
         let nofile = raise_nofile(NOFILE)?;
         pin_self(LOAD_CORE)?;
-        super::procs::install_interrupt_cleanup()?;
+        interrupts::install("stopping the bench's processes and removing its files")?;
         let (bpf_stats, bpf_stats_note) = match super::kernel::StatsSwitch::on() {
             Ok(switch) => (
                 Some(switch),
@@ -213,25 +152,4 @@ pub fn wait_quiet(max_secs: u64) {
 pub fn cores() -> i64 {
     // SAFETY: sysconf has no preconditions.
     i64::from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } as i32)
-}
-
-/// The first line of a command's output (versions for the report).
-pub fn first_line(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .map(|o| {
-            let text = if o.stdout.is_empty() {
-                o.stderr
-            } else {
-                o.stdout
-            };
-            String::from_utf8_lossy(&text)
-                .lines()
-                .next()
-                .unwrap_or("?")
-                .trim()
-                .to_string()
-        })
-        .unwrap_or_else(|_| "?".into())
 }
