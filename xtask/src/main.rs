@@ -6,6 +6,7 @@ mod demo;
 mod fuzz;
 mod install;
 mod package;
+mod package_systemd_test;
 mod package_test;
 mod setup;
 mod unit;
