@@ -8,6 +8,7 @@ mod fuzz;
 mod install;
 mod lint;
 mod package;
+mod package_systemd_test;
 mod package_test;
 mod setup;
 mod unit;

@@ -128,7 +128,7 @@ pub fn install_and_remove(deb: &Path, mirror: Option<&str>) -> Result<()> {
 }
 
 /// A minbase tree of the machine's Debian suite, made once with debootstrap.
-fn base_tarball(mirror: Option<&str>) -> Result<std::path::PathBuf> {
+pub(crate) fn base_tarball(mirror: Option<&str>) -> Result<std::path::PathBuf> {
     let mirror = apt_sources::debian_mirror(mirror)?;
     let dir = root().join("target/package-chroot");
     let tarball = dir.join(format!("{}-minbase.tar", mirror.suite));
