@@ -27,10 +27,10 @@ const SYSTEMD_PACKAGES: &[&str] = &["systemd", "systemd-sysv", "bpftool"];
 
 pub fn boot_and_check(deb: &Path, mirror: Option<&str>) -> Result<()> {
     ensure!(
-        crate::setup::is_root(),
+        crate::sys::process::is_root(),
         "the systemd test boots a container: run as root"
     );
-    crate::setup::ensure_debian_packages(&["systemd-container"])
+    crate::sys::apt::install_missing("systemd-nspawn", &["systemd-container"])
         .context("systemd-nspawn (Debian package systemd-container) boots the test's systemd")?;
     let started = Instant::now();
     let acceptor = root().join("target/debug/ntlm-acceptor");
