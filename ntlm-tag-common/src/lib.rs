@@ -102,6 +102,16 @@ pub struct IpipOrigin {
 /// Name of the sock_ops program that records and forgets connections.
 pub const SOCK_OPS_PROGRAM: &str = "track_connections";
 
+/// The test-only object (`ntlm-tag-test-programs`, never loaded by the gateway): a sock_ops program
+/// that writes a TOA option into a cgroup's SYNs, and a TC egress program that encapsulates in
+/// IPIP the way a Katran-style balancer does, with the maps that configure them.
+pub const TEST_WRITE_TOA_PROGRAM: &str = "write_toa";
+/// One `[u8; 20]`: the TOA option [`TEST_WRITE_TOA_PROGRAM`] writes.
+pub const TEST_TOA_OPTION_MAP: &str = "TOA_OPTION";
+pub const TEST_ENCAP_PROGRAM: &str = "encap_ipip";
+/// One `[u32; 3]`: virtual IP, outer source, outer destination of [`TEST_ENCAP_PROGRAM`].
+pub const TEST_ENCAP_CONFIG_MAP: &str = "ENCAP_CONFIG";
+
 /// `AF_INET` and `AF_INET6`, as the kernel reports them in `bpf_sock_ops.family`.
 pub const AF_INET: u32 = 2;
 pub const AF_INET6: u32 = 10;

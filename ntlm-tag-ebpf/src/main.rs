@@ -8,6 +8,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod addr;
 mod maps;
 mod sock_ops;
 mod toa;

@@ -47,6 +47,11 @@ pub static LOCAL_ADDRS: HashMap<LpmAddr, u8> = HashMap::with_max_entries(LOCAL_A
 pub static IPIP_ORIGIN: LruHashMap<IpipKey, IpipOrigin> =
     LruHashMap::with_max_entries(IPIP_ORIGIN_ENTRIES, 0);
 
+/// Slot 0 becomes 1 once XDP has recorded a tunnel origin: until then sock_ops skips the lookup in
+/// [`IPIP_ORIGIN`] (a hash of a 40-byte key) on every new connection, as it always would miss.
+#[map(name = "IPIP_IN_USE_V1")]
+pub static IPIP_IN_USE: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Per-CPU scratch space for the record being built (too big for the 512-byte stack with copies).
 #[map(name = "SCRATCH_V1")]
 pub static SCRATCH: PerCpuArray<ConnIdentity> = PerCpuArray::with_max_entries(1, 0);
@@ -76,6 +81,26 @@ pub fn is_trusted_for_ipip(addr: &LpmAddr) -> bool {
 pub fn is_local(addr: &LpmAddr) -> bool {
     // SAFETY: the value is only tested for presence, never read after the lookup.
     unsafe { LOCAL_ADDRS.get(addr) }.is_some()
+}
+
+/// True once XDP has recorded any tunnel origin (see [`IPIP_IN_USE`]).
+#[inline(always)]
+pub fn ipip_in_use() -> bool {
+    IPIP_IN_USE.get(0).is_some_and(|&used| used != 0)
+}
+
+/// Notes that XDP records tunnel origins; written only the first time, so the shared slot's cache
+/// line is not dirtied by every SYN.
+#[inline(always)]
+pub fn mark_ipip_in_use() {
+    if let Some(slot) = IPIP_IN_USE.get_ptr_mut(0) {
+        // SAFETY: `slot` points to a live, aligned u32 in the map; a racing write stores the same 1.
+        unsafe {
+            if *slot == 0 {
+                *slot = 1;
+            }
+        }
+    }
 }
 
 #[inline(always)]

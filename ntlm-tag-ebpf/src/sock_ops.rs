@@ -3,7 +3,7 @@
 //! Attached to the proxy's own cgroup, so it only ever sees sockets the proxy created (its listeners and
 //! what they accept); active (outgoing) connections are ignored.
 
-use core::ptr::{addr_of, read_volatile};
+use core::ptr::{addr_of, addr_of_mut, read_volatile};
 
 use aya_ebpf::{
     bindings::{
@@ -16,11 +16,15 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use ntlm_tag_common::{
-    AF_INET, AF_INET6, ClientSource, ConnIdentity, Counter, IpipKey, Setting, ToaOption, v4_mapped,
+    AF_INET, AF_INET6, ClientSource, ConnIdentity, Counter, IpipKey, Setting, ToaOption,
 };
 
-use crate::maps::{
-    CONN_IDENTITY, IPIP_ORIGIN, OPTION_BUF, SCRATCH, SETTINGS, count, is_trusted_for_toa,
+use crate::{
+    addr::{self, v4_mapped_words},
+    maps::{
+        CONN_IDENTITY, IPIP_ORIGIN, OPTION_BUF, SCRATCH, SETTINGS, count, ipip_in_use,
+        is_trusted_for_toa,
+    },
 };
 
 /// `TCP_CLOSE` from the kernel's `enum tcp_state`.
@@ -49,7 +53,7 @@ fn record_established(ctx: &SockOpsContext) {
         return;
     }
     apply_toa(ctx, identity);
-    if identity.source == ClientSource::Peer as u8 {
+    if identity.source == ClientSource::Peer as u8 && ipip_in_use() {
         join_ipip(identity);
     }
     // SAFETY: the helper only reads the socket behind the context the kernel passed us.
@@ -114,43 +118,33 @@ fn read_identity(ctx: &SockOpsContext, id: &mut ConnIdentity) -> bool {
             ],
         )
     };
-    *id = ConnIdentity::zeroed();
-    match family {
-        AF_INET => {
-            id.peer_addr = v4_mapped(remote4.to_ne_bytes());
-            id.local_addr = v4_mapped(local4.to_ne_bytes());
-        }
-        AF_INET6 => {
-            id.peer_addr = ip6_bytes(remote6);
-            id.local_addr = ip6_bytes(local6);
-        }
+    // The kernel gives IPv4 addresses as one u32 and IPv6 addresses as four, each holding
+    // network-order bytes: stored as they are, they are the address bytes.
+    let (peer, local) = match family {
+        AF_INET => (v4_mapped_words(remote4), v4_mapped_words(local4)),
+        AF_INET6 => (remote6, local6),
         _ => return false,
-    }
-    id.family = family as u16;
+    };
     // remote_port is the network-order port in the upper half of a u32; local_port is in host order.
-    id.peer_port = u32::from_be(remote_port) as u16;
-    id.local_port = local_port as u16;
-    id.client_addr = id.peer_addr;
-    id.client_port = id.peer_port;
-    id.source = ClientSource::Peer as u8;
+    let peer_port = u32::from_be(remote_port) as u16;
+    // Every field written whole and the addresses a word at a time (see `addr`), without zeroing
+    // the record first: on BPF that is a byte-by-byte `memset` loop over its 88 bytes.
+    // SAFETY: the address fields of `id` are valid, 4-aligned places (see `addr::store`).
+    unsafe {
+        addr::store(addr_of_mut!(id.peer_addr), peer);
+        addr::store(addr_of_mut!(id.local_addr), local);
+        addr::store(addr_of_mut!(id.client_addr), peer);
+        addr::store(addr_of_mut!(id.balancer_addr), [0; 4]);
+    }
     // SAFETY: no arguments, always safe to call.
     id.established_ns = unsafe { bpf_ktime_get_ns() };
+    id.peer_port = peer_port;
+    id.local_port = local_port as u16;
+    id.client_port = peer_port;
+    id.family = family as u16;
+    id.source = ClientSource::Peer as u8;
+    id._pad = [0; 7];
     true
-}
-
-/// The kernel gives IPv6 addresses as four u32 words, each holding network-order bytes.
-fn ip6_bytes(words: [u32; 4]) -> [u8; 16] {
-    let [a, b, c, d] = words;
-    let (a, b, c, d) = (
-        a.to_ne_bytes(),
-        b.to_ne_bytes(),
-        c.to_ne_bytes(),
-        d.to_ne_bytes(),
-    );
-    [
-        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
-        d[3],
-    ]
 }
 
 /// If the ACK that completed the handshake carries a TOA option from a peer trusted for TOA, the

@@ -14,9 +14,12 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
 };
-use ntlm_tag_common::{IpipKey, IpipOrigin, XdpCounter, v4_mapped};
+use ntlm_tag_common::{IpipKey, IpipOrigin, LpmAddr, XdpCounter};
 
-use crate::maps::{IPIP_ORIGIN, count_xdp, is_local, is_trusted_for_ipip};
+use crate::{
+    addr::v4_mapped,
+    maps::{IPIP_ORIGIN, count_xdp, is_local, is_trusted_for_ipip, mark_ipip_in_use},
+};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -65,8 +68,8 @@ fn decap_v4<const L2: usize>(ctx: &XdpContext) -> Result<(), ()> {
         count_xdp(XdpCounter::Skipped);
         return Ok(());
     }
-    let outer_src: [u8; 4] = read(ctx, L2 + 12)?;
-    if !is_trusted_for_ipip(&v4_mapped(outer_src)) {
+    let outer_src = v4_mapped(read(ctx, L2 + 12)?);
+    if !is_trusted_for_ipip(&outer_src) {
         count_xdp(XdpCounter::Untrusted);
         return Ok(());
     }
@@ -80,7 +83,8 @@ fn decap_v4<const L2: usize>(ctx: &XdpContext) -> Result<(), ()> {
         count_xdp(XdpCounter::InnerNotTcp);
         return Ok(());
     }
-    if !is_local(&v4_mapped(read(ctx, inner + 16)?)) {
+    let inner_dst = v4_mapped(read(ctx, inner + 16)?);
+    if !is_local(&inner_dst) {
         count_xdp(XdpCounter::InnerNotLocal);
         return Ok(());
     }
@@ -89,19 +93,15 @@ fn decap_v4<const L2: usize>(ctx: &XdpContext) -> Result<(), ()> {
     let inner_frag = u16::from_be(read::<u16>(ctx, inner + 6)?);
     if inner_version_ihl == 0x45 && inner_frag & 0x3fff == 0 {
         let tcp = inner + IPV4_LEN;
-        let flags = read::<u8>(ctx, tcp + 13)?;
-        if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        if is_syn(read::<u8>(ctx, tcp + 13)?) {
             let key = IpipKey {
                 client_addr: v4_mapped(read(ctx, inner + 12)?),
-                local_addr: v4_mapped(read(ctx, inner + 16)?),
+                local_addr: inner_dst,
                 client_port: u16::from_be(read::<u16>(ctx, tcp)?),
                 local_port: u16::from_be(read::<u16>(ctx, tcp + 2)?),
                 _pad: [0; 4],
             };
-            let origin = IpipOrigin {
-                balancer_addr: v4_mapped(outer_src),
-            };
-            let _ = IPIP_ORIGIN.insert(&key, &origin, 0);
+            record_origin(&key, outer_src);
         }
     }
     strip::<L2, IPV4_LEN>(ctx, ETH_P_IP)
@@ -113,7 +113,7 @@ fn decap_v6<const L2: usize>(ctx: &XdpContext) -> Result<(), ()> {
     if next_header != IPPROTO_IPV6 {
         return Ok(());
     }
-    let outer_src: [u8; 16] = read(ctx, L2 + 8)?;
+    let outer_src: LpmAddr = read(ctx, L2 + 8)?;
     if !is_trusted_for_ipip(&outer_src) {
         count_xdp(XdpCounter::Untrusted);
         return Ok(());
@@ -129,27 +129,39 @@ fn decap_v6<const L2: usize>(ctx: &XdpContext) -> Result<(), ()> {
         count_xdp(XdpCounter::InnerNotTcp);
         return Ok(());
     }
-    let inner_dst: [u8; 16] = read(ctx, inner + 24)?;
+    let inner_dst: LpmAddr = read(ctx, inner + 24)?;
     if !is_local(&inner_dst) {
         count_xdp(XdpCounter::InnerNotLocal);
         return Ok(());
     }
     let tcp = inner + IPV6_LEN;
-    let flags = read::<u8>(ctx, tcp + 13)?;
-    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    if is_syn(read::<u8>(ctx, tcp + 13)?) {
         let key = IpipKey {
             client_addr: read(ctx, inner + 8)?,
-            local_addr: read(ctx, inner + 24)?,
+            local_addr: inner_dst,
             client_port: u16::from_be(read::<u16>(ctx, tcp)?),
             local_port: u16::from_be(read::<u16>(ctx, tcp + 2)?),
             _pad: [0; 4],
         };
-        let origin = IpipOrigin {
-            balancer_addr: outer_src,
-        };
-        let _ = IPIP_ORIGIN.insert(&key, &origin, 0);
+        record_origin(&key, outer_src);
     }
     strip::<L2, IPV6_LEN>(ctx, ETH_P_IPV6)
+}
+
+/// A connection's first segment: SYN without ACK.
+#[inline(always)]
+fn is_syn(flags: u8) -> bool {
+    flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// Names `balancer` as the origin of the inner connection `key`, for sock_ops to join.
+#[inline(always)]
+fn record_origin(key: &IpipKey, balancer: LpmAddr) {
+    let origin = IpipOrigin {
+        balancer_addr: balancer,
+    };
+    mark_ipip_in_use();
+    let _ = IPIP_ORIGIN.insert(key, &origin, 0);
 }
 
 /// Drops the `OUTER`-byte outer IP header: the `L2`-byte link header is saved, the packet head moved

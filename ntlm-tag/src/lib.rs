@@ -7,6 +7,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod epa;
+pub mod error;
 pub mod guard;
 pub mod handover;
 pub mod identity;

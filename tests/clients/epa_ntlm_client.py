@@ -18,7 +18,7 @@ import spnego
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from ntlm_http import request as _request
+from ntlm_http import login, ntlm_client
 
 
 def end_point_hash(der: bytes) -> bytes:
@@ -60,20 +60,8 @@ def main() -> int:
     der = conn.sock.getpeercert(binary_form=True)
     application_data = b"tls-server-end-point:" + end_point_hash(der)
     bindings = spnego.channel_bindings.GssChannelBindings(application_data=application_data)
-    client = spnego.client(
-        args.user,
-        args.password,
-        hostname=server_name,
-        service="HTTP",
-        protocol="ntlm",
-        channel_bindings=bindings,
-    )
-    path = url.path or "/"
-    token = client.step()
-    status, body, challenge = _request(conn, path, token)
-    if status == 401 and challenge:
-        token = client.step(challenge)
-        status, body, _ = _request(conn, path, token)
+    client = ntlm_client(args.user, args.password, server_name, channel_bindings=bindings)
+    status, body = login(conn, url.path or "/", client)
     print(
         json.dumps(
             {

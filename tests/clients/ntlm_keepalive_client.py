@@ -9,12 +9,11 @@ request prints {"error": ...} and ends the client.
 """
 
 import argparse
-import base64
 import http.client
 import json
 import sys
 
-import spnego
+from ntlm_http import connection, login, ntlm_client, request
 
 
 def main() -> int:
@@ -27,23 +26,18 @@ def main() -> int:
     parser.add_argument("--source")
     args = parser.parse_args()
 
-    conn = http.client.HTTPConnection(
-        args.host,
-        args.port,
-        timeout=20,
-        source_address=(args.source, 0) if args.source else None,
-    )
+    conn = connection(args.host, args.port, args.source)
     conn.connect()
+    # No automatic reconnection: a request on a closed connection must fail, not open a new one.
+    conn.auto_open = 0
     local_port = conn.sock.getsockname()[1]
-    client = spnego.client(args.user, args.password, hostname=args.host, service="HTTP", protocol="ntlm")
-    status, body, challenge = request(conn, args.path, client.step())
-    if status == 401 and challenge:
-        status, body, _ = request(conn, args.path, client.step(challenge))
+    client = ntlm_client(args.user, args.password, args.host)
+    status, body = login(conn, args.path, client)
     report(status, body, local_port)
     for line in sys.stdin:
         path = line.strip() or args.path
         try:
-            status, body, _ = request(conn, path, None)
+            status, body, _ = request(conn, path)
         except (OSError, http.client.HTTPException) as e:
             print(json.dumps({"error": repr(e)}), flush=True)
             return 1
@@ -56,23 +50,6 @@ def main() -> int:
 
 def report(status, body, local_port):
     print(json.dumps({"status": status, "body": body, "local_port": local_port}), flush=True)
-
-
-def request(conn, path, token):
-    headers = {}
-    if token is not None:
-        headers["Authorization"] = "NTLM " + base64.b64encode(token).decode()
-    # No automatic reconnection: a request on a closed connection must fail, not open a new one.
-    conn.auto_open = 0
-    conn.request("GET", path, headers=headers)
-    response = conn.getresponse()
-    body = response.read().decode(errors="replace")
-    challenge = None
-    for value in response.headers.get_all("WWW-Authenticate") or []:
-        scheme, _, data = value.partition(" ")
-        if scheme.upper() == "NTLM" and data:
-            challenge = base64.b64decode(data)
-    return response.status, body, challenge
 
 
 if __name__ == "__main__":

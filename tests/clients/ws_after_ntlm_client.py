@@ -17,15 +17,12 @@ Prints one JSON line: {"login_status", "login_body", "upgrade_status", "upgrade_
 import argparse
 import base64
 import hashlib
-import http.client
 import json
 import os
 import struct
 import sys
 
-import spnego
-
-from ntlm_http import request as _request
+from ntlm_http import connection, login, ntlm_client
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -41,18 +38,9 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=3)
     args = parser.parse_args()
 
-    conn = http.client.HTTPConnection(
-        args.host,
-        args.port,
-        timeout=20,
-        source_address=(args.source, 0) if args.source else None,
-    )
-    client = spnego.client(
-        args.user, args.password, hostname=args.host, service="HTTP", protocol="ntlm"
-    )
-    status, body, challenge = _request(conn, "/login", client.step())
-    if status == 401 and challenge:
-        status, body, _ = _request(conn, "/login", client.step(challenge))
+    conn = connection(args.host, args.port, args.source)
+    client = ntlm_client(args.user, args.password, args.host)
+    status, body = login(conn, "/login", client)
     result = {"login_status": status, "login_body": body}
     if status != 200:
         print(json.dumps(result))

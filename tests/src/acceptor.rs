@@ -2,17 +2,15 @@
 //! --ntlm` as a real client.
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 
-use crate::netns::NetNs;
+use crate::{acceptor_log::AcceptorLog, netns::NetNs, topology::Topology};
 
 pub fn binary() -> PathBuf {
     let path = std::env::var_os("NTLM_ACCEPTOR_BIN")
@@ -28,6 +26,32 @@ pub fn binary() -> PathBuf {
     path
 }
 
+/// The acceptor's `--user` list from `(user, password)` pairs.
+pub fn users(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(user, password)| (user.to_string(), password.to_string()))
+        .collect()
+}
+
+/// `n` users `user00`, `user01`, … with passwords `Secret-0!`, `Secret-1!`, …
+pub fn numbered_users(n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|i| (format!("user{i:02}"), format!("Secret-{i}!")))
+        .collect()
+}
+
+/// Backends A and B of the standard topology (ports 8081 and 8082), with the same `users`.
+pub fn two_backends(
+    ns: &NetNs,
+    users: &[(String, String)],
+    keying: Keying,
+) -> (Acceptor, Acceptor) {
+    (
+        Acceptor::start(ns, Topology::backend_at(8081), users, keying),
+        Acceptor::start(ns, Topology::backend_at(8082), users, keying),
+    )
+}
+
 /// How the acceptor keys NTLM security contexts.
 #[derive(Debug, Clone, Copy)]
 pub enum Keying {
@@ -41,7 +65,7 @@ pub enum Keying {
 pub struct Acceptor {
     child: Option<Child>,
     pub addr: SocketAddr,
-    log: Arc<Mutex<Vec<Value>>>,
+    log: AcceptorLog,
 }
 
 impl Acceptor {
@@ -77,21 +101,8 @@ impl Acceptor {
         }
         let mut child = cmd.spawn().expect("spawn ntlm-acceptor");
         let stdout = child.stdout.take().expect("stdout");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    if line.starts_with("ntlm-acceptor ready") {
-                        let _ = ready_tx.send(());
-                    } else if let Ok(v) = serde_json::from_str(&line) {
-                        log.lock().expect("log").push(v);
-                    }
-                }
-            });
-        }
-        if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
+        let log = AcceptorLog::new(stdout);
+        if !log.wait_ready(Duration::from_secs(20)) {
             let _ = child.kill();
             panic!("ntlm-acceptor on {addr} did not become ready");
         }
@@ -103,7 +114,7 @@ impl Acceptor {
     }
 
     pub fn requests(&self) -> Vec<Value> {
-        self.log.lock().expect("log").clone()
+        self.log.records()
     }
 
     /// Distinct upstream TCP connections that carried requests (excluding health checks:
@@ -127,16 +138,12 @@ impl Acceptor {
 
     /// Waits (up to `timeout`) until a logged request satisfies `check`; panics naming `what`.
     pub fn wait_for_request(&self, what: &str, timeout: Duration, check: impl Fn(&Value) -> bool) {
-        let deadline = Instant::now() + timeout;
-        while !self.requests().iter().any(&check) {
-            assert!(
-                Instant::now() < deadline,
-                "acceptor {}: no request {what} within {timeout:?}: {:?}",
-                self.addr,
-                self.requests()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::wait::eventually_within(
+            &format!("acceptor {}: a request {what}", self.addr),
+            timeout,
+            || self.requests(),
+            |requests| requests.iter().any(&check),
+        );
     }
 
     /// Kills the acceptor now (a backend dying).
@@ -175,6 +182,16 @@ pub struct CurlRun {
 }
 
 impl CurlRun {
+    /// The last status curl printed with `-w "\ncode=%{http_code}\n"` (the handshake's final one).
+    pub fn final_status(&self) -> u16 {
+        self.stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("code="))
+            .next_back()
+            .and_then(|c| c.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no status in {}", self.stdout))
+    }
+
     /// The users the bodies named, in order (`user=NAME` lines).
     pub fn users(&self) -> Vec<String> {
         self.stdout

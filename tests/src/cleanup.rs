@@ -9,21 +9,13 @@ pub fn remove_everything_of(pid: u32) {
         .args(["-TERM", "-P", &pid.to_string()])
         .status();
     // Test cgroups (TOA writers) of this process; the gateways remove their own on SIGTERM.
-    if let Some(mount) = crate::gateway::cgroup2_mount() {
-        let own = std::fs::read_to_string("/proc/self/cgroup")
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("0::").map(str::to_string))
-            })
-            .unwrap_or_default();
-        let parent = mount.join(own.trim_start_matches('/'));
-        if let Ok(entries) = std::fs::read_dir(&parent) {
-            let mine = format!("ntlm-tag-test.{pid}.");
-            for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with(&mine) {
-                    let _ = std::fs::remove_dir(e.path());
-                }
+    if let Some(parent) = crate::gateway::own_cgroup()
+        && let Ok(entries) = std::fs::read_dir(&parent)
+    {
+        let mine = format!("ntlm-tag-test.{pid}.");
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&mine) {
+                let _ = std::fs::remove_dir(e.path());
             }
         }
     }

@@ -7,7 +7,7 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpSocket;
+use tokio::net::{TcpSocket, TcpStream};
 
 pub struct Response {
     pub status: u16,
@@ -27,23 +27,7 @@ impl Connection {
     /// Connects to `dst`, from `src` when given (a fixed port is reusable right after an abortive
     /// close, see [`close_abortively`](Self::close_abortively)).
     pub async fn open(src: Option<SocketAddr>, dst: SocketAddr) -> Connection {
-        let socket = if dst.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
-        .expect("socket");
-        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
-        if let Some(src) = src {
-            socket
-                .bind(src)
-                .unwrap_or_else(|e| panic!("bind {src}: {e}"));
-        }
-        let stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(dst))
-            .await
-            .unwrap_or_else(|_| panic!("connect to {dst} timed out"))
-            .unwrap_or_else(|e| panic!("connect to {dst}: {e}"));
-        stream.set_nodelay(true).expect("nodelay");
+        let stream = connect(src, dst, true).await;
         let local = stream.local_addr().expect("local addr");
         let raw_fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -120,6 +104,31 @@ impl Connection {
         // Wait until the task (and with it the socket) is really gone.
         let _ = self.task.await;
     }
+}
+
+/// A TCP connection to `dst` (from `src` when given; `reuse_addr`: SO_REUSEADDR first), with
+/// Nagle off; panics after 10 s or on an error.
+pub async fn connect(src: Option<SocketAddr>, dst: SocketAddr, reuse_addr: bool) -> TcpStream {
+    let socket = if dst.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .expect("socket");
+    if reuse_addr {
+        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+    }
+    if let Some(src) = src {
+        socket
+            .bind(src)
+            .unwrap_or_else(|e| panic!("bind {src}: {e}"));
+    }
+    let stream = tokio::time::timeout(Duration::from_secs(10), socket.connect(dst))
+        .await
+        .unwrap_or_else(|_| panic!("connect to {dst} timed out"))
+        .unwrap_or_else(|e| panic!("connect to {dst}: {e}"));
+    stream.set_nodelay(true).expect("nodelay");
+    stream
 }
 
 /// One request on a fresh connection from `src`, closed with RST (SO_LINGER 0) so the same source

@@ -24,7 +24,7 @@ use std::{
 };
 
 use crate::{
-    netns::{NetNs, addr, run_in, veth},
+    netns::{NetNs, addr, run_in},
     topology::{BACKEND_PORT, BACKEND_V4, GATEWAY_PORT, GATEWAY_V4},
 };
 
@@ -287,13 +287,7 @@ pub const FRONT_PORT: u16 = 80;
 
 impl HaproxyTopology {
     pub fn new() -> HaproxyTopology {
-        let client = NetNs::new("cl");
-        let balancer = NetNs::new("lb");
-        let gateway = NetNs::new("gw");
-        let backend = NetNs::new("be");
-        veth(&client, "eth0", &balancer, "down0");
-        veth(&balancer, "up0", &gateway, "down0");
-        veth(&gateway, "up0", &backend, "eth0");
+        let (client, balancer, gateway, backend) = crate::topology::balanced_chain();
         for i in 0..4 {
             addr(&client, "eth0", &format!("198.18.10.{}/24", 10 + i));
             addr(&client, "eth0", &format!("fd00:5418:10::{:x}/64", 0x10 + i));

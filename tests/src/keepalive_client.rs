@@ -73,7 +73,7 @@ impl KeepAliveLogin {
 
     fn next_response(&self) -> Value {
         self.responses
-            .recv_timeout(crate::gateway::scaled(Duration::from_secs(30)))
+            .recv_timeout(crate::wait::scaled(Duration::from_secs(30)))
             .unwrap_or_else(|_| serde_json::json!({ "error": "no response from the client" }))
     }
 

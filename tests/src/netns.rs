@@ -91,15 +91,7 @@ impl NetNs {
         Fut: std::future::Future<Output = T>,
         T: Send + 'static,
     {
-        let path = self.path();
-        std::thread::spawn(move || {
-            enter(&path);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(f())
-        })
+        spawn_in(self.path(), f)
     }
 }
 
@@ -110,7 +102,19 @@ where
     Fut: std::future::Future<Output = T>,
     T: Send + 'static,
 {
-    let path = path.to_path_buf();
+    spawn_in(path.to_path_buf(), f)
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// A thread that enters the namespace at `path` and runs `f` on a current-thread runtime of its
+/// own (a namespace belongs to a thread, so the runtime must not move work elsewhere).
+fn spawn_in<F, Fut, T>(path: PathBuf, f: F) -> std::thread::JoinHandle<T>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
     std::thread::spawn(move || {
         enter(&path);
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -119,8 +123,6 @@ where
             .expect("runtime");
         rt.block_on(f())
     })
-    .join()
-    .unwrap_or_else(|e| std::panic::resume_unwind(e))
 }
 
 /// Moves the calling thread into the network namespace at `path`.

@@ -16,7 +16,11 @@ use aya::{
     programs::{CgroupAttachMode, SchedClassifier, SockOps, TcAttachType, tc},
 };
 
-use crate::{gateway::cgroup2_mount, netns::NetNs};
+use ntlm_tag_common::{
+    TEST_ENCAP_CONFIG_MAP, TEST_ENCAP_PROGRAM, TEST_TOA_OPTION_MAP, TEST_WRITE_TOA_PROGRAM,
+};
+
+use crate::{gateway::own_cgroup, netns::NetNs};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -60,15 +64,7 @@ pub struct ToaWritingCgroup {
 
 impl ToaWritingCgroup {
     pub fn new(option: [u8; 20]) -> ToaWritingCgroup {
-        let mount = cgroup2_mount().expect("cgroup2 mounted");
-        let own = std::fs::read_to_string("/proc/self/cgroup")
-            .ok()
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("0::").map(str::to_string))
-            })
-            .unwrap_or_else(|| "/".into());
-        let path = mount.join(own.trim_start_matches('/')).join(format!(
+        let path = own_cgroup().expect("cgroup2 mounted").join(format!(
             "ntlm-tag-test.{}.{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
@@ -76,12 +72,15 @@ impl ToaWritingCgroup {
         std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
         let mut ebpf =
             Ebpf::load_file(object("ntlm-tag-test-programs")).expect("load test programs");
-        let mut options: Array<_, [u8; 20]> =
-            Array::try_from(ebpf.map_mut("TOA_OPTION").expect("TOA_OPTION")).expect("array");
+        let mut options: Array<_, [u8; 20]> = Array::try_from(
+            ebpf.map_mut(TEST_TOA_OPTION_MAP)
+                .expect(TEST_TOA_OPTION_MAP),
+        )
+        .expect("array");
         options.set(0, option, 0).expect("set option");
         let program: &mut SockOps = ebpf
-            .program_mut("write_toa")
-            .expect("write_toa")
+            .program_mut(TEST_WRITE_TOA_PROGRAM)
+            .expect(TEST_WRITE_TOA_PROGRAM)
             .try_into()
             .expect("sock_ops");
         program.load().expect("load write_toa");
@@ -99,8 +98,8 @@ impl ToaWritingCgroup {
         ns: &NetNs,
         source: std::net::IpAddr,
         url: &str,
-        backend: &crate::backend::Backend,
-    ) -> crate::backend::Seen {
+        backend: &crate::backends::recording::Backend,
+    ) -> crate::backends::recording::Seen {
         let before = backend.seen().len();
         let source = source.to_string();
         let body = self.run(
@@ -163,16 +162,18 @@ impl IpipEncap {
             let attach = || -> Result<Ebpf, String> {
                 let mut ebpf =
                     Ebpf::load_file(object("ntlm-tag-test-programs")).map_err(|e| e.to_string())?;
-                let mut config: Array<_, [u32; 3]> =
-                    Array::try_from(ebpf.map_mut("ENCAP_CONFIG").ok_or("no ENCAP_CONFIG")?)
-                        .map_err(|e| e.to_string())?;
+                let mut config: Array<_, [u32; 3]> = Array::try_from(
+                    ebpf.map_mut(TEST_ENCAP_CONFIG_MAP)
+                        .ok_or("no ENCAP_CONFIG")?,
+                )
+                .map_err(|e| e.to_string())?;
                 let ne = |a: std::net::Ipv4Addr| u32::from_ne_bytes(a.octets());
                 config
                     .set(0, [ne(vip), ne(outer_src), ne(outer_dst)], 0)
                     .map_err(|e| e.to_string())?;
                 let _ = tc::qdisc_add_clsact(&iface);
                 let program: &mut SchedClassifier = ebpf
-                    .program_mut("encap_ipip")
+                    .program_mut(TEST_ENCAP_PROGRAM)
                     .ok_or("no encap_ipip")?
                     .try_into()
                     .map_err(|e: aya::programs::ProgramError| e.to_string())?;

@@ -72,12 +72,35 @@ impl Topology {
     pub fn backend_addr() -> SocketAddr {
         SocketAddr::new(BACKEND_V4.parse().expect("address"), BACKEND_PORT)
     }
+
+    /// The backend namespace's address on another `port` (for a second or third backend).
+    pub fn backend_at(port: u16) -> SocketAddr {
+        SocketAddr::new(BACKEND_V4.parse().expect("address"), port)
+    }
+
+    /// `http://<gateway>/<path>`: a URL for curl (`path` starts with `/`).
+    pub fn url(path: &str) -> String {
+        format!("http://{}{path}", Self::gateway_addr())
+    }
 }
 
 impl Default for Topology {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Four namespaces in a row, joined by veth pairs: client `eth0` — `down0` balancer `up0` —
+/// `down0` gateway `up0` — `eth0` backend (addresses are the caller's).
+pub fn balanced_chain() -> (NetNs, NetNs, NetNs, NetNs) {
+    let client = NetNs::new("cl");
+    let balancer = NetNs::new("lb");
+    let gateway = NetNs::new("gw");
+    let backend = NetNs::new("be");
+    veth(&client, "eth0", &balancer, "down0");
+    veth(&balancer, "up0", &gateway, "down0");
+    veth(&gateway, "up0", &backend, "eth0");
+    (client, balancer, gateway, backend)
 }
 
 /// Clients behind an nftables load balancer that DNATs a virtual IP to the gateway and SNATs every
@@ -101,13 +124,7 @@ pub const SNAT_PORT: u16 = 40_000;
 
 impl SnatTopology {
     pub fn new() -> SnatTopology {
-        let client = NetNs::new("cl");
-        let balancer = NetNs::new("lb");
-        let gateway = NetNs::new("gw");
-        let backend = NetNs::new("be");
-        veth(&client, "eth0", &balancer, "down0");
-        veth(&balancer, "up0", &gateway, "down0");
-        veth(&gateway, "up0", &backend, "eth0");
+        let (client, balancer, gateway, backend) = balanced_chain();
         for i in 0..4 {
             addr(&client, "eth0", &format!("198.18.10.{}/24", 10 + i));
         }
@@ -199,13 +216,7 @@ pub const IPIP_VIP: &str = "198.18.20.1";
 
 impl IpipTopology {
     pub fn new() -> IpipTopology {
-        let client = NetNs::new("cl");
-        let balancer = NetNs::new("lb");
-        let gateway = NetNs::new("gw");
-        let backend = NetNs::new("be");
-        veth(&client, "eth0", &balancer, "down0");
-        veth(&balancer, "up0", &gateway, "down0");
-        veth(&gateway, "up0", &backend, "eth0");
+        let (client, balancer, gateway, backend) = balanced_chain();
         // Room for the 20-byte outer header.
         balancer.ip(&["link", "set", "up0", "mtu", "1600"]);
         gateway.ip(&["link", "set", "down0", "mtu", "1600"]);

@@ -18,10 +18,11 @@ use std::{
 };
 
 use ntlm_tag_tests::{
-    acceptor::{Acceptor, Keying, curl_ntlm},
-    epa_client,
-    gateway::{Gateway, scaled, time_scale},
+    acceptor::{self, Acceptor, Keying, curl_ntlm},
+    epa_client, fixtures,
+    gateway::Gateway,
     topology::Topology,
+    wait::{scaled, time_scale},
 };
 use serde_json::Value;
 
@@ -30,7 +31,7 @@ const PASSWORD: &str = "Exchange-Secret-1";
 const GIB: u64 = 1 << 30;
 
 fn users() -> Vec<(String, String)> {
-    vec![(USER.to_string(), PASSWORD.to_string())]
+    acceptor::users(&[(USER, PASSWORD)])
 }
 
 /// The IIS-like backend: NTLM keyed on its own TCP connection.
@@ -45,17 +46,8 @@ fn start_backend(topo: &Topology) -> Acceptor {
 
 /// A gateway in front of the acceptor, kernel programs required, with `config` as its file.
 fn start_gateway(topo: &Topology, dir: &Path, config: &str) -> Gateway {
-    let file = dir.join("ntlm-tag.toml");
-    std::fs::write(&file, config).expect("write the configuration");
-    Gateway::start_with_ebpf(
-        &topo.gateway,
-        Topology::gateway_addr(),
-        &["--config", file.to_str().expect("utf-8 path")],
-    )
-}
-
-fn url(path: &str) -> String {
-    format!("http://{}{path}", Topology::gateway_addr())
+    let file = fixtures::write(dir, "ntlm-tag.toml", config);
+    Gateway::new().config(file).start(&topo.gateway)
 }
 
 /// How much a transfer moves: 1 GiB, or 64 MiB in a TCG virtual machine (20x slower), where a
@@ -190,7 +182,14 @@ fn rpc_channels_stream(mode: &str) {
     let source = Topology::client_v4(1);
 
     // Warm the gateway up (its first connection allocates what every later one reuses).
-    let warm = curl_ntlm(&topo.client, source, USER, PASSWORD, &[url("/owa/")], &[]);
+    let warm = curl_ntlm(
+        &topo.client,
+        source,
+        USER,
+        PASSWORD,
+        &[Topology::url("/owa/")],
+        &[],
+    );
     assert_eq!(warm.users(), [USER], "{}", warm.stderr);
 
     let upload_run = || {
@@ -199,7 +198,7 @@ fn rpc_channels_stream(mode: &str) {
             source,
             USER,
             PASSWORD,
-            &[url("/rpc/rpcproxy.dll?exch1.corp.example:6001")],
+            &[Topology::url("/rpc/rpcproxy.dll?exch1.corp.example:6001")],
             &[
                 "-X",
                 "RPC_IN_DATA",
@@ -237,7 +236,7 @@ fn rpc_channels_stream(mode: &str) {
             source,
             USER,
             PASSWORD,
-            &[url(&format!(
+            &[Topology::url(&format!(
                 "/rpc/rpcproxy.dll?exch1.corp.example:6001&out_bytes={size}"
             ))],
             &[
@@ -288,18 +287,12 @@ fn timed_login(topo: &Topology, source: std::net::IpAddr, path: &str) -> (u16, D
         source,
         USER,
         PASSWORD,
-        &[url(path)],
+        &[Topology::url(path)],
         &["-w", "\ncode=%{http_code}\n", "--max-time", "300"],
     );
     let took = started.elapsed();
     assert!(run.success, "{path}: {}", run.stderr);
-    let status = run
-        .stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("code="))
-        .next_back()
-        .and_then(|c| c.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no status in {}", run.stdout));
+    let status = run.final_status();
     (status, took, run.stdout)
 }
 
@@ -451,7 +444,7 @@ fn a_websocket_after_an_ntlm_login_is_echoed_through_the_bound_connection_and_ne
         Topology::client_v4(2),
         USER,
         PASSWORD,
-        &[url("/owa/")],
+        &[Topology::url("/owa/")],
         &[],
     );
     assert_eq!(other.users(), [USER], "{}", other.stderr);
@@ -486,7 +479,7 @@ fn a_bound_connection_at_its_request_cap_closes_with_its_client_connection() {
         "mode = \"bind\"\n[upstream_caps]\nmax_requests = 3\n",
     );
     let urls: Vec<String> = (0..4)
-        .map(|i| url(&format!("/ews/exchange.asmx?r={i}")))
+        .map(|i| Topology::url(&format!("/ews/exchange.asmx?r={i}")))
         .collect();
     let run = curl_ntlm(
         &topo.client,

@@ -4,70 +4,25 @@
 
 use std::{
     net::SocketAddr,
-    path::Path,
     sync::mpsc,
     time::{Duration, Instant},
 };
 
 use ntlm_tag_tests::{
-    backend::Backend,
+    backends::recording::Backend,
+    backends::scripted::{Script, ScriptedBackend},
     client::Connection,
-    gateway::{Gateway, scaled},
+    fixtures,
+    gateway::{Gateway, kernel_counter},
+    metrics::sample,
     netns::NetNs,
-    raw::{self, End, RawClient, Script, ScriptedBackend},
+    raw::{self, End, RawClient},
     topology::Topology,
+    wait::{eventually, eventually_within, scaled},
 };
 use serde_json::Value;
 
-fn gateway(topo: &Topology, extra: &[&str]) -> Gateway {
-    let listen = Topology::gateway_addr().to_string();
-    let backend = Topology::backend_addr().to_string();
-    let mut args = vec![
-        "--listen",
-        &listen,
-        "--backend",
-        &backend,
-        "--ebpf",
-        "required",
-    ];
-    args.extend_from_slice(extra);
-    Gateway::start(&topo.gateway, &args)
-}
-
-/// Writes a configuration file with `text` and returns its path.
-fn config(dir: &Path, text: &str) -> String {
-    let path = dir.join("ntlm-tag.toml");
-    std::fs::write(&path, text).expect("write config");
-    path.to_string_lossy().into_owned()
-}
-
-/// The value of the Prometheus sample `name{labels}` (`labels` as written, or empty).
-fn metric(text: &str, name: &str, labels: &str) -> Option<u64> {
-    let key = if labels.is_empty() {
-        name.to_string()
-    } else {
-        format!("{name}{{{labels}}}")
-    };
-    text.lines()
-        .find_map(|l| l.strip_prefix(&key)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// Waits (with a deadline) until `check` holds on `/metrics`.
-fn wait_for_metrics(gw: &Gateway, what: &str, check: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = gw.admin_metrics();
-        if check(&m) {
-            return m;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}:\n{m}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
+/// Kernel records (from `/kernel`) of clients whose address starts with `prefix`.
 fn client_records(kernel: &Value, prefix: &str) -> usize {
     kernel["records"]
         .as_array()
@@ -75,12 +30,6 @@ fn client_records(kernel: &Value, prefix: &str) -> usize {
         .iter()
         .filter(|r| r["client"].as_str().is_some_and(|c| c.starts_with(prefix)))
         .count()
-}
-
-fn counter(kernel: &Value, name: &str) -> u64 {
-    kernel["counters"][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("counter {name} in {kernel:#}"))
 }
 
 const GET: &[u8] = b"GET /fault HTTP/1.1\r\nHost: gateway.test\r\n\r\n";
@@ -96,7 +45,7 @@ fn a_backend_reset_mid_response_ends_the_client_connection_promptly() {
             sent: 1000,
         },
     );
-    let gw = gateway(&topo, &[]);
+    let gw = Gateway::new().start(&topo.gateway);
     let started = Instant::now();
     let reply = topo.client.run(|| async {
         let mut c = RawClient::connect(Topology::client_v4(0), Topology::gateway_addr()).await;
@@ -134,22 +83,22 @@ fn a_backend_reset_mid_response_ends_the_client_connection_promptly() {
     );
     assert_eq!(backend.connections().len(), 1);
     // The gateway lets go of the client connection and serves on.
-    let m = wait_for_metrics(&gw, "the client connection to be released", |m| {
-        metric(m, "ntlm_tag_connections_open", "") == Some(0)
+    let m = gw.wait_for_metrics("the client connection to be released", |m| {
+        sample(m, "ntlm_tag_connections_open", "") == Some(0)
     });
     // The broken-off response is the backend's failure, though its head went out as a 200.
     assert_eq!(
-        metric(&m, "ntlm_tag_upstream_errors_total", "kind=\"error\""),
+        sample(&m, "ntlm_tag_upstream_errors_total", "kind=\"error\""),
         Some(1),
         "{m}"
     );
     assert_eq!(
-        metric(&m, "ntlm_tag_errors_total", "origin=\"upstream\""),
+        sample(&m, "ntlm_tag_errors_total", "origin=\"upstream\""),
         Some(1),
         "{m}"
     );
     assert_eq!(
-        metric(&m, "ntlm_tag_errors_total", "origin=\"client\""),
+        sample(&m, "ntlm_tag_errors_total", "origin=\"client\""),
         Some(0),
         "{m}"
     );
@@ -163,7 +112,7 @@ fn a_backend_reset_before_responding_gives_502_and_the_client_connection_stays_u
         Topology::backend_addr(),
         Script::ResetBeforeResponse,
     );
-    let mut gw = gateway(&topo, &[]);
+    let mut gw = Gateway::new().start(&topo.gateway);
     let reply = topo.client.run(|| async {
         let mut c = RawClient::connect(Topology::client_v4(1), Topology::gateway_addr()).await;
         c.send(GET).await.expect("send");
@@ -199,8 +148,12 @@ fn a_slow_backend_gets_504_after_upstream_response_secs() {
     let backend =
         ScriptedBackend::start(&topo.backend, Topology::backend_addr(), Script::NeverAnswer);
     let dir = tempfile::tempdir().expect("temp dir");
-    let file = config(dir.path(), "[timeouts]\nupstream_response_secs = 0.5\n");
-    let gw = gateway(&topo, &["--config", &file]);
+    let file = fixtures::write(
+        dir.path(),
+        "ntlm-tag.toml",
+        "[timeouts]\nupstream_response_secs = 0.5\n",
+    );
+    let gw = Gateway::new().config(&file).start(&topo.gateway);
     let (reply, took) = topo.client.run(|| async {
         let mut c = RawClient::connect(Topology::client_v4(2), Topology::gateway_addr()).await;
         let started = Instant::now();
@@ -221,7 +174,7 @@ fn a_slow_backend_gets_504_after_upstream_response_secs() {
     );
     let m = gw.admin_metrics();
     assert_eq!(
-        metric(&m, "ntlm_tag_upstream_errors_total", "kind=\"timeout\""),
+        sample(&m, "ntlm_tag_upstream_errors_total", "kind=\"timeout\""),
         Some(1),
         "{m}"
     );
@@ -234,7 +187,7 @@ fn a_client_that_disconnects_mid_upload_releases_its_upstream_connection() {
     let topo = Topology::new();
     let backend =
         ScriptedBackend::start(&topo.backend, Topology::backend_addr(), Script::NeverAnswer);
-    let gw = gateway(&topo, &[]);
+    let gw = Gateway::new().start(&topo.gateway);
     for (i, abortive) in [(0u8, true), (1, false)] {
         let index = backend.connections().len();
         let (go_tx, go_rx) = mpsc::channel::<()>();
@@ -269,8 +222,8 @@ fn a_client_that_disconnects_mid_upload_releases_its_upstream_connection() {
         );
         assert!(conns[index].received < PROMISED);
     }
-    wait_for_metrics(&gw, "both client connections to be released", |m| {
-        metric(m, "ntlm_tag_connections_open", "") == Some(0)
+    gw.wait_for_metrics("both client connections to be released", |m| {
+        sample(m, "ntlm_tag_connections_open", "") == Some(0)
     });
     assert_eq!(
         backend.connections().len(),
@@ -281,24 +234,19 @@ fn a_client_that_disconnects_mid_upload_releases_its_upstream_connection() {
 
 /// Waits until every thread of `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).
 fn wait_until_stopped(pid: u32) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let states: Vec<char> = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .expect("/proc/<pid>/task")
-            .filter_map(Result::ok)
-            .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
-            // `pid (comm) S ...`: the state follows the last ')'.
-            .filter_map(|s| s.rsplit_once(')')?.1.trim_start().chars().next())
-            .collect();
-        if !states.is_empty() && states.iter().all(|&c| c == 'T') {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "threads of {pid} not stopped: {states:?}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    eventually(
+        &format!("threads of {pid} stopped"),
+        || -> Vec<char> {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .expect("/proc/<pid>/task")
+                .filter_map(Result::ok)
+                .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+                // `pid (comm) S ...`: the state follows the last ')'.
+                .filter_map(|s| s.rsplit_once(')')?.1.trim_start().chars().next())
+                .collect()
+        },
+        |states| !states.is_empty() && states.iter().all(|&c| c == 'T'),
+    );
 }
 
 /// Length of the listening socket's accept queue (`ss` Recv-Q) in `ns`.
@@ -322,7 +270,9 @@ fn a_full_kernel_map_evicts_the_oldest_records_and_unrecorded_clients_fall_back_
     const BURST: u8 = 8;
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let mut gw = gateway(&topo, &["--map-entries", "4"]);
+    let mut gw = Gateway::new()
+        .args(&["--map-entries", "4"])
+        .start(&topo.gateway);
     let before = gw.admin_json("/kernel");
     assert_eq!(before["map_entries"], MAP, "{before:#}");
 
@@ -390,24 +340,21 @@ fn a_full_kernel_map_evicts_the_oldest_records_and_unrecorded_clients_fall_back_
         "all {HELD} held connections still recorded in a {MAP}-entry map: {kernel:#}"
     );
     assert_eq!(
-        counter(&kernel, "insert_failed"),
+        kernel_counter(&kernel, "insert_failed"),
         0,
         "LRU evicts, inserts never fail"
     );
-    let misses_before = counter(&kernel, "lookup_misses");
+    let misses_before = kernel_counter(&kernel, "lookup_misses");
 
     gw.signal(libc::SIGSTOP);
     wait_until_stopped(gw.pid());
     cmd_tx.send(()).expect("client");
     let locals = recv();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while accept_queue(&topo.gateway, Topology::gateway_addr().port()) < BURST as usize {
-        assert!(
-            Instant::now() < deadline,
-            "the burst never filled the accept queue"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    eventually(
+        "the burst to fill the accept queue",
+        || accept_queue(&topo.gateway, Topology::gateway_addr().port()),
+        |&queued| queued >= BURST as usize,
+    );
     gw.signal(libc::SIGCONT);
     cmd_tx.send(()).expect("client");
     recv();
@@ -444,7 +391,7 @@ fn a_full_kernel_map_evicts_the_oldest_records_and_unrecorded_clients_fall_back_
         .filter(|l| source_of(l) == "fallback")
         .collect();
     let kernel = gw.admin_json("/kernel");
-    let misses = counter(&kernel, "lookup_misses") - misses_before;
+    let misses = kernel_counter(&kernel, "lookup_misses") - misses_before;
     assert!(
         fallback.len() >= (BURST as usize).saturating_sub(MAP),
         "at most {MAP} of a {BURST}-connection burst can still be recorded at accept; fallback: {fallback:?}"
@@ -468,8 +415,8 @@ fn a_full_kernel_map_evicts_the_oldest_records_and_unrecorded_clients_fall_back_
     );
     let m = gw.admin_metrics();
     assert_eq!(
-        metric(&m, "ntlm_tag_kernel_events_total", "event=\"lookup_miss\""),
-        Some(counter(&kernel, "lookup_misses")),
+        sample(&m, "ntlm_tag_kernel_events_total", "event=\"lookup_miss\""),
+        Some(kernel_counter(&kernel, "lookup_misses")),
         "{m}"
     );
     eprintln!(
@@ -487,7 +434,7 @@ fn a_full_kernel_map_evicts_the_oldest_records_and_unrecorded_clients_fall_back_
         client_records(k, "198.18.1.") == 0
     });
     assert!(
-        counter(&kernel, "deleted") < counter(&kernel, "recorded"),
+        kernel_counter(&kernel, "deleted") < kernel_counter(&kernel, "recorded"),
         "{kernel:#}"
     );
 }
@@ -556,25 +503,23 @@ fn ten_thousand_connections_leave_no_records_descriptors_or_memory_behind() {
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
     let dir = tempfile::tempdir().expect("temp dir");
-    let file = config(dir.path(), "[timeouts]\nupstream_idle_secs = 1\n");
-    let gw = gateway(&topo, &["--config", &file]);
+    let file = fixtures::write(
+        dir.path(),
+        "ntlm-tag.toml",
+        "[timeouts]\nupstream_idle_secs = 1\n",
+    );
+    let gw = Gateway::new().config(&file).start(&topo.gateway);
     let pid = gw.pid();
     // With no client connection, the gateway holds its listeners, the admin listener, epoll, eBPF
     // maps and programs, stdio: the descriptors it has right after start. That is the baseline.
     let fd_baseline = fds(pid);
     let settle = |what: &str| {
-        let deadline = Instant::now() + scaled(Duration::from_secs(30));
-        loop {
-            let n = fds(pid);
-            if n <= fd_baseline {
-                return n;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: {n} descriptors open, {fd_baseline} before any connection"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        eventually_within(
+            &format!("{what}: descriptors back to {fd_baseline}, as before any connection"),
+            scaled(Duration::from_secs(30)),
+            || fds(pid),
+            |&n| n <= fd_baseline,
+        )
     };
 
     // Warm up (allocator arenas, pools, lazily built state): memory is measured from there.
@@ -609,19 +554,22 @@ fn ten_thousand_connections_leave_no_records_descriptors_or_memory_behind() {
     let k1 = gw.wait_for_kernel("the churned connections' records to be deleted", |k| {
         client_records(k, "198.18.1.") == 0
     });
-    let recorded = counter(&k1, "recorded") - counter(&k0, "recorded");
-    let deleted = counter(&k1, "deleted") - counter(&k0, "deleted");
+    let recorded = kernel_counter(&k1, "recorded") - kernel_counter(&k0, "recorded");
+    let deleted = kernel_counter(&k1, "deleted") - kernel_counter(&k0, "deleted");
     assert!(
         recorded >= N as u64,
         "{recorded} recorded for {N} connections"
     );
     assert!(deleted >= N as u64, "{deleted} deleted for {N} connections");
-    assert_eq!(counter(&k1, "insert_failed"), counter(&k0, "insert_failed"));
+    assert_eq!(
+        kernel_counter(&k1, "insert_failed"),
+        kernel_counter(&k0, "insert_failed")
+    );
     // Lookup misses under concurrent accepts are checked by
     // `concurrent_accepts_are_all_identified_from_their_kernel_record`; here only reported.
-    let misses = counter(&k1, "lookup_misses") - counter(&k0, "lookup_misses");
-    wait_for_metrics(&gw, "no client connection open", |m| {
-        metric(m, "ntlm_tag_connections_open", "") == Some(0)
+    let misses = kernel_counter(&k1, "lookup_misses") - kernel_counter(&k0, "lookup_misses");
+    gw.wait_for_metrics("no client connection open", |m| {
+        sample(m, "ntlm_tag_connections_open", "") == Some(0)
     });
 
     // Descriptors: back to the baseline once the idle upstream connections timed out (1 s).
@@ -657,7 +605,7 @@ fn concurrent_accepts_are_all_identified_from_their_kernel_record() {
     const N: usize = 2000;
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = gateway(&topo, &[]);
+    let gw = Gateway::new().start(&topo.gateway);
     let k0 = gw.admin_json("/kernel");
     churn(
         &topo.client,
@@ -670,15 +618,15 @@ fn concurrent_accepts_are_all_identified_from_their_kernel_record() {
     let k1 = gw.wait_for_kernel("the connections' records to be deleted", |k| {
         client_records(k, "198.18.1.") == 0
     });
-    let recorded = counter(&k1, "recorded") - counter(&k0, "recorded");
-    let misses = counter(&k1, "lookup_misses") - counter(&k0, "lookup_misses");
+    let recorded = kernel_counter(&k1, "recorded") - kernel_counter(&k0, "recorded");
+    let misses = kernel_counter(&k1, "lookup_misses") - kernel_counter(&k0, "lookup_misses");
     // Every connection was recorded (the record exists, just not yet at accept)...
     assert!(recorded >= N as u64, "{recorded} recorded for {N}");
     // ...and every one still open must be found when the gateway looks.
-    let m = wait_for_metrics(&gw, "no client connection open", |m| {
-        metric(m, "ntlm_tag_connections_open", "") == Some(0)
+    let m = gw.wait_for_metrics("no client connection open", |m| {
+        sample(m, "ntlm_tag_connections_open", "") == Some(0)
     });
-    let reset = metric(&m, "ntlm_tag_connections_reset_before_identified_total", "")
+    let reset = sample(&m, "ntlm_tag_connections_reset_before_identified_total", "")
         .expect("the reset-before-identified counter");
     eprintln!(
         "{N} concurrent connections: {misses} lookup misses, {reset} reset before identified"
@@ -704,7 +652,7 @@ fn a_shared_connection_the_backend_closed_after_its_response_never_costs_a_reque
         Topology::backend_addr(),
         Script::AnswerThenClose,
     );
-    let gw = gateway(&topo, &[]);
+    let gw = Gateway::new().start(&topo.gateway);
     const ROUNDS: usize = 5;
     for round in 1..=ROUNDS {
         let reply = topo.client.run(|| async {
@@ -719,11 +667,11 @@ fn a_shared_connection_the_backend_closed_after_its_response_never_costs_a_reque
             c.len() == round && c.iter().all(|c| c.closed_by_backend)
         });
     }
-    let m = wait_for_metrics(&gw, "the requests to be counted", |m| {
-        metric(m, "ntlm_tag_upstream_connections_total", "kind=\"opened\"") == Some(ROUNDS as u64)
+    let m = gw.wait_for_metrics("the requests to be counted", |m| {
+        sample(m, "ntlm_tag_upstream_connections_total", "kind=\"opened\"") == Some(ROUNDS as u64)
     });
     assert_eq!(
-        metric(&m, "ntlm_tag_errors_total", "origin=\"upstream\""),
+        sample(&m, "ntlm_tag_errors_total", "origin=\"upstream\""),
         Some(0),
         "{m}"
     );
@@ -737,7 +685,7 @@ fn a_response_transfer_coding_other_than_chunked_is_a_502_never_passed_on_unlabe
         Topology::backend_addr(),
         Script::AnswerGzipChunked,
     );
-    let gw = gateway(&topo, &[]);
+    let gw = Gateway::new().start(&topo.gateway);
     let reply = topo.client.run(|| async {
         let mut c = RawClient::connect(Topology::client_v4(0), Topology::gateway_addr()).await;
         c.send(GET).await.expect("send");
@@ -751,8 +699,8 @@ fn a_response_transfer_coding_other_than_chunked_is_a_502_never_passed_on_unlabe
         Duration::from_secs(5),
         |c| c.len() == 1 && c[0].closed_by_gateway,
     );
-    let m = wait_for_metrics(&gw, "the failure to be counted", |m| {
-        metric(m, "ntlm_tag_errors_total", "origin=\"upstream\"") == Some(1)
+    let m = gw.wait_for_metrics("the failure to be counted", |m| {
+        sample(m, "ntlm_tag_errors_total", "origin=\"upstream\"") == Some(1)
     });
     assert!(
         gw.log()

@@ -4,12 +4,14 @@
 //! ids, and the raw bytes of every upstream connection, which must frame unambiguously (one
 //! framing header, CRLF line endings, no folded lines) and never carry a smuggled request.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use ntlm_tag_tests::{
-    gateway::Gateway,
-    raw::{self, End, Leftover, Reply, WireBackend, WireRequest},
+    backends::wire::{WireBackend, WireRequest},
+    gateway::{Gateway, GatewayBuilder, Mode},
+    raw::{self, End, Leftover, Reply},
     topology::Topology,
+    wait::scaled,
 };
 
 struct Setup {
@@ -18,34 +20,17 @@ struct Setup {
     gw: Gateway,
 }
 
+/// The standard topology with a wire-recording backend behind the standard gateway.
 fn setup() -> Setup {
-    setup_with(&[])
+    setup_with(Gateway::new())
 }
 
-fn setup_with(extra: &[&str]) -> Setup {
+/// [`setup`] with the gateway `gateway` describes.
+fn setup_with(gateway: GatewayBuilder) -> Setup {
     let topo = Topology::new();
     let backend = WireBackend::start(&topo.backend, Topology::backend_addr());
-    let listen = Topology::gateway_addr().to_string();
-    let backend_addr = Topology::backend_addr().to_string();
-    let mut args = vec![
-        "--listen",
-        &listen,
-        "--backend",
-        &backend_addr,
-        "--ebpf",
-        "required",
-    ];
-    args.extend_from_slice(extra);
-    let gw = Gateway::start(&topo.gateway, &args);
+    let gw = gateway.backend(&backend).start(&topo.gateway);
     Setup { topo, backend, gw }
-}
-
-/// The value of the Prometheus sample `name{labels}` on the gateway's `/metrics`.
-fn metric(s: &Setup, name: &str, labels: &str) -> Option<u64> {
-    let key = format!("{name}{{{labels}}} ");
-    s.gw.admin_metrics()
-        .lines()
-        .find_map(|l| l.strip_prefix(&key)?.trim().parse().ok())
 }
 
 /// What to wait for after sending.
@@ -306,18 +291,18 @@ fn invalid_chunk_sizes_are_answered_400() {
     // The client's fault, counted as such: not a backend failure.
     let n = BAD_CHUNK_SIZES.len() as u64;
     assert_eq!(
-        metric(&s, "ntlm_tag_errors_total", "origin=\"client\""),
+        s.gw.metric("ntlm_tag_errors_total", "origin=\"client\""),
         Some(n)
     );
     assert_eq!(
-        metric(&s, "ntlm_tag_errors_total", "origin=\"upstream\""),
+        s.gw.metric("ntlm_tag_errors_total", "origin=\"upstream\""),
         Some(0)
     );
 }
 
 #[test]
 fn an_invalid_chunk_on_a_pinned_ntlm_connection_is_answered_400_and_closes_both_connections() {
-    let s = setup_with(&["--mode", "pin"]);
+    let s = setup_with(Gateway::new().mode(Mode::Pin));
     // An NTLM request first pins an upstream connection to the client connection, then a request
     // on the same connection breaks its chunked body.
     let first = "GET /pinned-first HTTP/1.1\r\nHost: gateway.test\r\nAuthorization: NTLM TlRMTVNTUAABAAAA\r\n\r\n";
@@ -360,7 +345,7 @@ fn an_invalid_chunk_on_a_pinned_ntlm_connection_is_answered_400_and_closes_both_
     }
     assert_eq!(s.backend.wires().len(), 1, "one pinned upstream connection");
     assert_eq!(
-        metric(&s, "ntlm_tag_errors_total", "origin=\"upstream\""),
+        s.gw.metric("ntlm_tag_errors_total", "origin=\"upstream\""),
         Some(0)
     );
 }
@@ -599,12 +584,9 @@ fn obfuscated_transfer_encodings_are_rejected() {
 
 /// The gateway's access line that contains `needle`, awaited.
 fn access_line(s: &mut Setup, needle: &str) -> String {
-    s.gw.wait_for_line(
-        needle,
-        ntlm_tag_tests::gateway::scaled(std::time::Duration::from_secs(5)),
-    )
-    .filter(|l| l.contains("access"))
-    .unwrap_or_else(|| panic!("no access line with {needle}:\n{}", s.gw.log().join("\n")))
+    s.gw.wait_for_line(needle, scaled(Duration::from_secs(5)))
+        .filter(|l| l.contains("access"))
+        .unwrap_or_else(|| panic!("no access line with {needle}:\n{}", s.gw.log().join("\n")))
 }
 
 #[test]
@@ -669,8 +651,7 @@ fn every_response_gets_a_combined_access_line_and_is_counted() {
     );
     for (status, expected) in [("200", 1), ("501", 0), ("431", 0)] {
         assert_eq!(
-            metric(
-                &s,
+            s.gw.metric(
                 "ntlm_tag_requests_total",
                 &format!(
                     "backend=\"{}\",status=\"{status}\"",
@@ -684,8 +665,7 @@ fn every_response_gets_a_combined_access_line_and_is_counted() {
     }
     for status in ["501", "431"] {
         assert_eq!(
-            metric(
-                &s,
+            s.gw.metric(
                 "ntlm_tag_requests_total",
                 &format!("backend=\"-\",status=\"{status}\"")
             ),
@@ -694,7 +674,7 @@ fn every_response_gets_a_combined_access_line_and_is_counted() {
         );
     }
     assert_eq!(
-        metric(&s, "ntlm_tag_errors_total", "origin=\"client\""),
+        s.gw.metric("ntlm_tag_errors_total", "origin=\"client\""),
         Some(2)
     );
 }

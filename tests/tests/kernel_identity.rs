@@ -6,84 +6,84 @@ use std::{
 };
 
 use ntlm_tag_tests::{
-    backend::Backend,
+    backends::recording::Backend,
     client::Connection,
-    gateway::{Gateway, kernel_counter as counter, scaled},
+    gateway::{Gateway, kernel_counter as counter},
     programs::{IpipEncap, ToaWritingCgroup, toa_option},
     topology::{IPIP_VIP, IpipTopology, SNAT_SOURCE, Topology},
+    wait::{eventually_within, scaled},
 };
 use serde_json::Value;
 
-/// curl through the TOA-writing cgroup, from client address `i`; returns the id the backend saw.
-fn curl_with_toa(topo: &Topology, toa: &ToaWritingCgroup, backend: &Backend, i: u8) -> String {
-    let url = format!("http://{}/toa", Topology::gateway_addr());
-    toa.curl_seen_by(&topo.client, Topology::client_v4(i), &url, backend)
+/// A gateway with TOA of `kind` on, trusting `trusted`; one curl from client address `i` whose
+/// handshake carries a TOA option naming `named`. Returns the id the backend saw and `/kernel`.
+fn curl_with_toa(trusted: &str, kind: &str, named: SocketAddr, i: u8) -> (String, Value) {
+    let topo = Topology::new();
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let gw = Gateway::new()
+        .args(&["--trusted-lb", trusted, "--toa-kind", kind])
+        .start(&topo.gateway);
+    let toa = ToaWritingCgroup::new(toa_option(kind.parse().expect("kind"), named));
+    let id = toa
+        .curl_seen_by(
+            &topo.client,
+            Topology::client_v4(i),
+            &Topology::url("/toa"),
+            &backend,
+        )
         .all("jespa-connection-id")
-        .remove(0)
+        .remove(0);
+    (id, gw.admin_json("/kernel"))
+}
+
+/// The test balancer's TC program, encapsulating towards the gateway's virtual IP.
+fn encapsulating(topo: &IpipTopology) -> IpipEncap {
+    IpipEncap::attach(
+        &topo.balancer,
+        "up0",
+        IPIP_VIP.parse().expect("vip"),
+        SNAT_SOURCE.parse().expect("src"),
+        Ipv4Addr::new(198, 18, 1, 1),
+    )
 }
 
 #[test]
 fn toa_from_a_trusted_peer_names_the_client() {
-    let topo = Topology::new();
-    let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = Gateway::start_with_ebpf(
-        &topo.gateway,
-        Topology::gateway_addr(),
-        &["--trusted-lb", "198.18.1.0/24", "--toa-kind", "254"],
-    );
-    let toa = ToaWritingCgroup::new(toa_option(254, "198.19.77.7:4321".parse().expect("addr")));
-    let id = curl_with_toa(&topo, &toa, &backend, 0);
+    let named = "198.19.77.7:4321".parse().expect("addr");
+    let (id, kernel) = curl_with_toa("198.18.1.0/24", "254", named, 0);
     assert!(id.starts_with("198.19.77.7:4321/"), "{id}");
-    let kernel = gw.admin_json("/kernel");
     assert_eq!(counter(&kernel, "toa_accepted"), 1);
     assert_eq!(counter(&kernel, "toa_untrusted"), 0);
 }
 
 #[test]
 fn toa_from_an_untrusted_peer_is_ignored_and_counted() {
-    let topo = Topology::new();
-    let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = Gateway::start_with_ebpf(
-        &topo.gateway,
-        Topology::gateway_addr(),
-        &["--trusted-lb", "198.18.99.0/24", "--toa-kind", "254"],
-    );
-    let toa = ToaWritingCgroup::new(toa_option(254, "198.19.77.7:4321".parse().expect("addr")));
-    let id = curl_with_toa(&topo, &toa, &backend, 1);
+    let named = "198.19.77.7:4321".parse().expect("addr");
+    let (id, kernel) = curl_with_toa("198.18.99.0/24", "254", named, 1);
     assert!(
         id.starts_with(&format!("{}:", Topology::client_v4(1))),
         "the real peer, not the TOA address: {id}"
     );
-    let kernel = gw.admin_json("/kernel");
     assert_eq!(counter(&kernel, "toa_untrusted"), 1);
     assert_eq!(counter(&kernel, "toa_accepted"), 0);
 }
 
 #[test]
 fn toa_with_kind_200_and_an_ipv6_client() {
-    let topo = Topology::new();
-    let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = Gateway::start_with_ebpf(
-        &topo.gateway,
-        Topology::gateway_addr(),
-        &["--trusted-lb", "198.18.1.0/24", "--toa-kind", "200"],
-    );
-    let client: SocketAddr = "[fd00:5418:77::7]:4321".parse().expect("addr");
-    let toa = ToaWritingCgroup::new(toa_option(200, client));
-    let id = curl_with_toa(&topo, &toa, &backend, 2);
+    let named = "[fd00:5418:77::7]:4321".parse().expect("addr");
+    let (id, kernel) = curl_with_toa("198.18.1.0/24", "200", named, 2);
     assert!(id.starts_with("[fd00:5418:77::7]:4321/"), "{id}");
-    assert_eq!(counter(&gw.admin_json("/kernel"), "toa_accepted"), 1);
+    assert_eq!(counter(&kernel, "toa_accepted"), 1);
 }
 
 #[test]
 fn ipip_from_a_trusted_balancer_is_decapsulated_and_names_client_and_balancer() {
     let topo = IpipTopology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = Gateway::start_with_ebpf(
-        &topo.gateway,
-        IpipTopology::vip(),
-        &["--trusted-lb", "198.18.1.100/32", "--xdp", "down0"],
-    );
+    let gw = Gateway::new()
+        .listen(IpipTopology::vip())
+        .args(&["--trusted-lb", "198.18.1.100/32", "--xdp", "down0"])
+        .start(&topo.gateway);
     let kernel = gw.admin_json("/kernel");
     let mode = kernel["xdp"][0]["mode"]
         .as_str()
@@ -96,13 +96,7 @@ fn ipip_from_a_trusted_balancer_is_decapsulated_and_names_client_and_balancer() 
             .any(|l| l.contains("XDP IPIP decapsulation attached") && l.contains(&mode)),
         "the log says which XDP mode was used"
     );
-    let _encap = IpipEncap::attach(
-        &topo.balancer,
-        "up0",
-        IPIP_VIP.parse().expect("vip"),
-        SNAT_SOURCE.parse().expect("src"),
-        Ipv4Addr::new(198, 18, 1, 1),
-    );
+    let _encap = encapsulating(&topo);
     let admin = gw.admin.clone();
     let (local, row) = topo.client.run(move || async move {
         let src = SocketAddr::new(IpipTopology::client_v4(0), 0);
@@ -135,26 +129,19 @@ fn ipip_from_a_trusted_balancer_is_decapsulated_and_names_client_and_balancer() 
 fn ipip_from_an_untrusted_balancer_is_not_decapsulated() {
     let topo = IpipTopology::new();
     let _backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = Gateway::start_with_ebpf(
-        &topo.gateway,
-        IpipTopology::vip(),
+    let gw = Gateway::new()
+        .listen(IpipTopology::vip())
         // The balancer is trusted for PROXY protocol only: tunnels trust their own list.
-        &[
+        .args(&[
             "--trusted-lb",
             "198.18.1.100/32",
             "--ipip-trusted-lb",
             "198.18.99.0/24",
             "--xdp",
             "down0",
-        ],
-    );
-    let _encap = IpipEncap::attach(
-        &topo.balancer,
-        "up0",
-        IPIP_VIP.parse().expect("vip"),
-        SNAT_SOURCE.parse().expect("src"),
-        Ipv4Addr::new(198, 18, 1, 1),
-    );
+        ])
+        .start(&topo.gateway);
+    let _encap = encapsulating(&topo);
     // The SYN arrives encapsulated from an untrusted source: XDP passes it untouched, and this
     // kernel (no IPIP module) drops it. Start a connect in the background and wait for the counter.
     let client = topo.client.spawn(|| async {
@@ -197,25 +184,28 @@ fn a_virtual_ip_added_after_start_up_is_decapsulated_without_a_reload() {
         .ip(&["addr", "del", &format!("{IPIP_VIP}/32"), "dev", "lo"]);
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
     let listen = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), IpipTopology::vip().port());
-    let mut gw = Gateway::start_with_ebpf(
-        &topo.gateway,
-        listen,
-        &["--trusted-lb", "198.18.1.100/32", "--xdp", "down0"],
-    );
-    let _encap = IpipEncap::attach(
-        &topo.balancer,
-        "up0",
-        IPIP_VIP.parse().expect("vip"),
-        SNAT_SOURCE.parse().expect("src"),
-        Ipv4Addr::new(198, 18, 1, 1),
-    );
+    let gw = Gateway::new()
+        .listen(listen)
+        .args(&["--trusted-lb", "198.18.1.100/32", "--xdp", "down0"])
+        .start(&topo.gateway);
+    let _encap = encapsulating(&topo);
+    // Only a refresh logged after the address was added counts: IPv6 duplicate address detection
+    // finishing on the topology's interfaces makes the gateway refresh (and log) before it too.
+    let before = gw.log().len();
     ntlm_tag_tests::netns::addr(&topo.gateway, "lo", &format!("{IPIP_VIP}/32"));
-    let line = gw
-        .wait_for_line(
-            "this host's addresses changed",
-            scaled(Duration::from_secs(5)),
-        )
-        .unwrap_or_else(|| panic!("no refresh after the address was added: {:?}", gw.log()));
+    let refreshed = eventually_within(
+        "a refresh of this host's addresses after the virtual IP was added",
+        scaled(Duration::from_secs(5)),
+        || gw.log().split_off(before),
+        |new| {
+            new.iter()
+                .any(|l| l.contains("this host's addresses changed"))
+        },
+    );
+    let line = refreshed
+        .iter()
+        .find(|l| l.contains("this host's addresses changed"))
+        .expect("found above");
     assert!(line.contains("local_addresses"), "{line}");
     let local = topo.client.run(|| async {
         let src = SocketAddr::new(IpipTopology::client_v4(2), 0);

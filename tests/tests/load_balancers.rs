@@ -3,19 +3,16 @@
 use std::{net::SocketAddr, time::Duration};
 
 use ntlm_tag_tests::{
-    backend::{Backend, Seen},
+    backends::recording::{Backend, Seen},
     client::get_then_reset,
-    gateway::{Gateway, kernel_counter as counter, scaled},
+    gateway::{Gateway, kernel_counter as counter},
     programs::{ToaWritingCgroup, toa_option},
     topology::{SNAT_SOURCE, SnatTopology, Topology},
+    wait::scaled,
 };
 
 /// The address a client behind the SNAT balancer forges with a TOA option of its own.
 const FORGED: &str = "198.19.66.6:4242";
-
-fn start_gateway(topo: &SnatTopology, extra: &[&str]) -> Gateway {
-    Gateway::start_with_ebpf(&topo.gateway, Topology::gateway_addr(), extra)
-}
 
 /// curl from client `i` through the balancer, its handshake carrying a TOA option that names
 /// [`FORGED`] (the nftables balancer NATs addresses and ports and passes TCP options through);
@@ -52,7 +49,9 @@ fn a_client_behind_a_balancer_trusted_without_toa_cannot_forge_its_address_with_
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
     // The balancer is trusted (for PROXY protocol), TOA is not configured.
     let trusted = format!("{SNAT_SOURCE}/32");
-    let gw = start_gateway(&topo, &["--trusted-lb", &trusted]);
+    let gw = Gateway::new()
+        .args(&["--trusted-lb", &trusted])
+        .start(&topo.gateway);
     assert_not_forged(&curl_writing_toa(&topo, &backend, 0));
     // TOA is off: the option was not even read.
     let kernel = gw.admin_json("/kernel");
@@ -65,7 +64,9 @@ fn with_toa_on_and_the_balancer_trusted_for_it_toa_names_the_client() {
     let topo = SnatTopology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
     let trusted = format!("{SNAT_SOURCE}/32");
-    let gw = start_gateway(&topo, &["--toa-kind", "254", "--toa-trusted-lb", &trusted]);
+    let gw = Gateway::new()
+        .args(&["--toa-kind", "254", "--toa-trusted-lb", &trusted])
+        .start(&topo.gateway);
     let seen = curl_writing_toa(&topo, &backend, 1);
     let id = seen.all("jespa-connection-id").remove(0);
     assert!(id.starts_with(&format!("{FORGED}/")), "{id}");
@@ -78,17 +79,16 @@ fn with_toa_trusted_from_another_list_a_proxy_only_balancers_clients_cannot_forg
     let topo = SnatTopology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
     let proxy_only = format!("{SNAT_SOURCE}/32");
-    let gw = start_gateway(
-        &topo,
-        &[
+    let gw = Gateway::new()
+        .args(&[
             "--trusted-lb",
             &proxy_only,
             "--toa-kind",
             "254",
             "--toa-trusted-lb",
             "198.18.1.200/32",
-        ],
-    );
+        ])
+        .start(&topo.gateway);
     assert_not_forged(&curl_writing_toa(&topo, &backend, 2));
     let kernel = gw.admin_json("/kernel");
     assert_eq!(counter(&kernel, "toa_untrusted"), 1, "{kernel:#}");
@@ -99,19 +99,7 @@ fn with_toa_trusted_from_another_list_a_proxy_only_balancers_clients_cannot_forg
 fn two_clients_behind_a_single_port_snat_balancer_get_different_ids() {
     let topo = SnatTopology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let listen = Topology::gateway_addr().to_string();
-    let backend_addr = Topology::backend_addr().to_string();
-    let _gw = Gateway::start(
-        &topo.gateway,
-        &[
-            "--listen",
-            &listen,
-            "--backend",
-            &backend_addr,
-            "--ebpf",
-            "required",
-        ],
-    );
+    let _gw = Gateway::new().start(&topo.gateway);
     topo.client.run(|| async {
         for i in 0..2 {
             let src = SocketAddr::new(SnatTopology::client_v4(i), 0);
@@ -148,8 +136,7 @@ fn a_reload_that_turns_toa_off_stops_believing_it_and_a_bad_trust_list_is_refuse
         Topology::backend_addr(),
     );
     std::fs::write(&config, format!("{base}toa_kind = 254\n")).expect("write config");
-    let config_arg = config.to_string_lossy().into_owned();
-    let mut gw = Gateway::start(&topo.gateway, &["--config", &config_arg]);
+    let mut gw = Gateway::from_config(&config).start(&topo.gateway);
     let id = curl_writing_toa(&topo, &backend, 0)
         .all("jespa-connection-id")
         .remove(0);
@@ -186,17 +173,16 @@ fn a_reload_that_turns_toa_off_stops_believing_it_and_a_bad_trust_list_is_refuse
 fn a_trust_list_covering_every_address_is_warned_about_at_start_up_naming_its_key() {
     let topo = SnatTopology::new();
     let _backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = start_gateway(
-        &topo,
-        &[
+    let gw = Gateway::new()
+        .args(&[
             "--trusted-lb",
             &format!("{SNAT_SOURCE}/32"),
             "--toa-kind",
             "254",
             "--toa-trusted-lb",
             "0.0.0.0/0",
-        ],
-    );
+        ])
+        .start(&topo.gateway);
     let warnings: Vec<String> = gw
         .log()
         .into_iter()

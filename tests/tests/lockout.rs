@@ -2,24 +2,24 @@
 //! NTLMv2 test acceptor as an IIS-like backend (NTLM keyed on its own TCP connection).
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     time::{Duration, Instant},
 };
 
 use ntlm_tag_tests::{
-    acceptor::{Acceptor, Keying, curl_ntlm},
-    gateway::{Gateway, scaled, time_scale},
+    acceptor::{self, Acceptor, Keying, curl_ntlm},
+    fixtures,
+    gateway::Gateway,
     topology::Topology,
+    wait::{eventually_within, scaled, time_scale},
 };
+use serde_json::Value;
 
 const RIGHT: &str = "Right-Password-1";
 const WRONG: &str = "wrong-password";
 
 fn users() -> Vec<(String, String)> {
-    vec![
-        ("alice".to_string(), RIGHT.to_string()),
-        ("bob".to_string(), RIGHT.to_string()),
-    ]
+    acceptor::users(&[("alice", RIGHT), ("bob", RIGHT)])
 }
 
 /// The final status of one `curl --ntlm` run and its `Retry-After`, if the answer had one.
@@ -41,13 +41,7 @@ fn login(topo: &Topology, source: IpAddr, user: &str, password: &str) -> Login {
         &["-D", "-", "-w", "\ncode=%{http_code}\n"],
     );
     assert!(run.success, "curl as {user} from {source}: {}", run.stderr);
-    let status = run
-        .stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("code="))
-        .next_back()
-        .and_then(|c| c.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no status in {}", run.stdout));
+    let status = run.final_status();
     let retry_after = run.stdout.lines().find_map(|l| {
         let (name, value) = l.split_once(':')?;
         name.eq_ignore_ascii_case("retry-after")
@@ -73,33 +67,33 @@ fn refused_type3s(backend: &Acceptor) -> usize {
 fn start_backend(topo: &Topology) -> Acceptor {
     Acceptor::start(
         &topo.backend,
-        SocketAddr::new(Topology::backend_addr().ip(), 8081),
+        Topology::backend_at(8081),
         &users(),
         Keying::Connection,
     )
 }
 
+/// A gateway in front of `backend` whose lockout guard has a `window` and allows `allowed`.
 fn start_gateway(
     topo: &Topology,
-    backend: SocketAddr,
+    backend: &Acceptor,
     window: Duration,
     allowed: IpAddr,
 ) -> Gateway {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("gw.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = [\"{}\"]\nbackends = [\"{backend}\"]\nebpf = \"required\"\n\
+    let config = fixtures::write(
+        dir.path(),
+        "gw.toml",
+        &format!(
+            "listen = [\"{}\"]\nbackends = [\"{}\"]\nebpf = \"required\"\n\
              [lockout]\nwindow_secs = {}\nallow = [\"{allowed}/32\"]\n",
             Topology::gateway_addr(),
+            backend.addr,
             window.as_secs_f64(),
         ),
-    )
-    .expect("write config");
-    let config = config.to_string_lossy().into_owned();
+    );
     // The gateway reads its file at start; the directory may go once it is ready.
-    Gateway::start(&topo.gateway, &["--config", &config])
+    Gateway::from_config(&config).start(&topo.gateway)
 }
 
 /// A client looping on a wrong password is stopped at the default threshold (4) before the backend
@@ -115,7 +109,7 @@ fn a_looping_client_is_stopped_before_the_domain_would_lock_the_account() {
     let looping = Topology::client_v4(0);
     let elsewhere = Topology::client_v4(1);
     let allowed = Topology::client_v4(2);
-    let mut gw = start_gateway(&topo, backend.addr, window, allowed);
+    let mut gw = start_gateway(&topo, &backend, window, allowed);
 
     let first_failure = Instant::now();
     let spellings = ["alice", "ALICE", "Alice", "alice", "aLiCe", "alice"];
@@ -219,7 +213,7 @@ fn the_connection_table_and_access_log_show_who_is_authenticated() {
     let backend = start_backend(&topo);
     let mut gw = start_gateway(
         &topo,
-        backend.addr,
+        &backend,
         Duration::from_secs(1800),
         Topology::client_v4(9),
     );
@@ -239,10 +233,8 @@ fn the_connection_table_and_access_log_show_who_is_authenticated() {
                 &["--rate", "1/s"],
             )
         });
-        let deadline = Instant::now() + scaled(Duration::from_secs(10));
-        let row = loop {
-            let rows = gw.admin_json("/connections");
-            let found = rows.as_array().and_then(|rows| {
+        let row_of_source = |rows: &Value| {
+            rows.as_array().and_then(|rows| {
                 rows.iter()
                     .find(|r| {
                         r["client"]
@@ -250,16 +242,15 @@ fn the_connection_table_and_access_log_show_who_is_authenticated() {
                             .is_some_and(|c| c.starts_with(&source.to_string()))
                     })
                     .cloned()
-            });
-            if let Some(row) = found.filter(|r| r["auth"] == "authenticated") {
-                break row;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no authenticated row for bob: {rows}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+            })
         };
+        let rows = eventually_within(
+            "an authenticated row for bob",
+            scaled(Duration::from_secs(10)),
+            || gw.admin_json("/connections"),
+            |rows| row_of_source(rows).is_some_and(|r| r["auth"] == "authenticated"),
+        );
+        let row = row_of_source(&rows).expect("the row just seen");
         assert_eq!(row["user"], "bob", "{row}");
         run.join().expect("curl thread")
     });

@@ -9,38 +9,23 @@ use std::{
 };
 
 use ntlm_tag_tests::{
-    acceptor::{Acceptor, Keying, curl_ntlm},
-    gateway::Gateway,
+    acceptor::{self, Acceptor, Keying, curl_ntlm},
+    fixtures,
+    gateway::{Gateway, Mode},
     topology::Topology,
+    wait::{eventually_within, scaled},
 };
 
 const USERS: usize = 16;
 const REQUESTS_PER_CONNECTION: usize = 6;
 
 fn users() -> Vec<(String, String)> {
-    (0..USERS)
-        .map(|i| (format!("user{i:02}"), format!("Secret-{i}!")))
-        .collect()
-}
-
-fn backend_addr(port: u16) -> SocketAddr {
-    SocketAddr::new(Topology::backend_addr().ip(), port)
-}
-
-fn start_gateway(topo: &Topology, backends: &[SocketAddr], extra: &[&str]) -> Gateway {
-    let listen = Topology::gateway_addr().to_string();
-    let backends: Vec<String> = backends.iter().map(ToString::to_string).collect();
-    let mut args = vec!["--listen", listen.as_str(), "--ebpf", "required"];
-    for b in &backends {
-        args.extend(["--backend", b.as_str()]);
-    }
-    args.extend_from_slice(extra);
-    Gateway::start(&topo.gateway, &args)
+    acceptor::numbered_users(USERS)
 }
 
 fn urls(user: usize) -> Vec<String> {
     (0..REQUESTS_PER_CONNECTION)
-        .map(|r| format!("http://{}/u{user}/r{r}", Topology::gateway_addr()))
+        .map(|r| Topology::url(&format!("/u{user}/r{r}")))
         .collect()
 }
 
@@ -76,15 +61,15 @@ fn all_users_log_in_concurrently(topo: &Topology) {
 #[test]
 fn sixteen_users_in_tag_mode_share_upstream_connections_and_each_gets_their_own_identity() {
     let topo = Topology::new();
-    let a = Acceptor::start(&topo.backend, backend_addr(8081), &users(), Keying::Header);
-    let b = Acceptor::start(&topo.backend, backend_addr(8082), &users(), Keying::Header);
+    let (a, b) = acceptor::two_backends(&topo.backend, &users(), Keying::Header);
     // Without a cap the pool grows to the peak number of requests in flight (16 at worst here);
     // with one, it is bounded however the 16 concurrent logins interleave.
-    let gw = start_gateway(
-        &topo,
-        &[a.addr, b.addr],
-        &["--mode", "tag", "--max-upstream-per-backend", "4"],
-    );
+    let gw = Gateway::new()
+        .backend(&a)
+        .backend(&b)
+        .mode(Mode::Tag)
+        .args(&["--max-upstream-per-backend", "4"])
+        .start(&topo.gateway);
     all_users_log_in_concurrently(&topo);
 
     let requests: Vec<_> = a.requests().into_iter().chain(b.requests()).collect();
@@ -128,19 +113,12 @@ fn sixteen_users_in_tag_mode_share_upstream_connections_and_each_gets_their_own_
 #[test]
 fn pin_mode_never_lets_an_upstream_connection_serve_two_clients() {
     let topo = Topology::new();
-    let a = Acceptor::start(
-        &topo.backend,
-        backend_addr(8081),
-        &users(),
-        Keying::Connection,
-    );
-    let b = Acceptor::start(
-        &topo.backend,
-        backend_addr(8082),
-        &users(),
-        Keying::Connection,
-    );
-    let gw = start_gateway(&topo, &[a.addr, b.addr], &["--mode", "pin"]);
+    let (a, b) = acceptor::two_backends(&topo.backend, &users(), Keying::Connection);
+    let gw = Gateway::new()
+        .backend(&a)
+        .backend(&b)
+        .mode(Mode::Pin)
+        .start(&topo.gateway);
     all_users_log_in_concurrently(&topo);
 
     for acceptor in [&a, &b] {
@@ -163,25 +141,21 @@ fn pin_mode_never_lets_an_upstream_connection_serve_two_clients() {
     }
     assert_eq!(a.tcp_connections() + b.tcp_connections(), USERS);
     // When the clients are gone, so are their pinned upstream connections.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = gw.admin_metrics();
-        if m.contains("ntlm_tag_pinned_connections 0") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pinned connections left open: {m}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    gw.wait_for_metrics("no pinned connection left open", |m| {
+        m.contains("ntlm_tag_pinned_connections 0")
+    });
 }
 
 #[test]
 fn a_wrong_password_is_refused_through_the_gateway() {
     let topo = Topology::new();
-    let a = Acceptor::start(&topo.backend, backend_addr(8081), &users(), Keying::Header);
-    let _gw = start_gateway(&topo, &[a.addr], &[]);
+    let a = Acceptor::start(
+        &topo.backend,
+        Topology::backend_at(8081),
+        &users(),
+        Keying::Header,
+    );
+    let _gw = Gateway::new().backend(&a).start(&topo.gateway);
     let run = curl_ntlm(
         &topo.client,
         Topology::client_v4(0),
@@ -196,23 +170,20 @@ fn a_wrong_password_is_refused_through_the_gateway() {
 #[test]
 fn when_a_backend_dies_new_handshakes_succeed_on_the_other_and_it_returns_after_health_checks() {
     let topo = Topology::new();
-    let mut a = Acceptor::start(&topo.backend, backend_addr(8081), &users(), Keying::Header);
-    let b = Acceptor::start(&topo.backend, backend_addr(8082), &users(), Keying::Header);
+    let (mut a, b) = acceptor::two_backends(&topo.backend, &users(), Keying::Header);
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("gw.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let config = fixtures::write(
+        dir.path(),
+        "gw.toml",
+        &format!(
             "listen = [\"{}\"]\nbackends = [\"{}\", \"{}\"]\nebpf = \"required\"\n\
              [health_check]\npath = \"/healthz\"\ninterval_secs = 0.2\ntimeout_secs = 0.5\n",
             Topology::gateway_addr(),
             a.addr,
             b.addr
         ),
-    )
-    .expect("write config");
-    let config = config.to_string_lossy().into_owned();
-    let mut gw = Gateway::start(&topo.gateway, &["--config", &config]);
+    );
+    let mut gw = Gateway::from_config(&config).start(&topo.gateway);
 
     a.kill();
     assert!(
@@ -221,41 +192,39 @@ fn when_a_backend_dies_new_handshakes_succeed_on_the_other_and_it_returns_after_
         "the dead backend is noticed"
     );
     let before_b = b.requests().len();
-    for i in 0..6 {
-        let (user, password) = &users()[i];
-        let run = curl_ntlm(
-            &topo.client,
-            Topology::client_v4(i as u8),
-            user,
-            password,
-            &urls(i)[..2],
-            &[],
-        );
-        assert_eq!(run.users(), vec![user.clone(); 2], "{}", run.stderr);
-    }
+    // Users `which`, each from their own address: two requests on one connection, both theirs.
+    let log_in = |which: std::ops::Range<usize>| {
+        for i in which {
+            let (user, password) = &users()[i];
+            let run = curl_ntlm(
+                &topo.client,
+                Topology::client_v4(i as u8),
+                user,
+                password,
+                &urls(i)[..2],
+                &[],
+            );
+            assert_eq!(run.users(), vec![user.clone(); 2], "{}", run.stderr);
+        }
+    };
+    log_in(0..6);
     assert!(
         b.requests().len() >= before_b + 6 * 3,
         "all went to the live backend"
     );
 
-    let a2 = Acceptor::start(&topo.backend, backend_addr(8081), &users(), Keying::Header);
+    let a2 = Acceptor::start(
+        &topo.backend,
+        Topology::backend_at(8081),
+        &users(),
+        Keying::Header,
+    );
     assert!(
         gw.wait_for_line("health check passes again", Duration::from_secs(10))
             .is_some(),
         "the backend returns"
     );
-    for i in 6..12 {
-        let (user, password) = &users()[i];
-        let run = curl_ntlm(
-            &topo.client,
-            Topology::client_v4(i as u8),
-            user,
-            password,
-            &urls(i)[..2],
-            &[],
-        );
-        assert_eq!(run.users(), vec![user.clone(); 2], "{}", run.stderr);
-    }
+    log_in(6..12);
     assert!(
         a2.requests().iter().any(|r| r["path"] != "/healthz"),
         "the returned backend takes new connections again"
@@ -265,8 +234,16 @@ fn when_a_backend_dies_new_handshakes_succeed_on_the_other_and_it_returns_after_
 #[test]
 fn an_http2_client_attempting_ntlm_is_told_to_use_http11_and_then_succeeds() {
     let topo = Topology::new();
-    let a = Acceptor::start(&topo.backend, backend_addr(8081), &users(), Keying::Header);
-    let gw = start_gateway(&topo, &[a.addr], &["--http2"]);
+    let a = Acceptor::start(
+        &topo.backend,
+        Topology::backend_at(8081),
+        &users(),
+        Keying::Header,
+    );
+    let gw = Gateway::new()
+        .backend(&a)
+        .arg("--http2")
+        .start(&topo.gateway);
     let run = curl_ntlm(
         &topo.client,
         Topology::client_v4(3),
@@ -311,11 +288,14 @@ fn in_pin_mode_a_dead_pinned_connection_closes_the_client_connection() {
     let topo = Topology::new();
     let mut a = Acceptor::start(
         &topo.backend,
-        backend_addr(8081),
+        Topology::backend_at(8081),
         &users(),
         Keying::Connection,
     );
-    let mut gw = start_gateway(&topo, &[a.addr], &["--mode", "pin"]);
+    let mut gw = Gateway::new()
+        .backend(&a)
+        .mode(Mode::Pin)
+        .start(&topo.gateway);
     let dir = tempfile::tempdir().expect("temp dir");
     let body = dir.path().join("body");
     std::fs::write(&body, vec![b'x'; 64 * 1024]).expect("body");
@@ -361,26 +341,22 @@ fn in_pin_mode_a_dead_pinned_connection_closes_the_client_connection() {
     // Type 3 requests, the latter authenticated as user00) was answered, so that 200 is through.
     // (Killing it as soon as the backend had *decided* the 200 raced the response on slow
     // machines: 502 for both.) The gateway counts a request when its head arrives.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let rows = gw.admin_json("/connections");
-        let started = rows
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|r| r["requests"].as_u64())
-            .max()
-            .unwrap_or(0);
-        if started >= 3 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the upload never started: {rows:#}; backend saw {:?}",
-            a.requests()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    eventually_within(
+        "the upload to start (requests started, connection table, backend's requests)",
+        scaled(Duration::from_secs(30)),
+        || {
+            let rows = gw.admin_json("/connections");
+            let started = rows
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["requests"].as_u64())
+                .max()
+                .unwrap_or(0);
+            (started, rows, a.requests())
+        },
+        |(started, _, _)| *started >= 3,
+    );
     a.kill();
     let out = curl.join().expect("curl thread");
     let codes = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -397,8 +373,13 @@ fn in_pin_mode_a_dead_pinned_connection_closes_the_client_connection() {
 #[test]
 fn several_www_authenticate_values_and_the_401_body_reach_the_client_in_order() {
     let topo = Topology::new();
-    let a = Acceptor::start(&topo.backend, backend_addr(8081), &users(), Keying::Header);
-    let _gw = start_gateway(&topo, &[a.addr], &[]);
+    let a = Acceptor::start(
+        &topo.backend,
+        Topology::backend_at(8081),
+        &users(),
+        Keying::Header,
+    );
+    let _gw = Gateway::new().backend(&a).start(&topo.gateway);
     let out = std::process::Command::new("nsenter")
         .arg(format!("--net={}", topo.client.path().display()))
         .args(["--", "curl", "-s", "-i", "--max-time", "10"])

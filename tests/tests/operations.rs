@@ -8,39 +8,18 @@ use std::{
 };
 
 use ntlm_tag_tests::{
-    acceptor::{Acceptor, Keying, curl_ntlm},
-    backend::Backend,
+    acceptor::{self, Acceptor, Keying, curl_ntlm},
+    backends::recording::Backend,
     client::Connection,
-    gateway::{Gateway, Started, eventually, scaled},
+    fixtures,
+    gateway::{Gateway, Started},
     netns::run_in,
     topology::Topology,
+    wait::{eventually, scaled},
 };
 
 fn users() -> Vec<(String, String)> {
-    vec![
-        ("alice".to_string(), "Alice-Secret1".to_string()),
-        ("bob".to_string(), "Bob-Secret2".to_string()),
-    ]
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write file");
-    path.to_string_lossy().into_owned()
-}
-
-/// A self-signed certificate for `name` (CN and SAN); returns (cert path, key path).
-fn certificate(dir: &Path, name: &str) -> (String, String) {
-    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params");
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = params.self_signed(&key).expect("certificate");
-    (
-        write(dir, &format!("{name}.pem"), &cert.pem()),
-        write(dir, &format!("{name}.key"), &key.serialize_pem()),
-    )
+    acceptor::users(&[("alice", "Alice-Secret1"), ("bob", "Bob-Secret2")])
 }
 
 /// Raw TCP from inside a namespace: sends `bytes` (optionally one byte at a time with a pause), then
@@ -83,25 +62,17 @@ fn raw_exchange(
 fn curl_ntlm_over_tls_with_sni_choosing_the_certificate() {
     let topo = Topology::new();
     let dir = tempfile::tempdir().expect("temp dir");
-    let (a_cert, a_key) = certificate(dir.path(), "intranet.test");
-    let (b_cert, b_key) = certificate(dir.path(), "mail.test");
+    let (a_cert, a_key) = fixtures::self_signed(dir.path(), "intranet.test");
+    let (b_cert, b_key) = fixtures::self_signed(dir.path(), "mail.test");
     let acceptor = Acceptor::start(
         &topo.backend,
         Topology::backend_addr(),
         &users(),
         Keying::Header,
     );
-    let listen = Topology::gateway_addr().to_string();
-    let backend = acceptor.addr.to_string();
-    let _gw = Gateway::start(
-        &topo.gateway,
-        &[
-            "--listen",
-            &listen,
-            "--backend",
-            &backend,
-            "--ebpf",
-            "required",
+    let _gw = Gateway::new()
+        .backend(&acceptor)
+        .args(&[
             "--tls-cert",
             &a_cert,
             "--tls-key",
@@ -110,8 +81,8 @@ fn curl_ntlm_over_tls_with_sni_choosing_the_certificate() {
             &b_cert,
             "--tls-key",
             &b_key,
-        ],
-    );
+        ])
+        .start(&topo.gateway);
     for (host, ca, user, password) in [
         ("intranet.test", &a_cert, "alice", "Alice-Secret1"),
         ("mail.test", &b_cert, "bob", "Bob-Secret2"),
@@ -162,35 +133,14 @@ fn curl_ntlm_over_tls_with_sni_choosing_the_certificate() {
 #[test]
 fn reload_keeps_an_authenticated_connection_and_refuses_a_broken_file() {
     let topo = Topology::new();
-    let a = Acceptor::start(
-        &topo.backend,
-        SocketAddr::new(Topology::backend_addr().ip(), 8081),
-        &users(),
-        Keying::Header,
-    );
-    let b = Acceptor::start(
-        &topo.backend,
-        SocketAddr::new(Topology::backend_addr().ip(), 8082),
-        &users(),
-        Keying::Header,
-    );
+    let (a, b) = acceptor::two_backends(&topo.backend, &users(), Keying::Header);
     let dir = tempfile::tempdir().expect("temp dir");
-    let config_for = |backends: &[SocketAddr]| {
-        format!(
-            "listen = [\"{}\"]\nebpf = \"required\"\nbackends = [{}]\n",
-            Topology::gateway_addr(),
-            backends
-                .iter()
-                .map(|b| format!("\"{b}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
-    let config = write(dir.path(), "gw.toml", &config_for(&[a.addr]));
-    let mut gw = Gateway::start(&topo.gateway, &["--config", &config]);
+    let config_for = fixtures::gateway_config;
+    let config = fixtures::write(dir.path(), "gw.toml", &config_for(&[a.addr]));
+    let mut gw = Gateway::from_config(&config).start(&topo.gateway);
 
     // alice authenticates, then uploads slowly on the same connection while the gateway reloads.
-    let body = write(dir.path(), "body", &"x".repeat(48 * 1024));
+    let body = fixtures::write(dir.path(), "body", &"x".repeat(48 * 1024));
     let url = format!("http://{}/", Topology::gateway_addr());
     let client_ns = topo.client.path();
     let upload = std::thread::spawn(move || {
@@ -219,19 +169,11 @@ fn reload_keeps_an_authenticated_connection_and_refuses_a_broken_file() {
             .arg(format!("{url}upload"));
         cmd.output().expect("curl")
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !a
-        .requests()
-        .iter()
-        .any(|r| r["path"] == "/first" && r["status"] == 200)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "alice never authenticated: {:?}",
-            a.requests()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    a.wait_for_request(
+        "for /first answered 200 (alice authenticated)",
+        scaled(Duration::from_secs(10)),
+        |r| r["path"] == "/first" && r["status"] == 200,
+    );
     std::fs::write(&config, config_for(&[a.addr, b.addr])).expect("rewrite config");
     gw.signal(libc::SIGHUP);
     assert!(
@@ -394,24 +336,19 @@ fn assert_threads_hold_only(pid: u32, uid: &str, kept: u64) {
 fn switch_user_and_check_kernel_identities(wrapper: Option<&[&str]>) {
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let listen = Topology::gateway_addr().to_string();
-    let backend_addr = Topology::backend_addr().to_string();
-    let args = [
-        "--listen",
-        &listen,
-        "--backend",
-        &backend_addr,
+    let mut gateway = Gateway::new().args(&[
         "--trusted-lb",
         "198.18.1.0/24",
-        "--ebpf",
-        "required",
         "--user",
         "nobody",
         // Several runtime threads: each must hold only what the switch left.
         "--workers",
         "2",
-    ];
-    let mut gw = match Gateway::try_start(&topo.gateway, &args, wrapper) {
+    ]);
+    if let Some(wrapper) = wrapper {
+        gateway = gateway.wrapper(wrapper);
+    }
+    let mut gw = match gateway.try_start(&topo.gateway) {
         Started::Ready(gw) => gw,
         Started::Exited { status, log } => {
             panic!("the gateway exited ({status}):\n{}", log.join("\n"))
@@ -490,19 +427,10 @@ fn with_unprivileged_bpf_disabled_the_switch_keeps_only_what_map_lookups_need() 
 #[test]
 fn a_user_that_does_not_exist_is_a_configuration_error() {
     let topo = Topology::new();
-    let listen = Topology::gateway_addr().to_string();
-    let backend = Topology::backend_addr().to_string();
-    let args = [
-        "--listen",
-        &listen,
-        "--backend",
-        &backend,
-        "--ebpf",
-        "required",
-        "--user",
-        "ntlm-tag-no-such-user",
-    ];
-    match Gateway::try_start(&topo.gateway, &args, None) {
+    match Gateway::new()
+        .args(&["--user", "ntlm-tag-no-such-user"])
+        .try_start(&topo.gateway)
+    {
         Started::Ready(_) => panic!("started with a user that does not exist"),
         Started::Exited { status, log } => {
             assert_eq!(status.code(), Some(64), "{log:?}");
@@ -611,7 +539,7 @@ fn slow_headers_are_cut_off_excess_connections_refused_and_big_headers_get_431()
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = write(
+    let config = fixtures::write(
         dir.path(),
         "gw.toml",
         &format!(
@@ -622,7 +550,7 @@ fn slow_headers_are_cut_off_excess_connections_refused_and_big_headers_get_431()
             Topology::backend_addr()
         ),
     );
-    let gw = Gateway::start(&topo.gateway, &["--config", &config]);
+    let gw = Gateway::from_config(&config).start(&topo.gateway);
 
     // Slowloris: one byte a second never completes the head; cut at the 1 s header timeout.
     let started = Instant::now();
@@ -755,16 +683,6 @@ fn slow_headers_are_cut_off_excess_connections_refused_and_big_headers_get_431()
 fn a_crashed_gateway_leaves_nothing_attached_after_the_next_start() {
     let topo = Topology::new();
     let _backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let listen = Topology::gateway_addr().to_string();
-    let backend_addr = Topology::backend_addr().to_string();
-    let args = [
-        "--listen",
-        listen.as_str(),
-        "--backend",
-        backend_addr.as_str(),
-        "--ebpf",
-        "required",
-    ];
     // Both instances in a cgroup of their own: any gateway starting removes the crashed ones' leftovers
     // beside it, and the other tests of this binary start theirs in parallel in this process's cgroup.
     let cgroup = DelegatedCgroup::create("crash");
@@ -775,15 +693,15 @@ fn a_crashed_gateway_leaves_nothing_attached_after_the_next_start() {
         "echo $$ > \"$0/cgroup.procs\" && exec \"$@\"",
         &cgroup_path,
     ];
-    let Started::Ready(first) = Gateway::try_start(&topo.gateway, &args, Some(&wrapper)) else {
+    let gateway = Gateway::new().wrapper(&wrapper);
+    let Started::Ready(first) = gateway.try_start(&topo.gateway) else {
         panic!("the first gateway must start");
     };
     let crashed = first.kill();
     let leftover = crashed
         .leftover_cgroup()
         .expect("a crash leaves its cgroup (and attachment) behind");
-    let Started::Ready(mut second) = Gateway::try_start(&topo.gateway, &args, Some(&wrapper))
-    else {
+    let Started::Ready(mut second) = gateway.try_start(&topo.gateway) else {
         panic!("the gateway must start after a crash");
     };
     assert!(
@@ -807,7 +725,7 @@ fn idle_keep_alive_time_is_allowed_longer_than_the_header_timeout_and_then_ends(
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = write(
+    let config = fixtures::write(
         dir.path(),
         "gw.toml",
         &format!(
@@ -817,7 +735,7 @@ fn idle_keep_alive_time_is_allowed_longer_than_the_header_timeout_and_then_ends(
             Topology::backend_addr()
         ),
     );
-    let _gw = Gateway::start(&topo.gateway, &["--config", &config]);
+    let _gw = Gateway::from_config(&config).start(&topo.gateway);
     let (closed_after, second_status) = topo.client.run(|| async {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket
@@ -866,7 +784,7 @@ fn idle_keep_alive_time_is_allowed_longer_than_the_header_timeout_and_then_ends(
 fn check_validates_files_and_conns_prints_the_live_table() {
     let dir = tempfile::tempdir().expect("temp dir");
     let bin = ntlm_tag_tests::gateway::binary();
-    let good = write(
+    let good = fixtures::write(
         dir.path(),
         "good.toml",
         "listen = [\"198.18.1.1:8080\"]\nbackends = [\"198.18.2.2:8081\"]\n",
@@ -885,7 +803,7 @@ fn check_validates_files_and_conns_prints_the_live_table() {
         effective.contains("id_template = \"{client}/{uid}\""),
         "{effective}"
     );
-    let bad = write(
+    let bad = fixtures::write(
         dir.path(),
         "bad.toml",
         "listen = [\"198.18.1.1:8080\"]\nbackends = [\"198.18.2.2:8081\"]\nid_template = \"{client}\"\n",
@@ -899,19 +817,7 @@ fn check_validates_files_and_conns_prints_the_live_table() {
 
     let topo = Topology::new();
     let _backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let listen = Topology::gateway_addr().to_string();
-    let backend_addr = Topology::backend_addr().to_string();
-    let gw = Gateway::start(
-        &topo.gateway,
-        &[
-            "--listen",
-            &listen,
-            "--backend",
-            &backend_addr,
-            "--ebpf",
-            "required",
-        ],
-    );
+    let gw = Gateway::new().start(&topo.gateway);
     let admin = gw.admin.arg();
     let (local, table) = topo.client.run(move || async move {
         let src = SocketAddr::new(Topology::client_v4(0), 0);
@@ -950,7 +856,7 @@ fn id_templates_with_surrounding_spaces_are_refused_at_load() {
         .into_iter()
         .enumerate()
     {
-        let file = write(
+        let file = fixtures::write(
             dir.path(),
             &format!("spaces-{i}.toml"),
             &format!(
@@ -986,7 +892,7 @@ fn id_templates_with_surrounding_spaces_are_refused_at_load() {
         assert!(stderr.contains("`id_template`"), "{template:?}: {stderr}");
     }
     // Inner spaces are part of the id and pass.
-    let inner = write(
+    let inner = fixtures::write(
         dir.path(),
         "inner.toml",
         "listen = [\"198.18.1.1:8080\"]\nbackends = [\"198.18.2.2:8081\"]\nid_template = \"{client} {uid}\"\n",
@@ -1011,7 +917,7 @@ fn exit_of(args: &[&str]) -> (Option<i32>, String) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn ntlm-tag");
-    let deadline = Instant::now() + ntlm_tag_tests::gateway::scaled(Duration::from_secs(20));
+    let deadline = Instant::now() + scaled(Duration::from_secs(20));
     let code = loop {
         if let Some(status) = child.try_wait().expect("wait") {
             break status.code();
@@ -1033,13 +939,13 @@ fn exit_of(args: &[&str]) -> (Option<i32>, String) {
 #[test]
 fn check_and_run_refuse_what_run_could_not_load_with_exit_64_naming_the_key() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let (cert_a, key_a) = certificate(dir.path(), "a.example");
-    let (cert_b, key_b) = certificate(dir.path(), "b.example");
+    let (cert_a, key_a) = fixtures::self_signed(dir.path(), "a.example");
+    let (cert_b, key_b) = fixtures::self_signed(dir.path(), "b.example");
     // Port 0: should a case wrongly start, it binds nothing anyone else uses.
     let base = "listen = [{ address = \"127.0.0.1:0\", tls = [{ cert = \"CERT\", key = \"KEY\" }] }]\n\
                 backends = [\"BACKEND\"]\nebpf = \"off\"\n";
     let file = |name: &str, cert: &str, key: &str, backend: &str, extra: &str| {
-        write(
+        fixtures::write(
             dir.path(),
             name,
             &format!(
@@ -1144,19 +1050,23 @@ fn check_reports_the_kernel_and_refuses_required_ebpf_that_cannot_load() {
             && stderr.contains("cgroup v2: mounted"),
         "{stderr}"
     );
+    // `bin` with `args` as nobody, without any capability.
+    let as_nobody = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+            ])
+            .arg(&bin)
+            .args(args)
+            .output()
+            .expect("setpriv")
+    };
     // As nobody the kernel refuses to load them: `run` would exit 69, and so does `check`, saying why.
-    let out = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
-        .arg(&bin)
-        .args(args)
-        .output()
-        .expect("setpriv");
+    let out = as_nobody(&args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(69), "{stderr}");
     assert!(
@@ -1164,19 +1074,7 @@ fn check_reports_the_kernel_and_refuses_required_ebpf_that_cannot_load() {
         "{stderr}"
     );
     // With `auto` the same host is a report, not an error.
-    let out = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
-        .arg(&bin)
-        .args(&args[..5])
-        .args(["--ebpf", "auto"])
-        .output()
-        .expect("setpriv");
+    let out = as_nobody(&[&args[..5], &["--ebpf", "auto"]].concat());
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -1240,8 +1138,8 @@ fn healthz_follows_the_backends_and_metrics_show_build_reloads_and_timings() {
          [health_check]\npath = \"/\"\ninterval_secs = 0.2\ntimeout_secs = 0.5\n",
         Topology::gateway_addr()
     );
-    let config = write(dir.path(), "gw.toml", &config_text);
-    let gw = Gateway::start(&topo.gateway, &["--config", &config]);
+    let config = fixtures::write(dir.path(), "gw.toml", &config_text);
+    let gw = Gateway::from_config(&config).start(&topo.gateway);
     let backend_label = backend_addr.to_string();
     let up = [("backend", backend_label.as_str())];
 

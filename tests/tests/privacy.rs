@@ -3,17 +3,16 @@
 //! opts in, and clients cannot choose forwarding headers (nor the scheme the backend is told).
 
 use std::{
-    net::SocketAddr,
-    os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
-    process::Output,
+    net::SocketAddr, os::unix::fs::PermissionsExt, path::Path, process::Output, time::Duration,
 };
 
 use ntlm_tag_tests::{
-    backend::Backend,
+    backends::recording::Backend,
     client::Connection,
-    gateway::{Admin, Gateway},
+    fixtures,
+    gateway::{Admin, Gateway, GatewayBuilder},
     topology::Topology,
+    wait::scaled,
 };
 
 /// `setpriv` arguments that run a command as `nobody`, with no groups and no capabilities.
@@ -87,12 +86,10 @@ fn while_connected<T: Send + 'static>(
     })
 }
 
-fn start(topo: &Topology, extra: &[&str]) -> Gateway {
-    let listen = Topology::gateway_addr().to_string();
-    let backend = Topology::backend_addr().to_string();
-    let mut args = vec!["--listen", &listen, "--backend", &backend, "--ebpf", "auto"];
-    args.extend_from_slice(extra);
-    Gateway::start(&topo.gateway, &args)
+/// The standard gateway, with the kernel programs if this host can load them: what is checked
+/// here does not depend on them.
+fn gateway() -> GatewayBuilder {
+    Gateway::new().ebpf("auto")
 }
 
 #[test]
@@ -102,7 +99,7 @@ fn local_users_cannot_read_ids_from_the_admin_socket_but_root_can_and_logs_show_
     let dir = run_dir();
     let socket = dir.path().join("admin.sock");
     let endpoint = format!("unix:{}", socket.display());
-    let mut gw = start(&topo, &["--admin", &endpoint]);
+    let mut gw = gateway().args(&["--admin", &endpoint]).start(&topo.gateway);
 
     // The socket is 0600, in a directory anyone may enter.
     let mode = std::fs::metadata(&socket)
@@ -164,10 +161,7 @@ fn local_users_cannot_read_ids_from_the_admin_socket_but_root_can_and_logs_show_
 
     // The access line names the connection by the same hash, and no log line holds the uid.
     let access = gw
-        .wait_for_line(
-            "/private",
-            ntlm_tag_tests::gateway::scaled(std::time::Duration::from_secs(5)),
-        )
+        .wait_for_line("/private", scaled(Duration::from_secs(5)))
         .expect("an access line");
     assert!(access.contains(&format!("conn={hash}")), "{access}");
     assert!(!access.contains("conn_id"), "{access}");
@@ -190,15 +184,14 @@ fn on_tcp_the_table_needs_the_bearer_token_and_without_a_token_file_it_is_closed
     std::fs::write(&token_file, format!("{token}\n")).expect("token");
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let token_path = token_file.to_str().expect("utf-8");
-    let gw = start(
-        &topo,
-        &[
+    let gw = gateway()
+        .args(&[
             "--admin",
             "127.0.0.1:9180",
             "--admin-token-file",
             token_path,
-        ],
-    );
+        ])
+        .start(&topo.gateway);
     let gw_ns = topo.gateway.path();
     let base = "http://127.0.0.1:9180";
     for path in ["/connections", "/kernel"] {
@@ -271,7 +264,9 @@ fn on_tcp_the_table_needs_the_bearer_token_and_without_a_token_file_it_is_closed
     drop(gw);
 
     // TCP without a token file: the private pages are closed to everyone, saying how to open them.
-    let gw = start(&topo, &["--admin", "127.0.0.1:9180"]);
+    let gw = gateway()
+        .args(&["--admin", "127.0.0.1:9180"])
+        .start(&topo.gateway);
     let closed = gw.admin.get("/connections", &[]);
     assert_eq!(closed.status, 403, "{}", closed.body);
     assert!(closed.body.contains("admin_token_file"), "{}", closed.body);
@@ -288,7 +283,9 @@ fn full_ids_are_an_opt_in_that_warns_and_a_stale_socket_is_replaced() {
     drop(std::os::unix::net::UnixListener::bind(&socket).expect("stale socket"));
     assert!(socket.exists());
     let endpoint = format!("unix:{}", socket.display());
-    let mut gw = start(&topo, &["--admin", &endpoint, "--show-full-ids"]);
+    let mut gw = gateway()
+        .args(&["--admin", &endpoint, "--show-full-ids"])
+        .start(&topo.gateway);
     assert!(
         gw.log()
             .iter()
@@ -313,10 +310,7 @@ fn full_ids_are_an_opt_in_that_warns_and_a_stale_socket_is_replaced() {
     };
     assert_eq!(path, &socket);
     let access = gw
-        .wait_for_line(
-            "access",
-            ntlm_tag_tests::gateway::scaled(std::time::Duration::from_secs(5)),
-        )
+        .wait_for_line("access", scaled(Duration::from_secs(5)))
         .expect("an access line");
     assert!(
         access.contains(&id),
@@ -327,46 +321,27 @@ fn full_ids_are_an_opt_in_that_warns_and_a_stale_socket_is_replaced() {
 }
 
 /// A self-signed certificate for `name`; returns (cert path, key path).
-fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params");
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    let key = rcgen::KeyPair::generate().expect("key");
-    let cert = params.self_signed(&key).expect("certificate");
-    let (c, k) = (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}.key")),
-    );
-    std::fs::write(&c, cert.pem()).expect("cert");
-    std::fs::write(&k, key.serialize_pem()).expect("key");
-    (c, k)
-}
 
 #[test]
 fn client_forwarding_headers_are_stripped_and_tls_listeners_say_https() {
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
     let dir = tempfile::tempdir().expect("temp dir");
-    let (cert, key) = certificate(dir.path(), "intranet.test");
+    let (cert, key) = fixtures::self_signed(dir.path(), "intranet.test");
     let plain = Topology::gateway_addr();
     let tls = SocketAddr::new(plain.ip(), 8443);
-    let config = dir.path().join("gw.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let config = fixtures::write(
+        dir.path(),
+        "gw.toml",
+        &format!(
             "listen = [\"{plain}\", {{ address = \"{tls}\", tls = [{{ cert = \"{}\", key = \"{}\" }}] }}]\n\
              backends = [\"{}\"]\nebpf = \"auto\"\n",
-            cert.display(),
-            key.display(),
+            cert,
+            key,
             Topology::backend_addr()
         ),
-    )
-    .expect("config");
-    let _gw = Gateway::start(
-        &topo.gateway,
-        &["--config", config.to_str().expect("utf-8")],
     );
+    let _gw = Gateway::from_config(&config).start(&topo.gateway);
 
     let forged = [
         "X-Forwarded-Proto: https",
@@ -440,7 +415,7 @@ fn admin_connections_are_capped_and_an_idle_one_is_closed() {
     use std::io::Read;
     let topo = Topology::new();
     let _backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let mut gw = start(&topo, &[]);
+    let mut gw = gateway().start(&topo.gateway);
     let Admin::Unix(socket) = gw.admin.clone() else {
         panic!("the harness's default admin endpoint is a unix socket");
     };
@@ -451,27 +426,20 @@ fn admin_connections_are_capped_and_an_idle_one_is_closed() {
     // ... so the next one is closed at once, unanswered.
     let mut extra = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
     extra
-        .set_read_timeout(Some(ntlm_tag_tests::gateway::scaled(
-            std::time::Duration::from_secs(10),
-        )))
+        .set_read_timeout(Some(scaled(std::time::Duration::from_secs(10))))
         .expect("timeout");
     let mut buf = [0u8; 64];
     assert_eq!(extra.read(&mut buf).expect("closed, not timed out"), 0);
     assert!(
-        gw.wait_for_line(
-            "too many admin connections",
-            ntlm_tag_tests::gateway::scaled(std::time::Duration::from_secs(5))
-        )
-        .is_some(),
+        gw.wait_for_line("too many admin connections", scaled(Duration::from_secs(5)))
+            .is_some(),
         "the refusal is logged"
     );
     // An idle connection is closed after the 5 s head timeout (well before the 30 s lifetime).
     let started = std::time::Instant::now();
     let mut first = &idle[0];
     first
-        .set_read_timeout(Some(ntlm_tag_tests::gateway::scaled(
-            std::time::Duration::from_secs(25),
-        )))
+        .set_read_timeout(Some(scaled(std::time::Duration::from_secs(25))))
         .expect("timeout");
     let n = first.read(&mut buf).expect("closed, not timed out");
     assert!(
@@ -480,7 +448,7 @@ fn admin_connections_are_capped_and_an_idle_one_is_closed() {
         &buf[..n]
     );
     assert!(
-        started.elapsed() < ntlm_tag_tests::gateway::scaled(std::time::Duration::from_secs(20)),
+        started.elapsed() < scaled(Duration::from_secs(20)),
         "closed after {:?}",
         started.elapsed()
     );

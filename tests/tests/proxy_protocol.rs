@@ -9,11 +9,12 @@ use std::{
 };
 
 use ntlm_tag_tests::{
-    backend::{Backend, Seen},
+    backends::recording::{Backend, Seen},
     client::Connection,
-    gateway::Gateway,
+    gateway::{Gateway, GatewayBuilder},
     haproxy::{Haproxy, HaproxyOptions, HaproxyTopology, SendProxy},
     netns::NetNs,
+    wait::{eventually_within, scaled},
 };
 use prometheus_parse::{Scrape, Value as Metric};
 use serde_json::Value;
@@ -30,34 +31,15 @@ const FORGED_CLIENT: &str = "203.0.113.9";
 const FORGED_REQUEST: &[u8] =
     b"PROXY TCP4 203.0.113.9 198.18.1.1 1234 8080\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n";
 
-/// Starts the gateway in `topo` with `--ebpf required --proxy-protocol` on `listen`, trusting `trusted`.
-fn start_gateway(topo: &HaproxyTopology, listen: &[SocketAddr], trusted: &[&str]) -> Gateway {
-    start_gateway_with(topo, listen, trusted, &[])
-}
-
-/// [`start_gateway`] with `extra` arguments.
-fn start_gateway_with(
-    topo: &HaproxyTopology,
-    listen: &[SocketAddr],
-    trusted: &[&str],
-    extra: &[&str],
-) -> Gateway {
-    let mut args = vec![
-        "--backend".to_string(),
-        HaproxyTopology::backend().to_string(),
-        "--ebpf".to_string(),
-        "required".to_string(),
-        "--proxy-protocol".to_string(),
-    ];
-    for l in listen {
-        args.extend(["--listen".to_string(), l.to_string()]);
+/// The gateway behind HAProxy: PROXY protocol on `listen`, believing headers from `trusted`.
+fn behind_haproxy(listen: &[SocketAddr], trusted: &[&str]) -> GatewayBuilder {
+    let mut gateway = Gateway::new()
+        .backend(HaproxyTopology::backend())
+        .proxy_protocol(trusted);
+    for addr in listen {
+        gateway = gateway.listen(*addr);
     }
-    for t in trusted {
-        args.extend(["--trusted-lb".to_string(), t.to_string()]);
-    }
-    args.extend(extra.iter().map(|a| a.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Gateway::start(&topo.gateway, &args)
+    gateway
 }
 
 /// A client HTTP connection made from a namespace, which stays open (on its own thread) until
@@ -284,12 +266,9 @@ fn client_through_haproxy_is_named_by_its_own_address(send_proxy: SendProxy, lea
     let topo = HaproxyTopology::new();
     let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
     // The table's id is compared with the one the backend saw: full ids, on request.
-    let gw = start_gateway_with(
-        &topo,
-        &[HaproxyTopology::gateway_v4()],
-        &[TRUSTED_BALANCER],
-        &["--show-full-ids"],
-    );
+    let gw = behind_haproxy(&[HaproxyTopology::gateway_v4()], &[TRUSTED_BALANCER])
+        .args(&["--show-full-ids"])
+        .start(&topo.gateway);
     let _haproxy = Haproxy::start(
         &topo.balancer,
         HaproxyOptions::new(
@@ -370,11 +349,11 @@ fn ipv6_client_through_haproxy_v2_is_named_by_its_ipv6_address() {
     let topo = HaproxyTopology::new();
     let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
     let balancer_v6 = format!("{}/128", HaproxyTopology::balancer_v6());
-    let gw = start_gateway(
-        &topo,
+    let gw = behind_haproxy(
         &[HaproxyTopology::gateway_v6()],
         &[TRUSTED_BALANCER, &balancer_v6],
-    );
+    )
+    .start(&topo.gateway);
     let _haproxy = Haproxy::start(
         &topo.balancer,
         HaproxyOptions::new(
@@ -419,7 +398,8 @@ fn ipv6_client_through_haproxy_v2_is_named_by_its_ipv6_address() {
 fn haproxy_outside_trusted_lbs_is_refused_and_counted() {
     let topo = HaproxyTopology::new();
     let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
-    let mut gw = start_gateway(&topo, &[HaproxyTopology::gateway_v4()], &["198.18.77.0/24"]);
+    let mut gw =
+        behind_haproxy(&[HaproxyTopology::gateway_v4()], &["198.18.77.0/24"]).start(&topo.gateway);
     let _haproxy = Haproxy::start(
         &topo.balancer,
         HaproxyOptions::new(
@@ -461,7 +441,8 @@ fn forged_proxy_line_from_a_client_is_refused_and_never_reaches_the_backend() {
     let topo = HaproxyTopology::new();
     topo.route_clients_to_gateway();
     let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
-    let mut gw = start_gateway(&topo, &[HaproxyTopology::gateway_v4()], &[TRUSTED_BALANCER]);
+    let mut gw =
+        behind_haproxy(&[HaproxyTopology::gateway_v4()], &[TRUSTED_BALANCER]).start(&topo.gateway);
 
     let reply = topo.client.run(|| async {
         raw_exchange(
@@ -492,19 +473,10 @@ fn forged_proxy_line_to_a_plain_listener_never_reaches_the_backend_as_identity()
     let topo = HaproxyTopology::new();
     topo.route_clients_to_gateway();
     let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
-    let listen = HaproxyTopology::gateway_v4().to_string();
-    let backend_addr = HaproxyTopology::backend().to_string();
-    let _gw = Gateway::start(
-        &topo.gateway,
-        &[
-            "--listen",
-            &listen,
-            "--backend",
-            &backend_addr,
-            "--ebpf",
-            "required",
-        ],
-    );
+    let _gw = Gateway::new()
+        .listen(HaproxyTopology::gateway_v4())
+        .backend(&backend)
+        .start(&topo.gateway);
 
     let (reply, local) = topo.client.run(|| async {
         let src = SocketAddr::new(HaproxyTopology::client_v4(2), 0);
@@ -547,7 +519,8 @@ fn forged_proxy_line_to_a_plain_listener_never_reaches_the_backend_as_identity()
 fn malformed_header_from_the_trusted_balancer_is_refused_and_counted(header: &'static [u8]) {
     let topo = HaproxyTopology::new();
     let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
-    let mut gw = start_gateway(&topo, &[HaproxyTopology::gateway_v4()], &[TRUSTED_BALANCER]);
+    let mut gw =
+        behind_haproxy(&[HaproxyTopology::gateway_v4()], &[TRUSTED_BALANCER]).start(&topo.gateway);
 
     let reply = topo.balancer.run(move || async move {
         raw_exchange(
@@ -611,10 +584,7 @@ proxy_header_secs = 0.5
         ),
     )
     .expect("write config");
-    let gw = Gateway::start(
-        &topo.gateway,
-        &["--config", config.to_str().expect("utf-8 path")],
-    );
+    let gw = Gateway::from_config(&config).start(&topo.gateway);
 
     let reply = topo.balancer.run(|| async {
         raw_exchange(
@@ -647,7 +617,8 @@ proxy_header_secs = 0.5
 fn haproxy_health_checks_are_served_as_the_balancer(send_proxy: SendProxy) {
     let topo = HaproxyTopology::new();
     let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
-    let gw = start_gateway(&topo, &[HaproxyTopology::gateway_v4()], &[TRUSTED_BALANCER]);
+    let gw =
+        behind_haproxy(&[HaproxyTopology::gateway_v4()], &[TRUSTED_BALANCER]).start(&topo.gateway);
     let _haproxy = Haproxy::start(
         &topo.balancer,
         HaproxyOptions::new(
@@ -659,22 +630,20 @@ fn haproxy_health_checks_are_served_as_the_balancer(send_proxy: SendProxy) {
     );
 
     // Await the first check's request at the backend.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let check = loop {
-        if let Some(s) = backend
-            .seen()
-            .into_iter()
-            .find(|s| s.path == "/haproxy-check")
-        {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no health check reached the backend; the gateway logged {:#?}",
-            gw.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let check = eventually_within(
+        "a health check at the backend (and the gateway's log)",
+        scaled(Duration::from_secs(20)),
+        || {
+            let check = backend
+                .seen()
+                .into_iter()
+                .find(|s| s.path == "/haproxy-check");
+            (check, gw.log())
+        },
+        |(check, _)| check.is_some(),
+    )
+    .0
+    .expect("the check just seen");
     let ids = check.all("jespa-connection-id");
     assert_eq!(ids.len(), 1, "{ids:?}");
     assert!(
@@ -734,15 +703,12 @@ fn v2_request(client: SocketAddr, tlvs: &[(u8, &[u8])]) -> Vec<u8> {
 fn ids_name_the_private_link_from_proxy_v2_tlvs() {
     let topo = HaproxyTopology::new();
     let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
-    let _gw = start_gateway_with(
-        &topo,
-        &[HaproxyTopology::gateway_v4()],
-        &[TRUSTED_BALANCER],
-        &[
+    let _gw = behind_haproxy(&[HaproxyTopology::gateway_v4()], &[TRUSTED_BALANCER])
+        .args(&[
             "--id-template",
             "{client}/{aws_vpce_id}/{azure_link_id}/{tlv:0xE0}/{uid}",
-        ],
-    );
+        ])
+        .start(&topo.gateway);
     // The same client address and port behind each link (overlapping VPC/VNet ranges).
     let client: SocketAddr = "10.1.2.3:40000".parse().expect("address");
     let aws = |id: &str| [&[0x01u8][..], id.as_bytes()].concat();

@@ -3,33 +3,19 @@
 //! which has a broken virtual directory (`--broken /owa`: its pages and its `healthcheck.htm`
 //! answer 503).
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use ntlm_tag_tests::{
-    acceptor::{Acceptor, CurlRun, Keying, curl_ntlm},
-    gateway::{Gateway, eventually, scaled},
+    acceptor::{self, Acceptor, CurlRun, Keying, curl_ntlm},
+    fixtures,
+    gateway::Gateway,
     topology::Topology,
+    wait::{eventually, scaled},
 };
 use serde_json::Value;
 
 fn users() -> Vec<(String, String)> {
-    (0..8)
-        .map(|i| (format!("user{i:02}"), format!("Secret-{i}!")))
-        .collect()
-}
-
-fn backend_addr(port: u16) -> SocketAddr {
-    SocketAddr::new(Topology::backend_addr().ip(), port)
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write file");
-    path.to_string_lossy().into_owned()
-}
-
-fn url(path: &str) -> String {
-    format!("http://{}{path}", Topology::gateway_addr())
+    acceptor::numbered_users(8)
 }
 
 /// Two IIS-like backends, A (with `a_flags`) and B.
@@ -37,7 +23,7 @@ fn iis_backends(topo: &Topology, a_flags: &[&str]) -> (Acceptor, Acceptor) {
     let start = |port, flags| {
         Acceptor::start_with(
             &topo.backend,
-            backend_addr(port),
+            Topology::backend_at(port),
             &users(),
             Keying::Connection,
             flags,
@@ -49,7 +35,7 @@ fn iis_backends(topo: &Topology, a_flags: &[&str]) -> (Acceptor, Acceptor) {
 /// `curl --ntlm` as user `i` from client address `i`, fetching `paths` on one connection.
 fn login(topo: &Topology, i: usize, paths: &[&str], extra: &[&str]) -> CurlRun {
     let (user, password) = &users()[i];
-    let urls: Vec<String> = paths.iter().map(|p| url(p)).collect();
+    let urls: Vec<String> = paths.iter().map(|p| Topology::url(p)).collect();
     curl_ntlm(
         &topo.client,
         Topology::client_v4(i as u8),
@@ -110,7 +96,7 @@ fn a_broken_virtual_directory_takes_only_its_own_traffic_away_from_that_backend(
     let check = |path: &str| {
         format!("health_check = {{ path = \"{path}\", interval_secs = 0.2, timeout_secs = 0.5 }}")
     };
-    let config = write(
+    let config = fixtures::write(
         dir.path(),
         "gw.toml",
         &format!(
@@ -125,7 +111,7 @@ fn a_broken_virtual_directory_takes_only_its_own_traffic_away_from_that_backend(
             ews = check("/ews/healthcheck.htm"),
         ),
     );
-    let mut gw = Gateway::start(&topo.gateway, &["--config", &config]);
+    let mut gw = Gateway::from_config(&config).start(&topo.gateway);
 
     // Only /owa on A is out, and the gateway says so.
     eventually(
@@ -192,7 +178,7 @@ fn a_bound_connection_keeps_its_backend_across_routes_and_is_refused_where_that_
     let (a, b) = iis_backends(&topo, &[]);
     let dir = tempfile::tempdir().expect("temp dir");
     // /owa only on A, /ecp on both, /ews only on B.
-    let config = write(
+    let config = fixtures::write(
         dir.path(),
         "gw.toml",
         &format!(
@@ -205,7 +191,7 @@ fn a_bound_connection_keeps_its_backend_across_routes_and_is_refused_where_that_
             b = b.addr,
         ),
     );
-    let mut gw = Gateway::start(&topo.gateway, &["--config", &config]);
+    let mut gw = Gateway::from_config(&config).start(&topo.gateway);
 
     // One client connection: NTLM login on /owa (bound to an upstream connection to A), then
     // /ecp (A serves it: the same upstream connection, still authenticated), then /ews (A does not
@@ -281,8 +267,8 @@ fn a_reload_applies_route_changes_to_new_connections() {
         Topology::gateway_addr(),
         a.addr
     );
-    let config = write(dir.path(), "gw.toml", &base);
-    let mut gw = Gateway::start(&topo.gateway, &["--config", &config]);
+    let config = fixtures::write(dir.path(), "gw.toml", &base);
+    let mut gw = Gateway::from_config(&config).start(&topo.gateway);
     let logs_in = || {
         let run = login(&topo, 2, &["/owa/"], &[]);
         assert_eq!(run.users(), ["user02"], "{}", run.stderr);
@@ -290,7 +276,7 @@ fn a_reload_applies_route_changes_to_new_connections() {
     logs_in();
     assert_eq!(logins_under(&a, "/owa"), 1);
 
-    write(
+    fixtures::write(
         dir.path(),
         "gw.toml",
         &format!(

@@ -4,7 +4,6 @@
 //! colour in logs only for a terminal that did not ask for none.
 
 use std::{
-    net::SocketAddr,
     os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
     process::Output,
@@ -12,27 +11,16 @@ use std::{
 };
 
 use ntlm_tag_tests::{
-    acceptor::{Acceptor, Keying, curl_ntlm},
-    gateway::{self, Admin, Gateway, Started, scaled},
+    acceptor::{self, Acceptor, Keying, curl_ntlm},
+    fixtures,
+    gateway::{self, Admin, Gateway, Started},
     netns::NetNs,
     topology::Topology,
+    wait::scaled,
 };
 
 fn users() -> Vec<(String, String)> {
-    vec![("alice".to_string(), "Alice-Secret1".to_string())]
-}
-
-/// A configuration file in front of `backends`, with the kernel programs required.
-fn config_text(backends: &[SocketAddr]) -> String {
-    format!(
-        "listen = [\"{}\"]\nebpf = \"required\"\nbackends = [{}]\n",
-        Topology::gateway_addr(),
-        backends
-            .iter()
-            .map(|b| format!("\"{b}\""))
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
+    acceptor::users(&[("alice", "Alice-Secret1")])
 }
 
 /// The notification socket systemd would pass in `NOTIFY_SOCKET`, owned by the test.
@@ -98,7 +86,7 @@ fn alice_through_the_gateway(client: &NetNs, i: u8, path: &str) -> Vec<String> {
         Topology::client_v4(i),
         "alice",
         "Alice-Secret1",
-        &[format!("http://{}/{path}", Topology::gateway_addr())],
+        &[Topology::url(&format!("/{path}"))],
         &[],
     );
     assert!(run.success, "curl through the gateway: {}", run.stderr);
@@ -108,32 +96,17 @@ fn alice_through_the_gateway(client: &NetNs, i: u8, path: &str) -> Vec<String> {
 #[test]
 fn systemd_hears_ready_once_serving_reloading_around_each_reload_and_stopping() {
     let topo = Topology::new();
-    let a = Acceptor::start(
-        &topo.backend,
-        SocketAddr::new(Topology::backend_addr().ip(), 8081),
-        &users(),
-        Keying::Header,
-    );
-    let b = Acceptor::start(
-        &topo.backend,
-        SocketAddr::new(Topology::backend_addr().ip(), 8082),
-        &users(),
-        Keying::Header,
-    );
+    let (a, b) = acceptor::two_backends(&topo.backend, &users(), Keying::Header);
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("gw.toml");
-    std::fs::write(&config, config_text(&[a.addr])).expect("write config");
+    std::fs::write(&config, fixtures::gateway_config(&[a.addr])).expect("write config");
     let notify = NotifySocket::bind(dir.path());
     let admin = Admin::Unix(dir.path().join("admin.sock"));
 
     // The moment READY=1 arrives, a client is served and the kernel programs are attached.
-    let args = [
-        "--config",
-        config.to_str().expect("utf-8"),
-        "--admin",
-        &admin.arg(),
-    ];
-    let notify_socket = notify.path.to_string_lossy().into_owned();
+    let gateway = Gateway::from_config(&config)
+        .args(&["--admin", &admin.arg()])
+        .env("NOTIFY_SOCKET", &notify.path.to_string_lossy());
     let (mut gw, (ready, served, ebpf)) = std::thread::scope(|scope| {
         let on_ready = scope.spawn(|| {
             let ready = notify.until("READY=1");
@@ -141,12 +114,7 @@ fn systemd_hears_ready_once_serving_reloading_around_each_reload_and_stopping() 
             let ebpf = admin.json("/kernel")["ebpf"].clone();
             (ready, served, ebpf)
         });
-        let gw = match Gateway::try_start_with_env(
-            &topo.gateway,
-            &args,
-            None,
-            &[("NOTIFY_SOCKET", &notify_socket)],
-        ) {
+        let gw = match gateway.try_start(&topo.gateway) {
             Started::Ready(gw) => gw,
             Started::Exited { status, log } => panic!("exited ({status}):\n{}", log.join("\n")),
         };
@@ -165,7 +133,7 @@ fn systemd_hears_ready_once_serving_reloading_around_each_reload_and_stopping() 
     );
 
     // SIGHUP: RELOADING=1 (with the time the notify-reload protocol wants), then READY=1.
-    std::fs::write(&config, config_text(&[a.addr, b.addr])).expect("rewrite config");
+    std::fs::write(&config, fixtures::gateway_config(&[a.addr, b.addr])).expect("rewrite config");
     gw.signal(libc::SIGHUP);
     let reloading = notify.until("RELOADING=1");
     assert!(
@@ -212,28 +180,14 @@ fn systemd_hears_ready_once_serving_reloading_around_each_reload_and_stopping() 
 #[test]
 fn ntlm_tag_reload_exits_0_when_applied_and_64_with_the_reason_when_refused() {
     let topo = Topology::new();
-    let a = Acceptor::start(
-        &topo.backend,
-        SocketAddr::new(Topology::backend_addr().ip(), 8081),
-        &users(),
-        Keying::Header,
-    );
-    let b = Acceptor::start(
-        &topo.backend,
-        SocketAddr::new(Topology::backend_addr().ip(), 8082),
-        &users(),
-        Keying::Header,
-    );
+    let (a, b) = acceptor::two_backends(&topo.backend, &users(), Keying::Header);
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("gw.toml");
-    std::fs::write(&config, config_text(&[a.addr])).expect("write config");
-    let gw = Gateway::start(
-        &topo.gateway,
-        &["--config", config.to_str().expect("utf-8")],
-    );
+    std::fs::write(&config, fixtures::gateway_config(&[a.addr])).expect("write config");
+    let gw = Gateway::from_config(&config).start(&topo.gateway);
 
     // A good file: exit 0 once applied, saying what; new connections go to the new backend.
-    std::fs::write(&config, config_text(&[b.addr])).expect("rewrite config");
+    std::fs::write(&config, fixtures::gateway_config(&[b.addr])).expect("rewrite config");
     let out = reload_command(&gw.admin);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
@@ -325,28 +279,20 @@ fn reload_on_a_tcp_admin_address_needs_the_token() {
     let topo = Topology::new();
     let a = Acceptor::start(
         &topo.backend,
-        SocketAddr::new(Topology::backend_addr().ip(), 8081),
+        Topology::backend_at(8081),
         &users(),
         Keying::Header,
     );
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("gw.toml");
-    std::fs::write(&config, config_text(&[a.addr])).expect("write config");
+    std::fs::write(&config, fixtures::gateway_config(&[a.addr])).expect("write config");
     let token_file = dir.path().join("admin.token");
     std::fs::write(&token_file, "7c1f0a9e5d3b2c4a6e8f0d1b3a5c7e9f\n").expect("token");
     std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let token = token_file.to_str().expect("utf-8");
-    let gw = Gateway::start(
-        &topo.gateway,
-        &[
-            "--config",
-            config.to_str().expect("utf-8"),
-            "--admin",
-            "127.0.0.1:9181",
-            "--admin-token-file",
-            token,
-        ],
-    );
+    let gw = Gateway::from_config(&config)
+        .args(&["--admin", "127.0.0.1:9181", "--admin-token-file", token])
+        .start(&topo.gateway);
     let reload = |extra: &[&str]| {
         topo.gateway
             .command(gateway::binary().to_str().expect("utf-8"))

@@ -7,24 +7,16 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use ntlm_tag_tests::{
     acceptor::{Acceptor, Keying, curl_ntlm},
-    gateway::{Gateway, scaled},
+    fixtures,
+    gateway::{Gateway, Started},
     topology::Topology,
+    wait::scaled,
 };
 
 fn users() -> Vec<(String, String)> {
     (0..4)
         .map(|i| (format!("user{i}"), format!("Tls-Secret-{i}!")))
         .collect()
-}
-
-fn backend_addr(port: u16) -> SocketAddr {
-    SocketAddr::new(Topology::backend_addr().ip(), port)
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> String {
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write file");
-    path.to_string_lossy().into_owned()
 }
 
 /// A test CA that issues server certificates.
@@ -43,7 +35,7 @@ impl TestCa {
             .push(rcgen::DnType::CommonName, name);
         let key = rcgen::KeyPair::generate().expect("CA key");
         let cert = params.self_signed(&key).expect("CA certificate");
-        let pem_path = write(dir, &format!("{name}.pem"), &cert.pem());
+        let pem_path = fixtures::write(dir, &format!("{name}.pem"), &cert.pem());
         TestCa {
             cert,
             key,
@@ -62,8 +54,8 @@ impl TestCa {
             .signed_by(&key, &self.cert, &self.key)
             .expect("certificate");
         (
-            write(dir, &format!("{file}.pem"), &cert.pem()),
-            write(dir, &format!("{file}.key"), &key.serialize_pem()),
+            fixtures::write(dir, &format!("{file}.pem"), &cert.pem()),
+            fixtures::write(dir, &format!("{file}.key"), &key.serialize_pem()),
         )
     }
 }
@@ -71,23 +63,26 @@ impl TestCa {
 fn https_acceptor(topo: &Topology, port: u16, cert: &(String, String)) -> Acceptor {
     Acceptor::start_with(
         &topo.backend,
-        backend_addr(port),
+        Topology::backend_at(port),
         &users(),
         Keying::Connection,
         &["--tls-cert", &cert.0, "--tls-key", &cert.1],
     )
 }
 
+/// The gateway `config` describes, written to a file in `dir`, with the kernel programs required.
 fn start_gateway(topo: &Topology, dir: &Path, config: &str) -> Gateway {
-    let path = write(dir, "ntlm-tag.toml", config);
-    Gateway::start(&topo.gateway, &["--config", &path, "--ebpf", "required"])
+    let path = fixtures::write(dir, "ntlm-tag.toml", config);
+    Gateway::from_config(path)
+        .ebpf("required")
+        .start(&topo.gateway)
 }
 
 /// Every user logs in with `curl --ntlm` on one connection (3 requests); every answer is theirs.
 fn every_user_logs_in(topo: &Topology) {
     for (i, (user, password)) in users().iter().enumerate() {
         let urls: Vec<String> = (0..3)
-            .map(|r| format!("http://{}/u{i}/r{r}", Topology::gateway_addr()))
+            .map(|r| Topology::url(&format!("/u{i}/r{r}")))
             .collect();
         let run = curl_ntlm(
             &topo.client,
@@ -253,12 +248,12 @@ fn epa_bridging_checks_that_backends_present_the_listeners_certificate_at_start_
     let same = https_acceptor(&topo, 8443, &site);
     let other = https_acceptor(&topo, 8444, &own);
 
-    let good = write(
+    let good = fixtures::write(
         dir.path(),
         "good.toml",
         &bridging_config(&site, same.addr, &ca.pem_path),
     );
-    let bad = write(
+    let bad = fixtures::write(
         dir.path(),
         "bad.toml",
         &bridging_config(&site, other.addr, &ca.pem_path),
@@ -283,12 +278,11 @@ fn epa_bridging_checks_that_backends_present_the_listeners_certificate_at_start_
     assert!(line.contains("Install the same certificate"), "{line}");
 
     // Start-up refuses the mismatch, naming it.
-    match Gateway::try_start(
-        &topo.gateway,
-        &["--config", &bad, "--ebpf", "required"],
-        None,
-    ) {
-        ntlm_tag_tests::gateway::Started::Exited { status, log } => {
+    match Gateway::from_config(&bad)
+        .ebpf("required")
+        .try_start(&topo.gateway)
+    {
+        Started::Exited { status, log } => {
             assert_eq!(status.code(), Some(64), "{}", log.join("\n"));
             assert!(
                 log.iter()
@@ -297,16 +291,18 @@ fn epa_bridging_checks_that_backends_present_the_listeners_certificate_at_start_
                 log.join("\n")
             );
         }
-        ntlm_tag_tests::gateway::Started::Ready(_) => panic!("started with a mismatched backend"),
+        Started::Ready(_) => panic!("started with a mismatched backend"),
     }
 
     // Starts with the same certificate; a reload to the other backend is refused.
-    let live = write(
+    let live = fixtures::write(
         dir.path(),
         "live.toml",
         &std::fs::read_to_string(&good).expect("read"),
     );
-    let mut gw = Gateway::start(&topo.gateway, &["--config", &live, "--ebpf", "required"]);
+    let mut gw = Gateway::from_config(&live)
+        .ebpf("required")
+        .start(&topo.gateway);
     assert!(
         gw.log()
             .iter()
@@ -322,7 +318,7 @@ fn epa_bridging_checks_that_backends_present_the_listeners_certificate_at_start_
 fn epa_acceptor(topo: &Topology, port: u16, cert: &(String, String)) -> Acceptor {
     Acceptor::start_with(
         &topo.backend,
-        backend_addr(port),
+        Topology::backend_at(port),
         &users(),
         Keying::Connection,
         &[
@@ -364,15 +360,14 @@ fn an_epa_protected_login_passes_through_the_gateway_only_when_it_bridges_the_sa
     );
 
     // Bridging: the listener presents the backend's certificate, so the binding matches.
-    let bridging = write(
+    let bridging = fixtures::write(
         dir.path(),
         "bridging.toml",
         &bridging_config(&site, bridged.addr, &ca.pem_path),
     );
-    let gw = Gateway::start(
-        &topo.gateway,
-        &["--config", &bridging, "--ebpf", "required"],
-    );
+    let gw = Gateway::from_config(&bridging)
+        .ebpf("required")
+        .start(&topo.gateway);
     let url = format!("https://{}/epa", SocketAddr::new(gateway_ip, 8443));
     let run = ntlm_tag_tests::epa_client::login(
         &topo.client,
@@ -406,11 +401,10 @@ backends = [{{ address = "https://{backend}", tls_server_name = "iis.backend.tes
         backend = offloaded.addr,
         ca = ca.pem_path,
     );
-    let mismatched = write(dir.path(), "mismatched.toml", &mismatched);
-    let mut gw = Gateway::start(
-        &topo.gateway,
-        &["--config", &mismatched, "--ebpf", "required"],
-    );
+    let mismatched = fixtures::write(dir.path(), "mismatched.toml", &mismatched);
+    let mut gw = Gateway::from_config(&mismatched)
+        .ebpf("required")
+        .start(&topo.gateway);
     let run = ntlm_tag_tests::epa_client::login(
         &topo.client,
         Topology::client_v4(1),

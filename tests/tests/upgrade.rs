@@ -13,50 +13,27 @@ use std::{
 };
 
 use ntlm_tag_tests::{
-    acceptor::{Acceptor, Keying},
-    gateway::{Gateway, Started, cgroup2_mount, kernel_counter, scaled, walk_named},
+    acceptor::{self, Acceptor, Keying},
+    gateway::{Gateway, GatewayBuilder, Started, cgroup2_mount, kernel_counter, walk_named},
     keepalive_client::KeepAliveLogin,
+    metrics::sample,
     topology::Topology,
+    wait::{eventually_within, scaled},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const USER: (&str, &str) = ("user00", "Secret-0!");
 
 fn users() -> Vec<(String, String)> {
-    vec![(USER.0.to_string(), USER.1.to_string())]
+    acceptor::users(&[USER])
 }
 
-/// The gateway's arguments: eBPF required, an upgrade socket in `dir`, plus `extra`.
-fn gateway_args(dir: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--listen",
-        &Topology::gateway_addr().to_string(),
-        "--backend",
-        &Topology::backend_addr().to_string(),
-        "--ebpf",
-        "required",
+/// The standard gateway with an upgrade socket in `dir`.
+fn gateway(dir: &Path) -> GatewayBuilder {
+    Gateway::new().args(&[
         "--upgrade-socket",
         &dir.join("upgrade.sock").display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
-fn start(topo: &Topology, args: &[String]) -> Gateway {
-    Gateway::start(
-        &topo.gateway,
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-}
-
-/// `ntlm-tag upgrade` with the same arguments.
-fn start_successor(topo: &Topology, args: &[String]) -> Gateway {
-    let mut all = vec!["upgrade".to_string()];
-    all.extend_from_slice(args);
-    start(topo, &all)
+    ])
 }
 
 /// The uid prefix every id of this gateway carries, from its ready line.
@@ -80,26 +57,12 @@ fn uid_of(id: &str) -> &str {
 
 /// Polls `gateway`'s metric `name` until it equals `value` (it is reported once a second).
 fn wait_for_metric(gateway: &Gateway, name: &str, value: u64) {
-    let deadline = Instant::now() + scaled(Duration::from_secs(20));
-    loop {
-        let text = gateway.admin_metrics();
-        if metric(&text, name, "") == Some(value) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} did not reach {value}: {:?}",
-            text.lines().find(|l| l.starts_with(name))
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn metric(text: &str, name: &str, labels: &str) -> Option<u64> {
-    let wanted = format!("{name}{labels} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&wanted))
-        .and_then(|v| v.trim().parse().ok())
+    eventually_within(
+        &format!("{name} to reach {value}"),
+        scaled(Duration::from_secs(20)),
+        || gateway.metric(name, ""),
+        |v| *v == Some(value),
+    );
 }
 
 /// The ids the backend saw on requests for `path`, in order.
@@ -253,7 +216,7 @@ struct Scene {
     topo: Topology,
     acceptor: Acceptor,
     dir: tempfile::TempDir,
-    args: Vec<String>,
+    gateway: GatewayBuilder,
 }
 
 impl Scene {
@@ -269,13 +232,12 @@ impl Scene {
         let file = dir.path().join("gw.toml");
         std::fs::write(&file, config).expect("config");
         let admin = format!("unix:{}", dir.path().join("admin.sock").display());
-        let file = file.display().to_string();
-        let args = gateway_args(dir.path(), &["--admin", &admin, "--config", &file]);
+        let gateway = gateway(dir.path()).args(&["--admin", &admin]).config(&file);
         Scene {
             topo,
             acceptor,
             dir,
-            args,
+            gateway,
         }
     }
 }
@@ -286,9 +248,9 @@ fn an_upgrade_keeps_logged_in_connections_on_the_old_process_and_refuses_no_new_
         topo,
         acceptor,
         dir,
-        args,
+        gateway,
     } = Scene::new("");
-    let mut old = start(&topo, &args);
+    let mut old = gateway.start(&topo.gateway);
     let old_nonce = uid_nonce(&mut old);
     let old_pid = old.pid();
 
@@ -299,7 +261,7 @@ fn an_upgrade_keeps_logged_in_connections_on_the_old_process_and_refuses_no_new_
     // New connections arrive all the time, before, during and after the hand-over.
     let clients = ClientLoop::start(&topo, "/loop");
     wait_for_requests(&acceptor, "/loop", &old_nonce, 3);
-    let mut new = start_successor(&topo, &args);
+    let mut new = gateway.clone().subcommand("upgrade").start(&topo.gateway);
     let new_nonce = uid_nonce(&mut new);
     assert_ne!(new_nonce, old_nonce);
     wait_for_requests(&acceptor, "/loop", &new_nonce, 10);
@@ -348,10 +310,10 @@ fn an_upgrade_keeps_logged_in_connections_on_the_old_process_and_refuses_no_new_
     // The new process identified its connections from its own kernel records: it attached its
     // program to the cgroup the listeners (and so the connections accepted from them) belong to.
     let metrics = new.admin_metrics();
-    let from_kernel = metric(
+    let from_kernel = sample(
         &metrics,
         "ntlm_tag_connections_total",
-        "{source=\"kernel-peer\"}",
+        "source=\"kernel-peer\"",
     )
     .expect("kernel-peer connections counted");
     assert!(
@@ -359,10 +321,10 @@ fn an_upgrade_keeps_logged_in_connections_on_the_old_process_and_refuses_no_new_
         "{from_kernel} kernel identities for {by_new} connections"
     );
     assert_eq!(
-        metric(
+        sample(
             &metrics,
             "ntlm_tag_connections_total",
-            "{source=\"fallback\"}"
+            "source=\"fallback\""
         ),
         Some(0),
         "no connection of the new process fell back to its peer address"
@@ -425,14 +387,14 @@ fn at_the_upgrade_drain_deadline_the_old_process_closes_what_is_left_and_says_ho
     // Bound, not `..`: the backend and the directory must live as long as the test.
     let Scene {
         topo,
-        args,
+        gateway,
         acceptor: _acceptor,
         dir: _dir,
     } = Scene::new("[timeouts]\nupgrade_drain_secs = 1\n");
-    let mut old = start(&topo, &args);
+    let mut old = gateway.start(&topo.gateway);
     let (mut held, _) = log_in(&topo);
     let upgraded_at = Instant::now();
-    let new = start_successor(&topo, &args);
+    let new = gateway.clone().subcommand("upgrade").start(&topo.gateway);
     let status = old
         .wait_for_exit(scaled(Duration::from_secs(20)))
         .expect("the old process exits at its drain deadline");
@@ -464,10 +426,12 @@ fn at_the_upgrade_drain_deadline_the_old_process_closes_what_is_left_and_says_ho
 fn an_upgrade_without_a_running_gateway_fails_and_a_second_plain_start_is_refused() {
     let topo = Topology::new();
     let dir = tempfile::tempdir().expect("temp dir");
-    let args = gateway_args(dir.path(), &[]);
-    let mut upgrade = vec!["upgrade"];
-    upgrade.extend(args.iter().map(String::as_str));
-    let Started::Exited { status, log } = Gateway::try_start(&topo.gateway, &upgrade, None) else {
+    let gateway = gateway(dir.path());
+    let Started::Exited { status, log } = gateway
+        .clone()
+        .subcommand("upgrade")
+        .try_start(&topo.gateway)
+    else {
         panic!("an upgrade with nothing to take over from must not start");
     };
     assert_eq!(status.code(), Some(1));
@@ -477,9 +441,8 @@ fn an_upgrade_without_a_running_gateway_fails_and_a_second_plain_start_is_refuse
         "{log:#?}"
     );
 
-    let running = start(&topo, &args);
-    let plain: Vec<&str> = args.iter().map(String::as_str).collect();
-    let Started::Exited { status, log } = Gateway::try_start(&topo.gateway, &plain, None) else {
+    let running = gateway.start(&topo.gateway);
+    let Started::Exited { status, log } = gateway.try_start(&topo.gateway) else {
         panic!("a second gateway on a live upgrade socket must not start");
     };
     assert_eq!(status.code(), Some(1));
@@ -523,10 +486,10 @@ fn an_upgrade_typed_at_a_terminal_returns_once_the_new_gateway_serves_and_leaves
     let Scene {
         topo,
         acceptor,
-        args,
+        gateway,
         dir: _dir,
     } = Scene::new("");
-    let mut old = start(&topo, &args);
+    let mut old = gateway.start(&topo.gateway);
     let old_nonce = uid_nonce(&mut old);
 
     // `script` gives the command a terminal, as an operator's shell would.
@@ -534,7 +497,7 @@ fn an_upgrade_typed_at_a_terminal_returns_once_the_new_gateway_serves_and_leaves
         "nsenter --net={} -- {} upgrade {}",
         topo.gateway.path().display(),
         ntlm_tag_tests::gateway::binary().display(),
-        args.join(" ")
+        gateway.command_line().join(" ")
     );
     let out = std::process::Command::new("script")
         .args(["-qec", &command, "/dev/null"])

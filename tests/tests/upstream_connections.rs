@@ -7,16 +7,19 @@ use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::mpsc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use ntlm_tag_tests::{
-    acceptor::{Acceptor, Keying, curl_ntlm},
+    acceptor::{self, Keying, curl_ntlm},
+    backends::scripted::{Script, ScriptedBackend},
     client::Connection,
-    gateway::{Gateway, scaled},
+    gateway::Gateway,
+    metrics::sample,
     netns::NetNs,
-    raw::{self, RawClient, Script, ScriptedBackend},
+    raw::{self, RawClient},
     topology::Topology,
+    wait::{eventually, scaled},
 };
 
 const USERS: usize = 8;
@@ -25,60 +28,7 @@ const ANONYMOUS_CLIENTS: usize = 16;
 const ANONYMOUS_REQUESTS: usize = 3;
 
 fn users() -> Vec<(String, String)> {
-    (0..USERS)
-        .map(|i| (format!("user{i:02}"), format!("Secret-{i}!")))
-        .collect()
-}
-
-fn backend_addr(port: u16) -> SocketAddr {
-    SocketAddr::new(Topology::backend_addr().ip(), port)
-}
-
-/// The gateway with nothing but listener, backends and eBPF: the default mode.
-fn default_gateway(topo: &Topology, backends: &[SocketAddr]) -> Gateway {
-    let listen = Topology::gateway_addr().to_string();
-    let backends: Vec<String> = backends.iter().map(ToString::to_string).collect();
-    let mut args = vec!["--listen", listen.as_str(), "--ebpf", "required"];
-    for b in &backends {
-        args.extend(["--backend", b.as_str()]);
-    }
-    Gateway::start(&topo.gateway, &args)
-}
-
-fn url(path: &str) -> String {
-    format!("http://{}{path}", Topology::gateway_addr())
-}
-
-/// The value of the Prometheus sample `name{labels}` (`labels` as written, or empty).
-fn metric(text: &str, name: &str, labels: &str) -> Option<u64> {
-    let key = if labels.is_empty() {
-        name.to_string()
-    } else {
-        format!("{name}{{{labels}}}")
-    };
-    text.lines()
-        .find_map(|l| l.strip_prefix(&key)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// Polls `state` until `check` holds, returning it; panics with the last state after a deadline
-/// that only stops a stuck test.
-fn eventually<T: std::fmt::Debug>(
-    what: &str,
-    state: impl Fn() -> T,
-    check: impl Fn(&T) -> bool,
-) -> T {
-    let deadline = Instant::now() + scaled(Duration::from_secs(10));
-    loop {
-        let current = state();
-        if check(&current) {
-            return current;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {current:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    acceptor::numbered_users(USERS)
 }
 
 /// A client without credentials: several requests on one keep-alive connection; their statuses.
@@ -89,7 +39,7 @@ fn anonymous_statuses(ns: &NetNs, i: usize) -> Vec<String> {
     cmd.args(["-w", "%{http_code}\n"]);
     for r in 0..ANONYMOUS_REQUESTS {
         cmd.args(["-o", "/dev/null"])
-            .arg(url(&format!("/anon{i}/r{r}")));
+            .arg(Topology::url(&format!("/anon{i}/r{r}")));
     }
     let out = cmd.output().expect("run curl");
     String::from_utf8_lossy(&out.stdout)
@@ -102,19 +52,8 @@ fn anonymous_statuses(ns: &NetNs, i: usize) -> Vec<String> {
 fn behind_the_default_configuration_iis_like_backends_serve_every_user_as_themselves_and_clients_without_credentials_as_nobody()
  {
     let topo = Topology::new();
-    let a = Acceptor::start(
-        &topo.backend,
-        backend_addr(8081),
-        &users(),
-        Keying::Connection,
-    );
-    let b = Acceptor::start(
-        &topo.backend,
-        backend_addr(8082),
-        &users(),
-        Keying::Connection,
-    );
-    let gw = default_gateway(&topo, &[a.addr, b.addr]);
+    let (a, b) = acceptor::two_backends(&topo.backend, &users(), Keying::Connection);
+    let gw = Gateway::new().backend(&a).backend(&b).start(&topo.gateway);
 
     let anonymous_during = std::thread::scope(|scope| {
         let logins: Vec<_> = users()
@@ -124,7 +63,7 @@ fn behind_the_default_configuration_iis_like_backends_serve_every_user_as_themse
                 let topo = &topo;
                 scope.spawn(move || {
                     let urls: Vec<String> = (0..REQUESTS_PER_USER)
-                        .map(|r| url(&format!("/u{i}/r{r}")))
+                        .map(|r| Topology::url(&format!("/u{i}/r{r}")))
                         .collect();
                     let run = curl_ntlm(
                         &topo.client,
@@ -220,10 +159,10 @@ fn behind_the_default_configuration_iis_like_backends_serve_every_user_as_themse
     let m = eventually(
         "the bound connections to close with their clients",
         || gw.admin_metrics(),
-        |m| metric(m, "ntlm_tag_bound_connections", "") == Some(0),
+        |m| sample(m, "ntlm_tag_bound_connections", "") == Some(0),
     );
     assert_eq!(
-        metric(
+        sample(
             &m,
             "ntlm_tag_upstream_bindings_total",
             "trigger=\"request\""
@@ -292,7 +231,7 @@ fn a_post_answered_401_before_its_body_keeps_its_upstream_connection_out_of_the_
         Topology::backend_addr(),
         Script::AnswerBeforeBody,
     );
-    let gw = default_gateway(&topo, &[backend.addr]);
+    let gw = Gateway::new().backend(&backend).start(&topo.gateway);
 
     // A client posts, is answered 401 before the backend read its body, and stalls the body until
     // the test releases it.
@@ -390,19 +329,8 @@ fn a_post_answered_401_before_its_body_keeps_its_upstream_connection_out_of_the_
 fn after_one_of_two_backends_is_killed_every_new_ntlm_handshake_succeeds_on_the_other() {
     const HANDSHAKES: usize = 20;
     let topo = Topology::new();
-    let mut a = Acceptor::start(
-        &topo.backend,
-        backend_addr(8081),
-        &users(),
-        Keying::Connection,
-    );
-    let b = Acceptor::start(
-        &topo.backend,
-        backend_addr(8082),
-        &users(),
-        Keying::Connection,
-    );
-    let mut gw = default_gateway(&topo, &[a.addr, b.addr]);
+    let (mut a, b) = acceptor::two_backends(&topo.backend, &users(), Keying::Connection);
+    let mut gw = Gateway::new().backend(&a).backend(&b).start(&topo.gateway);
     // Both backends serve logins first.
     for i in 0..2 {
         let (user, password) = &users()[i];
@@ -411,7 +339,7 @@ fn after_one_of_two_backends_is_killed_every_new_ntlm_handshake_succeeds_on_the_
             Topology::client_v4(i as u8),
             user,
             password,
-            &[url("/warm-up")],
+            &[Topology::url("/warm-up")],
             &[],
         );
         assert_eq!(run.users(), vec![user.clone()], "{}", run.stderr);
@@ -432,7 +360,10 @@ fn after_one_of_two_backends_is_killed_every_new_ntlm_handshake_succeeds_on_the_
             Topology::client_v4((i % 20) as u8),
             user,
             password,
-            &[url(&format!("/after/{i}/a")), url(&format!("/after/{i}/b"))],
+            &[
+                Topology::url(&format!("/after/{i}/a")),
+                Topology::url(&format!("/after/{i}/b")),
+            ],
             &[],
         );
         if run.success && run.users() == [user.clone(), user.clone()] {
@@ -444,7 +375,7 @@ fn after_one_of_two_backends_is_killed_every_new_ntlm_handshake_succeeds_on_the_
     assert_eq!(succeeded, HANDSHAKES, "failed handshakes: {failures:#?}");
     let m = gw.admin_metrics();
     assert!(
-        metric(&m, "ntlm_tag_upstream_failovers_total", "").is_some_and(|n| n >= 1),
+        sample(&m, "ntlm_tag_upstream_failovers_total", "").is_some_and(|n| n >= 1),
         "a request that reached the dead backend's refused port moved on: {m}"
     );
     let line = gw
@@ -473,7 +404,7 @@ fn a_response_with_persistent_auth_binds_its_upstream_connection_to_that_client_
         Topology::backend_addr(),
         Script::AnswerPersistentAuth,
     );
-    let gw = default_gateway(&topo, &[backend.addr]);
+    let gw = Gateway::new().backend(&backend).start(&topo.gateway);
     // Client A: two requests on one connection, which stays open until the test ends it.
     let (answered_tx, answered_rx) = mpsc::channel();
     let (close_tx, close_rx) = mpsc::channel::<()>();
@@ -531,7 +462,7 @@ fn a_response_with_persistent_auth_binds_its_upstream_connection_to_that_client_
     assert_eq!(a_row["upstream"], "bound", "{rows:#}");
     let m = gw.admin_metrics();
     assert_eq!(
-        metric(
+        sample(
             &m,
             "ntlm_tag_upstream_bindings_total",
             "trigger=\"response\""
@@ -551,26 +482,15 @@ fn a_response_with_persistent_auth_binds_its_upstream_connection_to_that_client_
     eventually(
         "no bound connections left",
         || gw.admin_metrics(),
-        |m| metric(m, "ntlm_tag_bound_connections", "") == Some(0),
+        |m| sample(m, "ntlm_tag_bound_connections", "") == Some(0),
     );
 }
 
 #[test]
 fn when_the_backend_holding_a_bound_session_dies_the_client_gets_502_and_is_closed_never_moved() {
     let topo = Topology::new();
-    let a = Acceptor::start(
-        &topo.backend,
-        backend_addr(8081),
-        &users(),
-        Keying::Connection,
-    );
-    let b = Acceptor::start(
-        &topo.backend,
-        backend_addr(8082),
-        &users(),
-        Keying::Connection,
-    );
-    let mut gw = default_gateway(&topo, &[a.addr, b.addr]);
+    let (a, b) = acceptor::two_backends(&topo.backend, &users(), Keying::Connection);
+    let mut gw = Gateway::new().backend(&a).backend(&b).start(&topo.gateway);
     let (challenged_tx, challenged_rx) = mpsc::channel();
     let (go_tx, go_rx) = mpsc::channel::<()>();
     let client = topo.client.spawn(move || async move {

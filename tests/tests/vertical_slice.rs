@@ -4,29 +4,12 @@
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use ntlm_tag_tests::{
-    backend::Backend,
+    backends::recording::Backend,
     client::{Connection, get_then_reset},
     gateway::{Gateway, Started},
     topology::Topology,
 };
 use serde_json::Value;
-
-fn gateway_args(extra: &[&str]) -> Vec<String> {
-    let mut args = vec![
-        "--listen".to_string(),
-        format!("{}", Topology::gateway_addr()),
-        "--backend".to_string(),
-        Topology::backend_addr().to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
-}
-
-fn start_gateway(topo: &Topology, extra: &[&str]) -> Gateway {
-    let args = gateway_args(extra);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Gateway::start(&topo.gateway, &args)
-}
 
 fn connections(gw: &Gateway) -> Vec<Value> {
     gw.admin_json("/connections")
@@ -53,7 +36,7 @@ fn kernel_records_for(kernel: &Value, clients: &[SocketAddr]) -> usize {
 fn header_names_the_real_client_from_the_kernel_record() {
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let _gw = start_gateway(&topo, &["--ebpf", "required"]);
+    let _gw = Gateway::new().start(&topo.gateway);
 
     let (local, response) = topo.client.run(|| async {
         let src = SocketAddr::new(Topology::client_v4(0), 0);
@@ -85,7 +68,7 @@ fn header_names_the_real_client_from_the_kernel_record() {
 fn identity_source_is_the_kernel_record_while_the_connection_is_open() {
     let topo = Topology::new();
     let _backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = start_gateway(&topo, &["--ebpf", "required"]);
+    let gw = Gateway::new().start(&topo.gateway);
     let admin = gw.admin.clone();
 
     topo.client.run(move || async move {
@@ -124,7 +107,7 @@ fn identity_source_is_the_kernel_record_while_the_connection_is_open() {
 fn same_client_ip_and_port_twice_gets_different_ids() {
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let _gw = start_gateway(&topo, &["--ebpf", "required"]);
+    let _gw = Gateway::new().start(&topo.gateway);
 
     let src = SocketAddr::new(Topology::client_v4(2), 40_000);
     topo.client.run(move || async move {
@@ -150,7 +133,7 @@ fn same_client_ip_and_port_twice_gets_different_ids() {
 fn client_sent_identity_headers_never_reach_the_backend() {
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let _gw = start_gateway(&topo, &["--ebpf", "required"]);
+    let _gw = Gateway::new().start(&topo.gateway);
 
     let local = topo.client.run(|| async {
         let src = SocketAddr::new(Topology::client_v4(3), 0);
@@ -187,7 +170,7 @@ fn upstream_connections_are_shared_and_every_request_carries_its_own_clients_id(
     const REQUESTS: usize = 5;
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let gw = start_gateway(&topo, &["--ebpf", "required"]);
+    let gw = Gateway::new().start(&topo.gateway);
 
     let locals = topo.client.run(|| async {
         let mut conns = Vec::new();
@@ -253,7 +236,10 @@ fn upstream_connections_are_shared_and_every_request_carries_its_own_clients_id(
 fn ipv6_clients_and_ipv4_clients_of_a_dual_stack_listener() {
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let _gw = start_gateway(&topo, &["--ebpf", "required", "--listen", "[::]:8090"]);
+    let _gw = Gateway::new()
+        .listen(Topology::gateway_addr())
+        .listen("[::]:8090".parse().expect("address"))
+        .start(&topo.gateway);
     let (v6_local, v4_local) = topo.client.run(|| async {
         let src6 = SocketAddr::new(Topology::client_v6(0), 0);
         let gw6 = SocketAddr::new(Topology::gateway_addr_v6().ip(), 8090);
@@ -288,7 +274,7 @@ fn ipv6_clients_and_ipv4_clients_of_a_dual_stack_listener() {
 fn ebpf_off_uses_the_peer_address_and_says_so() {
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let mut gw = start_gateway(&topo, &["--ebpf", "off"]);
+    let mut gw = Gateway::new().ebpf("off").start(&topo.gateway);
     assert!(
         gw.wait_for_line("eBPF off", Duration::from_secs(1))
             .is_some()
@@ -323,9 +309,8 @@ fn without_privilege_required_refuses_to_start_and_auto_falls_back() {
         "--bounding-set=-all",
         "--",
     ];
-    let args = gateway_args(&["--ebpf", "required"]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    match Gateway::try_start(&topo.gateway, &args, Some(&unprivileged)) {
+    let unprivileged = Gateway::new().wrapper(&unprivileged);
+    match unprivileged.clone().try_start(&topo.gateway) {
         Started::Ready(_) => panic!("--ebpf required started without privileges"),
         Started::Exited { status, log } => {
             assert_eq!(status.code(), Some(69), "{log:?}");
@@ -338,9 +323,7 @@ fn without_privilege_required_refuses_to_start_and_auto_falls_back() {
         }
     }
 
-    let args = gateway_args(&["--ebpf", "auto"]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let Started::Ready(gw) = Gateway::try_start(&topo.gateway, &args, Some(&unprivileged)) else {
+    let Started::Ready(gw) = unprivileged.ebpf("auto").try_start(&topo.gateway) else {
         panic!("--ebpf auto must start without privileges");
     };
     let warnings: Vec<String> = gw
@@ -364,8 +347,8 @@ fn two_instances_do_not_see_each_others_connections() {
     let topo_b = Topology::new();
     let _backend_a = Backend::start(&topo_a.backend, Topology::backend_addr());
     let _backend_b = Backend::start(&topo_b.backend, Topology::backend_addr());
-    let gw_a = start_gateway(&topo_a, &["--ebpf", "required"]);
-    let gw_b = start_gateway(&topo_b, &["--ebpf", "required"]);
+    let gw_a = Gateway::new().start(&topo_a.gateway);
+    let gw_b = Gateway::new().start(&topo_b.gateway);
     let recorded = |gw: &Gateway| {
         gw.admin_json("/kernel")["counters"]["recorded"]
             .as_u64()
@@ -405,7 +388,7 @@ fn two_instances_do_not_see_each_others_connections() {
 fn a_dead_backend_gives_502_and_a_log_line_naming_it() {
     let topo = Topology::new();
     // No backend started: connections to it are refused.
-    let mut gw = start_gateway(&topo, &["--ebpf", "required"]);
+    let mut gw = Gateway::new().start(&topo.gateway);
     let status = topo.client.run(|| async {
         let src = SocketAddr::new(Topology::client_v4(6), 0);
         let mut conn = Connection::open(Some(src), Topology::gateway_addr()).await;
@@ -428,7 +411,7 @@ fn a_dead_backend_gives_502_and_a_log_line_naming_it() {
 #[test]
 fn stopping_removes_the_programs_and_the_cgroup() {
     let topo = Topology::new();
-    let gw = start_gateway(&topo, &["--ebpf", "required"]);
+    let gw = Gateway::new().start(&topo.gateway);
     let kernel = gw.admin_json("/kernel");
     let cgroup = kernel["cgroup"].as_str().expect("cgroup path").to_string();
     assert!(std::path::Path::new(&cgroup).is_dir());
@@ -444,7 +427,7 @@ fn stopping_removes_the_programs_and_the_cgroup() {
 fn request_and_response_bodies_stream_through() {
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let _gw = start_gateway(&topo, &["--ebpf", "required"]);
+    let _gw = Gateway::new().start(&topo.gateway);
     let body = bytes::Bytes::from(vec![b'x'; 4 << 20]);
     let status = topo.client.run(move || async move {
         let src = SocketAddr::new(Topology::client_v4(7), 0);

@@ -10,9 +10,13 @@ use aya::{
     programs::{TestRun as _, Xdp},
 };
 use ntlm_tag_common::{
-    IpipKey, IpipOrigin, LOCAL_ADDRS_MAP, TRUSTED_IPIP_MAP, TRUSTED_TOA_MAP, XdpCounter, v4_mapped,
+    IPIP_ORIGIN_MAP, IpipKey, IpipOrigin, LOCAL_ADDRS_MAP, TRUSTED_IPIP_MAP, TRUSTED_TOA_MAP,
+    XDP_COUNTERS_MAP, XDP_PROGRAM, XdpCounter, v4_mapped,
 };
-use ntlm_tag_tests::programs::object;
+use ntlm_tag_tests::{
+    packets::{eth, frame, ipv4, ipv6, tcp, vlan_eth},
+    programs::object,
+};
 
 const XDP_PASS: u32 = 2;
 const TRUSTED_V4: [u8; 4] = [198, 18, 1, 100];
@@ -45,11 +49,12 @@ impl Decap {
         );
         let mut ebpf = Ebpf::load_file(object("ntlm-tag-ebpf")).expect("load object");
         let program: &mut Xdp = ebpf
-            .program_mut("decap_ipip")
-            .expect("decap_ipip")
+            .program_mut(XDP_PROGRAM)
+            .expect(XDP_PROGRAM)
             .try_into()
             .expect("xdp");
         program.load().expect("verifier accepts decap_ipip");
+        // The map the trust lists replaced: its name is no longer a constant of the common crate.
         assert!(
             ebpf.map("TRUSTED_LB_V1").is_none(),
             "the shared trust list is gone"
@@ -78,8 +83,8 @@ impl Decap {
     fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
         let program: &mut Xdp = self
             .ebpf
-            .program_mut("decap_ipip")
-            .expect("decap_ipip")
+            .program_mut(XDP_PROGRAM)
+            .expect(XDP_PROGRAM)
             .try_into()
             .expect("xdp");
         let mut out = vec![0u8; frame.len() + 256];
@@ -96,7 +101,7 @@ impl Decap {
 
     fn counter(&self, c: XdpCounter) -> u64 {
         let counters: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(self.ebpf.map("XDP_COUNTERS_V1").expect("map")).expect("array");
+            PerCpuArray::try_from(self.ebpf.map(XDP_COUNTERS_MAP).expect("map")).expect("array");
         counters
             .get(&(c as u32), 0)
             .map(|v| v.iter().sum())
@@ -105,57 +110,9 @@ impl Decap {
 
     fn origin(&self, key: &IpipKey) -> Option<IpipOrigin> {
         let map: HashMap<&MapData, IpipKey, IpipOrigin> =
-            HashMap::try_from(self.ebpf.map("IPIP_ORIGIN_V1").expect("map")).expect("hash");
+            HashMap::try_from(self.ebpf.map(IPIP_ORIGIN_MAP).expect("map")).expect("hash");
         map.get(key, 0).ok()
     }
-}
-
-fn eth(ethertype: u16) -> Vec<u8> {
-    let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f
-}
-
-fn vlan_eth(inner_ethertype: u16) -> Vec<u8> {
-    let mut f = eth(0x8100);
-    f.extend_from_slice(&[0x00, 0x2a]);
-    f.extend_from_slice(&inner_ethertype.to_be_bytes());
-    f
-}
-
-fn ipv4(src: [u8; 4], dst: [u8; 4], protocol: u8, frag: u16, payload: &[u8]) -> Vec<u8> {
-    let total = (20 + payload.len()) as u16;
-    let mut h = vec![0x45, 0];
-    h.extend_from_slice(&total.to_be_bytes());
-    h.extend_from_slice(&[0, 1]);
-    h.extend_from_slice(&frag.to_be_bytes());
-    h.extend_from_slice(&[64, protocol, 0, 0]);
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    h.extend_from_slice(payload);
-    h
-}
-
-fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, payload: &[u8]) -> Vec<u8> {
-    let mut h = vec![0x60, 0, 0, 0];
-    h.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    h.extend_from_slice(&[next, 64]);
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    h.extend_from_slice(payload);
-    h
-}
-
-fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mut t = Vec::new();
-    t.extend_from_slice(&sport.to_be_bytes());
-    t.extend_from_slice(&dport.to_be_bytes());
-    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    t
-}
-
-fn frame(l2: Vec<u8>, l3: Vec<u8>) -> Vec<u8> {
-    [l2, l3].concat()
 }
 
 fn key_v4(sport: u16) -> IpipKey {

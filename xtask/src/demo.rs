@@ -13,16 +13,20 @@
 //! ```
 
 mod epa;
+mod lockout;
+mod topology;
 
 use std::{net::SocketAddr, time::Instant};
 
-use crate::step;
-use anyhow::{Context, Result, ensure};
+use crate::{
+    step,
+    sys::interrupts::{self, Live},
+};
+use anyhow::{Result, ensure};
 use ntlm_tag_tests::{
     acceptor::{Acceptor, CurlRun, Keying, curl_ntlm},
     gateway::Gateway,
     haproxy::{Haproxy, HaproxyOptions, SendProxy},
-    netns::{NetNs, addr, veth},
     programs::{ToaWritingCgroup, toa_option},
 };
 
@@ -32,80 +36,7 @@ const GATEWAY: &str = "198.18.1.1";
 const SNAT: &str = "198.18.1.100:40000";
 const TOA_CLIENT: &str = "198.19.77.7:4321";
 
-struct Topology {
-    client: NetNs,
-    lb: NetNs,
-    gw: NetNs,
-    be: NetNs,
-}
-
-impl Topology {
-    fn new() -> Result<Topology> {
-        let client = NetNs::new("democl");
-        let lb = NetNs::new("demolb");
-        let gw = NetNs::new("demogw");
-        let be = NetNs::new("demobe");
-        veth(&client, "eth0", &lb, "down0");
-        veth(&lb, "up0", &gw, "down0");
-        veth(&gw, "up0", &be, "eth0");
-        for i in 10..14 {
-            addr(&client, "eth0", &format!("198.18.10.{i}/24"));
-        }
-        addr(&client, "eth0", "198.18.11.10/24");
-        addr(&client, "eth0", "198.18.11.11/24");
-        client.ip(&["route", "add", "default", "via", VIP]);
-        addr(&lb, "down0", "198.18.10.1/24");
-        addr(&lb, "down0", "198.18.11.1/24");
-        for a in ["198.18.1.100/24", "198.18.1.101/24", "198.18.1.102/24"] {
-            addr(&lb, "up0", a);
-        }
-        addr(&gw, "down0", "198.18.1.1/24");
-        addr(&gw, "up0", "198.18.2.1/24");
-        addr(&be, "eth0", "198.18.2.2/24");
-        let rules = format!(
-            "table ip demo_lb {{
-               chain pre {{ type nat hook prerouting priority dstnat; policy accept;
-                 ip daddr {VIP} tcp dport 80 dnat to {GATEWAY}:8080;
-                 ip daddr {VIP} tcp dport 81 dnat to {GATEWAY}:8090; }}
-               chain post {{ type nat hook postrouting priority srcnat; policy accept;
-                 oifname \"up0\" ip saddr 198.18.10.0/24 tcp dport {{ 8080, 8090 }} snat to {SNAT}; }}
-             }}"
-        );
-        run_with_stdin(lb.command("nft").args(["-f", "-"]), &rules).context("nft rules")?;
-        // Forward, and reuse the single SNAT port as soon as a connection is over.
-        let status = lb
-            .command("sysctl")
-            .args([
-                "-qw",
-                "net.ipv4.ip_forward=1",
-                "net.netfilter.nf_conntrack_tcp_timeout_close=0",
-                "net.netfilter.nf_conntrack_tcp_timeout_time_wait=0",
-            ])
-            .status()?;
-        ensure!(status.success(), "sysctl in the balancer namespace failed");
-        Ok(Topology { client, lb, gw, be })
-    }
-}
-
-fn run_with_stdin(cmd: &mut std::process::Command, input: &str) -> Result<()> {
-    use std::io::Write;
-    let mut child = cmd
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(input.as_bytes())?;
-    let out = child.wait_with_output()?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
+use topology::Topology;
 
 fn users() -> Vec<(String, String)> {
     ["alice", "bob", "carol", "dave"]
@@ -272,7 +203,10 @@ fn write_reusable_config(dir: &std::path::Path) -> Result<String> {
 }
 
 pub fn run(keep: bool) -> Result<()> {
-    install_interrupt_cleanup()?;
+    // On Ctrl-C or SIGTERM, this process's namespaces and children go: the normal drop guards
+    // do not run when a signal ends the process.
+    let _harness = interrupts::track(Live::Harness(std::process::id()));
+    interrupts::install("cleaning up")?;
     ntlm_tag_tests::gateway::set_echo(std::env::var_os("DEMO_VERBOSE").is_some());
     let started = Instant::now();
     step(
@@ -388,8 +322,8 @@ pub fn run(keep: bool) -> Result<()> {
     step(
         "the lockout guard: a client loops on a stale password (via HAProxy), the same user logs in from elsewhere",
     );
-    let lockout = lockout_scene(&demo);
-    print_lockout(&lockout);
+    let lockout = lockout::lockout_scene(&demo);
+    lockout::print_lockout(&lockout);
 
     step(
         "Extended Protection through the gateway: an NTLMv2 login bound to the TLS certificate \
@@ -473,78 +407,6 @@ pub fn run(keep: bool) -> Result<()> {
     Ok(())
 }
 
-/// What the lockout scene saw.
-struct LockoutScene {
-    /// Final status of each login of the looping client.
-    looping: Vec<String>,
-    /// Type3s the backends refused (each one a bad password the domain controller would count).
-    type3s_refused: usize,
-    /// Who the right-password login from another address was served as.
-    elsewhere: Vec<String>,
-}
-
-fn lockout_scene(demo: &Demo) -> LockoutScene {
-    let url = format!("http://{HAPROXY_FRONT}/");
-    let refused = || {
-        demo.acceptors
-            .iter()
-            .flat_map(Acceptor::requests)
-            .filter(|r| r["ntlm_message"] == 3 && r["status"] == 401)
-            .count()
-    };
-    let before = refused();
-    let looping = (0..6)
-        .map(|_| {
-            let run = curl_ntlm(
-                &demo.topo.client,
-                "198.18.11.11".parse().expect("ip"),
-                "carol",
-                "old-password",
-                std::slice::from_ref(&url),
-                &["-o", "/dev/null", "-w", "%{http_code}"],
-            );
-            run.stdout.trim().to_string()
-        })
-        .collect();
-    let type3s_refused = refused() - before;
-    let elsewhere = demo.curl("198.18.11.10", "carol", &url).users();
-    LockoutScene {
-        looping,
-        type3s_refused,
-        elsewhere,
-    }
-}
-
-fn print_lockout(scene: &LockoutScene) {
-    println!();
-    println!(
-        "{:<48} {:<24} {:<26} RESULT",
-        "CLIENT", "LOGINS (FINAL STATUS)", "BAD PASSWORDS AT BACKEND"
-    );
-    println!(
-        "{:<48} {:<24} {:<26} stopped at 4 (429 + Retry-After), before AD's 5th",
-        "carol 198.18.11.11 via HAProxy, stale password",
-        scene.looping.join(" "),
-        scene.type3s_refused,
-    );
-    println!(
-        "{:<48} {:<24} {:<26} {}",
-        "carol 198.18.11.10 via HAProxy, right password",
-        if scene.elsewhere.is_empty() {
-            "-"
-        } else {
-            "200"
-        },
-        0,
-        if scene.elsewhere == ["carol"] {
-            "logged in as carol"
-        } else {
-            "NOT logged in"
-        }
-    );
-    println!();
-}
-
 /// Connection ids the backends saw, in order, that match `filter`.
 fn ids_seen(acceptors: &[Acceptor], filter: impl Fn(&str) -> bool) -> Vec<String> {
     let mut seen: Vec<(u64, String)> = Vec::new();
@@ -571,22 +433,4 @@ fn print_logins(rows: &[Row]) {
         );
     }
     println!();
-}
-
-/// On Ctrl-C or SIGTERM, remove this process's namespaces and children before exiting: the normal
-/// drop guards do not run when a signal ends the process.
-fn install_interrupt_cleanup() -> Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("cannot install signal handlers")?;
-    std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            eprintln!("\ninterrupted: cleaning up");
-            ntlm_tag_tests::cleanup::remove_everything_of(std::process::id());
-            std::process::exit(130);
-        }
-    });
-    Ok(())
 }

@@ -1,7 +1,8 @@
-//! `cargo xtask install`: the release binary, an example configuration (every key commented but
-//! `user = "ntlm-tag"`), a systemd unit, a sysusers.d entry for that user and the manual pages, under
-//! `--destdir` (default `/`). Existing configuration is kept. Installing into `/` also creates the user
-//! if it is missing: the gateway refuses to start without it.
+//! `cargo xtask install`: the release binary, the hand-over helper the unit's reload runs, an
+//! example configuration (every key commented but `user = "ntlm-tag"`), a systemd unit, a
+//! sysusers.d entry for that user and the manual pages, under `--destdir` (default `/`). Existing
+//! configuration is kept. Installing into `/` also creates the user if it is missing: the gateway
+//! refuses to start without it.
 
 use std::{
     fs,
@@ -39,6 +40,14 @@ pub fn run(destdir: &Path) -> Result<()> {
         ));
         copy(&root().join("packaging/ntlm-tag.toml"), &config, 0o644)?;
     }
+
+    let hand_over = place(crate::package::INSTALL_HAND_OVER);
+    step(&format!("installing {}", hand_over.display()));
+    copy(
+        &root().join("packaging/ntlm-tag-hand-over"),
+        &hand_over,
+        0o755,
+    )?;
 
     let unit = place("/etc/systemd/system/ntlm-tag.service");
     step(&format!("installing {}", unit.display()));

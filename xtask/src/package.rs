@@ -2,7 +2,8 @@
 //! ntlm-tag/Cargo.toml. What the package needs beyond the repository's files is staged first in
 //! `target/package-staging`: the unit with the package's binary path, the sysusers.d entry, the
 //! manual pages and the shell completions (both printed by the built binary, so they match it).
-//! `--test` then installs the package in a clean Debian chroot (see `package_test`).
+//! `--test` then installs the package in a clean Debian chroot (see `package_test`); `--systemd`
+//! boots it under a real systemd and upgrades it there (see `package_systemd_test`).
 
 use std::{
     fs,
@@ -21,6 +22,9 @@ const CARGO_DEB_VERSION: &str = "3.8.0";
 /// `cargo xtask install` uses.
 const PACKAGE_BINARY: &str = "/usr/sbin/ntlm-tag";
 const INSTALL_BINARY: &str = "/usr/local/sbin/ntlm-tag";
+/// The same for the hand-over helper the unit's first `ExecReload=` runs.
+const PACKAGE_HAND_OVER: &str = "/usr/lib/ntlm-tag/hand-over";
+pub const INSTALL_HAND_OVER: &str = "/usr/local/lib/ntlm-tag/hand-over";
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -28,6 +32,11 @@ pub struct Args {
     /// dependencies), --version, check, the service user, dpkg -r and --purge (root).
     #[arg(long)]
     test: bool,
+    /// With --test: also boot systemd in a Debian tree (systemd-nspawn) and check the installed
+    /// service there: start, status, reload, sandbox, eBPF, an upgrade that keeps a logged-in
+    /// connection, stop and the journal.
+    #[arg(long, requires = "test")]
+    systemd: bool,
     /// The Debian mirror of the test chroot (default: this machine's apt sources).
     #[arg(long, value_name = "URL")]
     mirror: Option<String>,
@@ -44,6 +53,9 @@ pub fn run_task(args: &Args) -> Result<()> {
     step(&format!("package: {}", deb.display()));
     if args.test {
         crate::package_test::install_and_remove(&deb, args.mirror.as_deref())?;
+        if args.systemd {
+            crate::package_systemd_test::boot_and_check(&deb, args.mirror.as_deref())?;
+        }
     }
     Ok(())
 }
@@ -82,10 +94,9 @@ fn stage(binary: &Path, staging: &Path) -> Result<()> {
     fs::create_dir_all(staging)?;
     let unit = fs::read_to_string(root().join("packaging/ntlm-tag.service"))?;
     fs::write(staging.join("ntlm-tag.service"), package_unit(&unit)?)?;
-    fs::copy(
-        root().join("packaging/ntlm-tag.sysusers"),
-        staging.join("ntlm-tag.sysusers"),
-    )?;
+    for file in ["ntlm-tag.sysusers", "postinst"] {
+        fs::copy(root().join("packaging").join(file), staging.join(file))?;
+    }
     for (page, file) in [("command", "ntlm-tag.8"), ("config", "ntlm-tag.toml.5")] {
         let roff = output_of(Command::new(binary).args(["man", page]))?;
         let path = staging.join(file);
@@ -105,14 +116,16 @@ fn stage(binary: &Path, staging: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The repository's unit with the package's binary path; fails when the unit names the binary
-/// nowhere (it would then start something else).
+/// The repository's unit with the package's paths; fails when the unit names the binary nowhere
+/// (it would then start something else).
 fn package_unit(unit: &str) -> Result<String> {
     ensure!(
         unit.contains(INSTALL_BINARY) || unit.contains(PACKAGE_BINARY),
         "packaging/ntlm-tag.service names neither {INSTALL_BINARY} nor {PACKAGE_BINARY}"
     );
-    Ok(unit.replace(INSTALL_BINARY, PACKAGE_BINARY))
+    Ok(unit
+        .replace(INSTALL_BINARY, PACKAGE_BINARY)
+        .replace(INSTALL_HAND_OVER, PACKAGE_HAND_OVER))
 }
 
 /// `man --warnings` must render the page without a word on stderr (at 80 columns, as a terminal
@@ -175,6 +188,7 @@ mod tests {
         let unit = fs::read_to_string(root().join("packaging/ntlm-tag.service")).expect("unit");
         let packaged = package_unit(&unit).expect("the unit names the binary");
         assert!(packaged.contains(&format!("ExecStart={PACKAGE_BINARY} ")));
+        assert!(packaged.contains(&format!("ExecReload={PACKAGE_HAND_OVER} {PACKAGE_BINARY} ")));
         assert!(!packaged.contains("/usr/local"), "{packaged}");
     }
 }

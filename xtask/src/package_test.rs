@@ -84,7 +84,7 @@ echo "==> package test passed"
 
 pub fn install_and_remove(deb: &Path, mirror: Option<&str>) -> Result<()> {
     ensure!(
-        crate::setup::is_root(),
+        crate::sys::process::is_root(),
         "the package test makes a chroot and mounts in it: run as root"
     );
     let started = Instant::now();
@@ -128,7 +128,7 @@ pub fn install_and_remove(deb: &Path, mirror: Option<&str>) -> Result<()> {
 }
 
 /// A minbase tree of the machine's Debian suite, made once with debootstrap.
-fn base_tarball(mirror: Option<&str>) -> Result<std::path::PathBuf> {
+pub(crate) fn base_tarball(mirror: Option<&str>) -> Result<std::path::PathBuf> {
     let mirror = apt_sources::debian_mirror(mirror)?;
     let dir = root().join("target/package-chroot");
     let tarball = dir.join(format!("{}-minbase.tar", mirror.suite));
@@ -139,7 +139,7 @@ fn base_tarball(mirror: Option<&str>) -> Result<std::path::PathBuf> {
         ));
         return Ok(tarball);
     }
-    crate::setup::ensure_debian_packages(&["debootstrap"])?;
+    crate::sys::apt::install_missing("debootstrap", &["debootstrap"])?;
     let building = tempfile::Builder::new()
         .prefix("debootstrap-")
         .tempdir_in({

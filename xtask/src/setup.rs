@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{root, run, step};
+use crate::{root, run, step, sys::apt};
 
 /// Debian packages the tests drive (the LLVM ones follow the nightly; see [`llvm_packages`]).
 const TOOL_PACKAGES: &[&str] = &[
@@ -114,94 +114,23 @@ pub fn check_llvm_match() -> Result<()> {
     }
 }
 
-pub fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
 fn debian_packages(llvm: u32) -> Result<()> {
     let wanted: Vec<String> = llvm_packages(llvm)
         .into_iter()
         .chain(TOOL_PACKAGES.iter().map(|p| p.to_string()))
         .collect();
-    let missing: Vec<&str> = wanted
-        .iter()
-        .map(String::as_str)
-        .filter(|p| !package_installed(p))
-        .collect();
-    if missing.is_empty() {
-        step(&format!("Debian packages (LLVM {llvm}): all present"));
-        return Ok(());
-    }
-    apt_install(&missing, &format!("LLVM {llvm}"))
-}
-
-/// Installs the Debian packages of `packages` that are missing (root only; otherwise an error
-/// saying what to install).
-pub fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
-    let missing: Vec<&str> = packages
-        .iter()
-        .copied()
-        .filter(|p| !package_installed(p))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    apt_install(&missing, "")
-}
-
-/// `apt-get install` of `missing` (after `apt-get update`); `llvm`, when not empty, names the LLVM
-/// the packages follow, for the message when apt does not know one.
-fn apt_install(missing: &[&str], llvm: &str) -> Result<()> {
-    if !is_root() {
-        bail!(
-            "missing Debian packages {}; run `sudo cargo xtask setup` or `sudo apt-get install {}`",
-            missing.join(" "),
-            missing.join(" ")
-        );
-    }
-    step(&format!(
-        "installing Debian packages: {}",
-        missing.join(" ")
-    ));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    if let Some(unknown) = missing.iter().find(|p| !package_available(p)) {
-        if llvm.is_empty() {
-            bail!("apt has no {unknown}: check the machine's Debian sources");
-        }
-        bail!(
-            "the nightly rustc uses {llvm}, but apt has no {unknown}: add the {llvm} \
-             repository of https://apt.llvm.org (`wget https://apt.llvm.org/llvm.sh; sudo bash \
-             llvm.sh {}`), then run `sudo cargo xtask setup` again",
-            llvm.trim_start_matches("LLVM ")
-        );
-    }
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(missing))
-}
-
-/// True when apt knows a package of this name (after `apt-get update`).
-fn package_available(name: &str) -> bool {
-    Command::new("apt-cache")
-        .args(["show", "--no-all-versions", name])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn package_installed(name: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", name])
-        .stderr(Stdio::null())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        .unwrap_or(false)
+    let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+    apt::install_missing_or(
+        &format!("Debian packages (LLVM {llvm})"),
+        &wanted,
+        |unknown| {
+            format!(
+                "the nightly rustc uses LLVM {llvm}, but apt has no {unknown}: add the LLVM {llvm} \
+                 repository of https://apt.llvm.org (`wget https://apt.llvm.org/llvm.sh; sudo bash \
+                 llvm.sh {llvm}`), then run `sudo cargo xtask setup` again"
+            )
+        },
+    )
 }
 
 fn rust_src() -> Result<()> {

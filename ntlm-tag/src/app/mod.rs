@@ -98,7 +98,12 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
     }
     let mut signals = Signals::install()?;
     if let Some(predecessor) = predecessor {
-        take_over(predecessor, gateway.uids.nonce(), Arc::clone(&metrics)).await?;
+        take_over(
+            predecessor,
+            gateway.identifier.uid_nonce(),
+            Arc::clone(&metrics),
+        )
+        .await?;
     }
     let (reload_tx, mut reload_requests) = mpsc::channel::<oneshot::Sender<ReloadOutcome>>(4);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -148,7 +153,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
         backends = ?config.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
         routes = ?config.routes.iter().map(|r| r.path_prefix.as_str()).collect::<Vec<_>>(),
         header = config.identity.header.as_str(),
-        uid_nonce = gateway.uids.nonce(),
+        uid_nonce = gateway.identifier.uid_nonce(),
         ebpf = %ebpf_status,
         "ntlm-tag ready"
     );
@@ -239,11 +244,14 @@ async fn start_gateway(
     let lockout = Arc::new(LockoutGuard::new(config.lockout.clone()));
     warn_if_lockout_off(config);
     Ok(Arc::new(Gateway {
-        identifier: Identifier::new(kernel),
-        uids: UidGenerator::new().context("cannot draw the random uid key and instance nonce")?,
+        identifier: Arc::new(Identifier::new(
+            kernel,
+            UidGenerator::new().context("cannot draw the random uid key and instance nonce")?,
+            config.identity.template.clone(),
+            Arc::clone(&metrics),
+        )),
         id_display: IdDisplay::new(config.show_full_ids)
             .context("cannot draw the random key for id hashes")?,
-        template: config.identity.template.clone(),
         policy: StampPolicy {
             id_header: config.identity.header.clone(),
             forwarded_headers: config.identity.forwarded_headers,

@@ -1,23 +1,24 @@
 //! Who is behind a client connection: the kernel's record for its socket cookie, or, without one, the
-//! peer address the accept returned. The proxy asks this module; it never touches the kernel itself.
+//! peer address the accept returned, or a PROXY header from a trusted balancer; and the id the
+//! connection is stamped with. The proxy asks this module once per connection
+//! ([`Identifier::accept`]); it never touches the kernel itself.
 #![forbid(unsafe_code)]
 
 pub mod conn_id;
 pub mod id_hash;
+mod identifier;
 pub mod proxy_header;
 mod settings;
 pub mod trust;
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-};
+use std::net::{IpAddr, SocketAddr};
 
 use ntlm_tag_common::ClientSource;
 
-use crate::kernel::{KernelRecord, KernelTracker};
+use crate::kernel::KernelRecord;
 pub use conn_id::{IdTemplate, UidGenerator, canonical};
 pub use id_hash::{IdDisplay, IdHash};
+pub use identifier::{Identified, Identifier, Identifying, ProxyProtocol};
 pub use settings::{DEFAULT_HEADER, IdentityConfig};
 
 /// Where the identity of a connection came from.
@@ -113,98 +114,5 @@ impl ConnectionIdentity {
             (ClientSource::Ipip, _) => S::KernelIpip,
             (ClientSource::Peer, IdentitySource::Kernel) => S::KernelPeer,
         }
-    }
-}
-
-/// How [`Identifier::settle`] ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settled {
-    /// Identified (from the kernel record, or there is nothing the kernel could add).
-    Identified,
-    /// No kernel record: the fallback identity stays and the miss was counted.
-    Fallback,
-    /// The client closed (reset) the connection before its record was found.
-    ClosedByClient,
-}
-
-/// Resolves connection identities.
-#[derive(Clone)]
-pub struct Identifier {
-    kernel: Option<Arc<KernelTracker>>,
-}
-
-impl Identifier {
-    pub fn new(kernel: Option<Arc<KernelTracker>>) -> Self {
-        Identifier { kernel }
-    }
-
-    /// Identifies an accepted connection. `cookie` is the socket cookie, if it could be read.
-    pub fn identify(
-        &self,
-        cookie: Option<u64>,
-        peer: SocketAddr,
-        local: SocketAddr,
-    ) -> ConnectionIdentity {
-        if let (Some(kernel), Some(cookie)) = (&self.kernel, cookie) {
-            match kernel.lookup(cookie) {
-                Some(record) if canonical(record.peer) == canonical(peer) => {
-                    return ConnectionIdentity::from_record(record, cookie);
-                }
-                Some(record) => {
-                    // Never trust a record that disagrees with the socket: fall back, and say so.
-                    tracing::warn!(
-                        cookie,
-                        record_peer = %record.peer,
-                        %peer,
-                        "kernel record does not match the accepted socket; using the peer address"
-                    );
-                }
-                // Not there (yet): see `settle`.
-                None => {}
-            }
-        }
-        ConnectionIdentity::from_peer(peer, local, cookie)
-    }
-
-    /// The kernel adds the child socket to the accept queue a moment before the sock_ops
-    /// PASSIVE_ESTABLISHED callback records it (on another CPU, accept() can win that race). A
-    /// connection identified from its peer while the kernel tracks connections gets a few short
-    /// retries before it is counted as a miss and keeps the fallback identity.
-    ///
-    /// `closed` tells whether the socket is already closed (`TCP_CLOSE`): a client that reset its
-    /// connection before the gateway looked has had its record deleted, and never gets one. Such
-    /// a connection is not a miss; the caller closes it unserved (nothing can be sent on it).
-    pub async fn settle(
-        &self,
-        identity: &mut ConnectionIdentity,
-        closed: impl Fn() -> bool,
-    ) -> Settled {
-        let (Some(kernel), Some(cookie)) = (&self.kernel, identity.cookie) else {
-            return Settled::Identified;
-        };
-        if identity.source == IdentitySource::Kernel {
-            return Settled::Identified;
-        }
-        for wait_us in [0, 50, 200, 1_000, 5_000, 20_000] {
-            if closed() {
-                return Settled::ClosedByClient;
-            }
-            if wait_us == 0 {
-                tokio::task::yield_now().await;
-            } else {
-                tokio::time::sleep(std::time::Duration::from_micros(wait_us)).await;
-            }
-            if let Some(record) = kernel.lookup(cookie)
-                && canonical(record.peer) == identity.peer
-            {
-                *identity = ConnectionIdentity::from_record(record, cookie);
-                return Settled::Identified;
-            }
-        }
-        if closed() {
-            return Settled::ClosedByClient;
-        }
-        kernel.note_lookup_miss(cookie, identity.peer);
-        Settled::Fallback
     }
 }

@@ -13,6 +13,13 @@ use thiserror::Error;
 
 const PREFIX: &str = "ntlm-tag.";
 
+/// Whether a cgroup's name is one this program makes: `ntlm-tag.<pid>`. Only the digits tell it
+/// from the unit's own cgroup, `ntlm-tag.service`, which must never be left or removed.
+fn is_own_name(name: &str) -> bool {
+    name.strip_prefix(PREFIX)
+        .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
 #[derive(Debug, Error)]
 pub enum CgroupError {
     #[error(
@@ -59,14 +66,7 @@ impl OwnCgroup {
     pub fn create() -> Result<Self, CgroupError> {
         let mount = find_cgroup2_mount()?;
         let current = current_cgroup()?;
-        let parent = mount.join(current.trim_start_matches('/'));
-        // If we are already in one of our own cgroups (a re-exec), create beside it, not inside it.
-        let parent = match parent.file_name().and_then(|n| n.to_str()) {
-            Some(name) if name.starts_with(PREFIX) => {
-                parent.parent().map(Path::to_path_buf).unwrap_or(parent)
-            }
-            _ => parent,
-        };
+        let parent = parent_for_own(mount.join(current.trim_start_matches('/')));
         remove_stale(&parent);
         let path = parent.join(format!("{PREFIX}{}", std::process::id()));
         match fs::create_dir(&path) {
@@ -95,7 +95,7 @@ impl OwnCgroup {
         let ours = path
             .file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(PREFIX));
+            .is_some_and(is_own_name);
         let parent = match path.parent() {
             Some(parent) if ours && path.starts_with(&mount) => parent.to_path_buf(),
             _ => {
@@ -156,7 +156,23 @@ impl Drop for OwnCgroup {
     }
 }
 
-/// Removes `ntlm-tag.*` cgroups under `parent` that no process is in any more (left by a crash).
+/// Where this process makes its cgroup, given the one it is in: inside it (under systemd, the
+/// unit's delegated `ntlm-tag.service`), or beside it when it is already one of its own (a
+/// re-exec).
+fn parent_for_own(current: PathBuf) -> PathBuf {
+    match current.file_name().and_then(|n| n.to_str()) {
+        Some(name) if is_own_name(name) => {
+            current.parent().map(Path::to_path_buf).unwrap_or(current)
+        }
+        _ => current,
+    }
+}
+
+/// Removes `ntlm-tag.<pid>` cgroups under `parent` that no process is in any more (left by a crash).
+///
+/// A cgroup whose creator is still alive is never stale: another instance starting beside this one
+/// creates its cgroup and only then moves into it, and removing it in between would make that
+/// start fail.
 fn remove_stale(parent: &Path) {
     let Ok(entries) = fs::read_dir(parent) else {
         return;
@@ -164,13 +180,22 @@ fn remove_stale(parent: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if !name.starts_with(PREFIX) {
+        if !is_own_name(name) || creator_is_alive(&name[PREFIX.len()..]) {
             continue;
         }
         let procs = fs::read_to_string(entry.path().join("cgroup.procs")).unwrap_or_default();
         if procs.trim().is_empty() && fs::remove_dir(entry.path()).is_ok() {
             tracing::info!(cgroup = %entry.path().display(), "removed a cgroup left behind by an instance that did not exit cleanly");
         }
+    }
+}
+
+/// Whether the process named by a cgroup's `<pid>` suffix still exists. A reused pid only keeps an
+/// empty cgroup a little longer; an unparsable suffix is not ours to judge, so it counts as alive.
+fn creator_is_alive(pid: &str) -> bool {
+    match pid.parse::<u32>() {
+        Ok(pid) => Path::new("/proc").join(pid.to_string()).exists(),
+        Err(_) => true,
     }
 }
 
@@ -232,6 +257,29 @@ fn current_cgroup() -> Result<String, CgroupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn makes_its_cgroup_inside_the_units_own_and_beside_one_of_its_own() {
+        let unit = PathBuf::from("/sys/fs/cgroup/system.slice/ntlm-tag.service");
+        assert_eq!(parent_for_own(unit.clone()), unit);
+        assert_eq!(
+            parent_for_own(unit.join("ntlm-tag.4242")),
+            unit,
+            "a re-exec makes a sibling"
+        );
+        assert!(is_own_name("ntlm-tag.17"));
+        for other in ["ntlm-tag.service", "ntlm-tag.", "ntlm-tag.1x", "other.17"] {
+            assert!(!is_own_name(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn a_cgroup_whose_creator_lives_is_not_stale() {
+        assert!(creator_is_alive(&std::process::id().to_string()));
+        // Above the largest pid_max Linux allows (2^22): no such process.
+        assert!(!creator_is_alive("4194305"));
+        assert!(creator_is_alive("not-a-pid"));
+    }
 
     #[test]
     fn finds_hybrid_and_unified_mounts() {

@@ -36,9 +36,10 @@ use crate::{
 };
 
 /// One backend's `requests` series by status, each made on first use and then counted with one
-/// atomic add (the family's `get_or_create` hashes the labels and needs an owned `String`).
+/// atomic add (the family's `get_or_create` hashes the labels and needs an owned `String`). A
+/// backend holds its own ([`Metrics::backend_counters`]), so counting its responses looks nothing up.
 #[derive(Debug)]
-struct StatusCounters {
+pub struct StatusCounters {
     backend: String,
     family: Family<RequestLabels, Counter>,
     /// Statuses 100–599 (what hyper sends); others go through the family.
@@ -173,14 +174,19 @@ impl Metrics {
     /// One response sent: by the backend that was asked (`-`: none), with its status, and how long
     /// it took from the request head.
     pub fn request(&self, backend: &str, status: u16, elapsed: Duration) {
-        self.status_counters(backend).inc(status);
+        self.response(&self.backend_counters(backend), status, elapsed);
+    }
+
+    /// One response sent by a backend whose counters are at hand.
+    pub fn response(&self, counters: &StatusCounters, status: u16, elapsed: Duration) {
+        counters.inc(status);
         self.request_duration.observe(elapsed.as_secs_f64());
     }
 
     /// The counters of `backend`, created on its first response. A handful of backends: a linear
     /// scan under a read lock costs less than hashing a label set (and allocating its `String`)
     /// for every response.
-    fn status_counters(&self, backend: &str) -> Arc<StatusCounters> {
+    pub fn backend_counters(&self, backend: &str) -> Arc<StatusCounters> {
         if let Ok(known) = self.requests_by_backend.read()
             && let Some(c) = known.iter().find(|c| c.backend == backend)
         {

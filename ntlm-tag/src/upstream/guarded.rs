@@ -15,7 +15,7 @@ use http::uri::Authority;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::pool::Loan;
-use crate::metrics::Metrics;
+use crate::{error::ErrorSource, metrics::Metrics};
 
 pub struct GuardedBody {
     inner: Incoming,
@@ -75,7 +75,7 @@ impl Body for GuardedBody {
             && let Some(metrics) = self.metrics.take()
         {
             // Reading the backend's response failed: the backend reset or closed mid-body.
-            metrics.upstream_error();
+            ErrorSource::Upstream.count(&metrics, false);
             tracing::warn!(backend = %self.backend, error = %e, "backend response body broke off; the client connection is closed with it");
         }
         match &polled {

@@ -2,6 +2,16 @@
 //! and optional active checks (a GET on a path, expecting a status).
 #![forbid(unsafe_code)]
 
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, header};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+
+use super::HealthCheckConfig;
+use super::{Backend, Upstream};
+
 use std::{
     sync::{
         Mutex,
@@ -61,6 +71,96 @@ impl Health {
         }
         was_failed == ok
     }
+}
+
+impl Upstream {
+    /// Runs active health checks until this Upstream is replaced (a reload) or the process ends:
+    /// each route's check (the default pool's is `default_check`) on each of its backends. A
+    /// failing check takes the backend out of that route only.
+    pub fn spawn_health_checks(&self, default_check: Option<&HealthCheckConfig>) {
+        for pool in self.routes.pools() {
+            let check = match &pool.check {
+                Some(check) => Some(check),
+                None if pool.is_default() => default_check,
+                None => None,
+            };
+            let Some(check) = check else {
+                continue;
+            };
+            for member in &pool.members {
+                let task = tokio::spawn(run_health_check(
+                    pool.name().to_string(),
+                    Arc::clone(&member.backend),
+                    Arc::clone(&member.check),
+                    check.clone(),
+                ));
+                if let Ok(mut checks) = self.checks.lock() {
+                    checks.push(task.abort_handle());
+                }
+            }
+        }
+    }
+}
+
+/// Probes `check.path` on `backend` every interval; the outcome is `route`'s health there. A pass
+/// also ends a passive backoff (the backend answers again).
+pub(super) async fn run_health_check(
+    route: String,
+    backend: Arc<Backend>,
+    health: Arc<Health>,
+    check: HealthCheckConfig,
+) {
+    let mut interval = tokio::time::interval(check.interval);
+    loop {
+        interval.tick().await;
+        let outcome =
+            match tokio::time::timeout(check.timeout, probe(&backend, &check.path, check.timeout))
+                .await
+            {
+                Ok(Ok(status)) if status == check.expect_status => Ok(()),
+                Ok(Ok(status)) => Err(format!("status {status}")),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+            };
+        if outcome.is_ok() {
+            backend.health.record_success();
+        }
+        if health.record_check(outcome.is_ok()) {
+            match outcome {
+                Ok(()) => {
+                    tracing::info!(%route, backend = %backend.authority, path = %check.path, "health check passes again; backend back in the route's rotation")
+                }
+                Err(why) => {
+                    tracing::warn!(%route, backend = %backend.authority, path = %check.path, %why, "health check failed; backend out of the route's rotation (other routes keep it)")
+                }
+            }
+        }
+    }
+}
+
+/// One health-check GET on a new connection (plain or TLS, like every exchange): the status, or
+/// why the backend could not be asked (for the log line).
+pub(super) async fn probe(backend: &Backend, path: &str, timeout: Duration) -> Result<u16, String> {
+    let io = backend
+        .connect(timeout)
+        .await
+        .map_err(|e| crate::error::error_chain(&e))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let req = Request::get(path)
+        .header(header::HOST, backend.authority.as_str())
+        .header(header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    sender
+        .send_request(req)
+        .await
+        .map(|r| r.status().as_u16())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -165,11 +165,10 @@ impl Acceptor {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::ntlm::authenticate::tests::ms_nlmp_4_2_4_3;
-    use crate::ntlm::crypto::{nt_hash, nt_proof_str, ntowfv2};
-    use crate::ntlm::wire::utf16le;
+    use crate::ntlm::client::{self, Credentials};
+    use crate::ntlm::samples::ms_nlmp_4_2_4_3;
 
-    const TYPE1: &[u8] = b"NTLMSSP\0\x01\0\0\0\x06\x82\x08\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+    const TYPE1: &[u8] = client::NEGOTIATE;
     const MS_CHALLENGE: [u8; 8] = [0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef];
 
     pub(crate) fn acceptor() -> Acceptor {
@@ -182,28 +181,10 @@ pub(crate) mod tests {
 
     /// A Type3 with an NTLMv2 response computed the way curl does (user/domain in UTF-16).
     pub(crate) fn type3(user: &str, domain: &str, password: &str, challenge: &[u8; 8]) -> Vec<u8> {
-        let key = ntowfv2(&nt_hash(password), user, domain);
-        let mut blob = vec![1, 1, 0, 0, 0, 0, 0, 0];
-        blob.extend_from_slice(&[0x11; 8]); // timestamp
-        blob.extend_from_slice(&[0x22; 8]); // client challenge
-        blob.extend_from_slice(&[0; 4]);
-        blob.extend_from_slice(&[0; 8]); // empty target info: EOL + Z4
-        let mut nt = nt_proof_str(&key, challenge, &blob).to_vec();
-        nt.extend_from_slice(&blob);
-        let (d, u) = (utf16le(domain), utf16le(user));
-        let mut payload = vec![0u8; 24];
-        payload.extend_from_slice(&nt);
-        payload.extend_from_slice(&d);
-        payload.extend_from_slice(&u);
-        let mut m = b"NTLMSSP\0\x03\0\0\0".to_vec();
-        let mut at = 64;
-        for len in [24, nt.len(), d.len(), u.len(), 0, 0] {
-            crate::ntlm::wire::put_field(&mut m, len, at);
-            at += len;
-        }
-        m.extend_from_slice(&0xa288_8205u32.to_le_bytes());
-        m.extend_from_slice(&payload);
-        m
+        let creds = Credentials::new(user, domain, password);
+        // Timestamp 0x11.., client challenge 0x22.., empty target info (its EOL only).
+        let blob = client::blob([0x22; 8], 0x1111_1111_1111_1111, &[0; 4]);
+        client::authenticate(&creds, "", &creds.nt_response(challenge, &blob))
     }
 
     fn challenge_of(step: &Step) -> [u8; 8] {

@@ -30,7 +30,6 @@ mod acceptor;
 mod authz;
 mod cli;
 mod log;
-mod ntlm;
 mod service;
 mod store;
 mod tls;
@@ -45,6 +44,9 @@ use anyhow::Context;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+
+// The NTLM messages and crypto are the crate's library, shared with the bench's NTLM client.
+use ntlm_tag_test_acceptor::ntlm;
 
 use crate::acceptor::Acceptor;
 use crate::cli::Cli;

@@ -52,7 +52,6 @@ pub fn ntowfv2(nt_hash: &[u8; 16], user: &str, domain: &str) -> [u8; 16] {
 }
 
 /// NTProofStr for `blob` under `server_challenge` (what a client computes).
-#[cfg(test)]
 pub fn nt_proof_str(ntowfv2: &[u8; 16], server_challenge: &[u8; 8], blob: &[u8]) -> [u8; 16] {
     hmac_md5(ntowfv2, &[server_challenge, blob])
         .finalize()
@@ -78,7 +77,7 @@ pub fn verify_ntlmv2(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ntlm::{Authenticate, NtlmError, authenticate::tests::ms_nlmp_4_2_4_3};
+    use crate::ntlm::{Authenticate, NtlmError, samples::ms_nlmp_4_2_4_3};
 
     const SERVER_CHALLENGE: [u8; 8] = [0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef];
 

@@ -6,9 +6,11 @@
 pub mod authenticate;
 pub mod binding;
 pub mod challenge;
+pub mod client;
 pub mod crypto;
 pub mod negotiate;
-pub(crate) mod wire;
+pub mod samples;
+pub mod wire;
 
 pub use authenticate::Authenticate;
 pub use challenge::{ServerNames, build_challenge};

@@ -1,0 +1,289 @@
+//! Request and response header rewriting: remove what a client must not choose (identity headers and
+//! their look-alikes, hop-by-hop headers), then stamp the connection id and the forwarding headers.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+
+use http::{
+    HeaderMap, HeaderName, HeaderValue,
+    header::{CONNECTION, FORWARDED, TRANSFER_ENCODING},
+};
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), besides those `Connection` names.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Client-supplied headers that claim who the client is or how it connected (address, scheme,
+/// host, port), as proxies, CDNs and frameworks spell them; the gateway sets some of them itself
+/// and none of them may come from a client. `Front-End-Https` is Microsoft's (Exchange, OWA).
+const FORWARDING_HEADERS: [&str; 15] = [
+    "x-forwarded-for",
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "front-end-https",
+    "true-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "client-ip",
+    "x-original-forwarded-for",
+];
+
+/// Standard headers that must not be chosen as the connection-id header (besides the forwarding
+/// and hop-by-hop ones).
+const RESERVED: [&str; 8] = [
+    "host",
+    "content-length",
+    "content-type",
+    "authorization",
+    "www-authenticate",
+    "cookie",
+    "set-cookie",
+    "expect",
+];
+
+/// True when `name` is a standard, hop-by-hop or forwarding header.
+pub fn is_reserved_header(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    RESERVED.contains(&n) || HOP_BY_HOP.contains(&n) || FORWARDING_HEADERS.contains(&n)
+}
+
+/// `name` folded the way lenient backends (CGI, some servlet containers) fold header names: letters and
+/// digits only, lowercase. `Jespa_Connection_Id` and `jespa.connection.id` fold like
+/// `Jespa-Connection-Id`.
+fn fold(name: &str) -> impl Iterator<Item = u8> + '_ {
+    name.bytes()
+        .filter(u8::is_ascii_alphanumeric)
+        .map(|b| b.to_ascii_lowercase())
+}
+
+fn folds_equal(a: &str, b: &str) -> bool {
+    fold(a).eq(fold(b))
+}
+
+/// What the gateway stamps on upstream requests.
+#[derive(Debug, Clone)]
+pub struct StampPolicy {
+    pub id_header: HeaderName,
+    pub forwarded_headers: bool,
+}
+
+/// How the client reached the gateway: a plain or a TLS listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientScheme {
+    Http,
+    Https,
+}
+
+impl ClientScheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientScheme::Http => "http",
+            ClientScheme::Https => "https",
+        }
+    }
+}
+
+/// The per-connection header values, rendered once when the connection is accepted.
+#[derive(Debug, Clone)]
+pub struct ConnectionStamp {
+    pub id: HeaderValue,
+    pub x_forwarded_for: HeaderValue,
+    /// `http` or `https`, the same scheme as `proto=` in `forwarded`.
+    pub x_forwarded_proto: HeaderValue,
+    pub forwarded: HeaderValue,
+}
+
+impl ConnectionStamp {
+    /// Renders the values for a connection. `id` was rendered from a validated template, so it is a
+    /// valid header value; anything else is an internal error.
+    pub fn new(
+        id: &str,
+        client: SocketAddr,
+        scheme: ClientScheme,
+    ) -> Result<Self, http::header::InvalidHeaderValue> {
+        let ip = client.ip();
+        let node = match client {
+            SocketAddr::V4(v4) => format!("\"{}:{}\"", v4.ip(), v4.port()),
+            SocketAddr::V6(v6) => format!("\"[{}]:{}\"", v6.ip(), v6.port()),
+        };
+        Ok(ConnectionStamp {
+            id: HeaderValue::from_str(id)?,
+            x_forwarded_for: HeaderValue::from_str(&ip.to_string())?,
+            x_forwarded_proto: HeaderValue::from_static(scheme.as_str()),
+            forwarded: HeaderValue::from_str(&format!("for={node};proto={}", scheme.as_str()))?,
+        })
+    }
+}
+
+/// Removes hop-by-hop headers, including those named by `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none (and without `Connection` nothing else is named): one pass over the
+    // names instead of a lookup per listed header.
+    let mut hop_by_hop = headers.keys().filter(|k| HOP_BY_HOP.contains(&k.as_str()));
+    let Some(first) = hop_by_hop.next() else {
+        return;
+    };
+    // Most others carry only `Connection: keep-alive` (or `close`), which names no header present:
+    // remove it without collecting names (every keep-alive response from the backend).
+    let only_connection = first == CONNECTION && hop_by_hop.next().is_none();
+    if only_connection && headers.get_all(CONNECTION).iter().all(names_no_header) {
+        headers.remove(CONNECTION);
+        return;
+    }
+    let named: Vec<&str> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let named_by_connection = |name: &str| named.iter().any(|t| t.eq_ignore_ascii_case(name));
+    // One pass over the names (usually just `Connection: keep-alive` goes) rather than a lookup
+    // per listed header.
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| HOP_BY_HOP.contains(&k.as_str()) || named_by_connection(k.as_str()))
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
+    }
+}
+
+/// A `Connection` value of only `keep-alive` and `close` tokens: the former names the `Keep-Alive`
+/// header, which is hop-by-hop itself, the latter no header at all.
+fn names_no_header(value: &HeaderValue) -> bool {
+    value
+        .as_bytes()
+        .split(|b| *b == b',')
+        .map(<[u8]>::trim_ascii)
+        .all(|t| {
+            t.is_empty()
+                || t.eq_ignore_ascii_case(b"keep-alive")
+                || t.eq_ignore_ascii_case(b"close")
+        })
+}
+
+/// Header names up to this long are folded on the stack; longer ones take the iterator path.
+const FOLD_MAX: usize = 64;
+
+/// [`FORWARDING_HEADERS`], folded (a unit test keeps the two lists in step).
+const FORWARDING_FOLDED: [&[u8]; 15] = [
+    b"xforwardedfor",
+    b"forwarded",
+    b"xrealip",
+    b"xclientip",
+    b"xforwardedproto",
+    b"xforwardedhost",
+    b"xforwardedport",
+    b"xforwardedscheme",
+    b"xforwardedssl",
+    b"frontendhttps",
+    b"trueclientip",
+    b"xclusterclientip",
+    b"cfconnectingip",
+    b"clientip",
+    b"xoriginalforwardedfor",
+];
+
+/// `name` folded into `buf`, or `None` when the fold does not fit.
+fn fold_into<'a>(name: &str, buf: &'a mut [u8; FOLD_MAX]) -> Option<&'a [u8]> {
+    let mut n = 0;
+    for b in fold(name) {
+        *buf.get_mut(n)? = b;
+        n += 1;
+    }
+    Some(&buf[..n])
+}
+
+/// Whether a client header named `name` claims an identity: the id header or a forwarding header,
+/// in any case or look-alike spelling. `id_folded` is the id header's fold when it fits.
+fn claims_identity(name: &str, id_name: &str, id_folded: Option<&[u8]>) -> bool {
+    let mut buf = [0u8; FOLD_MAX];
+    match (fold_into(name, &mut buf), id_folded) {
+        (Some(folded), Some(id)) => folded == id || FORWARDING_FOLDED.contains(&folded),
+        _ => folds_equal(name, id_name) || FORWARDING_HEADERS.iter().any(|f| folds_equal(name, f)),
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Prepares a client request's headers for the backend: strips hop-by-hop headers, every client copy
+/// of the identity headers (any case and look-alikes), and stamps this connection's values.
+pub fn prepare_request(headers: &mut HeaderMap, policy: &StampPolicy, stamp: &ConnectionStamp) {
+    strip_hop_by_hop(headers);
+    let id_name = policy.id_header.as_str();
+    let mut id_buf = [0u8; FOLD_MAX];
+    let id_folded = fold_into(id_name, &mut id_buf);
+    let forged = |k: &HeaderName| claims_identity(k.as_str(), id_name, id_folded);
+    // Checked first so that the usual request (nothing forged) allocates nothing here.
+    if headers.keys().any(forged) {
+        let names: Vec<HeaderName> = headers.keys().filter(|k| forged(k)).cloned().collect();
+        for name in names {
+            headers.remove(name);
+        }
+    }
+    headers.insert(policy.id_header.clone(), stamp.id.clone());
+    if policy.forwarded_headers {
+        headers.insert(X_FORWARDED_FOR, stamp.x_forwarded_for.clone());
+        headers.insert(X_FORWARDED_PROTO, stamp.x_forwarded_proto.clone());
+        headers.insert(FORWARDED, stamp.forwarded.clone());
+    }
+}
+
+/// The transfer codings of a message other than one `chunked`, if it has any (`gzip, chunked` gives
+/// `Some("gzip, chunked")`). The gateway removes `Transfer-Encoding` and lets the HTTP layer frame
+/// each hop (chunked): any other coding would be lost on the way and its coded bytes passed on as
+/// if they were the content. RFC 9112 §6.1: a server that receives a transfer coding it does not
+/// understand SHOULD answer 501 (Not Implemented); the gateway does so and never forwards it.
+pub fn unsupported_transfer_coding(headers: &HeaderMap) -> Option<String> {
+    let values: Vec<&HeaderValue> = headers.get_all(TRANSFER_ENCODING).iter().collect();
+    let mut codings = 0usize;
+    let mut only_chunked = true;
+    for v in &values {
+        let Ok(text) = v.to_str() else {
+            only_chunked = false;
+            continue;
+        };
+        // Empty list elements are allowed (RFC 9110 §5.6.1) and mean nothing.
+        for coding in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            codings += 1;
+            only_chunked &= coding.eq_ignore_ascii_case("chunked");
+        }
+    }
+    if values.is_empty() || (only_chunked && codings == 1) {
+        return None;
+    }
+    Some(
+        values
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect::<Vec<_>>()
+            .join(", "),
+    )
+}
+
+/// Prepares a backend response for the client: hop-by-hop headers are removed; everything else,
+/// including several `WWW-Authenticate` values, passes in order.
+pub fn prepare_response(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+}
+
+#[cfg(test)]
+mod tests;

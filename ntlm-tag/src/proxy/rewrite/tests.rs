@@ -1,0 +1,265 @@
+use super::*;
+
+fn policy(forwarded_headers: bool) -> StampPolicy {
+    StampPolicy {
+        id_header: HeaderName::from_static("jespa-connection-id"),
+        forwarded_headers,
+    }
+}
+
+fn stamp() -> ConnectionStamp {
+    ConnectionStamp::new(
+        "198.18.0.2:4000/abc",
+        "198.18.0.2:4000".parse().expect("addr"),
+        ClientScheme::Http,
+    )
+    .expect("valid")
+}
+
+fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in pairs {
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            HeaderValue::from_str(v).expect("value"),
+        );
+    }
+    h
+}
+
+#[test]
+fn client_identity_headers_and_look_alikes_are_replaced() {
+    let mut h = headers(&[
+        ("Jespa-Connection-Id", "forged-1"),
+        ("JESPA-CONNECTION-ID", "forged-2"),
+        ("jespa_connection_id", "forged-3"),
+        ("Jespa.Connection.Id", "forged-4"),
+        ("jespaconnectionid", "forged-5"),
+        ("X-Forwarded-For", "203.0.113.9"),
+        ("x_forwarded_for", "203.0.113.9"),
+        ("Forwarded", "for=203.0.113.9"),
+        ("X-Real-IP", "203.0.113.9"),
+        ("Accept", "*/*"),
+    ]);
+    prepare_request(&mut h, &policy(true), &stamp());
+    let ids: Vec<_> = h.get_all("jespa-connection-id").iter().collect();
+    assert_eq!(ids, vec!["198.18.0.2:4000/abc"]);
+    assert_eq!(h["x-forwarded-for"], "198.18.0.2");
+    assert_eq!(h["forwarded"], "for=\"198.18.0.2:4000\";proto=http");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["accept"], "*/*");
+    for (name, value) in &h {
+        assert!(
+            !value
+                .as_bytes()
+                .windows(6)
+                .any(|w| w == b"forged" || w == b"203.0."),
+            "{name} kept a client value"
+        );
+    }
+    assert_eq!(h.len(), 5);
+}
+
+#[test]
+fn every_forwarding_header_and_its_look_alikes_are_replaced() {
+    let mut pairs = Vec::new();
+    for name in FORWARDING_HEADERS {
+        pairs.push((name.to_string(), "forged".to_string()));
+        pairs.push((name.to_uppercase().replace('-', "_"), "forged".to_string()));
+        pairs.push((name.replace('-', "."), "forged".to_string()));
+    }
+    pairs.push(("Accept".into(), "*/*".into()));
+    let mut h = HeaderMap::new();
+    for (k, v) in &pairs {
+        h.append(
+            HeaderName::from_bytes(k.as_bytes()).expect("name"),
+            HeaderValue::from_str(v).expect("value"),
+        );
+    }
+    prepare_request(&mut h, &policy(true), &stamp());
+    for (name, value) in &h {
+        assert_ne!(value, "forged", "{name} kept a client value");
+    }
+    let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+    assert_eq!(
+        names.len(),
+        5,
+        "only the gateway's own headers and Accept: {names:?}"
+    );
+}
+
+#[test]
+fn tls_listeners_say_https_in_forwarded_and_x_forwarded_proto() {
+    let s = ConnectionStamp::new(
+        "198.18.0.2:4000/abc",
+        "198.18.0.2:4000".parse().expect("addr"),
+        ClientScheme::Https,
+    )
+    .expect("valid");
+    let mut h = headers(&[("X-Forwarded-Proto", "http"), ("Forwarded", "proto=http")]);
+    prepare_request(&mut h, &policy(true), &s);
+    assert_eq!(h["forwarded"], "for=\"198.18.0.2:4000\";proto=https");
+    assert_eq!(
+        h.get_all("x-forwarded-proto").iter().collect::<Vec<_>>(),
+        vec!["https"]
+    );
+}
+
+#[test]
+fn forwarding_headers_can_be_turned_off_but_client_copies_still_go() {
+    let mut h = headers(&[("X-Forwarded-For", "203.0.113.9"), ("Forwarded", "for=x")]);
+    prepare_request(&mut h, &policy(false), &stamp());
+    assert!(h.get("x-forwarded-for").is_none());
+    assert!(h.get("forwarded").is_none());
+    assert_eq!(h["jespa-connection-id"], "198.18.0.2:4000/abc");
+}
+
+#[test]
+fn hop_by_hop_and_connection_named_headers_are_removed() {
+    let mut h = headers(&[
+        ("Connection", "keep-alive, X-Secret"),
+        ("X-Secret", "1"),
+        ("Keep-Alive", "timeout=5"),
+        ("TE", "trailers"),
+        ("Upgrade", "websocket"),
+        ("Proxy-Authorization", "Basic eA=="),
+        ("Authorization", "NTLM TlRMTVNTUAABAAAA"),
+    ]);
+    prepare_request(&mut h, &policy(false), &stamp());
+    assert!(h.get("x-secret").is_none());
+    assert!(h.get("keep-alive").is_none());
+    assert!(h.get("te").is_none());
+    assert!(h.get("upgrade").is_none());
+    assert!(h.get("proxy-authorization").is_none());
+    assert_eq!(h["authorization"], "NTLM TlRMTVNTUAABAAAA");
+}
+
+#[test]
+fn a_plain_keep_alive_connection_header_goes_and_nothing_else() {
+    for value in [
+        "keep-alive",
+        "Keep-Alive",
+        "close",
+        "keep-alive, close",
+        " , keep-alive",
+    ] {
+        let mut h = headers(&[
+            ("Connection", value),
+            ("Content-Length", "3"),
+            ("X-Other", "1"),
+        ]);
+        prepare_response(&mut h);
+        assert!(h.get("connection").is_none(), "{value}");
+        assert_eq!(h["content-length"], "3");
+        assert_eq!(h["x-other"], "1");
+    }
+    // A named header still goes (the general path).
+    let mut h = headers(&[("Connection", "keep-alive, x-other"), ("X-Other", "1")]);
+    prepare_response(&mut h);
+    assert!(h.get("connection").is_none() && h.get("x-other").is_none());
+    // So does a Keep-Alive header next to it.
+    let mut h = headers(&[("Connection", "keep-alive"), ("Keep-Alive", "timeout=5")]);
+    prepare_response(&mut h);
+    assert!(h.get("connection").is_none() && h.get("keep-alive").is_none());
+}
+
+#[test]
+fn several_www_authenticate_values_pass_in_order() {
+    let mut h = headers(&[
+        ("WWW-Authenticate", "Negotiate"),
+        ("WWW-Authenticate", "NTLM"),
+        ("Connection", "close"),
+    ]);
+    prepare_response(&mut h);
+    let values: Vec<_> = h.get_all("www-authenticate").iter().collect();
+    assert_eq!(values, vec!["Negotiate", "NTLM"]);
+    assert!(h.get("connection").is_none());
+}
+
+#[test]
+fn only_a_single_chunked_transfer_coding_is_supported() {
+    for ok in [&[][..], &["chunked"], &["Chunked"], &[" chunked , "]] {
+        let h = headers(
+            &ok.iter()
+                .map(|v| ("Transfer-Encoding", *v))
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(unsupported_transfer_coding(&h), None, "{ok:?}");
+    }
+    for bad in [
+        &["gzip, chunked"][..],
+        &["gzip", "chunked"],
+        &["chunked, chunked"],
+        &["deflate,chunked"],
+        &["x-custom, chunked"],
+        &[""],
+    ] {
+        let h = headers(
+            &bad.iter()
+                .map(|v| ("Transfer-Encoding", *v))
+                .collect::<Vec<_>>(),
+        );
+        assert!(unsupported_transfer_coding(&h).is_some(), "{bad:?}");
+    }
+    let h = headers(&[
+        ("Transfer-Encoding", "gzip"),
+        ("Transfer-Encoding", "chunked"),
+    ]);
+    assert_eq!(
+        unsupported_transfer_coding(&h).as_deref(),
+        Some("gzip, chunked")
+    );
+}
+
+#[test]
+fn ipv6_clients_are_bracketed_in_forwarded() {
+    let s = ConnectionStamp::new(
+        "x",
+        "[fd00:5418::2]:443".parse().expect("addr"),
+        ClientScheme::Http,
+    )
+    .expect("valid");
+    assert_eq!(s.forwarded, "for=\"[fd00:5418::2]:443\";proto=http");
+    assert_eq!(s.x_forwarded_for, "fd00:5418::2");
+}
+
+#[test]
+fn the_folded_forwarding_names_match_the_names() {
+    let folded: Vec<Vec<u8>> = FORWARDING_HEADERS
+        .iter()
+        .map(|h| fold(h).collect())
+        .collect();
+    assert_eq!(folded, FORWARDING_FOLDED.map(<[u8]>::to_vec));
+}
+
+#[test]
+fn long_header_names_are_still_compared_by_their_fold() {
+    let long_id = format!("x-{}", "a".repeat(FOLD_MAX));
+    let policy = StampPolicy {
+        id_header: HeaderName::from_bytes(long_id.as_bytes()).expect("name"),
+        forwarded_headers: false,
+    };
+    let look_alike = long_id.replace('-', "_").to_uppercase();
+    let mut h = headers(&[(&look_alike, "forged"), ("accept", "*/*")]);
+    prepare_request(&mut h, &policy, &stamp());
+    assert_eq!(h.get_all(&policy.id_header).iter().count(), 1);
+    assert_eq!(h[&policy.id_header], "198.18.0.2:4000/abc");
+    assert!(h.contains_key("accept"));
+}
+
+#[test]
+fn reserved_headers_cannot_carry_the_id() {
+    for name in [
+        "host",
+        "authorization",
+        "connection",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "true-client-ip",
+    ] {
+        assert!(is_reserved_header(&HeaderName::from_static(name)), "{name}");
+    }
+    assert!(!is_reserved_header(&HeaderName::from_static(
+        "jespa-connection-id"
+    )));
+}

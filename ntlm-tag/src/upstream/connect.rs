@@ -1,0 +1,239 @@
+//! Dialling a backend (TCP, TLS) and the HTTP/1.1 handshake: the one place that opens upstream
+//! connections, for exchanges and health checks alike.
+
+use std::{sync::Arc, time::Duration};
+
+use http::{Request, Response, Uri, header};
+use hyper::{body::Incoming, client::conn::http1::SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_util::either::Either;
+
+use super::{Backend, ClientBody, ResponseTimeout, Upstream, UpstreamError, tls};
+use crate::metrics::UpstreamUse;
+
+/// A connection to a backend: plain TCP, or TLS over it.
+pub(super) type BackendIo = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// How one attempt on one backend ended.
+pub(super) enum Attempt<T> {
+    /// The backend answered, or the exchange failed once (part of) the request may have reached it.
+    Done(Result<T, UpstreamError>),
+    /// The request never reached the backend (connect refused or timed out, a connection found
+    /// dead before a byte was written): it may go to another backend.
+    Unsent(Box<Request<ClientBody>>, UpstreamError),
+}
+
+impl<T> Attempt<T> {
+    pub(super) fn map<U>(self, f: impl FnOnce(T) -> U) -> Attempt<U> {
+        match self {
+            Attempt::Done(result) => Attempt::Done(result.map(f)),
+            Attempt::Unsent(req, e) => Attempt::Unsent(req, e),
+        }
+    }
+}
+
+/// What a new upstream connection is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sharing {
+    /// The shared pool.
+    Shared,
+    /// Pin mode: one client connection's, from its first request.
+    Pinned,
+    /// Bind mode: one client connection's, opened for an NTLM/Negotiate leg.
+    Bound,
+}
+
+impl Backend {
+    /// Opens a connection within `timeout` (TCP connect and, for TLS, the handshake): the one
+    /// place that dials a backend, for exchanges and health checks alike.
+    pub(super) async fn connect(&self, timeout: Duration) -> Result<BackendIo, UpstreamError> {
+        let host = self.authority.host().trim_matches(['[', ']']);
+        let port = self
+            .authority
+            .port_u16()
+            .unwrap_or(if self.tls.is_some() { 443 } else { 80 });
+        let dial =
+            async {
+                let stream =
+                    TcpStream::connect((host, port))
+                        .await
+                        .map_err(|e| UpstreamError::Connect {
+                            backend: self.authority.clone(),
+                            source: Box::new(e),
+                        })?;
+                let _ = stream.set_nodelay(true);
+                match &self.tls {
+                    None => Ok(Either::Left(stream)),
+                    Some(backend_tls) => {
+                        let stream = backend_tls.connect(stream).await.map_err(|source| {
+                            UpstreamError::Tls {
+                                backend: self.authority.clone(),
+                                server_name: backend_tls.server_name(),
+                                source,
+                            }
+                        })?;
+                        if let (Some(leaf), Ok(mut last)) =
+                            (tls::peer_leaf(&stream), self.last_leaf.lock())
+                        {
+                            *last = Some(leaf.as_ref().to_vec());
+                        }
+                        Ok(Either::Right(stream))
+                    }
+                }
+            };
+        match tokio::time::timeout(timeout, dial).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::ConnectTimeout {
+                backend: self.authority.clone(),
+                timeout,
+            }),
+        }
+    }
+}
+
+impl Upstream {
+    /// Sends `req` on an idle shared connection of `backend` or, when none takes it, on a new one
+    /// opened for `sharing` (pinned connections are always new). Idle connections the backend has
+    /// closed are skipped: a request they could not take is never lost, and never sent twice.
+    pub(super) async fn send_checked_out(
+        &self,
+        backend: &Arc<Backend>,
+        mut req: Request<ClientBody>,
+        sharing: Sharing,
+    ) -> Attempt<(Response<Incoming>, SendRequest<ClientBody>)> {
+        let deadline = self.timeouts.upstream_response;
+        if sharing != Sharing::Pinned {
+            while let Some(mut sender) = backend.idle.take(self.timeouts.upstream_idle) {
+                // An idle connection is ready at once, or closed.
+                if !matches!(
+                    tokio::time::timeout(deadline, sender.ready()).await,
+                    Ok(Ok(()))
+                ) {
+                    continue;
+                }
+                match self.send_on(backend, &mut sender, req).await {
+                    Attempt::Done(result) => {
+                        self.metrics.upstream_request(UpstreamUse::Reused);
+                        return Attempt::Done(result.map(|r| (r, sender)));
+                    }
+                    // Closed by the backend before a byte of the request was written.
+                    Attempt::Unsent(unsent, _) => req = *unsent,
+                }
+            }
+        }
+        let mut sender = match self.open(backend, sharing).await {
+            Ok(sender) => sender,
+            Err(e) => return Attempt::Unsent(Box::new(req), e),
+        };
+        match tokio::time::timeout(deadline, sender.ready()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Attempt::Unsent(Box::new(req), self.exchange_error(backend, e)),
+            Err(_) => {
+                return Attempt::Done(Err(UpstreamError::Timeout {
+                    backend: backend.authority.clone(),
+                    timeout: deadline,
+                }));
+            }
+        }
+        match self.send_on(backend, &mut sender, req).await {
+            Attempt::Done(result) => Attempt::Done(result.map(|r| (r, sender))),
+            Attempt::Unsent(req, e) => Attempt::Unsent(req, e),
+        }
+    }
+
+    /// One request on one ready connection, within the response timeout.
+    pub(super) async fn send_on(
+        &self,
+        backend: &Backend,
+        sender: &mut SendRequest<ClientBody>,
+        req: Request<ClientBody>,
+    ) -> Attempt<Response<Incoming>> {
+        let deadline = req
+            .extensions()
+            .get::<ResponseTimeout>()
+            .map_or(self.timeouts.upstream_response, |t| t.0);
+        match tokio::time::timeout(deadline, sender.try_send_request(req)).await {
+            Ok(Ok(response)) => Attempt::Done(Ok(response)),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(unsent) => Attempt::Unsent(
+                    Box::new(unsent),
+                    self.exchange_error(backend, e.into_error()),
+                ),
+                None => Attempt::Done(Err(self.exchange_error(backend, e.into_error()))),
+            },
+            Err(_) => Attempt::Done(Err(UpstreamError::Timeout {
+                backend: backend.authority.clone(),
+                timeout: deadline,
+            })),
+        }
+    }
+
+    /// Opens an HTTP/1.1 connection to `backend` (within the connect timeout); its connection task
+    /// runs until the sender is dropped or the backend closes.
+    pub(super) async fn open(
+        &self,
+        backend: &Arc<Backend>,
+        sharing: Sharing,
+    ) -> Result<SendRequest<ClientBody>, UpstreamError> {
+        let started = std::time::Instant::now();
+        let io = backend.connect(self.timeouts.upstream_connect).await?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| UpstreamError::Connect {
+                backend: backend.authority.clone(),
+                source: Box::new(e),
+            })?;
+        let metrics = Arc::clone(&self.metrics);
+        metrics.upstream_connected(started.elapsed());
+        match sharing {
+            // With upgrades: a 101 hands the connection to the client's tunnel (only requests
+            // sent on a connection of the client's own can be upgrades).
+            Sharing::Shared | Sharing::Bound => {
+                metrics.upstream_request(UpstreamUse::Opened);
+                tokio::spawn(async move {
+                    let _ = connection.with_upgrades().await;
+                });
+            }
+            Sharing::Pinned => {
+                metrics.upstream_request(UpstreamUse::Opened);
+                metrics.pinned_open().inc();
+                tokio::spawn(async move {
+                    let _ = connection.with_upgrades().await;
+                    metrics.pinned_open().dec();
+                });
+            }
+        }
+        Ok(sender)
+    }
+
+    pub(super) fn exchange_error(&self, backend: &Backend, e: hyper::Error) -> UpstreamError {
+        UpstreamError::Exchange {
+            backend: backend.authority.clone(),
+            source: Box::new(e),
+        }
+    }
+}
+
+pub(super) fn path_of(uri: &Uri) -> &str {
+    uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+}
+
+/// An HTTP/1.1 connection to the backend takes the origin form; `Host` is the client's, or the
+/// backend's when the client sent none.
+pub(super) fn to_origin_form<B>(
+    req: &mut Request<B>,
+    backend: &Backend,
+) -> Result<(), UpstreamError> {
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        *req.uri_mut() = path_of(req.uri())
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| UpstreamError::BadTarget(e.into()))?;
+    }
+    if !req.headers().contains_key(header::HOST)
+        && let Ok(host) = backend.authority.as_str().parse()
+    {
+        req.headers_mut().insert(header::HOST, host);
+    }
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! What goes wrong on the way to a backend and back.
+
+use std::time::Duration;
+
+use http::{StatusCode, uri::Authority};
+use thiserror::Error;
+
+use crate::error::ErrorSource;
+
+/// What goes wrong on the way to a backend and back; [`UpstreamError::error_source`] says whose fault it
+/// is (a request the client broke surfaces here too, as the exchange is where it shows).
+#[derive(Debug, Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to {backend}: {source}")]
+    Connect {
+        backend: Authority,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "TLS handshake with {backend} (server name {server_name}) failed: {source}; the backend's \
+         certificate must hold that name and chain to ca_file (or the system's roots)"
+    )]
+    Tls {
+        backend: Authority,
+        server_name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot connect to {backend} within {timeout:?}")]
+    ConnectTimeout {
+        backend: Authority,
+        timeout: Duration,
+    },
+    #[error("exchange with {backend} failed: {source}")]
+    Exchange {
+        backend: Authority,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{backend} did not answer within {timeout:?}")]
+    Timeout {
+        backend: Authority,
+        timeout: Duration,
+    },
+    #[error(
+        "the upstream connection {link} to this client's NTLM session on {backend} is gone; closing \
+         the client connection so it authenticates again"
+    )]
+    SessionLost {
+        backend: Authority,
+        /// `pinned` or `bound`.
+        link: &'static str,
+        /// The backend did not answer in time (a 504 rather than a 502; the session is lost
+        /// either way, since the connection is abandoned mid-exchange).
+        timed_out: bool,
+    },
+    #[error(
+        "route {route}: this client connection's NTLM session lives on an upstream connection to \
+         {backend}, which is not in the route's pool; answering 421 and closing the client \
+         connection (the client retries on a new connection and authenticates there). Add \
+         {backend} to the route's backends if one login should serve both"
+    )]
+    Misdirected { route: String, backend: Authority },
+    #[error("bad request target: {0}")]
+    BadTarget(#[from] http::Error),
+    /// The client's request body broke (an invalid chunk, the connection closed mid-body) while it
+    /// was being sent upstream: the client's fault, not the backend's.
+    #[error("the client's request body is malformed or incomplete: {source}")]
+    ClientBody {
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl UpstreamError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            UpstreamError::Timeout { .. }
+            | UpstreamError::ConnectTimeout { .. }
+            | UpstreamError::SessionLost {
+                timed_out: true, ..
+            } => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::BadTarget(_) | UpstreamError::ClientBody { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            UpstreamError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// A timeout (504), counted apart from other upstream failures.
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Timeout { .. }
+                | UpstreamError::ConnectTimeout { .. }
+                | UpstreamError::SessionLost {
+                    timed_out: true,
+                    ..
+                }
+        )
+    }
+
+    /// The client connection must be closed after this error: an NTLM session was lost, or the
+    /// client's framing can no longer be trusted.
+    pub fn closes_client(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::SessionLost { .. }
+                | UpstreamError::ClientBody { .. }
+                | UpstreamError::Misdirected { .. }
+        )
+    }
+
+    /// Whose fault it is: the client's request (a bad target, a body it broke off), the gateway's
+    /// own refusal (a route the client's session cannot reach), or the backend's.
+    pub fn error_source(&self) -> ErrorSource {
+        match self {
+            UpstreamError::BadTarget(_) | UpstreamError::ClientBody { .. } => ErrorSource::Client,
+            UpstreamError::Misdirected { .. } => ErrorSource::Internal,
+            UpstreamError::Connect { .. }
+            | UpstreamError::Tls { .. }
+            | UpstreamError::ConnectTimeout { .. }
+            | UpstreamError::Exchange { .. }
+            | UpstreamError::Timeout { .. }
+            | UpstreamError::SessionLost { .. } => ErrorSource::Upstream,
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! A real `ntlm-tag` process started inside a namespace, stopped (and its leftovers checked) on drop.
+
+use std::{
+    io::{BufRead, BufReader},
+    os::unix::process::ExitStatusExt,
+    path::PathBuf,
+    process::{Child, ExitStatus, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+mod admin;
+mod builder;
+mod cgroup;
+
+pub use admin::{Admin, AdminResponse};
+pub use builder::{GatewayBuilder, Mode, Upstream};
+pub use cgroup::{Crashed, cgroup2_mount, own_cgroup, remove_leftover_cgroup, walk_named};
+
+use crate::netns::NetNs;
+use crate::wait::{TIME_SCALE_ENV, eventually_within, scaled, time_scale};
+use admin::AdminDir;
+
+/// Path of the `ntlm-tag` binary under test: `$NTLM_TAG_BIN`, or the workspace's debug build.
+pub fn binary() -> PathBuf {
+    let path = std::env::var_os("NTLM_TAG_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ntlm-tag")
+        });
+    assert!(
+        path.is_file(),
+        "{} not found: build it first (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+static ECHO: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether gateways echo their log lines to stderr (on by default, so failing tests show them).
+pub fn set_echo(on: bool) {
+    ECHO.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// How long a gateway may take to print its ready line (times [`time_scale`]); past it the harness
+/// kills it (SIGKILL) and reports "exited (signal: 9) before it was ready" with its log.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running gateway with its log lines.
+pub struct Gateway {
+    child: Option<Child>,
+    pub admin: Admin,
+    _admin_dir: Option<AdminDir>,
+    log: Arc<Mutex<Vec<String>>>,
+    lines: mpsc::Receiver<String>,
+}
+
+/// How a start attempt ended.
+pub enum Started {
+    Ready(Gateway),
+    Exited {
+        status: ExitStatus,
+        log: Vec<String>,
+    },
+}
+
+impl Started {
+    /// The gateway, which must have started; panics with its log otherwise.
+    pub fn ready(self) -> Gateway {
+        match self {
+            Started::Ready(gateway) => gateway,
+            Started::Exited { status, log } => panic!(
+                "ntlm-tag exited ({status}) before it was ready:\n{}",
+                log.join("\n")
+            ),
+        }
+    }
+}
+
+impl Gateway {
+    /// Starts `ntlm-tag` in `ns` with exactly `args` (plus the harness's admin socket) and waits
+    /// for its ready line. Tests describe their gateway with [`Gateway::new`] instead; this is for
+    /// callers that already hold a command line (the demo).
+    pub fn start(ns: &NetNs, args: &[&str]) -> Gateway {
+        Self::spawn(ns, args, None, &[]).ready()
+    }
+
+    /// Starts `ntlm-tag` in `ns` with `args` plus `--admin unix:<a socket in a directory of its
+    /// own>` (unless `args` name an admin endpoint), through `wrapper` if given, and waits for its
+    /// ready line.
+    fn spawn(ns: &NetNs, args: &[&str], wrapper: Option<&[&str]>, env: &[(&str, &str)]) -> Started {
+        // The admin endpoint: the one in `args`, or a unix socket of this gateway's own added.
+        let given = args
+            .iter()
+            .position(|a| *a == "--admin")
+            .and_then(|i| args.get(i + 1));
+        let admin_dir = given.is_none().then(|| AdminDir::new(wrapper.is_some()));
+        let admin = match (given, &admin_dir) {
+            (Some(a), _) => match a.strip_prefix("unix:") {
+                Some(path) => Admin::Unix(PathBuf::from(path)),
+                None => Admin::Tcp {
+                    addr: a.parse().expect("--admin address"),
+                    ns_path: ns.path(),
+                },
+            },
+            (None, Some(dir)) => Admin::Unix(dir.0.join("admin.sock")),
+            (None, None) => unreachable!("a directory is made when no endpoint is given"),
+        };
+        let bin = binary();
+        let mut cmd = match wrapper {
+            Some(w) => {
+                let mut c = ns.command(w[0]);
+                c.args(&w[1..]).arg(&bin);
+                c
+            }
+            None => ns.command(bin.to_str().expect("utf-8 path")),
+        };
+        cmd.args(args)
+            .args(if given.is_some() {
+                vec![]
+            } else {
+                vec!["--admin".to_string(), admin.arg()]
+            })
+            .env("NTLM_TAG_LOG", "info,ntlm_tag=debug")
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn ntlm-tag");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let line = strip_ansi(&line);
+                    if ECHO.load(std::sync::atomic::Ordering::Relaxed) {
+                        eprintln!("[ntlm-tag] {line}");
+                    }
+                    log.lock().expect("log").push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let mut gateway = Gateway {
+            child: Some(child),
+            admin,
+            _admin_dir: admin_dir,
+            log,
+            lines: rx,
+        };
+        match gateway.wait_for_line("ntlm-tag ready", scaled(READY_TIMEOUT)) {
+            Some(_) => Started::Ready(gateway),
+            None => {
+                let mut child = gateway.child.take().expect("child");
+                let _ = child.kill();
+                let status = child.wait().expect("wait");
+                // Let the reader thread drain what is left.
+                while gateway
+                    .lines
+                    .recv_timeout(scaled(Duration::from_secs(2)))
+                    .is_ok()
+                {}
+                let mut log = gateway.log();
+                if status.signal() == Some(libc::SIGKILL) {
+                    log.push(format!(
+                        "(test harness: no ready line within {:?}, so it killed the gateway; {}={} \
+                         scales this wait)",
+                        scaled(READY_TIMEOUT),
+                        TIME_SCALE_ENV,
+                        time_scale()
+                    ));
+                }
+                Started::Exited { status, log }
+            }
+        }
+    }
+
+    /// Waits until a log line containing `needle` arrives (or was already logged).
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Option<String> {
+        if let Some(l) = self.log().into_iter().find(|l| l.contains(needle)) {
+            return Some(l);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return Some(line),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().expect("log").clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// GET on the admin endpoint (as root), parsed as JSON.
+    pub fn admin_json(&self, path: &str) -> Value {
+        self.admin.json(path)
+    }
+
+    /// GET `/metrics` (Prometheus text).
+    pub fn admin_metrics(&self) -> String {
+        let r = self.admin.get("/metrics", &[]);
+        assert_eq!(r.status, 200, "/metrics: {}", r.body);
+        r.body
+    }
+
+    /// The sample `name{labels}` of `/metrics` (see [`crate::metrics::sample`]).
+    pub fn metric(&self, name: &str, labels: &str) -> Option<u64> {
+        crate::metrics::sample(&self.admin_metrics(), name, labels)
+    }
+
+    /// Waits until `check` holds on `/metrics` (see [`crate::wait::eventually`]); returns the text.
+    pub fn wait_for_metrics(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
+        crate::wait::eventually(what, || self.admin_metrics(), |text| check(text))
+    }
+
+    /// Waits (polling the admin listener, with a deadline) until `check` holds on `/kernel`.
+    pub fn wait_for_kernel(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        eventually_within(
+            &format!("{what} (/kernel)"),
+            scaled(Duration::from_secs(20)),
+            || self.admin_json("/kernel"),
+            |kernel| check(kernel),
+        )
+    }
+
+    /// Waits (up to `timeout`) for the process to exit by itself; None if it is still running.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit; the process must leave no cgroup behind.
+    pub fn stop(mut self) -> ExitStatus {
+        self.terminate()
+    }
+
+    /// Sends `signal` (e.g. SIGHUP) without waiting for anything.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// SIGKILL, as a crash would: nothing of the gateway's own cleanup runs. Its leftover cgroup stays
+    /// for the next start to remove; the returned guard removes it if the test ends first.
+    pub fn kill(mut self) -> Crashed {
+        let pid = self.pid();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        Crashed { pid }
+    }
+
+    fn terminate(&mut self) -> ExitStatus {
+        let Some(mut child) = self.child.take() else {
+            panic!("already stopped");
+        };
+        let pid = child.id();
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + scaled(Duration::from_secs(15));
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break child.wait().expect("wait");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        remove_leftover_cgroup(pid);
+        status
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.terminate();
+        }
+    }
+}
+
+/// A counter of the kernel programs from `/kernel`'s JSON.
+pub fn kernel_counter(kernel: &Value, name: &str) -> u64 {
+    kernel["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {kernel:#}"))
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
