@@ -10,12 +10,11 @@ use std::{fmt, net::SocketAddr, time::Duration};
 use thiserror::Error;
 use tokio::net::TcpStream;
 
-use super::fingerprint;
 use crate::{
     proxy::tls::{TlsError, leaf_for_name},
     upstream::{
         BackendAddress,
-        tls::{BackendTls, BackendTlsError, peer_leaf},
+        tls::{BackendTls, BackendTlsError, fingerprint, peer_leaf},
     },
 };
 

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use http::{HeaderMap, header};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 
 use crate::kernel::KernelEvent;
@@ -60,6 +61,32 @@ label_enum! {
         Negotiate => "negotiate",
         Authenticate => "authenticate",
         Spnego => "spnego",
+    }
+}
+
+impl NtlmMessage {
+    /// Which NTLM message a request's `Authorization` carries, if any.
+    pub fn of_request(headers: &HeaderMap) -> Option<NtlmMessage> {
+        let value = headers.get(header::AUTHORIZATION)?.as_bytes();
+        let (scheme, token) = value.split_at(value.iter().position(|b| *b == b' ')?);
+        let token = token.trim_ascii();
+        // base64("NTLMSSP\0") = "TlRMTVNTUAA", then the message type.
+        let raw_ntlm = token.starts_with(b"TlRMTVNTUAAB") || token.starts_with(b"TlRMTVNTUAAD");
+        if scheme.eq_ignore_ascii_case(b"NTLM")
+            || (scheme.eq_ignore_ascii_case(b"Negotiate") && raw_ntlm)
+        {
+            if token.starts_with(b"TlRMTVNTUAAB") {
+                return Some(NtlmMessage::Negotiate);
+            }
+            if token.starts_with(b"TlRMTVNTUAAD") {
+                return Some(NtlmMessage::Authenticate);
+            }
+            None
+        } else if scheme.eq_ignore_ascii_case(b"Negotiate") {
+            Some(NtlmMessage::Spnego)
+        } else {
+            None
+        }
     }
 }
 

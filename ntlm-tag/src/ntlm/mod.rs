@@ -9,7 +9,7 @@ use base64::Engine as _;
 use http::{HeaderMap, header};
 
 pub use message::{Authenticate, Message};
-pub use scheme::{is_ntlm_challenge, is_ntlm_request, ntlm_message};
+pub use scheme::{is_ntlm_challenge, is_ntlm_request};
 
 /// Kerberos v5 mechanism OIDs, DER-encoded: 1.2.840.113554.1.2.2 and Microsoft's
 /// 1.2.840.48018.1.2.2.

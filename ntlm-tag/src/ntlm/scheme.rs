@@ -1,33 +1,7 @@
 //! Recognising NTLM/Negotiate in headers without decoding the token: which scheme a request's
-//! `Authorization` names, which NTLM message it starts with, and whether a response challenges.
+//! `Authorization` names and whether a response challenges.
 
 use http::{HeaderMap, Response, StatusCode, header};
-
-use crate::metrics::NtlmMessage;
-
-/// Which NTLM message a request's `Authorization` carries, if any.
-pub fn ntlm_message(headers: &HeaderMap) -> Option<NtlmMessage> {
-    let value = headers.get(header::AUTHORIZATION)?.as_bytes();
-    let (scheme, token) = value.split_at(value.iter().position(|b| *b == b' ')?);
-    let token = token.trim_ascii();
-    // base64("NTLMSSP\0") = "TlRMTVNTUAA", then the message type.
-    let raw_ntlm = token.starts_with(b"TlRMTVNTUAAB") || token.starts_with(b"TlRMTVNTUAAD");
-    if scheme.eq_ignore_ascii_case(b"NTLM")
-        || (scheme.eq_ignore_ascii_case(b"Negotiate") && raw_ntlm)
-    {
-        if token.starts_with(b"TlRMTVNTUAAB") {
-            return Some(NtlmMessage::Negotiate);
-        }
-        if token.starts_with(b"TlRMTVNTUAAD") {
-            return Some(NtlmMessage::Authenticate);
-        }
-        None
-    } else if scheme.eq_ignore_ascii_case(b"Negotiate") {
-        Some(NtlmMessage::Spnego)
-    } else {
-        None
-    }
-}
 
 /// `Authorization: NTLM …` or `Negotiate …` (also the bare scheme).
 pub fn is_ntlm_request(headers: &HeaderMap) -> bool {

@@ -98,7 +98,7 @@ pub(super) async fn respond(
         // on as content: 501 (RFC 9112 §6.1), and the unread body ends the connection.
         return (fail(connection, Failure::TransferCoding(&codings)), None);
     }
-    if let Some(m) = crate::ntlm::ntlm_message(req.headers()) {
+    if let Some(m) = crate::metrics::NtlmMessage::of_request(req.headers()) {
         gateway.metrics.ntlm_message(m);
     }
     // What this request's token means for the connection's auth state and the lockout guard.

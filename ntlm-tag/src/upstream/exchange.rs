@@ -5,13 +5,13 @@ use std::{net::IpAddr, sync::Arc};
 
 use http::{HeaderMap, Request, Response, StatusCode, header};
 
+use super::epa_diagnosis::{BackendView, BindingClaim, Diagnosis, diagnose};
 use super::tls::BackendTls;
 use super::{
     Backend, ClientBody, ClientBodyState, ClientUpstream, GuardedBody, Mode, Upstream,
     UpstreamError, binding,
     connect::{Attempt, to_origin_form},
 };
-use crate::epa::diagnosis::{BackendView, BindingClaim, Diagnosis, diagnose};
 use crate::ntlm::{is_ntlm_challenge, is_ntlm_request};
 
 /// A request that asks to switch protocols (`Connection: upgrade` with `Upgrade`, e.g. WebSocket):

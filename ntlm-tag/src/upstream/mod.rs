@@ -35,6 +35,7 @@ mod caps;
 mod client_body;
 mod connect;
 mod dedicated;
+pub mod epa_diagnosis;
 mod error;
 mod exchange;
 mod guarded;

@@ -183,9 +183,26 @@ fn client_identity(
     Ok((chain, key))
 }
 
+/// SHA-256 of the DER certificate, as `openssl x509 -fingerprint -sha256` prints it.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    ring::digest::digest(&ring::digest::SHA256, cert.as_ref())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fingerprints_look_like_openssls() {
+        let fp = fingerprint(&CertificateDer::from(b"abc".to_vec()));
+        assert_eq!(fp.len(), 32 * 3 - 1);
+        assert!(fp.starts_with("BA:78:16:BF"), "{fp}");
+    }
 
     #[test]
     fn a_missing_ca_file_and_half_a_client_identity_are_errors() {

@@ -129,7 +129,7 @@ pub fn diagnose(claim: &BindingClaim, backend: &BackendView<'_>) -> Diagnosis {
                  ({server_name}) presents (sha256 {}): the client saw the gateway's certificate. \
                  Install the same certificate and key on the listener and the backend, and set \
                  epa_bridging = true to have it checked",
-                crate::epa::fingerprint(&leaf.to_vec().into())
+                super::tls::fingerprint(&leaf.to_vec().into())
             ),
         };
     }
