@@ -12,6 +12,7 @@ use ntlm_tag_tests::{
     acceptor::{self, Acceptor, Keying, curl_ntlm},
     fixtures,
     gateway::{Gateway, Mode},
+    metrics::sample,
     topology::Topology,
     wait::{eventually_within, scaled},
 };
@@ -165,6 +166,41 @@ fn a_wrong_password_is_refused_through_the_gateway() {
         &["-o", "/dev/null", "-w", "%{http_code}"],
     );
     assert_eq!(run.stdout, "401");
+}
+
+/// Each handshake that ends at the backend is timed under its result: one refused login and one
+/// accepted login, each on a connection of its own, against an IIS-like backend (default mode).
+#[test]
+fn every_handshake_that_ends_is_timed_under_its_result() {
+    let topo = Topology::new();
+    let a = Acceptor::start(
+        &topo.backend,
+        Topology::backend_at(8081),
+        &users(),
+        Keying::Connection,
+    );
+    let gw = Gateway::new().backend(&a).start(&topo.gateway);
+    for (password, status) in [("wrong", "401"), ("Secret-0!", "200")] {
+        let run = curl_ntlm(
+            &topo.client,
+            Topology::client_v4(0),
+            "user00",
+            password,
+            &urls(0)[..1],
+            &["-o", "/dev/null", "-w", "%{http_code}"],
+        );
+        assert_eq!(run.stdout, status, "{}", run.stderr);
+    }
+    let count = |m: &str, result: &str| {
+        sample(
+            m,
+            "ntlm_tag_ntlm_handshake_duration_seconds_count",
+            &format!("result=\"{result}\""),
+        )
+    };
+    let metrics = gw.admin_metrics();
+    assert_eq!(count(&metrics, "failed"), Some(1), "{metrics}");
+    assert_eq!(count(&metrics, "authenticated"), Some(1), "{metrics}");
 }
 
 #[test]

@@ -215,6 +215,19 @@ pub(super) struct TriggerLabel {
     pub(super) trigger: BindTrigger,
 }
 
+label_enum! {
+    /// How an NTLM/Negotiate handshake ended at the backend.
+    pub enum HandshakeResult {
+        Authenticated => "authenticated",
+        Failed => "failed",
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub(super) struct HandshakeLabel {
+    pub(super) result: HandshakeResult,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(super) struct TypeLabel {
     pub(super) r#type: NtlmMessage,

@@ -12,8 +12,8 @@ mod register;
 
 use labels::*;
 pub use labels::{
-    BindTrigger, ConnectionSource, EpaRefusal, NtlmMessage, Origin, ProxyRejection, ReloadResult,
-    UpstreamCap, UpstreamFailure, UpstreamUse,
+    BindTrigger, ConnectionSource, EpaRefusal, HandshakeResult, NtlmMessage, Origin,
+    ProxyRejection, ReloadResult, UpstreamCap, UpstreamFailure, UpstreamUse,
 };
 
 use std::{
@@ -122,6 +122,7 @@ pub struct Metrics {
     /// `upstream_connections`' counters by `UpstreamUse` (in `UpstreamUse::ALL` order).
     upstream_uses: Vec<(UpstreamUse, Counter)>,
     upstream_connect_duration: Histogram,
+    ntlm_handshake_duration: Family<HandshakeLabel, Histogram, fn() -> Histogram>,
     pinned_open: Gauge,
     bound_open: Gauge,
     bindings: Family<TriggerLabel, Counter>,
@@ -175,6 +176,13 @@ impl Metrics {
     /// it took from the request head.
     pub fn request(&self, backend: &str, status: u16, elapsed: Duration) {
         self.response(&self.backend_counters(backend), status, elapsed);
+    }
+
+    /// An NTLM/Negotiate handshake that ended, from its first token to the backend's verdict.
+    pub fn ntlm_handshake(&self, result: HandshakeResult, elapsed: Duration) {
+        self.ntlm_handshake_duration
+            .get_or_create(&HandshakeLabel { result })
+            .observe(elapsed.as_secs_f64());
     }
 
     /// One response sent by a backend whose counters are at hand.

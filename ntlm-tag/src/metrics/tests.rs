@@ -75,6 +75,7 @@ fn the_names_dashboards_use_are_kept() {
         "ntlm_tag_lockout_evicted_total 0",
         "# TYPE ntlm_tag_request_duration_seconds histogram",
         "# TYPE ntlm_tag_upstream_connect_duration_seconds histogram",
+        "# TYPE ntlm_tag_ntlm_handshake_duration_seconds histogram",
     ] {
         assert!(text.contains(name), "{name} missing:\n{text}");
     }

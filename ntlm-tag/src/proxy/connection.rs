@@ -151,6 +151,7 @@ pub(super) fn open_connection(
         upstream: tokio::sync::Mutex::new(upstream),
         registration,
         tunnel: std::sync::Mutex::new(None),
+        handshake_started: std::sync::Mutex::new(None),
     })
 }
 

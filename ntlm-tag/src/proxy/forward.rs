@@ -15,6 +15,7 @@ use super::{
 };
 use crate::{
     guard::{Leg, Verdict},
+    metrics::HandshakeResult,
     upstream::{Backend, ClientBody, ResponseTimeout, Retired},
 };
 
@@ -103,6 +104,9 @@ pub(super) async fn respond(
     }
     // What this request's token means for the connection's auth state and the lockout guard.
     let leg = crate::ntlm::client_token(req.headers()).map(|t| Leg::of(&t));
+    if leg.is_some() {
+        connection.handshake_began();
+    }
     if let Some(account) = leg.as_ref().and_then(Leg::account)
         && let Some(refusal) = refuse_locked_out(connection, account)
     {
@@ -239,6 +243,8 @@ pub(super) fn refuse_locked_out(
     connection
         .registration
         .set_auth(crate::guard::AuthState::Failed(Some(account.into())));
+    // Refused at the gateway: the backend gave no verdict to time.
+    connection.handshake_ended();
     // The half-done handshake at the backend goes with the connection.
     let mut response = gateway_response(
         StatusCode::TOO_MANY_REQUESTS,
@@ -278,6 +284,16 @@ pub(super) fn record_auth_outcome(
             }
             _ => {}
         }
+    }
+    let result = match &state {
+        crate::guard::AuthState::Authenticated(_) => Some(HandshakeResult::Authenticated),
+        crate::guard::AuthState::Failed(_) => Some(HandshakeResult::Failed),
+        _ => None,
+    };
+    if let Some(result) = result
+        && let Some(elapsed) = connection.handshake_ended()
+    {
+        connection.gateway.metrics.ntlm_handshake(result, elapsed);
     }
     connection.registration.set_auth(state);
 }

@@ -94,4 +94,23 @@ struct ClientConnection {
     registration: Registration,
     /// After a `101 Switching Protocols`: the tunnel this connection became.
     tunnel: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// When the NTLM/Negotiate handshake under way began (its first token), for the handshake
+    /// duration metric; None outside a handshake.
+    handshake_started: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl ClientConnection {
+    /// A request carries an NTLM/Negotiate token: the first one of a handshake starts its clock.
+    fn handshake_began(&self) {
+        if let Ok(mut started) = self.handshake_started.lock() {
+            started.get_or_insert_with(std::time::Instant::now);
+        }
+    }
+
+    /// The handshake ended (a verdict, or a refusal at the gateway): how long it took, if one was
+    /// under way.
+    fn handshake_ended(&self) -> Option<std::time::Duration> {
+        let started = self.handshake_started.lock().ok()?.take()?;
+        Some(started.elapsed())
+    }
 }
