@@ -1,6 +1,24 @@
 //! Crafted frames for the XDP program: Ethernet (optionally VLAN-tagged), IPv4/IPv6 and TCP headers
 //! built byte by byte, for `BPF_PROG_TEST_RUN` in the XDP tests and in the bench.
 
+/// `XDP_PASS`: the verdict for a frame the program leaves to the stack.
+pub const XDP_PASS: u32 = 2;
+/// The fixture addresses both the XDP tests and the cost measurement use: a trusted balancer, an
+/// untrusted one, a client, the virtual IP it reaches (this host's), and another host.
+pub const TRUSTED_V4: [u8; 4] = [198, 18, 1, 100];
+pub const UNTRUSTED_V4: [u8; 4] = [198, 18, 9, 9];
+pub const TRUSTED_V6: [u8; 16] = [0xfd, 0, 0x54, 0x18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x64];
+pub const CLIENT_V4: [u8; 4] = [198, 18, 10, 10];
+pub const VIP_V4: [u8; 4] = [198, 18, 20, 1];
+pub const CLIENT_V6: [u8; 16] = [
+    0xfd, 0, 0x54, 0x18, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+pub const VIP_V6: [u8; 16] = [0xfd, 0, 0x54, 0x18, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+pub const ELSEWHERE_V4: [u8; 4] = [203, 0, 113, 9];
+/// TCP flags.
+pub const SYN: u8 = 0x02;
+pub const ACK: u8 = 0x10;
+
 /// An Ethernet header (locally administered MACs) announcing `ethertype`.
 pub fn eth(ethertype: u16) -> Vec<u8> {
     let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];

@@ -42,21 +42,15 @@ use ntlm_tag_common::{
     COUNTERS_MAP, Counter, LOCAL_ADDRS_MAP, SOCK_OPS_PROGRAM, TRUSTED_IPIP_MAP, XDP_PROGRAM,
     v4_mapped,
 };
-use ntlm_tag_tests::{gateway::cgroup2_mount, programs::object};
+use ntlm_tag_tests::{
+    gateway::cgroup2_mount,
+    packets::{
+        ACK, CLIENT_V4, CLIENT_V6, ELSEWHERE_V4, SYN, TRUSTED_V4, TRUSTED_V6, UNTRUSTED_V4, VIP_V4,
+        VIP_V6, XDP_PASS,
+    },
+    programs::object,
+};
 
-const XDP_PASS: u32 = 2;
-const TRUSTED_V4: [u8; 4] = [198, 18, 1, 100];
-const UNTRUSTED_V4: [u8; 4] = [198, 18, 9, 9];
-const TRUSTED_V6: [u8; 16] = [0xfd, 0, 0x54, 0x18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x64];
-const CLIENT_V4: [u8; 4] = [198, 18, 10, 10];
-const VIP_V4: [u8; 4] = [198, 18, 20, 1];
-const CLIENT_V6: [u8; 16] = [
-    0xfd, 0, 0x54, 0x18, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
-];
-const VIP_V6: [u8; 16] = [0xfd, 0, 0x54, 0x18, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-const ELSEWHERE_V4: [u8; 4] = [203, 0, 113, 9];
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
 const REPEAT: u32 = 1_000_000;
 
 #[test]

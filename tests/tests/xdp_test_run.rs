@@ -14,27 +14,16 @@ use ntlm_tag_common::{
     XDP_COUNTERS_MAP, XDP_PROGRAM, XdpCounter, v4_mapped,
 };
 use ntlm_tag_tests::{
-    packets::{eth, frame, ipv4, ipv6, tcp, vlan_eth},
+    packets::{
+        ACK, CLIENT_V4, CLIENT_V6, ELSEWHERE_V4, SYN, TRUSTED_V4, TRUSTED_V6, UNTRUSTED_V4, VIP_V4,
+        VIP_V6, XDP_PASS, eth, frame, ipv4, ipv6, tcp, vlan_eth,
+    },
     programs::object,
 };
 
-const XDP_PASS: u32 = 2;
-const TRUSTED_V4: [u8; 4] = [198, 18, 1, 100];
-const UNTRUSTED_V4: [u8; 4] = [198, 18, 9, 9];
-const TRUSTED_V6: [u8; 16] = [0xfd, 0, 0x54, 0x18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x64];
-const CLIENT_V4: [u8; 4] = [198, 18, 10, 10];
-const VIP_V4: [u8; 4] = [198, 18, 20, 1];
-const CLIENT_V6: [u8; 16] = [
-    0xfd, 0, 0x54, 0x18, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
-];
-const VIP_V6: [u8; 16] = [0xfd, 0, 0x54, 0x18, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-/// Addresses of other hosts: what a tunnel's inner packet must not be relayed to.
-const ELSEWHERE_V4: [u8; 4] = [203, 0, 113, 9];
 const ELSEWHERE_V6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
 /// Trusted for TOA only, never for tunnels.
 const TOA_ONLY_V4: [u8; 4] = [198, 18, 1, 50];
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
 
 struct Decap {
     ebpf: Ebpf,
