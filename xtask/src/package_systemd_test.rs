@@ -122,14 +122,7 @@ fn systemd_tarball(mirror: Option<&str>) -> Result<PathBuf> {
     let mut install = vec!["apt-get", "install", "-y", "-qq", "--no-install-recommends"];
     install.extend(SYSTEMD_PACKAGES);
     run(&mut inside(&install))?;
-    let partial = dir.join("systemd.tar.partial");
-    run(Command::new("tar")
-        .arg("-cpf")
-        .arg(&partial)
-        .arg("-C")
-        .arg(building.path())
-        .arg("."))?;
-    std::fs::rename(&partial, &tarball)?;
+    crate::package_test::pack_tree(building.path(), &tarball)?;
     Ok(tarball)
 }
 

@@ -157,13 +157,20 @@ pub(crate) fn base_tarball(mirror: Option<&str>) -> Result<std::path::PathBuf> {
     .context(
         "debootstrap failed; check access to the Debian mirror, or give another with --mirror",
     )?;
-    let partial = dir.join("base.tar.partial");
+    pack_tree(building.path(), &tarball)?;
+    Ok(tarball)
+}
+
+/// Packs the tree at `root` into `tarball`, which appears only once complete (an interrupted run
+/// leaves no half tarball for the next one to trust).
+pub(crate) fn pack_tree(root: &Path, tarball: &Path) -> Result<()> {
+    let partial = tarball.with_extension("tar.partial");
     run(Command::new("tar")
         .arg("-cpf")
         .arg(&partial)
         .arg("-C")
-        .arg(building.path())
+        .arg(root)
         .arg("."))?;
-    std::fs::rename(&partial, &tarball)?;
-    Ok(tarball)
+    std::fs::rename(&partial, tarball)?;
+    Ok(())
 }
