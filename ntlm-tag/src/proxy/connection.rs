@@ -1,5 +1,5 @@
-//! One client connection, from accept to close: registration, TLS, and the HTTP server with
-//! its head clock.
+//! One client connection, from accept to close: registration, TLS, and the HTTP server (the
+//! gateway's own for HTTP/1.x, hyper's for HTTP/2, told apart by the connection preface).
 
 use std::{
     error::Error as StdError,
@@ -8,22 +8,22 @@ use std::{
 
 use tokio_rustls::TlsAcceptor;
 
+use bytes::BytesMut;
 use http::StatusCode;
-use hyper::{server::conn::http1, service::service_fn};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
-};
-use tokio::sync::watch;
+use hyper::{server::conn::http2, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::{io::AsyncReadExt, sync::watch};
 
 use super::{
     ClientConnection, Gateway, ListenerConfig, Live,
     access_log::AccessRecord,
     forward::handle,
-    io::{
-        head_clock::{ClockedIo, HeadClock},
-        prefixed::PrefixedIo,
+    h1::{
+        self,
+        head::H2_PREFACE,
+        reader::{Reader, first_bytes},
     },
+    io::prefixed::PrefixedIo,
     rewrite::{ClientScheme, ConnectionStamp},
 };
 use crate::{
@@ -156,79 +156,35 @@ pub(super) fn open_connection(
 }
 
 pub(super) async fn serve_connection<S>(
-    stream: S,
+    mut stream: S,
     connection: Arc<ClientConnection>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let timeouts = connection.live.timeouts;
-    let max_header_bytes = connection.live.limits.max_header_bytes;
-    let http2 = connection.gateway.http2;
-    let clock = HeadClock::new();
-    let service = {
-        let connection = Arc::clone(&connection);
-        let clock = Arc::clone(&clock);
-        service_fn(move |req| {
-            let connection = Arc::clone(&connection);
-            let clock = Arc::clone(&clock);
-            // Boxed: hyper keeps a slot the size of this future for every connection, idle or not.
-            Box::pin(async move {
-                clock.request_started();
-                let response = handle(req, &connection).await;
-                clock.request_done();
-                response
-            })
-        })
-    };
-    let mut tunnel_shutdown = shutdown.clone();
-    let result = if http2 {
-        // Sniffs the HTTP/2 preface; HTTP/1.1 otherwise. (HTTP/2 streams have no head to trickle,
-        // so hyper's header timer alone bounds HTTP/1.1 heads and idle time here.) Boxed, so that
-        // the much larger HTTP/2-capable state does not size every HTTP/1.1 connection's task.
-        Box::pin(async move {
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(timeouts.header_read)
-                .max_buf_size(max_header_bytes)
-                .keep_alive(true);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => result,
-                _ = shutdown.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+    let mut first = BytesMut::new();
+    if connection.gateway.http2 {
+        let timeouts = connection.live.timeouts;
+        let wait = timeouts.idle.max(timeouts.header_read);
+        match tokio::time::timeout(wait, sniff_http2(&mut stream)).await {
+            Ok(Ok(Sniffed::Http2(read))) => {
+                // Boxed, so that the much larger HTTP/2 state does not size every HTTP/1.1
+                // connection's task.
+                let io = PrefixedIo::new(read.freeze(), stream);
+                return Box::pin(serve_http2(io, connection, shutdown)).await;
             }
-        })
-        .await
-    } else {
-        let io = TokioIo::new(ClockedIo::new(stream, Arc::clone(&clock)));
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            // hyper's timer runs from the end of the previous response: the idle limit.
-            .header_read_timeout(timeouts.idle.max(timeouts.header_read))
-            .max_buf_size(max_header_bytes)
-            .keep_alive(true)
-            .serve_connection(io, service)
-            .with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            result = conn.as_mut() => result,
-            _ = clock.head_expired(timeouts.header_read) => {
-                tracing::info!(conn = %connection.conn, limit_secs = timeouts.header_read.as_secs_f64(), "request head not complete in time (slowloris?); closing");
-                Ok(())
-            }
-            _ = shutdown.changed() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
+            Ok(Ok(Sniffed::Http1(read))) => first = read,
+            Ok(Ok(Sniffed::Closed)) | Err(_) => return,
+            Ok(Err(e)) => {
+                tracing::debug!(conn = %connection.conn, error = %e, "client connection ended with an error");
+                return;
             }
         }
-        .map_err(Into::into)
-    };
+    }
+    let mut tunnel_shutdown = shutdown.clone();
+    let (read, write) = tokio::io::split(stream);
+    let reader = Reader::new(Box::new(read), first);
+    Box::pin(h1::serve(reader, Box::new(write), &connection, &mut shutdown)).await;
     let tunnel = connection.tunnel.lock().ok().and_then(|mut t| t.take());
     if let Some(mut tunnel) = tunnel {
         // The connection became a tunnel (WebSocket): it lives until either side closes it, or
@@ -238,55 +194,90 @@ pub(super) async fn serve_connection<S>(
             _ = tunnel_shutdown.changed() => tunnel.abort(),
         }
     }
-    if let Err(e) = result {
-        if let Some(status) = e
-            .downcast_ref::<hyper::Error>()
-            .and_then(automatic_response)
-        {
-            // hyper answered a request head it could not parse itself; count and log that answer.
-            let gateway = &connection.gateway;
-            ErrorSource::Client.count(&gateway.metrics, false);
-            gateway
-                .metrics
-                .request("-", status.as_u16(), std::time::Duration::ZERO);
-            tracing::info!(conn = %connection.conn, status = status.as_u16(), error = %error_chain(&*e), "unparsable request head");
-            if connection.live.access_log {
-                AccessRecord::without_request(
-                    Some(connection.conn),
-                    connection.client,
-                    status.as_u16(),
-                )
-                .emit(0);
-            }
+}
+
+/// What a connection that may speak HTTP/2 starts with.
+enum Sniffed {
+    /// The HTTP/2 preface: the bytes read so far.
+    Http2(BytesMut),
+    /// Anything else: HTTP/1.x, the bytes read so far.
+    Http1(BytesMut),
+    Closed,
+}
+
+/// Reads until the first bytes tell the HTTP/2 preface from an HTTP/1.x request.
+async fn sniff_http2<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<Sniffed> {
+    let mut read = BytesMut::new();
+    loop {
+        let n = if read.is_empty() {
+            // The stack, not the heap, while the client says nothing.
+            read = first_bytes(stream).await?;
+            read.len()
         } else {
-            tracing::debug!(conn = %connection.conn, error = %error_chain(&*e), "client connection ended with an error");
+            read.reserve(H2_PREFACE.len());
+            stream.read_buf(&mut read).await?
+        };
+        if n == 0 {
+            return Ok(Sniffed::Closed);
+        }
+        let seen = read.len().min(H2_PREFACE.len());
+        if read[..seen] != H2_PREFACE[..seen] {
+            return Ok(Sniffed::Http1(read));
+        }
+        if seen == H2_PREFACE.len() {
+            return Ok(Sniffed::Http2(read));
         }
     }
 }
 
-/// The status hyper's HTTP/1 server sends by itself for a request head it cannot parse (its
-/// `Server::on_error`: 431 for a head over the buffer, 414 for a URI over 64 KiB, 400 for a bad
-/// method, URI, version or header); `None` when it sends nothing (an HTTP/2 preface on an HTTP/1
-/// connection, a closed or timed-out connection).
-pub(super) fn automatic_response(e: &hyper::Error) -> Option<StatusCode> {
-    // hyper tells these kinds apart only in its messages.
-    let text = e.to_string();
-    if !e.is_parse()
-        || e.is_parse_status()
-        || text.contains("HTTP2 preface")
-        || text.contains("internal")
-    {
-        return None;
-    }
-    Some(if e.is_parse_too_large() {
-        if text.contains("URI") {
-            StatusCode::URI_TOO_LONG
-        } else {
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+/// HTTP/2 from a client, served by hyper; NTLM requests are answered `HTTP_1_1_REQUIRED`.
+async fn serve_http2<S>(
+    io: PrefixedIo<S>,
+    connection: Arc<ClientConnection>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = {
+        let connection = Arc::clone(&connection);
+        service_fn(move |req| {
+            let connection = Arc::clone(&connection);
+            async move { handle(req, &connection).await }
+        })
+    };
+    let conn = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = shutdown.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
-    } else {
-        StatusCode::BAD_REQUEST
-    })
+    };
+    if let Err(e) = result {
+        tracing::debug!(conn = %connection.conn, error = %error_chain(&e), "client connection ended with an error");
+    }
+}
+
+/// Counts and logs the answer the HTTP/1.x server gave by itself to a request head it could not
+/// take (400, 414, 431), which never reached `forward`.
+pub(super) fn record_automatic_response(
+    connection: &ClientConnection,
+    status: StatusCode,
+    error: &(dyn std::error::Error + 'static),
+) {
+    let gateway = &connection.gateway;
+    ErrorSource::Client.count(&gateway.metrics, false);
+    gateway
+        .metrics
+        .request("-", status.as_u16(), std::time::Duration::ZERO);
+    tracing::info!(conn = %connection.conn, status = status.as_u16(), error = %error_chain(error), "unparsable request head");
+    if connection.live.access_log {
+        AccessRecord::without_request(Some(connection.conn), connection.client, status.as_u16())
+            .emit(0);
+    }
 }
 
 /// Counts a connection against the limit while it lives.

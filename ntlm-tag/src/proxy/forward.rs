@@ -11,6 +11,7 @@ use super::{
     ClientConnection, ProxyBody,
     access_log::{AccessRecord, LoggedBody},
     failure::{Closes, Failure, fail, gateway_response},
+    request_body::RequestBody,
     rewrite, upgrade,
 };
 use crate::{
@@ -21,7 +22,7 @@ use crate::{
 
 /// NTLM authenticates a TCP connection; HTTP/2 multiplexes requests of many contexts on one. Like
 /// IIS, answer an NTLM/Negotiate exchange on an HTTP/2 stream with HTTP_1_1_REQUIRED, and clients
-/// retry over HTTP/1.1.
+/// retry over HTTP/1.1. (HTTP/1.x requests come to [`forward`] from the gateway's own server.)
 pub(super) async fn handle(
     req: Request<Incoming>,
     connection: &ClientConnection,
@@ -30,13 +31,13 @@ pub(super) async fn handle(
         tracing::debug!(conn = %connection.conn, "NTLM over HTTP/2: answering HTTP_1_1_REQUIRED");
         return Err(h2::Error::from(h2::Reason::HTTP_1_1_REQUIRED));
     }
-    Ok(forward(req, connection).await)
+    Ok(forward(req.map(RequestBody::H2), connection).await)
 }
 
 /// Forwards one request to the connection's backend, stamped with the connection id; every
 /// response, the backend's or the gateway's own, is counted and gets an access line.
 pub(super) async fn forward(
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     connection: &ClientConnection,
 ) -> Response<LoggedBody> {
     let gateway = &connection.gateway;
@@ -71,13 +72,13 @@ pub(super) async fn forward(
 /// The response to one request, and the backend that was asked (`None` when the gateway answered
 /// without one).
 pub(super) async fn respond(
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     connection: &ClientConnection,
     record: Option<&mut AccessRecord>,
 ) -> (Response<ProxyBody>, Option<Arc<Backend>>) {
     let gateway = &connection.gateway;
     let live = &connection.live;
-    // hyper bounds its read buffer, not the head itself: enforce the configured head size exactly.
+    // The HTTP/1.x server bounds the head as received; this bounds an HTTP/2 request's too.
     let uri = req.uri();
     let head_size = uri.scheme_str().map_or(0, |s| s.len() + 3)
         + uri.authority().map_or(0, |a| a.as_str().len())
@@ -115,7 +116,7 @@ pub(super) async fn respond(
     let upgrade_to = (req.version() == Version::HTTP_11)
         .then(|| upgrade::requested(req.headers()))
         .flatten();
-    let mut client_upgrade = upgrade_to.is_some().then(|| hyper::upgrade::on(&mut req));
+    let mut client_upgrade = upgrade_to.is_some().then(|| upgrade::client_side(&mut req));
     if let Some(deadline) = live.route_timeouts.response_for(req.uri().path()) {
         req.extensions_mut().insert(ResponseTimeout(deadline));
     }

@@ -2,7 +2,8 @@
 //!
 //! One module a step: `listener` accepts and admits (the connection limit, the hand-over drain)
 //! and asks `identity` who the client is; `connection` registers the connection, terminates TLS
-//! and runs the HTTP server over the streams in `io`; `forward` checks each request, stamps it
+//! and runs the HTTP server (`h1`, the gateway's own HTTP/1.x server; hyper for HTTP/2) over the
+//! streams in `io`; `forward` checks each request, stamps it
 //! (`rewrite`) and hands it to `upstream`; `failure` is every response the gateway makes itself.
 //! The types here are the state those steps share: the gateway's, a reload's snapshot, and one
 //! client connection's.
@@ -12,8 +13,10 @@ mod access_log;
 mod connection;
 mod failure;
 mod forward;
+mod h1;
 mod io;
 mod listener;
+mod request_body;
 pub mod rewrite;
 pub mod route_timeouts;
 mod settings;

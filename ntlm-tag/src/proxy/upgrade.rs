@@ -10,12 +10,55 @@
 //! upstream connection is never pooled: it ends with the tunnel.
 #![forbid(unsafe_code)]
 
-use http::{HeaderMap, HeaderValue, header};
+use http::{HeaderMap, HeaderValue, Request, header};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::task::JoinHandle;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::oneshot,
+    task::JoinHandle,
+};
 
+use super::h1::{PendingUpgrade, reader::Upgraded};
 use crate::{identity::IdHash, metrics::Metrics};
+
+/// The client's side of an upgrade: its connection once the `101` has been sent to it.
+pub enum ClientUpgrade {
+    /// From the gateway's HTTP/1.x server.
+    H1(oneshot::Receiver<Upgraded>),
+    /// From hyper's server.
+    Hyper(OnUpgrade),
+}
+
+/// Takes the client's side of an upgrade out of its request.
+pub fn client_side<B>(req: &mut Request<B>) -> ClientUpgrade {
+    let pending = req
+        .extensions_mut()
+        .remove::<PendingUpgrade>()
+        .and_then(|p| p.0.lock().ok()?.take());
+    match pending {
+        Some(receiver) => ClientUpgrade::H1(receiver),
+        None => ClientUpgrade::Hyper(hyper::upgrade::on(req)),
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<S: AsyncRead + AsyncWrite + Send + Unpin> Stream for S {}
+
+impl ClientUpgrade {
+    async fn connection(self) -> Result<Box<dyn Stream>, String> {
+        match self {
+            ClientUpgrade::H1(receiver) => match receiver.await {
+                Ok(upgraded) => Ok(Box::new(upgraded)),
+                Err(_) => Err("the client connection closed before the switch".into()),
+            },
+            ClientUpgrade::Hyper(on) => match on.await {
+                Ok(upgraded) => Ok(Box::new(TokioIo::new(upgraded))),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+}
 
 /// The protocol a request asks to switch to, when the gateway passes the upgrade on. `h2c` is
 /// not: the gateway speaks HTTP/1.1 upstream, and HTTP/2 from clients is negotiated with TLS
@@ -38,21 +81,21 @@ pub fn restore(headers: &mut HeaderMap, protocol: HeaderValue) {
 /// Joins the client's and the backend's upgraded connections and copies bytes both ways until
 /// either side closes; the task ends with the tunnel.
 pub fn spawn_tunnel(
-    client: OnUpgrade,
+    client: ClientUpgrade,
     upstream: OnUpgrade,
     conn: IdHash,
     metrics: &Metrics,
 ) -> JoinHandle<()> {
     metrics.upgraded();
     tokio::spawn(async move {
-        let (client, upstream) = match tokio::try_join!(client, upstream) {
+        let upstream = async { upstream.await.map_err(|e| e.to_string()) };
+        let (mut client, upstream) = match tokio::try_join!(client.connection(), upstream) {
             Ok(pair) => pair,
             Err(e) => {
                 tracing::info!(%conn, error = %e, "protocol upgrade did not complete; closing");
                 return;
             }
         };
-        let mut client = TokioIo::new(client);
         let mut upstream = TokioIo::new(upstream);
         match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             Ok((sent, received)) => {

@@ -20,12 +20,16 @@ use std::{
 };
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use http_body_util::{BodyExt, combinators::UnsyncBoxBody};
+use hyper::body::{Body, Frame, SizeHint};
 
 use super::pool::Loan;
 
+/// Why reading the client's body failed (its server's error, boxed: HTTP/1.x or HTTP/2).
+pub type ClientBodyError = Box<dyn std::error::Error + Send + Sync>;
+
 pub struct ClientBody {
-    inner: Incoming,
+    inner: UnsyncBoxBody<Bytes, ClientBodyError>,
     shared: Arc<Shared>,
 }
 
@@ -106,7 +110,12 @@ impl Shared {
 }
 
 impl ClientBody {
-    pub fn new(inner: Incoming) -> Self {
+    pub fn new<B>(inner: B) -> Self
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<ClientBodyError>,
+    {
+        let inner = inner.map_err(Into::into).boxed_unsync();
         // A request without a body (a GET) is complete once its head is written.
         let progress = if inner.is_end_stream() {
             Progress::Sent
@@ -131,12 +140,12 @@ impl ClientBody {
 
 impl Body for ClientBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ClientBodyError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Err(_))) => {

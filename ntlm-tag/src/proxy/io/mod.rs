@@ -1,5 +1,5 @@
-//! Byte streams under the HTTP server: a stream that replays bytes read past a PROXY header, and
-//! the clock that bounds how long a request head may take to arrive.
+//! Byte streams under the HTTP server: a stream that replays bytes read before it (past a PROXY
+//! header, or an HTTP/2 preface read to tell it from HTTP/1.x).
 
 /// `AsyncWrite` for a wrapper that only watches or alters reads: every write goes straight to
 /// its `inner` stream.
@@ -44,5 +44,4 @@ macro_rules! write_through {
 }
 use write_through;
 
-pub mod head_clock;
 pub mod prefixed;

@@ -1,0 +1,250 @@
+//! The keep-alive loop of one HTTP/1.x client connection: wait (idle, holding no buffer), read a
+//! head (bounded in size and time), hand the request to `forward`, write its response, and go on
+//! only when the request body ended where its framing says and both sides want to.
+//!
+//! Two clocks: the idle limit between requests (long, so authenticated NTLM connections survive
+//! think time) counts from the end of the previous response; the head limit (short: slowloris)
+//! counts from the first byte of a head. A graceful shutdown closes idle connections at once and
+//! lets the request in flight finish (its response says `Connection: close`).
+
+use std::sync::{Arc, Mutex};
+
+use http::{Method, Request, Response, StatusCode, Version, header};
+use tokio::{
+    io::AsyncWriteExt,
+    sync::{oneshot, watch},
+    time::Instant,
+};
+
+use super::{
+    body::{ContinueGate, H1Body, Returned},
+    framing::Framing,
+    head::{self, HeadError, RequestHead},
+    reader::{Reader, Upgraded, WriteIo},
+    response::{BodyLength, Encoding, Exchange, encode_head, write_body},
+};
+use crate::proxy::{ClientConnection, connection, forward, request_body::RequestBody};
+
+/// The client side of an upgrade (`101 Switching Protocols`), as the request carries it: the
+/// connection, once the `101` has been written. (Request extensions must be `Clone`.)
+#[derive(Clone)]
+pub struct PendingUpgrade(pub Arc<Mutex<Option<oneshot::Receiver<Upgraded>>>>);
+
+/// How waiting for a request head ended, when no head came.
+enum NoHead {
+    /// The client closed, or the idle limit passed: close quietly.
+    Gone,
+    /// The head limit passed after its first byte.
+    TimedOut,
+    Refused(HeadError),
+}
+
+/// Serves requests until the connection closes.
+pub async fn serve(
+    mut reader: Reader,
+    mut writer: WriteIo,
+    connection: &Arc<ClientConnection>,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    let timeouts = connection.live.timeouts;
+    // hyper's header timer bounded idle time and head time together; the idle limit is the
+    // longer of the two so that a short head limit never cuts idle keep-alive connections.
+    let idle_limit = timeouts.idle.max(timeouts.header_read);
+    loop {
+        let head = match next_head(&mut reader, connection, shutdown, idle_limit).await {
+            Ok(head) => head,
+            Err(NoHead::Gone) => return,
+            Err(NoHead::TimedOut) => {
+                tracing::info!(conn = %connection.conn, limit_secs = timeouts.header_read.as_secs_f64(), "request head not complete in time (slowloris?); closing");
+                return;
+            }
+            Err(NoHead::Refused(e)) => return refuse(e, connection, &mut writer).await,
+        };
+        match exchange(head, reader, &mut writer, connection, shutdown).await {
+            Some(next) => reader = next,
+            None => {
+                let _ = writer.shutdown().await;
+                return;
+            }
+        }
+        reader.release_if_empty();
+    }
+}
+
+/// Waits for the next request and reads its head.
+async fn next_head(
+    reader: &mut Reader,
+    connection: &ClientConnection,
+    shutdown: &mut watch::Receiver<bool>,
+    idle_limit: std::time::Duration,
+) -> Result<RequestHead, NoHead> {
+    let idle_since = Instant::now();
+    tokio::select! {
+        biased;
+        () = stopping(shutdown) => return Err(NoHead::Gone),
+        waited = tokio::time::timeout(idle_limit, reader.wait_for_request()) => match waited {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(Ok(_)) => return Err(NoHead::Gone),
+            Ok(Err(e)) => {
+                tracing::debug!(conn = %connection.conn, error = %e, "client connection ended with an error");
+                return Err(NoHead::Gone);
+            }
+            Err(_) => {
+                tracing::debug!(conn = %connection.conn, limit_secs = idle_limit.as_secs_f64(), "idle client connection timed out; closing");
+                return Err(NoHead::Gone);
+            }
+        },
+    }
+    let deadline = (Instant::now() + connection.live.timeouts.header_read).min(idle_since + idle_limit);
+    let max = connection.live.limits.max_header_bytes;
+    loop {
+        match head::parse(&mut reader.buf, max) {
+            Ok(Some(head)) => return Ok(head),
+            Ok(None) => {}
+            Err(e) => return Err(NoHead::Refused(e)),
+        }
+        match tokio::time::timeout_at(deadline, reader.fill()).await {
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(Ok(_)) => return Err(NoHead::Gone),
+            Ok(Err(e)) => {
+                tracing::debug!(conn = %connection.conn, error = %e, "client connection ended with an error");
+                return Err(NoHead::Gone);
+            }
+            Err(_) => return Err(NoHead::TimedOut),
+        }
+    }
+}
+
+/// Resolves when the gateway stops (at once if it is stopping already).
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    if *shutdown.borrow_and_update() {
+        return;
+    }
+    let _ = shutdown.changed().await;
+}
+
+/// One request and its response; the reader for the next request, or `None` to close.
+async fn exchange(
+    head: RequestHead,
+    mut reader: Reader,
+    writer: &mut WriteIo,
+    connection: &Arc<ClientConnection>,
+    shutdown: &watch::Receiver<bool>,
+) -> Option<Reader> {
+    let RequestHead {
+        request,
+        framing,
+        keep_alive,
+        expect_continue,
+    } = head;
+    let (mut parts, ()) = request.into_parts();
+    let method = parts.method.clone();
+    let version = parts.version;
+    let gate = (expect_continue && framing != Framing::Empty).then(ContinueGate::new);
+    let (body, back) = match framing {
+        Framing::Empty => (H1Body::empty(), None),
+        Framing::Length(_) | Framing::Chunked => {
+            let (tx, rx) = oneshot::channel();
+            let length = match framing {
+                Framing::Length(n) => Some(n),
+                _ => None,
+            };
+            let taken = std::mem::replace(&mut reader, Reader::detached());
+            (H1Body::new(taken, length, tx, gate.clone()), Some(rx))
+        }
+    };
+    // As hyper: a request may switch protocols when it is HTTP/1.1 and asks to (or is CONNECT).
+    let upgrade = (version == Version::HTTP_11
+        && (parts.headers.contains_key(header::UPGRADE) || method == Method::CONNECT))
+        .then(|| {
+            let (tx, rx) = oneshot::channel();
+            parts
+                .extensions
+                .insert(PendingUpgrade(Arc::new(Mutex::new(Some(rx)))));
+            tx
+        });
+    let request = Request::from_parts(parts, RequestBody::H1(body));
+    let respond = forward::forward(request, connection);
+    tokio::pin!(respond);
+    let response = loop {
+        let Some(gate) = &gate else {
+            break respond.await;
+        };
+        tokio::select! {
+            response = &mut respond => break response,
+            () = gate.wanted() => {
+                if gate.take_wanted() {
+                    let sent = writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                    if sent.is_err() || writer.flush().await.is_err() {
+                        return None;
+                    }
+                }
+            }
+        }
+    };
+    if let Some(gate) = &gate {
+        gate.settle();
+    }
+    let (mut parts, body) = response.into_parts();
+    let exchange = Exchange {
+        method: &method,
+        version,
+        keep_alive: keep_alive && !*shutdown.borrow(),
+    };
+    let mut out = Vec::with_capacity(128 + 48 * parts.headers.len());
+    let encoded = encode_head(&mut parts, BodyLength::of(&body), exchange, &mut out);
+    let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+    if let Err(e) = write_body(body, &encoded, &mut out, writer).await {
+        tracing::debug!(conn = %connection.conn, error = %e, "response not sent whole; closing the client connection");
+        return None;
+    }
+    drop(out);
+    if switching && let Some(upgrade) = upgrade {
+        // The client side of the tunnel: this connection, with whatever it has read ahead.
+        let reader = take_back(reader, back).await?;
+        let writer = std::mem::replace(writer, Box::new(tokio::io::sink()));
+        let _ = upgrade.send(Upgraded::new(reader, writer));
+        return None;
+    }
+    if !encoded.keep_alive || encoded.encoding == Encoding::CloseDelimited {
+        return None;
+    }
+    // The next request starts where this one's body ends; a body that did not end cleanly (broken,
+    // or dropped before its end arrived) leaves no such place.
+    take_back(reader, back).await
+}
+
+/// The reader, back from the request body if it had one and it ended cleanly.
+async fn take_back(reader: Reader, back: Option<oneshot::Receiver<Returned>>) -> Option<Reader> {
+    match back {
+        None => Some(reader),
+        Some(back) => match back.await {
+            Ok(Returned {
+                reader,
+                clean: true,
+            }) => Some(reader),
+            _ => None,
+        },
+    }
+}
+
+/// Answers a head the gateway cannot take (as hyper's server does, with the same statuses),
+/// counts and logs it, and closes.
+async fn refuse(e: HeadError, connection: &ClientConnection, writer: &mut WriteIo) {
+    let Some(status) = e.status() else {
+        tracing::debug!(conn = %connection.conn, error = %e, "client connection ended with an error");
+        return;
+    };
+    connection::record_automatic_response(connection, status, &e);
+    let (mut parts, ()) = Response::new(()).into_parts();
+    parts.status = status;
+    let mut out = Vec::with_capacity(128);
+    let exchange = Exchange {
+        method: &Method::GET,
+        version: Version::HTTP_11,
+        keep_alive: false,
+    };
+    encode_head(&mut parts, BodyLength::Empty, exchange, &mut out);
+    let _ = writer.write_all(&out).await;
+    let _ = writer.shutdown().await;
+}
