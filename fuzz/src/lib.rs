@@ -8,18 +8,20 @@
 //! reports as a crash.
 
 pub mod header_sanitisation;
+pub mod http1_head;
 pub mod id_template;
 pub mod ntlm_message;
 pub mod proxy_header;
 pub mod toa_options;
 
 /// The fuzz targets, by name (the `[[bin]]`s of this crate, the directories of `corpus/`).
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "proxy_header",
     "toa_options",
     "id_template",
     "header_sanitisation",
     "ntlm_message",
+    "http1_head",
 ];
 
 /// Runs the check of `target` on `data`.
@@ -30,6 +32,7 @@ pub fn check(target: &str, data: &[u8]) {
         "id_template" => id_template::check(data),
         "header_sanitisation" => header_sanitisation::check(data),
         "ntlm_message" => ntlm_message::check(data),
+        "http1_head" => http1_head::check(data),
         other => panic!("unknown fuzz target {other}"),
     }
 }

@@ -36,12 +36,13 @@ const CHECK_BUILD: [&str; 3] = ["--dev", "--sanitizer", "none"];
 const RUN_BUILD: [&str; 2] = ["--release", "--debug-assertions"];
 
 /// The targets, in the order they run (the `[[bin]]`s of `fuzz/Cargo.toml`).
-const TARGETS: [&str; 5] = [
+const TARGETS: [&str; 6] = [
     "proxy_header",
     "toa_options",
     "id_template",
     "header_sanitisation",
     "ntlm_message",
+    "http1_head",
 ];
 
 /// Longest input per target: a PROXY v2 header may be 4096 bytes (plus what follows it); the
@@ -50,6 +51,8 @@ fn max_len(target: &str) -> usize {
     match target {
         "proxy_header" => 4200,
         "toa_options" => 128,
+        // A request head up to the largest limit the target chooses (8 KiB), and a body.
+        "http1_head" => 9000,
         _ => 2048,
     }
 }

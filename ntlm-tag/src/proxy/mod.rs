@@ -13,7 +13,7 @@ mod access_log;
 mod connection;
 mod failure;
 mod forward;
-mod h1;
+pub mod h1;
 mod io;
 mod listener;
 mod request_body;
