@@ -184,7 +184,13 @@ pub(super) async fn serve_connection<S>(
     let mut tunnel_shutdown = shutdown.clone();
     let (read, write) = tokio::io::split(stream);
     let reader = Reader::new(Box::new(read), first);
-    Box::pin(h1::serve(reader, Box::new(write), &connection, &mut shutdown)).await;
+    Box::pin(h1::serve(
+        reader,
+        Box::new(write),
+        &connection,
+        &mut shutdown,
+    ))
+    .await;
     let tunnel = connection.tunnel.lock().ok().and_then(|mut t| t.take());
     if let Some(mut tunnel) = tunnel {
         // The connection became a tunnel (WebSocket): it lives until either side closes it, or

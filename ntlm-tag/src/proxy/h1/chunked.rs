@@ -107,7 +107,9 @@ impl ChunkedDecoder {
                 if buf.is_empty() {
                     return Ok(Decoded::NeedMore);
                 }
-                let n = usize::try_from(self.size).unwrap_or(usize::MAX).min(buf.len());
+                let n = usize::try_from(self.size)
+                    .unwrap_or(usize::MAX)
+                    .min(buf.len());
                 self.size -= n as u64;
                 if self.size == 0 {
                     self.state = State::DataCr;
@@ -161,7 +163,8 @@ impl ChunkedDecoder {
                 State::EndLf
             }
             (State::EndCr, b) => {
-                self.trailers.get_or_insert_with(|| BytesMut::with_capacity(64));
+                self.trailers
+                    .get_or_insert_with(|| BytesMut::with_capacity(64));
                 self.push_trailer(b)?;
                 State::Trailer
             }
@@ -226,7 +229,8 @@ impl ChunkedDecoder {
         };
         let mut map = HeaderMap::with_capacity(fields.len());
         for f in fields {
-            let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| ChunkError::Trailers)?;
+            let name =
+                HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| ChunkError::Trailers)?;
             let value = HeaderValue::from_bytes(f.value).map_err(|_| ChunkError::Trailers)?;
             map.append(name, value);
         }
@@ -286,7 +290,10 @@ mod tests {
             (b"0x5\r\nhello\r\n0\r\n\r\n", ChunkError::Size),
             (b"5 5\r\nhello\r\n0\r\n\r\n", ChunkError::Size),
             (b"\r\nhello\r\n0\r\n\r\n", ChunkError::Size),
-            (b"10000000000000005\r\nhello\r\n0\r\n\r\n", ChunkError::SizeOverflow),
+            (
+                b"10000000000000005\r\nhello\r\n0\r\n\r\n",
+                ChunkError::SizeOverflow,
+            ),
             (b"5\nhello\r\n0\r\n\r\n", ChunkError::Size),
             (b"5;a\nhello\r\n0\r\n\r\n", ChunkError::ExtensionNewline),
             (b"5\r\nhelloX\r\n0\r\n\r\n", ChunkError::DataEnd),

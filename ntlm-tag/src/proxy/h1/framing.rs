@@ -163,7 +163,10 @@ mod tests {
     fn framing_follows_rfc_9112_and_hyper() {
         assert_eq!(decide(true, &[]), Ok((Framing::Empty, false)));
         assert_eq!(decide(true, &[("cl", "0")]), Ok((Framing::Empty, false)));
-        assert_eq!(decide(true, &[("cl", "5")]), Ok((Framing::Length(5), false)));
+        assert_eq!(
+            decide(true, &[("cl", "5")]),
+            Ok((Framing::Length(5), false))
+        );
         assert_eq!(
             decide(true, &[("cl", "5"), ("cl", "5")]),
             Ok((Framing::Length(5), false))

@@ -47,7 +47,8 @@ impl HeadError {
     /// The answer, as hyper's server gives it; `None`: close without one.
     pub fn status(&self) -> Option<StatusCode> {
         match self {
-            HeadError::TooLarge { .. } | HeadError::Framing(FramingError::ContentLengthTooLarge) => {
+            HeadError::TooLarge { .. }
+            | HeadError::Framing(FramingError::ContentLengthTooLarge) => {
                 Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
             }
             HeadError::UriTooLong => Some(StatusCode::URI_TOO_LONG),
@@ -108,7 +109,13 @@ pub fn parse(buf: &mut BytesMut, max_head_bytes: usize) -> Result<Option<Request
                 value: at(h.value),
             };
         }
-        (len, method, at(path.as_bytes()), version == 1, req.headers.len())
+        (
+            len,
+            method,
+            at(path.as_bytes()),
+            version == 1,
+            req.headers.len(),
+        )
     };
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
@@ -186,10 +193,9 @@ fn from_httparse(e: httparse::Error, req: &httparse::Request<'_, '_>, limit: usi
 
 /// Whether a comma-separated header value has `token` (case-insensitive).
 pub fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value.to_str().is_ok_and(|s| {
-        s.split(',')
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    })
+    value
+        .to_str()
+        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 #[cfg(test)]
@@ -203,7 +209,9 @@ mod tests {
 
     #[test]
     fn a_head_is_parsed_and_the_rest_stays_in_the_buffer() {
-        let mut buf = BytesMut::from(&b"POST /a?b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET"[..]);
+        let mut buf = BytesMut::from(
+            &b"POST /a?b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET"[..],
+        );
         let head = parse(&mut buf, 1024).expect("valid").expect("complete");
         assert_eq!(head.request.method(), Method::POST);
         assert_eq!(head.request.uri(), "/a?b");
@@ -215,15 +223,25 @@ mod tests {
 
     #[test]
     fn incomplete_heads_wait_and_heads_over_the_limit_are_refused() {
-        assert!(parse_str("GET / HTTP/1.1\r\nHost: x\r\n").expect("valid").is_none());
+        assert!(
+            parse_str("GET / HTTP/1.1\r\nHost: x\r\n")
+                .expect("valid")
+                .is_none()
+        );
         let long = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(1100));
         assert!(matches!(parse_str(&long), Err(HeadError::TooLarge { .. })));
         let complete = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(1010));
-        assert!(matches!(parse_str(&complete), Err(HeadError::TooLarge { .. })));
+        assert!(matches!(
+            parse_str(&complete),
+            Err(HeadError::TooLarge { .. })
+        ));
         let many: String = (0..101).map(|i| format!("X-{i}: a\r\n")).collect();
         let mut buf = BytesMut::from(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes());
         let e = parse(&mut buf, 1 << 16).expect_err("too many fields");
-        assert_eq!(e.status(), Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
+        assert_eq!(
+            e.status(),
+            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
     }
 
     #[test]
@@ -232,7 +250,9 @@ mod tests {
         assert!(!h("GET / HTTP/1.0\r\n\r\n").keep_alive);
         assert!(h("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").keep_alive);
         assert!(!h("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").keep_alive);
-        assert!(!h("GET / HTTP/1.1\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n").keep_alive);
+        assert!(
+            !h("GET / HTTP/1.1\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n").keep_alive
+        );
         assert!(h("POST / HTTP/1.1\r\nExpect: 100-Continue\r\n\r\n").expect_continue);
         assert!(!h("POST / HTTP/1.0\r\nExpect: 100-continue\r\n\r\n").expect_continue);
         let te_cl = h("POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");

@@ -410,25 +410,67 @@ mod tests {
             Version::HTTP_11,
             true,
         );
-        assert!(head.contains("\r\ndate: ") && head.ends_with("\r\n\r\n"), "{head}");
-        assert_eq!(dateless(&head), "HTTP/1.1 200 OK\nx-a: 1\ncontent-length: 5\n");
+        assert!(
+            head.contains("\r\ndate: ") && head.ends_with("\r\n\r\n"),
+            "{head}"
+        );
+        assert_eq!(
+            dateless(&head),
+            "HTTP/1.1 200 OK\nx-a: 1\ncontent-length: 5\n"
+        );
         assert_eq!((e.encoding, e.keep_alive), (Encoding::Length(5), true));
 
-        let (head, e) = encode(response(200, &[]), BodyLength::Unknown, &get, Version::HTTP_11, true);
-        assert_eq!(dateless(&head), "HTTP/1.1 200 OK\ntransfer-encoding: chunked\n");
+        let (head, e) = encode(
+            response(200, &[]),
+            BodyLength::Unknown,
+            &get,
+            Version::HTTP_11,
+            true,
+        );
+        assert_eq!(
+            dateless(&head),
+            "HTTP/1.1 200 OK\ntransfer-encoding: chunked\n"
+        );
         assert_eq!(e.encoding, Encoding::Chunked);
 
         // HTTP/1.0: no chunked; an unknown length ends with the connection.
-        let (head, e) = encode(response(200, &[]), BodyLength::Unknown, &get, Version::HTTP_10, true);
+        let (head, e) = encode(
+            response(200, &[]),
+            BodyLength::Unknown,
+            &get,
+            Version::HTTP_10,
+            true,
+        );
         assert_eq!(dateless(&head), "HTTP/1.0 200 OK\n");
-        assert_eq!((e.encoding, e.keep_alive), (Encoding::CloseDelimited, false));
-        let (head, e) = encode(response(200, &[]), BodyLength::Known(2), &get, Version::HTTP_10, true);
-        assert_eq!(dateless(&head), "HTTP/1.0 200 OK\nconnection: keep-alive\ncontent-length: 2\n");
+        assert_eq!(
+            (e.encoding, e.keep_alive),
+            (Encoding::CloseDelimited, false)
+        );
+        let (head, e) = encode(
+            response(200, &[]),
+            BodyLength::Known(2),
+            &get,
+            Version::HTTP_10,
+            true,
+        );
+        assert_eq!(
+            dateless(&head),
+            "HTTP/1.0 200 OK\nconnection: keep-alive\ncontent-length: 2\n"
+        );
         assert!(e.keep_alive);
 
         // An empty body: Content-Length 0, except where a response has no length fields.
-        let (head, _) = encode(response(401, &[]), BodyLength::Empty, &get, Version::HTTP_11, true);
-        assert_eq!(dateless(&head), "HTTP/1.1 401 Unauthorized\ncontent-length: 0\n");
+        let (head, _) = encode(
+            response(401, &[]),
+            BodyLength::Empty,
+            &get,
+            Version::HTTP_11,
+            true,
+        );
+        assert_eq!(
+            dateless(&head),
+            "HTTP/1.1 401 Unauthorized\ncontent-length: 0\n"
+        );
         for status in [204, 304] {
             let (head, e) = encode(
                 response(status, &[("content-length", "7")]),
@@ -455,8 +497,17 @@ mod tests {
     #[test]
     fn closing_is_said_and_kept() {
         let get = Method::GET;
-        let (head, e) = encode(response(200, &[]), BodyLength::Known(1), &get, Version::HTTP_11, false);
-        assert_eq!(dateless(&head), "HTTP/1.1 200 OK\nconnection: close\ncontent-length: 1\n");
+        let (head, e) = encode(
+            response(200, &[]),
+            BodyLength::Known(1),
+            &get,
+            Version::HTTP_11,
+            false,
+        );
+        assert_eq!(
+            dateless(&head),
+            "HTTP/1.1 200 OK\nconnection: close\ncontent-length: 1\n"
+        );
         assert!(!e.keep_alive);
         let (head, e) = encode(
             response(502, &[("connection", "close")]),
@@ -465,7 +516,10 @@ mod tests {
             Version::HTTP_11,
             true,
         );
-        assert_eq!(dateless(&head), "HTTP/1.1 502 Bad Gateway\nconnection: close\ncontent-length: 1\n");
+        assert_eq!(
+            dateless(&head),
+            "HTTP/1.1 502 Bad Gateway\nconnection: close\ncontent-length: 1\n"
+        );
         assert!(!e.keep_alive);
         let (head, e) = encode(
             response(101, &[("connection", "upgrade"), ("upgrade", "websocket")]),
@@ -505,7 +559,11 @@ mod tests {
 
     #[tokio::test]
     async fn bodies_are_written_by_their_framing() {
-        let (r, wire) = written(Full::new(Bytes::from("hello")), &encoded(Encoding::Length(5), &[])).await;
+        let (r, wire) = written(
+            Full::new(Bytes::from("hello")),
+            &encoded(Encoding::Length(5), &[]),
+        )
+        .await;
         assert_eq!(r.expect("written"), 5);
         assert_eq!(wire, b"HEAD\r\nhello");
 
@@ -537,9 +595,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_that_does_not_match_its_length_is_an_error() {
-        let (r, _) = written(Full::new(Bytes::from("hello")), &encoded(Encoding::Length(4), &[])).await;
+        let (r, _) = written(
+            Full::new(Bytes::from("hello")),
+            &encoded(Encoding::Length(4), &[]),
+        )
+        .await;
         assert!(matches!(r, Err(WriteError::TooLong)));
-        let (r, _) = written(Full::new(Bytes::from("hello")), &encoded(Encoding::Length(6), &[])).await;
+        let (r, _) = written(
+            Full::new(Bytes::from("hello")),
+            &encoded(Encoding::Length(6), &[]),
+        )
+        .await;
         assert!(matches!(r, Err(WriteError::TooShort)));
     }
 

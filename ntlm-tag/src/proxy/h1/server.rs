@@ -95,7 +95,8 @@ async fn next_head(
             }
         },
     }
-    let deadline = (Instant::now() + connection.live.timeouts.header_read).min(idle_since + idle_limit);
+    let deadline =
+        (Instant::now() + connection.live.timeouts.header_read).min(idle_since + idle_limit);
     let max = connection.live.limits.max_header_bytes;
     loop {
         match head::parse(&mut reader.buf, max) {
