@@ -18,4 +18,5 @@ pub mod reader;
 pub mod response;
 mod server;
 
-pub use server::{PendingUpgrade, serve};
+pub use server::PendingUpgrade;
+pub(super) use server::serve;

@@ -40,7 +40,7 @@ enum NoHead {
 }
 
 /// Serves requests until the connection closes.
-pub async fn serve(
+pub(in crate::proxy) async fn serve(
     mut reader: Reader,
     mut writer: WriteIo,
     connection: &Arc<ClientConnection>,
@@ -60,7 +60,9 @@ pub async fn serve(
             }
             Err(NoHead::Refused(e)) => return refuse(e, connection, &mut writer).await,
         };
-        match exchange(head, reader, &mut writer, connection, shutdown).await {
+        // Boxed: a request's state (the whole upstream exchange) is large, and an idle
+        // connection's task would otherwise keep room for it between requests.
+        match Box::pin(exchange(head, reader, &mut writer, connection, shutdown)).await {
             Some(next) => reader = next,
             None => {
                 let _ = writer.shutdown().await;
