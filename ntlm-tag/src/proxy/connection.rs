@@ -166,7 +166,9 @@ pub(super) async fn serve_connection<S>(
     if connection.gateway.http2 {
         let timeouts = connection.live.timeouts;
         let wait = timeouts.idle.max(timeouts.header_read);
-        match tokio::time::timeout(wait, sniff_http2(&mut stream)).await {
+        // Boxed, like everything this future waits on but the HTTP/1.x server: it lives as long
+        // as the connection, so it only keeps room for small things.
+        match Box::pin(tokio::time::timeout(wait, sniff_http2(&mut stream))).await {
             Ok(Ok(Sniffed::Http2(read))) => {
                 // Boxed, so that the much larger HTTP/2 state does not size every HTTP/1.1
                 // connection's task.
