@@ -44,6 +44,9 @@ pub struct Encoded {
     pub keep_alive: bool,
     /// Trailer fields declared by `Trailer:` (only those are sent, after a chunked body).
     trailers: Vec<HeaderName>,
+    /// The response may have a body (not HEAD, 1xx, 204, 304, 2xx to CONNECT): when it may not,
+    /// whatever body it was given is dropped unsent, as hyper does.
+    body_allowed: bool,
 }
 
 /// What is known of the body's length before it is sent.
@@ -204,6 +207,7 @@ pub fn encode_head(
         encoding,
         keep_alive,
         trailers,
+        body_allowed: can_have_body,
     }
 }
 
@@ -257,7 +261,7 @@ where
         _ => None,
     };
     let mut sent = 0u64;
-    if encoded.encoding == Encoding::Length(0) && body.is_end_stream() {
+    if !encoded.body_allowed || (encoded.encoding == Encoding::Length(0) && body.is_end_stream()) {
         drop(body);
         flush(out, io).await?;
         return Ok(0);
@@ -550,6 +554,7 @@ mod tests {
         Encoded {
             encoding,
             keep_alive: true,
+            body_allowed: true,
             trailers: trailers
                 .iter()
                 .map(|t| HeaderName::from_bytes(t.as_bytes()).expect("name"))
@@ -591,6 +596,27 @@ mod tests {
         let (r, wire) = written(frames, &encoded(Encoding::Chunked, &["x-sum"])).await;
         assert_eq!(r.expect("written"), 1);
         assert_eq!(wire, b"HEAD\r\n1\r\na\r\n0\r\nx-sum: 1\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_response_that_may_have_no_body_gets_its_head_only() {
+        let (mut parts, ()) = response(502, &[]).into_parts();
+        let mut out = Vec::new();
+        let exchange = Exchange {
+            method: &Method::HEAD,
+            version: Version::HTTP_11,
+            keep_alive: true,
+        };
+        let body = Full::new(Bytes::from("Bad Gateway\n"));
+        let encoded = encode_head(&mut parts, BodyLength::of(&body), exchange, &mut out);
+        assert!(encoded.keep_alive);
+        let head = out.clone();
+        let mut wire = Vec::new();
+        let sent = write_body(body, &encoded, &mut out, &mut wire).await;
+        assert_eq!(sent.expect("written"), 0);
+        assert_eq!(wire, head, "the head alone");
+        let head = String::from_utf8(head).expect("ascii");
+        assert!(head.contains("content-length: 12\r\n"), "{head}");
     }
 
     #[tokio::test]
