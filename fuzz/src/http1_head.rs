@@ -57,7 +57,11 @@ pub fn check(data: &[u8]) {
         }
         (Expected::Accepted(a), Ok(Some(head))) => {
             compare(a, &head, bytes);
-            assert_eq!(&buf[..], &bytes[a.len..], "the head's bytes taken, the rest left");
+            assert_eq!(
+                &buf[..],
+                &bytes[a.len..],
+                "the head's bytes taken, the rest left"
+            );
             if head.framing == Framing::Chunked {
                 chunked_in_pieces(&bytes[a.len..], usize::from(flags >> 3));
             }
@@ -81,16 +85,24 @@ fn compare(a: &Accepted, head: &RequestHead, bytes: &[u8]) {
             .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
             .collect::<Vec<_>>()
     };
-    assert_eq!(fields(r.headers()), fields(&a.headers), "fields of {what:?}");
+    assert_eq!(
+        fields(r.headers()),
+        fields(&a.headers),
+        "fields of {what:?}"
+    );
     assert_eq!(head.framing, a.framing, "framing of {what:?}");
     assert_eq!(head.keep_alive, a.keep_alive, "keep-alive of {what:?}");
-    assert_eq!(head.expect_continue, a.expect_continue, "expect of {what:?}");
+    assert_eq!(
+        head.expect_continue, a.expect_continue,
+        "expect of {what:?}"
+    );
 }
 
 /// hyper's `Server::parse`, with `max_buf_size` as the head limit.
 fn oracle(bytes: &[u8], limit: usize) -> Expected {
     const BAD: Expected = Expected::Refused(Some(StatusCode::BAD_REQUEST));
-    const TOO_LARGE: Expected = Expected::Refused(Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
+    const TOO_LARGE: Expected =
+        Expected::Refused(Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
     if bytes.starts_with(b"PRI * HTTP/2.0") {
         return Expected::Refused(None);
     }
@@ -131,9 +143,8 @@ fn oracle(bytes: &[u8], limit: usize) -> Expected {
             return BAD;
         };
         let text = value.to_str().ok();
-        let tokens = |t: &str| {
-            text.is_some_and(|s| s.split(',').any(|x| x.trim().eq_ignore_ascii_case(t)))
-        };
+        let tokens =
+            |t: &str| text.is_some_and(|s| s.split(',').any(|x| x.trim().eq_ignore_ascii_case(t)));
         match name {
             header::TRANSFER_ENCODING => {
                 if !http11 {
@@ -243,6 +254,11 @@ fn chunked_in_pieces(body: &[u8], cut: usize) {
     let cut = cut.min(body.len());
     let whole = decode(&[body]);
     let split = decode(&[&body[..cut], &body[cut..]]);
-    assert_eq!(whole, split, "{:?} cut at {cut}", String::from_utf8_lossy(body));
+    assert_eq!(
+        whole,
+        split,
+        "{:?} cut at {cut}",
+        String::from_utf8_lossy(body)
+    );
     assert!(whole.3 <= body.len());
 }
