@@ -14,6 +14,7 @@ use crate::{
     handover::{self, Predecessor, UpgradeSocket},
     kernel::{self, EbpfMode, KernelTracker, local_addrs, privileges},
     proxy::ListenerConfig,
+    ready_deadline::{self, Step},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -53,7 +54,9 @@ pub fn prepare(config: &Config, upgrade: bool) -> Result<Prepared> {
                  their XDP attachment); restart the service instead"
             );
         }
+        ready_deadline::entering(Step::Connecting);
         let (predecessor, inherited) = handover::take_over(path)?;
+        ready_deadline::entering(Step::Kernel);
         (Some(predecessor), Some(inherited))
     } else {
         (None, None)

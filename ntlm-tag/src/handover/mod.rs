@@ -84,6 +84,8 @@ pub enum HandoverError {
     Unexpected { expected: &'static str, got: String },
     #[error("the running gateway sent {sockets} sockets for an offer that names {named}")]
     SocketCount { sockets: usize, named: usize },
+    #[error("not ready to take over within --ready-timeout; the running gateway keeps serving")]
+    NotReadyInTime,
     #[error("hand-over: {0}")]
     Wire(#[from] WireError),
 }

@@ -159,6 +159,11 @@ impl Predecessor {
         uid_nonce: &str,
         metrics: Arc<Metrics>,
     ) -> Result<(usize, usize), HandoverError> {
+        // From `Ready` on the predecessor stops accepting for this process: the start-up deadline
+        // must not end it any more (and if it already fired, the process is exiting).
+        if !crate::ready_deadline::disarm() {
+            return Err(HandoverError::NotReadyInTime);
+        }
         let ready = Message::Ready {
             pid: std::process::id(),
             uid_nonce: uid_nonce.to_string(),
