@@ -538,3 +538,110 @@ fn an_upgrade_typed_at_a_terminal_returns_once_the_new_gateway_serves_and_leaves
     );
     assert!(new.stop(), "the new gateway stops on SIGTERM");
 }
+
+#[test]
+fn a_successor_stuck_on_its_key_file_exits_75_at_its_ready_timeout_and_the_old_gateway_serves_on() {
+    let Scene {
+        topo,
+        acceptor,
+        dir,
+        gateway,
+    } = Scene::new("");
+    let mut old = gateway.start(&topo.gateway);
+    let old_nonce = uid_nonce(&mut old);
+    let (mut held, held_id) = log_in(&topo);
+    let clients = ClientLoop::start(&topo, "/loop");
+    wait_for_requests(&acceptor, "/loop", &old_nonce, 3);
+
+    // The new configuration's listener key is a FIFO nobody writes: reading it blocks for ever.
+    let (cert, _) = ntlm_tag_tests::fixtures::self_signed(dir.path(), "gateway.test");
+    let key = dir.path().join("fifo.key");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&key)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let stuck_config = ntlm_tag_tests::fixtures::write(
+        dir.path(),
+        "stuck.toml",
+        &format!(
+            "listen = [{{ address = \"{}\", tls = [{{ cert = \"{cert}\", key = \"{}\" }}] }}]\n\
+             backends = [\"{}\"]\n",
+            Topology::gateway_addr(),
+            key.display(),
+            Topology::backend_addr(),
+        ),
+    );
+    let admin = format!("unix:{}", dir.path().join("admin.sock").display());
+    let stuck = Gateway::from_config(&stuck_config)
+        .subcommand("upgrade")
+        .ebpf("required")
+        .args(&[
+            "--upgrade-socket",
+            &dir.path().join("upgrade.sock").display().to_string(),
+            "--admin",
+            &admin,
+            "--ready-timeout",
+            "3",
+        ]);
+    let started = Instant::now();
+    let Started::Exited { status, log } = stuck.try_start(&topo.gateway) else {
+        panic!("a successor that cannot read its key must not take over");
+    };
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(75), "it exits by itself, 75: {log:#?}");
+    assert!(took >= Duration::from_secs(3), "not before its deadline: {took:?}");
+    let said = log
+        .iter()
+        .find(|l| l.contains("not ready to take over within --ready-timeout (3 s)"))
+        .unwrap_or_else(|| panic!("the deadline is logged: {log:#?}"));
+    assert!(
+        said.contains("stuck reading the configuration and the files it names"),
+        "{said}"
+    );
+
+    // The old gateway served throughout, kept its logged-in connection, and still takes every new
+    // connection (its nonce only).
+    wait_for_requests(&acceptor, "/loop", &old_nonce, ids_for(&acceptor, "/loop").len() + 3);
+    let (attempts, failures) = clients.stop();
+    assert!(
+        failures.is_empty(),
+        "{} of {attempts} connection attempts failed around the stuck upgrade: {failures:#?}",
+        failures.len()
+    );
+    let ids = ids_for(&acceptor, "/loop");
+    assert!(
+        ids.iter().all(|id| uid_of(id).starts_with(&old_nonce)),
+        "{ids:?}"
+    );
+    let again = held.get("/held");
+    assert_eq!(again["status"], 200, "{again}");
+    assert!(
+        again["body"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("conn_id={held_id}")),
+        "{again}"
+    );
+    assert!(
+        old.wait_for_line("upgrade: the successor accepts", Duration::ZERO)
+            .is_none(),
+        "the old gateway never released its listeners"
+    );
+
+    // The next upgrade, with a readable configuration, takes over.
+    let mut new = gateway.clone().subcommand("upgrade").start(&topo.gateway);
+    let new_nonce = uid_nonce(&mut new);
+    topo.client
+        .run(|| async { one_request(Topology::gateway_addr(), "/after").await })
+        .expect("the new gateway serves");
+    let after = ids_for(&acceptor, "/after");
+    assert_eq!(after.len(), 1);
+    assert!(uid_of(&after[0]).starts_with(&new_nonce), "{after:?}");
+    held.close();
+    let status = old
+        .wait_for_exit(scaled(Duration::from_secs(20)))
+        .expect("the old process exits once its last connection closed");
+    assert!(status.success(), "{status}");
+    assert!(new.stop().success());
+}
