@@ -590,7 +590,10 @@ fn a_successor_stuck_on_its_key_file_exits_75_at_its_ready_timeout_and_the_old_g
     };
     let took = started.elapsed();
     assert_eq!(status.code(), Some(75), "it exits by itself, 75: {log:#?}");
-    assert!(took >= Duration::from_secs(3), "not before its deadline: {took:?}");
+    assert!(
+        took >= Duration::from_secs(3),
+        "not before its deadline: {took:?}"
+    );
     let said = log
         .iter()
         .find(|l| l.contains("not ready to take over within --ready-timeout (3 s)"))
@@ -602,7 +605,12 @@ fn a_successor_stuck_on_its_key_file_exits_75_at_its_ready_timeout_and_the_old_g
 
     // The old gateway served throughout, kept its logged-in connection, and still takes every new
     // connection (its nonce only).
-    wait_for_requests(&acceptor, "/loop", &old_nonce, ids_for(&acceptor, "/loop").len() + 3);
+    wait_for_requests(
+        &acceptor,
+        "/loop",
+        &old_nonce,
+        ids_for(&acceptor, "/loop").len() + 3,
+    );
     let (attempts, failures) = clients.stop();
     assert!(
         failures.is_empty(),
