@@ -56,11 +56,12 @@ done
 [ -n "$leader" ] || { cat "$console" >&2; echo "systemd test: no container init" >&2; exit 1; }
 inside() { nsenter --target "$leader" --all /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
     DEBIAN_FRONTEND=noninteractive SYSTEMD_COLORS=0 "$@"; }
-# Until systemd listens, systemctl cannot ask it anything; then --wait returns when the boot is done.
+# Until systemd listens, systemctl cannot ask it anything (nothing, or `offline` before systemd has
+# made /run/systemd/system); then --wait returns when the boot is done.
 state=
 for _ in $(seq 600); do
     state=$(inside timeout 120 systemctl is-system-running --wait 2>/dev/null || true)
-    [ -n "$state" ] && break
+    [ -n "$state" ] && [ "$state" != offline ] && break
     sleep 0.05
 done
 echo "systemd in the container: $state after $(elapsed "$started")"
