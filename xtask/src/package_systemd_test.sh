@@ -25,7 +25,9 @@ now() { date +%s%N; }
 
 # What the postinst must do when upgrading from V1: hand over when V1 has the unit's hand-over
 # helper, restart when it predates hand-overs through the unit.
-if dpkg-deb -c "$v1" | grep -q ' \./usr/lib/ntlm-tag/hand-over$'; then
+# (The listing first: `grep -q` in a pipe would fail the pipe, under pipefail, by closing it early.)
+listing=$(dpkg-deb -c "$v1")
+if grep -q ' \./usr/lib/ntlm-tag/hand-over$' <<<"$listing"; then
     expect=hand-over
 else
     expect=restart
@@ -206,18 +208,6 @@ for _ in $(seq 200); do inside test -d "/proc/$pid" || break; sleep 0.05; done
 inside test ! -d "/proc/$pid" || fail "the old process did not exit after its last connection closed"
 echo "the old process exited after its last connection closed"
 
-echo "==> a refused hand-over falls back to a restart (the upgrade socket removed)"
-inside rm /run/ntlm-tag/upgrade.sock
-before=$(inside systemctl show -p MainPID --value "$unit")
-out=$(inside apt-get install -y --reinstall --no-install-recommends -o Dpkg::Options::=--force-confold /root/v2.deb 2>&1) || fail "apt-get install --reinstall: $out"
-grep -E '^ntlm-tag: ' <<<"$out" || fail "the postinst said nothing about the service: $out"
-grep -q 'hand-over was refused' <<<"$out" || fail "no fallback: $out"
-after=$(inside systemctl show -p MainPID --value "$unit")
-[ "$after" != "$before" ] && inside systemctl is-active --quiet "$unit" || fail "not restarted: $before -> $after"
-code=$(curl -s -o /dev/null -w '%{http_code}' --ntlm -u "$user:$password" "http://127.0.0.1:$port/")
-[ "$code" = 200 ] || fail "after the restart: $code"
-echo "restarted: main process $before -> $after; curl --ntlm: $code"
-
 echo "==> a hand-over whose new process hangs (its certificate a FIFO) fails the reload in bounded time"
 cp "$root$config" "$root/root/good.toml"
 inside mkfifo -m 644 /etc/ntlm-tag/stuck.pem
@@ -256,6 +246,18 @@ after=$(inside systemctl show -p MainPID --value "$unit")
 code=$(curl -s -o /dev/null -w '%{http_code}' --ntlm -u "$user:$password" "http://127.0.0.1:$port/")
 [ "$code" = 200 ] || fail "after the next hand-over: $code"
 echo "the next hand-over: main process $before -> $after; curl --ntlm: $code"
+
+echo "==> a refused hand-over falls back to a restart (the upgrade socket removed)"
+inside rm /run/ntlm-tag/upgrade.sock
+before=$(inside systemctl show -p MainPID --value "$unit")
+out=$(inside apt-get install -y --reinstall --no-install-recommends -o Dpkg::Options::=--force-confold /root/v2.deb 2>&1) || fail "apt-get install --reinstall: $out"
+grep -E '^ntlm-tag: ' <<<"$out" || fail "the postinst said nothing about the service: $out"
+grep -q 'hand-over was refused' <<<"$out" || fail "no fallback: $out"
+after=$(inside systemctl show -p MainPID --value "$unit")
+[ "$after" != "$before" ] && inside systemctl is-active --quiet "$unit" || fail "not restarted: $before -> $after"
+code=$(curl -s -o /dev/null -w '%{http_code}' --ntlm -u "$user:$password" "http://127.0.0.1:$port/")
+[ "$code" = 200 ] || fail "after the restart: $code"
+echo "restarted: main process $before -> $after; curl --ntlm: $code"
 
 echo "==> systemctl stop drains and exits 0"
 started=$(now)
