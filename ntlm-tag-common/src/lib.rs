@@ -49,10 +49,17 @@ pub enum Setting {
 pub const TOA_LEN_V4: u8 = 8;
 pub const TOA_LEN_V6: u8 = 20;
 
-/// Name of the LRU hash map `IpipKey -> IpipOrigin` the XDP program fills (on the SYN of each
-/// decapsulated connection) and the sock_ops program joins and deletes.
-pub const IPIP_ORIGIN_MAP: &str = "IPIP_ORIGIN_V1";
-pub const IPIP_ORIGIN_ENTRIES: u32 = 65_536;
+/// Name of the array of [`OriginSlot`]s the XDP program fills (on the SYN of each decapsulated
+/// connection) and the sock_ops program reads and clears. A direct-mapped table: the slot of a
+/// connection is [`origin_slot`] of its [`IpipKey`], so recording a SYN is a few stores into a
+/// preallocated array (no hash-table insert, no allocation, no lock), and the memory is fixed
+/// whatever the SYN rate.
+pub const IPIP_ORIGIN_MAP: &str = "IPIP_ORIGIN_V2";
+/// Slots of [`IPIP_ORIGIN_MAP`] (a power of two; 64 bytes each, 8 MiB). A record is lost, never
+/// confused, when another SYN lands in its slot before its handshake completes: with `h` handshakes
+/// in flight, about `h / IPIP_ORIGIN_SLOTS` of connections are identified without their balancer.
+pub const IPIP_ORIGIN_SLOTS: u32 = 1 << 17;
+const _: () = assert!(IPIP_ORIGIN_SLOTS.is_power_of_two());
 
 /// Name of the XDP program that decapsulates IPIP / IPv6-in-IPv6 from trusted balancers.
 pub const XDP_PROGRAM: &str = "decap_ipip";
@@ -77,8 +84,9 @@ pub enum XdpCounter {
     InnerNotLocal = 4,
 }
 
-/// The inner connection of a decapsulated packet, as the accepted socket will see it.
-#[repr(C)]
+/// The inner connection of a decapsulated packet, as the accepted socket will see it. 8-aligned so
+/// that it is five 64-bit words ([`IpipKey::words`]) for the slot hash and the stores.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IpipKey {
     /// The client (inner source), 16 bytes, IPv4 v4-mapped.
@@ -92,11 +100,74 @@ pub struct IpipKey {
 
 const _: () = assert!(core::mem::size_of::<IpipKey>() == 40);
 
-/// Which balancer delivered the connection (the outer source).
+impl IpipKey {
+    /// The key as the five words a slot stores it in.
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 5] {
+        // SAFETY: IpipKey is 40 bytes of plain data with its padding explicit, as is [u64; 5].
+        unsafe { core::mem::transmute::<IpipKey, [u64; 5]>(*self) }
+    }
+}
+
+/// One slot of [`IPIP_ORIGIN_MAP`]: which balancer delivered the SYN of connection `key`.
+///
+/// Slots are shared by every CPU and written without a lock (XDP cannot take one on every kernel
+/// supported), so two SYNs landing in the same slot at once, or a reader racing a writer, can leave
+/// words of two records mixed. `check` is [`origin_check`] of the key and balancer as written: a
+/// reader uses a slot only if its key is the connection's own and `check` matches what it read, so a
+/// mixed slot is a miss (the connection identified without its balancer), never another record's
+/// balancer. 0 marks an empty or used slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IpipOrigin {
-    pub balancer_addr: [u8; 16],
+pub struct OriginSlot {
+    pub key: [u64; 5],
+    /// The balancer (outer source), 16 bytes, IPv4 v4-mapped, as two words.
+    pub balancer: [u64; 2],
+    pub check: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<OriginSlot>() == 64);
+
+impl OriginSlot {
+    /// The balancer address bytes.
+    pub fn balancer_addr(&self) -> [u8; 16] {
+        // SAFETY: two u64 and 16 bytes have the same size and every bit pattern is valid for both.
+        unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(self.balancer) }
+    }
+}
+
+/// Multiplier of the slot hash (2^64 / golden ratio, odd: multiplying by it is a bijection).
+const ORIGIN_MIX: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// One step of the slot hash: a bijection of `h` for a fixed `word`, and of `word` for a fixed `h`.
+#[inline(always)]
+const fn mix(h: u64, word: u64) -> u64 {
+    let h = (h ^ word).wrapping_mul(ORIGIN_MIX);
+    h ^ (h >> 29)
+}
+
+/// The hash of a key's words; [`origin_slot`] and [`origin_check`] derive from it. Hand-written
+/// rather than a hashing crate's: both eBPF programs compute it, where it must be a few
+/// instructions per word with no loop the verifier has to walk and no memory function.
+#[inline(always)]
+pub const fn origin_key_hash(key: &[u64; 5]) -> u64 {
+    mix(
+        mix(mix(mix(mix(ORIGIN_MIX, key[0]), key[1]), key[2]), key[3]),
+        key[4],
+    )
+}
+
+/// The slot of a key with hash `key_hash` (its top bits: the best mixed).
+#[inline(always)]
+pub const fn origin_slot(key_hash: u64) -> u32 {
+    (key_hash >> (64 - IPIP_ORIGIN_SLOTS.trailing_zeros())) as u32
+}
+
+/// The check word of a slot holding the key with hash `key_hash` and `balancer`: for a given key,
+/// two balancers whose first words are equal (every IPv4 one) never share a check.
+#[inline(always)]
+pub const fn origin_check(key_hash: u64, balancer: &[u64; 2]) -> u64 {
+    mix(mix(key_hash, balancer[0]), balancer[1])
 }
 
 /// Name of the sock_ops program that records and forgets connections.
@@ -341,7 +412,7 @@ pub type LpmAddr = [u8; 16];
 unsafe impl aya::Pod for IpipKey {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
-unsafe impl aya::Pod for IpipOrigin {}
+unsafe impl aya::Pod for OriginSlot {}
 
 #[cfg(feature = "user")]
 // SAFETY: ConnIdentity is repr(C), Copy, has no padding holes left implicit and every bit pattern is valid.
