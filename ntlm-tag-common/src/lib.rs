@@ -129,11 +129,41 @@ pub struct OriginSlot {
 const _: () = assert!(core::mem::size_of::<OriginSlot>() == 64);
 
 impl OriginSlot {
-    /// The balancer address bytes.
-    pub fn balancer_addr(&self) -> [u8; 16] {
-        // SAFETY: two u64 and 16 bytes have the same size and every bit pattern is valid for both.
-        unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(self.balancer) }
+    /// The slot content naming `balancer` (16 bytes, IPv4 v4-mapped) as the origin of the key with
+    /// words `key` and hash `key_hash` ([`origin_key_hash`]).
+    #[inline(always)]
+    pub fn record(key: [u64; 5], key_hash: u64, balancer: [u8; 16]) -> OriginSlot {
+        // SAFETY: 16 bytes and two u64 have the same size and every bit pattern is valid for both.
+        let balancer = unsafe { core::mem::transmute::<[u8; 16], [u64; 2]>(balancer) };
+        OriginSlot {
+            key,
+            balancer,
+            check: origin_check(key_hash, &balancer),
+        }
     }
+
+    /// The balancer this slot names for the key with words `key` and hash `key_hash`, if it holds
+    /// an intact record of that key: not empty, the same key, and a check that matches the words
+    /// read (a slot mixed from two records fails it).
+    #[inline(always)]
+    pub fn balancer_for(&self, key: &[u64; 5], key_hash: u64) -> Option<[u8; 16]> {
+        if self.check == 0
+            || self.key != *key
+            || self.check != origin_check(key_hash, &self.balancer)
+        {
+            return None;
+        }
+        // SAFETY: as in `record`.
+        Some(unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(self.balancer) })
+    }
+}
+
+/// Where the record of `key` lives: its slot index, its words and the hash they give.
+#[inline(always)]
+pub fn origin_place(key: &IpipKey) -> (u32, [u64; 5], u64) {
+    let words = key.words();
+    let hash = origin_key_hash(&words);
+    (origin_slot(hash), words, hash)
 }
 
 /// Multiplier of the slot hash (2^64 / golden ratio, odd: multiplying by it is a bijection).
@@ -537,5 +567,119 @@ mod tests {
                 port: 9
             })
         );
+    }
+
+    fn ipip_key(client: [u8; 4], client_port: u16) -> IpipKey {
+        IpipKey {
+            client_addr: v4_mapped(client),
+            local_addr: v4_mapped([198, 18, 0, 10]),
+            client_port,
+            local_port: 443,
+            _pad: [0; 4],
+        }
+    }
+
+    #[test]
+    fn an_origin_record_names_its_balancer_to_its_own_key_only() {
+        let balancer = v4_mapped([198, 18, 1, 1]);
+        let (index, words, hash) = origin_place(&ipip_key([203, 0, 113, 7], 40001));
+        assert!(index < IPIP_ORIGIN_SLOTS);
+        let slot = OriginSlot::record(words, hash, balancer);
+        assert_eq!(slot.balancer_for(&words, hash), Some(balancer));
+        for other in [
+            ipip_key([203, 0, 113, 7], 40002),
+            ipip_key([203, 0, 113, 8], 40001),
+        ] {
+            let (_, other_words, other_hash) = origin_place(&other);
+            assert_eq!(slot.balancer_for(&other_words, other_hash), None);
+        }
+        let emptied = OriginSlot { check: 0, ..slot };
+        assert_eq!(emptied.balancer_for(&words, hash), None);
+        let never_written = OriginSlot {
+            key: [0; 5],
+            balancer: [0; 2],
+            check: 0,
+        };
+        assert_eq!(never_written.balancer_for(&words, hash), None);
+    }
+
+    /// Two writers racing on one slot leave each of its eight words from one record or the other:
+    /// whatever the mix, a reader gets its own record's balancer or nothing.
+    #[test]
+    fn a_slot_mixed_from_two_records_never_names_the_other_balancer() {
+        let v6 = |last: u8| {
+            let mut a = [0xfd, 0, 0x54, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            a[15] = last;
+            a
+        };
+        let pairs = [
+            // Two clients through two IPv4 balancers: detected by construction (see `origin_check`).
+            (
+                (
+                    ipip_key([203, 0, 113, 7], 40001),
+                    v4_mapped([198, 18, 1, 1]),
+                ),
+                (
+                    ipip_key([203, 0, 113, 9], 51000),
+                    v4_mapped([198, 18, 1, 2]),
+                ),
+            ),
+            // The same connection delivered twice, by two balancers (a SYN retransmitted via another).
+            (
+                (
+                    ipip_key([203, 0, 113, 7], 40001),
+                    v4_mapped([198, 18, 1, 1]),
+                ),
+                (ipip_key([203, 0, 113, 7], 40001), v4_mapped([10, 0, 0, 1])),
+            ),
+            (
+                (ipip_key([203, 0, 113, 7], 40001), v6(1)),
+                (ipip_key([192, 0, 2, 1], 40001), v6(2)),
+            ),
+        ];
+        for ((key_a, bal_a), (key_b, bal_b)) in pairs {
+            let (_, words_a, hash_a) = origin_place(&key_a);
+            let (_, words_b, hash_b) = origin_place(&key_b);
+            let a = OriginSlot::record(words_a, hash_a, bal_a);
+            let b = OriginSlot::record(words_b, hash_b, bal_b);
+            let word = |s: &OriginSlot, i: usize| match i {
+                0..5 => s.key[i],
+                5 | 6 => s.balancer[i - 5],
+                _ => s.check,
+            };
+            for mask in 0u32..256 {
+                let from = |i: usize| if mask & (1 << i) == 0 { &a } else { &b };
+                let mixed = OriginSlot {
+                    key: core::array::from_fn(|i| word(from(i), i)),
+                    balancer: [word(from(5), 5), word(from(6), 6)],
+                    check: word(from(7), 7),
+                };
+                for (words, hash) in [(words_a, hash_a), (words_b, hash_b)] {
+                    let Some(found) = mixed.balancer_for(&words, hash) else {
+                        continue;
+                    };
+                    // Only a record of this very key, read whole (its balancer and check words;
+                    // the key words are this key's), may answer.
+                    let intact = [&a, &b].into_iter().find(|r| {
+                        r.key == words && r.balancer == mixed.balancer && r.check == mixed.check
+                    });
+                    assert!(
+                        intact.is_some_and(|r| r.balancer_for(&words, hash) == Some(found)),
+                        "mask {mask:#010b}: {found:?} from a mixed slot"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn origin_slots_spread_over_the_table() {
+        // The ports of one client, as a balancer delivers them: no slot crowded.
+        let mut counts = vec![0u8; IPIP_ORIGIN_SLOTS as usize];
+        for port in 0..=u16::MAX {
+            let (index, _, _) = origin_place(&ipip_key([203, 0, 113, 7], port));
+            counts[index as usize] += 1;
+        }
+        assert!(counts.iter().all(|&c| c <= 8), "{:?}", counts.iter().max());
     }
 }

@@ -8,30 +8,28 @@
 
 use core::ptr::{addr_of, addr_of_mut};
 
-use ntlm_tag_common::{IpipKey, LpmAddr, OriginSlot, origin_check, origin_key_hash, origin_slot};
+use ntlm_tag_common::{IpipKey, LpmAddr, OriginSlot, origin_place};
 
 use crate::maps::{IPIP_ORIGIN, mark_ipip_in_use};
 
 /// Names `balancer` as the origin of the inner connection `key`, replacing whatever the slot held.
 #[inline(always)]
 pub fn record(key: &IpipKey, balancer: LpmAddr) {
-    let words = key.words();
-    let hash = origin_key_hash(&words);
-    let Some(slot) = IPIP_ORIGIN.get_ptr_mut(origin_slot(hash)) else {
+    let (index, words, hash) = origin_place(key);
+    let Some(slot) = IPIP_ORIGIN.get_ptr_mut(index) else {
         return;
     };
-    // SAFETY: 16 bytes and two u64 have the same size and every bit pattern is valid for both.
-    let balancer = unsafe { core::mem::transmute::<LpmAddr, [u64; 2]>(balancer) };
+    let record = OriginSlot::record(words, hash, balancer);
     mark_ipip_in_use();
     // SAFETY: `slot` points to a live, 8-aligned OriginSlot in the map for the program's run.
     unsafe {
         let key_words = addr_of_mut!((*slot).key).cast::<u64>();
-        for (i, word) in words.iter().enumerate() {
+        for (i, word) in record.key.iter().enumerate() {
             key_words.add(i).write_volatile(*word);
         }
-        addr_of_mut!((*slot).balancer[0]).write_volatile(balancer[0]);
-        addr_of_mut!((*slot).balancer[1]).write_volatile(balancer[1]);
-        addr_of_mut!((*slot).check).write_volatile(origin_check(hash, &balancer));
+        addr_of_mut!((*slot).balancer[0]).write_volatile(record.balancer[0]);
+        addr_of_mut!((*slot).balancer[1]).write_volatile(record.balancer[1]);
+        addr_of_mut!((*slot).check).write_volatile(record.check);
     }
 }
 
@@ -39,11 +37,10 @@ pub fn record(key: &IpipKey, balancer: LpmAddr) {
 /// emptied, so a record serves one connection.
 #[inline(always)]
 pub fn take(key: &IpipKey) -> Option<LpmAddr> {
-    let words = key.words();
-    let hash = origin_key_hash(&words);
-    let slot = IPIP_ORIGIN.get_ptr_mut(origin_slot(hash))?;
+    let (index, words, hash) = origin_place(key);
+    let slot = IPIP_ORIGIN.get_ptr_mut(index)?;
     // SAFETY (all accesses): as in `record`.
-    let stored: OriginSlot = unsafe {
+    let stored = unsafe {
         let key_words = addr_of!((*slot).key).cast::<u64>();
         OriginSlot {
             key: [
@@ -60,15 +57,10 @@ pub fn take(key: &IpipKey) -> Option<LpmAddr> {
             check: addr_of!((*slot).check).read_volatile(),
         }
     };
-    if stored.check == 0
-        || stored.key != words
-        || stored.check != origin_check(hash, &stored.balancer)
-    {
-        return None;
-    }
+    let balancer = stored.balancer_for(&words, hash)?;
     // A SYN recorded in this slot since the loads above is cleared too: that connection is then
     // identified without its balancer, which is all a lost record ever costs.
     // SAFETY: as above.
     unsafe { addr_of_mut!((*slot).check).write_volatile(0) };
-    Some(stored.balancer_addr())
+    Some(balancer)
 }
