@@ -21,9 +21,7 @@ use ntlm_tag_common::{
 
 use crate::{
     addr::{self, v4_mapped_words},
-    maps::{
-        CONN_IDENTITY, OPTION_BUF, SCRATCH, SETTINGS, count, ipip_in_use, is_trusted_for_toa,
-    },
+    maps::{CONN_IDENTITY, OPTION_BUF, SCRATCH, SETTINGS, count, ipip_in_use, is_trusted_for_toa},
     origin,
 };
 
