@@ -111,9 +111,10 @@ impl IpipKey {
 
 /// One slot of [`IPIP_ORIGIN_MAP`]: which balancer delivered the SYN of connection `key`.
 ///
-/// Slots are shared by every CPU and written without a lock (XDP cannot take one on every kernel
-/// supported), so two SYNs landing in the same slot at once, or a reader racing a writer, can leave
-/// words of two records mixed. `check` is [`origin_check`] of the key and balancer as written: a
+/// Slots are shared by every CPU (the ACK that completes a handshake may be processed on another
+/// CPU than its SYN) and written without a lock (`bpf_spin_lock` needs a map value described in
+/// BTF, which this object's map definitions are not), so two SYNs landing in the same slot at
+/// once, or a reader racing a writer, can leave words of two records mixed. `check` is [`origin_check`] of the key and balancer as written: a
 /// reader uses a slot only if its key is the connection's own and `check` matches what it read, so a
 /// mixed slot is a miss (the connection identified without its balancer), never another record's
 /// balancer. 0 marks an empty or used slot.
