@@ -63,7 +63,7 @@ pub(super) fn set_up_connection(
     config: &ListenerConfig,
     gateway: &Arc<Gateway>,
     live: &Arc<Live>,
-    listener: &str,
+    listener: &Arc<str>,
 ) -> Option<(PrefixedIo<tokio::net::TcpStream>, Arc<ClientConnection>)> {
     let Identified {
         identity,
@@ -76,7 +76,7 @@ pub(super) fn set_up_connection(
     } else {
         ClientScheme::Http
     };
-    match open_connection(gateway, live, identity, &id, listener, scheme) {
+    match open_connection(gateway, live, identity, id, listener, scheme) {
         Ok(c) => Some((PrefixedIo::new(prefix, stream), Arc::new(c))),
         Err(e) => {
             tracing::error!(error = %e, "cannot set up a client connection; closing it");
@@ -112,13 +112,13 @@ pub(super) fn open_connection(
     gateway: &Arc<Gateway>,
     live: &Arc<Live>,
     identity: crate::identity::ConnectionIdentity,
-    id: &str,
-    listener: &str,
+    id: String,
+    listener: &Arc<str>,
     scheme: ClientScheme,
 ) -> Result<ClientConnection, Box<dyn StdError + Send + Sync>> {
+    let conn = gateway.id_display.hash(&id);
+    let full_id: Option<Box<str>> = gateway.id_display.full(&id).map(Into::into);
     let stamp = ConnectionStamp::new(id, identity.client, scheme)?;
-    let conn = gateway.id_display.hash(id);
-    let full_id: Option<Box<str>> = gateway.id_display.full(id).map(Into::into);
     let upstream = live.upstream.attach(identity.client.ip());
     gateway.metrics.connection(identity.metrics_label());
     tracing::debug!(
@@ -137,9 +137,9 @@ pub(super) fn open_connection(
         conn,
         full_id.as_deref().map(str::to_string),
         identity,
-        upstream.backend().authority().to_string(),
+        upstream.backend().authority().clone(),
         upstream.link(),
-        listener.to_string(),
+        Arc::clone(listener),
     );
     Ok(ClientConnection {
         gateway: Arc::clone(gateway),

@@ -139,7 +139,7 @@ pub(super) async fn respond(
     // The backend moves on failover; the link changes when a connection is bound.
     connection
         .registration
-        .set_upstream(backend.authority().as_str(), upstream.link());
+        .set_upstream(backend.authority(), upstream.link());
     drop(upstream);
     let backend_name = backend.authority();
     let response = match result {
