@@ -84,7 +84,6 @@ impl Identifier {
         proxy: Option<ProxyProtocol<'_>>,
         listener: Arc<str>,
     ) -> io::Result<Identifying> {
-        let _ = stream.set_nodelay(true);
         let cookie = socket_cookie(&stream).ok();
         let identity = self.identify(cookie, peer, &stream)?;
         let step = match proxy {

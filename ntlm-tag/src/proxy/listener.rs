@@ -45,6 +45,12 @@ pub async fn serve_listener(
         .map(|a| a.to_string())
         .unwrap_or_default()
         .into();
+    // Linux copies a listener's TCP_NODELAY into every connection it accepts: set once here
+    // instead of a setsockopt per connection. (After a hand-over from a version that did not set
+    // it, connections already queued go without it: Nagle may then delay their small writes.)
+    if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
+        tracing::warn!(listener = %listen_addr, error = %e, "cannot set TCP_NODELAY on the listener; small responses may be delayed (Nagle)");
+    }
     let connections_stop = shutdown.clone();
     let admit = |stream, peer| {
         admit(
