@@ -15,12 +15,12 @@ use serde::Serialize;
 
 use crate::{
     guard::AuthState,
-    identity::{ConnectionIdentity, IdHash},
+    identity::{ConnName, ConnectionIdentity},
 };
 
 #[derive(Debug)]
 struct Entry {
-    id_hash: IdHash,
+    name: Arc<ConnName>,
     /// Only with `show_full_ids`.
     id: Option<String>,
     identity: ConnectionIdentity,
@@ -133,7 +133,7 @@ impl Drop for Registration {
 impl Registry {
     pub fn register(
         self: &Arc<Self>,
-        id_hash: IdHash,
+        name: Arc<ConnName>,
         id: Option<String>,
         identity: ConnectionIdentity,
         backend: Authority,
@@ -148,7 +148,7 @@ impl Registry {
             live.insert(
                 key,
                 Entry {
-                    id_hash,
+                    name,
                     id,
                     identity,
                     upstream: Arc::clone(&upstream),
@@ -205,7 +205,7 @@ impl Registry {
                 (
                     *key,
                     ConnectionRow {
-                        id_hash: e.id_hash.to_string(),
+                        id_hash: e.name.to_string(),
                         id: e.id.clone(),
                         client: e.identity.client.to_string(),
                         peer: e.identity.peer.to_string(),

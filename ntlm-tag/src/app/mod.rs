@@ -250,8 +250,10 @@ async fn start_gateway(
             config.identity.template.clone(),
             Arc::clone(&metrics),
         )),
-        id_display: IdDisplay::new(config.show_full_ids)
-            .context("cannot draw the random key for id hashes")?,
+        id_display: Arc::new(
+            IdDisplay::new(config.show_full_ids)
+                .context("cannot draw the random key for id hashes")?,
+        ),
         policy: StampPolicy {
             id_header: config.identity.header.clone(),
             forwarded_headers: config.identity.forwarded_headers,
