@@ -246,7 +246,10 @@ fn environment(args: &Args, env: &Environment, results: &Results, stamp: &str) -
     let ntlm_tag = servers::ntlm_tag_binary(args).display().to_string();
     // A binary given with --ntlm-tag need not be this tree's build.
     let build = match &args.ntlm_tag {
-        None => format!("at {commit}{}", if dirty { " + uncommitted changes" } else { "" }),
+        None => format!(
+            "at {commit}{}",
+            if dirty { " + uncommitted changes" } else { "" }
+        ),
         Some(path) => format!("from `{}`", path.display()),
     };
     format!(

@@ -102,7 +102,9 @@ impl ConnName {
     }
 
     pub fn hash(&self) -> IdHash {
-        *self.hash.get_or_init(|| self.display.hash_bytes(self.id.as_bytes()))
+        *self
+            .hash
+            .get_or_init(|| self.display.hash_bytes(self.id.as_bytes()))
     }
 }
 
