@@ -17,13 +17,6 @@ use ntlm_tag::{
     manual, preflight,
 };
 
-/// mimalloc rather than glibc's malloc: a new client connection makes about 40 heap allocations
-/// (hyper's buffers, the connection's task, header maps), and glibc spends 150-250 instructions on
-/// each (its 8 KiB buffers are past the thread cache and go through bin consolidation); mimalloc's
-/// per-thread free lists take a fraction of that. README "Performance" has the measurements.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit code for a bad configuration (EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
 
