@@ -331,7 +331,7 @@ fn kernel_report(state: &AdminState) -> KernelReport {
         map_entries: kernel.map(KernelTracker::map_entries),
         counters: kernel.map(KernelTracker::counters),
         xdp: kernel
-            .map(|k| k.xdp_attachments().to_vec())
+            .map(|k| k.xdp_attachments())
             .unwrap_or_default(),
         records: kernel
             .map(|k| {

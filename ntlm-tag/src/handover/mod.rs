@@ -14,8 +14,13 @@
 //! 3. old → new `Released`; the new process accepts from now on, the old one serves its own
 //!    connections until they close or `timeouts.upgrade_drain_secs` passes.
 //!
+//! XDP links travel with the sockets. The new process attaches nothing to the interfaces they are
+//! attached to (a second XDP link on an interface is refused): just before `Ready` it swaps its
+//! own program into each link, atomically, so that decapsulation never stops.
+//!
 //! Until `Released`, the old process is unchanged: a successor that fails or disconnects earlier
-//! changes nothing.
+//! changes nothing, except that one which failed after swapping its XDP program in leaves the old
+//! process to swap its own back, which it does after every offer that did not end in `Ready`.
 #![forbid(unsafe_code)]
 
 mod offer;
@@ -31,7 +36,7 @@ use std::{
 
 pub use offer::{DrainReports, Handover, Successor, UpgradeSocket, offer_to_successors};
 pub use take_over::{Inherited, Predecessor, take_over};
-pub use wire::{Message, Offer, WireError};
+pub use wire::{Message, Offer, OfferedXdp, WireError};
 
 /// How long each side waits for the other's next message: the successor's start-up (loading the
 /// kernel programs) happens in between, which takes seconds on a slow machine.

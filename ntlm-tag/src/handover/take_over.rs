@@ -14,7 +14,7 @@ use std::{
 
 use super::{
     HandoverError, OWNS_SOCKET_FILES, STEP_TIMEOUT,
-    wire::{self, Message, WireError},
+    wire::{self, Message, OfferedXdp, WireError},
 };
 use crate::metrics::Metrics;
 
@@ -31,6 +31,8 @@ pub struct Inherited {
     listeners: Vec<(SocketAddr, OwnedFd)>,
     admin: Option<(String, OwnedFd)>,
     upgrade: Option<(PathBuf, OwnedFd)>,
+    xdp: Option<Vec<(OfferedXdp, OwnedFd)>>,
+    xdp_netlink: Vec<String>,
 }
 
 /// Connects to the gateway running on `path` and receives its offer.
@@ -55,6 +57,7 @@ pub fn take_over(path: &Path) -> Result<(Predecessor, Inherited), HandoverError>
     let named = offer.listeners.len()
         + usize::from(offer.admin.is_some())
         + 1
+        + offer.xdp.as_ref().map_or(0, Vec::len)
         + usize::from(offer.log_stream);
     if fds.len() != named {
         return Err(HandoverError::SocketCount {
@@ -69,6 +72,10 @@ pub fn take_over(path: &Path) -> Result<(Predecessor, Inherited), HandoverError>
         .clone()
         .zip(fds.next().filter(|_| offer.admin.is_some()));
     let upgrade = fds.next().map(|fd| (offer.upgrade_socket.clone(), fd));
+    let xdp = offer
+        .xdp
+        .clone()
+        .map(|xdp| xdp.into_iter().zip(fds.by_ref()).collect());
     if let Some(log) = fds.next() {
         take_log_stream(log);
     }
@@ -76,6 +83,7 @@ pub fn take_over(path: &Path) -> Result<(Predecessor, Inherited), HandoverError>
         predecessor = offer.pid,
         listeners = ?offer.listeners,
         cgroup = ?offer.cgroup,
+        xdp = ?offer.xdp,
         "upgrade: received the running gateway's sockets"
     );
     Ok((
@@ -89,6 +97,8 @@ pub fn take_over(path: &Path) -> Result<(Predecessor, Inherited), HandoverError>
             listeners,
             admin,
             upgrade,
+            xdp,
+            xdp_netlink: offer.xdp_netlink,
         },
     ))
 }
@@ -136,6 +146,37 @@ impl Inherited {
         }
     }
 
+    /// The XDP links handed over, as (interface, mode, link); `Err` with the reason when the
+    /// running gateway cannot hand over XDP on one of `interfaces` (attached without a link, or a
+    /// version that does not offer its links).
+    pub fn take_xdp_links(
+        &mut self,
+        interfaces: &[String],
+    ) -> Result<Vec<(String, String, OwnedFd)>, String> {
+        let links = self.xdp.take();
+        if !interfaces.is_empty() {
+            if links.is_none() {
+                return Err(
+                    "the running gateway is a version that cannot hand its XDP attachment over; \
+                     restart the service once (later upgrades take XDP over)"
+                        .to_string(),
+                );
+            }
+            if let Some(interface) = interfaces.iter().find(|i| self.xdp_netlink.contains(i)) {
+                return Err(format!(
+                    "the running gateway attached XDP to {interface} through netlink (this \
+                     kernel has no XDP bpf_links), which cannot be handed over; restart the \
+                     service instead"
+                ));
+            }
+        }
+        Ok(links
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(x, fd)| (x.interface, x.mode, fd))
+            .collect())
+    }
+
     /// Closes what the new configuration does not use, saying so.
     pub fn close_unused(self) {
         for (address, _) in &self.listeners {
@@ -146,6 +187,9 @@ impl Inherited {
         }
         if let Some((path, _)) = &self.upgrade {
             tracing::info!(path = %path.display(), "upgrade: upgrade_socket changed; closing the old one");
+        }
+        for (xdp, _) in self.xdp.iter().flatten() {
+            tracing::info!(interface = %xdp.interface, "upgrade: this process runs no XDP program; the interface keeps the old process's until that process exits");
         }
     }
 }

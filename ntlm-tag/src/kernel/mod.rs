@@ -1,6 +1,7 @@
 //! The only place that touches aya and raw syscalls: load the embedded eBPF object, attach it to the
 //! proxy's own cgroup, and look up connection records by socket cookie.
 
+mod bpf_link;
 pub mod cgroup;
 mod counters;
 mod key_sets;
@@ -11,6 +12,7 @@ pub mod privileges;
 mod settings;
 pub mod support;
 mod sys;
+mod xdp;
 
 use std::{
     io,
@@ -42,12 +44,14 @@ pub use maps::KernelRecord;
 
 pub use key_sets::{V4_MAPPED, as_kernel_prefix};
 use load::{
-    KernelLog, MIN_KERNEL_TEXT, attach_xdp, explain_old_kernel, hint_for_program, init_kernel_log,
+    KernelLog, MIN_KERNEL_TEXT, explain_old_kernel, hint_for_program, init_kernel_log,
     load_object, program_error, program_of, spawn_kernel_log_forwarding,
 };
 use maps::{Configurable, LocalAddrs, NamedTrie, map_error, take_map};
 pub use settings::{EbpfConfig, EbpfMode};
 pub use sys::{is_closed, monotonic_ns, running_as_root, socket_cookie};
+pub use xdp::{HandedXdpLink, InheritedXdpLink, XdpAttachment, XdpHandover};
+use xdp::XdpLinks;
 
 #[derive(Debug, Error)]
 pub enum KernelError {
@@ -86,6 +90,16 @@ pub enum KernelError {
         interface: String,
         #[source]
         source: aya::programs::ProgramError,
+    },
+    #[error(
+        "cannot attach XDP to interface {interface}: {source} (EBUSY or EEXIST: another XDP program \
+         is attached there, e.g. a running gateway's: take it over with `ntlm-tag upgrade`, or \
+         remove it with `ip link set dev {interface} xdp off`)"
+    )]
+    XdpLink {
+        interface: String,
+        #[source]
+        source: io::Error,
     },
     #[error(
         "{source}. This kernel ({release}) is older than {MIN_KERNEL_TEXT}, the oldest the eBPF programs \
@@ -129,21 +143,13 @@ pub struct KernelOptions {
     pub xdp_interfaces: Vec<String>,
 }
 
-/// How the XDP program was attached to one interface.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct XdpAttachment {
-    pub interface: String,
-    /// `native` (driver) or `generic` (skb).
-    pub mode: &'static str,
-}
-
 /// The loaded and attached kernel programs and their maps. Dropping it detaches the programs and
 /// removes the proxy's cgroup.
 pub struct KernelTracker {
     identities: HashMap<MapData, u64, ConnIdentity>,
     counters: PerCpuArray<MapData, u64>,
     xdp_counters: PerCpuArray<MapData, u64>,
-    xdp: Vec<XdpAttachment>,
+    xdp: XdpLinks,
     /// The maps userspace configures, under one lock so that reloads apply one at a time.
     configurable: Mutex<Configurable>,
     map_entries: u32,
@@ -164,16 +170,20 @@ impl KernelTracker {
     /// With `join`, the process joins that cgroup instead of creating its own (an upgrade: the
     /// listening sockets handed over were created there) and attaches its programs beside those of
     /// the process that created it.
+    /// `inherited` are the XDP links the running gateway handed over (an upgrade): their program is
+    /// swapped for this process's by [`take_over_xdp`](Self::take_over_xdp), not here.
     pub fn start(
         options: &KernelOptions,
         join: Option<&std::path::Path>,
+        inherited: Vec<InheritedXdpLink>,
     ) -> Result<Self, KernelError> {
-        Self::load_and_attach(options, join).map_err(explain_old_kernel)
+        Self::load_and_attach(options, join, inherited).map_err(explain_old_kernel)
     }
 
     fn load_and_attach(
         options: &KernelOptions,
         join: Option<&std::path::Path>,
+        inherited: Vec<InheritedXdpLink>,
     ) -> Result<Self, KernelError> {
         let map_entries = options.map_entries;
         if let Err(e) = sys::raise_memlock_limit() {
@@ -198,7 +208,7 @@ impl KernelTracker {
                 hint: hint_for_program(&source),
                 source,
             })?;
-        let xdp = attach_xdp(&mut ebpf, &options.xdp_interfaces)?;
+        let xdp = XdpLinks::attach(&mut ebpf, &options.xdp_interfaces, inherited)?;
         let identities = take_map(&mut ebpf, CONN_IDENTITY_MAP)
             .and_then(|m| HashMap::try_from(m).map_err(map_error(CONN_IDENTITY_MAP)))?;
         let counters = take_map(&mut ebpf, COUNTERS_MAP)
@@ -370,8 +380,25 @@ impl KernelTracker {
     }
 
     /// Where the XDP program runs.
-    pub fn xdp_attachments(&self) -> &[XdpAttachment] {
-        &self.xdp
+    pub fn xdp_attachments(&self) -> Vec<XdpAttachment> {
+        self.xdp.attachments()
+    }
+
+    /// Upgrade, successor side, once ready to serve: swaps this process's XDP program into the
+    /// links the running gateway handed over. Returns how many.
+    pub fn take_over_xdp(&self) -> Result<usize, KernelError> {
+        self.xdp.take_over()
+    }
+
+    /// Upgrade, running side: second descriptors of the XDP links, for a successor.
+    pub fn xdp_handover(&self) -> io::Result<XdpHandover> {
+        self.xdp.handover()
+    }
+
+    /// Upgrade, running side, after a successor failed: points the XDP links back at this
+    /// process's program if the successor had swapped its own in. Returns how many it put back.
+    pub fn restore_xdp(&self) -> usize {
+        self.xdp.restore()
     }
 
     pub fn counters(&self) -> KernelCounters {
