@@ -44,14 +44,14 @@ pub use maps::KernelRecord;
 
 pub use key_sets::{V4_MAPPED, as_kernel_prefix};
 use load::{
-    KernelLog, MIN_KERNEL_TEXT, explain_old_kernel, hint_for_program, init_kernel_log,
-    load_object, program_error, program_of, spawn_kernel_log_forwarding,
+    KernelLog, MIN_KERNEL_TEXT, explain_old_kernel, hint_for_program, init_kernel_log, load_object,
+    program_error, program_of, spawn_kernel_log_forwarding,
 };
 use maps::{Configurable, LocalAddrs, NamedTrie, map_error, take_map};
 pub use settings::{EbpfConfig, EbpfMode};
 pub use sys::{is_closed, monotonic_ns, running_as_root, socket_cookie};
-pub use xdp::{HandedXdpLink, InheritedXdpLink, XdpAttachment, XdpHandover};
 use xdp::XdpLinks;
+pub use xdp::{HandedXdpLink, InheritedXdpLink, XdpAttachment, XdpHandover};
 
 #[derive(Debug, Error)]
 pub enum KernelError {

@@ -112,12 +112,13 @@ impl XdpLinks {
         let program: &mut Xdp = program_of(ebpf, XDP_PROGRAM)?;
         program.load().map_err(program_error)?;
         let own = program.fd().map_err(program_error)?;
-        let own = own.as_fd().try_clone_to_owned().map_err(|source| {
-            KernelError::XdpLink {
+        let own = own
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| KernelError::XdpLink {
                 interface: interfaces.join(", "),
                 source,
-            }
-        })?;
+            })?;
         links.program_id = program.info().map_err(program_error)?.id();
         let mut attached = Vec::new();
         for interface in interfaces {
@@ -349,5 +350,9 @@ fn drop_unused(inherited: Vec<InheritedXdpLink>) {
 }
 
 fn mode_name(mode: &str) -> &'static str {
-    if mode == "native" { "native" } else { "generic" }
+    if mode == "native" {
+        "native"
+    } else {
+        "generic"
+    }
 }
