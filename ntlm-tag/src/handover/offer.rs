@@ -105,7 +105,7 @@ pub struct Handover {
 }
 
 impl Handover {
-    fn offer(&self) -> (Offer, Vec<std::os::fd::BorrowedFd<'_>>) {
+    pub(super) fn offer(&self) -> (Offer, Vec<std::os::fd::BorrowedFd<'_>>) {
         let log_stream = !std::io::IsTerminal::is_terminal(&std::io::stderr());
         let mut fds: Vec<_> = self.listeners.iter().map(|(_, fd)| fd.as_fd()).collect();
         fds.extend(self.admin.iter().map(|(_, fd)| fd.as_fd()));
