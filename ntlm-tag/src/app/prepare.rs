@@ -11,8 +11,10 @@ use super::reload::log_warnings;
 use crate::{
     admin::AdminListener,
     config::Config,
-    handover::{self, Predecessor, UpgradeSocket},
-    kernel::{self, EbpfMode, InheritedXdpLink, KernelTracker, local_addrs, privileges},
+    handover::{self, Predecessor, UpgradeSocket, XdpTaken},
+    kernel::{
+        self, EbpfMode, InheritedXdp, InheritedXdpLink, KernelTracker, local_addrs, privileges,
+    },
     proxy::ListenerConfig,
 };
 
@@ -67,7 +69,7 @@ pub fn prepare(config: &Config, upgrade: bool) -> Result<Prepared> {
         Some(i) if config.ebpf.mode != EbpfMode::Off => i
             .take_xdp_links(&config.ebpf.xdp_interfaces)
             .map_err(|reason| anyhow::anyhow!("`ntlm-tag upgrade`: {reason}"))?,
-        _ => Vec::new(),
+        _ => (Vec::new(), None),
     };
     let (mut kernel, mut ebpf_status) = match &inherited {
         Some(i) if i.cgroup.is_none() && config.ebpf.mode != EbpfMode::Off => {
@@ -81,7 +83,7 @@ pub fn prepare(config: &Config, upgrade: bool) -> Result<Prepared> {
             (None, format!("unavailable: {problem}"))
         }
         Some(i) => start_kernel(config, i.cgroup.as_deref(), inherited_xdp)?,
-        None => start_kernel(config, None, Vec::new())?,
+        None => start_kernel(config, None, (Vec::new(), None))?,
     };
     let mut listeners = Vec::new();
     for l in &config.listeners {
@@ -216,11 +218,11 @@ pub(super) fn watch_local_addresses(
 
 /// Loads the kernel programs as `config.ebpf.mode` asks. Returns the tracker and a status line.
 ///
-/// `xdp` are the links the running gateway handed over (an upgrade), as (interface, mode, link).
+/// `xdp` is what the running gateway handed over (an upgrade): its links and its program.
 pub(super) fn start_kernel(
     config: &Config,
     join: Option<&std::path::Path>,
-    xdp: Vec<(String, String, std::os::fd::OwnedFd)>,
+    xdp: XdpTaken,
 ) -> Result<(Option<Arc<KernelTracker>>, String)> {
     match config.ebpf.mode {
         EbpfMode::Off => {
@@ -246,12 +248,14 @@ pub(super) fn start_kernel(
     }
 }
 
-fn inherited_links(xdp: Vec<(String, String, std::os::fd::OwnedFd)>) -> Vec<InheritedXdpLink> {
-    xdp.into_iter()
+fn inherited_links((links, program): XdpTaken) -> InheritedXdp {
+    let links = links
+        .into_iter()
         .map(|(interface, mode, link)| InheritedXdpLink {
             interface,
             mode,
             link,
         })
-        .collect()
+        .collect();
+    InheritedXdp { links, program }
 }

@@ -91,11 +91,22 @@ pub(super) async fn take_over(
             .context("cannot swap this process's XDP program into the running gateway's links")?;
     }
     let nonce = uid_nonce.to_string();
-    let (drained, draining) =
-        tokio::task::spawn_blocking(move || predecessor.hand_over(&nonce, metrics))
-            .await
-            .context("the hand-over task failed")?
-            .context("the running gateway did not release its listeners; it keeps serving")?;
+    let handed = tokio::task::spawn_blocking(move || predecessor.hand_over(&nonce, metrics))
+        .await
+        .context("the hand-over task failed")
+        .and_then(|r| {
+            r.context("the running gateway did not release its listeners; it keeps serving")
+        });
+    let (drained, draining) = match handed {
+        Ok(released) => released,
+        Err(e) => {
+            // The running gateway goes on: with its own XDP program, not this process's.
+            if let Some(k) = kernel {
+                k.give_back_xdp();
+            }
+            return Err(e);
+        }
+    };
     tracing::info!(
         predecessor = pid,
         predecessor_accepted_from_queue = drained,
@@ -150,6 +161,7 @@ pub(super) fn handover_sockets(
                 (offered, l.link)
             })
             .collect(),
+        xdp_program: xdp.program,
         xdp_netlink: xdp.netlink,
     })
 }

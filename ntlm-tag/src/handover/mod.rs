@@ -19,8 +19,10 @@
 //! own program into each link, atomically, so that decapsulation never stops.
 //!
 //! Until `Released`, the old process is unchanged: a successor that fails or disconnects earlier
-//! changes nothing, except that one which failed after swapping its XDP program in leaves the old
-//! process to swap its own back, which it does after every offer that did not end in `Ready`.
+//! changes nothing. One that fails after swapping its XDP program in swaps the old process's back
+//! (the offer carries that program too); and the old process, after every offer that did not end
+//! in `Ready` or `Released`, checks that its links run its own program and puts it back if not
+//! (a successor that died before it could).
 #![forbid(unsafe_code)]
 
 mod offer;
@@ -35,7 +37,7 @@ use std::{
 };
 
 pub use offer::{DrainReports, Handover, Successor, UpgradeSocket, offer_to_successors};
-pub use take_over::{Inherited, Predecessor, take_over};
+pub use take_over::{Inherited, Predecessor, XdpTaken, take_over};
 pub use wire::{Message, Offer, OfferedXdp, WireError};
 
 /// How long each side waits for the other's next message: the successor's start-up (loading the

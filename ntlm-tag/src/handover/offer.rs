@@ -100,6 +100,8 @@ pub struct Handover {
     pub upgrade_path: PathBuf,
     /// The XDP links (a successor swaps its program into them).
     pub xdp: Vec<(OfferedXdp, OwnedFd)>,
+    /// The XDP program, for a successor that fails after swapping its own in.
+    pub xdp_program: Option<OwnedFd>,
     /// Interfaces with XDP attached through netlink (nothing to hand over).
     pub xdp_netlink: Vec<String>,
 }
@@ -111,6 +113,7 @@ impl Handover {
         fds.extend(self.admin.iter().map(|(_, fd)| fd.as_fd()));
         fds.push(self.upgrade.as_fd());
         fds.extend(self.xdp.iter().map(|(_, fd)| fd.as_fd()));
+        fds.extend(self.xdp_program.iter().map(|fd| fd.as_fd()));
         if log_stream {
             fds.push(stderr_fd());
         }
@@ -122,6 +125,7 @@ impl Handover {
             admin: self.admin.as_ref().map(|(e, _)| e.clone()),
             upgrade_socket: self.upgrade_path.clone(),
             xdp: Some(self.xdp.iter().map(|(x, _)| x.clone()).collect()),
+            xdp_program: self.xdp_program.is_some(),
             xdp_netlink: self.xdp_netlink.clone(),
             log_stream,
         };

@@ -32,8 +32,12 @@ pub struct Inherited {
     admin: Option<(String, OwnedFd)>,
     upgrade: Option<(PathBuf, OwnedFd)>,
     xdp: Option<Vec<(OfferedXdp, OwnedFd)>>,
+    xdp_program: Option<OwnedFd>,
     xdp_netlink: Vec<String>,
 }
+
+/// The XDP links handed over, as (interface, mode, link), and the running gateway's program.
+pub type XdpTaken = (Vec<(String, String, OwnedFd)>, Option<OwnedFd>);
 
 /// Connects to the gateway running on `path` and receives its offer.
 pub fn take_over(path: &Path) -> Result<(Predecessor, Inherited), HandoverError> {
@@ -100,6 +104,7 @@ impl Inherited {
             + usize::from(offer.admin.is_some())
             + 1
             + offer.xdp.as_ref().map_or(0, Vec::len)
+            + usize::from(offer.xdp_program)
             + usize::from(offer.log_stream);
         if fds.len() != named {
             return Err(HandoverError::SocketCount {
@@ -118,12 +123,18 @@ impl Inherited {
             .xdp
             .clone()
             .map(|xdp| xdp.into_iter().zip(fds.by_ref()).collect());
+        let xdp_program = if offer.xdp_program {
+            fds.next()
+        } else {
+            None
+        };
         let inherited = Inherited {
             cgroup: offer.cgroup.clone(),
             listeners,
             admin,
             upgrade,
             xdp,
+            xdp_program,
             xdp_netlink: offer.xdp_netlink.clone(),
         };
         Ok((inherited, fds.next()))
@@ -157,13 +168,10 @@ impl Inherited {
         }
     }
 
-    /// The XDP links handed over, as (interface, mode, link); `Err` with the reason when the
-    /// running gateway cannot hand over XDP on one of `interfaces` (attached without a link, or a
-    /// version that does not offer its links).
-    pub fn take_xdp_links(
-        &mut self,
-        interfaces: &[String],
-    ) -> Result<Vec<(String, String, OwnedFd)>, String> {
+    /// The XDP links handed over and the running gateway's program; `Err` with the reason when
+    /// the running gateway cannot hand over XDP on one of `interfaces` (attached without a link, or
+    /// a version that does not offer its links).
+    pub fn take_xdp_links(&mut self, interfaces: &[String]) -> Result<XdpTaken, String> {
         let links = self.xdp.take();
         if !interfaces.is_empty() {
             if links.is_none() {
@@ -181,11 +189,12 @@ impl Inherited {
                 ));
             }
         }
-        Ok(links
+        let links = links
             .unwrap_or_default()
             .into_iter()
             .map(|(x, fd)| (x.interface, x.mode, fd))
-            .collect())
+            .collect();
+        Ok((links, self.xdp_program.take()))
     }
 
     /// Closes what the new configuration does not use, saying so.
@@ -347,6 +356,7 @@ mod tests {
                     (offered, fd)
                 })
                 .collect(),
+            xdp_program: Some(stand_in().1),
             xdp_netlink: Vec::new(),
         };
         (handover, expected)
@@ -363,9 +373,10 @@ mod tests {
                 .take_upgrade_socket(Path::new("/run/ntlm-tag/upgrade.sock"))
                 .expect("the upgrade socket");
             assert_eq!(addr_of(upgrade), expected[1], "admin: {admin}");
-            let links = inherited
+            let (links, program) = inherited
                 .take_xdp_links(&["eth2".to_string()])
                 .expect("links handed over");
+            assert!(program.is_some(), "the running gateway's program");
             let got: Vec<_> = links
                 .into_iter()
                 .map(|(interface, mode, fd)| (interface, mode, addr_of(fd)))
@@ -387,7 +398,7 @@ mod tests {
         let (mut offer, fds) = received(&handover);
         offer.xdp = None;
         let (mut older, _) = Inherited::from_offer(&offer, fds).expect("sorted");
-        assert_eq!(older.take_xdp_links(&[]).map(|l| l.len()), Ok(0));
+        assert_eq!(older.take_xdp_links(&[]).map(|(l, _)| l.len()), Ok(0));
         let refused = older
             .take_xdp_links(&["eth1".to_string()])
             .expect_err("refused");

@@ -69,6 +69,10 @@ pub struct Offer {
     /// the offers of versions that could not hand XDP over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xdp: Option<Vec<OfferedXdp>>,
+    /// The old process's XDP program follows the links (for the successor to swap back should it
+    /// fail after swapping its own in).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub xdp_program: bool,
     /// Interfaces with XDP attached without a link (netlink): they cannot be handed over.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub xdp_netlink: Vec<String>,
@@ -180,6 +184,7 @@ mod tests {
             admin: None,
             upgrade_socket: PathBuf::from("/run/ntlm-tag/upgrade.sock"),
             xdp: Some(Vec::new()),
+            xdp_program: false,
             xdp_netlink: Vec::new(),
             log_stream: false,
         });

@@ -51,7 +51,7 @@ use maps::{Configurable, LocalAddrs, NamedTrie, map_error, take_map};
 pub use settings::{EbpfConfig, EbpfMode};
 pub use sys::{is_closed, monotonic_ns, running_as_root, socket_cookie};
 use xdp::XdpLinks;
-pub use xdp::{HandedXdpLink, InheritedXdpLink, XdpAttachment, XdpHandover};
+pub use xdp::{HandedXdpLink, InheritedXdp, InheritedXdpLink, XdpAttachment, XdpHandover};
 
 #[derive(Debug, Error)]
 pub enum KernelError {
@@ -175,7 +175,7 @@ impl KernelTracker {
     pub fn start(
         options: &KernelOptions,
         join: Option<&std::path::Path>,
-        inherited: Vec<InheritedXdpLink>,
+        inherited: InheritedXdp,
     ) -> Result<Self, KernelError> {
         Self::load_and_attach(options, join, inherited).map_err(explain_old_kernel)
     }
@@ -183,7 +183,7 @@ impl KernelTracker {
     fn load_and_attach(
         options: &KernelOptions,
         join: Option<&std::path::Path>,
-        inherited: Vec<InheritedXdpLink>,
+        inherited: InheritedXdp,
     ) -> Result<Self, KernelError> {
         let map_entries = options.map_entries;
         if let Err(e) = sys::raise_memlock_limit() {
@@ -388,6 +388,12 @@ impl KernelTracker {
     /// links the running gateway handed over. Returns how many.
     pub fn take_over_xdp(&self) -> Result<usize, KernelError> {
         self.xdp.take_over()
+    }
+
+    /// Upgrade, successor side, when the hand-over fails after [`take_over_xdp`](Self::take_over_xdp):
+    /// swaps the running gateway's program back into its links. Returns how many.
+    pub fn give_back_xdp(&self) -> usize {
+        self.xdp.give_back()
     }
 
     /// Upgrade, running side: second descriptors of the XDP links, for a successor.

@@ -48,6 +48,14 @@ pub struct InheritedXdpLink {
     pub link: OwnedFd,
 }
 
+/// What the running gateway handed over (an upgrade): its links, and its XDP program, to swap
+/// back into them should this process fail after swapping its own in.
+#[derive(Debug, Default)]
+pub struct InheritedXdp {
+    pub links: Vec<InheritedXdpLink>,
+    pub program: Option<OwnedFd>,
+}
+
 /// A second descriptor of one of this process's XDP links, for a successor.
 #[derive(Debug)]
 pub struct HandedXdpLink {
@@ -60,6 +68,8 @@ pub struct HandedXdpLink {
 #[derive(Debug, Default)]
 pub struct XdpHandover {
     pub links: Vec<HandedXdpLink>,
+    /// This process's XDP program, for the successor to swap back should it fail.
+    pub program: Option<OwnedFd>,
     /// Interfaces attached through netlink (kernels without XDP bpf_links, before 5.9): nothing to
     /// hand over, so an upgrade that configures them is refused.
     pub netlink: Vec<String>,
@@ -79,6 +89,8 @@ struct Attached {
     interface: String,
     mode: &'static str,
     holding: Holding,
+    /// Handed over by the running gateway (whose program ran in it before this process's).
+    inherited: bool,
 }
 
 /// This process's XDP program and its attachments.
@@ -87,6 +99,8 @@ pub(super) struct XdpLinks {
     program: Option<OwnedFd>,
     program_id: u32,
     attached: Mutex<Vec<Attached>>,
+    /// The running gateway's program (an upgrade), until this process took over.
+    previous: Option<OwnedFd>,
 }
 
 impl XdpLinks {
@@ -97,13 +111,17 @@ impl XdpLinks {
     pub(super) fn attach(
         ebpf: &mut Ebpf,
         interfaces: &[String],
-        inherited: Vec<InheritedXdpLink>,
+        inherited: InheritedXdp,
     ) -> Result<Self, KernelError> {
-        let mut inherited = inherited;
+        let InheritedXdp {
+            links: mut inherited,
+            program: previous,
+        } = inherited;
         let mut links = XdpLinks {
             program: None,
             program_id: 0,
             attached: Mutex::new(Vec::new()),
+            previous,
         };
         if interfaces.is_empty() {
             drop_unused(inherited);
@@ -131,6 +149,7 @@ impl XdpLinks {
                     interface: interface.clone(),
                     mode: mode_name(&link.mode),
                     holding: Holding::Inherited(link.link),
+                    inherited: true,
                 },
                 None => attach_new(program, own.as_fd(), interface)?,
             };
@@ -138,7 +157,7 @@ impl XdpLinks {
                 interface = %one.interface,
                 mode = one.mode,
                 program_id = links.program_id,
-                taken_over = matches!(one.holding, Holding::Inherited(_)),
+                taken_over = one.inherited,
                 "XDP IPIP decapsulation attached"
             );
             attached.push(one);
@@ -225,6 +244,38 @@ impl XdpLinks {
         restored
     }
 
+    /// Swaps the running gateway's program back into the links this process took over (an
+    /// upgrade that failed after [`take_over`](Self::take_over): the old process goes on as before).
+    /// Returns how many it swapped back.
+    pub(super) fn give_back(&self) -> usize {
+        let (Some(previous), Ok(attached)) = (&self.previous, self.attached.lock()) else {
+            return 0;
+        };
+        let mut given = 0;
+        for one in attached.iter().filter(|a| a.inherited) {
+            let Holding::Link(link) = &one.holding else {
+                continue;
+            };
+            match update_link(link.as_fd(), previous.as_fd()) {
+                Ok(()) => {
+                    given += 1;
+                    tracing::warn!(
+                        interface = %one.interface,
+                        "upgrade failed after this process swapped its XDP program in; the \
+                         running gateway's program runs on the interface again"
+                    );
+                }
+                Err(e) => tracing::error!(
+                    interface = %one.interface,
+                    error = %e,
+                    "upgrade failed after this process swapped its XDP program in, and the running \
+                     gateway's program cannot be put back; restart the service"
+                ),
+            }
+        }
+        given
+    }
+
     /// Second descriptors of this process's links, for a successor.
     pub(super) fn handover(&self) -> io::Result<XdpHandover> {
         let attached = self
@@ -232,6 +283,9 @@ impl XdpLinks {
             .lock()
             .map_err(|_| io::Error::other("XDP attachment lock poisoned"))?;
         let mut handover = XdpHandover::default();
+        if let Some(program) = &self.program {
+            handover.program = Some(program.try_clone()?);
+        }
         for one in attached.iter() {
             match &one.holding {
                 Holding::Link(link) | Holding::Inherited(link) => {
@@ -279,6 +333,7 @@ fn attach_new(
         interface: interface.to_string(),
         mode,
         holding,
+        inherited: false,
     };
     let native = match create_xdp_link(own, ifindex, XDP_FLAGS_DRV_MODE) {
         Ok(link) => return Ok(attached("native", Holding::Link(link))),
