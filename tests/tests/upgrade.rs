@@ -817,3 +817,117 @@ fn an_upgrade_that_fails_after_the_offer_leaves_the_old_xdp_program_attached_and
     assert!(old.stop().success());
     assert_eq!(xdp_program_on(&topo.gateway, "down0"), None);
 }
+
+/// A process of the test's own (a successor started without waiting for it), killed when dropped.
+struct Spawned {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Spawned {
+    /// `ntlm-tag upgrade` with `gateway`'s arguments in `ns`, its log read line by line.
+    fn upgrade(ns: &NetNs, gateway: &GatewayBuilder) -> Spawned {
+        use std::io::BufRead as _;
+        let mut child = ns
+            .command(ntlm_tag_tests::gateway::binary().to_str().expect("utf-8"))
+            .arg("upgrade")
+            .args(gateway.command_line())
+            .env("NTLM_TAG_LOG", "info,ntlm_tag=debug")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn ntlm-tag upgrade");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Spawned { child, lines }
+    }
+
+    /// Waits for a log line containing `needle`; panics with what came instead.
+    fn wait_for_line(&self, needle: &str) {
+        let deadline = Instant::now() + scaled(Duration::from_secs(30));
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return,
+                Ok(line) => seen.push(line),
+                Err(_) => break,
+            }
+        }
+        panic!("no line with {needle:?} from the successor: {seen:#?}");
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends SIGCONT to a process the test stopped, when dropped (also when the test fails).
+struct Stopped(u32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: signalling a gateway this test started.
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}
+
+#[test]
+fn a_successor_killed_after_swapping_its_xdp_program_in_leaves_the_old_process_its_own_back() {
+    let TunnelScene {
+        topo,
+        acceptor: _acceptor,
+        dir: _dir,
+        gateway,
+        _encap,
+    } = TunnelScene::new();
+    let mut old = gateway.start(&topo.gateway);
+    let old_program = own_xdp_program(&old);
+    let (mut held, held_id) = log_in_from(
+        &topo.client,
+        IpipTopology::client_v4(0),
+        IpipTopology::vip(),
+    );
+
+    // The old process is held still once it made its offer, so that it cannot release before
+    // the successor swapped its program in; then the successor dies, as in a crash.
+    let successor = Spawned::upgrade(&topo.gateway, &gateway);
+    successor.wait_for_line("received the running gateway's sockets");
+    old.signal(libc::SIGSTOP);
+    let stopped = Stopped(old.pid());
+    successor.wait_for_line("XDP on this interface runs this process's program now");
+    assert_ne!(xdp_program_on(&topo.gateway, "down0"), Some(old_program));
+    drop(successor);
+    drop(stopped);
+
+    // The old process finds its link running a program not its own, and puts its own back.
+    assert!(
+        old.wait_for_line(
+            "this process's program runs on the interface again",
+            scaled(Duration::from_secs(20))
+        )
+        .is_some(),
+        "{:#?}",
+        old.log()
+    );
+    assert_eq!(xdp_program_on(&topo.gateway, "down0"), Some(old_program));
+    let again = held.get("/held");
+    assert_eq!(again["status"], 200, "{again}");
+    let body = again["body"].as_str().unwrap_or_default();
+    assert!(body.contains(&format!("conn_id={held_id}")), "{body}");
+    held.close();
+}

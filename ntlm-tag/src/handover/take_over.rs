@@ -123,11 +123,7 @@ impl Inherited {
             .xdp
             .clone()
             .map(|xdp| xdp.into_iter().zip(fds.by_ref()).collect());
-        let xdp_program = if offer.xdp_program {
-            fds.next()
-        } else {
-            None
-        };
+        let xdp_program = if offer.xdp_program { fds.next() } else { None };
         let inherited = Inherited {
             cgroup: offer.cgroup.clone(),
             listeners,
