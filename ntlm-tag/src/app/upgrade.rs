@@ -86,9 +86,13 @@ pub(super) async fn take_over(
     // Last, just before `Ready`: the old process goes on with this process's XDP program only
     // for the moment until it stops accepting. Should this process fail from here on, the old
     // one swaps its own program back.
-    if let Some(k) = kernel {
-        k.take_over_xdp()
-            .context("cannot swap this process's XDP program into the running gateway's links")?;
+    if let Some(k) = kernel
+        && let Err(e) = k.take_over_xdp()
+    {
+        // Some links may run this process's program already.
+        k.give_back_xdp();
+        return Err(anyhow::Error::new(e)
+            .context("cannot swap this process's XDP program into the running gateway's links"));
     }
     let nonce = uid_nonce.to_string();
     let handed = tokio::task::spawn_blocking(move || predecessor.hand_over(&nonce, metrics))

@@ -92,9 +92,8 @@ pub enum KernelError {
         source: aya::programs::ProgramError,
     },
     #[error(
-        "cannot attach XDP to interface {interface}: {source} (EBUSY or EEXIST: another XDP program \
-         is attached there, e.g. a running gateway's: take it over with `ntlm-tag upgrade`, or \
-         remove it with `ip link set dev {interface} xdp off`)"
+        "cannot attach XDP to interface {interface}: {source}{}",
+        xdp_hint(source, interface)
     )]
     XdpLink {
         interface: String,
@@ -127,6 +126,18 @@ pub enum KernelError {
         "cannot read this host's addresses (XDP decapsulates only tunnels addressed to them): {0}"
     )]
     LocalAddresses(#[source] io::Error),
+}
+
+/// What to do about an XDP link the kernel refused.
+fn xdp_hint(e: &io::Error, interface: &str) -> String {
+    match e.raw_os_error() {
+        Some(libc::EBUSY | libc::EEXIST) => format!(
+            " (another XDP program is attached there, e.g. a running gateway's: take it over with \
+             `ntlm-tag upgrade`, or remove it with `ip link set dev {interface} xdp off`)"
+        ),
+        Some(libc::EPERM) => format!("; {}", load::PRIVILEGE_HINT),
+        _ => String::new(),
+    }
 }
 
 /// What the kernel side is configured with.
@@ -433,6 +444,22 @@ impl KernelTracker {
 #[cfg(test)]
 mod tests {
     use super::{load::kernel_version, *};
+
+    #[test]
+    fn a_refused_xdp_link_says_what_to_do() {
+        let busy = KernelError::XdpLink {
+            interface: "eth1".to_string(),
+            source: io::Error::from_raw_os_error(libc::EBUSY),
+        };
+        let text = busy.to_string();
+        assert!(text.contains("ntlm-tag upgrade"), "{text}");
+        assert!(text.contains("ip link set dev eth1 xdp off"), "{text}");
+        let other = KernelError::XdpLink {
+            interface: "eth1".to_string(),
+            source: io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+        };
+        assert!(!other.to_string().contains("upgrade"), "{other}");
+    }
 
     #[test]
     fn kernel_versions() {

@@ -218,8 +218,9 @@ impl XdpLinks {
             let Holding::Link(link) = &one.holding else {
                 continue;
             };
-            let running = xdp_link_info(link.as_fd()).map(|i| i.prog_id);
-            if running.as_ref().is_ok_and(|id| *id == self.program_id) {
+            // Already its own, or defunct (its interface is gone): nothing to put back.
+            let running = xdp_link_info(link.as_fd());
+            if running.is_ok_and(|i| i.prog_id == self.program_id || i.ifindex == 0) {
                 continue;
             }
             match update_link(link.as_fd(), program.as_fd()) {
