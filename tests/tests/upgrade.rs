@@ -584,6 +584,30 @@ fn connection_row(gateway: &Gateway, client: &str) -> Value {
         .unwrap_or_else(|| panic!("no row for {client}: {rows:#}"))
 }
 
+/// A keep-alive login through the tunnel from client address `i`, served by `gateway` (whose ids
+/// start with `nonce`), which must name the real client and its balancer, learned from the tunnel.
+fn tunnelled_login(
+    topo: &IpipTopology,
+    gateway: &Gateway,
+    nonce: &str,
+    i: u8,
+) -> (KeepAliveLogin, String) {
+    let (login, id) = log_in_from(
+        &topo.client,
+        IpipTopology::client_v4(i),
+        IpipTopology::vip(),
+    );
+    assert!(uid_of(&id).starts_with(nonce), "{id}");
+    assert!(
+        id.starts_with(&format!("{}:", IpipTopology::client_v4(i))),
+        "{id}"
+    );
+    let row = connection_row(gateway, client_of(&id));
+    assert_eq!(row["learned_from"], "ipip", "{row:#}");
+    assert_eq!(row["balancer"], SNAT_SOURCE, "{row:#}");
+    (login, id)
+}
+
 /// The client part (`ip:port`) of a connection id.
 fn client_of(id: &str) -> &str {
     id.rsplit_once('/').map_or("", |(client, _)| client)
@@ -653,18 +677,7 @@ fn an_upgrade_with_xdp_swaps_the_program_in_the_link_and_keeps_tunnelled_logins_
 
     // A user logs in through the tunnel on a keep-alive connection; the old process learned the
     // client and its balancer from the tunnel.
-    let (mut held, held_id) = log_in_from(
-        &topo.client,
-        IpipTopology::client_v4(0),
-        IpipTopology::vip(),
-    );
-    assert!(uid_of(&held_id).starts_with(&old_nonce), "{held_id}");
-    assert!(
-        held_id.starts_with(&format!("{}:", IpipTopology::client_v4(0))),
-        "{held_id}"
-    );
-    let row = connection_row(&old, client_of(&held_id));
-    assert_eq!(row["learned_from"], "ipip", "{row:#}");
+    let (mut held, held_id) = tunnelled_login(&topo, &old, &old_nonce, 0);
 
     // New tunnelled connections arrive all the time, before, during and after the hand-over:
     // this kernel has no IPIP module, so any moment without XDP decapsulation fails them.
@@ -709,19 +722,7 @@ fn an_upgrade_with_xdp_swaps_the_program_in_the_link_and_keeps_tunnelled_logins_
     assert_eq!(handshakes(), 2, "one handshake (Type1, Type3)");
 
     // A new tunnelled login is the new process's, which names the client and its balancer.
-    let (second, second_id) = log_in_from(
-        &topo.client,
-        IpipTopology::client_v4(2),
-        IpipTopology::vip(),
-    );
-    assert!(uid_of(&second_id).starts_with(&new_nonce), "{second_id}");
-    assert!(
-        second_id.starts_with(&format!("{}:", IpipTopology::client_v4(2))),
-        "{second_id}"
-    );
-    let row = connection_row(&new, client_of(&second_id));
-    assert_eq!(row["learned_from"], "ipip", "{row:#}");
-    assert_eq!(row["balancer"], SNAT_SOURCE, "{row:#}");
+    let (second, _) = tunnelled_login(&topo, &new, &new_nonce, 2);
     second.close();
 
     // The old process leaves once its connection closed; the link, and the new program in it,
@@ -799,19 +800,7 @@ fn an_upgrade_that_fails_after_the_offer_leaves_the_old_xdp_program_attached_and
     // The old program still runs on the interface, decapsulates, and the old process names the
     // tunnelled client and its balancer.
     assert_eq!(xdp_program_on(&topo.gateway, "down0"), Some(old_program));
-    let (held, id) = log_in_from(
-        &topo.client,
-        IpipTopology::client_v4(1),
-        IpipTopology::vip(),
-    );
-    assert!(uid_of(&id).starts_with(&old_nonce), "{id}");
-    assert!(
-        id.starts_with(&format!("{}:", IpipTopology::client_v4(1))),
-        "{id}"
-    );
-    let row = connection_row(&old, client_of(&id));
-    assert_eq!(row["learned_from"], "ipip", "{row:#}");
-    assert_eq!(row["balancer"], SNAT_SOURCE, "{row:#}");
+    let (held, _) = tunnelled_login(&topo, &old, &old_nonce, 1);
     held.close();
     assert!(!ids_for(&acceptor, "/held").is_empty());
     assert!(old.stop().success());
