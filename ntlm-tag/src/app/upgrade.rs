@@ -84,8 +84,9 @@ pub(super) async fn take_over(
 ) -> Result<()> {
     let pid = predecessor.pid;
     // Last, just before `Ready`: the old process goes on with this process's XDP program only
-    // for the moment until it stops accepting. Should this process fail from here on, the old
-    // one swaps its own program back.
+    // for the moment until it stops accepting. Should the hand-over fail from here on, this
+    // process swaps the old one's program back (and the old one checks its links too, in case
+    // this process dies first).
     if let Some(k) = kernel
         && let Err(e) = k.take_over_xdp()
     {
