@@ -135,6 +135,19 @@ pub enum Workload {
 }
 
 impl Workload {
+    /// Every workload, in the order a run measures them.
+    pub const ALL: [Workload; 4] = [
+        Workload::KeepAlive,
+        Workload::NewConnection,
+        Workload::Ntlm,
+        Workload::Idle,
+    ];
+
+    /// Whether `args` selects this workload.
+    pub fn selected(self, args: &Args) -> bool {
+        args.workload.is_empty() || args.workload.iter().any(|k| k == self.key())
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             Workload::KeepAlive => "keep-alive requests",
@@ -158,6 +171,17 @@ fn run(args: &Args) -> Result<()> {
     if !sys::process::is_root() {
         bail!(
             "the bench pins processes to cores, raises RLIMIT_NOFILE and loads eBPF programs: run it as root"
+        );
+    }
+    if let Some(unknown) = args
+        .workload
+        .iter()
+        .find(|k| !Workload::ALL.iter().any(|w| w.key() == k.as_str()))
+    {
+        let keys: Vec<&str> = Workload::ALL.iter().map(|w| w.key()).collect();
+        bail!(
+            "--workload {unknown}: no such workload (known: {})",
+            keys.join(", ")
         );
     }
     let env = setup::Environment::enter()?;

@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use super::{
     Args, Proxy, Workload, chart,
     results::{Measurement, Results},
+    servers,
     setup::{self, Environment},
 };
 use xtask::{root, sys::process::first_line};
@@ -242,7 +243,15 @@ fn environment(args: &Args, env: &Environment, results: &Results, stamp: &str) -
             "HEAD",
         ],
     );
-    let ntlm_tag = root().join("target/release/ntlm-tag").display().to_string();
+    let ntlm_tag = servers::ntlm_tag_binary(args).display().to_string();
+    // A binary given with --ntlm-tag need not be this tree's build.
+    let build = match &args.ntlm_tag {
+        None => format!(
+            "at {commit}{}",
+            if dirty { " + uncommitted changes" } else { "" }
+        ),
+        Some(path) => format!("from `{}`", path.display()),
+    };
     format!(
         "# ntlm-tag benchmark, {stamp}\n\n\
          - **Machine**: {cores} × {cpu_model}, Linux {kernel}. Every proxy runs alone on **core 0** with **one worker** \
@@ -250,7 +259,7 @@ fn environment(args: &Args, env: &Environment, results: &Results, stamp: &str) -
          **core 1** (`taskset`). Everything on 127.0.0.1.\n\
          - **Load average** (1/5/15 min): before the run {before}; after it {after}. The `load` column is the 1-minute average \
          at the end of each run (the bench itself keeps both cores busy, so about 2 is its own share).\n\
-         - **Versions**: {nginx}; {haproxy}; {ntlm_tag_version} at {commit}{dirty}.\n\
+         - **Versions**: {nginx}; {haproxy}; {ntlm_tag_version} {build}.\n\
          - **Load generators**: keep-alive and new connections: `{wrk}` (`wrk -t1 -c{conns} --latency`, the latter with \
          `-H \"Connection: close\"`), a 1 s warm-up run, then {secs} s measured; NTLM handshakes: built into xtask (Rust, one \
          thread, raw HTTP/1.1; wrk cannot answer a challenge), {conns} connections, 1 s warm-up, {secs} s measured. {runs} runs \
@@ -270,7 +279,6 @@ fn environment(args: &Args, env: &Environment, results: &Results, stamp: &str) -
         nginx = first_line("nginx", &["-v"]),
         haproxy = first_line("haproxy", &["-v"]),
         ntlm_tag_version = first_line(&ntlm_tag, &["--version"]),
-        dirty = if dirty { " + uncommitted changes" } else { "" },
         conns = args.connections,
         secs = args.seconds,
         runs = args.runs,

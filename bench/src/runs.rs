@@ -46,20 +46,27 @@ pub fn run_all(args: &Args, env: &Environment) -> Result<Results> {
         }
     }
     let mut runs = results::merge(samples);
-    for proxy in Proxy::MAIN.into_iter().filter(|p| p.selected(args)) {
+    for proxy in Proxy::MAIN
+        .into_iter()
+        .filter(|p| p.selected(args) && Workload::Idle.selected(args))
+    {
         // The L4 relay holds a backend connection per idle client (twice the descriptors, and
         // nothing to compare with an HTTP proxy's pooled upstream).
         if !matches!(proxy, Proxy::Direct | Proxy::HaproxyTcp) {
             let count = idle_connections(args);
-            runs.push(with_proxy(proxy, Upstream::Http, dir.path(), |s| {
+            runs.push(with_proxy(proxy, Upstream::Http, dir.path(), args, |s| {
                 idle_run(proxy, s, count)
             })?);
         }
     }
-    if Proxy::NtlmTagXdp.selected(args) {
+    if Proxy::NtlmTagXdp.selected(args) && Workload::KeepAlive.selected(args) {
         runs.push(xdp_on_loopback(args, dir.path(), &users)?);
     }
-    let xdp = xdp_test_runs(env);
+    let xdp = if args.workload.is_empty() {
+        xdp_test_runs(env)
+    } else {
+        Err("not run (--workload selects workloads)".to_string())
+    };
     let perf_report = if args.perf {
         Some(profile(args, dir.path(), &users)?)
     } else {
@@ -81,7 +88,7 @@ fn xdp_on_loopback(args: &Args, dir: &Path, users: &Arc<Vec<Identity>>) -> Resul
     step(
         "ntlm-tag with its XDP program on lo (generic mode): XDP run-time statistics on real packets",
     );
-    with_proxy(Proxy::NtlmTagXdp, Upstream::Http, dir, |s| {
+    with_proxy(Proxy::NtlmTagXdp, Upstream::Http, dir, args, |s| {
         load_run(Proxy::NtlmTagXdp, Workload::KeepAlive, s, args, users)
     })
 }
@@ -101,9 +108,10 @@ fn with_proxy<T>(
     proxy: Proxy,
     upstream: Upstream,
     dir: &Path,
+    args: &Args,
     f: impl FnOnce(Option<&Server>) -> Result<T>,
 ) -> Result<T> {
-    let server = servers::start_proxy(proxy, upstream, dir)
+    let server = servers::start_proxy(proxy, upstream, dir, args)
         .with_context(|| format!("cannot start {}", proxy.label()))?;
     let result = f(server.as_ref());
     if let (Err(_), Some(s)) = (&result, &server) {
@@ -118,19 +126,33 @@ fn run_proxy(
     dir: &Path,
     users: &Arc<Vec<Identity>>,
 ) -> Result<Vec<Measurement>> {
-    step(&format!(
-        "{}: keep-alive, new connections, NTLM",
-        proxy.label()
-    ));
-    let mut out = with_proxy(proxy, Upstream::Http, dir, |s| {
-        Ok(vec![
-            load_run(proxy, Workload::KeepAlive, s, args, users)?,
-            load_run(proxy, Workload::NewConnection, s, args, users)?,
-        ])
-    })?;
-    out.push(with_proxy(proxy, Upstream::Ntlm, dir, |s| {
-        load_run(proxy, Workload::Ntlm, s, args, users)
-    })?);
+    let http: Vec<Workload> = [Workload::KeepAlive, Workload::NewConnection]
+        .into_iter()
+        .filter(|w| w.selected(args))
+        .collect();
+    let ntlm = Workload::Ntlm.selected(args);
+    if http.is_empty() && !ntlm {
+        return Ok(Vec::new());
+    }
+    let names: Vec<&str> = http
+        .iter()
+        .chain(ntlm.then_some(&Workload::Ntlm))
+        .map(|w| w.label())
+        .collect();
+    step(&format!("{}: {}", proxy.label(), names.join(", ")));
+    let mut out = Vec::new();
+    if !http.is_empty() {
+        out = with_proxy(proxy, Upstream::Http, dir, args, |s| {
+            http.iter()
+                .map(|&w| load_run(proxy, w, s, args, users))
+                .collect::<Result<Vec<_>>>()
+        })?;
+    }
+    if ntlm {
+        out.push(with_proxy(proxy, Upstream::Ntlm, dir, args, |s| {
+            load_run(proxy, Workload::Ntlm, s, args, users)
+        })?);
+    }
     Ok(out)
 }
 
@@ -323,7 +345,7 @@ fn profile(args: &Args, dir: &Path, users: &Arc<Vec<Identity>>) -> Result<PathBu
     std::fs::create_dir_all(&results)?;
     // Kept (under target/, out of git) for `perf report -i` drill-downs.
     let data = root().join("target/bench-perf-ntlm-tag-keepalive.data");
-    with_proxy(Proxy::NtlmTagEbpf, Upstream::Http, dir, |server| {
+    with_proxy(Proxy::NtlmTagEbpf, Upstream::Http, dir, args, |server| {
         let pid = server.context("no ntlm-tag process")?.pid().to_string();
         let perf_args: Vec<String> = [
             "record",

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result};
 
 use super::{
-    Proxy,
+    Args, Proxy,
     ntlm::Identity,
     procs::Server,
     setup::{LOAD_CORE, PROXY_CORE},
@@ -192,7 +192,19 @@ fn subdir(dir: &Path, name: &str) -> Result<PathBuf> {
 }
 
 /// Starts `proxy` in front of `upstream` on core 0 (nothing for `Direct`).
-pub fn start_proxy(proxy: Proxy, upstream: Upstream, dir: &Path) -> Result<Option<Server>> {
+/// The gateway binary the bench measures: `--ntlm-tag`, or this tree's release build.
+pub fn ntlm_tag_binary(args: &Args) -> PathBuf {
+    args.ntlm_tag
+        .clone()
+        .unwrap_or_else(|| root().join("target/release/ntlm-tag"))
+}
+
+pub fn start_proxy(
+    proxy: Proxy,
+    upstream: Upstream,
+    dir: &Path,
+    args: &Args,
+) -> Result<Option<Server>> {
     let dir = subdir(dir, proxy.key())?;
     let server = match proxy {
         Proxy::Direct => return Ok(None),
@@ -201,7 +213,7 @@ pub fn start_proxy(proxy: Proxy, upstream: Upstream, dir: &Path) -> Result<Optio
         Proxy::Haproxy => start_haproxy(&dir, upstream, HaproxyMode::Http)?,
         Proxy::HaproxyTcp => start_haproxy(&dir, upstream, HaproxyMode::Tcp)?,
         Proxy::NtlmTagEbpf | Proxy::NtlmTagNoEbpf | Proxy::NtlmTagXdp => {
-            start_ntlm_tag(&dir, proxy, upstream)?
+            start_ntlm_tag(&dir, proxy, upstream, &ntlm_tag_binary(args))?
         }
     };
     Ok(Some(server))
@@ -354,14 +366,13 @@ drain_secs = 1
     )
 }
 
-fn start_ntlm_tag(dir: &Path, proxy: Proxy, upstream: Upstream) -> Result<Server> {
+fn start_ntlm_tag(dir: &Path, proxy: Proxy, upstream: Upstream, binary: &Path) -> Result<Server> {
     let conf = write(dir, "ntlm-tag.toml", &ntlm_tag_config(proxy, upstream))?;
-    let binary = root().join("target/release/ntlm-tag");
     let args = strings(&["run", "--config", &conf.display().to_string()]);
     let mut server = Server::spawn(
         proxy.key(),
         PROXY_CORE,
-        &binary,
+        binary,
         &args,
         &dir.join("ntlm-tag.log"),
     )?;

@@ -124,7 +124,8 @@ pub fn check(data: &[u8]) {
         return;
     };
     let id_text = format!("{}/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", input.client);
-    let stamp = ConnectionStamp::new(&id_text, input.client, input.scheme).expect("a valid stamp");
+    let stamp =
+        ConnectionStamp::new(id_text.clone(), input.client, input.scheme).expect("a valid stamp");
     let proto = input.scheme.as_str();
     assert_eq!(stamp.x_forwarded_proto, proto);
     assert!(

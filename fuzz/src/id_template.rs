@@ -157,7 +157,7 @@ pub fn check(data: &[u8]) {
         "{t:?} rendered for {} is not a header value: {id:?}",
         input.client
     );
-    if let Err(e) = ConnectionStamp::new(&id, input.client, ClientScheme::Https) {
+    if let Err(e) = ConnectionStamp::new(id.clone(), input.client, ClientScheme::Https) {
         panic!(
             "ConnectionStamp::new refused {id:?} for {}: {e}",
             input.client

@@ -49,10 +49,17 @@ pub enum Setting {
 pub const TOA_LEN_V4: u8 = 8;
 pub const TOA_LEN_V6: u8 = 20;
 
-/// Name of the LRU hash map `IpipKey -> IpipOrigin` the XDP program fills (on the SYN of each
-/// decapsulated connection) and the sock_ops program joins and deletes.
-pub const IPIP_ORIGIN_MAP: &str = "IPIP_ORIGIN_V1";
-pub const IPIP_ORIGIN_ENTRIES: u32 = 65_536;
+/// Name of the array of [`OriginSlot`]s the XDP program fills (on the SYN of each decapsulated
+/// connection) and the sock_ops program reads and clears. A direct-mapped table: the slot of a
+/// connection is [`origin_slot`] of its [`IpipKey`], so recording a SYN is a few stores into a
+/// preallocated array (no hash-table insert, no allocation, no lock), and the memory is fixed
+/// whatever the SYN rate.
+pub const IPIP_ORIGIN_MAP: &str = "IPIP_ORIGIN_V2";
+/// Slots of [`IPIP_ORIGIN_MAP`] (a power of two; 64 bytes each, 8 MiB). A record is lost, never
+/// confused, when another SYN lands in its slot before its handshake completes: with `h` handshakes
+/// in flight, about `h / IPIP_ORIGIN_SLOTS` of connections are identified without their balancer.
+pub const IPIP_ORIGIN_SLOTS: u32 = 1 << 17;
+const _: () = assert!(IPIP_ORIGIN_SLOTS.is_power_of_two());
 
 /// Name of the XDP program that decapsulates IPIP / IPv6-in-IPv6 from trusted balancers.
 pub const XDP_PROGRAM: &str = "decap_ipip";
@@ -77,8 +84,9 @@ pub enum XdpCounter {
     InnerNotLocal = 4,
 }
 
-/// The inner connection of a decapsulated packet, as the accepted socket will see it.
-#[repr(C)]
+/// The inner connection of a decapsulated packet, as the accepted socket will see it. 8-aligned so
+/// that it is five 64-bit words ([`IpipKey::words`]) for the slot hash and the stores.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IpipKey {
     /// The client (inner source), 16 bytes, IPv4 v4-mapped.
@@ -92,11 +100,105 @@ pub struct IpipKey {
 
 const _: () = assert!(core::mem::size_of::<IpipKey>() == 40);
 
-/// Which balancer delivered the connection (the outer source).
+impl IpipKey {
+    /// The key as the five words a slot stores it in.
+    #[inline(always)]
+    pub fn words(&self) -> [u64; 5] {
+        // SAFETY: IpipKey is 40 bytes of plain data with its padding explicit, as is [u64; 5].
+        unsafe { core::mem::transmute::<IpipKey, [u64; 5]>(*self) }
+    }
+}
+
+/// One slot of [`IPIP_ORIGIN_MAP`]: which balancer delivered the SYN of connection `key`.
+///
+/// Slots are shared by every CPU (the ACK that completes a handshake may be processed on another
+/// CPU than its SYN) and written without a lock (`bpf_spin_lock` needs a map value described in
+/// BTF, which this object's map definitions are not), so two SYNs landing in the same slot at
+/// once, or a reader racing a writer, can leave words of two records mixed. `check` is [`origin_check`] of the key and balancer as written: a
+/// reader uses a slot only if its key is the connection's own and `check` matches what it read, so a
+/// mixed slot is a miss (the connection identified without its balancer), never another record's
+/// balancer. 0 marks an empty or used slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IpipOrigin {
-    pub balancer_addr: [u8; 16],
+pub struct OriginSlot {
+    pub key: [u64; 5],
+    /// The balancer (outer source), 16 bytes, IPv4 v4-mapped, as two words.
+    pub balancer: [u64; 2],
+    pub check: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<OriginSlot>() == 64);
+
+impl OriginSlot {
+    /// The slot content naming `balancer` (16 bytes, IPv4 v4-mapped) as the origin of the key with
+    /// words `key` and hash `key_hash` ([`origin_key_hash`]).
+    #[inline(always)]
+    pub fn record(key: [u64; 5], key_hash: u64, balancer: [u8; 16]) -> OriginSlot {
+        // SAFETY: 16 bytes and two u64 have the same size and every bit pattern is valid for both.
+        let balancer = unsafe { core::mem::transmute::<[u8; 16], [u64; 2]>(balancer) };
+        OriginSlot {
+            key,
+            balancer,
+            check: origin_check(key_hash, &balancer),
+        }
+    }
+
+    /// The balancer this slot names for the key with words `key` and hash `key_hash`, if it holds
+    /// an intact record of that key: not empty, the same key, and a check that matches the words
+    /// read (a slot mixed from two records fails it).
+    #[inline(always)]
+    pub fn balancer_for(&self, key: &[u64; 5], key_hash: u64) -> Option<[u8; 16]> {
+        if self.check == 0
+            || self.key != *key
+            || self.check != origin_check(key_hash, &self.balancer)
+        {
+            return None;
+        }
+        // SAFETY: as in `record`.
+        Some(unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(self.balancer) })
+    }
+}
+
+/// Where the record of `key` lives: its slot index, its words and the hash they give.
+#[inline(always)]
+pub fn origin_place(key: &IpipKey) -> (u32, [u64; 5], u64) {
+    let words = key.words();
+    let hash = origin_key_hash(&words);
+    (origin_slot(hash), words, hash)
+}
+
+/// Multiplier of the slot hash (2^64 / golden ratio, odd: multiplying by it is a bijection).
+const ORIGIN_MIX: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// One step of the slot hash: a bijection of `h` for a fixed `word`, and of `word` for a fixed `h`.
+#[inline(always)]
+const fn mix(h: u64, word: u64) -> u64 {
+    let h = (h ^ word).wrapping_mul(ORIGIN_MIX);
+    h ^ (h >> 29)
+}
+
+/// The hash of a key's words; [`origin_slot`] and [`origin_check`] derive from it. Hand-written
+/// rather than a hashing crate's: both eBPF programs compute it, where it must be a few
+/// instructions per word with no loop the verifier has to walk and no memory function.
+#[inline(always)]
+pub const fn origin_key_hash(key: &[u64; 5]) -> u64 {
+    mix(
+        mix(mix(mix(mix(ORIGIN_MIX, key[0]), key[1]), key[2]), key[3]),
+        key[4],
+    )
+}
+
+/// The slot of a key with hash `key_hash` (its top bits: the best mixed).
+#[inline(always)]
+pub const fn origin_slot(key_hash: u64) -> u32 {
+    (key_hash >> (64 - IPIP_ORIGIN_SLOTS.trailing_zeros())) as u32
+}
+
+/// The check word of a slot holding the key with hash `key_hash` and `balancer`: for a given key,
+/// two balancers whose first words are equal (every IPv4 one) never share a check.
+#[inline(always)]
+pub const fn origin_check(key_hash: u64, balancer: &[u64; 2]) -> u64 {
+    mix(mix(key_hash, balancer[0]), balancer[1])
 }
 
 /// Name of the sock_ops program that records and forgets connections.
@@ -341,7 +443,7 @@ pub type LpmAddr = [u8; 16];
 unsafe impl aya::Pod for IpipKey {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
-unsafe impl aya::Pod for IpipOrigin {}
+unsafe impl aya::Pod for OriginSlot {}
 
 #[cfg(feature = "user")]
 // SAFETY: ConnIdentity is repr(C), Copy, has no padding holes left implicit and every bit pattern is valid.
@@ -466,5 +568,119 @@ mod tests {
                 port: 9
             })
         );
+    }
+
+    fn ipip_key(client: [u8; 4], client_port: u16) -> IpipKey {
+        IpipKey {
+            client_addr: v4_mapped(client),
+            local_addr: v4_mapped([198, 18, 0, 10]),
+            client_port,
+            local_port: 443,
+            _pad: [0; 4],
+        }
+    }
+
+    #[test]
+    fn an_origin_record_names_its_balancer_to_its_own_key_only() {
+        let balancer = v4_mapped([198, 18, 1, 1]);
+        let (index, words, hash) = origin_place(&ipip_key([203, 0, 113, 7], 40001));
+        assert!(index < IPIP_ORIGIN_SLOTS);
+        let slot = OriginSlot::record(words, hash, balancer);
+        assert_eq!(slot.balancer_for(&words, hash), Some(balancer));
+        for other in [
+            ipip_key([203, 0, 113, 7], 40002),
+            ipip_key([203, 0, 113, 8], 40001),
+        ] {
+            let (_, other_words, other_hash) = origin_place(&other);
+            assert_eq!(slot.balancer_for(&other_words, other_hash), None);
+        }
+        let emptied = OriginSlot { check: 0, ..slot };
+        assert_eq!(emptied.balancer_for(&words, hash), None);
+        let never_written = OriginSlot {
+            key: [0; 5],
+            balancer: [0; 2],
+            check: 0,
+        };
+        assert_eq!(never_written.balancer_for(&words, hash), None);
+    }
+
+    /// Two writers racing on one slot leave each of its eight words from one record or the other:
+    /// whatever the mix, a reader gets its own record's balancer or nothing.
+    #[test]
+    fn a_slot_mixed_from_two_records_never_names_the_other_balancer() {
+        let v6 = |last: u8| {
+            let mut a = [0xfd, 0, 0x54, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            a[15] = last;
+            a
+        };
+        let pairs = [
+            // Two clients through two IPv4 balancers: detected by construction (see `origin_check`).
+            (
+                (
+                    ipip_key([203, 0, 113, 7], 40001),
+                    v4_mapped([198, 18, 1, 1]),
+                ),
+                (
+                    ipip_key([203, 0, 113, 9], 51000),
+                    v4_mapped([198, 18, 1, 2]),
+                ),
+            ),
+            // The same connection delivered twice, by two balancers (a SYN retransmitted via another).
+            (
+                (
+                    ipip_key([203, 0, 113, 7], 40001),
+                    v4_mapped([198, 18, 1, 1]),
+                ),
+                (ipip_key([203, 0, 113, 7], 40001), v4_mapped([10, 0, 0, 1])),
+            ),
+            (
+                (ipip_key([203, 0, 113, 7], 40001), v6(1)),
+                (ipip_key([192, 0, 2, 1], 40001), v6(2)),
+            ),
+        ];
+        for ((key_a, bal_a), (key_b, bal_b)) in pairs {
+            let (_, words_a, hash_a) = origin_place(&key_a);
+            let (_, words_b, hash_b) = origin_place(&key_b);
+            let a = OriginSlot::record(words_a, hash_a, bal_a);
+            let b = OriginSlot::record(words_b, hash_b, bal_b);
+            let word = |s: &OriginSlot, i: usize| match i {
+                0..5 => s.key[i],
+                5 | 6 => s.balancer[i - 5],
+                _ => s.check,
+            };
+            for mask in 0u32..256 {
+                let from = |i: usize| if mask & (1 << i) == 0 { &a } else { &b };
+                let mixed = OriginSlot {
+                    key: core::array::from_fn(|i| word(from(i), i)),
+                    balancer: [word(from(5), 5), word(from(6), 6)],
+                    check: word(from(7), 7),
+                };
+                for (words, hash) in [(words_a, hash_a), (words_b, hash_b)] {
+                    let Some(found) = mixed.balancer_for(&words, hash) else {
+                        continue;
+                    };
+                    // Only a record of this very key, read whole (its balancer and check words;
+                    // the key words are this key's), may answer.
+                    let intact = [&a, &b].into_iter().find(|r| {
+                        r.key == words && r.balancer == mixed.balancer && r.check == mixed.check
+                    });
+                    assert!(
+                        intact.is_some_and(|r| r.balancer_for(&words, hash) == Some(found)),
+                        "mask {mask:#010b}: {found:?} from a mixed slot"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn origin_slots_spread_over_the_table() {
+        // The ports of one client, as a balancer delivers them: no slot crowded.
+        let mut counts = vec![0u8; IPIP_ORIGIN_SLOTS as usize];
+        for port in 0..=u16::MAX {
+            let (index, _, _) = origin_place(&ipip_key([203, 0, 113, 7], port));
+            counts[index as usize] += 1;
+        }
+        assert!(counts.iter().all(|&c| c <= 8), "{:?}", counts.iter().max());
     }
 }

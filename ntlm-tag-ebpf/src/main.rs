@@ -10,6 +10,7 @@
 
 mod addr;
 mod maps;
+mod origin;
 mod sock_ops;
 mod toa;
 mod xdp;

@@ -8,8 +8,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use ntlm_tag_common::{
-    CONN_IDENTITY_DEFAULT_ENTRIES, COUNTERS_SLOTS, ConnIdentity, Counter, IPIP_ORIGIN_ENTRIES,
-    IpipKey, IpipOrigin, LOCAL_ADDRS_ENTRIES, LpmAddr, SETTINGS_SLOTS, TRUSTED_PREFIX_ENTRIES,
+    CONN_IDENTITY_DEFAULT_ENTRIES, COUNTERS_SLOTS, ConnIdentity, Counter, IPIP_ORIGIN_SLOTS,
+    LOCAL_ADDRS_ENTRIES, LpmAddr, OriginSlot, SETTINGS_SLOTS, TRUSTED_PREFIX_ENTRIES,
     XDP_COUNTERS_SLOTS, XdpCounter,
 };
 
@@ -42,13 +42,15 @@ pub static TRUSTED_IPIP: LpmTrie<LpmAddr, u8> = LpmTrie::with_max_entries(
 #[map(name = "LOCAL_ADDRS_V1")]
 pub static LOCAL_ADDRS: HashMap<LpmAddr, u8> = HashMap::with_max_entries(LOCAL_ADDRS_ENTRIES, 0);
 
-/// Inner 4-tuple of a decapsulated connection → the balancer that delivered it.
-#[map(name = "IPIP_ORIGIN_V1")]
-pub static IPIP_ORIGIN: LruHashMap<IpipKey, IpipOrigin> =
-    LruHashMap::with_max_entries(IPIP_ORIGIN_ENTRIES, 0);
+/// Which balancer delivered each decapsulated connection, in the slot of its inner 4-tuple (see
+/// `ntlm_tag_common::OriginSlot`). An array rather than a hash map: recording a SYN is then a few
+/// stores, where a hash-table insert (allocation, bucket lock, LRU lists) was most of the cost of
+/// a tunnelled SYN.
+#[map(name = "IPIP_ORIGIN_V2")]
+pub static IPIP_ORIGIN: Array<OriginSlot> = Array::with_max_entries(IPIP_ORIGIN_SLOTS, 0);
 
 /// Slot 0 becomes 1 once XDP has recorded a tunnel origin: until then sock_ops skips the lookup in
-/// [`IPIP_ORIGIN`] (a hash of a 40-byte key) on every new connection, as it always would miss.
+/// [`IPIP_ORIGIN`] on every new connection, as it always would miss.
 #[map(name = "IPIP_IN_USE_V1")]
 pub static IPIP_IN_USE: Array<u32> = Array::with_max_entries(1, 0);
 

@@ -21,10 +21,8 @@ use ntlm_tag_common::{
 
 use crate::{
     addr::{self, v4_mapped_words},
-    maps::{
-        CONN_IDENTITY, IPIP_ORIGIN, OPTION_BUF, SCRATCH, SETTINGS, count, ipip_in_use,
-        is_trusted_for_toa,
-    },
+    maps::{CONN_IDENTITY, OPTION_BUF, SCRATCH, SETTINGS, count, ipip_in_use, is_trusted_for_toa},
+    origin,
 };
 
 /// `TCP_CLOSE` from the kernel's `enum tcp_state`.
@@ -194,12 +192,10 @@ fn join_ipip(id: &mut ConnIdentity) {
         local_port: id.local_port,
         _pad: [0; 4],
     };
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(origin) = (unsafe { IPIP_ORIGIN.get(&key) }).copied() else {
+    let Some(balancer) = origin::take(&key) else {
         return;
     };
-    id.balancer_addr = origin.balancer_addr;
+    id.balancer_addr = balancer;
     id.source = ClientSource::Ipip as u8;
-    let _ = IPIP_ORIGIN.remove(&key);
     count(Counter::IpipJoined);
 }

@@ -14,11 +14,12 @@ use core::mem::size_of;
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS, helpers::bpf_xdp_adjust_head, macros::xdp, programs::XdpContext,
 };
-use ntlm_tag_common::{IpipKey, IpipOrigin, LpmAddr, XdpCounter};
+use ntlm_tag_common::{IpipKey, LpmAddr, XdpCounter};
 
 use crate::{
     addr::v4_mapped,
-    maps::{IPIP_ORIGIN, count_xdp, is_local, is_trusted_for_ipip, mark_ipip_in_use},
+    maps::{count_xdp, is_local, is_trusted_for_ipip},
+    origin,
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -101,7 +102,7 @@ fn decap_v4<const L2: usize>(ctx: &XdpContext) -> Result<(), ()> {
                 local_port: u16::from_be(read::<u16>(ctx, tcp + 2)?),
                 _pad: [0; 4],
             };
-            record_origin(&key, outer_src);
+            origin::record(&key, outer_src);
         }
     }
     strip::<L2, IPV4_LEN>(ctx, ETH_P_IP)
@@ -143,7 +144,7 @@ fn decap_v6<const L2: usize>(ctx: &XdpContext) -> Result<(), ()> {
             local_port: u16::from_be(read::<u16>(ctx, tcp + 2)?),
             _pad: [0; 4],
         };
-        record_origin(&key, outer_src);
+        origin::record(&key, outer_src);
     }
     strip::<L2, IPV6_LEN>(ctx, ETH_P_IPV6)
 }
@@ -152,16 +153,6 @@ fn decap_v6<const L2: usize>(ctx: &XdpContext) -> Result<(), ()> {
 #[inline(always)]
 fn is_syn(flags: u8) -> bool {
     flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-}
-
-/// Names `balancer` as the origin of the inner connection `key`, for sock_ops to join.
-#[inline(always)]
-fn record_origin(key: &IpipKey, balancer: LpmAddr) {
-    let origin = IpipOrigin {
-        balancer_addr: balancer,
-    };
-    mark_ipip_in_use();
-    let _ = IPIP_ORIGIN.insert(key, &origin, 0);
 }
 
 /// Drops the `OUTER`-byte outer IP header: the `L2`-byte link header is saved, the packet head moved

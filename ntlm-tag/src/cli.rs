@@ -34,7 +34,7 @@ pub enum Command {
     Check(RunArgs),
     /// Take over from the gateway running on `upgrade_socket` (as root): this new process gets its
     /// listeners and serves new connections, the old one serves its own until they close.
-    Upgrade(RunArgs),
+    Upgrade(UpgradeArgs),
     /// Print a manual page (roff): ntlm-tag(8) or ntlm-tag.toml(5); e.g. `ntlm-tag man | man -l -`.
     Man {
         #[arg(value_enum, default_value_t = ManPage::Command)]
@@ -67,6 +67,24 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
     },
+}
+
+/// `ntlm-tag upgrade`: the flags of `run`, and how long the new process may take to be ready.
+#[derive(Debug, Clone, Args)]
+pub struct UpgradeArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Exit 75 when this process is not ready to take over within SECS seconds (a certificate or
+    /// key that is a FIFO, a mount that does not answer): the running gateway keeps serving
+    /// unchanged. Once ready, the hand-over completes. The packaged hand-over uses the default,
+    /// which fits inside the unit's `TimeoutStartSec=`.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = crate::ready_deadline::DEFAULT_READY_TIMEOUT_SECS,
+        value_parser = clap::value_parser!(u64).range(1..=86400)
+    )]
+    pub ready_timeout: u64,
 }
 
 /// The manual pages `ntlm-tag man` prints.

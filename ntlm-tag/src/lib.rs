@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod ntlm;
 pub mod preflight;
 pub mod proxy;
+pub mod ready_deadline;
 pub mod registry;
 pub mod service;
 pub mod upstream;

@@ -14,7 +14,7 @@ use ntlm_tag::{
     config::Config,
     epa,
     kernel::{EbpfMode, privileges::PrivilegeError, support},
-    manual, preflight,
+    manual, preflight, ready_deadline,
 };
 
 /// Exit code for a bad configuration (EX_USAGE).
@@ -68,7 +68,7 @@ fn main() -> ExitCode {
             {
                 detach_upgrade()
             } else {
-                run(&args, true)
+                upgrade(&args)
             }
         }
         None => run(&cli.run, false),
@@ -197,6 +197,17 @@ fn detach_upgrade() -> ExitCode {
     }
 }
 
+/// `ntlm-tag upgrade`, in the process that becomes the new gateway: the start-up deadline first
+/// (reading the configuration may be what blocks), then `run`'s start-up, taking over.
+fn upgrade(args: &cli::UpgradeArgs) -> ExitCode {
+    let timeout = std::time::Duration::from_secs(args.ready_timeout);
+    if let Err(e) = ready_deadline::arm(timeout) {
+        eprintln!("ntlm-tag: upgrade: cannot set the --ready-timeout deadline: {e}");
+        return ExitCode::FAILURE;
+    }
+    run(&args.run, true)
+}
+
 /// Runs the gateway; with `upgrade`, after taking the listeners over from the running one.
 fn run(args: &cli::RunArgs, upgrade: bool) -> ExitCode {
     let config = match load_verified(args) {
@@ -209,6 +220,7 @@ fn run(args: &cli::RunArgs, upgrade: bool) -> ExitCode {
         Ok(prepared) => prepared,
         Err(e) => return failed(&e),
     };
+    ready_deadline::entering(ready_deadline::Step::Starting);
     let runtime = match app::build_runtime(config.workers) {
         Ok(rt) => rt,
         Err(e) => return failed(&e),

@@ -100,7 +100,14 @@ mod tests {
         ] {
             assert!(text.contains(section), "no {section}");
         }
-        for code in [0, 1, 64, app::EXIT_EBPF_UNAVAILABLE, app::EXIT_PRIVILEGES] {
+        for code in [
+            0,
+            1,
+            64,
+            app::EXIT_EBPF_UNAVAILABLE,
+            crate::ready_deadline::EXIT_NOT_READY,
+            app::EXIT_PRIVILEGES,
+        ] {
             assert!(
                 text.contains(&format!(".TP\n.B {code}\n")),
                 "exit status {code}"

@@ -10,21 +10,23 @@ use std::{
     time::Instant,
 };
 
+use http::uri::Authority;
 use serde::Serialize;
 
 use crate::{
     guard::AuthState,
-    identity::{ConnectionIdentity, IdHash},
+    identity::{ConnName, ConnectionIdentity},
 };
 
 #[derive(Debug)]
 struct Entry {
-    id_hash: IdHash,
+    name: Arc<ConnName>,
     /// Only with `show_full_ids`.
     id: Option<String>,
     identity: ConnectionIdentity,
     upstream: Arc<Mutex<UpstreamView>>,
-    listener: String,
+    /// Shared with the listener's other connections: registering one copies no string.
+    listener: Arc<str>,
     started: Instant,
     requests: Arc<AtomicU64>,
     auth: Arc<Mutex<AuthState>>,
@@ -33,7 +35,8 @@ struct Entry {
 /// Where a connection's requests go now: its backend (it moves on failover) and how they reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct UpstreamView {
-    backend: String,
+    /// A cheap clone of the backend's own authority (no string copy per connection).
+    backend: Authority,
     link: &'static str,
 }
 
@@ -107,12 +110,12 @@ impl Registration {
     }
 
     /// The connection's backend and upstream link as they are after a request.
-    pub fn set_upstream(&self, backend: &str, link: &'static str) {
+    pub fn set_upstream(&self, backend: &Authority, link: &'static str) {
         if let Ok(mut view) = self.upstream.lock()
-            && (view.backend != backend || view.link != link)
+            && (view.backend != *backend || view.link != link)
         {
             *view = UpstreamView {
-                backend: backend.to_string(),
+                backend: backend.clone(),
                 link,
             };
         }
@@ -130,12 +133,12 @@ impl Drop for Registration {
 impl Registry {
     pub fn register(
         self: &Arc<Self>,
-        id_hash: IdHash,
+        name: Arc<ConnName>,
         id: Option<String>,
         identity: ConnectionIdentity,
-        backend: String,
+        backend: Authority,
         link: &'static str,
-        listener: String,
+        listener: Arc<str>,
     ) -> Registration {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         let requests = Arc::new(AtomicU64::new(0));
@@ -145,7 +148,7 @@ impl Registry {
             live.insert(
                 key,
                 Entry {
-                    id_hash,
+                    name,
                     id,
                     identity,
                     upstream: Arc::clone(&upstream),
@@ -193,24 +196,21 @@ impl Registry {
         let mut rows: Vec<(u64, ConnectionRow)> = live
             .iter()
             .map(|(key, e)| {
-                let upstream = e
+                let (backend, link) = e
                     .upstream
                     .lock()
-                    .map(|v| v.clone())
-                    .unwrap_or(UpstreamView {
-                        backend: String::new(),
-                        link: "",
-                    });
+                    .map(|v| (v.backend.to_string(), v.link))
+                    .unwrap_or_default();
                 let auth = e.auth.lock().map(|a| a.clone()).unwrap_or_default();
                 (
                     *key,
                     ConnectionRow {
-                        id_hash: e.id_hash.to_string(),
+                        id_hash: e.name.to_string(),
                         id: e.id.clone(),
                         client: e.identity.client.to_string(),
                         peer: e.identity.peer.to_string(),
                         local: e.identity.local.to_string(),
-                        listener: e.listener.clone(),
+                        listener: e.listener.to_string(),
                         identity_source: e.identity.source.name().to_string(),
                         learned_from: e.identity.learned_from.name().to_string(),
                         balancer: e.identity.balancer.map(|b| b.to_string()),
@@ -219,8 +219,8 @@ impl Registry {
                             .proxy_tlvs
                             .as_ref()
                             .and_then(|t| serde_json::to_value(t).ok()),
-                        backend: upstream.backend,
-                        upstream: upstream.link.to_string(),
+                        backend,
+                        upstream: link.to_string(),
                         cookie: e.identity.cookie,
                         age_ms: e.started.elapsed().as_millis() as u64,
                         requests: e.requests.load(Ordering::Relaxed),

@@ -17,9 +17,12 @@ use ntlm_tag_tests::{
     gateway::{Gateway, GatewayBuilder, Started, cgroup2_mount, kernel_counter, walk_named},
     keepalive_client::KeepAliveLogin,
     metrics::sample,
-    topology::Topology,
+    netns::NetNs,
+    programs::IpipEncap,
+    topology::{IPIP_VIP, IpipTopology, SNAT_SOURCE, Topology},
     wait::{eventually_within, scaled},
 };
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const USER: (&str, &str) = ("user00", "Secret-0!");
@@ -102,13 +105,14 @@ struct ClientLoop {
 }
 
 impl ClientLoop {
-    fn start(topo: &Topology, path: &'static str) -> ClientLoop {
+    /// Connects from `client` to `dst`.
+    fn start(client: &NetNs, dst: SocketAddr, path: &'static str) -> ClientLoop {
         let stop = Arc::new(AtomicBool::new(false));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let handle = {
             let stop = Arc::clone(&stop);
             let failures = Arc::clone(&failures);
-            topo.client.spawn(move || async move {
+            client.spawn(move || async move {
                 // Several connections at a time, so that some are in the kernel's queue while the
                 // listeners change hands.
                 let tasks: Vec<_> = (0..CONCURRENT_CLIENTS)
@@ -119,7 +123,7 @@ impl ClientLoop {
                             let mut attempts = 0;
                             while !stop.load(Ordering::SeqCst) {
                                 attempts += 1;
-                                if let Err(e) = one_request(Topology::gateway_addr(), path).await {
+                                if let Err(e) = one_request(dst, path).await {
                                     failures
                                         .lock()
                                         .expect("failures")
@@ -191,13 +195,20 @@ fn cgroup_of(pid: u32) -> Vec<std::path::PathBuf> {
 }
 
 fn log_in(topo: &Topology) -> (KeepAliveLogin, String) {
-    let (client, first) = KeepAliveLogin::start(
+    log_in_from(
         &topo.client,
         Topology::client_v4(1),
         Topology::gateway_addr(),
-        "/held",
-        USER,
-    );
+    )
+}
+
+/// A keep-alive NTLM login from `source` in `client` to `dst`; returns it and its connection id.
+fn log_in_from(
+    client: &NetNs,
+    source: std::net::IpAddr,
+    dst: SocketAddr,
+) -> (KeepAliveLogin, String) {
+    let (client, first) = KeepAliveLogin::start(client, source, dst, "/held", USER);
     assert_eq!(first["status"], 200, "the login passes: {first}");
     let body = first["body"].as_str().unwrap_or_default();
     assert!(body.contains("user=user00"), "{body}");
@@ -259,7 +270,7 @@ fn an_upgrade_keeps_logged_in_connections_on_the_old_process_and_refuses_no_new_
     assert!(uid_of(&held_id).starts_with(&old_nonce), "{held_id}");
 
     // New connections arrive all the time, before, during and after the hand-over.
-    let clients = ClientLoop::start(&topo, "/loop");
+    let clients = ClientLoop::start(&topo.client, Topology::gateway_addr(), "/loop");
     wait_for_requests(&acceptor, "/loop", &old_nonce, 3);
     let mut new = gateway.clone().subcommand("upgrade").start(&topo.gateway);
     let new_nonce = uid_nonce(&mut new);
@@ -537,4 +548,490 @@ fn an_upgrade_typed_at_a_terminal_returns_once_the_new_gateway_serves_and_leaves
         old.log()
     );
     assert!(new.stop(), "the new gateway stops on SIGTERM");
+}
+
+/// The id of the XDP program interface `dev` runs in `ns` (`ip -d link`), if any.
+fn xdp_program_on(ns: &NetNs, dev: &str) -> Option<u64> {
+    let out = ns
+        .command("ip")
+        .args(["-j", "-d", "link", "show", "dev", dev])
+        .output()
+        .expect("ip link");
+    assert!(out.status.success(), "ip link show dev {dev}");
+    let links: Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+    let xdp = &links[0]["xdp"];
+    xdp["prog"]["id"]
+        .as_u64()
+        .or_else(|| xdp["attached"][0]["prog"]["id"].as_u64())
+}
+
+/// The id of the XDP program `gateway` says it attached (`/kernel`).
+fn own_xdp_program(gateway: &Gateway) -> u64 {
+    let kernel = gateway.admin_json("/kernel");
+    kernel["xdp"][0]["program_id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("an XDP program id in /kernel: {kernel:#}"))
+}
+
+/// The row of `/connections` for the client at `client` (`ip:port`).
+fn connection_row(gateway: &Gateway, client: &str) -> Value {
+    let rows = gateway.admin_json("/connections");
+    rows.as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["client"] == client)
+        .cloned()
+        .unwrap_or_else(|| panic!("no row for {client}: {rows:#}"))
+}
+
+/// A keep-alive login through the tunnel from client address `i`, served by `gateway` (whose ids
+/// start with `nonce`), which must name the real client and its balancer, learned from the tunnel.
+fn tunnelled_login(
+    topo: &IpipTopology,
+    gateway: &Gateway,
+    nonce: &str,
+    i: u8,
+) -> (KeepAliveLogin, String) {
+    let (login, id) = log_in_from(
+        &topo.client,
+        IpipTopology::client_v4(i),
+        IpipTopology::vip(),
+    );
+    assert!(uid_of(&id).starts_with(nonce), "{id}");
+    assert!(
+        id.starts_with(&format!("{}:", IpipTopology::client_v4(i))),
+        "{id}"
+    );
+    let row = connection_row(gateway, client_of(&id));
+    assert_eq!(row["learned_from"], "ipip", "{row:#}");
+    assert_eq!(row["balancer"], SNAT_SOURCE, "{row:#}");
+    (login, id)
+}
+
+/// The client part (`ip:port`) of a connection id.
+fn client_of(id: &str) -> &str {
+    id.rsplit_once('/').map_or("", |(client, _)| client)
+}
+
+/// The IPIP topology with an IIS-like backend, the test balancer encapsulating towards the
+/// gateway's virtual IP, and gateways that decapsulate with XDP on `down0`, with their upgrade and
+/// admin sockets in a directory of their own.
+struct TunnelScene {
+    topo: IpipTopology,
+    acceptor: Acceptor,
+    dir: tempfile::TempDir,
+    gateway: GatewayBuilder,
+    _encap: IpipEncap,
+}
+
+impl TunnelScene {
+    fn new() -> TunnelScene {
+        let topo = IpipTopology::new();
+        let acceptor = Acceptor::start(
+            &topo.backend,
+            Topology::backend_addr(),
+            &users(),
+            Keying::Connection,
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let admin = format!("unix:{}", dir.path().join("admin.sock").display());
+        let gateway = gateway(dir.path()).listen(IpipTopology::vip()).args(&[
+            "--admin",
+            &admin,
+            "--trusted-lb",
+            &format!("{SNAT_SOURCE}/32"),
+            "--xdp",
+            "down0",
+        ]);
+        let encap = IpipEncap::attach(
+            &topo.balancer,
+            "up0",
+            IPIP_VIP.parse().expect("vip"),
+            SNAT_SOURCE.parse().expect("src"),
+            std::net::Ipv4Addr::new(198, 18, 1, 1),
+        );
+        TunnelScene {
+            topo,
+            acceptor,
+            dir,
+            gateway,
+            _encap: encap,
+        }
+    }
+}
+
+#[test]
+fn an_upgrade_with_xdp_swaps_the_program_in_the_link_and_keeps_tunnelled_logins_on_the_old_process()
+{
+    let TunnelScene {
+        topo,
+        acceptor,
+        dir: _dir,
+        gateway,
+        _encap,
+    } = TunnelScene::new();
+    let mut old = gateway.start(&topo.gateway);
+    let old_nonce = uid_nonce(&mut old);
+    let old_program = own_xdp_program(&old);
+    assert_eq!(xdp_program_on(&topo.gateway, "down0"), Some(old_program));
+
+    // A user logs in through the tunnel on a keep-alive connection; the old process learned the
+    // client and its balancer from the tunnel.
+    let (mut held, held_id) = tunnelled_login(&topo, &old, &old_nonce, 0);
+
+    // New tunnelled connections arrive all the time, before, during and after the hand-over:
+    // this kernel has no IPIP module, so any moment without XDP decapsulation fails them.
+    let clients = ClientLoop::start(&topo.client, IpipTopology::vip(), "/loop");
+    wait_for_requests(&acceptor, "/loop", &old_nonce, 3);
+    let mut new = gateway.clone().subcommand("upgrade").start(&topo.gateway);
+    let new_nonce = uid_nonce(&mut new);
+    wait_for_requests(&acceptor, "/loop", &new_nonce, 10);
+    let (attempts, failures) = clients.stop();
+    assert!(
+        failures.is_empty(),
+        "{} of {attempts} tunnelled connection attempts failed during the upgrade: {failures:#?}",
+        failures.len()
+    );
+
+    // The interface runs the new process's program, swapped into the link the old process
+    // attached (one attachment, no second one).
+    let new_program = own_xdp_program(&new);
+    assert_ne!(new_program, old_program);
+    assert_eq!(xdp_program_on(&topo.gateway, "down0"), Some(new_program));
+    assert!(
+        new.log()
+            .iter()
+            .any(|l| l.contains("XDP on this interface runs this process's program now")),
+        "{:#?}",
+        new.log()
+    );
+
+    // The logged-in connection is still the old process's: same user, same id, no new handshake.
+    let again = held.get("/held");
+    assert_eq!(again["status"], 200, "{again}");
+    let body = again["body"].as_str().unwrap_or_default();
+    assert!(body.contains("user=user00"), "{body}");
+    assert!(body.contains(&format!("conn_id={held_id}")), "{body}");
+    let handshakes = || {
+        acceptor
+            .requests()
+            .iter()
+            .filter(|r| r["path"] == "/held" && r["ntlm_message"].is_number())
+            .count()
+    };
+    assert_eq!(handshakes(), 2, "one handshake (Type1, Type3)");
+
+    // A new tunnelled login is the new process's, which names the client and its balancer.
+    let (second, _) = tunnelled_login(&topo, &new, &new_nonce, 2);
+    second.close();
+
+    // The old process leaves once its connection closed; the link, and the new program in it,
+    // stay attached.
+    held.close();
+    let status = old
+        .wait_for_exit(scaled(Duration::from_secs(20)))
+        .expect("the old process exits once its last connection closed");
+    assert!(status.success(), "{status}");
+    assert_eq!(xdp_program_on(&topo.gateway, "down0"), Some(new_program));
+    topo.client
+        .run(|| async { one_request(IpipTopology::vip(), "/after").await })
+        .expect("tunnelled connections are decapsulated after the old process left");
+    let kernel = new.admin_json("/kernel");
+    assert!(kernel_counter(&kernel, "ipip_joined") >= 2, "{kernel:#}");
+
+    // The last process to hold the link detaches XDP when it stops.
+    assert!(new.stop().success());
+    assert_eq!(xdp_program_on(&topo.gateway, "down0"), None);
+}
+
+#[test]
+fn an_upgrade_that_fails_after_the_offer_leaves_the_old_xdp_program_attached_and_decapsulating() {
+    let TunnelScene {
+        topo,
+        acceptor,
+        dir: _dir,
+        gateway,
+        _encap,
+    } = TunnelScene::new();
+    let mut old = gateway.start(&topo.gateway);
+    let old_nonce = uid_nonce(&mut old);
+    let old_program = own_xdp_program(&old);
+
+    // The new configuration adds a listener on an address something else holds: the successor
+    // takes the offer (sockets and XDP link), loads its programs, then cannot bind and exits.
+    let taken: SocketAddr = format!("{IPIP_VIP}:8099").parse().expect("addr");
+    let holder = {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let thread = topo.gateway.spawn(move || async move {
+            let listener = std::net::TcpListener::bind(taken).expect("hold the port");
+            tx.send(()).expect("ready");
+            let _ = stop_rx.recv();
+            drop(listener);
+        });
+        rx.recv().expect("the port is held");
+        (stop_tx, thread)
+    };
+    let Started::Exited { status, log } = gateway
+        .clone()
+        .listen(taken)
+        .subcommand("upgrade")
+        .try_start(&topo.gateway)
+    else {
+        panic!("an upgrade that cannot bind must not start");
+    };
+    drop(holder);
+    assert_eq!(status.code(), Some(1), "{log:#?}");
+    assert!(
+        log.iter()
+            .any(|l| l.contains("received the running gateway's sockets")),
+        "the failure came after the offer: {log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains(&format!("cannot listen on {taken}"))),
+        "{log:#?}"
+    );
+    assert!(
+        old.wait_for_line("upgrade did not happen", scaled(Duration::from_secs(10)))
+            .is_some()
+    );
+
+    // The old program still runs on the interface, decapsulates, and the old process names the
+    // tunnelled client and its balancer.
+    assert_eq!(xdp_program_on(&topo.gateway, "down0"), Some(old_program));
+    let (held, _) = tunnelled_login(&topo, &old, &old_nonce, 1);
+    held.close();
+    assert!(!ids_for(&acceptor, "/held").is_empty());
+    assert!(old.stop().success());
+    assert_eq!(xdp_program_on(&topo.gateway, "down0"), None);
+}
+
+/// A process of the test's own (a successor started without waiting for it), killed when dropped.
+struct Spawned {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Spawned {
+    /// `ntlm-tag upgrade` with `gateway`'s arguments in `ns`, its log read line by line.
+    fn upgrade(ns: &NetNs, gateway: &GatewayBuilder) -> Spawned {
+        use std::io::BufRead as _;
+        let mut child = ns
+            .command(ntlm_tag_tests::gateway::binary().to_str().expect("utf-8"))
+            .arg("upgrade")
+            .args(gateway.command_line())
+            .env("NTLM_TAG_LOG", "info,ntlm_tag=debug")
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn ntlm-tag upgrade");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Spawned { child, lines }
+    }
+
+    /// Waits for a log line containing `needle`; panics with what came instead.
+    fn wait_for_line(&self, needle: &str) {
+        let deadline = Instant::now() + scaled(Duration::from_secs(30));
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return,
+                Ok(line) => seen.push(line),
+                Err(_) => break,
+            }
+        }
+        panic!("no line with {needle:?} from the successor: {seen:#?}");
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends SIGCONT to a process the test stopped, when dropped (also when the test fails).
+struct Stopped(u32);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: signalling a gateway this test started.
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}
+
+#[test]
+fn a_successor_killed_after_swapping_its_xdp_program_in_leaves_the_old_process_its_own_back() {
+    let TunnelScene {
+        topo,
+        acceptor: _acceptor,
+        dir: _dir,
+        gateway,
+        _encap,
+    } = TunnelScene::new();
+    let mut old = gateway.start(&topo.gateway);
+    let old_program = own_xdp_program(&old);
+    let (mut held, held_id) = log_in_from(
+        &topo.client,
+        IpipTopology::client_v4(0),
+        IpipTopology::vip(),
+    );
+
+    // The old process is held still once it made its offer, so that it cannot release before
+    // the successor swapped its program in; then the successor dies, as in a crash.
+    let successor = Spawned::upgrade(&topo.gateway, &gateway);
+    successor.wait_for_line("received the running gateway's sockets");
+    old.signal(libc::SIGSTOP);
+    let stopped = Stopped(old.pid());
+    successor.wait_for_line("XDP on this interface runs this process's program now");
+    assert_ne!(xdp_program_on(&topo.gateway, "down0"), Some(old_program));
+    drop(successor);
+    drop(stopped);
+
+    // The old process finds its link running a program not its own, and puts its own back.
+    assert!(
+        old.wait_for_line(
+            "this process's program runs on the interface again",
+            scaled(Duration::from_secs(20))
+        )
+        .is_some(),
+        "{:#?}",
+        old.log()
+    );
+    assert_eq!(xdp_program_on(&topo.gateway, "down0"), Some(old_program));
+    let again = held.get("/held");
+    assert_eq!(again["status"], 200, "{again}");
+    let body = again["body"].as_str().unwrap_or_default();
+    assert!(body.contains(&format!("conn_id={held_id}")), "{body}");
+    held.close();
+}
+
+#[test]
+fn a_successor_stuck_on_its_key_file_exits_75_at_its_ready_timeout_and_the_old_gateway_serves_on() {
+    let Scene {
+        topo,
+        acceptor,
+        dir,
+        gateway,
+    } = Scene::new("");
+    let mut old = gateway.start(&topo.gateway);
+    let old_nonce = uid_nonce(&mut old);
+    let (mut held, held_id) = log_in(&topo);
+    let clients = ClientLoop::start(&topo, "/loop");
+    wait_for_requests(&acceptor, "/loop", &old_nonce, 3);
+
+    // The new configuration's listener key is a FIFO nobody writes: reading it blocks for ever.
+    let (cert, _) = ntlm_tag_tests::fixtures::self_signed(dir.path(), "gateway.test");
+    let key = dir.path().join("fifo.key");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&key)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    let stuck_config = ntlm_tag_tests::fixtures::write(
+        dir.path(),
+        "stuck.toml",
+        &format!(
+            "listen = [{{ address = \"{}\", tls = [{{ cert = \"{cert}\", key = \"{}\" }}] }}]\n\
+             backends = [\"{}\"]\n",
+            Topology::gateway_addr(),
+            key.display(),
+            Topology::backend_addr(),
+        ),
+    );
+    let admin = format!("unix:{}", dir.path().join("admin.sock").display());
+    let stuck = Gateway::from_config(&stuck_config)
+        .subcommand("upgrade")
+        .ebpf("required")
+        .args(&[
+            "--upgrade-socket",
+            &dir.path().join("upgrade.sock").display().to_string(),
+            "--admin",
+            &admin,
+            "--ready-timeout",
+            "3",
+        ]);
+    let started = Instant::now();
+    let Started::Exited { status, log } = stuck.try_start(&topo.gateway) else {
+        panic!("a successor that cannot read its key must not take over");
+    };
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(75), "it exits by itself, 75: {log:#?}");
+    assert!(
+        took >= Duration::from_secs(3),
+        "not before its deadline: {took:?}"
+    );
+    let said = log
+        .iter()
+        .find(|l| l.contains("not ready to take over within --ready-timeout (3 s)"))
+        .unwrap_or_else(|| panic!("the deadline is logged: {log:#?}"));
+    assert!(
+        said.contains("stuck reading the configuration and the files it names"),
+        "{said}"
+    );
+
+    // The old gateway served throughout, kept its logged-in connection, and still takes every new
+    // connection (its nonce only).
+    wait_for_requests(
+        &acceptor,
+        "/loop",
+        &old_nonce,
+        ids_for(&acceptor, "/loop").len() + 3,
+    );
+    let (attempts, failures) = clients.stop();
+    assert!(
+        failures.is_empty(),
+        "{} of {attempts} connection attempts failed around the stuck upgrade: {failures:#?}",
+        failures.len()
+    );
+    let ids = ids_for(&acceptor, "/loop");
+    assert!(
+        ids.iter().all(|id| uid_of(id).starts_with(&old_nonce)),
+        "{ids:?}"
+    );
+    let again = held.get("/held");
+    assert_eq!(again["status"], 200, "{again}");
+    assert!(
+        again["body"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("conn_id={held_id}")),
+        "{again}"
+    );
+    assert!(
+        old.wait_for_line("upgrade: the successor accepts", Duration::ZERO)
+            .is_none(),
+        "the old gateway never released its listeners"
+    );
+
+    // The next upgrade, with a readable configuration, takes over.
+    let mut new = gateway.clone().subcommand("upgrade").start(&topo.gateway);
+    let new_nonce = uid_nonce(&mut new);
+    topo.client
+        .run(|| async { one_request(Topology::gateway_addr(), "/after").await })
+        .expect("the new gateway serves");
+    let after = ids_for(&acceptor, "/after");
+    assert_eq!(after.len(), 1);
+    assert!(uid_of(&after[0]).starts_with(&new_nonce), "{after:?}");
+    held.close();
+    let status = old
+        .wait_for_exit(scaled(Duration::from_secs(20)))
+        .expect("the old process exits once its last connection closed");
+    assert!(status.success(), "{status}");
+    assert!(new.stop().success());
 }

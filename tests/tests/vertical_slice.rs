@@ -90,6 +90,10 @@ fn identity_source_is_the_kernel_record_while_the_connection_is_open() {
         assert_eq!(row["identity_source"], "kernel");
         assert_eq!(row["learned_from"], "peer");
         assert_eq!(row["peer"], local.to_string());
+        // Taken from the kernel's record (the gateway asks the socket only in the fallback).
+        assert_eq!(row["local"], Topology::gateway_addr().to_string());
+        assert_eq!(row["listener"], Topology::gateway_addr().to_string());
+        assert_eq!(row["backend"], Topology::backend_addr().to_string());
         assert!(row["cookie"].as_u64().is_some());
         // By default the table names the connection by a keyed hash, never by its id.
         let hash = row["id_hash"].as_str().expect("id_hash");

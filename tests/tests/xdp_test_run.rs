@@ -4,14 +4,14 @@
 use aya::{
     Ebpf, TestRunOptions,
     maps::{
-        HashMap, MapData, PerCpuArray,
+        Array, HashMap, MapData, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{TestRun as _, Xdp},
 };
 use ntlm_tag_common::{
-    IPIP_ORIGIN_MAP, IpipKey, IpipOrigin, LOCAL_ADDRS_MAP, TRUSTED_IPIP_MAP, TRUSTED_TOA_MAP,
-    XDP_COUNTERS_MAP, XDP_PROGRAM, XdpCounter, v4_mapped,
+    IPIP_ORIGIN_MAP, IPIP_ORIGIN_SLOTS, IpipKey, LOCAL_ADDRS_MAP, OriginSlot, TRUSTED_IPIP_MAP,
+    TRUSTED_TOA_MAP, XDP_COUNTERS_MAP, XDP_PROGRAM, XdpCounter, origin_place, v4_mapped,
 };
 use ntlm_tag_tests::{
     packets::{
@@ -97,10 +97,16 @@ impl Decap {
             .unwrap_or(0)
     }
 
-    fn origin(&self, key: &IpipKey) -> Option<IpipOrigin> {
-        let map: HashMap<&MapData, IpipKey, IpipOrigin> =
-            HashMap::try_from(self.ebpf.map(IPIP_ORIGIN_MAP).expect("map")).expect("hash");
-        map.get(key, 0).ok()
+    /// The balancer recorded for `key`, read the way sock_ops reads it.
+    fn origin(&self, key: &IpipKey) -> Option<[u8; 16]> {
+        let (index, words, hash) = origin_place(key);
+        self.slot(index).balancer_for(&words, hash)
+    }
+
+    fn slot(&self, index: u32) -> OriginSlot {
+        let table: Array<&MapData, OriginSlot> =
+            Array::try_from(self.ebpf.map(IPIP_ORIGIN_MAP).expect("map")).expect("array");
+        table.get(&index, 0).expect("slot")
     }
 }
 
@@ -127,7 +133,7 @@ fn ipv4_in_ipv4_from_a_trusted_balancer_is_decapsulated_and_its_syn_recorded() {
         "the inner packet behind the same L2 header"
     );
     let origin = decap.origin(&key_v4(40001)).expect("SYN recorded");
-    assert_eq!(origin.balancer_addr, v4_mapped(TRUSTED_V4));
+    assert_eq!(origin, v4_mapped(TRUSTED_V4));
     assert_eq!(decap.counter(XdpCounter::Decapsulated), 1);
 
     // Later segments are decapsulated but not recorded again.
@@ -155,10 +161,7 @@ fn ipv6_in_ipv6_and_vlan_tagged_frames_are_decapsulated() {
         local_port: 8080,
         _pad: [0; 4],
     };
-    assert_eq!(
-        decap.origin(&key).expect("recorded").balancer_addr,
-        TRUSTED_V6
-    );
+    assert_eq!(decap.origin(&key).expect("recorded"), TRUSTED_V6);
 
     let inner = ipv4(CLIENT_V4, VIP_V4, 6, 0, &tcp(40004, 8080, SYN));
     let input = frame(
@@ -352,6 +355,60 @@ fn a_balancer_trusted_for_toa_only_is_not_trusted_for_tunnels() {
     assert_eq!(out, input);
     assert_eq!(decap.counter(XdpCounter::Untrusted), 1);
     assert_eq!(decap.counter(XdpCounter::Decapsulated), 0);
+}
+
+/// The origin table is fixed memory: a SYN that lands in the slot of a connection still being
+/// established replaces its record, and that connection then finds no record (it is identified
+/// without its balancer), never the newer SYN's balancer.
+#[test]
+fn a_syn_in_an_occupied_origin_slot_replaces_the_record_and_never_lends_its_balancer() {
+    let mut decap = Decap::load();
+    let Some(aya::maps::Map::Array(table)) = decap.ebpf.map(IPIP_ORIGIN_MAP) else {
+        panic!("the origin table is a preallocated array");
+    };
+    let table = table.info().expect("info");
+    assert_eq!(
+        (table.max_entries(), table.value_size()),
+        (IPIP_ORIGIN_SLOTS, 64),
+        "its size is fixed whatever the SYN rate"
+    );
+    let second_balancer = [198, 18, 1, 60];
+    let mut trusted: LpmTrie<_, [u8; 16], u8> =
+        LpmTrie::try_from(decap.ebpf.map_mut(TRUSTED_IPIP_MAP).expect("map")).expect("trie");
+    trusted
+        .insert(&Key::new(96 + 32, v4_mapped(second_balancer)), 1, 0)
+        .expect("trust a second balancer");
+    // Two connections of the fixture client that share a slot (consecutive client ports do not:
+    // the hash spreads them, so the local port varies too).
+    let key = |(client_port, local_port)| IpipKey {
+        local_port,
+        ..key_v4(client_port)
+    };
+    let mut first_of_slot = std::collections::HashMap::new();
+    let (earlier, later) = (8080..8180)
+        .flat_map(|local_port| (1024..=u16::MAX).map(move |client_port| (client_port, local_port)))
+        .find_map(|ports| {
+            let (index, _, _) = origin_place(&key(ports));
+            first_of_slot
+                .insert(index, ports)
+                .map(|earlier| (earlier, ports))
+        })
+        .expect("two connections share a slot");
+    let syn = |balancer, (client_port, local_port)| {
+        let inner = ipv4(CLIENT_V4, VIP_V4, 6, 0, &tcp(client_port, local_port, SYN));
+        frame(eth(0x0800), ipv4(balancer, [198, 18, 1, 1], 4, 0, &inner))
+    };
+
+    decap.run(&syn(TRUSTED_V4, earlier));
+    assert_eq!(decap.origin(&key(earlier)), Some(v4_mapped(TRUSTED_V4)));
+    decap.run(&syn(second_balancer, later));
+    assert_eq!(decap.origin(&key(later)), Some(v4_mapped(second_balancer)));
+    assert_eq!(
+        decap.origin(&key(earlier)),
+        None,
+        "the replaced connection has no record, not the other connection's balancer"
+    );
+    assert_eq!(decap.counter(XdpCounter::Decapsulated), 2);
 }
 
 /// The gateway's TOA search (the code its sock_ops program runs), run in the kernel on crafted TCP

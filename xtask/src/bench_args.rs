@@ -29,6 +29,14 @@ pub struct Args {
     /// haproxy-tcp, ntlm-tag-ebpf, ntlm-tag-no-ebpf, ntlm-tag-ebpf-xdp-lo); default: all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// Only these workloads (comma-separated keys: keepalive, new-connection, ntlm, idle); default:
+    /// all, plus the XDP program on crafted frames, which runs only then.
+    #[arg(long, value_delimiter = ',')]
+    pub workload: Vec<String>,
+    /// The gateway binary to measure (default: the release build of this tree), for comparing two
+    /// builds run after run.
+    #[arg(long)]
+    pub ntlm_tag: Option<PathBuf>,
     /// Where the results go (relative to the workspace root).
     #[arg(long, default_value = "bench/results")]
     pub out: PathBuf,

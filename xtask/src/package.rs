@@ -37,6 +37,12 @@ pub struct Args {
     /// connection, stop and the journal.
     #[arg(long, requires = "test")]
     systemd: bool,
+    /// With --systemd: install this older package first and upgrade from it to the one just built
+    /// (instead of from the one just built to itself with a higher version). The postinst must hand
+    /// over when the old package has the unit's hand-over (/usr/lib/ntlm-tag/hand-over), and
+    /// restart otherwise; either way the service runs the new binary and a fresh login passes.
+    #[arg(long, requires = "systemd", value_name = "DEB")]
+    upgrade_from: Option<PathBuf>,
     /// The Debian mirror of the test chroot (default: this machine's apt sources).
     #[arg(long, value_name = "URL")]
     mirror: Option<String>,
@@ -54,7 +60,11 @@ pub fn run_task(args: &Args) -> Result<()> {
     if args.test {
         crate::package_test::install_and_remove(&deb, args.mirror.as_deref())?;
         if args.systemd {
-            crate::package_systemd_test::boot_and_check(&deb, args.mirror.as_deref())?;
+            crate::package_systemd_test::boot_and_check(
+                &deb,
+                args.upgrade_from.as_deref(),
+                args.mirror.as_deref(),
+            )?;
         }
     }
     Ok(())

@@ -6,7 +6,11 @@
 //! systemd itself: `systemctl start` returning once it serves (a real `curl --ntlm` login), the
 //! status line, reloads (good and refused), the sandbox as the kernel reports it for the main
 //! process, the sock_ops program in the unit's cgroup, an `apt-get install` of a newer version
-//! that hands over without logging out an open NTLM connection, the stop and the journal.
+//! that hands over without logging out an open NTLM connection, a hand-over whose new process
+//! hangs (bounded: the reload fails, nothing stays behind, the service serves on), the stop and the
+//! journal. With `--upgrade-from OLD.deb` the first package is that one, and the upgrade must do
+//! what the postinst promises for it: hand over, or restart when the old package predates
+//! hand-overs through the unit.
 
 use std::{
     path::{Path, PathBuf},
@@ -18,14 +22,16 @@ use anyhow::{Context, Result, ensure};
 
 use crate::{apt_sources, root, run, step};
 
-/// The checks, run as `bash -c SCRIPT _ ROOT V1 V2 ACCEPTOR PYTHON CLIENT`.
+/// The checks, run as `bash -c SCRIPT _ ROOT V1 V2 ACCEPTOR PYTHON CLIENT V1_IS_BUILT`.
 const SCRIPT: &str = include_str!("package_systemd_test.sh");
 
 /// What the tree needs beyond debootstrap's minbase: systemd as init, and bpftool to see which
 /// programs are attached where.
 const SYSTEMD_PACKAGES: &[&str] = &["systemd", "systemd-sysv", "bpftool"];
 
-pub fn boot_and_check(deb: &Path, mirror: Option<&str>) -> Result<()> {
+/// Boots the tree and checks `deb`: installed first and upgraded to itself with a higher version,
+/// or, with `upgrade_from`, installed over that older package.
+pub fn boot_and_check(deb: &Path, upgrade_from: Option<&Path>, mirror: Option<&str>) -> Result<()> {
     ensure!(
         crate::sys::process::is_root(),
         "the systemd test boots a container: run as root"
@@ -68,14 +74,21 @@ pub fn boot_and_check(deb: &Path, mirror: Option<&str>) -> Result<()> {
         .canonicalize()
         .with_context(|| format!("no package at {}", deb.display()))?;
     let newer = with_newer_version(&deb, tree.path())?;
+    let first = match upgrade_from {
+        Some(old) => old
+            .canonicalize()
+            .with_context(|| format!("no package at {}", old.display()))?,
+        None => deb.clone(),
+    };
     let result = run(Command::new("bash")
         .args(["-c", SCRIPT, "package-systemd-test"])
         .arg(&root_dir)
-        .arg(&deb)
+        .arg(&first)
         .arg(&newer)
         .arg(&acceptor)
         .arg(&python)
-        .arg(&client));
+        .arg(&client)
+        .arg(if upgrade_from.is_none() { "1" } else { "0" }));
     drop(tree);
     step(&format!(
         "systemd test took {:.0} s",

@@ -1,12 +1,14 @@
 # `cargo xtask package --test --systemd`: the package under a real systemd, booted with
 # systemd-nspawn in a Debian tree that has systemd as init. Run as
-#   bash package_systemd_test.sh ROOT V1_DEB V2_DEB ACCEPTOR PYTHON KEEPALIVE_CLIENT
-# on the host. The container shares the host's network namespace, so the clients (curl --ntlm and
+#   bash package_systemd_test.sh ROOT V1_DEB V2_DEB ACCEPTOR PYTHON KEEPALIVE_CLIENT V1_IS_BUILT
+# on the host. V1_IS_BUILT is 1 when V1 is the package under test (V2 is the same with a higher
+# version), 0 when V1 is an older package (`--upgrade-from`): its own behaviour before the upgrade
+# is then not checked, only that it runs and serves. The container shares the host's network namespace, so the clients (curl --ntlm and
 # a pyspnego keep-alive login) run here, against ports picked at random; the backend (the test NTLM
 # acceptor, keyed by its TCP connection as IIS does) runs in the container as a unit of its own.
 set -euo pipefail
-root=$1 v1=$2 v2=$3 acceptor=$4 python=$5 keepalive=$6
-port=$((20000 + RANDOM % 20000)) backend=$((port + 1))
+root=$1 v1=$2 v2=$3 acceptor=$4 python=$5 keepalive=$6 v1_is_built=$7
+port=$((20000 + RANDOM % 20000)) backend=$((port + 1)) stuck_port=$((port + 2))
 user='alice' password='Passw0rd!'
 unit=ntlm-tag.service config=/etc/ntlm-tag/ntlm-tag.toml
 console="$root.console"
@@ -18,8 +20,19 @@ fail() {
     exit 1
 }
 elapsed() { echo "$(( ($(date +%s%N) - $1) / 1000000 )) ms"; }
+elapsed_s() { echo "$(( ($(date +%s%N) - $1) / 1000000000 ))"; }
 now() { date +%s%N; }
 
+# What the postinst must do when upgrading from V1: hand over when V1 has the unit's hand-over
+# helper, restart when it predates hand-overs through the unit.
+# (The listing first: `grep -q` in a pipe would fail the pipe, under pipefail, by closing it early.)
+listing=$(dpkg-deb -c "$v1")
+if grep -q ' \./usr/lib/ntlm-tag/hand-over$' <<<"$listing"; then
+    expect=hand-over
+else
+    expect=restart
+fi
+echo "upgrading from $(dpkg-deb -f "$v1" Version) to $(dpkg-deb -f "$v2" Version): the postinst must $expect"
 cp "$v1" "$root/root/v1.deb"
 cp "$v2" "$root/root/v2.deb"
 install -m 755 "$acceptor" "$root/usr/local/bin/ntlm-acceptor"
@@ -45,11 +58,12 @@ done
 [ -n "$leader" ] || { cat "$console" >&2; echo "systemd test: no container init" >&2; exit 1; }
 inside() { nsenter --target "$leader" --all /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
     DEBIAN_FRONTEND=noninteractive SYSTEMD_COLORS=0 "$@"; }
-# Until systemd listens, systemctl cannot ask it anything; then --wait returns when the boot is done.
+# Until systemd listens, systemctl cannot ask it anything (nothing, or `offline` before systemd has
+# made /run/systemd/system); then --wait returns when the boot is done.
 state=
 for _ in $(seq 600); do
     state=$(inside timeout 120 systemctl is-system-running --wait 2>/dev/null || true)
-    [ -n "$state" ] && break
+    [ -n "$state" ] && [ "$state" != offline ] && break
     sleep 0.05
 done
 echo "systemd in the container: $state after $(elapsed "$started")"
@@ -67,12 +81,17 @@ done
 echo "==> apt-get install ./v1.deb: enabled and started; without a listener the start fails with 64"
 inside apt-get install -y -qq --no-install-recommends /root/v1.deb >/dev/null
 inside systemctl is-enabled "$unit" | grep -qx enabled || fail "not enabled"
+if [ "$v1_is_built" = 1 ]; then
 inside systemctl is-failed --quiet "$unit" || fail "the unconfigured start did not fail: $(inside systemctl show -p ActiveState -p SubState "$unit")"
 shown=$(inside systemctl show -p ExecMainStatus -p Result -p NRestarts "$unit" | paste -sd' ')
 echo "$shown"
 # 64 is in RestartPreventExitStatus=: no restart loop on a configuration that cannot start.
 [ "$shown" = "Result=exit-code NRestarts=0 ExecMainStatus=64" ] || fail "unconfigured: $shown"
 inside journalctl -u "$unit" --no-pager -o cat | grep -m1 '`listen`' || fail "no \`listen\` in the journal"
+else
+    # An older package is only brought to a configured, serving state.
+    inside systemctl stop "$unit" || true
+fi
 
 echo "==> configured: listen 127.0.0.1:$port, backend 127.0.0.1:$backend"
 { echo "listen = [\"127.0.0.1:$port\"]"; echo "backends = [\"127.0.0.1:$backend\"]"; cat "$root$config"; } >"$root/root/ntlm-tag.toml"
@@ -90,6 +109,7 @@ echo "curl --ntlm -u $user through the gateway: $code"
 pid=$(inside systemctl show -p MainPID --value "$unit")
 echo "main process: $pid"
 
+if [ "$v1_is_built" = 1 ]; then
 echo "==> systemctl status shows the STATUS= line"
 status=$(inside systemctl status --no-pager "$unit" || true)
 grep -E '^ +Status: "serving [0-9]+ connection\(s\), 1/1 backends up' <<<"$status" || fail "no status line: $status"
@@ -139,6 +159,7 @@ inside systemctl is-active --quiet "$unit" || fail "not active after a refused r
 code=$(curl -s -o /dev/null -w '%{http_code}' --ntlm -u "$user:$password" "http://127.0.0.1:$port/")
 [ "$code" = 200 ] || fail "after the refused reload: $code"
 cp "$root/root/good.toml" "$root$config"
+fi
 
 echo "==> apt-get install ./v2.deb while a logged-in NTLM connection is open"
 coproc login { "$python" "$keepalive" 127.0.0.1 "$port" / "$user" "$password" --source 127.0.0.1; }
@@ -147,21 +168,33 @@ echo "logged in: $first"
 grep -q '"status": 200' <<<"$first" || fail "login: $first"
 client_port=$(sed -E 's/.*"local_port": ([0-9]+).*/\1/' <<<"$first")
 started=$(now)
-out=$(inside apt-get install -y --no-install-recommends /root/v2.deb 2>&1) || fail "apt-get install v2: $out"
+# --force-confold: the configuration is the operator's (a conffile edited above), as on a real upgrade.
+out=$(inside apt-get install -y --no-install-recommends -o Dpkg::Options::=--force-confold /root/v2.deb 2>&1) || fail "apt-get install v2: $out"
 echo "apt-get install v2 took $(elapsed "$started")"
 grep -E '^ntlm-tag: ' <<<"$out" || fail "the postinst said nothing about the service: $out"
-grep -q 'handed over' <<<"$out" || fail "no hand-over: $out"
 inside dpkg-query -W -f='${Version}\n' ntlm-tag
 new_pid=$(inside systemctl show -p MainPID --value "$unit")
 [ "$new_pid" != "$pid" ] || fail "the main process is still $pid"
 echo "main process: $pid -> $new_pid"
 inside systemctl is-active --quiet "$unit" || fail "not active after the upgrade"
-inside test -d "/proc/$pid" || fail "the old process $pid is gone: its connections were dropped"
-echo "" >&"${login[1]}"
-read -r -t 20 second <&"${login[0]}" || fail "no answer on the logged-in connection after the upgrade"
-echo "the logged-in connection after the upgrade: $second"
-grep -q '"status": 200' <<<"$second" || fail "after the upgrade: $second"
-grep -q "\"local_port\": $client_port" <<<"$second" || fail "not the same connection: $second"
+# The main process runs the installed file, not the replaced one.
+[ "$(inside stat -Lc %i "/proc/$new_pid/exe")" = "$(inside stat -c %i /usr/sbin/ntlm-tag)" ] ||
+    fail "the main process does not run the installed binary: $(inside readlink "/proc/$new_pid/exe")"
+echo "the main process runs the installed /usr/sbin/ntlm-tag"
+to_login=${login[1]}
+if [ "$expect" = hand-over ]; then
+    grep -q 'handed over to the new binary without a restart' <<<"$out" || fail "no hand-over: $out"
+    inside test -d "/proc/$pid" || fail "the old process $pid is gone: its connections were dropped"
+    echo "" >&"${login[1]}"
+    read -r -t 20 second <&"${login[0]}" || fail "no answer on the logged-in connection after the upgrade"
+    echo "the logged-in connection after the upgrade: $second"
+    grep -q '"status": 200' <<<"$second" || fail "after the upgrade: $second"
+    grep -q "\"local_port\": $client_port" <<<"$second" || fail "not the same connection: $second"
+else
+    grep -q 'predates hand-overs through the unit; restarting the service' <<<"$out" || fail "no restart: $out"
+    inside test ! -d "/proc/$pid" || fail "the old process $pid still runs after the restart"
+    echo "restarted: the old process $pid is gone, and with it the logged-in connection"
+fi
 code=$(curl -s -o /dev/null -w '%{http_code}' --ntlm -u "$user:$password" "http://127.0.0.1:$port/")
 [ "$code" = 200 ] || fail "a new connection after the upgrade: $code"
 echo "a new connection after the upgrade: $code"
@@ -169,17 +202,55 @@ new_proc=$(inside cat "/proc/$new_pid/status")
 grep -E '^(Uid|CapEff|CapBnd|NoNewPrivs|Seccomp):' <<<"$new_proc" | paste -sd' ' | tr -s '\t ' ' '
 grep -qE '^Seccomp:\s+2$' <<<"$new_proc" || fail "the new process runs without the unit's seccomp filter"
 grep -qE '^CapBnd:\s+0+$' <<<"$new_proc" || fail "the new process keeps a bounding set"
-to_login=${login[1]}
 exec {to_login}>&-
 wait "$login_PID" || true
 for _ in $(seq 200); do inside test -d "/proc/$pid" || break; sleep 0.05; done
 inside test ! -d "/proc/$pid" || fail "the old process did not exit after its last connection closed"
 echo "the old process exited after its last connection closed"
 
+echo "==> a hand-over whose new process hangs (its certificate a FIFO) fails the reload in bounded time"
+cp "$root$config" "$root/root/good.toml"
+inside mkfifo -m 644 /etc/ntlm-tag/stuck.pem
+sed -i "s|^listen = .*|listen = [\"127.0.0.1:$port\", { address = \"127.0.0.1:$stuck_port\", tls = [{ cert = \"/etc/ntlm-tag/stuck.pem\", key = \"/etc/ntlm-tag/stuck.pem\" }] }]|" "$root$config"
+grep -q stuck.pem "$root$config" || fail "the stuck listener is not in the configuration"
+before=$(inside systemctl show -p MainPID --value "$unit")
+timeout_s=$(( $(inside systemctl show -p TimeoutStartUSec --value "$unit" | sed -E 's/^([0-9]+)min ?/\1*60+/; s/s$//; s/\+$//') ))
+inside touch /run/ntlm-tag/hand-over
+started=$(now)
+set +e
+out=$(inside systemctl reload "$unit" 2>&1); code=$?
+set -e
+took=$(elapsed_s "$started")
+echo "systemctl reload exited $code after $took s (TimeoutStartSec=$timeout_s s): $out"
+[ "$code" != 0 ] || fail "the reload of a hand-over that hangs succeeded"
+[ "$took" -lt "$timeout_s" ] || fail "the reload took $took s, not less than TimeoutStartSec=$timeout_s s"
+journal=$(inside journalctl -u "$unit" --no-pager -o cat)
+grep -m1 'not ready to take over within --ready-timeout (60 s), stuck reading the configuration' <<<"$journal" ||
+    fail "the new process did not say what it was stuck on: $journal"
+grep -m1 'hand-over refused: `ntlm-tag upgrade` exited 75' <<<"$journal" || fail "the hand-over did not say it was refused: $journal"
+grep -q 'Reload operation timed out' <<<"$journal" && fail "systemd timed the reload out: $journal"
+procs=$(inside sh -c "cat \$(find /sys/fs/cgroup/system.slice/$unit -name cgroup.procs)" | sort -u | paste -sd' ')
+[ "$procs" = "$before" ] || fail "processes in the unit's cgroup: $procs (expected only the main process $before)"
+echo "the unit's cgroup holds only the main process $before"
+[ "$(inside systemctl show -p MainPID --value "$unit")" = "$before" ] || fail "the main process changed"
+inside systemctl is-active --quiet "$unit" || fail "not active after the stuck hand-over"
+code=$(curl -s -o /dev/null -w '%{http_code}' --ntlm -u "$user:$password" "http://127.0.0.1:$port/")
+[ "$code" = 200 ] || fail "after the stuck hand-over: $code"
+echo "the service serves on: curl --ntlm $code"
+cp "$root/root/good.toml" "$root$config"
+inside rm /etc/ntlm-tag/stuck.pem
+inside touch /run/ntlm-tag/hand-over
+inside systemctl reload "$unit" || fail "the hand-over after the stuck one failed"
+after=$(inside systemctl show -p MainPID --value "$unit")
+[ "$after" != "$before" ] || fail "the hand-over after the stuck one did not change the main process"
+code=$(curl -s -o /dev/null -w '%{http_code}' --ntlm -u "$user:$password" "http://127.0.0.1:$port/")
+[ "$code" = 200 ] || fail "after the next hand-over: $code"
+echo "the next hand-over: main process $before -> $after; curl --ntlm: $code"
+
 echo "==> a refused hand-over falls back to a restart (the upgrade socket removed)"
 inside rm /run/ntlm-tag/upgrade.sock
 before=$(inside systemctl show -p MainPID --value "$unit")
-out=$(inside apt-get install -y --reinstall --no-install-recommends /root/v2.deb 2>&1) || fail "apt-get install --reinstall: $out"
+out=$(inside apt-get install -y --reinstall --no-install-recommends -o Dpkg::Options::=--force-confold /root/v2.deb 2>&1) || fail "apt-get install --reinstall: $out"
 grep -E '^ntlm-tag: ' <<<"$out" || fail "the postinst said nothing about the service: $out"
 grep -q 'hand-over was refused' <<<"$out" || fail "no fallback: $out"
 after=$(inside systemctl show -p MainPID --value "$unit")

@@ -330,9 +330,7 @@ fn kernel_report(state: &AdminState) -> KernelReport {
         cgroup: kernel.map(|k| k.cgroup_path().display().to_string()),
         map_entries: kernel.map(KernelTracker::map_entries),
         counters: kernel.map(KernelTracker::counters),
-        xdp: kernel
-            .map(|k| k.xdp_attachments().to_vec())
-            .unwrap_or_default(),
+        xdp: kernel.map(|k| k.xdp_attachments()).unwrap_or_default(),
         records: kernel
             .map(|k| {
                 k.records()

@@ -100,6 +100,7 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
     if let Some(predecessor) = predecessor {
         take_over(
             predecessor,
+            kernel.as_deref(),
             gateway.identifier.uid_nonce(),
             Arc::clone(&metrics),
         )
@@ -128,12 +129,22 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
         )));
     }
     let (successor_tx, mut successors) = tokio::sync::mpsc::channel(1);
+    // After a successor failed: it may have swapped its XDP program in just before it failed.
+    let restore_xdp = {
+        let kernel = kernel.clone();
+        move || {
+            if let Some(k) = &kernel {
+                k.restore_xdp();
+            }
+        }
+    };
     if let (Some(socket), Some(handover)) = (upgrade_socket, handover) {
         tokio::spawn(handover::offer_to_successors(
             socket,
             handover,
             successor_tx,
             stop_serving_rx.clone(),
+            restore_xdp.clone(),
         ));
     }
     let admin_address = admin_listener.map(|listener| {
@@ -205,7 +216,16 @@ pub async fn run(config: Config, args: RunArgs, prepared: Prepared) -> Result<()
     let _ = stop_serving_tx.send(true);
     if let Some(successor) = successor {
         let _ = hand_over_tx.send(true);
-        if hand_over(successor, accepting, &tracker, &gateway, &mut signals).await {
+        if hand_over(
+            successor,
+            accepting,
+            &tracker,
+            &gateway,
+            &mut signals,
+            restore_xdp,
+        )
+        .await
+        {
             return Ok(());
         }
     }
@@ -250,8 +270,10 @@ async fn start_gateway(
             config.identity.template.clone(),
             Arc::clone(&metrics),
         )),
-        id_display: IdDisplay::new(config.show_full_ids)
-            .context("cannot draw the random key for id hashes")?,
+        id_display: Arc::new(
+            IdDisplay::new(config.show_full_ids)
+                .context("cannot draw the random key for id hashes")?,
+        ),
         policy: StampPolicy {
             id_header: config.identity.header.clone(),
             forwarded_headers: config.identity.forwarded_headers,
@@ -318,6 +340,7 @@ async fn hand_over(
     tracker: &TaskTracker,
     gateway: &Gateway,
     signals: &mut Signals,
+    restore_xdp: impl Fn(),
 ) -> bool {
     let mut drained = 0;
     for task in accepting {
@@ -329,12 +352,16 @@ async fn hand_over(
     let mut reports = None;
     match tokio::task::spawn_blocking(move || successor.release(drained, draining)).await {
         Ok(Ok(r)) => reports = Some(r),
-        Ok(Err(e)) => tracing::error!(
-            successor = pid,
-            error = %e,
-            "upgrade: the successor went away after it said it was ready, and this process \
-             no longer accepts: nothing accepts new connections now; start the service again"
-        ),
+        Ok(Err(e)) => {
+            tracing::error!(
+                successor = pid,
+                error = %e,
+                "upgrade: the successor went away after it said it was ready, and this process \
+                 no longer accepts: nothing accepts new connections now; start the service again"
+            );
+            // This process's own connections still need their tunnels decapsulated and joined.
+            restore_xdp();
+        }
         Err(e) => tracing::error!(error = %e, "upgrade: the hand-over task failed"),
     }
     tracing::info!(

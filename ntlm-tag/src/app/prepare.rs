@@ -4,16 +4,19 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use socket2::{Domain, Socket, Type};
 
 use super::reload::log_warnings;
 use crate::{
     admin::AdminListener,
     config::Config,
-    handover::{self, Predecessor, UpgradeSocket},
-    kernel::{self, EbpfMode, KernelTracker, local_addrs, privileges},
+    handover::{self, Predecessor, UpgradeSocket, XdpTaken},
+    kernel::{
+        self, EbpfMode, InheritedXdp, InheritedXdpLink, KernelTracker, local_addrs, privileges,
+    },
     proxy::ListenerConfig,
+    ready_deadline::{self, Step},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -45,15 +48,9 @@ pub fn prepare(config: &Config, upgrade: bool) -> Result<Prepared> {
         let path = config.upgrade_socket.as_deref().context(
             "`ntlm-tag upgrade` takes over through upgrade_socket, and the configuration sets none",
         )?;
-        if !config.ebpf.xdp_interfaces.is_empty() {
-            // XDP takes one program per interface and mode, held by the running gateway; taking it
-            // over is not implemented, so refuse before the running gateway is touched.
-            bail!(
-                "`ntlm-tag upgrade` does not support `xdp` interfaces yet (the running gateway holds \
-                 their XDP attachment); restart the service instead"
-            );
-        }
+        ready_deadline::entering(Step::Connecting);
         let (predecessor, inherited) = handover::take_over(path)?;
+        ready_deadline::entering(Step::Kernel);
         (Some(predecessor), Some(inherited))
     } else {
         (None, None)
@@ -69,6 +66,14 @@ pub fn prepare(config: &Config, upgrade: bool) -> Result<Prepared> {
         ),
         None => None,
     };
+    // The running gateway's XDP links, for the interfaces this configuration names; refused here,
+    // before anything is attached, when it cannot hand them over.
+    let inherited_xdp = match inherited.as_mut() {
+        Some(i) if config.ebpf.mode != EbpfMode::Off => i
+            .take_xdp_links(&config.ebpf.xdp_interfaces)
+            .map_err(|reason| anyhow::anyhow!("`ntlm-tag upgrade`: {reason}"))?,
+        _ => (Vec::new(), None),
+    };
     let (mut kernel, mut ebpf_status) = match &inherited {
         Some(i) if i.cgroup.is_none() && config.ebpf.mode != EbpfMode::Off => {
             let problem = "the running gateway has no kernel programs, so its listeners belong to no \
@@ -80,8 +85,8 @@ pub fn prepare(config: &Config, upgrade: bool) -> Result<Prepared> {
             tracing::warn!("{problem}; connections use peer addresses");
             (None, format!("unavailable: {problem}"))
         }
-        Some(i) => start_kernel(config, i.cgroup.as_deref())?,
-        None => start_kernel(config, None)?,
+        Some(i) => start_kernel(config, i.cgroup.as_deref(), inherited_xdp)?,
+        None => start_kernel(config, None, (Vec::new(), None))?,
     };
     let mut listeners = Vec::new();
     for l in &config.listeners {
@@ -215,9 +220,12 @@ pub(super) fn watch_local_addresses(
 }
 
 /// Loads the kernel programs as `config.ebpf.mode` asks. Returns the tracker and a status line.
+///
+/// `xdp` is what the running gateway handed over (an upgrade): its links and its program.
 pub(super) fn start_kernel(
     config: &Config,
     join: Option<&std::path::Path>,
+    xdp: XdpTaken,
 ) -> Result<(Option<Arc<KernelTracker>>, String)> {
     match config.ebpf.mode {
         EbpfMode::Off => {
@@ -227,7 +235,7 @@ pub(super) fn start_kernel(
             );
             Ok((None, "off".to_string()))
         }
-        mode => match KernelTracker::start(&config.kernel_options(), join) {
+        mode => match KernelTracker::start(&config.kernel_options(), join, inherited_links(xdp)) {
             Ok(k) => Ok((Some(Arc::new(k)), "attached".to_string())),
             Err(e) if mode == EbpfMode::Required => Err(EbpfRequiredError(format!("{e:#}")).into()),
             Err(e) => {
@@ -241,4 +249,16 @@ pub(super) fn start_kernel(
             }
         },
     }
+}
+
+fn inherited_links((links, program): XdpTaken) -> InheritedXdp {
+    let links = links
+        .into_iter()
+        .map(|(interface, mode, link)| InheritedXdpLink {
+            interface,
+            mode,
+            link,
+        })
+        .collect();
+    InheritedXdp { links, program }
 }

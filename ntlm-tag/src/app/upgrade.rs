@@ -13,8 +13,8 @@ use super::{
 };
 use crate::{
     admin::AdminListener,
-    handover::{self, Handover, Predecessor, UpgradeSocket},
-    kernel::KernelTracker,
+    handover::{self, Handover, OfferedXdp, Predecessor, UpgradeSocket},
+    kernel::{KernelTracker, XdpHandover},
     metrics::Metrics,
     proxy::{Gateway, ListenerConfig},
 };
@@ -74,19 +74,44 @@ pub(super) async fn drain_after_upgrade(
     }
 }
 
-/// The successor's side of a hand-over: ready, so the predecessor may stop accepting.
+/// The successor's side of a hand-over: swaps its XDP program into the links the predecessor
+/// handed over, then says it is ready, so the predecessor may stop accepting.
 pub(super) async fn take_over(
     predecessor: Predecessor,
+    kernel: Option<&KernelTracker>,
     uid_nonce: &str,
     metrics: Arc<Metrics>,
 ) -> Result<()> {
     let pid = predecessor.pid;
+    // Last, just before `Ready`: the old process goes on with this process's XDP program only
+    // for the moment until it stops accepting. Should the hand-over fail from here on, this
+    // process swaps the old one's program back (and the old one checks its links too, in case
+    // this process dies first).
+    if let Some(k) = kernel
+        && let Err(e) = k.take_over_xdp()
+    {
+        // Some links may run this process's program already.
+        k.give_back_xdp();
+        return Err(anyhow::Error::new(e)
+            .context("cannot swap this process's XDP program into the running gateway's links"));
+    }
     let nonce = uid_nonce.to_string();
-    let (drained, draining) =
-        tokio::task::spawn_blocking(move || predecessor.hand_over(&nonce, metrics))
-            .await
-            .context("the hand-over task failed")?
-            .context("the running gateway did not release its listeners; it keeps serving")?;
+    let handed = tokio::task::spawn_blocking(move || predecessor.hand_over(&nonce, metrics))
+        .await
+        .context("the hand-over task failed")
+        .and_then(|r| {
+            r.context("the running gateway did not release its listeners; it keeps serving")
+        });
+    let (drained, draining) = match handed {
+        Ok(released) => released,
+        Err(e) => {
+            // The running gateway goes on: with its own XDP program, not this process's.
+            if let Some(k) = kernel {
+                k.give_back_xdp();
+            }
+            return Err(e);
+        }
+    };
     tracing::info!(
         predecessor = pid,
         predecessor_accepted_from_queue = drained,
@@ -103,7 +128,8 @@ pub(super) async fn take_over(
     Ok(())
 }
 
-/// Second descriptors of the sockets, and the cgroup they belong to, for a successor.
+/// Second descriptors of the sockets and XDP links, and the cgroup the sockets belong to, for a
+/// successor.
 pub(super) fn handover_sockets(
     listeners: &[(std::net::TcpListener, Arc<ListenerConfig>)],
     admin: Option<(&AdminListener, String)>,
@@ -118,6 +144,10 @@ pub(super) fn handover_sockets(
         Some((listener, endpoint)) => Some((endpoint, listener.dup()?)),
         None => None,
     };
+    let xdp = match kernel {
+        Some(k) => k.xdp_handover()?,
+        None => XdpHandover::default(),
+    };
     Ok(Handover {
         pid: std::process::id(),
         cgroup: kernel.map(|k| k.cgroup_path().to_path_buf()),
@@ -125,5 +155,18 @@ pub(super) fn handover_sockets(
         admin,
         upgrade: upgrade.dup()?,
         upgrade_path: upgrade.path().to_path_buf(),
+        xdp: xdp
+            .links
+            .into_iter()
+            .map(|l| {
+                let offered = OfferedXdp {
+                    interface: l.interface,
+                    mode: l.mode.to_string(),
+                };
+                (offered, l.link)
+            })
+            .collect(),
+        xdp_program: xdp.program,
+        xdp_netlink: xdp.netlink,
     })
 }

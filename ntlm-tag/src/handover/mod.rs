@@ -14,8 +14,15 @@
 //! 3. old → new `Released`; the new process accepts from now on, the old one serves its own
 //!    connections until they close or `timeouts.upgrade_drain_secs` passes.
 //!
+//! XDP links travel with the sockets. The new process attaches nothing to the interfaces they are
+//! attached to (a second XDP link on an interface is refused): just before `Ready` it swaps its
+//! own program into each link, atomically, so that decapsulation never stops.
+//!
 //! Until `Released`, the old process is unchanged: a successor that fails or disconnects earlier
-//! changes nothing.
+//! changes nothing. One that fails after swapping its XDP program in swaps the old process's back
+//! (the offer carries that program too); and the old process, after every offer that did not end
+//! in `Ready` or `Released`, checks that its links run its own program and puts it back if not
+//! (a successor that died before it could).
 #![forbid(unsafe_code)]
 
 mod offer;
@@ -30,8 +37,8 @@ use std::{
 };
 
 pub use offer::{DrainReports, Handover, Successor, UpgradeSocket, offer_to_successors};
-pub use take_over::{Inherited, Predecessor, take_over};
-pub use wire::{Message, Offer, WireError};
+pub use take_over::{Inherited, Predecessor, XdpTaken, take_over};
+pub use wire::{Message, Offer, OfferedXdp, WireError};
 
 /// How long each side waits for the other's next message: the successor's start-up (loading the
 /// kernel programs) happens in between, which takes seconds on a slow machine.
@@ -84,6 +91,8 @@ pub enum HandoverError {
     Unexpected { expected: &'static str, got: String },
     #[error("the running gateway sent {sockets} sockets for an offer that names {named}")]
     SocketCount { sockets: usize, named: usize },
+    #[error("not ready to take over within --ready-timeout; the running gateway keeps serving")]
+    NotReadyInTime,
     #[error("hand-over: {0}")]
     Wire(#[from] WireError),
 }

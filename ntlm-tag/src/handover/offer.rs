@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::{
     HANDED_OVER, HandoverError, OWNS_SOCKET_FILES, STEP_TIMEOUT, owns_socket_files,
-    wire::{self, Message, Offer, WireError},
+    wire::{self, Message, Offer, OfferedXdp, WireError},
 };
 
 /// The unix socket a successor connects to. Created 0600 by root before the user switch: only
@@ -98,14 +98,22 @@ pub struct Handover {
     pub admin: Option<(String, OwnedFd)>,
     pub upgrade: OwnedFd,
     pub upgrade_path: PathBuf,
+    /// The XDP links (a successor swaps its program into them).
+    pub xdp: Vec<(OfferedXdp, OwnedFd)>,
+    /// The XDP program, for a successor that fails after swapping its own in.
+    pub xdp_program: Option<OwnedFd>,
+    /// Interfaces with XDP attached through netlink (nothing to hand over).
+    pub xdp_netlink: Vec<String>,
 }
 
 impl Handover {
-    fn offer(&self) -> (Offer, Vec<std::os::fd::BorrowedFd<'_>>) {
+    pub(super) fn offer(&self) -> (Offer, Vec<std::os::fd::BorrowedFd<'_>>) {
         let log_stream = !std::io::IsTerminal::is_terminal(&std::io::stderr());
         let mut fds: Vec<_> = self.listeners.iter().map(|(_, fd)| fd.as_fd()).collect();
         fds.extend(self.admin.iter().map(|(_, fd)| fd.as_fd()));
         fds.push(self.upgrade.as_fd());
+        fds.extend(self.xdp.iter().map(|(_, fd)| fd.as_fd()));
+        fds.extend(self.xdp_program.iter().map(|fd| fd.as_fd()));
         if log_stream {
             fds.push(stderr_fd());
         }
@@ -116,6 +124,9 @@ impl Handover {
             listeners: self.listeners.iter().map(|(a, _)| *a).collect(),
             admin: self.admin.as_ref().map(|(e, _)| e.clone()),
             upgrade_socket: self.upgrade_path.clone(),
+            xdp: Some(self.xdp.iter().map(|(x, _)| x.clone()).collect()),
+            xdp_program: self.xdp_program.is_some(),
+            xdp_netlink: self.xdp_netlink.clone(),
             log_stream,
         };
         (offer, fds)
@@ -180,12 +191,14 @@ impl DrainReports {
 
 /// Accepts successors on `socket` until one is ready (it is sent on `ready`; the main loop then
 /// releases the sockets to it) or `stop` fires. A successor that is not root or this gateway's own
-/// user, or that fails before it is ready, changes nothing.
+/// user, or that fails before it is ready, changes nothing: `after_failure` undoes what such a
+/// successor may have done (swapped its XDP program into this process's links).
 pub async fn offer_to_successors(
     socket: UpgradeSocket,
     handover: Arc<Handover>,
     ready: mpsc::Sender<Successor>,
     mut stop: watch::Receiver<bool>,
+    after_failure: impl Fn() + Send + 'static,
 ) {
     let listener = match socket
         .listener
@@ -228,9 +241,13 @@ pub async fn offer_to_successors(
                 }
             }
             Ok(Err(e)) => {
+                after_failure();
                 tracing::warn!(error = %e, "upgrade did not happen; this process keeps serving as before")
             }
-            Err(e) => tracing::error!(error = %e, "upgrade: the hand-over task failed"),
+            Err(e) => {
+                after_failure();
+                tracing::error!(error = %e, "upgrade: the hand-over task failed")
+            }
         }
     }
 }

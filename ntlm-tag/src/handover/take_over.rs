@@ -14,7 +14,7 @@ use std::{
 
 use super::{
     HandoverError, OWNS_SOCKET_FILES, STEP_TIMEOUT,
-    wire::{self, Message, WireError},
+    wire::{self, Message, Offer, OfferedXdp, WireError},
 };
 use crate::metrics::Metrics;
 
@@ -31,7 +31,13 @@ pub struct Inherited {
     listeners: Vec<(SocketAddr, OwnedFd)>,
     admin: Option<(String, OwnedFd)>,
     upgrade: Option<(PathBuf, OwnedFd)>,
+    xdp: Option<Vec<(OfferedXdp, OwnedFd)>>,
+    xdp_program: Option<OwnedFd>,
+    xdp_netlink: Vec<String>,
 }
+
+/// The XDP links handed over, as (interface, mode, link), and the running gateway's program.
+pub type XdpTaken = (Vec<(String, String, OwnedFd)>, Option<OwnedFd>);
 
 /// Connects to the gateway running on `path` and receives its offer.
 pub fn take_over(path: &Path) -> Result<(Predecessor, Inherited), HandoverError> {
@@ -52,30 +58,15 @@ pub fn take_over(path: &Path) -> Result<(Predecessor, Inherited), HandoverError>
             });
         }
     };
-    let named = offer.listeners.len()
-        + usize::from(offer.admin.is_some())
-        + 1
-        + usize::from(offer.log_stream);
-    if fds.len() != named {
-        return Err(HandoverError::SocketCount {
-            sockets: fds.len(),
-            named,
-        });
-    }
-    let mut fds = fds.into_iter();
-    let listeners = offer.listeners.iter().copied().zip(fds.by_ref()).collect();
-    let admin = offer
-        .admin
-        .clone()
-        .zip(fds.next().filter(|_| offer.admin.is_some()));
-    let upgrade = fds.next().map(|fd| (offer.upgrade_socket.clone(), fd));
-    if let Some(log) = fds.next() {
+    let (inherited, log) = Inherited::from_offer(&offer, fds)?;
+    if let Some(log) = log {
         take_log_stream(log);
     }
     tracing::info!(
         predecessor = offer.pid,
         listeners = ?offer.listeners,
         cgroup = ?offer.cgroup,
+        xdp = ?offer.xdp,
         "upgrade: received the running gateway's sockets"
     );
     Ok((
@@ -84,12 +75,7 @@ pub fn take_over(path: &Path) -> Result<(Predecessor, Inherited), HandoverError>
             pid: offer.pid,
             notify_socket: offer.notify_socket,
         },
-        Inherited {
-            cgroup: offer.cgroup,
-            listeners,
-            admin,
-            upgrade,
-        },
+        inherited,
     ))
 }
 
@@ -108,6 +94,48 @@ pub(super) fn take_log_stream(log: OwnedFd) {
 }
 
 impl Inherited {
+    /// Sorts the descriptors that came with `offer` (listeners, admin, upgrade socket, XDP links,
+    /// in that order); the last one is the old process's log stream when the offer says so.
+    fn from_offer(
+        offer: &Offer,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(Inherited, Option<OwnedFd>), HandoverError> {
+        let named = offer.listeners.len()
+            + usize::from(offer.admin.is_some())
+            + 1
+            + offer.xdp.as_ref().map_or(0, Vec::len)
+            + usize::from(offer.xdp_program)
+            + usize::from(offer.log_stream);
+        if fds.len() != named {
+            return Err(HandoverError::SocketCount {
+                sockets: fds.len(),
+                named,
+            });
+        }
+        let mut fds = fds.into_iter();
+        let listeners = offer.listeners.iter().copied().zip(fds.by_ref()).collect();
+        let admin = match &offer.admin {
+            Some(endpoint) => fds.next().map(|fd| (endpoint.clone(), fd)),
+            None => None,
+        };
+        let upgrade = fds.next().map(|fd| (offer.upgrade_socket.clone(), fd));
+        let xdp = offer
+            .xdp
+            .clone()
+            .map(|xdp| xdp.into_iter().zip(fds.by_ref()).collect());
+        let xdp_program = if offer.xdp_program { fds.next() } else { None };
+        let inherited = Inherited {
+            cgroup: offer.cgroup.clone(),
+            listeners,
+            admin,
+            upgrade,
+            xdp,
+            xdp_program,
+            xdp_netlink: offer.xdp_netlink.clone(),
+        };
+        Ok((inherited, fds.next()))
+    }
+
     /// The listening socket for `address`, if the predecessor had one.
     pub fn take_listener(&mut self, address: SocketAddr) -> Option<std::net::TcpListener> {
         let i = self.listeners.iter().position(|(a, _)| *a == address)?;
@@ -136,6 +164,35 @@ impl Inherited {
         }
     }
 
+    /// The XDP links handed over and the running gateway's program; `Err` with the reason when
+    /// the running gateway cannot hand over XDP on one of `interfaces` (attached without a link, or
+    /// a version that does not offer its links).
+    pub fn take_xdp_links(&mut self, interfaces: &[String]) -> Result<XdpTaken, String> {
+        let links = self.xdp.take();
+        if !interfaces.is_empty() {
+            if links.is_none() {
+                return Err(
+                    "the running gateway is a version that cannot hand its XDP attachment over; \
+                     restart the service once (later upgrades take XDP over)"
+                        .to_string(),
+                );
+            }
+            if let Some(interface) = interfaces.iter().find(|i| self.xdp_netlink.contains(i)) {
+                return Err(format!(
+                    "the running gateway attached XDP to {interface} through netlink (this \
+                     kernel has no XDP bpf_links), which cannot be handed over; restart the \
+                     service instead"
+                ));
+            }
+        }
+        let links = links
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(x, fd)| (x.interface, x.mode, fd))
+            .collect();
+        Ok((links, self.xdp_program.take()))
+    }
+
     /// Closes what the new configuration does not use, saying so.
     pub fn close_unused(self) {
         for (address, _) in &self.listeners {
@@ -146,6 +203,9 @@ impl Inherited {
         }
         if let Some((path, _)) = &self.upgrade {
             tracing::info!(path = %path.display(), "upgrade: upgrade_socket changed; closing the old one");
+        }
+        for (xdp, _) in self.xdp.iter().flatten() {
+            tracing::info!(interface = %xdp.interface, "upgrade: this process runs no XDP program; the interface keeps the old process's until that process exits");
         }
     }
 }
@@ -159,6 +219,11 @@ impl Predecessor {
         uid_nonce: &str,
         metrics: Arc<Metrics>,
     ) -> Result<(usize, usize), HandoverError> {
+        // From `Ready` on the predecessor stops accepting for this process: the start-up deadline
+        // must not end it any more (and if it already fired, the process is exiting).
+        if !crate::ready_deadline::disarm() {
+            return Err(HandoverError::NotReadyInTime);
+        }
         let ready = Message::Ready {
             pid: std::process::id(),
             uid_nonce: uid_nonce.to_string(),
@@ -245,6 +310,121 @@ pub(super) fn announce_main_pid(socket: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handover::Handover;
+    use std::net::TcpListener;
+
+    /// A socket standing for any descriptor in an offer: its address tells which one arrived where.
+    fn stand_in() -> (SocketAddr, OwnedFd) {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        (l.local_addr().expect("addr"), OwnedFd::from(l))
+    }
+
+    fn addr_of(fd: OwnedFd) -> SocketAddr {
+        TcpListener::from(fd).local_addr().expect("addr")
+    }
+
+    /// What a successor receives for `handover`: the offer and duplicates of its descriptors.
+    fn received(handover: &Handover) -> (Offer, Vec<OwnedFd>) {
+        let (offer, fds) = handover.offer();
+        let fds = fds
+            .iter()
+            .map(|fd| fd.try_clone_to_owned().expect("dup"))
+            .collect();
+        (offer, fds)
+    }
+
+    fn handover_of(admin: bool, xdp: &[(&str, &str)]) -> (Handover, Vec<SocketAddr>) {
+        let (listener, listener_fd) = stand_in();
+        let (upgrade, upgrade_fd) = stand_in();
+        let links: Vec<_> = xdp.iter().map(|_| stand_in()).collect();
+        let mut expected = vec![listener, upgrade];
+        expected.extend(links.iter().map(|(a, _)| *a));
+        let handover = Handover {
+            pid: 7,
+            cgroup: None,
+            listeners: vec![(listener, listener_fd)],
+            admin: admin.then(|| ("unix:/run/ntlm-tag/admin.sock".to_string(), stand_in().1)),
+            upgrade: upgrade_fd,
+            upgrade_path: PathBuf::from("/run/ntlm-tag/upgrade.sock"),
+            xdp: xdp
+                .iter()
+                .zip(links)
+                .map(|((interface, mode), (_, fd))| {
+                    let offered = OfferedXdp {
+                        interface: interface.to_string(),
+                        mode: mode.to_string(),
+                    };
+                    (offered, fd)
+                })
+                .collect(),
+            xdp_program: Some(stand_in().1),
+            xdp_netlink: Vec::new(),
+        };
+        (handover, expected)
+    }
+
+    #[test]
+    fn xdp_links_arrive_named_by_their_interfaces_after_the_upgrade_socket() {
+        for admin in [true, false] {
+            let (handover, expected) =
+                handover_of(admin, &[("eth1", "native"), ("eth2", "generic")]);
+            let (offer, fds) = received(&handover);
+            let (mut inherited, _log) = Inherited::from_offer(&offer, fds).expect("sorted");
+            let upgrade = inherited
+                .take_upgrade_socket(Path::new("/run/ntlm-tag/upgrade.sock"))
+                .expect("the upgrade socket");
+            assert_eq!(addr_of(upgrade), expected[1], "admin: {admin}");
+            let (links, program) = inherited
+                .take_xdp_links(&["eth2".to_string()])
+                .expect("links handed over");
+            assert!(program.is_some(), "the running gateway's program");
+            let got: Vec<_> = links
+                .into_iter()
+                .map(|(interface, mode, fd)| (interface, mode, addr_of(fd)))
+                .collect();
+            assert_eq!(
+                got,
+                vec![
+                    ("eth1".to_string(), "native".to_string(), expected[2]),
+                    ("eth2".to_string(), "generic".to_string(), expected[3]),
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn xdp_that_cannot_be_handed_over_is_refused_only_when_configured() {
+        // A predecessor that offers no links (an older version) or attached through netlink.
+        let (handover, _) = handover_of(true, &[]);
+        let (mut offer, fds) = received(&handover);
+        offer.xdp = None;
+        let (mut older, _) = Inherited::from_offer(&offer, fds).expect("sorted");
+        assert_eq!(older.take_xdp_links(&[]).map(|(l, _)| l.len()), Ok(0));
+        let refused = older
+            .take_xdp_links(&["eth1".to_string()])
+            .expect_err("refused");
+        assert!(refused.contains("restart the service once"), "{refused}");
+
+        let (mut handover, _) = handover_of(true, &[]);
+        handover.xdp_netlink = vec!["eth1".to_string()];
+        let (offer, fds) = received(&handover);
+        let (mut netlink, _) = Inherited::from_offer(&offer, fds).expect("sorted");
+        let refused = netlink
+            .take_xdp_links(&["eth0".to_string(), "eth1".to_string()])
+            .expect_err("refused");
+        assert!(refused.contains("eth1 through netlink"), "{refused}");
+    }
+
+    #[test]
+    fn an_offer_whose_descriptors_do_not_match_is_refused() {
+        let (handover, _) = handover_of(true, &[("eth1", "native")]);
+        let (offer, mut fds) = received(&handover);
+        fds.pop();
+        assert!(matches!(
+            Inherited::from_offer(&offer, fds),
+            Err(HandoverError::SocketCount { .. })
+        ));
+    }
 
     #[test]
     fn systemd_learns_the_new_main_pid_on_a_path_or_an_abstract_socket() {

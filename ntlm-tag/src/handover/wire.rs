@@ -65,8 +65,27 @@ pub struct Offer {
     pub admin: Option<String>,
     /// The upgrade socket's path; its listening socket comes last.
     pub upgrade_socket: PathBuf,
+    /// The XDP links, one descriptor each after the upgrade socket's, in this order. Absent from
+    /// the offers of versions that could not hand XDP over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xdp: Option<Vec<OfferedXdp>>,
+    /// The old process's XDP program follows the links (for the successor to swap back should it
+    /// fail after swapping its own in).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub xdp_program: bool,
+    /// Interfaces with XDP attached without a link (netlink): they cannot be handed over.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub xdp_netlink: Vec<String>,
     /// The old process's stderr follows (its log stream, e.g. the journal's).
     pub log_stream: bool,
+}
+
+/// One XDP link in an offer: the interface it is attached to and its mode.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OfferedXdp {
+    pub interface: String,
+    /// `native` or `generic`.
+    pub mode: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +183,9 @@ mod tests {
             listeners: vec![listener.local_addr().expect("addr")],
             admin: None,
             upgrade_socket: PathBuf::from("/run/ntlm-tag/upgrade.sock"),
+            xdp: Some(Vec::new()),
+            xdp_program: false,
+            xdp_netlink: Vec::new(),
             log_stream: false,
         });
         send(&a, &offer, &[listener.as_fd()]).expect("send");

@@ -8,8 +8,12 @@
 //! warning) shows the full id as well.
 #![forbid(unsafe_code)]
 
-use std::fmt;
+use std::{
+    fmt,
+    sync::{Arc, OnceLock},
+};
 
+use http::HeaderValue;
 use ring::hmac;
 
 /// Bytes of the HMAC kept: 48 bits, 12 hex digits.
@@ -57,7 +61,11 @@ impl IdDisplay {
     }
 
     pub fn hash(&self, id: &str) -> IdHash {
-        let tag = hmac::sign(&self.key, id.as_bytes());
+        self.hash_bytes(id.as_bytes())
+    }
+
+    fn hash_bytes(&self, id: &[u8]) -> IdHash {
+        let tag = hmac::sign(&self.key, id);
         let mut out = [0u8; HASH_BYTES];
         out.copy_from_slice(&tag.as_ref()[..HASH_BYTES]);
         IdHash(out)
@@ -70,6 +78,45 @@ impl IdDisplay {
 
     pub fn shows_full_ids(&self) -> bool {
         self.show_full_ids
+    }
+}
+
+/// How log lines, the access log and the admin table name one connection: the keyed hash of its
+/// id, computed the first time it is shown. The HMAC is most of what registering a connection
+/// costs; a connection that logs nothing and is never listed (access log off) never pays it.
+pub struct ConnName {
+    /// The id, shared with the header value every request is stamped with (a clone of it is a
+    /// reference count, not a copy).
+    id: HeaderValue,
+    display: Arc<IdDisplay>,
+    hash: OnceLock<IdHash>,
+}
+
+impl ConnName {
+    pub fn new(id: HeaderValue, display: Arc<IdDisplay>) -> Self {
+        ConnName {
+            id,
+            display,
+            hash: OnceLock::new(),
+        }
+    }
+
+    pub fn hash(&self) -> IdHash {
+        *self
+            .hash
+            .get_or_init(|| self.display.hash_bytes(self.id.as_bytes()))
+    }
+}
+
+impl fmt::Display for ConnName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.hash(), f)
+    }
+}
+
+impl fmt::Debug for ConnName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
@@ -101,6 +148,15 @@ mod tests {
         assert!(!ID.contains(&shown));
         assert_eq!(d.full(ID), None);
         assert!(!format!("{d:?}").contains("key:"));
+    }
+
+    #[test]
+    fn a_connection_name_is_the_hash_of_its_id_and_hides_the_id() {
+        let d = Arc::new(IdDisplay::new(false).expect("random"));
+        let name = ConnName::new(HeaderValue::from_static(ID), Arc::clone(&d));
+        assert_eq!(name.hash(), d.hash(ID));
+        assert_eq!(name.to_string(), d.hash(ID).to_string());
+        assert_eq!(format!("{name:?}"), d.hash(ID).to_string());
     }
 
     #[test]

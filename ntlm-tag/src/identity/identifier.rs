@@ -84,10 +84,8 @@ impl Identifier {
         proxy: Option<ProxyProtocol<'_>>,
         listener: Arc<str>,
     ) -> io::Result<Identifying> {
-        let _ = stream.set_nodelay(true);
-        let local = stream.local_addr()?;
         let cookie = socket_cookie(&stream).ok();
-        let identity = self.identify(cookie, peer, local);
+        let identity = self.identify(cookie, peer, &stream)?;
         let step = match proxy {
             None => ProxyStep::None,
             Some(p) if p.trusted.contains(identity.peer.ip()) => ProxyStep::Read(p.header_timeout),
@@ -156,12 +154,12 @@ impl Identifier {
         &self,
         cookie: Option<u64>,
         peer: SocketAddr,
-        local: SocketAddr,
-    ) -> ConnectionIdentity {
+        stream: &TcpStream,
+    ) -> io::Result<ConnectionIdentity> {
         if let (Some(kernel), Some(cookie)) = (&self.kernel, cookie) {
             match kernel.lookup(cookie) {
                 Some(record) if canonical(record.peer) == canonical(peer) => {
-                    return ConnectionIdentity::from_record(record, cookie);
+                    return Ok(ConnectionIdentity::from_record(record, cookie));
                 }
                 Some(record) => {
                     // Never trust a record that disagrees with the socket: fall back, and say so.
@@ -176,7 +174,13 @@ impl Identifier {
                 None => {}
             }
         }
-        ConnectionIdentity::from_peer(peer, local, cookie)
+        // Only the fallback asks the socket for its local address (a getsockname per
+        // connection): the kernel's record carries it.
+        Ok(ConnectionIdentity::from_peer(
+            peer,
+            stream.local_addr()?,
+            cookie,
+        ))
     }
 
     /// The kernel adds the child socket to the accept queue a moment before the sock_ops

@@ -17,7 +17,7 @@ use ntlm_tag_common::ClientSource;
 
 use crate::kernel::KernelRecord;
 pub use conn_id::{IdTemplate, UidGenerator, canonical};
-pub use id_hash::{IdDisplay, IdHash};
+pub use id_hash::{ConnName, IdDisplay, IdHash};
 pub use identifier::{Identified, Identifier, Identifying, ProxyProtocol};
 pub use settings::{DEFAULT_HEADER, IdentityConfig};
 

@@ -3,13 +3,10 @@
 
 use std::io;
 
-use aya::{
-    Ebpf, EbpfLoader,
-    programs::{Xdp, XdpMode},
-};
-use ntlm_tag_common::{CONN_IDENTITY_MAP, XDP_PROGRAM};
+use aya::{Ebpf, EbpfLoader};
+use ntlm_tag_common::CONN_IDENTITY_MAP;
 
-use super::{KernelError, XdpAttachment};
+use super::KernelError;
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at compile time.
 pub(super) static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("NTLM_TAG_EBPF_OBJECT"));
@@ -46,43 +43,6 @@ pub(super) fn kernel_version(release: &str) -> Option<(u32, u32)> {
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;
     Some((major, minor))
-}
-
-/// Loads the XDP program and attaches it to each interface: native mode first, generic if the
-/// driver cannot run XDP itself.
-pub(super) fn attach_xdp(
-    ebpf: &mut Ebpf,
-    interfaces: &[String],
-) -> Result<Vec<XdpAttachment>, KernelError> {
-    if interfaces.is_empty() {
-        return Ok(Vec::new());
-    }
-    let program: &mut Xdp = program_of(ebpf, XDP_PROGRAM)?;
-    program.load().map_err(program_error)?;
-    let mut attached = Vec::new();
-    for interface in interfaces {
-        let mode = match program.attach(interface, XdpMode::Driver) {
-            Ok(_) => "native",
-            Err(native) => match program.attach(interface, XdpMode::Skb) {
-                Ok(_) => {
-                    tracing::info!(%interface, reason = %native, "native XDP unavailable; using generic (skb) mode");
-                    "generic"
-                }
-                Err(source) => {
-                    return Err(KernelError::Xdp {
-                        interface: interface.clone(),
-                        source,
-                    });
-                }
-            },
-        };
-        tracing::info!(%interface, mode, "XDP IPIP decapsulation attached");
-        attached.push(XdpAttachment {
-            interface: interface.clone(),
-            mode,
-        });
-    }
-    Ok(attached)
 }
 
 /// EPERM is missing privilege. (EACCES from a program load is the verifier refusing the program.)

@@ -1,6 +1,7 @@
 //! The only place that touches aya and raw syscalls: load the embedded eBPF object, attach it to the
 //! proxy's own cgroup, and look up connection records by socket cookie.
 
+mod bpf_link;
 pub mod cgroup;
 mod counters;
 mod key_sets;
@@ -11,6 +12,7 @@ pub mod privileges;
 mod settings;
 pub mod support;
 mod sys;
+mod xdp;
 
 use std::{
     io,
@@ -42,12 +44,14 @@ pub use maps::KernelRecord;
 
 pub use key_sets::{V4_MAPPED, as_kernel_prefix};
 use load::{
-    KernelLog, MIN_KERNEL_TEXT, attach_xdp, explain_old_kernel, hint_for_program, init_kernel_log,
-    load_object, program_error, program_of, spawn_kernel_log_forwarding,
+    KernelLog, MIN_KERNEL_TEXT, explain_old_kernel, hint_for_program, init_kernel_log, load_object,
+    program_error, program_of, spawn_kernel_log_forwarding,
 };
 use maps::{Configurable, LocalAddrs, NamedTrie, map_error, take_map};
 pub use settings::{EbpfConfig, EbpfMode};
 pub use sys::{is_closed, monotonic_ns, running_as_root, socket_cookie};
+use xdp::XdpLinks;
+pub use xdp::{HandedXdpLink, InheritedXdp, InheritedXdpLink, XdpAttachment, XdpHandover};
 
 #[derive(Debug, Error)]
 pub enum KernelError {
@@ -88,6 +92,15 @@ pub enum KernelError {
         source: aya::programs::ProgramError,
     },
     #[error(
+        "cannot attach XDP to interface {interface}: {source}{}",
+        xdp_hint(source, interface)
+    )]
+    XdpLink {
+        interface: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
         "{source}. This kernel ({release}) is older than {MIN_KERNEL_TEXT}, the oldest the eBPF programs \
          run on: their sock_ops program reads the TCP header (skb_data, Linux 5.10) to find TOA options, \
          and they log through a BPF ring buffer (5.8). Without them there are no kernel connection \
@@ -115,6 +128,18 @@ pub enum KernelError {
     LocalAddresses(#[source] io::Error),
 }
 
+/// What to do about an XDP link the kernel refused.
+fn xdp_hint(e: &io::Error, interface: &str) -> String {
+    match e.raw_os_error() {
+        Some(libc::EBUSY | libc::EEXIST) => format!(
+            " (another XDP program is attached there, e.g. a running gateway's: take it over with \
+             `ntlm-tag upgrade`, or remove it with `ip link set dev {interface} xdp off`)"
+        ),
+        Some(libc::EPERM) => format!("; {}", load::PRIVILEGE_HINT),
+        _ => String::new(),
+    }
+}
+
 /// What the kernel side is configured with.
 #[derive(Debug, Clone)]
 pub struct KernelOptions {
@@ -129,21 +154,13 @@ pub struct KernelOptions {
     pub xdp_interfaces: Vec<String>,
 }
 
-/// How the XDP program was attached to one interface.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct XdpAttachment {
-    pub interface: String,
-    /// `native` (driver) or `generic` (skb).
-    pub mode: &'static str,
-}
-
 /// The loaded and attached kernel programs and their maps. Dropping it detaches the programs and
 /// removes the proxy's cgroup.
 pub struct KernelTracker {
     identities: HashMap<MapData, u64, ConnIdentity>,
     counters: PerCpuArray<MapData, u64>,
     xdp_counters: PerCpuArray<MapData, u64>,
-    xdp: Vec<XdpAttachment>,
+    xdp: XdpLinks,
     /// The maps userspace configures, under one lock so that reloads apply one at a time.
     configurable: Mutex<Configurable>,
     map_entries: u32,
@@ -164,16 +181,20 @@ impl KernelTracker {
     /// With `join`, the process joins that cgroup instead of creating its own (an upgrade: the
     /// listening sockets handed over were created there) and attaches its programs beside those of
     /// the process that created it.
+    /// `inherited` are the XDP links the running gateway handed over (an upgrade): their program is
+    /// swapped for this process's by [`take_over_xdp`](Self::take_over_xdp), not here.
     pub fn start(
         options: &KernelOptions,
         join: Option<&std::path::Path>,
+        inherited: InheritedXdp,
     ) -> Result<Self, KernelError> {
-        Self::load_and_attach(options, join).map_err(explain_old_kernel)
+        Self::load_and_attach(options, join, inherited).map_err(explain_old_kernel)
     }
 
     fn load_and_attach(
         options: &KernelOptions,
         join: Option<&std::path::Path>,
+        inherited: InheritedXdp,
     ) -> Result<Self, KernelError> {
         let map_entries = options.map_entries;
         if let Err(e) = sys::raise_memlock_limit() {
@@ -198,7 +219,7 @@ impl KernelTracker {
                 hint: hint_for_program(&source),
                 source,
             })?;
-        let xdp = attach_xdp(&mut ebpf, &options.xdp_interfaces)?;
+        let xdp = XdpLinks::attach(&mut ebpf, &options.xdp_interfaces, inherited)?;
         let identities = take_map(&mut ebpf, CONN_IDENTITY_MAP)
             .and_then(|m| HashMap::try_from(m).map_err(map_error(CONN_IDENTITY_MAP)))?;
         let counters = take_map(&mut ebpf, COUNTERS_MAP)
@@ -370,8 +391,31 @@ impl KernelTracker {
     }
 
     /// Where the XDP program runs.
-    pub fn xdp_attachments(&self) -> &[XdpAttachment] {
-        &self.xdp
+    pub fn xdp_attachments(&self) -> Vec<XdpAttachment> {
+        self.xdp.attachments()
+    }
+
+    /// Upgrade, successor side, once ready to serve: swaps this process's XDP program into the
+    /// links the running gateway handed over. Returns how many.
+    pub fn take_over_xdp(&self) -> Result<usize, KernelError> {
+        self.xdp.take_over()
+    }
+
+    /// Upgrade, successor side, when the hand-over fails after [`take_over_xdp`](Self::take_over_xdp):
+    /// swaps the running gateway's program back into its links. Returns how many.
+    pub fn give_back_xdp(&self) -> usize {
+        self.xdp.give_back()
+    }
+
+    /// Upgrade, running side: second descriptors of the XDP links, for a successor.
+    pub fn xdp_handover(&self) -> io::Result<XdpHandover> {
+        self.xdp.handover()
+    }
+
+    /// Upgrade, running side, after a successor failed: points the XDP links back at this
+    /// process's program if the successor had swapped its own in. Returns how many it put back.
+    pub fn restore_xdp(&self) -> usize {
+        self.xdp.restore()
     }
 
     pub fn counters(&self) -> KernelCounters {
@@ -400,6 +444,22 @@ impl KernelTracker {
 #[cfg(test)]
 mod tests {
     use super::{load::kernel_version, *};
+
+    #[test]
+    fn a_refused_xdp_link_says_what_to_do() {
+        let busy = KernelError::XdpLink {
+            interface: "eth1".to_string(),
+            source: io::Error::from_raw_os_error(libc::EBUSY),
+        };
+        let text = busy.to_string();
+        assert!(text.contains("ntlm-tag upgrade"), "{text}");
+        assert!(text.contains("ip link set dev eth1 xdp off"), "{text}");
+        let other = KernelError::XdpLink {
+            interface: "eth1".to_string(),
+            source: io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+        };
+        assert!(!other.to_string().contains("upgrade"), "{other}");
+    }
 
     #[test]
     fn kernel_versions() {

@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{
     error::{ErrorSource, error_chain},
-    identity::{Identified, Identifying},
+    identity::{ConnName, Identified, Identifying},
 };
 
 /// One client connection, from accept to close. This future lives as long as the connection, so
@@ -63,7 +63,7 @@ pub(super) fn set_up_connection(
     config: &ListenerConfig,
     gateway: &Arc<Gateway>,
     live: &Arc<Live>,
-    listener: &str,
+    listener: &Arc<str>,
 ) -> Option<(PrefixedIo<tokio::net::TcpStream>, Arc<ClientConnection>)> {
     let Identified {
         identity,
@@ -76,7 +76,7 @@ pub(super) fn set_up_connection(
     } else {
         ClientScheme::Http
     };
-    match open_connection(gateway, live, identity, &id, listener, scheme) {
+    match open_connection(gateway, live, identity, id, listener, scheme) {
         Ok(c) => Some((PrefixedIo::new(prefix, stream), Arc::new(c))),
         Err(e) => {
             tracing::error!(error = %e, "cannot set up a client connection; closing it");
@@ -112,13 +112,16 @@ pub(super) fn open_connection(
     gateway: &Arc<Gateway>,
     live: &Arc<Live>,
     identity: crate::identity::ConnectionIdentity,
-    id: &str,
-    listener: &str,
+    id: String,
+    listener: &Arc<str>,
     scheme: ClientScheme,
 ) -> Result<ClientConnection, Box<dyn StdError + Send + Sync>> {
+    let full_id: Option<Box<str>> = gateway.id_display.full(&id).map(Into::into);
     let stamp = ConnectionStamp::new(id, identity.client, scheme)?;
-    let conn = gateway.id_display.hash(id);
-    let full_id: Option<Box<str>> = gateway.id_display.full(id).map(Into::into);
+    let conn = Arc::new(ConnName::new(
+        stamp.id.clone(),
+        Arc::clone(&gateway.id_display),
+    ));
     let upstream = live.upstream.attach(identity.client.ip());
     gateway.metrics.connection(identity.metrics_label());
     tracing::debug!(
@@ -134,12 +137,12 @@ pub(super) fn open_connection(
     );
     let client = identity.client.ip();
     let registration = gateway.registry.register(
-        conn,
+        Arc::clone(&conn),
         full_id.as_deref().map(str::to_string),
         identity,
-        upstream.backend().authority().to_string(),
+        upstream.backend().authority().clone(),
         upstream.link(),
-        listener.to_string(),
+        Arc::clone(listener),
     );
     Ok(ClientConnection {
         gateway: Arc::clone(gateway),
@@ -283,7 +286,7 @@ pub(super) fn record_automatic_response(
         .request("-", status.as_u16(), std::time::Duration::ZERO);
     tracing::info!(conn = %connection.conn, status = status.as_u16(), error = %error_chain(error), "unparsable request head");
     if connection.live.access_log {
-        AccessRecord::without_request(Some(connection.conn), connection.client, status.as_u16())
+        AccessRecord::without_request(Some(connection.conn.hash()), connection.client, status.as_u16())
             .emit(0);
     }
 }

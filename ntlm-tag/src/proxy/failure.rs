@@ -124,7 +124,7 @@ pub(super) fn fail(connection: &ClientConnection, failure: Failure<'_>) -> Respo
     let source = failure.source();
     source.count(&connection.gateway.metrics, failure.timed_out());
     let (status, text, closes) = failure.response();
-    failure.log(connection.conn, status);
+    failure.log(connection.conn.hash(), status);
     gateway_response(status, text, closes)
 }
 

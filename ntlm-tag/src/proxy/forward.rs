@@ -45,7 +45,7 @@ pub(super) async fn forward(
     connection.registration.count_request();
     let mut record = connection.live.access_log.then(|| {
         AccessRecord::request(
-            connection.conn,
+            connection.conn.hash(),
             connection.full_id.as_deref(),
             connection.client,
             (req.method(), req.uri(), req.version(), req.headers()),
@@ -140,7 +140,7 @@ pub(super) async fn respond(
     // The backend moves on failover; the link changes when a connection is bound.
     connection
         .registration
-        .set_upstream(backend.authority().as_str(), upstream.link());
+        .set_upstream(backend.authority(), upstream.link());
     drop(upstream);
     let backend_name = backend.authority();
     let response = match result {
@@ -182,7 +182,7 @@ pub(super) async fn respond(
                 let tunnel = upgrade::spawn_tunnel(
                     client_upgrade,
                     upstream_upgrade,
-                    connection.conn,
+                    connection.conn.hash(),
                     &gateway.metrics,
                 );
                 if let Ok(mut slot) = connection.tunnel.lock() {

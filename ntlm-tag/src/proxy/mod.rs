@@ -40,7 +40,7 @@ use http_body_util::{Either, Full};
 
 use crate::{
     guard::LockoutGuard,
-    identity::{IdDisplay, IdHash, Identifier, trust::TrustedSources},
+    identity::{ConnName, IdDisplay, Identifier, trust::TrustedSources},
     metrics::Metrics,
     registry::{Registration, Registry},
     upstream::{ClientUpstream, Timeouts, Upstream},
@@ -69,7 +69,7 @@ pub struct Gateway {
     /// Who each connection's client is, and its id.
     pub identifier: Arc<Identifier>,
     /// How logs and the admin table show ids: a keyed hash, the full id only on request.
-    pub id_display: IdDisplay,
+    pub id_display: Arc<IdDisplay>,
     pub policy: StampPolicy,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
@@ -86,8 +86,9 @@ pub struct Gateway {
 struct ClientConnection {
     gateway: Arc<Gateway>,
     live: Arc<Live>,
-    /// How log lines name this connection: the keyed hash of its id (`conn=`).
-    conn: IdHash,
+    /// How log lines name this connection: the keyed hash of its id (`conn=`), computed when
+    /// first shown.
+    conn: Arc<ConnName>,
     /// The full id, for the access log and the connection line, only with `show_full_ids`.
     full_id: Option<Box<str>>,
     client: std::net::IpAddr,

@@ -2,7 +2,9 @@
 //! their look-alikes, hop-by-hop headers), then stamp the connection id and the forwarding headers.
 #![forbid(unsafe_code)]
 
-use std::net::SocketAddr;
+use std::{fmt::Write as _, net::SocketAddr};
+
+use bytes::Bytes;
 
 use http::{
     HeaderMap, HeaderName, HeaderValue,
@@ -111,21 +113,31 @@ pub struct ConnectionStamp {
 impl ConnectionStamp {
     /// Renders the values for a connection. `id` was rendered from a validated template, so it is a
     /// valid header value; anything else is an internal error.
+    ///
+    /// Every new connection renders these, so the address is formatted once and the strings
+    /// become header values without another copy.
     pub fn new(
-        id: &str,
+        id: impl Into<Bytes>,
         client: SocketAddr,
         scheme: ClientScheme,
     ) -> Result<Self, http::header::InvalidHeaderValue> {
-        let ip = client.ip();
-        let node = match client {
-            SocketAddr::V4(v4) => format!("\"{}:{}\"", v4.ip(), v4.port()),
-            SocketAddr::V6(v6) => format!("\"[{}]:{}\"", v6.ip(), v6.port()),
-        };
+        let ip = client.ip().to_string();
+        let mut forwarded = String::with_capacity(ip.len() + 32);
+        forwarded.push_str("for=\"");
+        if client.is_ipv6() {
+            forwarded.push('[');
+            forwarded.push_str(&ip);
+            forwarded.push(']');
+        } else {
+            forwarded.push_str(&ip);
+        }
+        // Writing to a String cannot fail.
+        let _ = write!(forwarded, ":{}\";proto={}", client.port(), scheme.as_str());
         Ok(ConnectionStamp {
-            id: HeaderValue::from_str(id)?,
-            x_forwarded_for: HeaderValue::from_str(&ip.to_string())?,
+            id: HeaderValue::from_maybe_shared(id.into())?,
+            x_forwarded_for: HeaderValue::from_maybe_shared(Bytes::from(ip))?,
             x_forwarded_proto: HeaderValue::from_static(scheme.as_str()),
-            forwarded: HeaderValue::from_str(&format!("for={node};proto={}", scheme.as_str()))?,
+            forwarded: HeaderValue::from_maybe_shared(Bytes::from(forwarded))?,
         })
     }
 }
