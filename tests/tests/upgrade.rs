@@ -932,7 +932,7 @@ fn a_successor_stuck_on_its_key_file_exits_75_at_its_ready_timeout_and_the_old_g
     let mut old = gateway.start(&topo.gateway);
     let old_nonce = uid_nonce(&mut old);
     let (mut held, held_id) = log_in(&topo);
-    let clients = ClientLoop::start(&topo, "/loop");
+    let clients = ClientLoop::start(&topo.client, Topology::gateway_addr(), "/loop");
     wait_for_requests(&acceptor, "/loop", &old_nonce, 3);
 
     // The new configuration's listener key is a FIFO nobody writes: reading it blocks for ever.
