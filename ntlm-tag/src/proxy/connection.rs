@@ -286,8 +286,12 @@ pub(super) fn record_automatic_response(
         .request("-", status.as_u16(), std::time::Duration::ZERO);
     tracing::info!(conn = %connection.conn, status = status.as_u16(), error = %error_chain(error), "unparsable request head");
     if connection.live.access_log {
-        AccessRecord::without_request(Some(connection.conn.hash()), connection.client, status.as_u16())
-            .emit(0);
+        AccessRecord::without_request(
+            Some(connection.conn.hash()),
+            connection.client,
+            status.as_u16(),
+        )
+        .emit(0);
     }
 }
 
