@@ -93,15 +93,20 @@ fn a_broken_virtual_directory_takes_only_its_own_traffic_away_from_that_backend(
     // /owa is broken on A only; everything else works on both.
     let (a, b) = iis_backends(&topo, &["--broken", "/owa"]);
     let dir = tempfile::tempdir().expect("temp dir");
+    // A health answer takes longer under an emulated kernel: the check's timeout scales with it,
+    // so that only the broken directory fails its checks.
+    let timeout = scaled(Duration::from_millis(500)).as_secs_f64();
     let check = |path: &str| {
-        format!("health_check = {{ path = \"{path}\", interval_secs = 0.2, timeout_secs = 0.5 }}")
+        format!(
+            "health_check = {{ path = \"{path}\", interval_secs = 0.2, timeout_secs = {timeout} }}"
+        )
     };
     let config = fixtures::write(
         dir.path(),
         "gw.toml",
         &format!(
             "listen = [\"{gw}\"]\nbackends = [\"{a}\", \"{b}\"]\nebpf = \"required\"\n\
-             [health_check]\npath = \"/healthz\"\ninterval_secs = 0.2\ntimeout_secs = 0.5\n\
+             [health_check]\npath = \"/healthz\"\ninterval_secs = 0.2\ntimeout_secs = {timeout}\n\
              [[route]]\npath_prefix = \"/owa\"\nbackends = [\"{a}\", \"{b}\"]\n{owa}\n\
              [[route]]\npath_prefix = \"/EWS/\"\nbackends = [\"{a}\", \"{b}\"]\n{ews}\n",
             gw = Topology::gateway_addr(),
