@@ -171,7 +171,9 @@ pub(super) async fn respond(
         }
         Ok(mut response) => {
             let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-            let upstream_upgrade = switched.then(|| hyper::upgrade::on(&mut response));
+            let upstream_upgrade = switched
+                .then(|| upgrade::upstream_side(&mut response))
+                .flatten();
             let protocol = response.headers().get(http::header::UPGRADE).cloned();
             let (mut parts, body) = response.into_parts();
             rewrite::prepare_response(&mut parts.headers);

@@ -48,7 +48,7 @@ use crate::{
 use rewrite::{ConnectionStamp, StampPolicy};
 use route_timeouts::RouteTimeouts;
 
-pub type ProxyBody = Either<crate::upstream::GuardedBody, Full<Bytes>>;
+pub type ProxyBody = Either<crate::upstream::UpstreamBody, Full<Bytes>>;
 
 /// What a SIGHUP reload can change. Each connection keeps the snapshot it was accepted with, so a
 /// reload never disturbs established connections.

@@ -10,8 +10,7 @@
 //! upstream connection is never pooled: it ends with the tunnel.
 #![forbid(unsafe_code)]
 
-use http::{HeaderMap, HeaderValue, Request, header};
-use hyper::upgrade::OnUpgrade;
+use http::{HeaderMap, HeaderValue, Request, Response, header};
 use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -20,14 +19,18 @@ use tokio::{
 };
 
 use super::h1::{PendingUpgrade, reader::Upgraded};
-use crate::{identity::IdHash, metrics::Metrics};
+use crate::{
+    identity::IdHash,
+    metrics::Metrics,
+    upstream::{PendingUpstreamUpgrade, UpstreamUpgrade},
+};
 
 /// The client's side of an upgrade: its connection once the `101` has been sent to it.
 pub enum ClientUpgrade {
     /// From the gateway's HTTP/1.x server.
     H1(oneshot::Receiver<Upgraded>),
     /// From hyper's server.
-    Hyper(OnUpgrade),
+    Hyper(hyper::upgrade::OnUpgrade),
 }
 
 /// Takes the client's side of an upgrade out of its request.
@@ -40,6 +43,14 @@ pub fn client_side<B>(req: &mut Request<B>) -> ClientUpgrade {
         Some(receiver) => ClientUpgrade::H1(receiver),
         None => ClientUpgrade::Hyper(hyper::upgrade::on(req)),
     }
+}
+
+/// Takes the backend's side of an upgrade out of its `101` response: the upstream connection.
+pub fn upstream_side<B>(response: &mut Response<B>) -> Option<UpstreamUpgrade> {
+    response
+        .extensions_mut()
+        .remove::<PendingUpstreamUpgrade>()
+        .and_then(|p| p.0.lock().ok()?.take())
 }
 
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -82,21 +93,19 @@ pub fn restore(headers: &mut HeaderMap, protocol: HeaderValue) {
 /// either side closes; the task ends with the tunnel.
 pub fn spawn_tunnel(
     client: ClientUpgrade,
-    upstream: OnUpgrade,
+    mut upstream: UpstreamUpgrade,
     conn: IdHash,
     metrics: &Metrics,
 ) -> JoinHandle<()> {
     metrics.upgraded();
     tokio::spawn(async move {
-        let upstream = async { upstream.await.map_err(|e| e.to_string()) };
-        let (mut client, upstream) = match tokio::try_join!(client.connection(), upstream) {
-            Ok(pair) => pair,
+        let mut client = match client.connection().await {
+            Ok(client) => client,
             Err(e) => {
                 tracing::info!(%conn, error = %e, "protocol upgrade did not complete; closing");
                 return;
             }
         };
-        let mut upstream = TokioIo::new(upstream);
         match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
             Ok((sent, received)) => {
                 tracing::debug!(%conn, sent, received, "upgraded connection closed")

@@ -1,14 +1,13 @@
-//! Dialling a backend (TCP, TLS) and the HTTP/1.1 handshake: the one place that opens upstream
-//! connections, for exchanges and health checks alike.
+//! Dialling a backend (TCP, TLS) and sending a request on a connection: the one place that opens
+//! upstream connections, for exchanges and health checks alike.
 
 use std::{sync::Arc, time::Duration};
 
 use http::{Request, Response, Uri, header};
-use hyper::{body::Incoming, client::conn::http1::SendRequest};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_util::either::Either;
 
+use super::h1::{self, Connection, ExchangeError, Failed, UpstreamBody};
 use super::{Backend, ClientBody, ResponseTimeout, Upstream, UpstreamError, tls};
 use crate::metrics::UpstreamUse;
 
@@ -22,15 +21,6 @@ pub(super) enum Attempt<T> {
     /// The request never reached the backend (connect refused or timed out, a connection found
     /// dead before a byte was written): it may go to another backend.
     Unsent(Box<Request<ClientBody>>, UpstreamError),
-}
-
-impl<T> Attempt<T> {
-    pub(super) fn map<U>(self, f: impl FnOnce(T) -> U) -> Attempt<U> {
-        match self {
-            Attempt::Done(result) => Attempt::Done(result.map(f)),
-            Attempt::Unsent(req, e) => Attempt::Unsent(req, e),
-        }
-    }
 }
 
 /// What a new upstream connection is for.
@@ -96,72 +86,51 @@ impl Upstream {
     /// Sends `req` on an idle shared connection of `backend` or, when none takes it, on a new one
     /// opened for `sharing` (pinned connections are always new). Idle connections the backend has
     /// closed are skipped: a request they could not take is never lost, and never sent twice.
+    /// The response body closes its connection once read unless told where it goes
+    /// ([`UpstreamBody::return_to`]).
     pub(super) async fn send_checked_out(
         &self,
         backend: &Arc<Backend>,
         mut req: Request<ClientBody>,
         sharing: Sharing,
-    ) -> Attempt<(Response<Incoming>, SendRequest<ClientBody>)> {
-        let deadline = self.timeouts.upstream_response;
+    ) -> Attempt<Response<UpstreamBody>> {
         if sharing != Sharing::Pinned {
-            while let Some(mut sender) = backend.idle.take(self.timeouts.upstream_idle) {
-                // An idle connection is ready at once, or closed.
-                if !matches!(
-                    tokio::time::timeout(deadline, sender.ready()).await,
-                    Ok(Ok(()))
-                ) {
-                    continue;
-                }
-                match self.send_on(backend, &mut sender, req).await {
+            while let Some(connection) = backend.idle.take(self.timeouts.upstream_idle) {
+                match self.send_on(backend, connection, req).await {
                     Attempt::Done(result) => {
                         self.metrics.upstream_request(UpstreamUse::Reused);
-                        return Attempt::Done(result.map(|r| (r, sender)));
+                        return Attempt::Done(result);
                     }
                     // Closed by the backend before a byte of the request was written.
                     Attempt::Unsent(unsent, _) => req = *unsent,
                 }
             }
         }
-        let mut sender = match self.open(backend, sharing).await {
-            Ok(sender) => sender,
+        let connection = match self.open(backend, sharing).await {
+            Ok(connection) => connection,
             Err(e) => return Attempt::Unsent(Box::new(req), e),
         };
-        match tokio::time::timeout(deadline, sender.ready()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Attempt::Unsent(Box::new(req), self.exchange_error(backend, e)),
-            Err(_) => {
-                return Attempt::Done(Err(UpstreamError::Timeout {
-                    backend: backend.authority.clone(),
-                    timeout: deadline,
-                }));
-            }
-        }
-        match self.send_on(backend, &mut sender, req).await {
-            Attempt::Done(result) => Attempt::Done(result.map(|r| (r, sender))),
-            Attempt::Unsent(req, e) => Attempt::Unsent(req, e),
-        }
+        self.send_on(backend, connection, req).await
     }
 
-    /// One request on one ready connection, within the response timeout.
+    /// One request on one connection, within the response timeout (up to the response head).
     pub(super) async fn send_on(
         &self,
         backend: &Backend,
-        sender: &mut SendRequest<ClientBody>,
+        connection: Connection,
         req: Request<ClientBody>,
-    ) -> Attempt<Response<Incoming>> {
+    ) -> Attempt<Response<UpstreamBody>> {
         let deadline = req
             .extensions()
             .get::<ResponseTimeout>()
             .map_or(self.timeouts.upstream_response, |t| t.0);
-        match tokio::time::timeout(deadline, sender.try_send_request(req)).await {
+        let sent = h1::send(connection, req, &self.metrics, &backend.authority);
+        match tokio::time::timeout(deadline, sent).await {
             Ok(Ok(response)) => Attempt::Done(Ok(response)),
-            Ok(Err(mut e)) => match e.take_message() {
-                Some(unsent) => Attempt::Unsent(
-                    Box::new(unsent),
-                    self.exchange_error(backend, e.into_error()),
-                ),
-                None => Attempt::Done(Err(self.exchange_error(backend, e.into_error()))),
-            },
+            Ok(Err(Failed::Unsent(unsent, e))) => {
+                Attempt::Unsent(unsent, self.exchange_error(backend, e))
+            }
+            Ok(Err(Failed::Sent(e))) => Attempt::Done(Err(self.exchange_error(backend, e))),
             Err(_) => Attempt::Done(Err(UpstreamError::Timeout {
                 backend: backend.authority.clone(),
                 timeout: deadline,
@@ -169,45 +138,24 @@ impl Upstream {
         }
     }
 
-    /// Opens an HTTP/1.1 connection to `backend` (within the connect timeout); its connection task
-    /// runs until the sender is dropped or the backend closes.
+    /// Opens an HTTP/1.1 connection to `backend` (within the connect timeout).
     pub(super) async fn open(
         &self,
         backend: &Arc<Backend>,
         sharing: Sharing,
-    ) -> Result<SendRequest<ClientBody>, UpstreamError> {
+    ) -> Result<Connection, UpstreamError> {
         let started = std::time::Instant::now();
         let io = backend.connect(self.timeouts.upstream_connect).await?;
-        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| UpstreamError::Connect {
-                backend: backend.authority.clone(),
-                source: Box::new(e),
-            })?;
-        let metrics = Arc::clone(&self.metrics);
-        metrics.upstream_connected(started.elapsed());
-        match sharing {
-            // With upgrades: a 101 hands the connection to the client's tunnel (only requests
-            // sent on a connection of the client's own can be upgrades).
-            Sharing::Shared | Sharing::Bound => {
-                metrics.upstream_request(UpstreamUse::Opened);
-                tokio::spawn(async move {
-                    let _ = connection.with_upgrades().await;
-                });
-            }
-            Sharing::Pinned => {
-                metrics.upstream_request(UpstreamUse::Opened);
-                metrics.pinned_open().inc();
-                tokio::spawn(async move {
-                    let _ = connection.with_upgrades().await;
-                    metrics.pinned_open().dec();
-                });
-            }
-        }
-        Ok(sender)
+        self.metrics.upstream_connected(started.elapsed());
+        self.metrics.upstream_request(UpstreamUse::Opened);
+        let connection = Connection::new(io);
+        Ok(match sharing {
+            Sharing::Shared | Sharing::Bound => connection,
+            Sharing::Pinned => connection.pinned(&self.metrics),
+        })
     }
 
-    pub(super) fn exchange_error(&self, backend: &Backend, e: hyper::Error) -> UpstreamError {
+    pub(super) fn exchange_error(&self, backend: &Backend, e: ExchangeError) -> UpstreamError {
         UpstreamError::Exchange {
             backend: backend.authority.clone(),
             source: Box::new(e),

@@ -4,13 +4,13 @@
 use std::sync::Arc;
 
 use http::{Request, Response};
-use hyper::{body::Incoming, client::conn::http1::SendRequest};
 
 use super::{
-    Backend, ClientBody, GuardedBody, Mode, Retired, Upstream, UpstreamError,
+    Backend, ClientBody, Mode, Retired, Upstream, UpstreamError,
     backend::Assignment,
     caps,
     connect::{Attempt, Sharing},
+    h1::{Home, Slot, SlotError, UpstreamBody},
 };
 use crate::metrics::{BindTrigger, Metrics, UpstreamUse};
 
@@ -18,7 +18,8 @@ use crate::metrics::{BindTrigger, Metrics, UpstreamUse};
 /// its NTLM session (bind mode). Dropping it closes the connection.
 pub(super) struct Dedicated {
     backend: Arc<Backend>,
-    sender: SendRequest<ClientBody>,
+    /// The connection, idle in here between requests, out while a response is being read.
+    slot: Arc<Slot>,
     link: &'static str,
     /// Age and requests, for `[upstream_caps]`.
     usage: caps::Usage,
@@ -82,13 +83,13 @@ impl Upstream {
     pub(super) fn bound(
         &self,
         backend: &Arc<Backend>,
-        sender: SendRequest<ClientBody>,
+        slot: Arc<Slot>,
         trigger: BindTrigger,
     ) -> Dedicated {
         self.metrics.bound(trigger);
         Dedicated {
             backend: Arc::clone(backend),
-            sender,
+            slot,
             link: "bound",
             usage: caps::Usage::new(std::time::Instant::now()),
             _bound: Some(BoundGauge::new(&self.metrics)),
@@ -102,17 +103,12 @@ impl Upstream {
         &self,
         state: &mut ClientUpstream,
         req: Request<ClientBody>,
-    ) -> Attempt<Response<GuardedBody>> {
+    ) -> Attempt<Response<UpstreamBody>> {
         let backend = Arc::clone(state.backend());
-        let wrap = |response: Response<Incoming>| {
-            let metrics = Arc::clone(&self.metrics);
-            let authority = backend.authority.clone();
-            response.map(|body| GuardedBody::new(body, None, metrics, authority))
-        };
         let usable = state
             .dedicated
             .as_ref()
-            .is_some_and(|d| Arc::ptr_eq(&d.backend, &backend) && !d.sender.is_closed());
+            .is_some_and(|d| Arc::ptr_eq(&d.backend, &backend) && d.slot.is_open());
         if !usable {
             if let Some(lost) = state.dedicated.take()
                 && state.ntlm_seen
@@ -128,20 +124,22 @@ impl Upstream {
                 Mode::Bind | Mode::Tag => Sharing::Bound,
             };
             return match self.send_checked_out(&backend, req, sharing).await {
-                Attempt::Done(Ok((response, sender))) => {
+                Attempt::Done(Ok(mut response)) => {
+                    let slot = Slot::busy();
+                    response.body_mut().return_to(Home::Own(Arc::clone(&slot)));
                     state.dedicated = Some(match sharing {
                         Sharing::Pinned => Dedicated {
                             backend: Arc::clone(&backend),
-                            sender,
+                            slot,
                             link: "pinned",
                             usage: caps::Usage::new(std::time::Instant::now()),
                             _bound: None,
                         },
                         Sharing::Bound | Sharing::Shared => {
-                            self.bound(&backend, sender, BindTrigger::Request)
+                            self.bound(&backend, slot, BindTrigger::Request)
                         }
                     });
-                    Attempt::Done(Ok(wrap(response)))
+                    Attempt::Done(Ok(response))
                 }
                 Attempt::Done(Err(e)) => Attempt::Done(Err(e)),
                 Attempt::Unsent(req, e) => Attempt::Unsent(req, e),
@@ -154,22 +152,45 @@ impl Upstream {
                 timed_out: false,
             }));
         };
+        // The previous response on this connection may still be on its way to the client.
         let deadline = self.timeouts.upstream_response;
-        match tokio::time::timeout(deadline, own.sender.ready()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Attempt::Unsent(Box::new(req), self.exchange_error(&backend, e)),
-            Err(_) => {
+        let connection = match own.slot.take(deadline).await {
+            Ok(connection) => connection,
+            Err(SlotError::Closed) => {
+                return Attempt::Unsent(
+                    Box::new(req),
+                    UpstreamError::Exchange {
+                        backend: backend.authority.clone(),
+                        source: "the upstream connection was closed".into(),
+                    },
+                );
+            }
+            Err(SlotError::Busy) => {
                 return Attempt::Done(Err(UpstreamError::Timeout {
                     backend: backend.authority.clone(),
                     timeout: deadline,
                 }));
             }
+        };
+        let slot = Arc::clone(&own.slot);
+        let attempt = self.send_on(&backend, connection, req).await;
+        match attempt {
+            Attempt::Done(Ok(mut response)) => {
+                self.metrics.upstream_request(UpstreamUse::Reused);
+                response.body_mut().return_to(Home::Own(slot));
+                Attempt::Done(Ok(response))
+            }
+            Attempt::Done(Err(e)) => {
+                // The connection went with the failed exchange.
+                Home::Own(slot).settle(None);
+                self.metrics.upstream_request(UpstreamUse::Reused);
+                Attempt::Done(Err(e))
+            }
+            Attempt::Unsent(req, e) => {
+                Home::Own(slot).settle(None);
+                Attempt::Unsent(req, e)
+            }
         }
-        let attempt = self.send_on(&backend, &mut own.sender, req).await;
-        if matches!(attempt, Attempt::Done(_)) {
-            self.metrics.upstream_request(UpstreamUse::Reused);
-        }
-        attempt.map(wrap)
     }
 
     /// Counts a response on the client's own connection against `[upstream_caps]`. At a cap the
@@ -179,7 +200,7 @@ impl Upstream {
     pub(super) fn count_dedicated_use(
         &self,
         state: &mut ClientUpstream,
-        response: &mut Response<GuardedBody>,
+        response: &mut Response<UpstreamBody>,
     ) {
         let now = std::time::Instant::now();
         let Some(own) = state.dedicated.as_mut() else {

@@ -8,7 +8,7 @@ use http::{HeaderMap, Request, Response, StatusCode, header};
 use super::epa_diagnosis::{BackendView, BindingClaim, Diagnosis, diagnose};
 use super::tls::BackendTls;
 use super::{
-    Backend, ClientBody, ClientBodyState, ClientUpstream, GuardedBody, Mode, Upstream,
+    Backend, ClientBody, ClientBodyState, ClientUpstream, Mode, Upstream, UpstreamBody,
     UpstreamError, binding,
     connect::{Attempt, to_origin_form},
 };
@@ -38,7 +38,7 @@ impl Upstream {
         state: &mut ClientUpstream,
         client: IpAddr,
         mut req: Request<ClientBody>,
-    ) -> Result<Response<GuardedBody>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let client_body = req.body().state();
         let epa_claim = BindingClaim::from_headers(req.headers());
         if let Some(claim) = &epa_claim {
@@ -148,11 +148,11 @@ impl Upstream {
         backend: &Arc<Backend>,
         dedicated: bool,
         client_body: &ClientBodyState,
-        result: Result<Response<GuardedBody>, UpstreamError>,
-    ) -> Result<Response<GuardedBody>, UpstreamError> {
+        result: Result<Response<UpstreamBody>, UpstreamError>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         if client_body.is_broken() {
             // Whatever the upstream side made of it, the request was cut off by the client. A
-            // dedicated connection that carried part of it is never reused (hyper closes it too).
+            // dedicated connection that carried part of it is never reused (its exchange closed it).
             if dedicated {
                 state.dedicated = None;
             }

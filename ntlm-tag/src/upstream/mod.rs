@@ -24,8 +24,8 @@
 //!
 //! Where each step lives: [`exchange`](Upstream::exchange) (route, affinity, failover, the outcome
 //! for the session) asks `balance` for a backend, then `shared` (the pool) or `dedicated` (pinned
-//! and bound connections), which send through `connect`; `health` keeps backends in or out of
-//! rotation, `error` says what went wrong.
+//! and bound connections), which send through `connect` on the gateway's own HTTP/1.1 client
+//! (`h1`); `health` keeps backends in or out of rotation, `error` says what went wrong.
 #![forbid(unsafe_code)]
 
 mod backend;
@@ -38,7 +38,7 @@ mod dedicated;
 pub mod epa_diagnosis;
 mod error;
 mod exchange;
-mod guarded;
+mod h1;
 pub mod health;
 mod pool;
 pub mod routes;
@@ -55,7 +55,7 @@ pub use client_body::{ClientBody, ClientBodyState};
 pub use dedicated::ClientUpstream;
 pub use error::UpstreamError;
 pub use exchange::is_upgrade_request;
-pub use guarded::GuardedBody;
+pub use h1::{PendingUpstreamUpgrade, UpstreamBody, UpstreamUpgrade};
 pub use settings::{HealthCheckConfig, RouteConfig, Timeouts};
 
 use std::{

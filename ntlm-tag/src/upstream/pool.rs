@@ -1,20 +1,16 @@
 //! The shared keep-alive connections (anonymous requests in bind mode, all requests in tag mode).
 //! Each backend keeps a stack of idle HTTP/1.1 connections: an exchange takes the most recently used
-//! one (or opens one), and hands it back once the backend's response has been read to the end *and*
-//! the client's request body has been sent to its end. Connections unused for
-//! `upstream_idle_secs`, or closed by the backend, are dropped. hyper's own client connections,
-//! without a general-purpose pool's per-request task and hashing.
+//! one (or opens one), and its response body hands it back once the response has been read to the
+//! end *and* the client's request body has been sent to its end. Connections unused for
+//! `upstream_idle_secs`, or closed by the backend, are dropped.
 #![forbid(unsafe_code)]
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
-use hyper::client::conn::http1::SendRequest;
-use tokio::sync::OwnedSemaphorePermit;
-
-use super::{Backend, ClientBody, ClientBodyState};
+use super::h1::Connection;
 
 /// A backend's idle connections, most recently used last.
 #[derive(Default)]
@@ -23,7 +19,7 @@ pub struct IdleConnections {
 }
 
 struct Idle {
-    sender: SendRequest<ClientBody>,
+    connection: Connection,
     since: Instant,
 }
 
@@ -37,23 +33,20 @@ impl std::fmt::Debug for IdleConnections {
 
 impl IdleConnections {
     /// The most recently used connection that is still open and not idle for `max_idle`.
-    pub fn take(&self, max_idle: Duration) -> Option<SendRequest<ClientBody>> {
+    pub fn take(&self, max_idle: Duration) -> Option<Connection> {
         let mut list = self.list.lock().ok()?;
-        while let Some(idle) = list.pop() {
-            if !idle.sender.is_closed() && idle.since.elapsed() < max_idle {
-                return Some(idle.sender);
+        while let Some(mut idle) = list.pop() {
+            if idle.since.elapsed() < max_idle && idle.connection.is_reusable() {
+                return Some(idle.connection);
             }
         }
         None
     }
 
-    fn put(&self, sender: SendRequest<ClientBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    pub(super) fn put(&self, connection: Connection) {
         if let Ok(mut list) = self.list.lock() {
             list.push(Idle {
-                sender,
+                connection,
                 since: Instant::now(),
             });
         }
@@ -62,56 +55,13 @@ impl IdleConnections {
     /// Drops (and so closes) connections unused for `max_idle` and those the backend closed.
     pub fn sweep(&self, max_idle: Duration) {
         if let Ok(mut list) = self.list.lock() {
-            list.retain(|idle| !idle.sender.is_closed() && idle.since.elapsed() < max_idle);
+            list.retain_mut(|idle| {
+                idle.since.elapsed() < max_idle && idle.connection.is_reusable()
+            });
         }
     }
 
     pub fn len(&self) -> usize {
         self.list.lock().map(|l| l.len()).unwrap_or(0)
-    }
-}
-
-/// A shared connection on loan to one exchange. Given back when the response has been read to the
-/// end and the request body sent; dropped otherwise, which closes it (a half-read response or a
-/// half-sent body must never meet the next request).
-pub struct Loan {
-    sender: SendRequest<ClientBody>,
-    backend: Arc<Backend>,
-    /// The request body this exchange sends.
-    request: ClientBodyState,
-    /// The backend's connection permit (`max_upstream_per_backend`), held while the connection is busy.
-    permit: Option<OwnedSemaphorePermit>,
-}
-
-impl Loan {
-    pub fn new(
-        sender: SendRequest<ClientBody>,
-        backend: &Arc<Backend>,
-        request: ClientBodyState,
-        permit: Option<OwnedSemaphorePermit>,
-    ) -> Self {
-        Loan {
-            sender,
-            backend: Arc::clone(backend),
-            request,
-            permit,
-        }
-    }
-
-    /// The response has been read to its end: back to the pool once the request body is sent too.
-    pub fn response_done(self) {
-        let request = self.request.clone();
-        request.give_back_when_sent(self);
-    }
-
-    /// Both directions are done: the connection is idle.
-    pub(super) fn give_back(self) {
-        self.backend.idle.put(self.sender);
-        drop(self.permit);
-    }
-
-    /// The connection leaves the pool for good (bound to one client connection).
-    pub fn into_sender(self) -> SendRequest<ClientBody> {
-        self.sender
     }
 }

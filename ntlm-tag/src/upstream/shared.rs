@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use http::{Request, Response};
 
-use super::pool::Loan;
+use super::h1::{Home, Slot, UpstreamBody};
 use super::{
-    ClientBody, ClientUpstream, GuardedBody, Mode, Upstream, UpstreamError, binding,
+    ClientBody, ClientUpstream, Mode, Upstream, UpstreamError, binding,
     connect::{Attempt, Sharing},
 };
 use crate::metrics::BindTrigger;
@@ -18,7 +18,7 @@ impl Upstream {
         &self,
         state: &mut ClientUpstream,
         req: Request<ClientBody>,
-    ) -> Attempt<Response<GuardedBody>> {
+    ) -> Attempt<Response<UpstreamBody>> {
         let backend = Arc::clone(state.backend());
         // With a cap, wait for one of the backend's connections to be free.
         let permit = match &backend.permits {
@@ -36,24 +36,24 @@ impl Upstream {
             }
             None => None,
         };
-        let request = req.body().state();
-        let (response, sender) = match self.send_checked_out(&backend, req, Sharing::Shared).await {
-            Attempt::Done(Ok(sent)) => sent,
+        let mut response = match self.send_checked_out(&backend, req, Sharing::Shared).await {
+            Attempt::Done(Ok(response)) => response,
             Attempt::Done(Err(e)) => return Attempt::Done(Err(e)),
             Attempt::Unsent(req, e) => return Attempt::Unsent(req, e),
         };
-        let loan = if self.mode == Mode::Bind && binding::response_binds(response.headers()) {
+        let home = if self.mode == Mode::Bind && binding::response_binds(response.headers()) {
             tracing::debug!(backend = %backend.authority, status = response.status().as_u16(), "the response shows an NTLM/Negotiate context on its upstream connection; binding it to the client connection");
             state.ntlm_seen = true;
-            state.dedicated = Some(self.bound(&backend, sender, BindTrigger::Response));
-            None
+            let slot = Slot::busy();
+            state.dedicated = Some(self.bound(&backend, Arc::clone(&slot), BindTrigger::Response));
+            Home::Own(slot)
         } else {
-            Some(Loan::new(sender, &backend, request, permit))
+            Home::Pool {
+                backend: Arc::clone(&backend),
+                permit,
+            }
         };
-        let metrics = Arc::clone(&self.metrics);
-        let authority = backend.authority.clone();
-        Attempt::Done(Ok(
-            response.map(|body| GuardedBody::new(body, loan, metrics, authority))
-        ))
+        response.body_mut().return_to(home);
+        Attempt::Done(Ok(response))
     }
 }

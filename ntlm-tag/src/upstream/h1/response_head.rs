@@ -1,0 +1,447 @@
+//! A backend's response head: parsed with `httparse`, and its body's framing decided by RFC 9112
+//! §6.3 as a client must (the request's method matters), by hyper's client rules where the RFC
+//! leaves a choice, and stricter where a response could smuggle: a response with both
+//! `Transfer-Encoding` and `Content-Length`, or with `Content-Length` values that differ, is
+//! refused (502), and its connection is closed, never reused.
+#![forbid(unsafe_code)]
+
+use bytes::BytesMut;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header};
+use thiserror::Error;
+
+use crate::proxy::h1::{framing, head::has_token};
+
+/// Header fields a response head may have (hyper's client default).
+pub const MAX_HEADERS: usize = 100;
+/// Bytes a response head may take, status line and headers together. Far above what backends
+/// send (nginx's default `proxy_buffer_size` is 4-8 KiB); a longer head is refused.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// How a response body is delimited on the wire (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseFraming {
+    /// No body: a response to HEAD, a 1xx, 204 or 304, a 2xx to CONNECT, or `Content-Length: 0`.
+    Empty,
+    /// `Content-Length` bytes (never 0: that is `Empty`).
+    Length(u64),
+    /// `Transfer-Encoding` whose last coding is `chunked`.
+    Chunked,
+    /// Until the backend closes the connection: no length, or a last coding other than chunked.
+    CloseDelimited,
+}
+
+/// A complete response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub response: Response<()>,
+    pub framing: ResponseFraming,
+    /// The connection may carry another request after this response: the backend did not ask to
+    /// close it, the body has a length of its own, and it did not switch protocols.
+    pub keep_alive: bool,
+}
+
+/// A response head the gateway refuses (502); its connection is closed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ResponseHeadError {
+    #[error("response head over {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} header fields")]
+    TooLarge,
+    #[error("malformed response head: {0}")]
+    Malformed(&'static str),
+    #[error("Transfer-Encoding in an HTTP/1.0 response")]
+    TransferEncodingInHttp10,
+    #[error("a response with both Transfer-Encoding and Content-Length (a smuggling attempt?)")]
+    TransferEncodingAndContentLength,
+    #[error("Content-Length that is not a decimal number")]
+    InvalidContentLength,
+    #[error("several Content-Length values that differ")]
+    DifferentContentLengths,
+}
+
+/// Takes a complete response head off the front of `buf`: `Ok(None)` while it is incomplete.
+/// Interim `1xx` responses other than `101` are skipped (their heads are consumed), as hyper's
+/// client does: the gateway answers `Expect: 100-continue` itself.
+pub fn parse(
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Option<ResponseHead>, ResponseHeadError> {
+    loop {
+        let Some(head) = parse_one(buf, method)? else {
+            return Ok(None);
+        };
+        let status = head.response.status();
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            continue;
+        }
+        return Ok(Some(head));
+    }
+}
+
+fn parse_one(
+    buf: &mut BytesMut,
+    method: &Method,
+) -> Result<Option<ResponseHead>, ResponseHeadError> {
+    // Where each field lies in the head, so that values become slices of it (no copy).
+    let mut fields = [((0, 0), (0, 0)); MAX_HEADERS];
+    let (len, code, http11, count) = {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut headers);
+        let len = match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
+                return Err(ResponseHeadError::TooLarge);
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(ResponseHeadError::TooLarge),
+            Err(e) => return Err(ResponseHeadError::Malformed(describe(e))),
+        };
+        if len > MAX_HEAD_BYTES {
+            return Err(ResponseHeadError::TooLarge);
+        }
+        let (Some(code), Some(version)) = (parsed.code, parsed.version) else {
+            return Err(ResponseHeadError::Malformed("incomplete status line"));
+        };
+        let base = buf.as_ptr() as usize;
+        let at = |s: &[u8]| {
+            let start = s.as_ptr() as usize - base;
+            (start, start + s.len())
+        };
+        for (slot, h) in fields.iter_mut().zip(parsed.headers.iter()) {
+            *slot = (at(h.name.as_bytes()), at(h.value));
+        }
+        (len, code, version == 1, parsed.headers.len())
+    };
+    let head = buf.split_to(len).freeze();
+    let status =
+        StatusCode::from_u16(code).map_err(|_| ResponseHeadError::Malformed("status code"))?;
+    let mut headers = HeaderMap::with_capacity(count);
+    for (name, value) in &fields[..count] {
+        let name = HeaderName::from_bytes(&head[name.0..name.1])
+            .map_err(|_| ResponseHeadError::Malformed("header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value.0..value.1))
+            .map_err(|_| ResponseHeadError::Malformed("header value"))?;
+        headers.append(name, value);
+    }
+    let (framing, framing_keeps) = decide_framing(status, method, http11, &headers)?;
+    let keep_alive = framing_keeps
+        && framing != ResponseFraming::CloseDelimited
+        && wants_keep_alive(http11, &headers);
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = if http11 {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    *response.headers_mut() = headers;
+    Ok(Some(ResponseHead {
+        response,
+        framing,
+        keep_alive,
+    }))
+}
+
+/// The body's framing (RFC 9112 §6.3, in its order), and whether the connection can carry another
+/// request afterwards as far as the framing goes (not after a switch of protocols).
+fn decide_framing(
+    status: StatusCode,
+    method: &Method,
+    http11: bool,
+    headers: &HeaderMap,
+) -> Result<(ResponseFraming, bool), ResponseHeadError> {
+    // 1. HEAD, 1xx, 204 and 304 have no body, whatever their headers say.
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Ok((ResponseFraming::Empty, false));
+    }
+    if *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((ResponseFraming::Empty, true));
+    }
+    // 2. A 2xx to CONNECT turns the connection into a tunnel: never reused for HTTP.
+    if *method == Method::CONNECT && status.is_success() {
+        return Ok((ResponseFraming::Empty, false));
+    }
+    let content_length = content_length(headers)?;
+    let mut transfer_encoding = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    if transfer_encoding.peek().is_some() {
+        if !http11 {
+            return Err(ResponseHeadError::TransferEncodingInHttp10);
+        }
+        // 3. The RFC lets Transfer-Encoding win; a response that has both is refused instead.
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            return Err(ResponseHeadError::TransferEncodingAndContentLength);
+        }
+        // 4. The last coding decides: chunked, or else the body runs until the connection closes.
+        let chunked_last = transfer_encoding
+            .last()
+            .is_some_and(framing::last_coding_is_chunked);
+        let framing = if chunked_last {
+            ResponseFraming::Chunked
+        } else {
+            ResponseFraming::CloseDelimited
+        };
+        return Ok((framing, true));
+    }
+    // 5-7. A valid Content-Length, or else the body runs until the connection closes.
+    Ok(match content_length {
+        Some(0) => (ResponseFraming::Empty, true),
+        Some(n) => (ResponseFraming::Length(n), true),
+        None => (ResponseFraming::CloseDelimited, true),
+    })
+}
+
+/// Every `Content-Length` value (lines and comma-separated lists), which must agree, as hyper
+/// reads them; `None` when there is none.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ResponseHeadError> {
+    let mut length = None;
+    for line in headers.get_all(header::CONTENT_LENGTH) {
+        let line = line
+            .to_str()
+            .map_err(|_| ResponseHeadError::InvalidContentLength)?;
+        for value in line.split(',') {
+            let n = framing::decimal(value.trim().as_bytes())
+                .ok_or(ResponseHeadError::InvalidContentLength)?;
+            match length {
+                Some(previous) if previous != n => {
+                    return Err(ResponseHeadError::DifferentContentLengths);
+                }
+                _ => length = Some(n),
+            }
+        }
+    }
+    Ok(length)
+}
+
+/// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0 only with `keep-alive`.
+fn wants_keep_alive(http11: bool, headers: &HeaderMap) -> bool {
+    let connection = headers.get_all(header::CONNECTION);
+    if connection.iter().any(|v| has_token(v, "close")) {
+        return false;
+    }
+    http11 || connection.iter().any(|v| has_token(v, "keep-alive"))
+}
+
+fn describe(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::HeaderName => "header name",
+        httparse::Error::HeaderValue => "header value",
+        httparse::Error::NewLine => "line ending",
+        httparse::Error::Status => "status",
+        httparse::Error::Token => "token",
+        httparse::Error::TooManyHeaders => "too many header fields",
+        httparse::Error::Version => "version",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(method: Method, raw: &str) -> Result<Option<ResponseHead>, ResponseHeadError> {
+        let mut buf = BytesMut::from(raw);
+        parse(&mut buf, &method)
+    }
+
+    fn framing_of(method: Method, raw: &str) -> Result<(ResponseFraming, bool), ResponseHeadError> {
+        head(method, raw).map(|h| {
+            let h = h.expect("complete head");
+            (h.framing, h.keep_alive)
+        })
+    }
+
+    #[test]
+    fn responses_without_a_body_follow_rfc_9112_6_3() {
+        use ResponseFraming::*;
+        // HEAD: the length is that of a GET, no body follows.
+        assert_eq!(
+            framing_of(Method::HEAD, "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"),
+            Ok((Empty, true))
+        );
+        assert_eq!(
+            framing_of(
+                Method::HEAD,
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+            ),
+            Ok((Empty, true))
+        );
+        for status in ["204 No Content", "304 Not Modified"] {
+            assert_eq!(
+                framing_of(
+                    Method::GET,
+                    &format!("HTTP/1.1 {status}\r\ncontent-length: 9\r\n\r\n")
+                ),
+                Ok((Empty, true)),
+                "{status}"
+            );
+        }
+        // A 2xx to CONNECT is a tunnel; a 101 hands the connection over: neither is reused.
+        assert_eq!(
+            framing_of(Method::CONNECT, "HTTP/1.1 200 OK\r\n\r\n"),
+            Ok((Empty, false))
+        );
+        assert_eq!(
+            framing_of(
+                Method::GET,
+                "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+            ),
+            Ok((Empty, false))
+        );
+        assert_eq!(
+            framing_of(Method::GET, "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+            Ok((Empty, true))
+        );
+    }
+
+    #[test]
+    fn bodies_are_delimited_by_chunked_length_or_close() {
+        use ResponseFraming::*;
+        assert_eq!(
+            framing_of(
+                Method::GET,
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+            ),
+            Ok((Chunked, true))
+        );
+        assert_eq!(
+            framing_of(
+                Method::POST,
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\ntransfer-encoding: chunked\r\n\r\n"
+            ),
+            Ok((Chunked, true))
+        );
+        // A last coding other than chunked: the body ends when the connection does.
+        assert_eq!(
+            framing_of(
+                Method::GET,
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n"
+            ),
+            Ok((CloseDelimited, false))
+        );
+        assert_eq!(
+            framing_of(Method::GET, "HTTP/1.1 200 OK\r\ncontent-length: 12\r\n\r\n"),
+            Ok((Length(12), true))
+        );
+        // Identical values, on lines or in a list, are one length (RFC 9110 §8.6, hyper).
+        assert_eq!(
+            framing_of(
+                Method::GET,
+                "HTTP/1.1 200 OK\r\ncontent-length: 7\r\ncontent-length: 7, 7\r\n\r\n"
+            ),
+            Ok((Length(7), true))
+        );
+        assert_eq!(
+            framing_of(Method::GET, "HTTP/1.1 200 OK\r\n\r\n"),
+            Ok((CloseDelimited, false))
+        );
+        assert_eq!(
+            framing_of(Method::GET, "HTTP/1.0 200 OK\r\ncontent-length: 3\r\n\r\n"),
+            Ok((Length(3), false))
+        );
+        assert_eq!(
+            framing_of(
+                Method::GET,
+                "HTTP/1.0 200 OK\r\ncontent-length: 3\r\nconnection: keep-alive\r\n\r\n"
+            ),
+            Ok((Length(3), true))
+        );
+        assert_eq!(
+            framing_of(
+                Method::GET,
+                "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: keep-alive, close\r\n\r\n"
+            ),
+            Ok((Length(3), false))
+        );
+    }
+
+    #[test]
+    fn hostile_responses_are_refused() {
+        use ResponseHeadError::*;
+        let cases: &[(&str, ResponseHeadError)] = &[
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+                DifferentContentLengths,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n",
+                DifferentContentLengths,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
+                TransferEncodingAndContentLength,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n",
+                TransferEncodingAndContentLength,
+            ),
+            (
+                "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                TransferEncodingInHttp10,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: +5\r\n\r\n",
+                InvalidContentLength,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 0x5\r\n\r\n",
+                InvalidContentLength,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\n",
+                InvalidContentLength,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+                InvalidContentLength,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nx: a\r\n b\r\n\r\n",
+                Malformed("header name"),
+            ),
+            ("HTTP/1.1 2000 OK\r\n\r\n", Malformed("status")),
+            ("HTTP/2.0 200 OK\r\n\r\n", Malformed("version")),
+        ];
+        for (raw, expected) in cases {
+            match head(Method::GET, raw) {
+                Err(e) => assert_eq!(&e, expected, "{raw:?}"),
+                Ok(h) => panic!("{raw:?} accepted: {h:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_heads_are_refused_before_they_complete() {
+        let mut raw = String::from("HTTP/1.1 200 OK\r\n");
+        while raw.len() < MAX_HEAD_BYTES {
+            raw.push_str(
+                "x-filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n",
+            );
+        }
+        // Incomplete, but already too long.
+        assert_eq!(
+            head(Method::GET, &raw).err(),
+            Some(ResponseHeadError::TooLarge)
+        );
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
+        assert_eq!(
+            head(Method::GET, &format!("HTTP/1.1 200 OK\r\n{many}\r\n")).err(),
+            Some(ResponseHeadError::TooLarge)
+        );
+    }
+
+    #[test]
+    fn interim_responses_are_skipped_and_partial_heads_wait() {
+        let mut buf = BytesMut::from(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\nrest",
+        );
+        let h = parse(&mut buf, &Method::POST)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(h.response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(&buf[..], b"rest");
+        let mut partial = BytesMut::from("HTTP/1.1 200 OK\r\ncontent-le");
+        assert!(matches!(parse(&mut partial, &Method::GET), Ok(None)));
+        assert_eq!(partial.len(), 27, "an incomplete head stays in the buffer");
+    }
+}
