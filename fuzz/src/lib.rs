@@ -9,19 +9,21 @@
 
 pub mod header_sanitisation;
 pub mod http1_head;
+pub mod http1_response;
 pub mod id_template;
 pub mod ntlm_message;
 pub mod proxy_header;
 pub mod toa_options;
 
 /// The fuzz targets, by name (the `[[bin]]`s of this crate, the directories of `corpus/`).
-pub const TARGETS: [&str; 6] = [
+pub const TARGETS: [&str; 7] = [
     "proxy_header",
     "toa_options",
     "id_template",
     "header_sanitisation",
     "ntlm_message",
     "http1_head",
+    "http1_response",
 ];
 
 /// Runs the check of `target` on `data`.
@@ -33,6 +35,7 @@ pub fn check(target: &str, data: &[u8]) {
         "header_sanitisation" => header_sanitisation::check(data),
         "ntlm_message" => ntlm_message::check(data),
         "http1_head" => http1_head::check(data),
+        "http1_response" => http1_response::check(data),
         other => panic!("unknown fuzz target {other}"),
     }
 }

@@ -36,13 +36,14 @@ const CHECK_BUILD: [&str; 3] = ["--dev", "--sanitizer", "none"];
 const RUN_BUILD: [&str; 2] = ["--release", "--debug-assertions"];
 
 /// The targets, in the order they run (the `[[bin]]`s of `fuzz/Cargo.toml`).
-const TARGETS: [&str; 6] = [
+const TARGETS: [&str; 7] = [
     "proxy_header",
     "toa_options",
     "id_template",
     "header_sanitisation",
     "ntlm_message",
     "http1_head",
+    "http1_response",
 ];
 
 /// Longest input per target: a PROXY v2 header may be 4096 bytes (plus what follows it); the
@@ -53,6 +54,8 @@ fn max_len(target: &str) -> usize {
         "toa_options" => 128,
         // A request head up to the largest limit the target chooses (8 KiB), and a body.
         "http1_head" => 9000,
+        // A response head up to past MAX_HEAD_BYTES.
+        "http1_response" => 70000,
         _ => 2048,
     }
 }

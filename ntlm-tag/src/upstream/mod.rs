@@ -38,7 +38,7 @@ mod dedicated;
 pub mod epa_diagnosis;
 mod error;
 mod exchange;
-mod h1;
+pub mod h1;
 pub mod health;
 mod pool;
 pub mod routes;

@@ -113,7 +113,8 @@ pub async fn send(
         return Ok(response);
     }
     let request = (!sent).then_some(outgoing);
-    let mut body = UpstreamBody::new(
+    // A request not written whole leaves the connection unusable, whatever the response says.
+    let body = UpstreamBody::new(
         connection,
         request,
         framing,
@@ -121,9 +122,6 @@ pub async fn send(
         Arc::clone(metrics),
         backend.clone(),
     );
-    if send_failed.is_some() {
-        body.return_to(super::conn::Home::Close);
-    }
     Ok(response.map(|()| body))
 }
 
