@@ -678,6 +678,39 @@ fn a_shared_connection_the_backend_closed_after_its_response_never_costs_a_reque
 }
 
 #[test]
+fn a_response_with_both_content_length_and_chunked_is_a_502_and_its_connection_is_closed() {
+    let topo = Topology::new();
+    let backend = ScriptedBackend::start(
+        &topo.backend,
+        Topology::backend_addr(),
+        Script::AnswerLengthAndChunked,
+    );
+    let gw = Gateway::new().start(&topo.gateway);
+    let reply = topo.client.run(|| async {
+        let mut c = RawClient::connect(Topology::client_v4(0), Topology::gateway_addr()).await;
+        c.send(GET).await.expect("send");
+        c.responses(1).await
+    });
+    assert_eq!(reply.statuses(), [502], "{}", reply.text());
+    assert!(!reply.text().contains("hello"), "{}", reply.text());
+    // Whatever followed that head is never read as the next response: the connection is closed.
+    backend.wait_for(
+        "the gateway to close the upstream connection",
+        Duration::from_secs(5),
+        |c| c.len() == 1 && c[0].closed_by_gateway,
+    );
+    let m = gw.wait_for_metrics("the failure to be counted", |m| {
+        sample(m, "ntlm_tag_errors_total", "origin=\"upstream\"") == Some(1)
+    });
+    assert!(
+        gw.log()
+            .iter()
+            .any(|l| l.contains("both Transfer-Encoding and Content-Length")),
+        "{m}"
+    );
+}
+
+#[test]
 fn a_response_transfer_coding_other_than_chunked_is_a_502_never_passed_on_unlabelled() {
     let topo = Topology::new();
     let backend = ScriptedBackend::start(

@@ -26,6 +26,10 @@ pub enum Script {
     /// Answers `200` with `Transfer-Encoding: gzip, chunked` (a coding the gateway cannot pass on)
     /// and keeps the connection open.
     AnswerGzipChunked,
+    /// Answers `200` with both `Content-Length` and `Transfer-Encoding: chunked` (readers that
+    /// disagree on which one delimits the body split responses apart: response smuggling), and
+    /// keeps the connection open.
+    AnswerLengthAndChunked,
     /// Keep-alive, request after request, answering each as soon as its head has arrived, the way
     /// IIS answers an unauthenticated POST: a request with a body gets `401` + `WWW-Authenticate:
     /// NTLM` before any of the body is read (the body is then read and discarded), one without a
@@ -156,6 +160,13 @@ async fn scripted(mut stream: TcpStream, script: Script, conns: Shared<Vec<ConnL
                 let _ = stream
                     .write_all(
                         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                    )
+                    .await;
+            }
+            Script::AnswerLengthAndChunked => {
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
                     )
                     .await;
             }
