@@ -14,6 +14,8 @@ pub mod conn;
 pub mod request;
 pub mod response_head;
 pub mod send;
+#[cfg(test)]
+mod tests;
 
 pub use body::UpstreamBody;
 pub use conn::{Connection, Home, Slot, SlotError};
