@@ -12,7 +12,9 @@ use super::{Backend, ClientBody, ResponseTimeout, Upstream, UpstreamError, tls};
 use crate::metrics::UpstreamUse;
 
 /// A connection to a backend: plain TCP, or TLS over it.
-pub(super) type BackendIo = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+/// The TLS stream is boxed: rustls's state is over a kilobyte, and every future that holds a
+/// connection (the exchange's, nested several deep) would carry and copy it on a plain backend too.
+pub(super) type BackendIo = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// How one attempt on one backend ended.
 pub(super) enum Attempt<T> {
@@ -68,7 +70,7 @@ impl Backend {
                         {
                             *last = Some(leaf.as_ref().to_vec());
                         }
-                        Ok(Either::Right(stream))
+                        Ok(Either::Right(Box::new(stream)))
                     }
                 }
             };
@@ -106,7 +108,8 @@ impl Upstream {
                 }
             }
         }
-        let connection = match self.open(backend, sharing).await {
+        // Boxed: dialling (TCP and TLS) is a large future, and keep-alive requests never await it.
+        let connection = match Box::pin(self.open(backend, sharing)).await {
             Ok(connection) => connection,
             Err(e) => return Attempt::Unsent(Box::new(req), e),
         };

@@ -71,3 +71,17 @@ fn upstream_requests_take_the_origin_form_and_keep_the_clients_host() {
     assert_eq!(origin.uri(), "/x");
     assert_eq!(origin.headers()[header::HOST], "intranet.example");
 }
+
+/// Every request's exchange future is built and moved into its parent's (memcpy'd) at each level:
+/// a connection held by value there must stay small (the TLS state is boxed) and dialling, which
+/// keep-alive requests never do, is boxed.
+#[tokio::test]
+async fn an_exchange_future_stays_small() {
+    let up = upstream(1, Balance::LeastConn);
+    let mut state = up.attach(ip("198.18.0.1"));
+    let req = Request::get("/")
+        .body(ClientBody::new(http_body_util::Empty::<bytes::Bytes>::new()))
+        .expect("request");
+    let size = std::mem::size_of_val(&up.exchange(&mut state, ip("198.18.0.1"), req));
+    assert!(size <= 3_500, "the exchange future takes {size} bytes");
+}

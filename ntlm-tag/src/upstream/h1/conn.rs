@@ -68,6 +68,14 @@ impl Connection {
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
     }
 
+    /// Lets the read buffer go (it is empty between responses).
+    fn without_buffer(mut self) -> Self {
+        if self.read.is_empty() {
+            self.read = BytesMut::new();
+        }
+        self
+    }
+
     /// The stream and what was read ahead of it, for a tunnel after `101 Switching Protocols`.
     pub fn into_parts(self) -> (BackendIo, BytesMut) {
         (self.io, self.read)
@@ -105,7 +113,11 @@ impl Home {
                 backend.idle.put(connection);
                 drop(permit);
             }
-            (Home::Own(slot), connection) => slot.settle(connection),
+            (Home::Own(slot), connection) => {
+                // A client's own connection may wait for hours (an idle Outlook session): it
+                // keeps no read buffer meanwhile.
+                slot.settle(connection.map(Connection::without_buffer));
+            }
             (Home::Close | Home::Pool { .. }, _) => {}
         }
     }

@@ -5,6 +5,8 @@
 //! refused (502), and its connection is closed, never reused.
 #![forbid(unsafe_code)]
 
+use std::mem::MaybeUninit;
+
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header};
 use thiserror::Error;
@@ -80,12 +82,20 @@ fn parse_one(
     buf: &mut BytesMut,
     method: &Method,
 ) -> Result<Option<ResponseHead>, ResponseHeadError> {
-    // Where each field lies in the head, so that values become slices of it (no copy).
-    let mut fields = [((0, 0), (0, 0)); MAX_HEADERS];
-    let (len, code, http11, count) = {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut headers);
-        let len = match parsed.parse(buf) {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    // Where each field lies in the head, so that values become slices of it (no copy); the
+    // parser's header array is left uninitialised (zeroing 100 fields per response costs more
+    // than parsing a typical head).
+    let (len, code, http11, fields) = {
+        let mut uninit = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut parsed,
+            buf,
+            &mut uninit,
+        ) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
                 return Err(ResponseHeadError::TooLarge);
@@ -105,16 +115,18 @@ fn parse_one(
             let start = s.as_ptr() as usize - base;
             (start, start + s.len())
         };
-        for (slot, h) in fields.iter_mut().zip(parsed.headers.iter()) {
-            *slot = (at(h.name.as_bytes()), at(h.value));
-        }
-        (len, code, version == 1, parsed.headers.len())
+        let fields: Vec<_> = parsed
+            .headers
+            .iter()
+            .map(|h| (at(h.name.as_bytes()), at(h.value)))
+            .collect();
+        (len, code, version == 1, fields)
     };
     let head = buf.split_to(len).freeze();
     let status =
         StatusCode::from_u16(code).map_err(|_| ResponseHeadError::Malformed("status code"))?;
-    let mut headers = HeaderMap::with_capacity(count);
-    for (name, value) in &fields[..count] {
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for (name, value) in &fields {
         let name = HeaderName::from_bytes(&head[name.0..name.1])
             .map_err(|_| ResponseHeadError::Malformed("header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(value.0..value.1))
