@@ -50,7 +50,7 @@ pub fn encode_head(
         let chunked_last = headers
             .get_all(header::TRANSFER_ENCODING)
             .iter()
-            .last()
+            .next_back()
             .is_some_and(framing::last_coding_is_chunked);
         if !chunked_last {
             headers.append(
@@ -174,16 +174,13 @@ impl Outgoing {
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), SendError>> {
         loop {
-            if self.written > 0 && self.pending.len() - self.offset < COALESCE {
-                if let Some(body) = &mut self.body {
-                    match Pin::new(body).poll_frame(cx) {
-                        Poll::Ready(frame) => {
-                            self.take(frame)?;
-                            continue;
-                        }
-                        Poll::Pending => {}
-                    }
-                }
+            if self.written > 0
+                && self.pending.len() - self.offset < COALESCE
+                && let Some(body) = &mut self.body
+                && let Poll::Ready(frame) = Pin::new(body).poll_frame(cx)
+            {
+                self.take(frame)?;
+                continue;
             }
             if self.offset < self.pending.len() {
                 let n = ready!(Pin::new(&mut *io).poll_write(cx, &self.pending[self.offset..]))?;

@@ -176,8 +176,11 @@ fn decide_framing(
         return Ok((ResponseFraming::Empty, false));
     }
     let content_length = content_length(headers)?;
-    let mut transfer_encoding = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
-    if transfer_encoding.peek().is_some() {
+    if let Some(last_coding_line) = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
         if !http11 {
             return Err(ResponseHeadError::TransferEncodingInHttp10);
         }
@@ -186,10 +189,7 @@ fn decide_framing(
             return Err(ResponseHeadError::TransferEncodingAndContentLength);
         }
         // 4. The last coding decides: chunked, or else the body runs until the connection closes.
-        let chunked_last = transfer_encoding
-            .last()
-            .is_some_and(framing::last_coding_is_chunked);
-        let framing = if chunked_last {
+        let framing = if framing::last_coding_is_chunked(last_coding_line) {
             ResponseFraming::Chunked
         } else {
             ResponseFraming::CloseDelimited
