@@ -41,8 +41,8 @@ pub fn check(data: &[u8]) {
     let Some((&flags, bytes)) = data.split_first() else {
         return;
     };
-    let method = Method::from_bytes(METHODS[usize::from(flags & 7)].as_bytes())
-        .unwrap_or(Method::GET);
+    let method =
+        Method::from_bytes(METHODS[usize::from(flags & 7)].as_bytes()).unwrap_or(Method::GET);
     let expected = oracle(bytes, &method);
     let mut buf = BytesMut::from(bytes);
     let ours = response_head::parse(&mut buf, &method);
@@ -59,10 +59,18 @@ pub fn check(data: &[u8]) {
                     .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
                     .collect::<Vec<_>>()
             };
-            assert_eq!(fields(r.headers()), fields(&a.headers), "fields of {text:?}");
+            assert_eq!(
+                fields(r.headers()),
+                fields(&a.headers),
+                "fields of {text:?}"
+            );
             assert_eq!(head.framing, a.framing, "framing of {text:?} to {method}");
             assert_eq!(head.keep_alive, a.keep_alive, "keep-alive of {text:?}");
-            assert_eq!(&buf[..], &bytes[a.len..], "the heads' bytes taken, the rest left");
+            assert_eq!(
+                &buf[..],
+                &bytes[a.len..],
+                "the heads' bytes taken, the rest left"
+            );
         }
         (expected, ours) => panic!(
             "{text:?} to {method}: hyper's client rules say {expected:?}, the gateway {:?}",
