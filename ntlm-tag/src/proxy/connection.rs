@@ -317,4 +317,3 @@ impl Drop for OpenSlot {
         self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
-
