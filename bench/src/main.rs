@@ -1,9 +1,10 @@
 //! `cargo xtask bench`: ntlm-tag side by side with nginx, HAProxy and the backend itself, measured in
 //! one run on this machine with the same backend and the same load.
 //!
-//! Every proxy runs alone on core 0 with one worker; the backend (nginx, or the NTLM acceptor) and
-//! the load generator share core 1. Workloads: keep-alive requests on 64 connections and a new
-//! connection per request (both driven by `wrk`), full NTLM handshakes (this process's own client:
+//! Every proxy runs alone on core 0 with one worker; the backend (nginx, or the NTLM acceptor) runs
+//! on core 1, and the load generator on core 2 when the machine has one (on two cores it shares
+//! core 1 with the backend, and cannot be shown not to be the limit). Workloads: keep-alive
+//! requests on 64 connections and a new connection per request (both driven by `wrk`), full NTLM handshakes (this process's own client:
 //! wrk cannot speak NTLM), each repeated `--runs` times with the systems interleaved, and 10,000
 //! idle keep-alive connections (resident memory per connection). The kernel's own BPF run-time statistics
 //! give the cost of ntlm-tag's programs; `BPF_PROG_TEST_RUN` gives the XDP program's cost per packet.
@@ -186,7 +187,7 @@ fn run(args: &Args) -> Result<()> {
     }
     let env = setup::Environment::enter()?;
     setup::wait_quiet(args.wait_quiet);
-    step("benchmarking (proxies on core 0; backend and load generator on core 1)");
+    step(&format!("benchmarking ({})", setup::core_layout()));
     let results = runs::run_all(args, &env)?;
     let paths = report::write(args, &env, &results)?;
     step(&format!(

@@ -100,12 +100,13 @@ fn readme_summary(env: &Environment, results: &Results, stamp: &str) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{}. Each proxy alone on core 0 with one worker; the backend and the load generator on core 1; {} \
+        "\n{}. {}, one worker each; {} \
          runs per cell, systems interleaved. Load average before the run {}, after it {}. Goals, eBPF run-time \
          statistics, XDP per-packet costs and every ratio: \
          [`bench/results/{stamp}.md`](bench/results/{stamp}.md).\n\n\
          ![proxy CPU and throughput per system](bench/results/{stamp}.svg)",
         machine(),
+        capitalized(&crate::setup::core_layout()),
         results.runs.iter().map(|m| m.repeats).max().unwrap_or(0),
         env.load_before.trim(),
         results.load_after.trim()
@@ -252,11 +253,11 @@ fn environment(args: &Args, env: &Environment, results: &Results, stamp: &str) -
         ),
         Some(path) => format!("from `{}`", path.display()),
     };
+    let layout = capitalized(&crate::setup::core_layout());
     format!(
         "# ntlm-tag benchmark, {stamp}\n\n\
-         - **Machine**: {cores} × {cpu_model}, Linux {kernel}. Every proxy runs alone on **core 0** with **one worker** \
-         (nginx `worker_processes 1`, HAProxy `nbthread 1`, ntlm-tag `workers = 1`); the backend and the load generator share \
-         **core 1** (`taskset`). Everything on 127.0.0.1.\n\
+         - **Machine**: {cores} × {cpu_model}, Linux {kernel}. {layout} (`taskset`), every proxy with **one worker** \
+         (nginx `worker_processes 1`, HAProxy `nbthread 1`, ntlm-tag `workers = 1`). Everything on 127.0.0.1.\n\
          - **Load average** (1/5/15 min): before the run {before}; after it {after}. The `load` column is the 1-minute average \
          at the end of each run (the bench itself keeps both cores busy, so about 2 is its own share).\n\
          - **Versions**: {nginx}; {haproxy}; {ntlm_tag_version} {build}.\n\
@@ -396,6 +397,14 @@ fn csv_row(results: &Results, m: &Measurement) -> String {
         m.proxy_busy.map_or(String::new(), |b| num(b, 3)),
     ]
     .join(",")
+}
+
+/// `text` with its first letter in upper case (a sentence made of a clause).
+fn capitalized(text: &str) -> String {
+    let mut chars = text.chars();
+    chars
+        .next()
+        .map_or(String::new(), |c| c.to_uppercase().chain(chars).collect())
 }
 
 #[cfg(test)]

@@ -363,7 +363,7 @@ fn profile(args: &Args, dir: &Path, users: &Arc<Vec<Identity>>) -> Result<PathBu
         .collect();
         let perf = Server::spawn(
             "perf",
-            setup::LOAD_CORE,
+            setup::load_core(),
             Path::new("perf"),
             &perf_args,
             &dir.join("perf.log"),

@@ -1,5 +1,6 @@
 //! The backend, the NTLM acceptors and the proxies under test: their configurations and how they
-//! are started. Everything listens on 127.0.0.1; the proxies on core 0, the rest on core 1.
+//! are started. Everything listens on 127.0.0.1; the proxies on core 0, the backend
+//! and the acceptors on core 1 (see `setup::load_core` for the load generator).
 
 use std::{
     net::SocketAddr,
@@ -12,7 +13,7 @@ use super::{
     Args, Proxy,
     ntlm::Identity,
     procs::Server,
-    setup::{LOAD_CORE, PROXY_CORE},
+    setup::{BACKEND_CORE, PROXY_CORE},
 };
 use xtask::root;
 
@@ -137,7 +138,7 @@ fn start_nginx(
     Ok(server)
 }
 
-/// The fast backend: nginx answering every request with a fixed `ok\n`, on core 1.
+/// The fast backend: nginx answering every request with a fixed `ok\n`, on the backend core.
 pub fn start_backend(dir: &Path) -> Result<Server> {
     let dir = subdir(dir, "backend")?;
     let blocks = format!(
@@ -149,14 +150,14 @@ pub fn start_backend(dir: &Path) -> Result<Server> {
     );
     start_nginx(
         "backend",
-        LOAD_CORE,
+        BACKEND_CORE,
         &dir,
         &nginx_main(&dir, &blocks),
         local(BACKEND_PORT),
     )
 }
 
-/// The NTLM acceptors on core 1: one keyed by the connection-id header (behind the proxies), one
+/// The NTLM acceptors on the backend core: one keyed by the connection-id header (behind the proxies), one
 /// keyed by TCP connection (direct).
 pub fn start_acceptors(dir: &Path, users: &[Identity]) -> Result<Vec<Server>> {
     let binary = root().join("target/release/ntlm-acceptor");
@@ -174,7 +175,7 @@ pub fn start_acceptors(dir: &Path, users: &[Identity]) -> Result<Vec<Server>> {
         // One JSON line per request on stdout: to a file, not a pipe nobody reads.
         let mut server = Server::spawn(
             &format!("acceptor-{key}"),
-            LOAD_CORE,
+            BACKEND_CORE,
             &binary,
             &args,
             &dir.join(format!("acceptor-{key}.log")),

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::{load::Outcome, setup::LOAD_CORE};
+use super::{load::Outcome, setup::load_core};
 
 /// How wrk's connections behave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +63,7 @@ pub fn run<T>(plan: &WrkPlan, probe: impl Fn() -> T) -> Result<WrkOutcome<T>> {
 
 fn wrk(plan: &WrkPlan, duration: Duration) -> Result<WrkReport> {
     let mut cmd = Command::new("taskset");
-    cmd.args(["-c", &LOAD_CORE.to_string(), "wrk", "-t1", "--latency"])
+    cmd.args(["-c", &load_core().to_string(), "wrk", "-t1", "--latency"])
         .arg(format!("-c{}", plan.connections))
         .arg(format!("-d{}s", duration.as_secs().max(1)))
         .arg("--timeout")

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod descriptors;
 pub mod epa;
 pub mod error;
 pub mod guard;

@@ -18,18 +18,21 @@ use crate::{
     identity::{ConnName, ConnectionIdentity},
 };
 
+/// One connection's row, shared by the table and the connection's [`Registration`]: one
+/// allocation per connection, and the table itself holds only a key and a pointer per connection
+/// (a table of whole rows keeps room for a quarter more rows than it holds, at ~400 bytes each).
 #[derive(Debug)]
-struct Entry {
+struct Row {
     name: Arc<ConnName>,
     /// Only with `show_full_ids`.
-    id: Option<String>,
+    id: Option<Box<str>>,
     identity: ConnectionIdentity,
-    upstream: Arc<Mutex<UpstreamView>>,
+    upstream: Mutex<UpstreamView>,
     /// Shared with the listener's other connections: registering one copies no string.
     listener: Arc<str>,
     started: Instant,
-    requests: Arc<AtomicU64>,
-    auth: Arc<Mutex<AuthState>>,
+    requests: AtomicU64,
+    auth: Mutex<AuthState>,
 }
 
 /// Where a connection's requests go now: its backend (it moves on failover) and how they reach it.
@@ -80,7 +83,7 @@ pub struct ConnectionRow {
 #[derive(Debug, Default)]
 pub struct Registry {
     next_key: AtomicU64,
-    live: Mutex<HashMap<u64, Entry>>,
+    live: Mutex<HashMap<u64, Arc<Row>>>,
 }
 
 /// Removes its connection from the registry when dropped.
@@ -88,30 +91,28 @@ pub struct Registry {
 pub struct Registration {
     registry: Arc<Registry>,
     key: u64,
-    requests: Arc<AtomicU64>,
-    upstream: Arc<Mutex<UpstreamView>>,
-    auth: Arc<Mutex<AuthState>>,
+    row: Arc<Row>,
 }
 
 impl Registration {
     /// The connection's NTLM/Negotiate state now.
     pub fn auth(&self) -> AuthState {
-        self.auth.lock().map(|a| a.clone()).unwrap_or_default()
+        self.row.auth.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
     pub fn set_auth(&self, state: AuthState) {
-        if let Ok(mut auth) = self.auth.lock() {
+        if let Ok(mut auth) = self.row.auth.lock() {
             *auth = state;
         }
     }
 
     pub fn count_request(&self) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.row.requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The connection's backend and upstream link as they are after a request.
     pub fn set_upstream(&self, backend: &Authority, link: &'static str) {
-        if let Ok(mut view) = self.upstream.lock()
+        if let Ok(mut view) = self.row.upstream.lock()
             && (view.backend != *backend || view.link != link)
         {
             *view = UpstreamView {
@@ -126,6 +127,12 @@ impl Drop for Registration {
     fn drop(&mut self) {
         if let Ok(mut live) = self.registry.live.lock() {
             live.remove(&self.key);
+            // The table shrinks as connections close (a peak must not keep its room for good),
+            // with slack so that a steady count does not resize it back and forth.
+            let len = live.len();
+            if live.capacity() > 64 && len < live.capacity() / 4 {
+                live.shrink_to(len * 2);
+            }
         }
     }
 }
@@ -134,37 +141,30 @@ impl Registry {
     pub fn register(
         self: &Arc<Self>,
         name: Arc<ConnName>,
-        id: Option<String>,
+        id: Option<Box<str>>,
         identity: ConnectionIdentity,
         backend: Authority,
         link: &'static str,
         listener: Arc<str>,
     ) -> Registration {
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        let requests = Arc::new(AtomicU64::new(0));
-        let upstream = Arc::new(Mutex::new(UpstreamView { backend, link }));
-        let auth = Arc::new(Mutex::new(AuthState::Anonymous));
+        let row = Arc::new(Row {
+            name,
+            id,
+            identity,
+            upstream: Mutex::new(UpstreamView { backend, link }),
+            listener,
+            started: Instant::now(),
+            requests: AtomicU64::new(0),
+            auth: Mutex::new(AuthState::Anonymous),
+        });
         if let Ok(mut live) = self.live.lock() {
-            live.insert(
-                key,
-                Entry {
-                    name,
-                    id,
-                    identity,
-                    upstream: Arc::clone(&upstream),
-                    listener,
-                    started: Instant::now(),
-                    requests: Arc::clone(&requests),
-                    auth: Arc::clone(&auth),
-                },
-            );
+            live.insert(key, Arc::clone(&row));
         }
         Registration {
             registry: Arc::clone(self),
             key,
-            requests,
-            upstream,
-            auth,
+            row,
         }
     }
 
@@ -206,7 +206,7 @@ impl Registry {
                     *key,
                     ConnectionRow {
                         id_hash: e.name.to_string(),
-                        id: e.id.clone(),
+                        id: e.id.as_deref().map(str::to_string),
                         client: e.identity.client.to_string(),
                         peer: e.identity.peer.to_string(),
                         local: e.identity.local.to_string(),
@@ -217,7 +217,7 @@ impl Registry {
                         proxy_tlvs: e
                             .identity
                             .proxy_tlvs
-                            .as_ref()
+                            .as_deref()
                             .and_then(|t| serde_json::to_value(t).ok()),
                         backend,
                         upstream: link.to_string(),

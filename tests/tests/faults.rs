@@ -742,3 +742,144 @@ fn a_response_transfer_coding_other_than_chunked_is_a_502_never_passed_on_unlabe
         "{m}"
     );
 }
+
+/// CPU time (user + system) of `pid` so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // Fields after the command name (which may hold spaces): state is the 3rd field, utime the
+    // 14th and stime the 15th.
+    let after_name = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let field = |n: usize| fields[n - 3].parse::<u64>().expect("tick count");
+    field(14) + field(15)
+}
+
+/// Sets the soft RLIMIT_NOFILE of the running process `pid` (the hard limit stays, so it can be
+/// raised again without CAP_SYS_RESOURCE).
+fn set_descriptor_limit(pid: u32, limit: usize) {
+    let prlimit = std::process::Command::new("prlimit")
+        .args([format!("--pid={pid}"), format!("--nofile={limit}:")])
+        .status()
+        .expect("run prlimit");
+    assert!(prlimit.success(), "prlimit --pid {pid} --nofile={limit}:");
+}
+
+/// Awaits every future of `futures`, run concurrently.
+async fn futures_join_all(
+    futures: impl IntoIterator<Item = impl std::future::Future<Output = ()> + Send + 'static>,
+) {
+    let mut set = tokio::task::JoinSet::new();
+    for f in futures {
+        set.spawn(f);
+    }
+    while let Some(done) = set.join_next().await {
+        done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    }
+}
+
+/// The client side of the descriptor test, step by step on the main thread's word.
+enum DescriptorStep {
+    /// One connection answered: the gateway may now be limited.
+    Warm,
+    /// Connections opened past the limit, each with a request written.
+    Flooded,
+    /// The first connection was answered again.
+    Served,
+}
+
+#[test]
+fn out_of_descriptors_the_gateway_warns_once_serves_what_it_holds_and_resumes_accepting() {
+    const WARNING: &str = "cannot accept new connections";
+    const FLOOD: usize = 12;
+    let topo = Topology::new();
+    let _backend = Backend::start(&topo.backend, Topology::backend_addr());
+    let mut gw = Gateway::new().start(&topo.gateway);
+    let pid = gw.pid();
+    let (to_main, from_client) = mpsc::channel::<DescriptorStep>();
+    // The client's runtime must go on running its connections while it waits for the main thread.
+    let (to_client, mut from_main) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let started = Instant::now();
+    let client = topo.client.spawn(move || async move {
+        let ip = Topology::client_v4(0);
+        let mut first = RawClient::connect(ip, Topology::gateway_addr()).await;
+        first.send(GET).await.expect("send");
+        assert_eq!(first.responses(1).await.statuses(), vec![200]);
+        to_main.send(DescriptorStep::Warm).expect("main thread");
+        from_main.recv().await.expect("main thread");
+        // More connections than descriptors are left: the kernel completes every handshake and
+        // queues them; the gateway accepts what its limit allows. They send nothing yet: a
+        // request needing an upstream connection of its own would need a descriptor too.
+        let mut flood = Vec::new();
+        for k in 0..FLOOD {
+            flood.push(
+                RawClient::connect(Topology::client_v4(1 + k as u8), Topology::gateway_addr())
+                    .await,
+            );
+        }
+        to_main.send(DescriptorStep::Flooded).expect("main thread");
+        from_main.recv().await.expect("main thread");
+        // Established connections are still served while accepting is paused.
+        first.send(GET).await.expect("send");
+        assert_eq!(first.responses(1).await.statuses(), vec![200]);
+        to_main.send(DescriptorStep::Served).expect("main thread");
+        from_main.recv().await.expect("main thread");
+        // Descriptors to spare again: the queued connections are accepted (within the gateway's
+        // longest pause) and answered.
+        let answered = flood.into_iter().enumerate().map(|(k, mut c)| async move {
+            c.send(GET).await.expect("send");
+            let reply = c
+                .read_until(scaled(Duration::from_secs(30)), |r| !r.is_empty())
+                .await;
+            assert_eq!(reply.statuses(), vec![200], "flood connection {k}");
+        });
+        futures_join_all(answered).await;
+    });
+    assert!(matches!(from_client.recv(), Ok(DescriptorStep::Warm)));
+    // Room for a few more descriptors than the gateway holds now: fewer than the flood needs.
+    let limit = fds(pid) + 4;
+    set_descriptor_limit(pid, limit);
+    to_client.send(()).expect("client thread");
+    assert!(matches!(from_client.recv(), Ok(DescriptorStep::Flooded)));
+    let warning = gw
+        .wait_for_line(WARNING, scaled(Duration::from_secs(15)))
+        .unwrap_or_else(|| panic!("no `{WARNING}` line:\n{}", gw.log().join("\n")));
+    assert!(
+        warning.contains("LimitNOFILE=") && warning.contains(&format!("descriptor_limit={limit}")),
+        "the warning names what to raise and the limit: {warning}"
+    );
+    let open: usize = warning
+        .split("open_connections=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("open_connections in {warning}"));
+    assert!(
+        (1..=FLOOD).contains(&open),
+        "the limit stopped accepting before all {} connections: {warning}",
+        FLOOD + 1
+    );
+    // Paused, not spinning: while the queue is full and descriptors are out, the gateway retries
+    // at most a few times a second (a spinning loop would burn the whole window).
+    let ticks = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_ticks(pid) - ticks;
+    assert!(
+        spent <= 10,
+        "the gateway used {spent} ticks of CPU in 1 s while out of descriptors"
+    );
+    to_client.send(()).expect("client thread");
+    assert!(matches!(from_client.recv(), Ok(DescriptorStep::Served)));
+    set_descriptor_limit(pid, limit + 4 * FLOOD);
+    to_client.send(()).expect("client thread");
+    client
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    // One warning per interval: the episode is over before a second one would be due.
+    let warnings = gw.log().iter().filter(|l| l.contains(WARNING)).count();
+    let intervals = started.elapsed().as_secs() / 10 + 1;
+    assert!(
+        warnings as u64 <= intervals,
+        "{warnings} warnings in {:?} (one per 10 s at most)",
+        started.elapsed()
+    );
+}

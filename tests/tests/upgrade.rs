@@ -550,6 +550,116 @@ fn an_upgrade_typed_at_a_terminal_returns_once_the_new_gateway_serves_and_leaves
     assert!(new.stop(), "the new gateway stops on SIGTERM");
 }
 
+/// The `MAINPID=` notifications `socket` holds right now (it does not wait).
+fn main_pid_notices(socket: &std::os::unix::net::UnixDatagram) -> Vec<String> {
+    socket.set_nonblocking(true).expect("non-blocking");
+    let mut buf = vec![0u8; 4096];
+    let mut found = Vec::new();
+    while let Ok(n) = socket.recv(&mut buf) {
+        let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if message.contains("MAINPID=") {
+            found.push(message);
+        }
+    }
+    found
+}
+
+/// The parent of process `pid` (`/proc/PID/stat`, the field after the state).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, after_name) = stat.rsplit_once(')')?;
+    after_name.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn under_systemd_the_new_gateway_names_itself_the_main_process_only_once_its_starter_exited() {
+    // systemd can only wait for (and so drain on a stop) a main process that is its own child:
+    // the new gateway must not send MAINPID= while the hand-over script that started it runs.
+    let Scene {
+        topo,
+        acceptor: _acceptor,
+        gateway,
+        dir,
+    } = Scene::new("");
+    let notify_path = dir.path().join("notify.sock");
+    let notify =
+        std::os::unix::net::UnixDatagram::bind(&notify_path).expect("bind the notify socket");
+    let mut old = gateway
+        .clone()
+        .env("NOTIFY_SOCKET", &notify_path.display().to_string())
+        .start(&topo.gateway);
+    uid_nonce(&mut old);
+
+    // What the unit's hand-over script does: read the first line through a FIFO, leave the gateway
+    // running; then (unlike the script) stay until the test closes stdin.
+    let starter = r#"fifo=$1 log=$2; shift 2; mkfifo "$fifo"; "$@" >"$fifo" 2>"$log" & head -n 1 "$fifo"; read _ || true"#;
+    let mut command = vec![
+        "-c".to_string(),
+        starter.to_string(),
+        "starter".to_string(),
+        dir.path().join("said").display().to_string(),
+        dir.path().join("new.log").display().to_string(),
+        "nsenter".to_string(),
+        format!("--net={}", topo.gateway.path().display()),
+        "--".to_string(),
+        ntlm_tag_tests::gateway::binary().display().to_string(),
+        "upgrade".to_string(),
+    ];
+    command.extend(gateway.command_line());
+    let mut starter = std::process::Command::new("sh")
+        .args(&command)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the starter");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(starter.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("read the starter's line");
+    let pid: i32 = line
+        .strip_prefix("ntlm-tag: upgrade done: pid ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| {
+            let log = std::fs::read_to_string(dir.path().join("new.log")).unwrap_or_default();
+            panic!("no upgrade done line: {line:?}; the new gateway said: {log}")
+        });
+    let new = Detached(pid);
+    assert_eq!(
+        parent_of(pid),
+        Some(starter.id() as i32),
+        "started by the starter"
+    );
+    // Said before the line, the notification would be queued already.
+    let early = main_pid_notices(&notify);
+    assert!(
+        early.is_empty(),
+        "MAINPID= while its starter still runs: {early:?}"
+    );
+
+    drop(starter.stdin.take());
+    assert!(starter.wait().expect("the starter exits").success());
+    let expected = format!("MAINPID={pid}\nREADY=1\n");
+    eventually_within(
+        "MAINPID= once the starter exited",
+        scaled(Duration::from_secs(10)),
+        || main_pid_notices(&notify),
+        |notices| notices.contains(&expected),
+    );
+    assert_ne!(parent_of(pid), Some(starter.id() as i32));
+
+    topo.client
+        .run(|| async { one_request(Topology::gateway_addr(), "/after").await })
+        .expect("the new gateway serves");
+    let status = old
+        .wait_for_exit(scaled(Duration::from_secs(20)))
+        .expect("the old gateway exits");
+    assert!(status.success());
+    assert!(new.stop(), "the new gateway stops on SIGTERM");
+}
+
 /// The id of the XDP program interface `dev` runs in `ns` (`ip -d link`), if any.
 fn xdp_program_on(ns: &NetNs, dev: &str) -> Option<u64> {
     let out = ns

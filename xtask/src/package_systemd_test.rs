@@ -7,8 +7,9 @@
 //! status line, reloads (good and refused), the sandbox as the kernel reports it for the main
 //! process, the sock_ops program in the unit's cgroup, an `apt-get install` of a newer version
 //! that hands over without logging out an open NTLM connection, a hand-over whose new process
-//! hangs (bounded: the reload fails, nothing stays behind, the service serves on), the stop and the
-//! journal. With `--upgrade-from OLD.deb` the first package is that one, and the upgrade must do
+//! hangs (bounded: the reload fails, nothing stays behind, the service serves on), a stop right
+//! after a hand-over (the new main process drains: systemd takes it for its own child, so it does
+//! not SIGKILL it), the stop and the journal. With `--upgrade-from OLD.deb` the first package is that one, and the upgrade must do
 //! what the postinst promises for it: hand over, or restart when the old package predates
 //! hand-overs through the unit.
 

@@ -247,6 +247,28 @@ code=$(curl -s -o /dev/null -w '%{http_code}' --ntlm -u "$user:$password" "http:
 [ "$code" = 200 ] || fail "after the next hand-over: $code"
 echo "the next hand-over: main process $before -> $after; curl --ntlm: $code"
 
+echo "==> systemctl stop right after a hand-over: the new main process drains, nothing is killed"
+# The hand-over is done when the old process has gone (it had nothing to drain) and systemd names
+# the new one as the main process. With nothing else left in the unit, a main process that systemd
+# does not take for its own child gets SIGKILL right after SIGTERM on a stop.
+for _ in $(seq 200); do inside test -d "/proc/$before" || break; sleep 0.05; done
+inside test ! -d "/proc/$before" || fail "the old process $before did not exit after the hand-over"
+[ "$(inside systemctl show -p MainPID --value "$unit")" = "$after" ] || fail "systemd's main process is not $after"
+cursor=$(inside journalctl -n 0 --show-cursor --no-pager | sed -n 's/^-- cursor: //p')
+started=$(now)
+inside systemctl stop "$unit"
+echo "systemctl stop took $(elapsed "$started")"
+shown=$(inside systemctl show -p Result -p ExecMainPID -p ExecMainCode -p ExecMainStatus "$unit" | paste -sd' ')
+echo "$shown"
+# ExecMainCode=1: CLD_EXITED (2 would be CLD_KILLED).
+[ "$shown" = "Result=success ExecMainPID=$after ExecMainCode=1 ExecMainStatus=0" ] || fail "stop after a hand-over: $shown"
+journal=$(inside journalctl -u "$unit" --no-pager -o cat)
+grep "Supervising process $after which is not our child" <<<"$journal" &&
+    fail "systemd took the new main process $after for one it cannot wait for"
+inside journalctl -u "$unit" --after-cursor "$cursor" --no-pager -o cat | grep -m1 'stopping: no new connections, draining' ||
+    fail "the new main process did not drain"
+inside systemctl start "$unit" || fail "the start after the stop failed"
+
 echo "==> a refused hand-over falls back to a restart (the upgrade socket removed)"
 inside rm /run/ntlm-tag/upgrade.sock
 before=$(inside systemctl show -p MainPID --value "$unit")

@@ -36,6 +36,7 @@ use tokio::{
 use crate::{
     kernel::{KernelCounters, KernelTracker, monotonic_ns},
     metrics::{self, BackendUp, Metrics, Scrape},
+    proxy::accept_errors::AcceptErrors,
     registry::Registry,
     upstream::BackendState,
 };
@@ -125,18 +126,24 @@ pub async fn serve(
         }
     };
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut errors = AcceptErrors::new("admin");
     loop {
         let accepted = tokio::select! {
             accepted = accept(&listener) => accepted,
             _ = shutdown.changed() => return,
         };
         let io = match accepted {
-            Ok(io) => io,
+            Ok(io) => {
+                errors.accepted();
+                io
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                // EMFILE and friends: do not spin.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+                // EMFILE and friends: pause instead of spinning, warn once per interval.
+                let pause = errors.failed(&e, MAX_CONNECTIONS - slots.available_permits());
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => continue,
+                    _ = shutdown.changed() => return,
+                }
             }
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {

@@ -11,6 +11,7 @@ use super::reload::log_warnings;
 use crate::{
     admin::AdminListener,
     config::Config,
+    descriptors,
     handover::{self, Predecessor, UpgradeSocket, XdpTaken},
     kernel::{
         self, EbpfMode, InheritedXdp, InheritedXdpLink, KernelTracker, local_addrs, privileges,
@@ -44,6 +45,7 @@ pub struct Prepared {
 /// configuration still names), and the kernel programs are attached in the cgroup they belong to.
 pub fn prepare(config: &Config, upgrade: bool) -> Result<Prepared> {
     log_warnings(config);
+    raise_descriptor_limit(config.limits.max_connections);
     let (predecessor, mut inherited) = if upgrade {
         let path = config.upgrade_socket.as_deref().context(
             "`ntlm-tag upgrade` takes over through upgrade_socket, and the configuration sets none",
@@ -261,4 +263,31 @@ fn inherited_links((links, program): XdpTaken) -> InheritedXdp {
         })
         .collect();
     InheritedXdp { links, program }
+}
+
+/// Raises the soft descriptor limit to the hard one (a client connection holds a descriptor, and
+/// its upstream connection another), and warns when even that is below what `max_connections`
+/// needs: past the limit, accepts fail (EMFILE) and new connections wait in the kernel's queue.
+fn raise_descriptor_limit(max_connections: usize) {
+    let limit = match descriptors::raise_to_hard_limit() {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the descriptor limit (RLIMIT_NOFILE) to its hard limit");
+            match descriptors::soft_limit() {
+                Some(limit) => limit,
+                None => return,
+            }
+        }
+    };
+    let needed = (max_connections as u64).saturating_mul(2);
+    if limit < needed {
+        tracing::warn!(
+            descriptor_limit = limit,
+            max_connections,
+            "the descriptor limit is below two per allowed connection (client and upstream): \
+             raise LimitNOFILE= in the systemd unit, or lower limits.max_connections"
+        );
+    } else {
+        tracing::debug!(descriptor_limit = limit, "descriptor limit");
+    }
 }

@@ -102,7 +102,7 @@ pub(super) async fn take_over(
         .and_then(|r| {
             r.context("the running gateway did not release its listeners; it keeps serving")
         });
-    let (drained, draining) = match handed {
+    let ((drained, draining), main_pid_notice) = match handed {
         Ok(released) => released,
         Err(e) => {
             // The running gateway goes on: with its own XDP program, not this process's.
@@ -125,6 +125,17 @@ pub(super) async fn take_over(
         "{TOOK_OVER}: pid {} serves new connections; pid {pid} serves its {draining} until they close",
         std::process::id()
     );
+    let _ = std::io::stdout().flush();
+    // Only now, once whoever started this process has read the line above and exited: see
+    // `MainPidNotice::send`. Before the admin endpoint serves, so that the unit's second
+    // `ExecReload=` (`ntlm-tag reload` on that endpoint) keeps systemd's reload job open until
+    // systemd knows the new main process.
+    // The listeners are this process's now: a failure here must not end it.
+    if let Some(notice) = main_pid_notice
+        && let Err(e) = tokio::task::spawn_blocking(move || notice.send()).await
+    {
+        tracing::warn!(error = %e, "upgrade: cannot tell systemd the new main pid");
+    }
     Ok(())
 }
 

@@ -37,7 +37,7 @@ use std::{
 };
 
 pub use offer::{DrainReports, Handover, Successor, UpgradeSocket, offer_to_successors};
-pub use take_over::{Inherited, Predecessor, XdpTaken, take_over};
+pub use take_over::{Inherited, MainPidNotice, Predecessor, XdpTaken, take_over};
 pub use wire::{Message, Offer, OfferedXdp, WireError};
 
 /// How long each side waits for the other's next message: the successor's start-up (loading the

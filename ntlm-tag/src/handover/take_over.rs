@@ -10,6 +10,7 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
 };
 
 use super::{
@@ -23,6 +24,24 @@ pub struct Predecessor {
     stream: UnixStream,
     pub pid: u32,
     notify_socket: Option<String>,
+    /// The process that started this one (the hand-over script, or `ntlm-tag upgrade` typed at a
+    /// terminal), which exits once it read the line that says the hand-over is done.
+    started_by: u32,
+}
+
+/// How long the successor waits for the process that started it to exit before it names itself
+/// the main process anyway. That process exits as soon as it read one line: milliseconds.
+const ADOPTION_WAIT: Duration = Duration::from_secs(5);
+
+/// How often the successor looks whether it has been re-parented. Polled because nothing signals
+/// a new parent (a pidfd of the old one would, but needs `pidfd_open`, which older seccomp
+/// filters refuse), and the wait is a few milliseconds.
+const ADOPTION_POLL: Duration = Duration::from_millis(2);
+
+/// `MAINPID=`, which the successor owes systemd once the hand-over is done and announced.
+pub struct MainPidNotice {
+    socket: String,
+    started_by: u32,
 }
 
 /// The sockets received, taken one by one as the configuration asks for them.
@@ -74,6 +93,7 @@ pub fn take_over(path: &Path) -> Result<(Predecessor, Inherited), HandoverError>
             stream,
             pid: offer.pid,
             notify_socket: offer.notify_socket,
+            started_by: std::os::unix::process::parent_id(),
         },
         inherited,
     ))
@@ -212,13 +232,14 @@ impl Inherited {
 
 impl Predecessor {
     /// Tells the predecessor this process is ready and waits until it stopped accepting. Returns
-    /// (connections it accepted from the queue while letting go, connections it keeps serving).
-    /// Then follows the predecessor's drain reports into `metrics` until it exits.
+    /// (connections it accepted from the queue while letting go, connections it keeps serving),
+    /// and, under systemd, the `MAINPID=` notice to send once the hand-over is announced. Then
+    /// follows the predecessor's drain reports into `metrics` until it exits.
     pub fn hand_over(
         self,
         uid_nonce: &str,
         metrics: Arc<Metrics>,
-    ) -> Result<(usize, usize), HandoverError> {
+    ) -> Result<((usize, usize), Option<MainPidNotice>), HandoverError> {
         // From `Ready` on the predecessor stops accepting for this process: the start-up deadline
         // must not end it any more (and if it already fired, the process is exiting).
         if !crate::ready_deadline::disarm() {
@@ -239,9 +260,10 @@ impl Predecessor {
             }
         };
         OWNS_SOCKET_FILES.store(true, Ordering::SeqCst);
-        if let Some(socket) = &self.notify_socket {
-            announce_main_pid(socket);
-        }
+        let notice = self.notify_socket.map(|socket| MainPidNotice {
+            socket,
+            started_by: self.started_by,
+        });
         metrics.predecessor_connections(released.1);
         let (stream, pid) = (self.stream, self.pid);
         let follow = move || follow_drain(&stream, pid, &metrics);
@@ -251,8 +273,45 @@ impl Predecessor {
         {
             tracing::warn!(error = %e, "cannot follow the old process's drain; its metrics stay as they are");
         }
-        Ok(released)
+        Ok((released, notice))
     }
+}
+
+impl MainPidNotice {
+    /// Tells systemd that this process is the main one, once it is systemd's child: the process
+    /// that started it exits after reading the line that says the hand-over is done, and the
+    /// kernel gives this one to init. systemd (252 at least) takes a main process that is not its
+    /// child for one it cannot wait for: a stop sends it SIGTERM and, when nothing else is left in
+    /// the unit to wait for, SIGKILL at once, so it would never drain. Blocks for that wait
+    /// (milliseconds; at most [`ADOPTION_WAIT`]).
+    pub fn send(self) {
+        if !wait_until_adopted(self.started_by, ADOPTION_WAIT) {
+            tracing::warn!(
+                parent = self.started_by,
+                waited_secs = ADOPTION_WAIT.as_secs(),
+                "upgrade: the process that started this one is still running; telling systemd \
+                 this is the main process anyway, but systemd cannot wait for a main process that \
+                 is not its child: a stop then kills it without a drain. Hand over with \
+                 `systemctl reload` (the unit's hand-over), or start `ntlm-tag upgrade` from a \
+                 command that exits once it printed its line"
+            );
+        }
+        announce_main_pid(&self.socket);
+    }
+}
+
+/// Waits until this process's parent is no longer `started_by` (it exited, and the kernel
+/// re-parented this process to init or a subreaper); true if it happened within `within`. A
+/// process started by init itself has nothing to wait for.
+fn wait_until_adopted(started_by: u32, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while started_by != 1 && std::os::unix::process::parent_id() == started_by {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(ADOPTION_POLL);
+    }
+    true
 }
 
 /// Reads the predecessor's drain reports until it exits (a thread of its own: a few blocking reads
@@ -424,6 +483,22 @@ mod tests {
             Inherited::from_offer(&offer, fds),
             Err(HandoverError::SocketCount { .. })
         ));
+    }
+
+    #[test]
+    fn the_main_pid_waits_for_the_starting_process_to_exit_but_not_forever() {
+        // The test runner that started this process outlives the test: never adopted (unless
+        // the runner is init, which is never waited for).
+        let started = Instant::now();
+        assert!(!wait_until_adopted(
+            std::os::unix::process::parent_id(),
+            Duration::from_millis(50)
+        ));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        // A parent that is not this process's any more (it exited): adopted at once.
+        assert!(wait_until_adopted(u32::MAX, Duration::ZERO));
+        // Started by init itself: nothing to wait for.
+        assert!(wait_until_adopted(1, Duration::ZERO));
     }
 
     #[test]

@@ -140,7 +140,7 @@ impl Identifier {
         let uid = self.uids.next_uid();
         let id = self
             .template
-            .render(identity.client, &uid, identity.proxy_tlvs.as_ref());
+            .render(identity.client, &uid, identity.proxy_tlvs.as_deref());
         Some(Identified {
             identity,
             id,

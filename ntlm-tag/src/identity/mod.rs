@@ -55,8 +55,9 @@ pub struct ConnectionIdentity {
     pub source: IdentitySource,
     /// The socket cookie, when the kernel provided one.
     pub cookie: Option<u64>,
-    /// TLVs of a PROXY v2 header, when one named the client.
-    pub proxy_tlvs: Option<proxy_header::ProxyTlvs>,
+    /// TLVs of a PROXY v2 header, when one named the client. Boxed: most connections have none,
+    /// and the identity lives in the connection table for the connection's whole life.
+    pub proxy_tlvs: Option<Box<proxy_header::ProxyTlvs>>,
 }
 
 impl ConnectionIdentity {
@@ -99,7 +100,7 @@ impl ConnectionIdentity {
             proxy_header::ProxyVersion::V2 => ClientSource::ProxyV2,
         };
         if header.version == proxy_header::ProxyVersion::V2 {
-            self.proxy_tlvs = Some(header.tlvs.clone());
+            self.proxy_tlvs = Some(Box::new(header.tlvs.clone()));
         }
     }
 

@@ -32,8 +32,10 @@ use crate::{
 };
 
 /// One client connection, from accept to close. This future lives as long as the connection, so
-/// it only holds small things: the set-up and the serving run in boxed futures of their own (a task
-/// is as large as its largest state; memory per idle connection).
+/// it only holds small things: the set-up, the preface and TLS, the HTTP/1.x server and a tunnel
+/// each run in a boxed future of their own, one after the other, so that an idle connection keeps
+/// only this future and the HTTP/1.x server's (a task is as large as its largest state; a future
+/// awaiting another keeps its own state too).
 pub(super) async fn handle_connection(
     identifying: Identifying,
     config: Arc<ListenerConfig>,
@@ -41,7 +43,7 @@ pub(super) async fn handle_connection(
     live: Arc<Live>,
     slot: OpenSlot,
     listener: Arc<str>,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
 ) {
     let Some(identified) = identifying.await else {
         return;
@@ -50,11 +52,22 @@ pub(super) async fn handle_connection(
     else {
         return;
     };
-    match live.tls.get(&config.address).cloned() {
-        None => Box::pin(serve_connection(io, connection, shutdown)).await,
-        Some(acceptor) => Box::pin(serve_tls(io, acceptor, connection, shutdown)).await,
+    let http1 = match live.tls.get(&config.address).cloned() {
+        None => Box::pin(start_serving(io, &connection, &shutdown)).await,
+        Some(acceptor) => Box::pin(start_tls(io, acceptor, &connection, &shutdown)).await,
+    };
+    if let Some(Http1 { reader, writer }) = http1 {
+        let mut tunnel_shutdown = shutdown.clone();
+        Box::pin(h1::serve(reader, writer, &connection, &mut shutdown)).await;
+        Box::pin(run_tunnel(&connection, &mut tunnel_shutdown)).await;
     }
     drop(slot);
+}
+
+/// An HTTP/1.x client connection, ready for the server: its two halves.
+pub(super) struct Http1 {
+    reader: Reader,
+    writer: h1::reader::WriteIo,
 }
 
 /// Registers an identified connection; `None` when it is closed instead.
@@ -85,25 +98,27 @@ pub(super) fn set_up_connection(
     }
 }
 
-/// TLS termination, then HTTP. The identity of a TLS connection is that of its TCP connection:
-/// already resolved.
-pub(super) async fn serve_tls(
+/// TLS termination, then the preface. The identity of a TLS connection is that of its TCP
+/// connection: already resolved.
+pub(super) async fn start_tls(
     io: PrefixedIo<tokio::net::TcpStream>,
     acceptor: TlsAcceptor,
-    connection: Arc<ClientConnection>,
-    shutdown: watch::Receiver<bool>,
-) {
-    let gateway = Arc::clone(&connection.gateway);
+    connection: &Arc<ClientConnection>,
+    shutdown: &watch::Receiver<bool>,
+) -> Option<Http1> {
+    let gateway = &connection.gateway;
     let deadline = connection.live.timeouts.header_read;
     match tokio::time::timeout(deadline, acceptor.accept(io)).await {
-        Ok(Ok(tls_stream)) => serve_connection(tls_stream, connection, shutdown).await,
+        Ok(Ok(tls_stream)) => start_serving(tls_stream, connection, shutdown).await,
         Ok(Err(e)) => {
             gateway.metrics.tls_failed();
             tracing::info!(conn = %connection.conn, error = %e, "TLS handshake failed");
+            None
         }
         Err(_) => {
             gateway.metrics.tls_failed();
             tracing::info!(conn = %connection.conn, "TLS handshake timed out");
+            None
         }
     }
 }
@@ -138,7 +153,7 @@ pub(super) fn open_connection(
     let client = identity.client.ip();
     let registration = gateway.registry.register(
         Arc::clone(&conn),
-        full_id.as_deref().map(str::to_string),
+        full_id.clone(),
         identity,
         upstream.backend().authority().clone(),
         upstream.link(),
@@ -158,51 +173,50 @@ pub(super) fn open_connection(
     })
 }
 
-pub(super) async fn serve_connection<S>(
+/// Tells HTTP/2 from HTTP/1.x by the preface (when HTTP/2 is on) and serves HTTP/2 to its end;
+/// an HTTP/1.x connection is returned, split, for the server. `None`: nothing more to serve.
+pub(super) async fn start_serving<S>(
     mut stream: S,
-    connection: Arc<ClientConnection>,
-    mut shutdown: watch::Receiver<bool>,
-) where
+    connection: &Arc<ClientConnection>,
+    shutdown: &watch::Receiver<bool>,
+) -> Option<Http1>
+where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let mut first = BytesMut::new();
     if connection.gateway.http2 {
         let timeouts = connection.live.timeouts;
         let wait = timeouts.idle.max(timeouts.header_read);
-        // Boxed, like everything this future waits on but the HTTP/1.x server: it lives as long
-        // as the connection, so it only keeps room for small things.
-        match Box::pin(tokio::time::timeout(wait, sniff_http2(&mut stream))).await {
+        match tokio::time::timeout(wait, sniff_http2(&mut stream)).await {
             Ok(Ok(Sniffed::Http2(read))) => {
-                // Boxed, so that the much larger HTTP/2 state does not size every HTTP/1.1
-                // connection's task.
+                // Boxed, so that the much larger HTTP/2 state does not size this future.
                 let io = PrefixedIo::new(read.freeze(), stream);
-                return Box::pin(serve_http2(io, connection, shutdown)).await;
+                Box::pin(serve_http2(io, Arc::clone(connection), shutdown.clone())).await;
+                return None;
             }
             Ok(Ok(Sniffed::Http1(read))) => first = read,
-            Ok(Ok(Sniffed::Closed)) | Err(_) => return,
+            Ok(Ok(Sniffed::Closed)) | Err(_) => return None,
             Ok(Err(e)) => {
                 tracing::debug!(conn = %connection.conn, error = %e, "client connection ended with an error");
-                return;
+                return None;
             }
         }
     }
-    let mut tunnel_shutdown = shutdown.clone();
     let (read, write) = tokio::io::split(stream);
-    let reader = Reader::new(Box::new(read), first);
-    Box::pin(h1::serve(
-        reader,
-        Box::new(write),
-        &connection,
-        &mut shutdown,
-    ))
-    .await;
+    Some(Http1 {
+        reader: Reader::new(Box::new(read), first),
+        writer: Box::new(write),
+    })
+}
+
+/// After the HTTP/1.x server: if the connection became a tunnel (WebSocket), it lives until
+/// either side closes it, or until the gateway stops.
+async fn run_tunnel(connection: &ClientConnection, shutdown: &mut watch::Receiver<bool>) {
     let tunnel = connection.tunnel.lock().ok().and_then(|mut t| t.take());
     if let Some(mut tunnel) = tunnel {
-        // The connection became a tunnel (WebSocket): it lives until either side closes it, or
-        // until the gateway stops.
         tokio::select! {
             _ = &mut tunnel => {}
-            _ = tunnel_shutdown.changed() => tunnel.abort(),
+            _ = shutdown.changed() => tunnel.abort(),
         }
     }
 }

@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use super::ListenerConfig;
 use super::{
     Gateway, Live,
+    accept_errors::AcceptErrors,
     access_log::AccessRecord,
     connection::{OpenSlot, handle_connection},
 };
@@ -58,6 +59,7 @@ pub async fn serve_listener(
             &tracker,
         )
     };
+    let mut errors = AcceptErrors::new(listen_addr.to_string());
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -65,11 +67,21 @@ pub async fn serve_listener(
             _ = hand_over.changed() => break,
         };
         match accepted {
-            Ok((stream, peer)) => admit(stream, peer),
+            Ok((stream, peer)) => {
+                errors.accepted();
+                admit(stream, peer);
+            }
             Err(e) => {
-                // EMFILE/ENFILE and friends: keep serving what we have, try again shortly.
-                tracing::warn!(listener = %listen_addr, error = %e, "accept failed (raise the fd limit if this is EMFILE)");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                // Out of descriptors (or memory): established connections go on in their own
+                // tasks; new ones wait in the kernel's queue until the pause ends.
+                let pause = errors.failed(&e, gateway.open.load(Ordering::Relaxed));
+                if !pause.is_zero() {
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        _ = shutdown.changed() => return 0,
+                        _ = hand_over.changed() => break,
+                    }
+                }
             }
         }
     }

@@ -9,6 +9,7 @@
 //! client connection's.
 #![forbid(unsafe_code)]
 
+pub mod accept_errors;
 mod access_log;
 mod connection;
 mod failure;

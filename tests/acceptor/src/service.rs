@@ -77,6 +77,9 @@ enum Reply {
 }
 
 /// Serves one connection (plain TCP, or TLS once the handshake is done).
+/// How long a connection may wait for its next request head: IIS's default `connectionTimeout`.
+const IDLE_CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 pub async fn serve_connection<IO>(app: Arc<App>, stream: IO, peer: SocketAddr, serial: u64)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -90,6 +93,11 @@ where
     if let Err(e) = http1::Builder::new()
         .timer(TokioTimer::new())
         .keep_alive(true)
+        // hyper's header-read clock also runs while a keep-alive connection waits for its next
+        // request (30 s by default), so an authenticated connection idle for 30 s would be closed.
+        // IIS keeps idle connections for 120 s (`connectionTimeout`); tests under emulation
+        // easily leave a logged-in connection idle for more than 30 s.
+        .header_read_timeout(IDLE_CONNECTION_TIMEOUT)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades()
         .await

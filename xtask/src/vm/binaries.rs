@@ -94,11 +94,21 @@ fn integration_test_artifact(line: &str) -> Option<TestBinary> {
 /// concurrent build cannot replace mid-run, and a fraction of the bytes the guest reads over 9p.
 pub fn stage(tests: &[TestBinary], dir: &Path) -> Result<PathBuf> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    strip_into(&root().join("target/debug/ntlm-tag"), &dir.join("ntlm-tag"))?;
+    strip_into(&gateway_binary(), &dir.join("ntlm-tag"))?;
     for t in tests {
         strip_into(&t.path, &dir.join(&t.name))?;
     }
     Ok(dir.to_path_buf())
+}
+
+/// Set to a gateway binary to run in the guest instead of the debug build (e.g.
+/// `target/release/ntlm-tag` for the memory figures of the 100,000-connection test).
+const GATEWAY_ENV: &str = "NTLM_TAG_VM_GATEWAY";
+
+fn gateway_binary() -> PathBuf {
+    std::env::var_os(GATEWAY_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/debug/ntlm-tag"))
 }
 
 fn strip_into(from: &Path, to: &Path) -> Result<()> {
