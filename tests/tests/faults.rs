@@ -550,9 +550,11 @@ fn ten_thousand_connections_leave_no_records_descriptors_or_memory_behind() {
         "every other connection sent a request"
     );
 
-    // Records: every connection's record is deleted when it closes.
+    // Records: every connection's record is deleted when it closes. The program removes a record
+    // and then counts the removal, so the count is awaited too.
     let k1 = gw.wait_for_kernel("the churned connections' records to be deleted", |k| {
         client_records(k, "198.18.1.") == 0
+            && kernel_counter(k, "deleted") - kernel_counter(&k0, "deleted") >= N as u64
     });
     let recorded = kernel_counter(&k1, "recorded") - kernel_counter(&k0, "recorded");
     let deleted = kernel_counter(&k1, "deleted") - kernel_counter(&k0, "deleted");
