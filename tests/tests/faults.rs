@@ -13,7 +13,7 @@ use ntlm_tag_tests::{
     backends::scripted::{Script, ScriptedBackend},
     client::Connection,
     fixtures,
-    gateway::{Gateway, kernel_counter},
+    gateway::{Gateway, Mode, kernel_counter},
     metrics::sample,
     netns::NetNs,
     raw::{self, End, RawClient},
@@ -883,5 +883,81 @@ fn out_of_descriptors_the_gateway_warns_once_serves_what_it_holds_and_resumes_ac
         warnings as u64 <= intervals,
         "{warnings} warnings in {:?} (one per 10 s at most)",
         started.elapsed()
+    );
+}
+
+/// The lowest descriptor number `pid` does not use: the one the kernel hands out next.
+fn lowest_free_fd(pid: u32) -> usize {
+    let used: std::collections::HashSet<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/<pid>/fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !used.contains(n)).unwrap_or(0)
+}
+
+#[test]
+fn out_of_descriptors_for_an_upstream_connection_is_a_503_and_the_backend_stays_in_rotation() {
+    let topo = Topology::new();
+    let backend = Backend::start(&topo.backend, Topology::backend_addr());
+    // Pin mode: a client connection's first request opens an upstream connection of its own.
+    let mut gw = Gateway::new().mode(Mode::Pin).start(&topo.gateway);
+    let pid = gw.pid();
+    let before = fds(pid);
+    let (to_main, from_client) = mpsc::channel::<u16>();
+    let (to_client, mut from_main) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let client = topo.client.spawn(move || async move {
+        let mut starved =
+            RawClient::connect(Topology::client_v4(0), Topology::gateway_addr()).await;
+        from_main.recv().await.expect("main thread");
+        starved.send(GET).await.expect("send");
+        let status = starved.responses(1).await.statuses();
+        to_main
+            .send(status.first().copied().unwrap_or(0))
+            .expect("main thread");
+        from_main.recv().await.expect("main thread");
+        let mut next = RawClient::connect(Topology::client_v4(1), Topology::gateway_addr()).await;
+        next.send(GET).await.expect("send");
+        let status = next.responses(1).await.statuses();
+        to_main
+            .send(status.first().copied().unwrap_or(0))
+            .expect("main thread");
+    });
+    // The client connection is accepted; then not one descriptor more.
+    eventually(
+        "the gateway to accept the client",
+        || fds(pid),
+        |n| *n > before,
+    );
+    set_descriptor_limit(pid, lowest_free_fd(pid));
+    to_client.send(()).expect("client thread");
+    let starved = from_client.recv().expect("client thread");
+    assert_eq!(
+        starved,
+        503,
+        "no descriptor for the upstream connection: the gateway's own shortage\n{}",
+        gw.log().join("\n")
+    );
+    let log = gw.log();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("out of descriptors") && l.contains("LimitNOFILE=")),
+        "a line names the shortage and what to raise:\n{}",
+        log.join("\n")
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("backend marked down")),
+        "the backend did nothing wrong:\n{}",
+        log.join("\n")
+    );
+    set_descriptor_limit(pid, 1024);
+    to_client.send(()).expect("client thread");
+    assert_eq!(from_client.recv().expect("client thread"), 200);
+    client
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    assert_eq!(
+        backend.seen().len(),
+        1,
+        "only the second request reached the backend"
     );
 }

@@ -47,13 +47,20 @@ impl Backend {
             .unwrap_or(if self.tls.is_some() { 443 } else { 80 });
         let dial =
             async {
-                let stream =
-                    TcpStream::connect((host, port))
-                        .await
-                        .map_err(|e| UpstreamError::Connect {
+                let stream = TcpStream::connect((host, port)).await.map_err(|e| {
+                    match super::error::gateway_shortage(&e) {
+                        Some((resource, remedy)) => UpstreamError::GatewayResources {
+                            backend: self.authority.clone(),
+                            resource,
+                            remedy,
+                            source: e,
+                        },
+                        None => UpstreamError::Connect {
                             backend: self.authority.clone(),
                             source: Box::new(e),
-                        })?;
+                        },
+                    }
+                })?;
                 let _ = stream.set_nodelay(true);
                 match &self.tls {
                     None => Ok(Either::Left(stream)),

@@ -27,6 +27,18 @@ pub enum UpstreamError {
         #[source]
         source: std::io::Error,
     },
+    /// Opening a socket failed for want of the gateway's own resources (descriptors, socket
+    /// memory, local ports): nothing is wrong with the backend, so it stays in rotation.
+    #[error(
+        "cannot open a connection to {backend}: the gateway is out of {resource} ({source}); {remedy}"
+    )]
+    GatewayResources {
+        backend: Authority,
+        resource: &'static str,
+        remedy: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot connect to {backend} within {timeout:?}")]
     ConnectTimeout {
         backend: Authority,
@@ -85,6 +97,7 @@ impl UpstreamError {
                 StatusCode::BAD_REQUEST
             }
             UpstreamError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
+            UpstreamError::GatewayResources { .. } => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -118,7 +131,9 @@ impl UpstreamError {
     pub fn error_source(&self) -> ErrorSource {
         match self {
             UpstreamError::BadTarget(_) | UpstreamError::ClientBody { .. } => ErrorSource::Client,
-            UpstreamError::Misdirected { .. } => ErrorSource::Internal,
+            UpstreamError::Misdirected { .. } | UpstreamError::GatewayResources { .. } => {
+                ErrorSource::Internal
+            }
             UpstreamError::Connect { .. }
             | UpstreamError::Tls { .. }
             | UpstreamError::ConnectTimeout { .. }
@@ -126,5 +141,29 @@ impl UpstreamError {
             | UpstreamError::Timeout { .. }
             | UpstreamError::SessionLost { .. } => ErrorSource::Upstream,
         }
+    }
+}
+
+/// The gateway's own shortage behind a failed `connect`, if that is what it was: the resource and
+/// what the operator should raise.
+pub(super) fn gateway_shortage(e: &std::io::Error) -> Option<(&'static str, &'static str)> {
+    match e.raw_os_error()? {
+        libc::EMFILE => Some((
+            "descriptors",
+            "raise LimitNOFILE= in the systemd unit (or `ulimit -n`), or lower limits.max_connections",
+        )),
+        libc::ENFILE => Some((
+            "system-wide descriptors",
+            "raise the system's fs.file-max (sysctl)",
+        )),
+        libc::ENOBUFS | libc::ENOMEM => Some((
+            "socket memory",
+            "the system is short of socket memory (net.ipv4.tcp_mem, free memory)",
+        )),
+        libc::EADDRNOTAVAIL => Some((
+            "local ports",
+            "widen net.ipv4.ip_local_port_range or add backend addresses",
+        )),
+        _ => None,
     }
 }

@@ -88,6 +88,11 @@ impl Upstream {
             };
             match attempt {
                 Attempt::Done(result) => break (backend, result),
+                Attempt::Unsent(_, error @ UpstreamError::GatewayResources { .. }) => {
+                    // The gateway's own shortage: the backend is fine (it stays in rotation), and
+                    // another backend would fail the same way.
+                    break (backend, Err(error));
+                }
                 Attempt::Unsent(unsent, error) => {
                     if matches!(
                         error,

@@ -113,15 +113,22 @@ pub(super) async fn run_health_check(
     let mut interval = tokio::time::interval(check.interval);
     loop {
         interval.tick().await;
-        let outcome =
-            match tokio::time::timeout(check.timeout, probe(&backend, &check.path, check.timeout))
-                .await
-            {
-                Ok(Ok(status)) if status == check.expect_status => Ok(()),
-                Ok(Ok(status)) => Err(format!("status {status}")),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(format!("no answer within {:?}", check.timeout)),
-            };
+        let outcome = match tokio::time::timeout(
+            check.timeout,
+            probe(&backend, &check.path, check.timeout),
+        )
+        .await
+        {
+            Ok(Ok(status)) if status == check.expect_status => Ok(()),
+            Ok(Ok(status)) => Err(format!("status {status}")),
+            Ok(Err(ProbeFailure::Backend(why))) => Err(why),
+            Ok(Err(ProbeFailure::Gateway(why))) => {
+                // Not the backend's failure: its health stays as it was.
+                tracing::warn!(%route, backend = %backend.authority, path = %check.path, %why, "health check skipped");
+                continue;
+            }
+            Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+        };
         if outcome.is_ok() {
             backend.health.record_success();
         }
@@ -138,16 +145,34 @@ pub(super) async fn run_health_check(
     }
 }
 
+/// Why a health check could not get a status (the text is for the log line).
+#[derive(Debug)]
+pub(super) enum ProbeFailure {
+    /// The backend failed: refused, reset, a broken answer.
+    Backend(String),
+    /// The gateway itself could not open a socket (out of descriptors, memory or local ports):
+    /// says nothing about the backend.
+    Gateway(String),
+}
+
 /// One health-check GET on a new connection (plain or TLS, like every exchange): the status, or
-/// why the backend could not be asked (for the log line).
-pub(super) async fn probe(backend: &Backend, path: &str, timeout: Duration) -> Result<u16, String> {
-    let io = backend
-        .connect(timeout)
-        .await
-        .map_err(|e| crate::error::error_chain(&e))?;
+/// why the backend could not be asked.
+pub(super) async fn probe(
+    backend: &Backend,
+    path: &str,
+    timeout: Duration,
+) -> Result<u16, ProbeFailure> {
+    let io = backend.connect(timeout).await.map_err(|e| {
+        let why = crate::error::error_chain(&e);
+        match e {
+            super::UpstreamError::GatewayResources { .. } => ProbeFailure::Gateway(why),
+            _ => ProbeFailure::Backend(why),
+        }
+    })?;
+    let backend_failed = |e: hyper::Error| ProbeFailure::Backend(e.to_string());
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(backend_failed)?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -155,12 +180,12 @@ pub(super) async fn probe(backend: &Backend, path: &str, timeout: Duration) -> R
         .header(header::HOST, backend.authority.as_str())
         .header(header::CONNECTION, "close")
         .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ProbeFailure::Backend(e.to_string()))?;
     sender
         .send_request(req)
         .await
         .map(|r| r.status().as_u16())
-        .map_err(|e| e.to_string())
+        .map_err(backend_failed)
 }
 
 #[cfg(test)]
