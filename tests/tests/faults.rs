@@ -900,7 +900,7 @@ fn out_of_descriptors_for_an_upstream_connection_is_a_503_and_the_backend_stays_
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
     // Pin mode: a client connection's first request opens an upstream connection of its own.
-    let mut gw = Gateway::new().mode(Mode::Pin).start(&topo.gateway);
+    let gw = Gateway::new().mode(Mode::Pin).start(&topo.gateway);
     let pid = gw.pid();
     let before = fds(pid);
     let (to_main, from_client) = mpsc::channel::<u16>();
