@@ -10,7 +10,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::{acceptor_log::AcceptorLog, netns::NetNs, topology::Topology};
+use crate::{acceptor_log::AcceptorLog, netns::NetNs, topology::Topology, wait::scaled};
 
 pub fn binary() -> PathBuf {
     let path = std::env::var_os("NTLM_ACCEPTOR_BIN")
@@ -102,7 +102,7 @@ impl Acceptor {
         let mut child = cmd.spawn().expect("spawn ntlm-acceptor");
         let stdout = child.stdout.take().expect("stdout");
         let log = AcceptorLog::new(stdout);
-        if !log.wait_ready(Duration::from_secs(20)) {
+        if !log.wait_ready(scaled(Duration::from_secs(20))) {
             let _ = child.kill();
             panic!("ntlm-acceptor on {addr} did not become ready");
         }

@@ -26,6 +26,7 @@ use std::{
 use crate::{
     netns::{NetNs, addr, run_in},
     topology::{BACKEND_PORT, BACKEND_V4, GATEWAY_PORT, GATEWAY_V4},
+    wait::scaled,
 };
 
 /// The HAProxy binary: `$HAPROXY_BIN`, or Debian's.
@@ -183,7 +184,8 @@ impl Haproxy {
                 stderr.lock().expect("stderr").push(line);
             }
         }));
-        haproxy.wait_until_listening(ns, Duration::from_secs(20));
+        // Only stops a stuck start: HAProxy under emulation on a loaded host can take longer.
+        haproxy.wait_until_listening(ns, scaled(Duration::from_secs(20)));
         haproxy
     }
 
