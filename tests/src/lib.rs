@@ -14,6 +14,7 @@ pub mod keepalive_client;
 pub mod metrics;
 pub mod netns;
 pub mod packets;
+pub mod procfs;
 pub mod programs;
 pub mod raw;
 pub mod topology;

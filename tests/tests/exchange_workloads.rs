@@ -21,6 +21,7 @@ use ntlm_tag_tests::{
     acceptor::{self, Acceptor, Keying, curl_ntlm},
     epa_client, fixtures,
     gateway::Gateway,
+    procfs::rss_kib,
     topology::Topology,
     wait::{scaled, time_scale},
 };
@@ -62,17 +63,6 @@ fn rss_bound(size: u64) -> u64 {
     (size / 4).min(64 << 20)
 }
 
-/// `VmRSS` of a process, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .expect("VmRSS in /proc/PID/status")
-}
-
 /// Samples a process's resident memory every 10 ms until dropped; keeps the peak.
 struct RssWatch {
     peak: Arc<AtomicU64>,
@@ -82,13 +72,13 @@ struct RssWatch {
 
 impl RssWatch {
     fn start(pid: u32) -> RssWatch {
-        let peak = Arc::new(AtomicU64::new(rss(pid)));
+        let peak = Arc::new(AtomicU64::new(rss_kib(pid) * 1024));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (peak, stop) = (Arc::clone(&peak), Arc::clone(&stop));
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    peak.fetch_max(rss(pid), Ordering::Relaxed);
+                    peak.fetch_max(rss_kib(pid) * 1024, Ordering::Relaxed);
                     std::thread::sleep(Duration::from_millis(10));
                 }
             })
@@ -118,7 +108,7 @@ impl Drop for RssWatch {
 /// Runs `transfer` while watching the gateway's resident memory, and fails if it grew by `bound`
 /// or more meanwhile.
 fn within_memory_bound<T>(gw: &Gateway, what: &str, bound: u64, transfer: impl FnOnce() -> T) -> T {
-    let before = rss(gw.pid());
+    let before = rss_kib(gw.pid()) * 1024;
     let watch = RssWatch::start(gw.pid());
     let started = Instant::now();
     let result = transfer();

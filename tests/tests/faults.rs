@@ -16,6 +16,7 @@ use ntlm_tag_tests::{
     gateway::{Gateway, Mode, kernel_counter},
     metrics::sample,
     netns::NetNs,
+    procfs::{cpu_ticks, lowest_free_descriptor, open_descriptors, rss_kib},
     raw::{self, End, RawClient},
     topology::Topology,
     wait::{eventually, eventually_within, scaled},
@@ -439,23 +440,6 @@ fn a_full_kernel_map_evicts_the_oldest_records_and_unrecorded_clients_fall_back_
     );
 }
 
-/// Open file descriptors of `pid`.
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("/proc/<pid>/fd")
-        .count()
-}
-
-/// Resident set size of `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("/proc/<pid>/status")
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 /// Opens and closes `n` connections, `batch` at a time, from all client addresses; every other
 /// connection sends a request first, every third closes with RST. Panics past `deadline`.
 fn churn(client: &NetNs, first: usize, n: usize, batch: usize, deadline: Instant) {
@@ -512,12 +496,12 @@ fn ten_thousand_connections_leave_no_records_descriptors_or_memory_behind() {
     let pid = gw.pid();
     // With no client connection, the gateway holds its listeners, the admin listener, epoll, eBPF
     // maps and programs, stdio: the descriptors it has right after start. That is the baseline.
-    let fd_baseline = fds(pid);
+    let fd_baseline = open_descriptors(pid);
     let settle = |what: &str| {
         eventually_within(
             &format!("{what}: descriptors back to {fd_baseline}, as before any connection"),
             scaled(Duration::from_secs(30)),
-            || fds(pid),
+            || open_descriptors(pid),
             |&n| n <= fd_baseline,
         )
     };
@@ -681,45 +665,26 @@ fn a_shared_connection_the_backend_closed_after_its_response_never_costs_a_reque
 
 #[test]
 fn a_response_with_both_content_length_and_chunked_is_a_502_and_its_connection_is_closed() {
-    let topo = Topology::new();
-    let backend = ScriptedBackend::start(
-        &topo.backend,
-        Topology::backend_addr(),
+    malformed_response_is_a_502_and_closes_its_connection(
         Script::AnswerLengthAndChunked,
-    );
-    let gw = Gateway::new().start(&topo.gateway);
-    let reply = topo.client.run(|| async {
-        let mut c = RawClient::connect(Topology::client_v4(0), Topology::gateway_addr()).await;
-        c.send(GET).await.expect("send");
-        c.responses(1).await
-    });
-    assert_eq!(reply.statuses(), [502], "{}", reply.text());
-    assert!(!reply.text().contains("hello"), "{}", reply.text());
-    // Whatever followed that head is never read as the next response: the connection is closed.
-    backend.wait_for(
-        "the gateway to close the upstream connection",
-        Duration::from_secs(5),
-        |c| c.len() == 1 && c[0].closed_by_gateway,
-    );
-    let m = gw.wait_for_metrics("the failure to be counted", |m| {
-        sample(m, "ntlm_tag_errors_total", "origin=\"upstream\"") == Some(1)
-    });
-    assert!(
-        gw.log()
-            .iter()
-            .any(|l| l.contains("both Transfer-Encoding and Content-Length")),
-        "{m}"
+        "both Transfer-Encoding and Content-Length",
     );
 }
 
 #[test]
 fn a_response_transfer_coding_other_than_chunked_is_a_502_never_passed_on_unlabelled() {
-    let topo = Topology::new();
-    let backend = ScriptedBackend::start(
-        &topo.backend,
-        Topology::backend_addr(),
+    malformed_response_is_a_502_and_closes_its_connection(
         Script::AnswerGzipChunked,
+        "transfer coding other than chunked",
     );
+}
+
+/// The backend answers with `script`'s malformed response: the client gets a 502 and none of the
+/// body, the failure is counted and logged (`log_says`), and the upstream connection is closed:
+/// whatever followed that head is never read as the next response.
+fn malformed_response_is_a_502_and_closes_its_connection(script: Script, log_says: &str) {
+    let topo = Topology::new();
+    let backend = ScriptedBackend::start(&topo.backend, Topology::backend_addr(), script);
     let gw = Gateway::new().start(&topo.gateway);
     let reply = topo.client.run(|| async {
         let mut c = RawClient::connect(Topology::client_v4(0), Topology::gateway_addr()).await;
@@ -728,32 +693,15 @@ fn a_response_transfer_coding_other_than_chunked_is_a_502_never_passed_on_unlabe
     });
     assert_eq!(reply.statuses(), [502], "{}", reply.text());
     assert!(!reply.text().contains("hello"), "{}", reply.text());
-    // The unread response ends that upstream connection: it is never offered to another request.
     backend.wait_for(
         "the gateway to close the upstream connection",
-        Duration::from_secs(5),
+        scaled(Duration::from_secs(5)),
         |c| c.len() == 1 && c[0].closed_by_gateway,
     );
     let m = gw.wait_for_metrics("the failure to be counted", |m| {
         sample(m, "ntlm_tag_errors_total", "origin=\"upstream\"") == Some(1)
     });
-    assert!(
-        gw.log()
-            .iter()
-            .any(|l| l.contains("transfer coding other than chunked")),
-        "{m}"
-    );
-}
-
-/// CPU time (user + system) of `pid` so far, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
-    // Fields after the command name (which may hold spaces): state is the 3rd field, utime the
-    // 14th and stime the 15th.
-    let after_name = &stat[stat.rfind(')').expect("comm") + 2..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let field = |n: usize| fields[n - 3].parse::<u64>().expect("tick count");
-    field(14) + field(15)
+    assert!(gw.log().iter().any(|l| l.contains(log_says)), "{m}");
 }
 
 /// Sets the soft RLIMIT_NOFILE of the running process `pid` (the hard limit stays, so it can be
@@ -838,7 +786,7 @@ fn out_of_descriptors_the_gateway_warns_once_serves_what_it_holds_and_resumes_ac
     });
     assert!(matches!(from_client.recv(), Ok(DescriptorStep::Warm)));
     // Room for a few more descriptors than the gateway holds now: fewer than the flood needs.
-    let limit = fds(pid) + 4;
+    let limit = open_descriptors(pid) + 4;
     set_descriptor_limit(pid, limit);
     to_client.send(()).expect("client thread");
     assert!(matches!(from_client.recv(), Ok(DescriptorStep::Flooded)));
@@ -886,15 +834,6 @@ fn out_of_descriptors_the_gateway_warns_once_serves_what_it_holds_and_resumes_ac
     );
 }
 
-/// The lowest descriptor number `pid` does not use: the one the kernel hands out next.
-fn lowest_free_fd(pid: u32) -> usize {
-    let used: std::collections::HashSet<usize> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("/proc/<pid>/fd")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    (0..).find(|n| !used.contains(n)).unwrap_or(0)
-}
-
 #[test]
 fn out_of_descriptors_for_an_upstream_connection_is_a_503_and_the_backend_stays_in_rotation() {
     let topo = Topology::new();
@@ -902,7 +841,7 @@ fn out_of_descriptors_for_an_upstream_connection_is_a_503_and_the_backend_stays_
     // Pin mode: a client connection's first request opens an upstream connection of its own.
     let gw = Gateway::new().mode(Mode::Pin).start(&topo.gateway);
     let pid = gw.pid();
-    let before = fds(pid);
+    let before = open_descriptors(pid);
     let (to_main, from_client) = mpsc::channel::<u16>();
     let (to_client, mut from_main) = tokio::sync::mpsc::unbounded_channel::<()>();
     let client = topo.client.spawn(move || async move {
@@ -925,10 +864,10 @@ fn out_of_descriptors_for_an_upstream_connection_is_a_503_and_the_backend_stays_
     // The client connection is accepted; then not one descriptor more.
     eventually(
         "the gateway to accept the client",
-        || fds(pid),
+        || open_descriptors(pid),
         |n| *n > before,
     );
-    set_descriptor_limit(pid, lowest_free_fd(pid));
+    set_descriptor_limit(pid, lowest_free_descriptor(pid));
     to_client.send(()).expect("client thread");
     let starved = from_client.recv().expect("client thread");
     assert_eq!(

@@ -17,8 +17,8 @@ use std::{
 };
 
 use ntlm_tag_tests::{
-    backends::recording::Backend, fixtures, gateway::Gateway, netns::NetNs, topology::Topology,
-    wait::scaled,
+    backends::recording::Backend, fixtures, gateway::Gateway, netns::NetNs, procfs::rss_kib,
+    topology::Topology, wait::scaled,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -39,16 +39,6 @@ const GOAL_BYTES: u64 = 4 * 1024;
 const ALLOWANCE_BYTES: u64 = 512;
 /// While idle, the second reading may exceed the first by this much (allocator noise).
 const FLAT_MARGIN_KIB: u64 = 1024;
-
-/// Resident set size of `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("/proc/<pid>/status")
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
 
 /// Raises this process's RLIMIT_NOFILE (soft and hard) to `limit`: the client end of every
 /// connection is a descriptor here. Needs root (CAP_SYS_RESOURCE) past the hard limit.
