@@ -163,7 +163,7 @@ fn one(bytes: &[u8], before: usize, method: &Method) -> Step {
                 let chunked = headers
                     .get_all(header::TRANSFER_ENCODING)
                     .iter()
-                    .last()
+                    .next_back()
                     .and_then(|v| v.to_str().ok())
                     .and_then(|s| s.rsplit(',').next())
                     .is_some_and(|l| l.trim().eq_ignore_ascii_case("chunked"));
