@@ -11,6 +11,7 @@ pub mod epa;
 pub mod error;
 pub mod guard;
 pub mod handover;
+pub mod http1;
 pub mod identity;
 pub mod kernel;
 pub mod manual;

@@ -10,8 +10,8 @@ use thiserror::Error;
 
 use super::framing::{Framing, FramingError, FramingRules, Keep};
 
-/// Header fields a head may have (hyper's default; more is answered 431).
-pub const MAX_HEADERS: usize = 100;
+/// Header fields a head may have (hyper's default; more is answered 431), and the token test.
+pub use crate::http1::{MAX_HEADERS, has_token};
 /// Longest request target (hyper's; longer is answered 414).
 pub const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
 /// What an HTTP/2 connection starts with.
@@ -189,13 +189,6 @@ fn from_httparse(e: httparse::Error, req: &httparse::Request<'_, '_>, limit: usi
         httparse::Error::NewLine => HeadError::Malformed("line ending"),
         httparse::Error::Status => HeadError::Malformed("status"),
     }
-}
-
-/// Whether a comma-separated header value has `token` (case-insensitive).
-pub fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .to_str()
-        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
 #[cfg(test)]

@@ -10,13 +10,12 @@
 #![forbid(unsafe_code)]
 
 pub mod body;
-pub mod chunked;
 mod date;
-pub mod framing;
 pub mod head;
 pub mod reader;
 pub mod response;
 mod server;
 
+pub use crate::http1::{chunked, framing};
 pub use server::PendingUpgrade;
 pub(super) use server::serve;

@@ -28,7 +28,7 @@ use super::{
     request::{Outgoing, SendError},
     response_head::ResponseFraming,
 };
-use crate::proxy::h1::chunked::{ChunkError, ChunkedDecoder, Decoded};
+use crate::http1::chunked::{ChunkError, ChunkedDecoder, Decoded};
 use crate::{error::ErrorSource, metrics::Metrics};
 
 /// Why a response body could not be read to its end.

@@ -15,7 +15,7 @@ use hyper::body::Body;
 use thiserror::Error;
 use tokio::io::AsyncWrite;
 
-use crate::proxy::h1::framing;
+use crate::http1::framing;
 use crate::upstream::{ClientBody, client_body::ClientBodyError};
 
 /// Body data up to this size is copied behind the bytes waiting to be written (one write).

@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header};
 use thiserror::Error;
 
-use crate::proxy::h1::{framing, head::has_token};
+use crate::http1::{framing, has_token};
 
 /// Header fields a response head may have (hyper's client default).
 pub const MAX_HEADERS: usize = 100;

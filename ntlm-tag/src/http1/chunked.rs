@@ -13,7 +13,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use thiserror::Error;
 
-use super::head::MAX_HEADERS;
+use super::MAX_HEADERS;
 
 /// Bytes of chunk extensions a body may carry in all (hyper's limit).
 const EXTENSIONS_LIMIT: u64 = 16 * 1024;
