@@ -463,7 +463,7 @@ fn a_bound_connection_at_its_request_cap_closes_with_its_client_connection() {
     let topo = Topology::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let backend = start_backend(&topo);
-    let mut gw = start_gateway(
+    let gw = start_gateway(
         &topo,
         dir.path(),
         "mode = \"bind\"\n[upstream_caps]\nmax_requests = 3\n",

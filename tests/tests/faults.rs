@@ -113,7 +113,7 @@ fn a_backend_reset_before_responding_gives_502_and_the_client_connection_stays_u
         Topology::backend_addr(),
         Script::ResetBeforeResponse,
     );
-    let mut gw = Gateway::new().start(&topo.gateway);
+    let gw = Gateway::new().start(&topo.gateway);
     let reply = topo.client.run(|| async {
         let mut c = RawClient::connect(Topology::client_v4(1), Topology::gateway_addr()).await;
         c.send(GET).await.expect("send");
@@ -135,7 +135,7 @@ fn a_backend_reset_before_responding_gives_502_and_the_client_connection_stays_u
         "each attempt on a fresh upstream connection"
     );
     let line = gw
-        .wait_for_line("backend request failed", Duration::from_secs(5))
+        .wait_for_line("backend request failed", scaled(Duration::from_secs(5)))
         .expect("a log line");
     assert!(
         line.contains(&Topology::backend_addr().to_string()),
@@ -271,7 +271,7 @@ fn a_full_kernel_map_evicts_the_oldest_records_and_unrecorded_clients_fall_back_
     const BURST: u8 = 8;
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let mut gw = Gateway::new()
+    let gw = Gateway::new()
         .args(&["--map-entries", "4"])
         .start(&topo.gateway);
     let before = gw.admin_json("/kernel");
@@ -402,17 +402,12 @@ fn a_full_kernel_map_evicts_the_oldest_records_and_unrecorded_clients_fall_back_
         fallback.len() as u64,
         "one lookup miss per fallback: {kernel:#}"
     );
-    // Said once, not once per connection.
-    let warnings = gw
-        .log()
-        .into_iter()
-        .filter(|l| l.contains("no kernel record for an accepted connection"))
-        .count();
-    assert_eq!(warnings, 1, "one rate-limited warning for {misses} misses");
+    let warning = gw
+        .wait_for_line(MISS_WARNING, scaled(Duration::from_secs(5)))
+        .unwrap_or_else(|| panic!("no `{MISS_WARNING}` line:\n{}", gw.log().join("\n")));
     assert!(
-        gw.wait_for_line("raise map_entries", Duration::from_secs(1))
-            .is_some(),
-        "the warning says what to do"
+        warning.contains("raise map_entries"),
+        "the warning says what to do: {warning}"
     );
     let m = gw.admin_metrics();
     assert_eq!(
@@ -438,7 +433,15 @@ fn a_full_kernel_map_evicts_the_oldest_records_and_unrecorded_clients_fall_back_
         kernel_counter(&kernel, "deleted") < kernel_counter(&kernel, "recorded"),
         "{kernel:#}"
     );
+    // Said once, not once per connection (at most once a minute). Counted in the whole log, read to
+    // its end: a second warning still on its way from the gateway would be missed by `log()`.
+    let (_, log) = gw.stop_with_log();
+    let warnings = log.iter().filter(|l| l.contains(MISS_WARNING)).count();
+    assert_eq!(warnings, 1, "one rate-limited warning for {misses} misses");
 }
+
+/// The gateway's warning when an accepted connection has no kernel record.
+const MISS_WARNING: &str = "no kernel record for an accepted connection";
 
 /// Opens and closes `n` connections, `batch` at a time, from all client addresses; every other
 /// connection sends a request first, every third closes with RST. Panics past `deadline`.
@@ -701,7 +704,12 @@ fn malformed_response_is_a_502_and_closes_its_connection(script: Script, log_say
     let m = gw.wait_for_metrics("the failure to be counted", |m| {
         sample(m, "ntlm_tag_errors_total", "origin=\"upstream\"") == Some(1)
     });
-    assert!(gw.log().iter().any(|l| l.contains(log_says)), "{m}");
+    assert!(
+        gw.wait_for_line(log_says, scaled(Duration::from_secs(5)))
+            .is_some(),
+        "no line says {log_says:?}: {m}\n{}",
+        gw.log().join("\n")
+    );
 }
 
 /// Sets the soft RLIMIT_NOFILE of the running process `pid` (the hard limit stays, so it can be
@@ -743,7 +751,7 @@ fn out_of_descriptors_the_gateway_warns_once_serves_what_it_holds_and_resumes_ac
     const FLOOD: usize = 12;
     let topo = Topology::new();
     let _backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let mut gw = Gateway::new().start(&topo.gateway);
+    let gw = Gateway::new().start(&topo.gateway);
     let pid = gw.pid();
     let (to_main, from_client) = mpsc::channel::<DescriptorStep>();
     // The client's runtime must go on running its connections while it waits for the main thread.
@@ -824,8 +832,10 @@ fn out_of_descriptors_the_gateway_warns_once_serves_what_it_holds_and_resumes_ac
     client
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e));
-    // One warning per interval: the episode is over before a second one would be due.
-    let warnings = gw.log().iter().filter(|l| l.contains(WARNING)).count();
+    // One warning per interval: the episode is over before a second one would be due. Counted in
+    // the whole log, read to its end, so that a warning still on its way counts too.
+    let (_, log) = gw.stop_with_log();
+    let warnings = log.iter().filter(|l| l.contains(WARNING)).count();
     let intervals = started.elapsed().as_secs() / 10 + 1;
     assert!(
         warnings as u64 <= intervals,
@@ -839,7 +849,7 @@ fn out_of_descriptors_for_an_upstream_connection_is_a_503_and_the_backend_stays_
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
     // Pin mode: a client connection's first request opens an upstream connection of its own.
-    let mut gw = Gateway::new().mode(Mode::Pin).start(&topo.gateway);
+    let gw = Gateway::new().mode(Mode::Pin).start(&topo.gateway);
     let pid = gw.pid();
     let before = open_descriptors(pid);
     let (to_main, from_client) = mpsc::channel::<u16>();
@@ -896,8 +906,9 @@ fn out_of_descriptors_for_an_upstream_connection_is_a_503_and_the_backend_stays_
         1,
         "only the second request reached the backend"
     );
-    // With one backend, the 200 above already shows it stayed in rotation; the log agrees.
-    let log = gw.log();
+    // With one backend, the 200 above already shows it stayed in rotation; the whole log (read to
+    // its end, so no line is still on its way) agrees.
+    let (_, log) = gw.stop_with_log();
     assert!(
         !log.iter().any(|l| l.contains("backend marked down")),
         "the backend did nothing wrong:\n{}",

@@ -584,9 +584,11 @@ fn obfuscated_transfer_encodings_are_rejected() {
 
 /// The gateway's access line that contains `needle`, awaited.
 fn access_line(s: &mut Setup, needle: &str) -> String {
-    s.gw.wait_for_line(needle, scaled(Duration::from_secs(5)))
-        .filter(|l| l.contains("access"))
-        .unwrap_or_else(|| panic!("no access line with {needle}:\n{}", s.gw.log().join("\n")))
+    s.gw.wait_for_line_where(
+        |l| l.contains("access") && l.contains(needle),
+        scaled(Duration::from_secs(5)),
+    )
+    .unwrap_or_else(|| panic!("no access line with {needle}:\n{}", s.gw.log().join("\n")))
 }
 
 #[test]

@@ -136,7 +136,7 @@ fn a_reload_that_turns_toa_off_stops_believing_it_and_a_bad_trust_list_is_refuse
         Topology::backend_addr(),
     );
     std::fs::write(&config, format!("{base}toa_kind = 254\n")).expect("write config");
-    let mut gw = Gateway::from_config(&config).start(&topo.gateway);
+    let gw = Gateway::from_config(&config).start(&topo.gateway);
     let id = curl_writing_toa(&topo, &backend, 0)
         .all("jespa-connection-id")
         .remove(0);

@@ -219,11 +219,11 @@ fn when_a_backend_dies_new_handshakes_succeed_on_the_other_and_it_returns_after_
             b.addr
         ),
     );
-    let mut gw = Gateway::from_config(&config).start(&topo.gateway);
+    let gw = Gateway::from_config(&config).start(&topo.gateway);
 
     a.kill();
     assert!(
-        gw.wait_for_line("health check failed", Duration::from_secs(10))
+        gw.wait_for_line("health check failed", scaled(Duration::from_secs(10)))
             .is_some_and(|l| l.contains(&a.addr.to_string())),
         "the dead backend is noticed"
     );
@@ -256,7 +256,7 @@ fn when_a_backend_dies_new_handshakes_succeed_on_the_other_and_it_returns_after_
         Keying::Header,
     );
     assert!(
-        gw.wait_for_line("health check passes again", Duration::from_secs(10))
+        gw.wait_for_line("health check passes again", scaled(Duration::from_secs(10)))
             .is_some(),
         "the backend returns"
     );
@@ -328,7 +328,7 @@ fn in_pin_mode_a_dead_pinned_connection_closes_the_client_connection() {
         &users(),
         Keying::Connection,
     );
-    let mut gw = Gateway::new()
+    let gw = Gateway::new()
         .backend(&a)
         .mode(Mode::Pin)
         .start(&topo.gateway);
@@ -400,7 +400,7 @@ fn in_pin_mode_a_dead_pinned_connection_closes_the_client_connection() {
     let line = gw
         .wait_for_line(
             "pinned to this client's NTLM session",
-            Duration::from_secs(5),
+            scaled(Duration::from_secs(5)),
         )
         .expect("the lost session is logged");
     assert!(line.contains("closing the client connection"), "{line}");

@@ -137,7 +137,7 @@ fn reload_keeps_an_authenticated_connection_and_refuses_a_broken_file() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config_for = fixtures::gateway_config;
     let config = fixtures::write(dir.path(), "gw.toml", &config_for(&[a.addr]));
-    let mut gw = Gateway::from_config(&config).start(&topo.gateway);
+    let gw = Gateway::from_config(&config).start(&topo.gateway);
 
     // alice authenticates, then uploads slowly on the same connection while the gateway reloads.
     let body = fixtures::write(dir.path(), "body", &"x".repeat(48 * 1024));
@@ -177,7 +177,7 @@ fn reload_keeps_an_authenticated_connection_and_refuses_a_broken_file() {
     std::fs::write(&config, config_for(&[a.addr, b.addr])).expect("rewrite config");
     gw.signal(libc::SIGHUP);
     assert!(
-        gw.wait_for_line("configuration reloaded", Duration::from_secs(5))
+        gw.wait_for_line("configuration reloaded", scaled(Duration::from_secs(5)))
             .is_some()
     );
     let out = upload.join().expect("upload thread");
@@ -199,7 +199,7 @@ fn reload_keeps_an_authenticated_connection_and_refuses_a_broken_file() {
     std::fs::write(&config, "listen = [\"not an address\"]\n").expect("break config");
     gw.signal(libc::SIGHUP);
     let refused = gw
-        .wait_for_line("reload refused", Duration::from_secs(5))
+        .wait_for_line("reload refused", scaled(Duration::from_secs(5)))
         .expect("the refusal is logged");
     assert!(refused.contains("listen"), "names the key: {refused}");
     let run = curl_ntlm(
@@ -348,7 +348,7 @@ fn switch_user_and_check_kernel_identities(wrapper: Option<&[&str]>) {
     if let Some(wrapper) = wrapper {
         gateway = gateway.wrapper(wrapper);
     }
-    let mut gw = match gateway.try_start(&topo.gateway) {
+    let gw = match gateway.try_start(&topo.gateway) {
         Started::Ready(gw) => gw,
         Started::Exited { status, log } => {
             panic!("the gateway exited ({status}):\n{}", log.join("\n"))
@@ -670,12 +670,15 @@ fn slow_headers_are_cut_off_excess_connections_refused_and_big_headers_get_431()
     };
     assert_eq!(made_by_gateway("503"), 1.0, "{metrics}");
     assert_eq!(made_by_gateway("431"), 1.0, "{metrics}");
-    let log = gw.log();
+    // The access line is written once the response has been sent: wait for it.
     assert!(
-        log.iter()
-            .any(|l| l.contains("access") && l.contains("status=503") && l.contains("method=-")),
+        gw.wait_for_line_where(
+            |l| l.contains("access") && l.contains("status=503") && l.contains("method=-"),
+            scaled(Duration::from_secs(5)),
+        )
+        .is_some(),
         "no access line for the 503:\n{}",
-        log.join("\n")
+        gw.log().join("\n")
     );
 }
 
@@ -701,14 +704,14 @@ fn a_crashed_gateway_leaves_nothing_attached_after_the_next_start() {
     let leftover = crashed
         .leftover_cgroup()
         .expect("a crash leaves its cgroup (and attachment) behind");
-    let Started::Ready(mut second) = gateway.try_start(&topo.gateway) else {
+    let Started::Ready(second) = gateway.try_start(&topo.gateway) else {
         panic!("the gateway must start after a crash");
     };
     assert!(
         second
             .wait_for_line(
                 "left behind by an instance that did not exit cleanly",
-                Duration::from_secs(1)
+                scaled(Duration::from_secs(1))
             )
             .is_some()
     );

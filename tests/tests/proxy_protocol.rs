@@ -398,7 +398,7 @@ fn ipv6_client_through_haproxy_v2_is_named_by_its_ipv6_address() {
 fn haproxy_outside_trusted_lbs_is_refused_and_counted() {
     let topo = HaproxyTopology::new();
     let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
-    let mut gw =
+    let gw =
         behind_haproxy(&[HaproxyTopology::gateway_v4()], &["198.18.77.0/24"]).start(&topo.gateway);
     let _haproxy = Haproxy::start(
         &topo.balancer,
@@ -426,7 +426,7 @@ fn haproxy_outside_trusted_lbs_is_refused_and_counted() {
     );
     assert!(backend.seen().is_empty(), "{:#?}", backend.seen());
     let line = gw
-        .wait_for_line("outside trusted_lbs", Duration::from_secs(5))
+        .wait_for_line("outside trusted_lbs", scaled(Duration::from_secs(5)))
         .unwrap_or_else(|| panic!("no warning about the untrusted peer: {:#?}", gw.log()));
     assert!(
         line.contains("198.18.1.100"),
@@ -441,7 +441,7 @@ fn forged_proxy_line_from_a_client_is_refused_and_never_reaches_the_backend() {
     let topo = HaproxyTopology::new();
     topo.route_clients_to_gateway();
     let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
-    let mut gw =
+    let gw =
         behind_haproxy(&[HaproxyTopology::gateway_v4()], &[TRUSTED_BALANCER]).start(&topo.gateway);
 
     let reply = topo.client.run(|| async {
@@ -459,7 +459,7 @@ fn forged_proxy_line_from_a_client_is_refused_and_never_reaches_the_backend() {
     assert!(seen.is_empty(), "the backend saw {seen:#?}");
     assert_backend_never_saw(&seen, FORGED_CLIENT);
     let line = gw
-        .wait_for_line("outside trusted_lbs", Duration::from_secs(5))
+        .wait_for_line("outside trusted_lbs", scaled(Duration::from_secs(5)))
         .unwrap_or_else(|| panic!("no warning about the untrusted client: {:#?}", gw.log()));
     assert!(
         line.contains("198.18.10.11"),
@@ -519,7 +519,7 @@ fn forged_proxy_line_to_a_plain_listener_never_reaches_the_backend_as_identity()
 fn malformed_header_from_the_trusted_balancer_is_refused_and_counted(header: &'static [u8]) {
     let topo = HaproxyTopology::new();
     let backend = Backend::start(&topo.backend, HaproxyTopology::backend());
-    let mut gw =
+    let gw =
         behind_haproxy(&[HaproxyTopology::gateway_v4()], &[TRUSTED_BALANCER]).start(&topo.gateway);
 
     let reply = topo.balancer.run(move || async move {
@@ -534,8 +534,11 @@ fn malformed_header_from_the_trusted_balancer_is_refused_and_counted(header: &'s
     assert!(reply.closed(), "the connection must be closed: {reply:?}");
     assert!(reply.bytes.is_empty(), "no response: {:?}", reply.text());
     assert!(backend.seen().is_empty(), "{:#?}", backend.seen());
-    gw.wait_for_line("PROXY header was not acceptable", Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("no warning about the bad header: {:#?}", gw.log()));
+    gw.wait_for_line(
+        "PROXY header was not acceptable",
+        scaled(Duration::from_secs(5)),
+    )
+    .unwrap_or_else(|| panic!("no warning about the bad header: {:#?}", gw.log()));
     let scrape = metrics(&gw);
     for reason in REJECTION_REASONS {
         let expected = if reason == "malformed" { 1.0 } else { 0.0 };

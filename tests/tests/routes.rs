@@ -116,7 +116,7 @@ fn a_broken_virtual_directory_takes_only_its_own_traffic_away_from_that_backend(
             ews = check("/ews/healthcheck.htm"),
         ),
     );
-    let mut gw = Gateway::from_config(&config).start(&topo.gateway);
+    let gw = Gateway::from_config(&config).start(&topo.gateway);
 
     // Only /owa on A is out, and the gateway says so.
     eventually(
@@ -196,7 +196,7 @@ fn a_bound_connection_keeps_its_backend_across_routes_and_is_refused_where_that_
             b = b.addr,
         ),
     );
-    let mut gw = Gateway::from_config(&config).start(&topo.gateway);
+    let gw = Gateway::from_config(&config).start(&topo.gateway);
 
     // One client connection: NTLM login on /owa (bound to an upstream connection to A), then
     // /ecp (A serves it: the same upstream connection, still authenticated), then /ews (A does not
@@ -273,7 +273,7 @@ fn a_reload_applies_route_changes_to_new_connections() {
         a.addr
     );
     let config = fixtures::write(dir.path(), "gw.toml", &base);
-    let mut gw = Gateway::from_config(&config).start(&topo.gateway);
+    let gw = Gateway::from_config(&config).start(&topo.gateway);
     let logs_in = || {
         let run = login(&topo, 2, &["/owa/"], &[]);
         assert_eq!(run.users(), ["user02"], "{}", run.stderr);

@@ -345,7 +345,7 @@ fn an_upgrade_keeps_logged_in_connections_on_the_old_process_and_refuses_no_new_
     assert!(
         old.wait_for_line(
             "upgrade: the successor accepts new connections now",
-            Duration::ZERO
+            scaled(Duration::from_secs(5))
         )
         .is_some()
     );
@@ -359,10 +359,15 @@ fn an_upgrade_keeps_logged_in_connections_on_the_old_process_and_refuses_no_new_
         .wait_for_exit(scaled(Duration::from_secs(20)))
         .expect("the old process exits once its last connection closed");
     assert!(status.success(), "{status}");
+    // Exited, but its last lines may still be on their way through the pipe.
     assert!(
+        old.wait_for_line(
+            "the last connection of this process closed",
+            scaled(Duration::from_secs(5))
+        )
+        .is_some(),
+        "{:#?}",
         old.log()
-            .iter()
-            .any(|l| l.contains("the last connection of this process closed"))
     );
     assert!(
         !cgroup_of(old_pid).is_empty(),
@@ -412,7 +417,10 @@ fn at_the_upgrade_drain_deadline_the_old_process_closes_what_is_left_and_says_ho
     assert!(status.success(), "{status}");
     assert!(upgraded_at.elapsed() >= Duration::from_secs(1));
     let line = old
-        .wait_for_line("upgrade drain deadline passed", Duration::ZERO)
+        .wait_for_line(
+            "upgrade drain deadline passed",
+            scaled(Duration::from_secs(5)),
+        )
         .expect("the deadline is logged");
     assert!(line.contains("connections=1"), "{line}");
     wait_for_metric(
@@ -541,9 +549,11 @@ fn an_upgrade_typed_at_a_terminal_returns_once_the_new_gateway_serves_and_leaves
     assert!(!uid_of(&ids[0]).starts_with(&old_nonce), "{ids:?}");
     // Once it had the sockets, the new gateway logged where the old one did.
     assert!(
-        old.log()
-            .iter()
-            .any(|l| l.contains("ntlm-tag ready") && !l.contains(&old_nonce)),
+        old.wait_for_line_where(
+            |l| l.contains("ntlm-tag ready") && !l.contains(&old_nonce),
+            scaled(Duration::from_secs(5))
+        )
+        .is_some(),
         "{:#?}",
         old.log()
     );
@@ -994,7 +1004,7 @@ fn a_successor_killed_after_swapping_its_xdp_program_in_leaves_the_old_process_i
         gateway,
         _encap,
     } = TunnelScene::new();
-    let mut old = gateway.start(&topo.gateway);
+    let old = gateway.start(&topo.gateway);
     let old_program = own_xdp_program(&old);
     let (mut held, held_id) = log_in_from(
         &topo.client,
@@ -1123,15 +1133,22 @@ fn a_successor_stuck_on_its_key_file_exits_75_at_its_ready_timeout_and_the_old_g
             .contains(&format!("conn_id={held_id}")),
         "{again}"
     );
-    assert!(
-        old.wait_for_line("upgrade: the successor accepts", Duration::ZERO)
-            .is_none(),
-        "the old gateway never released its listeners"
-    );
 
     // The next upgrade, with a readable configuration, takes over.
     let mut new = gateway.clone().subcommand("upgrade").start(&topo.gateway);
     let new_nonce = uid_nonce(&mut new);
+    // The old gateway never released its listeners to the stuck one: the first hand-over it logs
+    // is to this successor (a line for the stuck one would have come before it).
+    let handed_over = old
+        .wait_for_line(
+            "upgrade: the successor accepts",
+            scaled(Duration::from_secs(5)),
+        )
+        .expect("the hand-over is logged");
+    assert!(
+        handed_over.contains(&format!("successor={}", new.pid())),
+        "{handed_over}"
+    );
     topo.client
         .run(|| async { one_request(Topology::gateway_addr(), "/after").await })
         .expect("the new gateway serves");

@@ -330,7 +330,7 @@ fn after_one_of_two_backends_is_killed_every_new_ntlm_handshake_succeeds_on_the_
     const HANDSHAKES: usize = 20;
     let topo = Topology::new();
     let (mut a, b) = acceptor::two_backends(&topo.backend, &users(), Keying::Connection);
-    let mut gw = Gateway::new().backend(&a).backend(&b).start(&topo.gateway);
+    let gw = Gateway::new().backend(&a).backend(&b).start(&topo.gateway);
     // Both backends serve logins first.
     for i in 0..2 {
         let (user, password) = &users()[i];
@@ -490,7 +490,7 @@ fn a_response_with_persistent_auth_binds_its_upstream_connection_to_that_client_
 fn when_the_backend_holding_a_bound_session_dies_the_client_gets_502_and_is_closed_never_moved() {
     let topo = Topology::new();
     let (a, b) = acceptor::two_backends(&topo.backend, &users(), Keying::Connection);
-    let mut gw = Gateway::new().backend(&a).backend(&b).start(&topo.gateway);
+    let gw = Gateway::new().backend(&a).backend(&b).start(&topo.gateway);
     let (challenged_tx, challenged_rx) = mpsc::channel();
     let (go_tx, go_rx) = mpsc::channel::<()>();
     let client = topo.client.spawn(move || async move {

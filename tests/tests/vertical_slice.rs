@@ -8,6 +8,7 @@ use ntlm_tag_tests::{
     client::{Connection, get_then_reset},
     gateway::{Gateway, Started},
     topology::Topology,
+    wait::scaled,
 };
 use serde_json::Value;
 
@@ -279,9 +280,9 @@ fn ipv6_clients_and_ipv4_clients_of_a_dual_stack_listener() {
 fn ebpf_off_uses_the_peer_address_and_says_so() {
     let topo = Topology::new();
     let backend = Backend::start(&topo.backend, Topology::backend_addr());
-    let mut gw = Gateway::new().ebpf("off").start(&topo.gateway);
+    let gw = Gateway::new().ebpf("off").start(&topo.gateway);
     assert!(
-        gw.wait_for_line("eBPF off", Duration::from_secs(1))
+        gw.wait_for_line("eBPF off", scaled(Duration::from_secs(1)))
             .is_some()
     );
     let admin = gw.admin.clone();
@@ -393,7 +394,7 @@ fn two_instances_do_not_see_each_others_connections() {
 fn a_dead_backend_gives_502_and_a_log_line_naming_it() {
     let topo = Topology::new();
     // No backend started: connections to it are refused.
-    let mut gw = Gateway::new().start(&topo.gateway);
+    let gw = Gateway::new().start(&topo.gateway);
     let status = topo.client.run(|| async {
         let src = SocketAddr::new(Topology::client_v4(6), 0);
         let mut conn = Connection::open(Some(src), Topology::gateway_addr()).await;
@@ -401,7 +402,7 @@ fn a_dead_backend_gives_502_and_a_log_line_naming_it() {
     });
     assert_eq!(status, 502);
     let line = gw
-        .wait_for_line("backend request failed", Duration::from_secs(5))
+        .wait_for_line("backend request failed", scaled(Duration::from_secs(5)))
         .expect("a log line");
     assert!(
         line.contains(&Topology::backend_addr().to_string()),

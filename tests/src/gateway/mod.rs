@@ -5,7 +5,7 @@ use std::{
     os::unix::process::ExitStatusExt,
     path::PathBuf,
     process::{Child, ExitStatus, Stdio},
-    sync::{Arc, Mutex, mpsc},
+    sync::{Arc, Condvar, Mutex},
     time::{Duration, Instant},
 };
 
@@ -54,8 +54,49 @@ pub struct Gateway {
     child: Option<Child>,
     pub admin: Admin,
     _admin_dir: Option<AdminDir>,
-    log: Arc<Mutex<Vec<String>>>,
-    lines: mpsc::Receiver<String>,
+    log: Arc<Log>,
+}
+
+/// The lines a thread reads from the gateway's stderr, and a wake-up for those waiting on them.
+///
+/// The gateway writes a line before it acts on what comes next (its writer is synchronous), but this
+/// reader is another thread: a client can hold a response before the line written ahead of it has
+/// arrived here. Hence the waits below; reading [`Gateway::log`] directly is only sure for lines up to
+/// the ready line (start-up waits for it) and once [`Gateway::stop_with_log`] has read to the end.
+#[derive(Default)]
+struct Log {
+    state: Mutex<LogState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct LogState {
+    lines: Vec<String>,
+    /// The pipe is at its end: every line the gateway wrote is in `lines`.
+    ended: bool,
+}
+
+impl Log {
+    /// Waits until `check` holds on the lines read so far; None when `timeout` passes first or
+    /// the pipe ends without it.
+    fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        mut check: impl FnMut(&[String]) -> Option<T>,
+    ) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state.lock().expect("log");
+        loop {
+            if let Some(found) = check(&state.lines) {
+                return Some(found);
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            if state.ended {
+                return None;
+            }
+            state = self.changed.wait_timeout(state, left).expect("log").0;
+        }
+    }
 }
 
 /// How a start attempt ended.
@@ -132,8 +173,7 @@ impl Gateway {
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn ntlm-tag");
         let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
+        let log = Arc::new(Log::default());
         {
             let log = Arc::clone(&log);
             std::thread::spawn(move || {
@@ -142,9 +182,11 @@ impl Gateway {
                     if ECHO.load(std::sync::atomic::Ordering::Relaxed) {
                         eprintln!("[ntlm-tag] {line}");
                     }
-                    log.lock().expect("log").push(line.clone());
-                    let _ = tx.send(line);
+                    log.state.lock().expect("log").lines.push(line);
+                    log.changed.notify_all();
                 }
+                log.state.lock().expect("log").ended = true;
+                log.changed.notify_all();
             });
         }
         let mut gateway = Gateway {
@@ -152,7 +194,6 @@ impl Gateway {
             admin,
             _admin_dir: admin_dir,
             log,
-            lines: rx,
         };
         match gateway.wait_for_line("ntlm-tag ready", scaled(READY_TIMEOUT)) {
             Some(_) => Started::Ready(gateway),
@@ -161,11 +202,7 @@ impl Gateway {
                 let _ = child.kill();
                 let status = child.wait().expect("wait");
                 // Let the reader thread drain what is left.
-                while gateway
-                    .lines
-                    .recv_timeout(scaled(Duration::from_secs(2)))
-                    .is_ok()
-                {}
+                gateway.read_to_end(scaled(Duration::from_secs(2)));
                 let mut log = gateway.log();
                 if status.signal() == Some(libc::SIGKILL) {
                     log.push(format!(
@@ -181,24 +218,41 @@ impl Gateway {
         }
     }
 
-    /// Waits until a log line containing `needle` arrives (or was already logged).
-    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> Option<String> {
-        if let Some(l) = self.log().into_iter().find(|l| l.contains(needle)) {
-            return Some(l);
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.checked_duration_since(Instant::now())?;
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return Some(line),
-                Ok(_) => {}
-                Err(_) => return None,
-            }
-        }
+    /// Waits until a log line containing `needle` arrives (or was already logged); returns the
+    /// first such line.
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> Option<String> {
+        self.wait_for_line_where(|l| l.contains(needle), timeout)
     }
 
+    /// Waits until a log line that `matches` arrives (or was already logged); returns the first.
+    pub fn wait_for_line_where(
+        &self,
+        matches: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Option<String> {
+        self.log.wait_until(timeout, |lines| {
+            lines.iter().find(|l| matches(l.as_str())).cloned()
+        })
+    }
+
+    /// The lines read so far. Every line up to the ready line is here once the gateway started;
+    /// a later one may still be on its way: to assert that a line is there, wait for it
+    /// ([`Gateway::wait_for_line`]); to assert that none is, read the whole log
+    /// ([`Gateway::stop_with_log`]) or first wait for a line the gateway writes after it.
     pub fn log(&self) -> Vec<String> {
-        self.log.lock().expect("log").clone()
+        self.log.state.lock().expect("log").lines.clone()
+    }
+
+    /// Waits (up to `timeout`) until the reader has reached the end of the gateway's stderr;
+    /// false when it has not (a process the gateway handed it to still holds it).
+    fn read_to_end(&self, timeout: Duration) -> bool {
+        let state = self.log.state.lock().expect("log");
+        let (state, _) = self
+            .log
+            .changed
+            .wait_timeout_while(state, timeout, |s| !s.ended)
+            .expect("log");
+        state.ended
     }
 
     pub fn pid(&self) -> u32 {
@@ -256,6 +310,19 @@ impl Gateway {
     /// Sends SIGTERM and waits for the exit; the process must leave no cgroup behind.
     pub fn stop(mut self) -> ExitStatus {
         self.terminate()
+    }
+
+    /// [`Gateway::stop`], then every line the gateway wrote (its stderr read to the end): for
+    /// asserting that a line never came, which [`Gateway::log`] cannot show while lines may still
+    /// be on their way.
+    pub fn stop_with_log(mut self) -> (ExitStatus, Vec<String>) {
+        let status = self.terminate();
+        assert!(
+            self.read_to_end(scaled(Duration::from_secs(5))),
+            "the gateway's stderr stayed open after it exited:\n{}",
+            self.log().join("\n")
+        );
+        (status, self.log())
     }
 
     /// Sends `signal` (e.g. SIGHUP) without waiting for anything.
