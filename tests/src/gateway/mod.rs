@@ -243,16 +243,26 @@ impl Gateway {
         self.log.state.lock().expect("log").lines.clone()
     }
 
-    /// Waits (up to `timeout`) until the reader has reached the end of the gateway's stderr;
-    /// false when it has not (a process the gateway handed it to still holds it).
-    fn read_to_end(&self, timeout: Duration) -> bool {
-        let state = self.log.state.lock().expect("log");
-        let (state, _) = self
-            .log
-            .changed
-            .wait_timeout_while(state, timeout, |s| !s.ended)
-            .expect("log");
-        state.ended
+    /// Waits until the reader has reached the end of the gateway's stderr, for as long as lines
+    /// keep coming (a backlog takes what it takes); false once `quiet` passes without a line and
+    /// without the end (a process the gateway handed its stderr to still holds it).
+    fn read_to_end(&self, quiet: Duration) -> bool {
+        let mut state = self.log.state.lock().expect("log");
+        loop {
+            if state.ended {
+                return true;
+            }
+            let read = state.lines.len();
+            let (next, waited) = self
+                .log
+                .changed
+                .wait_timeout_while(state, quiet, |s| !s.ended && s.lines.len() == read)
+                .expect("log");
+            if waited.timed_out() {
+                return next.ended;
+            }
+            state = next;
+        }
     }
 
     pub fn pid(&self) -> u32 {
