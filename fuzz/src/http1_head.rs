@@ -80,16 +80,7 @@ fn compare(a: &Accepted, head: &RequestHead, bytes: &[u8]) {
     assert_eq!(r.method(), a.method, "method of {what:?}");
     assert_eq!(r.uri(), &a.target, "target of {what:?}");
     assert_eq!(r.version(), a.version, "version of {what:?}");
-    let fields = |h: &HeaderMap| {
-        h.iter()
-            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(
-        fields(r.headers()),
-        fields(&a.headers),
-        "fields of {what:?}"
-    );
+    crate::assert_same_fields(r.headers(), &a.headers, &format!("{what:?}"));
     assert_eq!(head.framing, a.framing, "framing of {what:?}");
     assert_eq!(head.keep_alive, a.keep_alive, "keep-alive of {what:?}");
     assert_eq!(

@@ -54,16 +54,7 @@ pub fn check(data: &[u8]) {
             let r = &head.response;
             assert_eq!(r.status(), a.status, "status of {text:?}");
             assert_eq!(r.version(), a.version, "version of {text:?}");
-            let fields = |h: &HeaderMap| {
-                h.iter()
-                    .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
-                    .collect::<Vec<_>>()
-            };
-            assert_eq!(
-                fields(r.headers()),
-                fields(&a.headers),
-                "fields of {text:?}"
-            );
+            crate::assert_same_fields(r.headers(), &a.headers, &format!("{text:?}"));
             assert_eq!(head.framing, a.framing, "framing of {text:?} to {method}");
             assert_eq!(head.keep_alive, a.keep_alive, "keep-alive of {text:?}");
             assert_eq!(

@@ -39,3 +39,14 @@ pub fn check(target: &str, data: &[u8]) {
         other => panic!("unknown fuzz target {other}"),
     }
 }
+
+/// Asserts two header maps hold the same fields in the same order (names lower-cased by `http`,
+/// values byte for byte): what the gateway parsed against what its oracle expects.
+pub fn assert_same_fields(ours: &http::HeaderMap, expected: &http::HeaderMap, what: &str) {
+    let fields = |h: &http::HeaderMap| {
+        h.iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(fields(ours), fields(expected), "fields of {what}");
+}
