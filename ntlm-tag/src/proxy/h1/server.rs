@@ -313,8 +313,8 @@ mod tests {
         std::mem::size_of::<Fut>()
     }
 
-    /// A request's future is moved whole into its box, once per request: its size is copied per
-    /// request (8,976 bytes in a debug build, most of it the exchange with the backend).
+    /// A request's future is allocated whole once per request, and any move of it copies all of
+    /// it (8,976 bytes in a debug build, most of it the exchange with the backend).
     #[test]
     fn the_per_request_future_stays_bounded() {
         let size = request_future_size(request);
