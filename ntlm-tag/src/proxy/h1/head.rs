@@ -4,6 +4,8 @@
 //! Header values are slices of the received bytes (no copy), as in hyper.
 #![forbid(unsafe_code)]
 
+use std::mem::MaybeUninit;
+
 use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version, header};
 use thiserror::Error;
@@ -14,6 +16,8 @@ use super::framing::{Framing, FramingError, FramingRules, Keep};
 pub use crate::http1::{MAX_HEADERS, has_token};
 /// Longest request target (hyper's; longer is answered 414).
 pub const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
+/// Header fields `proxy::rewrite` adds to a request at most.
+const STAMPED_FIELDS: usize = 4;
 /// What an HTTP/2 connection starts with.
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -59,7 +63,7 @@ impl HeadError {
 }
 
 /// Where one header field lies in the head.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct FieldAt {
     name: (usize, usize),
     value: (usize, usize),
@@ -71,11 +75,17 @@ pub fn parse(buf: &mut BytesMut, max_head_bytes: usize) -> Result<Option<Request
     if buf.starts_with(&H2_PREFACE[..14]) {
         return Err(HeadError::Http2Preface);
     }
-    let mut fields = [FieldAt::default(); MAX_HEADERS];
-    let (len, method, target, http11, count) = {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        let len = match req.parse(buf) {
+    // Neither the parser's header array nor the field positions are zeroed first: at the
+    // 100 fields a head may have, that cost more than parsing a usual head.
+    let (len, method, target, http11, fields) = {
+        let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
+            &mut req,
+            buf,
+            &mut headers,
+        );
+        let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() >= max_head_bytes => {
                 return Err(HeadError::TooLarge {
@@ -103,29 +113,28 @@ pub fn parse(buf: &mut BytesMut, max_head_bytes: usize) -> Result<Option<Request
             let start = s.as_ptr() as usize - base;
             (start, start + s.len())
         };
-        for (slot, h) in fields.iter_mut().zip(req.headers.iter()) {
-            *slot = FieldAt {
+        let fields: Vec<FieldAt> = req
+            .headers
+            .iter()
+            .map(|h| FieldAt {
                 name: at(h.name.as_bytes()),
                 value: at(h.value),
-            };
-        }
-        (
-            len,
-            method,
-            at(path.as_bytes()),
-            version == 1,
-            req.headers.len(),
-        )
+            })
+            .collect();
+        (len, method, at(path.as_bytes()), version == 1, fields)
     };
+    let count = fields.len();
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
         .map_err(|_| HeadError::Malformed("request target"))?;
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for the fields the gateway stamps on the way upstream (the id and the three forwarding
+    // headers): growing the map to take them rehashed it on most requests.
+    let mut headers = HeaderMap::with_capacity(count + STAMPED_FIELDS);
     let mut rules = FramingRules::new(http11);
     let mut keep_alive = http11;
     let mut saw_close = false;
     let mut expect_continue = false;
-    for field in &fields[..count] {
+    for field in &fields {
         let name = HeaderName::from_bytes(&head[field.name.0..field.name.1])
             .map_err(|_| HeadError::Malformed("header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(field.value.0..field.value.1))

@@ -104,7 +104,7 @@ pub fn encode_head(
     let declared_trailers: Vec<HeaderValue> = drain(headers, &header::TRAILER);
     let connection: Vec<HeaderValue> = drain(headers, &header::CONNECTION);
 
-    let mut framing_field: Option<(&'static str, Bytes)> = None;
+    let mut framing_field: Option<(&'static str, FieldValue)> = None;
     let chunked_allowed = !http10 && can_have_body;
     let encoding = if status == StatusCode::SWITCHING_PROTOCOLS || connect_ok {
         Encoding::Length(0)
@@ -122,7 +122,7 @@ pub fn encode_head(
         {
             codings.extend_from_slice(b", chunked");
         }
-        framing_field = Some(("transfer-encoding", codings.into()));
+        framing_field = Some(("transfer-encoding", FieldValue::Bytes(codings.into())));
         Encoding::Chunked
     } else {
         let declared = content_length
@@ -131,23 +131,29 @@ pub fn encode_head(
         match (length, declared) {
             (BodyLength::Empty, Some(_)) if head => {
                 // The length of what a GET would get.
-                framing_field = content_length
-                    .first()
-                    .map(|v| ("content-length", Bytes::copy_from_slice(v.as_bytes())));
+                framing_field = content_length.first().map(|v| {
+                    (
+                        "content-length",
+                        FieldValue::Bytes(Bytes::copy_from_slice(v.as_bytes())),
+                    )
+                });
                 Encoding::Length(0)
             }
             (BodyLength::Known(n), _) | (BodyLength::Unknown, Some(n)) if !no_length_fields => {
-                framing_field = Some(("content-length", n.to_string().into()));
+                framing_field = Some(("content-length", FieldValue::Decimal(n)));
                 Encoding::Length(n)
             }
             (BodyLength::Unknown, _) if chunked_allowed => {
-                framing_field = Some(("transfer-encoding", Bytes::from_static(b"chunked")));
+                framing_field = Some((
+                    "transfer-encoding",
+                    FieldValue::Bytes(Bytes::from_static(b"chunked")),
+                ));
                 Encoding::Chunked
             }
             (BodyLength::Unknown, _) if can_have_body => Encoding::CloseDelimited,
             _ => {
                 if !no_length_fields && !head {
-                    framing_field = Some(("content-length", Bytes::from_static(b"0")));
+                    framing_field = Some(("content-length", FieldValue::Decimal(0)));
                 }
                 Encoding::Length(0)
             }
@@ -194,8 +200,15 @@ pub fn encode_head(
             .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
             .collect();
     }
-    if let Some((name, value)) = framing_field {
-        field(out, name, &value);
+    match framing_field {
+        Some((name, FieldValue::Bytes(value))) => field(out, name, &value),
+        Some((name, FieldValue::Decimal(n))) => {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        None => {}
     }
     if !headers.contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");
@@ -209,6 +222,27 @@ pub fn encode_head(
         trailers,
         body_allowed: can_have_body,
     }
+}
+
+/// The value of a framing field the gateway writes: a length is written as digits straight into
+/// the head (no string is allocated for it on every response).
+enum FieldValue {
+    Bytes(Bytes),
+    Decimal(u64),
+}
+
+fn decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
 }
 
 fn drain(headers: &mut HeaderMap, name: &HeaderName) -> Vec<HeaderValue> {
@@ -361,6 +395,15 @@ mod tests {
     use http_body_util::Full;
 
     use super::*;
+
+    #[test]
+    fn lengths_are_written_as_plain_decimal() {
+        for n in [0u64, 7, 10, 3_000, u64::MAX] {
+            let mut out = Vec::new();
+            decimal(&mut out, n);
+            assert_eq!(out, n.to_string().into_bytes());
+        }
+    }
 
     fn encode(
         response: Response<()>,
