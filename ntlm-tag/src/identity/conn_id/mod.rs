@@ -20,6 +20,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use super::addr_text::AddrText;
 use super::proxy_header::{PP2_SUBTYPE_LINK, PP2_TYPE_AWS, ProxyTlvs};
 use aes::{
     Aes128,
@@ -187,8 +188,14 @@ impl IdTemplate {
                     out.push_str(s);
                     Ok(())
                 }
-                Part::Client => write!(out, "{}", canonical(client)),
-                Part::ClientIp => write!(out, "{}", canonical(client).ip()),
+                Part::Client => {
+                    out.push_str(AddrText::socket(canonical(client)).as_str());
+                    Ok(())
+                }
+                Part::ClientIp => {
+                    out.push_str(AddrText::ip(canonical(client).ip()).as_str());
+                    Ok(())
+                }
                 Part::ClientPort => write!(out, "{}", client.port()),
                 Part::Uid => {
                     out.push_str(uid.as_str());
