@@ -21,7 +21,7 @@ use super::{
     h1::{
         self,
         head::H2_PREFACE,
-        reader::{Reader, first_bytes},
+        reader::{ReadIo, Reader, WriteIo, first_bytes},
     },
     io::prefixed::PrefixedIo,
     rewrite::{ClientScheme, ConnectionStamp},
@@ -55,7 +55,7 @@ pub(super) async fn handle_connection(
     let http1 = match live.tls.get(&config.address).cloned() {
         // Without HTTP/2 there is no preface to wait for: split the stream here, with no boxed
         // step to allocate.
-        None if !gateway.http2 => Some(split_http1(io, BytesMut::new())),
+        None if !gateway.http2 => Some(split_tcp(io)),
         None => Box::pin(start_serving(io, &connection, &shutdown)).await,
         Some(acceptor) => Box::pin(start_tls(io, acceptor, &connection, &shutdown)).await,
     };
@@ -73,7 +73,7 @@ pub(super) async fn handle_connection(
 /// An HTTP/1.x client connection, ready for the server: its two halves.
 pub(super) struct Http1 {
     reader: Reader,
-    writer: h1::reader::WriteIo,
+    writer: WriteIo,
 }
 
 /// Registers an identified connection; `None` when it is closed instead.
@@ -219,8 +219,19 @@ where
 {
     let (read, write) = tokio::io::split(stream);
     Http1 {
-        reader: Reader::new(Box::new(read), first),
-        writer: Box::new(write),
+        reader: Reader::new(ReadIo::Boxed(Box::new(read)), first),
+        writer: WriteIo::Boxed(Box::new(write)),
+    }
+}
+
+/// A plain TCP connection split for the server: the stream's own halves, and the bytes read past
+/// a PROXY header (if any) as the reader's first bytes.
+fn split_tcp(io: PrefixedIo<tokio::net::TcpStream>) -> Http1 {
+    let (prefix, stream) = io.into_parts();
+    let (read, write) = stream.into_split();
+    Http1 {
+        reader: Reader::new(ReadIo::Tcp(read), BytesMut::from(prefix)),
+        writer: WriteIo::tcp(write),
     }
 }
 

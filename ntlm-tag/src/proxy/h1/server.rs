@@ -262,7 +262,7 @@ async fn exchange(
         let Some(reader) = take_back(reader, back).await else {
             return Next::Close;
         };
-        let writer = std::mem::replace(writer, Box::new(tokio::io::sink()));
+        let writer = std::mem::replace(writer, WriteIo::sink());
         let _ = upgrade.send(Upgraded::new(reader, writer));
         return Next::Close;
     }
