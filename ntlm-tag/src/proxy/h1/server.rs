@@ -330,11 +330,13 @@ mod tests {
     }
 
     /// What an idle connection keeps in its task is this future: it must not grow with what a
-    /// request needs (a head alone is 248 bytes, the upstream exchange kilobytes). 632 bytes now,
-    /// 1,024 when the head was read in this future.
+    /// request needs (a head alone is 248 bytes, the upstream exchange kilobytes). 656 bytes now,
+    /// 1,024 when the head was read in this future. (632 when the stream's halves were boxed: a
+    /// plain TCP connection's own halves take 24 bytes more here and save the split's shared cell
+    /// and two boxes, about 150 bytes, elsewhere.)
     #[test]
     fn the_idle_state_of_a_connection_stays_small() {
         let size = future_size(serve);
-        assert!(size <= 640, "the keep-alive loop takes {size} bytes");
+        assert!(size <= 656, "the keep-alive loop takes {size} bytes");
     }
 }
