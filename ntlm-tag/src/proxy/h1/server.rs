@@ -59,14 +59,19 @@ pub(in crate::proxy) async fn serve(
         if !wait_for_request(&mut reader, connection, shutdown, idle_limit).await {
             return;
         }
-        let request = request(
-            reader,
-            &mut writer,
-            connection,
-            shutdown,
-            idle_since + idle_limit,
-        );
-        match Box::pin(request).await {
+        // The request's future is kilobytes: allocated first and written in place, it is not
+        // built on the stack and then copied into its box (`Box::pin(request(..))`).
+        let request = Box::into_pin(Box::write(
+            Box::new_uninit(),
+            request(
+                reader,
+                &mut writer,
+                connection,
+                shutdown,
+                idle_since + idle_limit,
+            ),
+        ));
+        match request.await {
             Next::Request(next) => reader = next,
             Next::Close => {
                 let _ = writer.shutdown().await;
