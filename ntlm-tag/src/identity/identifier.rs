@@ -84,7 +84,12 @@ impl Identifier {
         proxy: Option<ProxyProtocol<'_>>,
         listener: Arc<str>,
     ) -> io::Result<Identifying> {
-        let cookie = socket_cookie(&stream).ok();
+        // Without eBPF nothing is looked up by the cookie: asking for it would only cost a
+        // system call per connection.
+        let cookie = match self.kernel {
+            Some(_) => socket_cookie(&stream).ok(),
+            None => None,
+        };
         let identity = self.identify(cookie, peer, &stream)?;
         let step = match proxy {
             None => ProxyStep::None,

@@ -4,6 +4,7 @@
 //! ([`Identifier::accept`]); it never touches the kernel itself.
 #![forbid(unsafe_code)]
 
+pub mod addr_text;
 pub mod conn_id;
 pub mod id_hash;
 mod identifier;
@@ -16,6 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use ntlm_tag_common::ClientSource;
 
 use crate::kernel::KernelRecord;
+pub use addr_text::AddrText;
 pub use conn_id::{IdTemplate, UidGenerator, canonical};
 pub use id_hash::{ConnName, IdDisplay, IdHash};
 pub use identifier::{Identified, Identifier, Identifying, ProxyProtocol};
@@ -53,7 +55,7 @@ pub struct ConnectionIdentity {
     /// The balancer that conveyed the client, if any.
     pub balancer: Option<IpAddr>,
     pub source: IdentitySource,
-    /// The socket cookie, when the kernel provided one.
+    /// The socket cookie, when the kernel tracks connections (eBPF on) and provided one.
     pub cookie: Option<u64>,
     /// TLVs of a PROXY v2 header, when one named the client. Boxed: most connections have none,
     /// and the identity lives in the connection table for the connection's whole life.

@@ -21,7 +21,7 @@ use super::{
     h1::{
         self,
         head::H2_PREFACE,
-        reader::{Reader, first_bytes},
+        reader::{ReadIo, Reader, WriteIo, first_bytes},
     },
     io::prefixed::PrefixedIo,
     rewrite::{ClientScheme, ConnectionStamp},
@@ -53,13 +53,19 @@ pub(super) async fn handle_connection(
         return;
     };
     let http1 = match live.tls.get(&config.address).cloned() {
+        // Without HTTP/2 there is no preface to wait for: split the stream here, with no boxed
+        // step to allocate.
+        None if !gateway.http2 => Some(split_tcp(io)),
         None => Box::pin(start_serving(io, &connection, &shutdown)).await,
         Some(acceptor) => Box::pin(start_tls(io, acceptor, &connection, &shutdown)).await,
     };
     if let Some(Http1 { reader, writer }) = http1 {
         let mut tunnel_shutdown = shutdown.clone();
         Box::pin(h1::serve(reader, writer, &connection, &mut shutdown)).await;
-        Box::pin(run_tunnel(&connection, &mut tunnel_shutdown)).await;
+        // Most connections never become a tunnel: only those that did pay for its boxed wait.
+        if let Some(tunnel) = connection.tunnel.lock().ok().and_then(|mut t| t.take()) {
+            Box::pin(run_tunnel(tunnel, &mut tunnel_shutdown)).await;
+        }
     }
     drop(slot);
 }
@@ -67,7 +73,7 @@ pub(super) async fn handle_connection(
 /// An HTTP/1.x client connection, ready for the server: its two halves.
 pub(super) struct Http1 {
     reader: Reader,
-    writer: h1::reader::WriteIo,
+    writer: WriteIo,
 }
 
 /// Registers an identified connection; `None` when it is closed instead.
@@ -165,6 +171,7 @@ pub(super) fn open_connection(
         conn,
         full_id,
         client,
+        tls: scheme == ClientScheme::Https,
         stamp,
         upstream: tokio::sync::Mutex::new(upstream),
         registration,
@@ -202,22 +209,38 @@ where
             }
         }
     }
-    let (read, write) = tokio::io::split(stream);
-    Some(Http1 {
-        reader: Reader::new(Box::new(read), first),
-        writer: Box::new(write),
-    })
+    Some(split_http1(stream, first))
 }
 
-/// After the HTTP/1.x server: if the connection became a tunnel (WebSocket), it lives until
+/// An HTTP/1.x connection split for the server; `first`: the bytes read from it so far.
+fn split_http1<S>(stream: S, first: BytesMut) -> Http1
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (read, write) = tokio::io::split(stream);
+    Http1 {
+        reader: Reader::new(ReadIo::Boxed(Box::new(read)), first),
+        writer: WriteIo::Boxed(Box::new(write)),
+    }
+}
+
+/// A plain TCP connection split for the server: the stream's own halves, and the bytes read past
+/// a PROXY header (if any) as the reader's first bytes.
+fn split_tcp(io: PrefixedIo<tokio::net::TcpStream>) -> Http1 {
+    let (prefix, stream) = io.into_parts();
+    let (read, write) = stream.into_split();
+    Http1 {
+        reader: Reader::new(ReadIo::Tcp(read), BytesMut::from(prefix)),
+        writer: WriteIo::tcp(write),
+    }
+}
+
+/// After the HTTP/1.x server, when the connection became a tunnel (WebSocket): it lives until
 /// either side closes it, or until the gateway stops.
-async fn run_tunnel(connection: &ClientConnection, shutdown: &mut watch::Receiver<bool>) {
-    let tunnel = connection.tunnel.lock().ok().and_then(|mut t| t.take());
-    if let Some(mut tunnel) = tunnel {
-        tokio::select! {
-            _ = &mut tunnel => {}
-            _ = shutdown.changed() => tunnel.abort(),
-        }
+async fn run_tunnel(mut tunnel: tokio::task::JoinHandle<()>, shutdown: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = &mut tunnel => {}
+        _ = shutdown.changed() => tunnel.abort(),
     }
 }
 

@@ -93,6 +93,8 @@ struct ClientConnection {
     /// The full id, for the access log and the connection line, only with `show_full_ids`.
     full_id: Option<Box<str>>,
     client: std::net::IpAddr,
+    /// Accepted on a TLS listener: closing it sends a close_notify first.
+    tls: bool,
     stamp: ConnectionStamp,
     /// Requests of one HTTP/1.1 connection are sequential, so this lock is never contended there.
     upstream: tokio::sync::Mutex<ClientUpstream>,

@@ -60,7 +60,8 @@ impl Upstream {
         avoid: &[Arc<Backend>],
     ) -> Arc<Backend> {
         self.pick(pool, client, avoid).unwrap_or_else(|| {
-            self.pick_from(client, pool.members.iter().map(|m| &m.backend).collect())
+            self.pick_from(client, pool.members.iter().map(|m| &m.backend))
+                .unwrap_or_else(|| Arc::clone(&self.backends[0]))
         })
     }
 
@@ -71,30 +72,39 @@ impl Upstream {
         client: IpAddr,
         avoid: &[Arc<Backend>],
     ) -> Option<Arc<Backend>> {
-        let healthy: Vec<&Arc<Backend>> = pool
+        let healthy = pool
             .members
             .iter()
             .filter(|m| m.is_up() && !avoid.iter().any(|a| Arc::ptr_eq(a, &m.backend)))
-            .map(|m| &m.backend)
-            .collect();
-        (!healthy.is_empty()).then(|| self.pick_from(client, healthy))
+            .map(|m| &m.backend);
+        self.pick_from(client, healthy)
     }
 
-    pub(super) fn pick_from(&self, client: IpAddr, candidates: Vec<&Arc<Backend>>) -> Arc<Backend> {
-        let n = candidates.len();
+    /// One of `candidates` by the balancing policy; `None` when there is none. The candidates are
+    /// walked again rather than collected: every new client connection picks a backend, and this
+    /// way the pick allocates nothing.
+    fn pick_from<'a>(
+        &self,
+        client: IpAddr,
+        candidates: impl Iterator<Item = &'a Arc<Backend>> + Clone,
+    ) -> Option<Arc<Backend>> {
         let chosen = match self.balance {
             Balance::LeastConn => {
-                let start = self.next.fetch_add(1, Ordering::Relaxed) % n.max(1);
-                (0..n)
-                    .map(|i| candidates[(start + i) % n])
+                let n = candidates.clone().count();
+                if n == 0 {
+                    return None;
+                }
+                // The first of the least loaded from a rotating start, so that ties take turns.
+                let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+                candidates
+                    .cycle()
+                    .skip(start)
+                    .take(n)
                     .min_by_key(|b| b.active.load(Ordering::Relaxed))
             }
-            Balance::Hash => candidates
-                .iter()
-                .copied()
-                .max_by_key(|b| rendezvous(client, b.authority.as_str())),
+            Balance::Hash => candidates.max_by_key(|b| rendezvous(client, b.authority.as_str())),
         };
-        Arc::clone(chosen.unwrap_or(&self.backends[0]))
+        chosen.map(Arc::clone)
     }
 }
 

@@ -20,6 +20,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use super::addr_text::AddrText;
 use super::proxy_header::{PP2_SUBTYPE_LINK, PP2_TYPE_AWS, ProxyTlvs};
 use aes::{
     Aes128,
@@ -187,8 +188,14 @@ impl IdTemplate {
                     out.push_str(s);
                     Ok(())
                 }
-                Part::Client => write!(out, "{}", canonical(client)),
-                Part::ClientIp => write!(out, "{}", canonical(client).ip()),
+                Part::Client => {
+                    out.push_str(AddrText::socket(canonical(client)).as_str());
+                    Ok(())
+                }
+                Part::ClientIp => {
+                    out.push_str(AddrText::ip(canonical(client).ip()).as_str());
+                    Ok(())
+                }
                 Part::ClientPort => write!(out, "{}", client.port()),
                 Part::Uid => {
                     out.push_str(uid.as_str());
@@ -271,20 +278,28 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// One connection's unique token.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Uid(String);
+/// One connection's unique token: base32 text of a fixed length, on the stack (every new
+/// connection makes one and copies it into its id).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Uid([u8; UID_CHARS]);
+
+impl std::fmt::Debug for Uid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
 
 impl Uid {
     pub fn as_str(&self) -> &str {
-        &self.0
+        // Only base32 characters are ever written.
+        std::str::from_utf8(&self.0).unwrap_or_default()
     }
 }
 
 /// Hands out uids that never repeat and cannot be predicted from the ones seen.
 pub struct UidGenerator {
     /// The instance nonce, already in base32 (the same prefix for every uid of this run).
-    nonce: String,
+    nonce: [u8; NONCE_CHARS],
     /// The keyed permutation. Its key is never stored anywhere else, logged or printed.
     cipher: Aes128,
     next: AtomicU64,
@@ -294,7 +309,7 @@ impl std::fmt::Debug for UidGenerator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the key: it would let a reader compute every id of this run.
         f.debug_struct("UidGenerator")
-            .field("nonce", &self.nonce)
+            .field("nonce", &self.nonce())
             .finish_non_exhaustive()
     }
 }
@@ -316,8 +331,8 @@ impl UidGenerator {
     }
 
     fn with_nonce_and_key(nonce: u64, key: [u8; 16]) -> Self {
-        let mut text = String::with_capacity(NONCE_CHARS);
-        push_base32(&mut text, u128::from(nonce), NONCE_CHARS);
+        let mut text = [0; NONCE_CHARS];
+        write_base32(&mut text, u128::from(nonce));
         UidGenerator {
             nonce: text,
             cipher: Aes128::new(&key.into()),
@@ -328,7 +343,8 @@ impl UidGenerator {
     /// The instance nonce (base32), the prefix of every uid of this run: logged at start so that an
     /// id can be traced to the gateway run that issued it.
     pub fn nonce(&self) -> &str {
-        &self.nonce
+        // Only base32 characters are ever written.
+        std::str::from_utf8(&self.nonce).unwrap_or_default()
     }
 
     pub fn next_uid(&self) -> Uid {
@@ -336,17 +352,19 @@ impl UidGenerator {
         let count = self.next.fetch_add(1, Ordering::Relaxed);
         let mut block = aes::Block::from(u128::from(count).to_be_bytes());
         self.cipher.encrypt_block(&mut block);
-        let mut out = String::with_capacity(UID_CHARS);
-        out.push_str(&self.nonce);
-        push_base32(&mut out, u128::from_be_bytes(block.into()), TAIL_CHARS);
-        Uid(out)
+        let mut uid = [0; UID_CHARS];
+        let (nonce, tail) = uid.split_at_mut(NONCE_CHARS);
+        nonce.copy_from_slice(&self.nonce);
+        write_base32(tail, u128::from_be_bytes(block.into()));
+        Uid(uid)
     }
 }
 
-/// Appends the low `5 * chars` bits of `v` in base32, most significant first.
-fn push_base32(out: &mut String, v: u128, chars: usize) {
-    for i in (0..chars).rev() {
-        out.push(BASE32[((v >> (i * 5)) & 31) as usize] as char);
+/// Writes the low `5 * out.len()` bits of `v` in base32, most significant first.
+fn write_base32(out: &mut [u8], v: u128) {
+    let chars = out.len();
+    for (i, c) in out.iter_mut().enumerate() {
+        *c = BASE32[((v >> ((chars - 1 - i) * 5)) & 31) as usize];
     }
 }
 

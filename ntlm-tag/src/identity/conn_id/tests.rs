@@ -39,24 +39,28 @@ fn tlv_placeholders_name_the_link_and_say_dash_when_missing() {
             .expect("valid")
             .uses_proxy_tlvs()
     );
-    let uid = Uid("u".into());
+    let uid = generator(0).next_uid();
+    let u = uid.as_str();
     let client = addr("10.0.0.5:40000");
     let aws = [&[0x01u8][..], b"vpce-08d2bf15fac5001c9"].concat();
     let with = tlvs(&[(0xEA, &aws), (0x30, b"link.A_1~")], Some(42));
     assert_eq!(
         t.render(client, &uid, Some(&with)),
-        "10.0.0.5:40000/vpce-08d2bf15fac5001c9/42/link.A_1~/u"
+        format!("10.0.0.5:40000/vpce-08d2bf15fac5001c9/42/link.A_1~/{u}")
     );
-    assert_eq!(t.render(client, &uid, None), "10.0.0.5:40000/-/-/-/u");
+    assert_eq!(
+        t.render(client, &uid, None),
+        format!("10.0.0.5:40000/-/-/-/{u}")
+    );
     // An AWS TLV of another subtype is not the endpoint id.
     let other = tlvs(&[(0xEA, &[0x02, b'x'])], None);
     assert_eq!(
         t.render(client, &uid, Some(&other)),
-        "10.0.0.5:40000/-/-/-/u"
+        format!("10.0.0.5:40000/-/-/-/{u}")
     );
     // Upper-case hex works too.
     let t = IdTemplate::parse("{tlv:0XeA}{uid}", false).expect("valid");
-    assert_eq!(t.render(client, &uid, Some(&other)), "0x0278u");
+    assert_eq!(t.render(client, &uid, Some(&other)), format!("0x0278{u}"));
 }
 
 #[test]

@@ -278,7 +278,10 @@ mod tests {
     use super::*;
 
     fn reader(bytes: &'static [u8]) -> Reader {
-        Reader::new(Box::new(bytes), bytes::BytesMut::new())
+        Reader::new(
+            super::super::reader::ReadIo::Boxed(Box::new(bytes)),
+            bytes::BytesMut::new(),
+        )
     }
 
     #[tokio::test]

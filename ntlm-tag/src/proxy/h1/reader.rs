@@ -14,12 +14,110 @@ use std::{
 };
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::tcp::{OwnedReadHalf, OwnedWriteHalf},
+};
 
-/// The read half of a client stream (plain or TLS).
-pub type ReadIo = Box<dyn AsyncRead + Send + Unpin>;
-/// The write half of a client stream.
-pub type WriteIo = Box<dyn AsyncWrite + Send + Unpin>;
+/// The read half of a client stream: a plain TCP connection's own half, or any other stream
+/// (TLS, or one that replays bytes read ahead) boxed. A plain connection's halves share the
+/// stream and nothing else: no lock, and no box per half.
+pub enum ReadIo {
+    Tcp(OwnedReadHalf),
+    Boxed(Box<dyn AsyncRead + Send + Unpin>),
+}
+
+/// The write half of a client stream, as [`ReadIo`].
+pub enum WriteIo {
+    Tcp(TcpWriteHalf),
+    Boxed(Box<dyn AsyncWrite + Send + Unpin>),
+}
+
+impl WriteIo {
+    /// The write half of a plain TCP connection.
+    pub fn tcp(half: OwnedWriteHalf) -> Self {
+        WriteIo::Tcp(TcpWriteHalf(Some(half)))
+    }
+
+    /// Nothing: writes go nowhere (in the place of a writer handed to a tunnel).
+    pub fn sink() -> Self {
+        // `Sink` has no size: boxing it allocates nothing.
+        WriteIo::Boxed(Box::new(tokio::io::sink()))
+    }
+}
+
+/// Tokio's write half of a TCP stream shuts the connection's write side down when it is dropped
+/// (a system call); this one leaves that to an explicit shutdown, as the stream itself does: the
+/// socket closes, FIN and all, when both halves are gone.
+pub struct TcpWriteHalf(Option<OwnedWriteHalf>);
+
+impl Drop for TcpWriteHalf {
+    fn drop(&mut self) {
+        if let Some(half) = self.0.take() {
+            half.forget();
+        }
+    }
+}
+
+impl AsyncRead for ReadIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadIo::Tcp(half) => Pin::new(half).poll_read(cx, buf),
+            ReadIo::Boxed(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+/// One call on whichever stream a [`WriteIo`] holds (a dropped TCP half only after it is gone).
+macro_rules! on_writer {
+    ($io:expr, $half:ident => $call:expr) => {
+        match $io {
+            WriteIo::Tcp(TcpWriteHalf(Some($half))) => $call,
+            WriteIo::Tcp(TcpWriteHalf(None)) => {
+                Poll::Ready(Err(io::ErrorKind::NotConnected.into()))
+            }
+            WriteIo::Boxed($half) => $call,
+        }
+    };
+}
+
+impl AsyncWrite for WriteIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        on_writer!(self.get_mut(), half => Pin::new(half).poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_writer!(self.get_mut(), half => Pin::new(half).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_writer!(self.get_mut(), half => Pin::new(half).poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        on_writer!(self.get_mut(), half => Pin::new(half).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            WriteIo::Tcp(TcpWriteHalf(Some(half))) => half.is_write_vectored(),
+            WriteIo::Tcp(TcpWriteHalf(None)) => false,
+            WriteIo::Boxed(io) => io.is_write_vectored(),
+        }
+    }
+}
 
 /// Bytes asked of the stream per read once a request is under way.
 const READ_CHUNK: usize = 8 * 1024;
@@ -39,7 +137,7 @@ impl Reader {
     /// A reader with no stream, in the place of the real one while a request body has it.
     pub fn detached() -> Self {
         // `Empty` has no size: boxing it allocates nothing.
-        Reader::new(Box::new(tokio::io::empty()), BytesMut::new())
+        Reader::new(ReadIo::Boxed(Box::new(tokio::io::empty())), BytesMut::new())
     }
 
     /// Waits for the first bytes of the next request without a heap buffer; `Ok(0)`: the client
@@ -73,8 +171,8 @@ impl Reader {
 /// the heap. Empty: the stream closed.
 pub async fn first_bytes<R: AsyncRead + Unpin + ?Sized>(io: &mut R) -> io::Result<BytesMut> {
     poll_fn(|cx| {
-        // Left uninitialised: zeroing 4 KiB on every poll (at least two a request) cost more
-        // than the rest of reading a request head.
+        // Uninitialised: zeroing 4 KiB for every wait costs more than the read (tokio never reads
+        // from the unfilled part).
         let mut stack = [MaybeUninit::<u8>::uninit(); FIRST_READ];
         let mut read = ReadBuf::uninit(&mut stack);
         ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;

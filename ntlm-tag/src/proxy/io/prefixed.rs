@@ -20,6 +20,11 @@ impl<S> PrefixedIo<S> {
     pub fn new(prefix: Bytes, inner: S) -> Self {
         PrefixedIo { prefix, inner }
     }
+
+    /// The bytes not yet replayed, and the stream.
+    pub fn into_parts(self) -> (Bytes, S) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for PrefixedIo<S> {

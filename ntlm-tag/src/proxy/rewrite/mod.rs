@@ -4,8 +4,9 @@
 
 use std::{fmt::Write as _, net::SocketAddr};
 
-use bytes::Bytes;
+use bytes::BytesMut;
 
+use crate::identity::AddrText;
 use http::{
     HeaderMap, HeaderName, HeaderValue,
     header::{CONNECTION, FORWARDED, TRANSFER_ENCODING},
@@ -114,30 +115,36 @@ impl ConnectionStamp {
     /// Renders the values for a connection. `id` was rendered from a validated template, so it is a
     /// valid header value; anything else is an internal error.
     ///
-    /// Every new connection renders these, so the address is formatted once and the strings
-    /// become header values without another copy.
+    /// Every new connection renders these: the three values are slices of one buffer (one
+    /// allocation, and stamping a request copies none: a slice is a reference count).
     pub fn new(
-        id: impl Into<Bytes>,
+        id: impl AsRef<str>,
         client: SocketAddr,
         scheme: ClientScheme,
     ) -> Result<Self, http::header::InvalidHeaderValue> {
-        let ip = client.ip().to_string();
-        let mut forwarded = String::with_capacity(ip.len() + 32);
-        forwarded.push_str("for=\"");
+        let id = id.as_ref().as_bytes();
+        let ip = AddrText::ip(client.ip());
+        let ip = ip.as_str().as_bytes();
+        let mut buf = BytesMut::with_capacity(id.len() + 2 * ip.len() + 32);
+        buf.extend_from_slice(id);
+        buf.extend_from_slice(ip);
+        let forwarded_at = buf.len();
+        buf.extend_from_slice(b"for=\"");
         if client.is_ipv6() {
-            forwarded.push('[');
-            forwarded.push_str(&ip);
-            forwarded.push(']');
+            buf.extend_from_slice(b"[");
+            buf.extend_from_slice(ip);
+            buf.extend_from_slice(b"]");
         } else {
-            forwarded.push_str(&ip);
+            buf.extend_from_slice(ip);
         }
-        // Writing to a String cannot fail.
-        let _ = write!(forwarded, ":{}\";proto={}", client.port(), scheme.as_str());
+        // Writing to a BytesMut cannot fail.
+        let _ = write!(buf, ":{}\";proto={}", client.port(), scheme.as_str());
+        let buf = buf.freeze();
         Ok(ConnectionStamp {
-            id: HeaderValue::from_maybe_shared(id.into())?,
-            x_forwarded_for: HeaderValue::from_maybe_shared(Bytes::from(ip))?,
+            id: HeaderValue::from_maybe_shared(buf.slice(..id.len()))?,
+            x_forwarded_for: HeaderValue::from_maybe_shared(buf.slice(id.len()..forwarded_at))?,
             x_forwarded_proto: HeaderValue::from_static(scheme.as_str()),
-            forwarded: HeaderValue::from_maybe_shared(Bytes::from(forwarded))?,
+            forwarded: HeaderValue::from_maybe_shared(buf.slice(forwarded_at..))?,
         })
     }
 }
