@@ -66,18 +66,8 @@ impl AddrText {
         }
     }
 
-    fn push_decimal(&mut self, mut n: u32) {
-        let mut digits = [0u8; 10];
-        let mut start = digits.len();
-        loop {
-            start -= 1;
-            digits[start] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.push(&digits[start..]);
+    fn push_decimal(&mut self, n: u32) {
+        self.push(itoa::Buffer::new().format(n).as_bytes());
     }
 
     fn display(&mut self, value: &dyn fmt::Display) {

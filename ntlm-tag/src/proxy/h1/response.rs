@@ -203,10 +203,7 @@ pub fn encode_head(
     match framing_field {
         Some((name, FieldValue::Bytes(value))) => field(out, name, &value),
         Some((name, FieldValue::Decimal(n))) => {
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b": ");
-            decimal(out, n);
-            out.extend_from_slice(b"\r\n");
+            field(out, name, itoa::Buffer::new().format(n).as_bytes());
         }
         None => {}
     }
@@ -229,20 +226,6 @@ pub fn encode_head(
 enum FieldValue {
     Bytes(Bytes),
     Decimal(u64),
-}
-
-fn decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut start = digits.len();
-    loop {
-        start -= 1;
-        digits[start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[start..]);
 }
 
 fn drain(headers: &mut HeaderMap, name: &HeaderName) -> Vec<HeaderValue> {
@@ -395,15 +378,6 @@ mod tests {
     use http_body_util::Full;
 
     use super::*;
-
-    #[test]
-    fn lengths_are_written_as_plain_decimal() {
-        for n in [0u64, 7, 10, 3_000, u64::MAX] {
-            let mut out = Vec::new();
-            decimal(&mut out, n);
-            assert_eq!(out, n.to_string().into_bytes());
-        }
-    }
 
     fn encode(
         response: Response<()>,
