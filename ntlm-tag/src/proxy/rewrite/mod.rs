@@ -2,7 +2,7 @@
 //! their look-alikes, hop-by-hop headers), then stamp the connection id and the forwarding headers.
 #![forbid(unsafe_code)]
 
-use std::{fmt::Write as _, net::SocketAddr};
+use std::net::SocketAddr;
 
 use bytes::BytesMut;
 
@@ -137,8 +137,10 @@ impl ConnectionStamp {
         } else {
             buf.extend_from_slice(ip);
         }
-        // Writing to a BytesMut cannot fail.
-        let _ = write!(buf, ":{}\";proto={}", client.port(), scheme.as_str());
+        buf.extend_from_slice(b":");
+        buf.extend_from_slice(itoa::Buffer::new().format(client.port()).as_bytes());
+        buf.extend_from_slice(b"\";proto=");
+        buf.extend_from_slice(scheme.as_str().as_bytes());
         let buf = buf.freeze();
         Ok(ConnectionStamp {
             id: HeaderValue::from_maybe_shared(buf.slice(..id.len()))?,
