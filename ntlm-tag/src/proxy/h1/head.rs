@@ -11,6 +11,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri,
 use thiserror::Error;
 
 use super::framing::{Framing, FramingError, FramingRules, Keep};
+use crate::http1::{ConnectionTokens, fields::FieldPositions};
 
 /// Header fields a head may have (hyper's default; more is answered 431), and the token test.
 pub use crate::http1::{MAX_HEADERS, has_token};
@@ -62,21 +63,14 @@ impl HeadError {
     }
 }
 
-/// Where one header field lies in the head.
-#[derive(Clone, Copy)]
-struct FieldAt {
-    name: (usize, usize),
-    value: (usize, usize),
-}
-
 /// Takes a complete head off the front of `buf`: `Ok(None)` while it is incomplete (and under
 /// `max_head_bytes`, request line and headers together).
 pub fn parse(buf: &mut BytesMut, max_head_bytes: usize) -> Result<Option<RequestHead>, HeadError> {
     if buf.starts_with(&H2_PREFACE[..14]) {
         return Err(HeadError::Http2Preface);
     }
-    // Neither the parser's header array nor the field positions are zeroed first: at the
-    // 100 fields a head may have, that cost more than parsing a usual head.
+    // The parser's header array is not zeroed first: at the 100 fields a head may have, that
+    // cost more than parsing a usual head.
     let (len, method, target, http11, fields) = {
         let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
@@ -113,14 +107,7 @@ pub fn parse(buf: &mut BytesMut, max_head_bytes: usize) -> Result<Option<Request
             let start = s.as_ptr() as usize - base;
             (start, start + s.len())
         };
-        let fields: Vec<FieldAt> = req
-            .headers
-            .iter()
-            .map(|h| FieldAt {
-                name: at(h.name.as_bytes()),
-                value: at(h.value),
-            })
-            .collect();
+        let fields = FieldPositions::of(buf, req.headers);
         (len, method, at(path.as_bytes()), version == 1, fields)
     };
     let count = fields.len();
@@ -134,23 +121,30 @@ pub fn parse(buf: &mut BytesMut, max_head_bytes: usize) -> Result<Option<Request
     let mut keep_alive = http11;
     let mut saw_close = false;
     let mut expect_continue = false;
-    for field in &fields {
-        let name = HeaderName::from_bytes(&head[field.name.0..field.name.1])
+    for field in fields.as_slice() {
+        let name = HeaderName::from_bytes(&head[field.name()])
             .map_err(|_| HeadError::Malformed("header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(field.value.0..field.value.1))
+        let value = HeaderValue::from_maybe_shared(head.slice(field.value()))
             .map_err(|_| HeadError::Malformed("header value"))?;
         let keep = match name {
             header::TRANSFER_ENCODING => rules.transfer_encoding(&value)?,
             header::CONTENT_LENGTH => rules.content_length(&value)?,
             header::CONNECTION => {
+                let tokens = ConnectionTokens::of(&value);
                 // Once a line asks to close, a later keep-alive does not undo it.
-                if saw_close || has_token(&value, "close") {
+                if saw_close || tokens.close {
                     saw_close = true;
                     keep_alive = false;
                 } else if !keep_alive {
-                    keep_alive = has_token(&value, "keep-alive");
+                    keep_alive = tokens.keep_alive;
                 }
-                Keep::Yes
+                // Read here, and removed on the way upstream (hop-by-hop) unless it names another
+                // header to remove with it, or asks to switch protocols.
+                if tokens.only_close_or_keep_alive {
+                    Keep::No
+                } else {
+                    Keep::Yes
+                }
             }
             header::EXPECT => {
                 expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");

@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header};
 use thiserror::Error;
 
-use crate::http1::{framing, has_token};
+use crate::http1::{ConnectionTokens, fields::FieldPositions, framing};
 
 /// Header fields a response head may have (hyper's client default).
 pub const MAX_HEADERS: usize = 100;
@@ -110,33 +110,28 @@ fn parse_one(
         let (Some(code), Some(version)) = (parsed.code, parsed.version) else {
             return Err(ResponseHeadError::Malformed("incomplete status line"));
         };
-        let base = buf.as_ptr() as usize;
-        let at = |s: &[u8]| {
-            let start = s.as_ptr() as usize - base;
-            (start, start + s.len())
-        };
-        let fields: Vec<_> = parsed
-            .headers
-            .iter()
-            .map(|h| (at(h.name.as_bytes()), at(h.value)))
-            .collect();
+        let fields = FieldPositions::of(buf, parsed.headers);
         (len, code, version == 1, fields)
     };
     let head = buf.split_to(len).freeze();
     let status =
         StatusCode::from_u16(code).map_err(|_| ResponseHeadError::Malformed("status code"))?;
     let mut headers = HeaderMap::with_capacity(fields.len());
-    for (name, value) in &fields {
-        let name = HeaderName::from_bytes(&head[name.0..name.1])
+    let mut facts = Facts::default();
+    for field in fields.as_slice() {
+        let name = HeaderName::from_bytes(&head[field.name()])
             .map_err(|_| ResponseHeadError::Malformed("header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(value.0..value.1))
+        let value = HeaderValue::from_maybe_shared(head.slice(field.value()))
             .map_err(|_| ResponseHeadError::Malformed("header value"))?;
-        headers.append(name, value);
+        if facts.note(&name, &value) {
+            headers.append(name, value);
+        }
     }
-    let (framing, framing_keeps) = decide_framing(status, method, http11, &headers)?;
+    let (framing, framing_keeps) = decide_framing(status, method, http11, &facts)?;
     let keep_alive = framing_keeps
         && framing != ResponseFraming::CloseDelimited
-        && wants_keep_alive(http11, &headers);
+        && !facts.close
+        && (http11 || facts.keep_alive);
     let mut response = Response::new(());
     *response.status_mut() = status;
     *response.version_mut() = if http11 {
@@ -152,13 +147,83 @@ fn parse_one(
     }))
 }
 
+/// What the framing and keep-alive decisions need from a head, noted field by field as the
+/// header map is built (one pass, no lookups afterwards).
+struct Facts {
+    /// Every `Content-Length` value so far (lines and comma-separated lists), which must agree, as
+    /// hyper reads them: the first bad or differing one is kept as the error.
+    content_length: Result<Option<u64>, ResponseHeadError>,
+    has_content_length: bool,
+    /// The last `Transfer-Encoding` line: its last coding decides the framing.
+    last_transfer_encoding: Option<HeaderValue>,
+    /// `Connection: close` on any line.
+    close: bool,
+    /// `Connection: keep-alive` on any line (what keeps an HTTP/1.0 connection).
+    keep_alive: bool,
+}
+
+impl Default for Facts {
+    fn default() -> Self {
+        Facts {
+            content_length: Ok(None),
+            has_content_length: false,
+            last_transfer_encoding: None,
+            close: false,
+            keep_alive: false,
+        }
+    }
+}
+
+impl Facts {
+    /// Notes one field; `false`: leave it out of the response. A `Connection` line of only
+    /// `close`/`keep-alive` says nothing past this hop (the gateway removes hop-by-hop headers
+    /// before the client sees them): it is read here and not kept.
+    fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> bool {
+        if *name == header::CONTENT_LENGTH {
+            self.has_content_length = true;
+            if let Ok(length) = self.content_length {
+                self.content_length = add_content_length(length, value);
+            }
+        } else if *name == header::TRANSFER_ENCODING {
+            self.last_transfer_encoding = Some(value.clone());
+        } else if *name == header::CONNECTION {
+            let tokens = ConnectionTokens::of(value);
+            self.close |= tokens.close;
+            self.keep_alive |= tokens.keep_alive;
+            return !tokens.only_close_or_keep_alive;
+        }
+        true
+    }
+}
+
+/// `length` (the `Content-Length` so far) with the values of one more line, which must agree.
+fn add_content_length(
+    mut length: Option<u64>,
+    line: &HeaderValue,
+) -> Result<Option<u64>, ResponseHeadError> {
+    let line = line
+        .to_str()
+        .map_err(|_| ResponseHeadError::InvalidContentLength)?;
+    for value in line.split(',') {
+        let n = framing::decimal(value.trim().as_bytes())
+            .ok_or(ResponseHeadError::InvalidContentLength)?;
+        match length {
+            Some(previous) if previous != n => {
+                return Err(ResponseHeadError::DifferentContentLengths);
+            }
+            _ => length = Some(n),
+        }
+    }
+    Ok(length)
+}
+
 /// The body's framing (RFC 9112 §6.3, in its order), and whether the connection can carry another
 /// request afterwards as far as the framing goes (not after a switch of protocols).
 fn decide_framing(
     status: StatusCode,
     method: &Method,
     http11: bool,
-    headers: &HeaderMap,
+    facts: &Facts,
 ) -> Result<(ResponseFraming, bool), ResponseHeadError> {
     // 1. HEAD, 1xx, 204 and 304 have no body, whatever their headers say.
     if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -175,17 +240,13 @@ fn decide_framing(
     if *method == Method::CONNECT && status.is_success() {
         return Ok((ResponseFraming::Empty, false));
     }
-    let content_length = content_length(headers)?;
-    if let Some(last_coding_line) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
+    let content_length = facts.content_length.clone()?;
+    if let Some(last_coding_line) = &facts.last_transfer_encoding {
         if !http11 {
             return Err(ResponseHeadError::TransferEncodingInHttp10);
         }
         // 3. The RFC lets Transfer-Encoding win; a response that has both is refused instead.
-        if headers.contains_key(header::CONTENT_LENGTH) {
+        if facts.has_content_length {
             return Err(ResponseHeadError::TransferEncodingAndContentLength);
         }
         // 4. The last coding decides: chunked, or else the body runs until the connection closes.
@@ -202,37 +263,6 @@ fn decide_framing(
         Some(n) => (ResponseFraming::Length(n), true),
         None => (ResponseFraming::CloseDelimited, true),
     })
-}
-
-/// Every `Content-Length` value (lines and comma-separated lists), which must agree, as hyper
-/// reads them; `None` when there is none.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ResponseHeadError> {
-    let mut length = None;
-    for line in headers.get_all(header::CONTENT_LENGTH) {
-        let line = line
-            .to_str()
-            .map_err(|_| ResponseHeadError::InvalidContentLength)?;
-        for value in line.split(',') {
-            let n = framing::decimal(value.trim().as_bytes())
-                .ok_or(ResponseHeadError::InvalidContentLength)?;
-            match length {
-                Some(previous) if previous != n => {
-                    return Err(ResponseHeadError::DifferentContentLengths);
-                }
-                _ => length = Some(n),
-            }
-        }
-    }
-    Ok(length)
-}
-
-/// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0 only with `keep-alive`.
-fn wants_keep_alive(http11: bool, headers: &HeaderMap) -> bool {
-    let connection = headers.get_all(header::CONNECTION);
-    if connection.iter().any(|v| has_token(v, "close")) {
-        return false;
-    }
-    http11 || connection.iter().any(|v| has_token(v, "keep-alive"))
 }
 
 fn describe(e: httparse::Error) -> &'static str {
@@ -455,5 +485,44 @@ mod tests {
         let mut partial = BytesMut::from("HTTP/1.1 200 OK\r\ncontent-le");
         assert!(matches!(parse(&mut partial, &Method::GET), Ok(None)));
         assert_eq!(partial.len(), 27, "an incomplete head stays in the buffer");
+    }
+
+    /// A `Connection` line of only `close`/`keep-alive` is read and not kept (the client never
+    /// sees a hop-by-hop header); one that names another header stays for the hop-by-hop rewrite
+    /// to remove both.
+    #[test]
+    fn connection_lines_are_read_and_only_kept_when_they_name_other_headers() {
+        let keep_alive = head(
+            Method::GET,
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nConnection: keep-alive\r\n\r\n",
+        )
+        .expect("valid")
+        .expect("complete");
+        assert!(keep_alive.keep_alive);
+        assert!(
+            !keep_alive
+                .response
+                .headers()
+                .contains_key(header::CONNECTION)
+        );
+        let close = head(
+            Method::GET,
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nConnection: Close\r\n\r\n",
+        )
+        .expect("valid")
+        .expect("complete");
+        assert!(!close.keep_alive);
+        assert!(!close.response.headers().contains_key(header::CONNECTION));
+        let naming = head(
+            Method::GET,
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\n\r\n",
+        )
+        .expect("valid")
+        .expect("complete");
+        assert!(!naming.keep_alive);
+        assert_eq!(
+            naming.response.headers()[header::CONNECTION],
+            "close, X-Hop"
+        );
     }
 }

@@ -1,0 +1,135 @@
+//! Where the header fields of a parsed head lie, as offsets into the head's bytes: what is left of
+//! `httparse`'s borrowed result once the head is split off its buffer, so that names and values
+//! become slices of the head (no copy).
+#![forbid(unsafe_code)]
+
+use std::ops::Range;
+
+/// Fields held on the stack; a head with more (rare: a browser sends about a dozen) spills to the
+/// heap. Zeroing this many positions costs less than an allocation, zeroing all 100 more.
+const INLINE: usize = 24;
+
+/// One field: its name and value as offsets into the head (a head is far below 4 GiB).
+#[derive(Clone, Copy, Default)]
+pub struct FieldAt {
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+impl FieldAt {
+    pub fn name(self) -> Range<usize> {
+        self.name.0 as usize..self.name.1 as usize
+    }
+
+    pub fn value(self) -> Range<usize> {
+        self.value.0 as usize..self.value.1 as usize
+    }
+}
+
+/// The positions of a head's fields, in order.
+pub struct FieldPositions {
+    inline: [FieldAt; INLINE],
+    len: usize,
+    spilled: Vec<FieldAt>,
+}
+
+impl FieldPositions {
+    /// The positions of `headers` within `head` (the buffer they were parsed from).
+    pub fn of(head: &[u8], headers: &[httparse::Header<'_>]) -> Self {
+        let base = head.as_ptr() as usize;
+        let at = |s: &[u8]| {
+            let start = s.as_ptr() as usize - base;
+            // A head is bounded (at most 64 KiB): its offsets fit in 32 bits.
+            (start as u32, (start + s.len()) as u32)
+        };
+        let field = |h: &httparse::Header<'_>| FieldAt {
+            name: at(h.name.as_bytes()),
+            value: at(h.value),
+        };
+        let mut positions = FieldPositions {
+            inline: [FieldAt::default(); INLINE],
+            len: headers.len(),
+            spilled: Vec::new(),
+        };
+        if headers.len() <= INLINE {
+            for (slot, h) in positions.inline.iter_mut().zip(headers) {
+                *slot = field(h);
+            }
+        } else {
+            positions.spilled = headers.iter().map(field).collect();
+        }
+        positions
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_slice(&self) -> &[FieldAt] {
+        if self.len <= INLINE {
+            &self.inline[..self.len]
+        } else {
+            &self.spilled
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn positions(raw: &[u8]) -> (FieldPositions, Vec<(String, String)>) {
+        let mut headers = [httparse::EMPTY_HEADER; 100];
+        let mut req = httparse::Request::new(&mut headers);
+        assert!(req.parse(raw).expect("valid head").is_complete());
+        let expected = req
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_string(),
+                    String::from_utf8(h.value.to_vec()).expect("ascii"),
+                )
+            })
+            .collect();
+        (FieldPositions::of(raw, req.headers), expected)
+    }
+
+    fn check(raw: &[u8]) {
+        let (positions, expected) = positions(raw);
+        assert_eq!(positions.len(), expected.len());
+        let found: Vec<(String, String)> = positions
+            .as_slice()
+            .iter()
+            .map(|f| {
+                (
+                    String::from_utf8(raw[f.name()].to_vec()).expect("ascii"),
+                    String::from_utf8(raw[f.value()].to_vec()).expect("ascii"),
+                )
+            })
+            .collect();
+        assert_eq!(found, expected);
+    }
+
+    #[test]
+    fn positions_point_at_every_name_and_value_in_order() {
+        check(b"GET / HTTP/1.1\r\nHost: a\r\nX-Empty:\r\nAccept: */*\r\n\r\n");
+        check(b"GET / HTTP/1.1\r\n\r\n");
+    }
+
+    #[test]
+    fn heads_with_more_fields_than_the_stack_holds_spill_to_the_heap() {
+        for count in [INLINE - 1, INLINE, INLINE + 1, 99] {
+            let mut raw = b"GET / HTTP/1.1\r\n".to_vec();
+            for i in 0..count {
+                raw.extend_from_slice(format!("X-Field-{i}: value {i}\r\n").as_bytes());
+            }
+            raw.extend_from_slice(b"\r\n");
+            check(&raw);
+        }
+    }
+}
