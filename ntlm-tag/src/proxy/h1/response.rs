@@ -83,7 +83,7 @@ pub enum WriteError {
 
 /// Writes the head of `parts` into `out`.
 pub fn encode_head(
-    parts: &mut response::Parts,
+    parts: &response::Parts,
     length: BodyLength,
     exchange: Exchange<'_>,
     out: &mut Vec<u8>,
@@ -97,12 +97,14 @@ pub fn encode_head(
         || status == StatusCode::NOT_MODIFIED;
     let can_have_body = !head && !no_length_fields;
     let http10 = exchange.version == Version::HTTP_10;
-    let headers = &mut parts.headers;
-
-    let transfer_encoding: Vec<HeaderValue> = drain(headers, &header::TRANSFER_ENCODING);
-    let content_length: Vec<HeaderValue> = drain(headers, &header::CONTENT_LENGTH);
-    let declared_trailers: Vec<HeaderValue> = drain(headers, &header::TRAILER);
-    let connection: Vec<HeaderValue> = drain(headers, &header::CONNECTION);
+    let headers = &parts.headers;
+    let FramingFields {
+        transfer_encoding,
+        content_length,
+        declared_trailers,
+        connection,
+        has_date,
+    } = FramingFields::of(headers);
 
     let mut framing_field: Option<(&'static str, FieldValue)> = None;
     let chunked_allowed = !http10 && can_have_body;
@@ -126,12 +128,12 @@ pub fn encode_head(
         Encoding::Chunked
     } else {
         let declared = content_length
-            .first()
+            .as_ref()
             .and_then(|v| framing::decimal(v.as_bytes()));
         match (length, declared) {
             (BodyLength::Empty, Some(_)) if head => {
                 // The length of what a GET would get.
-                framing_field = content_length.first().map(|v| {
+                framing_field = content_length.as_ref().map(|v| {
                     (
                         "content-length",
                         FieldValue::Bytes(Bytes::copy_from_slice(v.as_bytes())),
@@ -187,7 +189,9 @@ pub fn encode_head(
     out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in headers.iter() {
-        field(out, name.as_str(), value.as_bytes());
+        if !FramingFields::is_one(name) {
+            field(out, name.as_str(), value.as_bytes());
+        }
     }
     joined(out, "connection", &connection);
     let mut trailers = Vec::new();
@@ -207,7 +211,7 @@ pub fn encode_head(
         }
         None => {}
     }
-    if !headers.contains_key(header::DATE) {
+    if !has_date {
         out.extend_from_slice(b"date: ");
         date::extend(out);
         out.extend_from_slice(b"\r\n");
@@ -228,10 +232,50 @@ enum FieldValue {
     Decimal(u64),
 }
 
-fn drain(headers: &mut HeaderMap, name: &HeaderName) -> Vec<HeaderValue> {
-    match headers.entry(name) {
-        http::header::Entry::Occupied(e) => e.remove_entry_mult().1.collect(),
-        http::header::Entry::Vacant(_) => Vec::new(),
+/// The fields of a response head that the gateway writes anew for the client's hop (framing,
+/// `Connection`, `Trailer`), read in one pass over the fields: a lookup per name cost more than
+/// reading a usual response's handful of fields.
+struct FramingFields {
+    /// Every `Transfer-Encoding` line, in order.
+    transfer_encoding: Vec<HeaderValue>,
+    /// The first `Content-Length` line (the backend's response was checked for agreeing ones).
+    content_length: Option<HeaderValue>,
+    declared_trailers: Vec<HeaderValue>,
+    connection: Vec<HeaderValue>,
+    has_date: bool,
+}
+
+impl FramingFields {
+    fn of(headers: &HeaderMap) -> Self {
+        let mut fields = FramingFields {
+            transfer_encoding: Vec::new(),
+            content_length: None,
+            declared_trailers: Vec::new(),
+            connection: Vec::new(),
+            has_date: false,
+        };
+        for (name, value) in headers {
+            if *name == header::TRANSFER_ENCODING {
+                fields.transfer_encoding.push(value.clone());
+            } else if *name == header::CONTENT_LENGTH {
+                fields.content_length.get_or_insert_with(|| value.clone());
+            } else if *name == header::TRAILER {
+                fields.declared_trailers.push(value.clone());
+            } else if *name == header::CONNECTION {
+                fields.connection.push(value.clone());
+            } else if *name == header::DATE {
+                fields.has_date = true;
+            }
+        }
+        fields
+    }
+
+    /// Whether `name` is one of the fields written anew (not copied as it came).
+    fn is_one(name: &HeaderName) -> bool {
+        *name == header::TRANSFER_ENCODING
+            || *name == header::CONTENT_LENGTH
+            || *name == header::TRAILER
+            || *name == header::CONNECTION
     }
 }
 
@@ -386,10 +430,10 @@ mod tests {
         version: Version,
         keep_alive: bool,
     ) -> (String, Encoded) {
-        let (mut parts, ()) = response.into_parts();
+        let (parts, ()) = response.into_parts();
         let mut out = Vec::new();
         let encoded = encode_head(
-            &mut parts,
+            &parts,
             length,
             Exchange {
                 method,
@@ -617,7 +661,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_that_may_have_no_body_gets_its_head_only() {
-        let (mut parts, ()) = response(502, &[]).into_parts();
+        let (parts, ()) = response(502, &[]).into_parts();
         let mut out = Vec::new();
         let exchange = Exchange {
             method: &Method::HEAD,
@@ -625,7 +669,7 @@ mod tests {
             keep_alive: true,
         };
         let body = Full::new(Bytes::from("Bad Gateway\n"));
-        let encoded = encode_head(&mut parts, BodyLength::of(&body), exchange, &mut out);
+        let encoded = encode_head(&parts, BodyLength::of(&body), exchange, &mut out);
         assert!(encoded.keep_alive);
         let head = out.clone();
         let mut wire = Vec::new();

@@ -248,14 +248,14 @@ async fn exchange(
     if let Some(gate) = &gate {
         gate.settle();
     }
-    let (mut parts, body) = response.into_parts();
+    let (parts, body) = response.into_parts();
     let exchange = Exchange {
         method: &method,
         version,
         keep_alive: keep_alive && !*shutdown.borrow(),
     };
     let mut out = Vec::with_capacity(128 + 48 * parts.headers.len());
-    let encoded = encode_head(&mut parts, BodyLength::of(&body), exchange, &mut out);
+    let encoded = encode_head(&parts, BodyLength::of(&body), exchange, &mut out);
     let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     if let Err(e) = write_body(body, &encoded, &mut out, writer).await {
         tracing::debug!(conn = %connection.conn, error = %e, "response not sent whole; closing the client connection");
@@ -320,7 +320,7 @@ async fn refuse(e: HeadError, connection: &ClientConnection, writer: &mut WriteI
         version: Version::HTTP_11,
         keep_alive: false,
     };
-    encode_head(&mut parts, BodyLength::Empty, exchange, &mut out);
+    encode_head(&parts, BodyLength::Empty, exchange, &mut out);
     let _ = writer.write_all(&out).await;
 }
 
