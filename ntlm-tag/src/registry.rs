@@ -113,7 +113,7 @@ impl Registration {
     /// The connection's backend and upstream link as they are after a request.
     pub fn set_upstream(&self, backend: &Authority, link: &'static str) {
         if let Ok(mut view) = self.row.upstream.lock()
-            && (view.backend != *backend || view.link != link)
+            && (!same_authority(&view.backend, backend) || view.link != link)
         {
             *view = UpstreamView {
                 backend: backend.clone(),
@@ -121,6 +121,14 @@ impl Registration {
             };
         }
     }
+}
+
+/// Whether two authorities are equal, first by where their text lies: the view holds a clone of
+/// the backend's own authority (it shares the bytes), so the usual check, made on every request,
+/// is two pointer comparisons rather than a case-insensitive comparison of the text.
+fn same_authority(a: &Authority, b: &Authority) -> bool {
+    let (a_text, b_text) = (a.as_str(), b.as_str());
+    (std::ptr::eq(a_text.as_ptr(), b_text.as_ptr()) && a_text.len() == b_text.len()) || a == b
 }
 
 impl Drop for Registration {

@@ -79,15 +79,20 @@ pub(super) async fn respond(
     let gateway = &connection.gateway;
     let live = &connection.live;
     // The HTTP/1.x server bounds the head as received; this bounds an HTTP/2 request's too.
-    let uri = req.uri();
-    let head_size = uri.scheme_str().map_or(0, |s| s.len() + 3)
-        + uri.authority().map_or(0, |a| a.as_str().len())
-        + uri.path_and_query().map_or(0, |p| p.as_str().len())
-        + req
-            .headers()
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 4)
-            .sum::<usize>();
+    let head_size = match req.body() {
+        RequestBody::H1(_) => 0,
+        RequestBody::H2(_) => {
+            let uri = req.uri();
+            uri.scheme_str().map_or(0, |s| s.len() + 3)
+                + uri.authority().map_or(0, |a| a.as_str().len())
+                + uri.path_and_query().map_or(0, |p| p.as_str().len())
+                + req
+                    .headers()
+                    .iter()
+                    .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                    .sum::<usize>()
+        }
+    };
     if head_size > live.limits.max_header_bytes {
         let limit = live.limits.max_header_bytes;
         return (
