@@ -62,7 +62,14 @@ pub(super) fn goals(results: &Results) -> Vec<Goal> {
         .as_ref()
         .ok()
         .and_then(|c| c.iter().map(|c| c.net_ns).reduce(f64::max));
-    let idle = idle_kib(results, tag);
+    // The larger of the gateway's two figures: a resident-set delta cannot see memory the
+    // allocator already held before the connections opened (with eBPF on, start-up leaves it more),
+    // so the smaller one may flatter.
+    let idle = [NtlmTagEbpf, NtlmTagNoEbpf]
+        .into_iter()
+        .filter_map(|p| idle_kib(results, p))
+        .reduce(f64::max)
+        .or_else(|| idle_kib(results, tag));
     let mut goals = vec![
         Goal {
             goal: "keep-alive proxy CPU per request ≤ the best of nginx tuned and HAProxy",
@@ -138,7 +145,7 @@ pub(super) fn goals(results: &Results) -> Vec<Goal> {
         Goal {
             goal: "≤ 4 KiB resident memory per idle client connection",
             measured: format!(
-                "{} KiB (nginx tuned {}, HAProxy {})",
+                "{} KiB, the larger of ntlm-tag's two rows (nginx tuned {}, HAProxy {})",
                 opt(idle, 1),
                 opt(idle_kib(results, NginxTuned), 1),
                 opt(idle_kib(results, Haproxy), 1),
