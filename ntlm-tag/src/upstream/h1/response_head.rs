@@ -492,12 +492,12 @@ mod tests {
     /// to remove both.
     #[test]
     fn connection_lines_are_read_and_only_kept_when_they_name_other_headers() {
-        let keep_alive = head(
-            Method::GET,
-            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nConnection: keep-alive\r\n\r\n",
-        )
-        .expect("valid")
-        .expect("complete");
+        let accepted = |connection: &str| {
+            let raw =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: 2\r\nConnection: {connection}\r\n\r\n");
+            head(Method::GET, &raw).expect("valid").expect("complete")
+        };
+        let keep_alive = accepted("keep-alive");
         assert!(keep_alive.keep_alive);
         assert!(
             !keep_alive
@@ -505,20 +505,10 @@ mod tests {
                 .headers()
                 .contains_key(header::CONNECTION)
         );
-        let close = head(
-            Method::GET,
-            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nConnection: Close\r\n\r\n",
-        )
-        .expect("valid")
-        .expect("complete");
+        let close = accepted("Close");
         assert!(!close.keep_alive);
         assert!(!close.response.headers().contains_key(header::CONNECTION));
-        let naming = head(
-            Method::GET,
-            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\n\r\n",
-        )
-        .expect("valid")
-        .expect("complete");
+        let naming = accepted("close, X-Hop");
         assert!(!naming.keep_alive);
         assert_eq!(
             naming.response.headers()[header::CONNECTION],
