@@ -71,7 +71,8 @@ pub fn parse(buf: &mut BytesMut, max_head_bytes: usize) -> Result<Option<Request
     }
     // The parser's header array is not zeroed first: at the 100 fields a head may have, that
     // cost more than parsing a usual head.
-    let (len, method, target, http11, fields) = {
+    let mut fields = FieldPositions::new();
+    let (len, method, target, http11) = {
         let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
         let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
@@ -107,8 +108,8 @@ pub fn parse(buf: &mut BytesMut, max_head_bytes: usize) -> Result<Option<Request
             let start = s.as_ptr() as usize - base;
             (start, start + s.len())
         };
-        let fields = FieldPositions::of(buf, req.headers);
-        (len, method, at(path.as_bytes()), version == 1, fields)
+        fields.record(buf, req.headers);
+        (len, method, at(path.as_bytes()), version == 1)
     };
     let count = fields.len();
     let head = buf.split_to(len).freeze();

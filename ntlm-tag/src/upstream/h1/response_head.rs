@@ -88,7 +88,8 @@ fn parse_one(
     // Where each field lies in the head, so that values become slices of it (no copy); the
     // parser's header array is left uninitialised (zeroing 100 fields per response costs more
     // than parsing a typical head).
-    let (len, code, http11, fields) = {
+    let mut fields = FieldPositions::new();
+    let (len, code, http11) = {
         let mut uninit = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut []);
         let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -110,8 +111,8 @@ fn parse_one(
         let (Some(code), Some(version)) = (parsed.code, parsed.version) else {
             return Err(ResponseHeadError::Malformed("incomplete status line"));
         };
-        let fields = FieldPositions::of(buf, parsed.headers);
-        (len, code, version == 1, fields)
+        fields.record(buf, parsed.headers);
+        (len, code, version == 1)
     };
     let head = buf.split_to(len).freeze();
     let status =
