@@ -81,11 +81,7 @@ fn compare(a: &Accepted, head: &RequestHead, bytes: &[u8]) {
     assert_eq!(r.method(), a.method, "method of {what:?}");
     assert_eq!(r.uri(), &a.target, "target of {what:?}");
     assert_eq!(r.version(), a.version, "version of {what:?}");
-    crate::assert_same_fields(
-        r.headers(),
-        &crate::kept_after_reading(&a.headers),
-        &format!("{what:?}"),
-    );
+    crate::assert_same_fields(r.headers(), &a.headers, &format!("{what:?}"));
     assert_eq!(head.framing, a.framing, "framing of {what:?}");
     assert_eq!(head.keep_alive, a.keep_alive, "keep-alive of {what:?}");
     assert_eq!(
@@ -183,6 +179,10 @@ fn oracle(bytes: &[u8], limit: usize) -> Expected {
                     keep_alive = false;
                 } else if !keep_alive {
                     keep_alive = tokens("keep-alive");
+                }
+                // The gateway's difference: read, and not kept (it is removed before forwarding).
+                if crate::is_spent_connection_line(&value) {
+                    continue;
                 }
             }
             header::EXPECT => {

@@ -40,30 +40,19 @@ pub fn check(target: &str, data: &[u8]) {
     }
 }
 
-/// Asserts two header maps hold the same fields in the same order (names lower-cased by `http`,
-/// values byte for byte): what the gateway parsed against what its oracle expects.
-/// `headers` as the gateway keeps them after reading a head: a `Connection` line of nothing but
-/// `close` and `keep-alive` (and empty elements) is read for the connection's fate and not kept,
-/// being hop-by-hop; one that names anything else stays, for the hop-by-hop rewrite.
-pub fn kept_after_reading(headers: &http::HeaderMap) -> http::HeaderMap {
-    let spent = |v: &http::HeaderValue| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',').map(str::trim).all(|t| {
-                t.is_empty()
-                    || t.eq_ignore_ascii_case("close")
-                    || t.eq_ignore_ascii_case("keep-alive")
-            })
+/// A `Connection` line the gateway reads and does not keep: nothing but `close` and `keep-alive`
+/// (and empty elements), which name no header past this hop. A line naming anything else stays,
+/// for the hop-by-hop rewrite. Written out here rather than taken from the gateway.
+pub fn is_spent_connection_line(value: &http::HeaderValue) -> bool {
+    value.to_str().is_ok_and(|s| {
+        s.split(',').map(str::trim).all(|t| {
+            t.is_empty() || t.eq_ignore_ascii_case("close") || t.eq_ignore_ascii_case("keep-alive")
         })
-    };
-    let mut kept = http::HeaderMap::new();
-    for (name, value) in headers {
-        if !(name == http::header::CONNECTION && spent(value)) {
-            kept.append(name.clone(), value.clone());
-        }
-    }
-    kept
+    })
 }
 
+/// Asserts two header maps hold the same fields in the same order (names lower-cased by `http`,
+/// values byte for byte): what the gateway parsed against what its oracle expects.
 pub fn assert_same_fields(ours: &http::HeaderMap, expected: &http::HeaderMap, what: &str) {
     let fields = |h: &http::HeaderMap| {
         h.iter()
