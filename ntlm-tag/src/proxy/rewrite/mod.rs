@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use bytes::BytesMut;
 
-use crate::identity::AddrText;
+use crate::{http1::ConnectionTokens, identity::AddrText};
 use http::{
     HeaderMap, HeaderName, HeaderValue,
     header::{CONNECTION, FORWARDED, TRANSFER_ENCODING},
@@ -162,7 +162,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most others carry only `Connection: keep-alive` (or `close`), which names no header present:
     // remove it without collecting names (every keep-alive response from the backend).
     let only_connection = first == CONNECTION && hop_by_hop.next().is_none();
-    if only_connection && headers.get_all(CONNECTION).iter().all(names_no_header) {
+    if only_connection
+        && headers
+            .get_all(CONNECTION)
+            .iter()
+            .all(|v| ConnectionTokens::of(v).only_close_or_keep_alive)
+    {
         headers.remove(CONNECTION);
         return;
     }
@@ -184,20 +189,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in doomed {
         headers.remove(name);
     }
-}
-
-/// A `Connection` value of only `keep-alive` and `close` tokens: the former names the `Keep-Alive`
-/// header, which is hop-by-hop itself, the latter no header at all.
-fn names_no_header(value: &HeaderValue) -> bool {
-    value
-        .as_bytes()
-        .split(|b| *b == b',')
-        .map(<[u8]>::trim_ascii)
-        .all(|t| {
-            t.is_empty()
-                || t.eq_ignore_ascii_case(b"keep-alive")
-                || t.eq_ignore_ascii_case(b"close")
-        })
 }
 
 /// Header names up to this long are folded on the stack; longer ones take the iterator path.
