@@ -189,7 +189,7 @@ pub fn encode_head(
     out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in headers.iter() {
-        if !FramingFields::is_one(name) {
+        if Rewritten::of(name).is_none() {
             field(out, name.as_str(), value.as_bytes());
         }
     }
@@ -255,27 +255,42 @@ impl FramingFields {
             has_date: false,
         };
         for (name, value) in headers {
-            if *name == header::TRANSFER_ENCODING {
-                fields.transfer_encoding.push(value.clone());
-            } else if *name == header::CONTENT_LENGTH {
-                fields.content_length.get_or_insert_with(|| value.clone());
-            } else if *name == header::TRAILER {
-                fields.declared_trailers.push(value.clone());
-            } else if *name == header::CONNECTION {
-                fields.connection.push(value.clone());
-            } else if *name == header::DATE {
-                fields.has_date = true;
+            match Rewritten::of(name) {
+                Some(Rewritten::TransferEncoding) => fields.transfer_encoding.push(value.clone()),
+                Some(Rewritten::ContentLength) => {
+                    fields.content_length.get_or_insert_with(|| value.clone());
+                }
+                Some(Rewritten::Trailer) => fields.declared_trailers.push(value.clone()),
+                Some(Rewritten::Connection) => fields.connection.push(value.clone()),
+                None => fields.has_date |= *name == header::DATE,
             }
         }
         fields
     }
+}
 
-    /// Whether `name` is one of the fields written anew (not copied as it came).
-    fn is_one(name: &HeaderName) -> bool {
-        *name == header::TRANSFER_ENCODING
-            || *name == header::CONTENT_LENGTH
-            || *name == header::TRAILER
-            || *name == header::CONNECTION
+/// The fields written anew for the client's hop, not copied as they came.
+#[derive(Clone, Copy)]
+enum Rewritten {
+    TransferEncoding,
+    ContentLength,
+    Trailer,
+    Connection,
+}
+
+impl Rewritten {
+    fn of(name: &HeaderName) -> Option<Self> {
+        if *name == header::TRANSFER_ENCODING {
+            Some(Rewritten::TransferEncoding)
+        } else if *name == header::CONTENT_LENGTH {
+            Some(Rewritten::ContentLength)
+        } else if *name == header::TRAILER {
+            Some(Rewritten::Trailer)
+        } else if *name == header::CONNECTION {
+            Some(Rewritten::Connection)
+        } else {
+            None
+        }
     }
 }
 
