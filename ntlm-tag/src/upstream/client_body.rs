@@ -21,11 +21,13 @@ use hyper::body::{Body, Frame, SizeHint};
 /// Why reading the client's body failed (its server's error, boxed: HTTP/1.x or HTTP/2).
 pub type ClientBodyError = Box<dyn std::error::Error + Send + Sync>;
 
-/// `None` parts: a body that has ended before it started (most requests: GET, HEAD), which can
-/// neither yield data nor break, so it costs neither the box nor the shared flag.
-pub struct ClientBody {
-    inner: Option<UnsyncBoxBody<Bytes, ClientBodyError>>,
-    broken: Option<Arc<AtomicBool>>,
+/// `None`: a body that has ended before it started (most requests: GET, HEAD), which can neither
+/// yield data nor break, so it costs neither the box nor the shared flag.
+pub struct ClientBody(Option<Streaming>);
+
+struct Streaming {
+    inner: UnsyncBoxBody<Bytes, ClientBodyError>,
+    broken: Arc<AtomicBool>,
 }
 
 /// Tells how a [`ClientBody`] fared; kept by whoever sent the body.
@@ -58,20 +60,17 @@ impl ClientBody {
         B::Error: Into<ClientBodyError>,
     {
         if inner.is_end_stream() {
-            return ClientBody {
-                inner: None,
-                broken: None,
-            };
+            return ClientBody(None);
         }
-        ClientBody {
-            inner: Some(inner.map_err(Into::into).boxed_unsync()),
-            broken: Some(Arc::new(AtomicBool::new(false))),
-        }
+        ClientBody(Some(Streaming {
+            inner: inner.map_err(Into::into).boxed_unsync(),
+            broken: Arc::new(AtomicBool::new(false)),
+        }))
     }
 
     pub fn state(&self) -> ClientBodyState {
         ClientBodyState {
-            broken: self.broken.clone(),
+            broken: self.0.as_ref().map(|s| Arc::clone(&s.broken)),
         }
     }
 }
@@ -84,24 +83,24 @@ impl Body for ClientBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
-        let Some(inner) = &mut self.inner else {
+        let Some(streaming) = &mut self.0 else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(inner).poll_frame(cx);
-        if let (Poll::Ready(Some(Err(_))), Some(broken)) = (&polled, &self.broken) {
-            broken.store(true, Ordering::Release);
+        let polled = Pin::new(&mut streaming.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            streaming.broken.store(true, Ordering::Release);
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.0.as_ref().is_none_or(|s| s.inner.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
+        self.0
             .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+            .map_or_else(|| SizeHint::with_exact(0), |s| s.inner.size_hint())
     }
 }
 
