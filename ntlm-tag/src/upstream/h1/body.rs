@@ -59,7 +59,11 @@ struct Wire {
     request_failed: bool,
 }
 
-pub struct UpstreamBody {
+/// The state lives in one box: a response is moved up through every level of the exchange and the
+/// request's handling (a dozen moves), and the state is over 300 bytes where the box is 8.
+pub struct UpstreamBody(Box<BodyState>);
+
+struct BodyState {
     wire: Option<Wire>,
     decoder: Decoder,
     /// The backend lets the connection carry another request after this response.
@@ -79,13 +83,45 @@ impl UpstreamBody {
         metrics: Arc<Metrics>,
         backend: Authority,
     ) -> Self {
+        UpstreamBody(Box::new(BodyState::new(
+            connection, request, framing, keep_alive, metrics, backend,
+        )))
+    }
+
+    /// A body with no connection behind it (after a `101`, the connection is the tunnel's).
+    pub(super) fn detached(metrics: Arc<Metrics>, backend: Authority) -> Self {
+        UpstreamBody(Box::new(BodyState {
+            wire: None,
+            decoder: Decoder::Done,
+            keep_alive: false,
+            home: Home::Close,
+            metrics: Some(metrics),
+            backend,
+        }))
+    }
+
+    /// Where the connection goes once the exchange is over (closed unless told).
+    pub(in crate::upstream) fn return_to(&mut self, home: Home) {
+        self.0.home = home;
+    }
+}
+
+impl BodyState {
+    fn new(
+        connection: Connection,
+        request: Option<Outgoing>,
+        framing: ResponseFraming,
+        keep_alive: bool,
+        metrics: Arc<Metrics>,
+        backend: Authority,
+    ) -> Self {
         let decoder = match framing {
             ResponseFraming::Empty => Decoder::Done,
             ResponseFraming::Length(n) => Decoder::Length(n),
             ResponseFraming::Chunked => Decoder::Chunked(ChunkedDecoder::new()),
             ResponseFraming::CloseDelimited => Decoder::UntilClose,
         };
-        UpstreamBody {
+        BodyState {
             wire: Some(Wire {
                 connection,
                 request,
@@ -97,23 +133,6 @@ impl UpstreamBody {
             metrics: Some(metrics),
             backend,
         }
-    }
-
-    /// A body with no connection behind it (after a `101`, the connection is the tunnel's).
-    pub(super) fn detached(metrics: Arc<Metrics>, backend: Authority) -> Self {
-        UpstreamBody {
-            wire: None,
-            decoder: Decoder::Done,
-            keep_alive: false,
-            home: Home::Close,
-            metrics: Some(metrics),
-            backend,
-        }
-    }
-
-    /// Where the connection goes once the exchange is over (closed unless told).
-    pub(in crate::upstream) fn return_to(&mut self, home: Home) {
-        self.home = home;
     }
 
     /// The response has been read to its end: the connection goes home once the request has been
@@ -220,7 +239,7 @@ fn trailers_frame(trailers: HeaderMap) -> Option<Result<Frame<Bytes>, ResponseBo
     (!trailers.is_empty()).then(|| Ok(Frame::trailers(trailers)))
 }
 
-impl Drop for UpstreamBody {
+impl Drop for BodyState {
     fn drop(&mut self) {
         // An empty body (a 401 without content, a 204) may never be polled: it is complete.
         if matches!(self.decoder, Decoder::Done) {
@@ -241,27 +260,28 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
-        let polled = self.poll_response(cx);
+        let this = &mut *self.0;
+        let polled = this.poll_response(cx);
         if let Poll::Ready(Some(Err(e))) = &polled {
             // Reading the backend's response failed: the backend reset or closed mid-body.
-            if let Some(metrics) = self.metrics.take() {
+            if let Some(metrics) = this.metrics.take() {
                 ErrorSource::Upstream.count(&metrics, false);
             }
-            tracing::warn!(backend = %self.backend, error = %e, "backend response body broke off; the client connection is closed with it");
-            self.decoder = Decoder::Done;
-            if self.wire.take().is_some() {
-                std::mem::replace(&mut self.home, Home::Close).settle(None);
+            tracing::warn!(backend = %this.backend, error = %e, "backend response body broke off; the client connection is closed with it");
+            this.decoder = Decoder::Done;
+            if this.wire.take().is_some() {
+                std::mem::replace(&mut this.home, Home::Close).settle(None);
             }
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.decoder, Decoder::Done) || matches!(self.decoder, Decoder::Length(0))
+        matches!(self.0.decoder, Decoder::Done | Decoder::Length(0))
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.decoder {
+        match self.0.decoder {
             Decoder::Done => SizeHint::with_exact(0),
             Decoder::Length(n) => SizeHint::with_exact(n),
             Decoder::Chunked(_) | Decoder::UntilClose => SizeHint::default(),
