@@ -1,7 +1,7 @@
 //! HTTP/1.1 message framing shared by both sides of the gateway: the server side of client
 //! connections (`proxy::h1`) and the client side towards backends (`upstream::h1`). `framing`
 //! decides how a message's body is delimited (RFC 9112 §6), `chunked` decodes a chunked body.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod chunked;
 pub mod fields;

@@ -7,7 +7,7 @@
 use std::mem::MaybeUninit;
 
 use bytes::BytesMut;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version, header};
+use http::{HeaderMap, HeaderName, Method, Request, StatusCode, Uri, Version, header};
 use thiserror::Error;
 
 use super::framing::{Framing, FramingError, FramingRules, Keep};
@@ -125,8 +125,7 @@ pub fn parse(buf: &mut BytesMut, max_head_bytes: usize) -> Result<Option<Request
     for field in fields.as_slice() {
         let name = HeaderName::from_bytes(&head[field.name()])
             .map_err(|_| HeadError::Malformed("header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(field.value()))
-            .map_err(|_| HeadError::Malformed("header value"))?;
+        let value = field.header_value(&head);
         let keep = match name {
             header::TRANSFER_ENCODING => rules.transfer_encoding(&value)?,
             header::CONTENT_LENGTH => rules.content_length(&value)?,

@@ -122,8 +122,7 @@ fn parse_one(
     for field in fields.as_slice() {
         let name = HeaderName::from_bytes(&head[field.name()])
             .map_err(|_| ResponseHeadError::Malformed("header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(field.value()))
-            .map_err(|_| ResponseHeadError::Malformed("header value"))?;
+        let value = field.header_value(&head);
         if facts.note(&name, &value) {
             headers.append(name, value);
         }
