@@ -1,5 +1,7 @@
 //! Header sanitisation: arbitrary client header blocks through `rewrite::prepare_request`, the
-//! function the gateway applies to every request before it goes upstream.
+//! function the gateway applies to every request before it goes upstream, followed by the field
+//! lines the upstream client writes after them (`ConnectionStamp::lines`): together, the fields a
+//! backend receives.
 //!
 //! Input: `flags`, then a header block: `Name: value` lines (LF or CRLF). A line without a colon,
 //! a name `http::HeaderName` refuses or a value `HeaderValue` refuses is skipped, as the HTTP parser
@@ -125,7 +127,8 @@ pub fn check(data: &[u8]) {
     };
     let id_text = format!("{}/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", input.client);
     let stamp =
-        ConnectionStamp::new(id_text.clone(), input.client, input.scheme).expect("a valid stamp");
+        ConnectionStamp::new(id_text.clone(), input.client, input.scheme, &input.policy)
+            .expect("a valid stamp");
     let proto = input.scheme.as_str();
     assert_eq!(stamp.x_forwarded_proto, proto);
     assert!(
@@ -137,7 +140,10 @@ pub fn check(data: &[u8]) {
         stamp.forwarded
     );
     let mut out = input.headers.clone();
-    prepare_request(&mut out, &input.policy, &stamp);
+    prepare_request(&mut out, &input.policy);
+    for (name, value) in stamped_fields(stamp.lines()) {
+        out.append(name, value);
+    }
 
     let id = &input.policy.id_header;
     let values = |name: &str| -> Vec<HeaderValue> { out.get_all(name).iter().cloned().collect() };
@@ -236,4 +242,22 @@ pub fn check(data: &[u8]) {
             "{name} appeared from nowhere: {out:?}"
         );
     }
+}
+
+/// The stamped field lines, read back as a backend would: `name: value` lines, each ending in CRLF.
+fn stamped_fields(lines: &[u8]) -> Vec<(HeaderName, HeaderValue)> {
+    let text = std::str::from_utf8(lines).expect("stamped lines are text");
+    let Some(body) = text.strip_suffix("\r\n") else {
+        assert!(text.is_empty(), "stamped lines end in CRLF: {text:?}");
+        return Vec::new();
+    };
+    body.split("\r\n")
+        .map(|line| {
+            let (name, value) = line.split_once(": ").expect("a stamped line is `name: value`");
+            (
+                HeaderName::from_bytes(name.as_bytes()).expect("a stamped name"),
+                HeaderValue::from_str(value).expect("a stamped value"),
+            )
+        })
+        .collect()
 }

@@ -33,7 +33,7 @@ use ntlm_tag::{
         },
         proxy_header::ProxyTlvs,
     },
-    proxy::rewrite::{ClientScheme, ConnectionStamp},
+    proxy::rewrite::{ClientScheme, ConnectionStamp, StampPolicy},
 };
 
 pub const HEADER_BYTES: usize = 1 + 16 + 2 + 8;
@@ -157,7 +157,11 @@ pub fn check(data: &[u8]) {
         "{t:?} rendered for {} is not a header value: {id:?}",
         input.client
     );
-    if let Err(e) = ConnectionStamp::new(id.clone(), input.client, ClientScheme::Https) {
+    let policy = StampPolicy {
+        id_header: http::HeaderName::from_static("jespa-connection-id"),
+        forwarded_headers: true,
+    };
+    if let Err(e) = ConnectionStamp::new(id.clone(), input.client, ClientScheme::Https, &policy) {
         panic!(
             "ConnectionStamp::new refused {id:?} for {}: {e}",
             input.client

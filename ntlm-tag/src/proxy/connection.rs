@@ -138,7 +138,7 @@ pub(super) fn open_connection(
     scheme: ClientScheme,
 ) -> Result<ClientConnection, Box<dyn StdError + Send + Sync>> {
     let full_id: Option<Box<str>> = gateway.id_display.full(&id).map(Into::into);
-    let stamp = ConnectionStamp::new(id, identity.client, scheme)?;
+    let stamp = ConnectionStamp::new(id, identity.client, scheme, &gateway.policy)?;
     let conn = Arc::new(ConnName::new(
         stamp.id.clone(),
         Arc::clone(&gateway.id_display),

@@ -127,7 +127,7 @@ pub(super) async fn respond(
     }
     let (mut parts, body) = req.into_parts();
     parts.version = Version::HTTP_11;
-    rewrite::prepare_request(&mut parts.headers, &gateway.policy, &connection.stamp);
+    rewrite::prepare_request(&mut parts.headers, &gateway.policy);
     if let Some(protocol) = upgrade_to {
         upgrade::restore(&mut parts.headers, protocol);
     }
@@ -136,7 +136,12 @@ pub(super) async fn respond(
     let asked = Instant::now();
     let result = live
         .upstream
-        .exchange(&mut upstream, connection.client, upstream_req)
+        .exchange(
+            &mut upstream,
+            connection.client,
+            upstream_req,
+            connection.stamp.lines(),
+        )
         .await;
     let backend = Arc::clone(upstream.backend());
     if let Some(record) = record {

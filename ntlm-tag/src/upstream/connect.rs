@@ -101,11 +101,12 @@ impl Upstream {
         &self,
         backend: &Arc<Backend>,
         mut req: Request<ClientBody>,
+        stamped: &[u8],
         sharing: Sharing,
     ) -> Attempt<Response<UpstreamBody>> {
         if sharing != Sharing::Pinned {
             while let Some(connection) = backend.idle.take(self.timeouts.upstream_idle) {
-                match self.send_on(backend, connection, req).await {
+                match self.send_on(backend, connection, req, stamped).await {
                     Attempt::Done(result) => {
                         self.metrics.upstream_request(UpstreamUse::Reused);
                         return Attempt::Done(result);
@@ -120,7 +121,7 @@ impl Upstream {
             Ok(connection) => connection,
             Err(e) => return Attempt::Unsent(Box::new(req), e),
         };
-        self.send_on(backend, connection, req).await
+        self.send_on(backend, connection, req, stamped).await
     }
 
     /// One request on one connection, within the response timeout (up to the response head).
@@ -129,12 +130,13 @@ impl Upstream {
         backend: &Backend,
         connection: Connection,
         req: Request<ClientBody>,
+        stamped: &[u8],
     ) -> Attempt<Response<UpstreamBody>> {
         let deadline = req
             .extensions()
             .get::<ResponseTimeout>()
             .map_or(self.timeouts.upstream_response, |t| t.0);
-        let sent = h1::send(connection, req, &self.metrics, &backend.authority);
+        let sent = h1::send(connection, req, stamped, &self.metrics, &backend.authority);
         match tokio::time::timeout(deadline, sent).await {
             Ok(Ok(response)) => Attempt::Done(Ok(response)),
             Ok(Err(Failed::Unsent(unsent, e))) => {

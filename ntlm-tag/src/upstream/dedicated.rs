@@ -103,6 +103,7 @@ impl Upstream {
         &self,
         state: &mut ClientUpstream,
         req: Request<ClientBody>,
+        stamped: &[u8],
     ) -> Attempt<Response<UpstreamBody>> {
         let backend = Arc::clone(state.backend());
         let usable = state
@@ -123,7 +124,7 @@ impl Upstream {
                 Mode::Pin => Sharing::Pinned,
                 Mode::Bind | Mode::Tag => Sharing::Bound,
             };
-            return match self.send_checked_out(&backend, req, sharing).await {
+            return match self.send_checked_out(&backend, req, stamped, sharing).await {
                 Attempt::Done(Ok(mut response)) => {
                     let slot = Slot::busy();
                     response.body_mut().return_to(Home::Own(Arc::clone(&slot)));
@@ -173,7 +174,7 @@ impl Upstream {
             }
         };
         let slot = Arc::clone(&own.slot);
-        let attempt = self.send_on(&backend, connection, req).await;
+        let attempt = self.send_on(&backend, connection, req, stamped).await;
         match attempt {
             Attempt::Done(Ok(mut response)) => {
                 self.metrics.upstream_request(UpstreamUse::Reused);

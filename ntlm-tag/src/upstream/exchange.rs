@@ -29,6 +29,7 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
 
 impl Upstream {
     /// Sends one (already rewritten) request for a client connection and returns the response.
+    /// `stamped` is the header lines the gateway adds, encoded, written after the request's own.
     ///
     /// A request that never reached its backend goes to another healthy one (each backend once),
     /// and the client connection's affinity moves with it, unless an upstream connection holds the
@@ -38,6 +39,7 @@ impl Upstream {
         state: &mut ClientUpstream,
         client: IpAddr,
         mut req: Request<ClientBody>,
+        stamped: &[u8],
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let client_body = req.body().state();
         let epa_claim = BindingClaim::from_headers(req.headers());
@@ -82,9 +84,9 @@ impl Upstream {
                 break (backend, Err(e));
             }
             let attempt = if dedicated {
-                self.send_dedicated(state, req).await
+                self.send_dedicated(state, req, stamped).await
             } else {
-                self.send_shared(state, req).await
+                self.send_shared(state, req, stamped).await
             };
             match attempt {
                 Attempt::Done(result) => break (backend, result),

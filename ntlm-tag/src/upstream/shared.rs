@@ -18,6 +18,7 @@ impl Upstream {
         &self,
         state: &mut ClientUpstream,
         req: Request<ClientBody>,
+        stamped: &[u8],
     ) -> Attempt<Response<UpstreamBody>> {
         let backend = Arc::clone(state.backend());
         // With a cap, wait for one of the backend's connections to be free.
@@ -36,7 +37,10 @@ impl Upstream {
             }
             None => None,
         };
-        let mut response = match self.send_checked_out(&backend, req, Sharing::Shared).await {
+        let mut response = match self
+            .send_checked_out(&backend, req, stamped, Sharing::Shared)
+            .await
+        {
             Attempt::Done(Ok(response)) => response,
             Attempt::Done(Err(e)) => return Attempt::Done(Err(e)),
             Attempt::Unsent(req, e) => return Attempt::Unsent(req, e),

@@ -82,6 +82,6 @@ async fn an_exchange_future_stays_small() {
     let req = Request::get("/")
         .body(ClientBody::new(http_body_util::Empty::<bytes::Bytes>::new()))
         .expect("request");
-    let size = std::mem::size_of_val(&up.exchange(&mut state, ip("198.18.0.1"), req));
+    let size = std::mem::size_of_val(&up.exchange(&mut state, ip("198.18.0.1"), req, b""));
     assert!(size <= 3_500, "the exchange future takes {size} bytes");
 }

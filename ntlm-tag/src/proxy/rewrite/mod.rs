@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use crate::{http1::ConnectionTokens, identity::AddrText};
 use http::{
@@ -101,7 +101,10 @@ impl ClientScheme {
     }
 }
 
-/// The per-connection header values, rendered once when the connection is accepted.
+/// The per-connection header values, rendered once when the connection is accepted, and the
+/// field lines they make under the gateway's [`StampPolicy`], encoded once: the upstream client
+/// writes those bytes after each request's own fields, so stamping a request neither inserts
+/// into its header map nor encodes anything.
 #[derive(Debug, Clone)]
 pub struct ConnectionStamp {
     pub id: HeaderValue,
@@ -109,6 +112,7 @@ pub struct ConnectionStamp {
     /// `http` or `https`, the same scheme as `proto=` in `forwarded`.
     pub x_forwarded_proto: HeaderValue,
     pub forwarded: HeaderValue,
+    lines: Bytes,
 }
 
 impl ConnectionStamp {
@@ -121,6 +125,7 @@ impl ConnectionStamp {
         id: impl AsRef<str>,
         client: SocketAddr,
         scheme: ClientScheme,
+        policy: &StampPolicy,
     ) -> Result<Self, http::header::InvalidHeaderValue> {
         let id = id.as_ref().as_bytes();
         let ip = AddrText::ip(client.ip());
@@ -142,12 +147,41 @@ impl ConnectionStamp {
         buf.extend_from_slice(b"\";proto=");
         buf.extend_from_slice(scheme.as_str().as_bytes());
         let buf = buf.freeze();
-        Ok(ConnectionStamp {
+        let mut stamp = ConnectionStamp {
             id: HeaderValue::from_maybe_shared(buf.slice(..id.len()))?,
             x_forwarded_for: HeaderValue::from_maybe_shared(buf.slice(id.len()..forwarded_at))?,
             x_forwarded_proto: HeaderValue::from_static(scheme.as_str()),
             forwarded: HeaderValue::from_maybe_shared(buf.slice(forwarded_at..))?,
-        })
+            lines: Bytes::new(),
+        };
+        let mut lines = Vec::with_capacity(buf.len() + 96);
+        for (name, value) in stamp.fields(policy) {
+            lines.extend_from_slice(name.as_str().as_bytes());
+            lines.extend_from_slice(b": ");
+            lines.extend_from_slice(value.as_bytes());
+            lines.extend_from_slice(b"\r\n");
+        }
+        stamp.lines = Bytes::from(lines);
+        Ok(stamp)
+    }
+
+    /// The fields stamped on every upstream request under `policy`, in the order they are
+    /// written: the id, then (when on) `x-forwarded-for`, `x-forwarded-proto` and `forwarded`.
+    pub fn fields<'a>(
+        &'a self,
+        policy: &'a StampPolicy,
+    ) -> impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)> {
+        let forwarding = policy.forwarded_headers.then_some([
+            (&X_FORWARDED_FOR, &self.x_forwarded_for),
+            (&X_FORWARDED_PROTO, &self.x_forwarded_proto),
+            (&FORWARDED_NAME, &self.forwarded),
+        ]);
+        std::iter::once((&policy.id_header, &self.id)).chain(forwarding.into_iter().flatten())
+    }
+
+    /// [`ConnectionStamp::fields`] encoded as HTTP/1.1 field lines (`name: value\r\n` each).
+    pub fn lines(&self) -> &[u8] {
+        &self.lines
     }
 }
 
@@ -233,12 +267,14 @@ fn claims_identity(name: &str, id_name: &str, id_folded: Option<&[u8]>) -> bool 
     }
 }
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static FORWARDED_NAME: HeaderName = FORWARDED;
 
-/// Prepares a client request's headers for the backend: strips hop-by-hop headers, every client copy
-/// of the identity headers (any case and look-alikes), and stamps this connection's values.
-pub fn prepare_request(headers: &mut HeaderMap, policy: &StampPolicy, stamp: &ConnectionStamp) {
+/// Prepares a client request's headers for the backend: strips hop-by-hop headers and every client
+/// copy of the identity headers (any case and look-alikes). The connection's own values go after
+/// them on the wire ([`ConnectionStamp::lines`]); none of their names is left in `headers`.
+pub fn prepare_request(headers: &mut HeaderMap, policy: &StampPolicy) {
     strip_hop_by_hop(headers);
     let id_name = policy.id_header.as_str();
     let mut id_buf = [0u8; FOLD_MAX];
@@ -250,12 +286,6 @@ pub fn prepare_request(headers: &mut HeaderMap, policy: &StampPolicy, stamp: &Co
         for name in names {
             headers.remove(name);
         }
-    }
-    headers.insert(policy.id_header.clone(), stamp.id.clone());
-    if policy.forwarded_headers {
-        headers.insert(X_FORWARDED_FOR, stamp.x_forwarded_for.clone());
-        headers.insert(X_FORWARDED_PROTO, stamp.x_forwarded_proto.clone());
-        headers.insert(FORWARDED, stamp.forwarded.clone());
     }
 }
 

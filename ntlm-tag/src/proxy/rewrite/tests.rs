@@ -12,8 +12,21 @@ fn stamp() -> ConnectionStamp {
         "198.18.0.2:4000/abc",
         "198.18.0.2:4000".parse().expect("addr"),
         ClientScheme::Http,
+        &policy(true),
     )
     .expect("valid")
+}
+
+/// The fields a backend receives: the client's, prepared, then the stamped ones.
+fn stamp_request(headers: &mut HeaderMap, policy: &StampPolicy, stamp: &ConnectionStamp) {
+    prepare_request(headers, policy);
+    for (name, value) in stamp.fields(policy) {
+        assert!(
+            !headers.contains_key(name),
+            "{name} left in the map beside the stamped one"
+        );
+        headers.append(name.clone(), value.clone());
+    }
 }
 
 fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -41,7 +54,7 @@ fn client_identity_headers_and_look_alikes_are_replaced() {
         ("X-Real-IP", "203.0.113.9"),
         ("Accept", "*/*"),
     ]);
-    prepare_request(&mut h, &policy(true), &stamp());
+    stamp_request(&mut h, &policy(true), &stamp());
     let ids: Vec<_> = h.get_all("jespa-connection-id").iter().collect();
     assert_eq!(ids, vec!["198.18.0.2:4000/abc"]);
     assert_eq!(h["x-forwarded-for"], "198.18.0.2");
@@ -76,7 +89,7 @@ fn every_forwarding_header_and_its_look_alikes_are_replaced() {
             HeaderValue::from_str(v).expect("value"),
         );
     }
-    prepare_request(&mut h, &policy(true), &stamp());
+    stamp_request(&mut h, &policy(true), &stamp());
     for (name, value) in &h {
         assert_ne!(value, "forged", "{name} kept a client value");
     }
@@ -94,10 +107,11 @@ fn tls_listeners_say_https_in_forwarded_and_x_forwarded_proto() {
         "198.18.0.2:4000/abc",
         "198.18.0.2:4000".parse().expect("addr"),
         ClientScheme::Https,
+        &policy(true),
     )
     .expect("valid");
     let mut h = headers(&[("X-Forwarded-Proto", "http"), ("Forwarded", "proto=http")]);
-    prepare_request(&mut h, &policy(true), &s);
+    stamp_request(&mut h, &policy(true), &s);
     assert_eq!(h["forwarded"], "for=\"198.18.0.2:4000\";proto=https");
     assert_eq!(
         h.get_all("x-forwarded-proto").iter().collect::<Vec<_>>(),
@@ -108,7 +122,7 @@ fn tls_listeners_say_https_in_forwarded_and_x_forwarded_proto() {
 #[test]
 fn forwarding_headers_can_be_turned_off_but_client_copies_still_go() {
     let mut h = headers(&[("X-Forwarded-For", "203.0.113.9"), ("Forwarded", "for=x")]);
-    prepare_request(&mut h, &policy(false), &stamp());
+    stamp_request(&mut h, &policy(false), &stamp());
     assert!(h.get("x-forwarded-for").is_none());
     assert!(h.get("forwarded").is_none());
     assert_eq!(h["jespa-connection-id"], "198.18.0.2:4000/abc");
@@ -125,7 +139,7 @@ fn hop_by_hop_and_connection_named_headers_are_removed() {
         ("Proxy-Authorization", "Basic eA=="),
         ("Authorization", "NTLM TlRMTVNTUAABAAAA"),
     ]);
-    prepare_request(&mut h, &policy(false), &stamp());
+    stamp_request(&mut h, &policy(false), &stamp());
     assert!(h.get("x-secret").is_none());
     assert!(h.get("keep-alive").is_none());
     assert!(h.get("te").is_none());
@@ -217,10 +231,32 @@ fn ipv6_clients_are_bracketed_in_forwarded() {
         "x",
         "[fd00:5418::2]:443".parse().expect("addr"),
         ClientScheme::Http,
+        &policy(true),
     )
     .expect("valid");
     assert_eq!(s.forwarded, "for=\"[fd00:5418::2]:443\";proto=http");
     assert_eq!(s.x_forwarded_for, "fd00:5418::2");
+}
+
+#[test]
+fn the_stamped_lines_are_the_fields_encoded_in_order() {
+    let with = stamp();
+    assert_eq!(
+        String::from_utf8_lossy(with.lines()),
+        "jespa-connection-id: 198.18.0.2:4000/abc\r\nx-forwarded-for: 198.18.0.2\r\n\
+         x-forwarded-proto: http\r\nforwarded: for=\"198.18.0.2:4000\";proto=http\r\n"
+    );
+    let without = ConnectionStamp::new(
+        "198.18.0.2:4000/abc",
+        "198.18.0.2:4000".parse().expect("addr"),
+        ClientScheme::Http,
+        &policy(false),
+    )
+    .expect("valid");
+    assert_eq!(
+        without.lines(),
+        b"jespa-connection-id: 198.18.0.2:4000/abc\r\n"
+    );
 }
 
 #[test]
@@ -241,7 +277,7 @@ fn long_header_names_are_still_compared_by_their_fold() {
     };
     let look_alike = long_id.replace('-', "_").to_uppercase();
     let mut h = headers(&[(&look_alike, "forged"), ("accept", "*/*")]);
-    prepare_request(&mut h, &policy, &stamp());
+    stamp_request(&mut h, &policy, &stamp());
     assert_eq!(h.get_all(&policy.id_header).iter().count(), 1);
     assert_eq!(h[&policy.id_header], "198.18.0.2:4000/abc");
     assert!(h.contains_key("accept"));

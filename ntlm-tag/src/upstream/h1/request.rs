@@ -32,13 +32,14 @@ pub enum BodyFraming {
     Chunked(Vec<HeaderName>),
 }
 
-/// Writes the request head of `parts` into `out` (origin-form target, HTTP/1.1) and says how the
-/// body goes. Like hyper's client: a `Content-Length` the request has is kept; a body of known
+/// Writes the request head of `parts` into `out` (origin-form target, HTTP/1.1), with the
+/// already encoded field lines `stamped` after the request's own, and says how the body goes. Like hyper's client: a `Content-Length` the request has is kept; a body of known
 /// size gets one; a body of unknown size is chunked, except on GET, HEAD and CONNECT, which send
 /// none; a body already known to be empty sends nothing.
 pub fn encode_head(
     parts: &mut request::Parts,
     body: &ClientBody,
+    stamped: &[u8],
     out: &mut Vec<u8>,
 ) -> BodyFraming {
     let headers = &mut parts.headers;
@@ -88,6 +89,7 @@ pub fn encode_head(
     for (name, value) in parts.headers.iter() {
         field(out, name.as_str().as_bytes(), value.as_bytes());
     }
+    out.extend_from_slice(stamped);
     out.extend_from_slice(b"\r\n");
     framing
 }
@@ -308,7 +310,7 @@ mod tests {
     fn encoded(req: Request<ClientBody>) -> (String, BodyFraming) {
         let (mut parts, body) = req.into_parts();
         let mut out = Vec::new();
-        let framing = encode_head(&mut parts, &body, &mut out);
+        let framing = encode_head(&mut parts, &body, b"", &mut out);
         (String::from_utf8(out).expect("ascii"), framing)
     }
 
@@ -346,5 +348,20 @@ mod tests {
         );
         let get_unknown = Request::get("/g").body(stream()).expect("request");
         assert_eq!(encoded(get_unknown).1, BodyFraming::None);
+    }
+
+    #[test]
+    fn stamped_lines_follow_the_requests_own_fields() {
+        let (mut parts, body) = Request::post("/p")
+            .header("host", "h")
+            .body(ClientBody::new(Full::new(Bytes::from_static(b"abc"))))
+            .expect("request")
+            .into_parts();
+        let mut out = Vec::new();
+        encode_head(&mut parts, &body, b"x-id: 1\r\n", &mut out);
+        assert_eq!(
+            String::from_utf8(out).expect("ascii"),
+            "POST /p HTTP/1.1\r\nhost: h\r\ncontent-length: 3\r\nx-id: 1\r\n\r\n"
+        );
     }
 }

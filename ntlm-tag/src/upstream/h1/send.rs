@@ -56,12 +56,13 @@ pub struct PendingUpstreamUpgrade(pub Arc<std::sync::Mutex<Option<UpstreamUpgrad
 pub async fn send(
     mut connection: Connection,
     req: Request<ClientBody>,
+    stamped: &[u8],
     metrics: &Arc<Metrics>,
     backend: &Authority,
 ) -> Result<Response<UpstreamBody>, Failed> {
     let (mut parts, body) = req.into_parts();
-    let mut head = Vec::with_capacity(128 + 64 * parts.headers.len());
-    let framing = encode_head(&mut parts, &body, &mut head);
+    let mut head = Vec::with_capacity(128 + 64 * parts.headers.len() + stamped.len());
+    let framing = encode_head(&mut parts, &body, stamped, &mut head);
     let mut outgoing = Outgoing::new(head, body, framing);
     let mut sent = false;
     let mut send_failed: Option<SendError> = None;

@@ -74,6 +74,7 @@ async fn exchange(
     let sent = send(
         Connection::new(Either::Left(stream)),
         req,
+        b"",
         &metrics,
         &authority(),
     )
