@@ -18,6 +18,7 @@ pub mod manual;
 pub mod metrics;
 pub mod ntlm;
 pub mod preflight;
+pub mod present_fields;
 pub mod proxy;
 pub mod ready_deadline;
 pub mod registry;

@@ -17,6 +17,7 @@ use super::{
 use crate::{
     guard::{Leg, Verdict},
     metrics::HandshakeResult,
+    present_fields::PresentFields,
     upstream::{Backend, ClientBody, ResponseTimeout, Retired},
 };
 
@@ -100,16 +101,24 @@ pub(super) async fn respond(
             None,
         );
     }
-    if let Some(codings) = rewrite::unsupported_transfer_coding(req.headers()) {
+    let present = PresentFields::of(req.headers());
+    if present.transfer_encoding
+        && let Some(codings) = rewrite::unsupported_transfer_coding(req.headers())
+    {
         // Forwarding would drop the coding (each hop is framed anew, chunked) and pass coded bytes
         // on as content: 501 (RFC 9112 §6.1), and the unread body ends the connection.
         return (fail(connection, Failure::TransferCoding(&codings)), None);
     }
-    if let Some(m) = crate::metrics::NtlmMessage::of_request(req.headers()) {
+    if present.authorization
+        && let Some(m) = crate::metrics::NtlmMessage::of_request(req.headers())
+    {
         gateway.metrics.ntlm_message(m);
     }
     // What this request's token means for the connection's auth state and the lockout guard.
-    let leg = crate::ntlm::client_token(req.headers()).map(|t| Leg::of(&t));
+    let leg = present
+        .authorization
+        .then(|| crate::ntlm::client_token(req.headers()).map(|t| Leg::of(&t)))
+        .flatten();
     if leg.is_some() {
         connection.handshake_began();
     }
@@ -118,7 +127,7 @@ pub(super) async fn respond(
     {
         return (refusal, None);
     }
-    let upgrade_to = (req.version() == Version::HTTP_11)
+    let upgrade_to = (present.upgrade && req.version() == Version::HTTP_11)
         .then(|| upgrade::requested(req.headers()))
         .flatten();
     let mut client_upgrade = upgrade_to.is_some().then(|| upgrade::client_side(&mut req));

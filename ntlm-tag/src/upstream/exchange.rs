@@ -13,6 +13,7 @@ use super::{
     connect::{Attempt, to_origin_form},
 };
 use crate::ntlm::{is_ntlm_challenge, is_ntlm_request};
+use crate::present_fields::PresentFields;
 
 /// A request that asks to switch protocols (`Connection: upgrade` with `Upgrade`, e.g. WebSocket):
 /// it goes on an upstream connection of its own, which becomes the client's tunnel after a `101`
@@ -42,15 +43,21 @@ impl Upstream {
         stamped: &[u8],
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let client_body = req.body().state();
-        let epa_claim = BindingClaim::from_headers(req.headers());
+        let present = PresentFields::of(req.headers());
+        let epa_claim = present
+            .authorization
+            .then(|| BindingClaim::from_headers(req.headers()))
+            .flatten();
         if let Some(claim) = &epa_claim {
             tracing::debug!(%claim, "NTLMv2 Type3 Extended Protection fields");
         }
-        let binds = self.mode == Mode::Bind && binding::request_binds(req.headers());
-        if binds || is_ntlm_request(req.headers()) {
+        let binds = self.mode == Mode::Bind
+            && (present.authorization || present.proxy_authorization)
+            && binding::request_binds(req.headers());
+        if binds || (present.authorization && is_ntlm_request(req.headers())) {
             state.ntlm_seen = true;
         }
-        let upgrade = is_upgrade_request(req.headers());
+        let upgrade = present.upgrade && is_upgrade_request(req.headers());
         // Whether this request goes on a connection of the client's own (pinned or bound). An
         // upgrade always does: after a 101 its connection is the client's tunnel, never pooled.
         let dedicated = upgrade
@@ -59,7 +66,7 @@ impl Upstream {
                 Mode::Bind => binds || state.dedicated.is_some(),
                 Mode::Tag => false,
             };
-        let had_host = req.headers().contains_key(header::HOST);
+        let had_host = present.host;
         let pool = self.routes.route(req.uri().path());
         if state.holds_session() {
             // The session cannot move: its connection serves every route its backend serves.
