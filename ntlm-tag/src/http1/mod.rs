@@ -44,6 +44,23 @@ pub struct ConnectionTokens {
 
 impl ConnectionTokens {
     pub fn of(value: &HeaderValue) -> Self {
+        // The usual lines, whole (most backends send one on every response): read without
+        // splitting, as the general reading below would read them.
+        let bytes = value.as_bytes();
+        if bytes.eq_ignore_ascii_case(b"keep-alive") {
+            return ConnectionTokens {
+                close: false,
+                keep_alive: true,
+                only_close_or_keep_alive: true,
+            };
+        }
+        if bytes.eq_ignore_ascii_case(b"close") {
+            return ConnectionTokens {
+                close: true,
+                keep_alive: false,
+                only_close_or_keep_alive: true,
+            };
+        }
         let Some(elements) = elements(value) else {
             return ConnectionTokens::default();
         };
