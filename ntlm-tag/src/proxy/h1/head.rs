@@ -17,8 +17,10 @@ use crate::http1::{ConnectionTokens, fields::FieldPositions};
 pub use crate::http1::{MAX_HEADERS, has_token};
 /// Longest request target (hyper's; longer is answered 414).
 pub const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
-/// Header fields `proxy::rewrite` adds to a request at most.
-const STAMPED_FIELDS: usize = 4;
+/// Header fields the gateway may add to a request's map on its way upstream (`Host` when the
+/// client sent none; `Connection` and `Upgrade` restored on an upgrade). The stamped fields are
+/// not among them: they are written after the map's fields.
+const ADDED_FIELDS: usize = 2;
 /// What an HTTP/2 connection starts with.
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -115,9 +117,8 @@ pub fn parse(buf: &mut BytesMut, max_head_bytes: usize) -> Result<Option<Request
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
         .map_err(|_| HeadError::Malformed("request target"))?;
-    // Room for the fields the gateway stamps on the way upstream (the id and the three forwarding
-    // headers): growing the map to take them rehashed it on most requests.
-    let mut headers = HeaderMap::with_capacity(count + STAMPED_FIELDS);
+    // Room for what the gateway may add: growing the map to take it would rehash it.
+    let mut headers = HeaderMap::with_capacity(count + ADDED_FIELDS);
     let mut rules = FramingRules::new(http11);
     let mut keep_alive = http11;
     let mut saw_close = false;
