@@ -201,6 +201,13 @@ fn add_content_length(
     mut length: Option<u64>,
     line: &HeaderValue,
 ) -> Result<Option<u64>, ResponseHeadError> {
+    // The usual line, one number: read without splitting, as the general reading below would.
+    if let Some(n) = framing::decimal(line.as_bytes()) {
+        return match length {
+            Some(previous) if previous != n => Err(ResponseHeadError::DifferentContentLengths),
+            _ => Ok(Some(n)),
+        };
+    }
     let line = line
         .to_str()
         .map_err(|_| ResponseHeadError::InvalidContentLength)?;
