@@ -556,6 +556,21 @@ fn a_request_hidden_in_a_body_stays_in_that_body() {
 }
 
 #[test]
+fn a_chunked_body_on_a_get_is_forwarded_not_dropped() {
+    let s = setup();
+    let bytes = format!(
+        "GET /get-with-body HTTP/1.1\r\nHost: gateway.test\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{SMUGGLED}\r\n0\r\n\r\nGET /after-get HTTP/1.1\r\nHost: gateway.test\r\n\r\n",
+        SMUGGLED.len()
+    );
+    let (local, reply) = s.send(2, bytes, Until::Responses(2));
+    assert_eq!(reply.statuses(), vec![200, 200], "{:?}", reply.text());
+    let seen = s.backend_view();
+    assert_eq!(seen.len(), 2, "{seen:#?}");
+    assert_forwarded_once(&seen, "/get-with-body", local, SMUGGLED.as_bytes());
+    assert_forwarded_once(&seen, "/after-get", local, b"");
+}
+
+#[test]
 fn obfuscated_transfer_encodings_are_rejected() {
     let s = setup();
     let cases = [

@@ -33,9 +33,11 @@ pub enum BodyFraming {
 }
 
 /// Writes the request head of `parts` into `out` (origin-form target, HTTP/1.1), with the
-/// already encoded field lines `stamped` after the request's own, and says how the body goes. Like hyper's client: a `Content-Length` the request has is kept; a body of known
-/// size gets one; a body of unknown size is chunked, except on GET, HEAD and CONNECT, which send
-/// none; a body already known to be empty sends nothing.
+/// already encoded field lines `stamped` after the request's own, and says how the body goes. A
+/// `Content-Length` the request has is kept; a body of known size gets one; a body of unknown size
+/// is chunked on every method but CONNECT (whose bytes after the head are a tunnel's): a client
+/// that framed a body on a GET has it forwarded, not dropped (hyper's client sent none there); a
+/// body already known to be empty sends nothing.
 pub fn encode_head(
     parts: &mut request::Parts,
     body: &ClientBody,
@@ -68,7 +70,7 @@ pub fn encode_head(
     } else if let Some(length) = body.size_hint().exact() {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
         BodyFraming::Length(length)
-    } else if matches!(parts.method, Method::GET | Method::HEAD | Method::CONNECT) {
+    } else if parts.method == Method::CONNECT {
         BodyFraming::None
     } else {
         headers.insert(
@@ -347,7 +349,9 @@ mod tests {
             )
         );
         let get_unknown = Request::get("/g").body(stream()).expect("request");
-        assert_eq!(encoded(get_unknown).1, BodyFraming::None);
+        assert_eq!(encoded(get_unknown).1, BodyFraming::Chunked(Vec::new()));
+        let connect = Request::connect("h:443").body(stream()).expect("request");
+        assert_eq!(encoded(connect).1, BodyFraming::None);
     }
 
     #[test]
