@@ -28,7 +28,7 @@ use ntlm_tag::proxy::rewrite::{
     ClientScheme, ConnectionStamp, StampPolicy, is_reserved_header, prepare_request,
 };
 
-const HOP_BY_HOP: [&str; 9] = [
+pub(crate) const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -40,7 +40,7 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 /// Written out again here (not taken from the gateway) so that the oracle does not share a mistake.
-const FORWARDING: [&str; 15] = [
+pub(crate) const FORWARDING: [&str; 15] = [
     "x-forwarded-for",
     "forwarded",
     "x-real-ip",
@@ -114,7 +114,7 @@ impl Input {
     }
 }
 
-fn fold(name: &str) -> String {
+pub(crate) fn fold(name: &str) -> String {
     name.chars()
         .filter(char::is_ascii_alphanumeric)
         .map(|c| c.to_ascii_lowercase())
@@ -126,9 +126,8 @@ pub fn check(data: &[u8]) {
         return;
     };
     let id_text = format!("{}/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", input.client);
-    let stamp =
-        ConnectionStamp::new(id_text.clone(), input.client, input.scheme, &input.policy)
-            .expect("a valid stamp");
+    let stamp = ConnectionStamp::new(id_text.clone(), input.client, input.scheme, &input.policy)
+        .expect("a valid stamp");
     let proto = input.scheme.as_str();
     assert_eq!(stamp.x_forwarded_proto, proto);
     assert!(
@@ -253,7 +252,9 @@ fn stamped_fields(lines: &[u8]) -> Vec<(HeaderName, HeaderValue)> {
     };
     body.split("\r\n")
         .map(|line| {
-            let (name, value) = line.split_once(": ").expect("a stamped line is `name: value`");
+            let (name, value) = line
+                .split_once(": ")
+                .expect("a stamped line is `name: value`");
             (
                 HeaderName::from_bytes(name.as_bytes()).expect("a stamped name"),
                 HeaderValue::from_str(value).expect("a stamped value"),

@@ -8,6 +8,7 @@
 //! reports as a crash.
 
 pub mod header_sanitisation;
+pub mod http1_forward;
 pub mod http1_head;
 pub mod http1_response;
 pub mod id_template;
@@ -16,7 +17,7 @@ pub mod proxy_header;
 pub mod toa_options;
 
 /// The fuzz targets, by name (the `[[bin]]`s of this crate, the directories of `corpus/`).
-pub const TARGETS: [&str; 7] = [
+pub const TARGETS: [&str; 8] = [
     "proxy_header",
     "toa_options",
     "id_template",
@@ -24,6 +25,7 @@ pub const TARGETS: [&str; 7] = [
     "ntlm_message",
     "http1_head",
     "http1_response",
+    "http1_forward",
 ];
 
 /// Runs the check of `target` on `data`.
@@ -36,6 +38,7 @@ pub fn check(target: &str, data: &[u8]) {
         "ntlm_message" => ntlm_message::check(data),
         "http1_head" => http1_head::check(data),
         "http1_response" => http1_response::check(data),
+        "http1_forward" => http1_forward::check(data),
         other => panic!("unknown fuzz target {other}"),
     }
 }

@@ -63,6 +63,8 @@ const REGRESSION_INPUTS: &[(&str, &str)] = &[
     // the later line, so its header map orders the fields as the lines came, minus the spent one.
     ("http1_head", "spent-connection-line-before-a-kept-one"),
     ("http1_response", "spent-connection-line-before-a-kept-one"),
+    // A GET whose client framed a chunked body: forwarded chunked, not sent without its body.
+    ("http1_forward", "get-with-a-chunked-body"),
 ];
 
 #[test]

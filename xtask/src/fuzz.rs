@@ -36,7 +36,7 @@ const CHECK_BUILD: [&str; 3] = ["--dev", "--sanitizer", "none"];
 const RUN_BUILD: [&str; 2] = ["--release", "--debug-assertions"];
 
 /// The targets, in the order they run (the `[[bin]]`s of `fuzz/Cargo.toml`).
-const TARGETS: [&str; 7] = [
+const TARGETS: [&str; 8] = [
     "proxy_header",
     "toa_options",
     "id_template",
@@ -44,6 +44,7 @@ const TARGETS: [&str; 7] = [
     "ntlm_message",
     "http1_head",
     "http1_response",
+    "http1_forward",
 ];
 
 /// Longest input per target: a PROXY v2 header may be 4096 bytes (plus what follows it); the
@@ -54,6 +55,8 @@ fn max_len(target: &str) -> usize {
         "toa_options" => 128,
         // A request head up to the largest limit the target chooses (8 KiB), and a body.
         "http1_head" => 9000,
+        // A request head up to the target's limit (16 KiB).
+        "http1_forward" => 17000,
         // A response head up to past MAX_HEAD_BYTES.
         "http1_response" => 70000,
         _ => 2048,
