@@ -83,9 +83,24 @@ impl UpstreamBody {
         metrics: Arc<Metrics>,
         backend: Authority,
     ) -> Self {
-        UpstreamBody(Box::new(BodyState::new(
-            connection, request, framing, keep_alive, metrics, backend,
-        )))
+        let decoder = match framing {
+            ResponseFraming::Empty => Decoder::Done,
+            ResponseFraming::Length(n) => Decoder::Length(n),
+            ResponseFraming::Chunked => Decoder::Chunked(ChunkedDecoder::new()),
+            ResponseFraming::CloseDelimited => Decoder::UntilClose,
+        };
+        UpstreamBody(Box::new(BodyState {
+            wire: Some(Wire {
+                connection,
+                request,
+                request_failed: false,
+            }),
+            decoder,
+            keep_alive,
+            home: Home::Close,
+            metrics: Some(metrics),
+            backend,
+        }))
     }
 
     /// A body with no connection behind it (after a `101`, the connection is the tunnel's).
@@ -107,34 +122,6 @@ impl UpstreamBody {
 }
 
 impl BodyState {
-    fn new(
-        connection: Connection,
-        request: Option<Outgoing>,
-        framing: ResponseFraming,
-        keep_alive: bool,
-        metrics: Arc<Metrics>,
-        backend: Authority,
-    ) -> Self {
-        let decoder = match framing {
-            ResponseFraming::Empty => Decoder::Done,
-            ResponseFraming::Length(n) => Decoder::Length(n),
-            ResponseFraming::Chunked => Decoder::Chunked(ChunkedDecoder::new()),
-            ResponseFraming::CloseDelimited => Decoder::UntilClose,
-        };
-        BodyState {
-            wire: Some(Wire {
-                connection,
-                request,
-                request_failed: false,
-            }),
-            decoder,
-            keep_alive,
-            home: Home::Close,
-            metrics: Some(metrics),
-            backend,
-        }
-    }
-
     /// The response has been read to its end: the connection goes home once the request has been
     /// sent too.
     fn finish(&mut self) {
