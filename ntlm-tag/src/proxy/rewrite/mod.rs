@@ -9,7 +9,10 @@ use bytes::{Bytes, BytesMut};
 use crate::{http1::ConnectionTokens, identity::AddrText};
 use http::{
     HeaderMap, HeaderName, HeaderValue,
-    header::{CONNECTION, FORWARDED, TRANSFER_ENCODING},
+    header::{
+        CONNECTION, FORWARDED, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER,
+        TRANSFER_ENCODING, UPGRADE,
+    },
 };
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), besides those `Connection` names.
@@ -58,6 +61,20 @@ const RESERVED: [&str; 8] = [
     "set-cookie",
     "expect",
 ];
+
+/// Whether `name` is one of [`HOP_BY_HOP`]. The seven that `http` knows are compared as
+/// `HeaderName`s (an enum inside `http`, no text read), the other two by their text: every field
+/// of every message, both ways, goes through this.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == CONNECTION
+        || *name == TE
+        || *name == TRAILER
+        || *name == TRANSFER_ENCODING
+        || *name == UPGRADE
+        || *name == PROXY_AUTHENTICATE
+        || *name == PROXY_AUTHORIZATION
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+}
 
 /// True when `name` is a standard, hop-by-hop or forwarding header.
 pub fn is_reserved_header(name: &HeaderName) -> bool {
@@ -189,7 +206,7 @@ impl ConnectionStamp {
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none (and without `Connection` nothing else is named): one pass over the
     // names instead of a lookup per listed header.
-    let mut hop_by_hop = headers.keys().filter(|k| HOP_BY_HOP.contains(&k.as_str()));
+    let mut hop_by_hop = headers.keys().filter(|k| is_hop_by_hop(k));
     let Some(first) = hop_by_hop.next() else {
         return;
     };
@@ -217,7 +234,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // per listed header.
     let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|k| HOP_BY_HOP.contains(&k.as_str()) || named_by_connection(k.as_str()))
+        .filter(|k| is_hop_by_hop(k) || named_by_connection(k.as_str()))
         .cloned()
         .collect();
     for name in doomed {
@@ -247,22 +264,73 @@ const FORWARDING_FOLDED: [&[u8]; 15] = [
     b"xoriginalforwardedfor",
 ];
 
-/// `name` folded into `buf`, or `None` when the fold does not fit.
+/// Each byte folded: letters lowercased, digits kept, anything else 0 (left out).
+const FOLDED_BYTE: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let byte = b as u8;
+        if byte.is_ascii_alphanumeric() {
+            table[b] = byte.to_ascii_lowercase();
+        }
+        b += 1;
+    }
+    table
+};
+
+/// Whether some forwarding header's fold starts with this byte.
+const FORWARDING_FIRST: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < FORWARDING_FOLDED.len() {
+        table[FORWARDING_FOLDED[i][0] as usize] = true;
+        i += 1;
+    }
+    table
+};
+
+/// `name` folded into `buf`, or `None` when the fold does not fit. A table lookup per byte: every
+/// field name of every request may be folded, and the iterator chain cost several times more.
 fn fold_into<'a>(name: &str, buf: &'a mut [u8; FOLD_MAX]) -> Option<&'a [u8]> {
     let mut n = 0;
-    for b in fold(name) {
-        *buf.get_mut(n)? = b;
-        n += 1;
+    for &b in name.as_bytes() {
+        let folded = FOLDED_BYTE[usize::from(b)];
+        if folded != 0 {
+            *buf.get_mut(n)? = folded;
+            n += 1;
+        }
     }
     Some(&buf[..n])
+}
+
+/// Whether `folded` is one of [`FORWARDING_FOLDED`]. Their lengths are compared before any byte:
+/// most names have a length none of them has.
+fn is_forwarding_folded(folded: &[u8]) -> bool {
+    FORWARDING_FOLDED
+        .iter()
+        .any(|f| f.len() == folded.len() && *f == folded)
 }
 
 /// Whether a client header named `name` claims an identity: the id header or a forwarding header,
 /// in any case or look-alike spelling. `id_folded` is the id header's fold when it fits.
 fn claims_identity(name: &str, id_name: &str, id_folded: Option<&[u8]>) -> bool {
+    if let Some(id) = id_folded {
+        // The fold's first byte rules out most names (`accept`, `user-agent`, `host`) before any
+        // folding: neither the id's fold nor a forwarding header's starts with it.
+        let first = name
+            .bytes()
+            .map(|b| FOLDED_BYTE[usize::from(b)])
+            .find(|f| *f != 0);
+        match first {
+            // Folds to nothing: neither the id header nor a forwarding header.
+            None => return false,
+            Some(f) if !FORWARDING_FIRST[usize::from(f)] && id.first() != Some(&f) => return false,
+            Some(_) => {}
+        }
+    }
     let mut buf = [0u8; FOLD_MAX];
     match (fold_into(name, &mut buf), id_folded) {
-        (Some(folded), Some(id)) => folded == id || FORWARDING_FOLDED.contains(&folded),
+        (Some(folded), Some(id)) => folded == id || is_forwarding_folded(folded),
         _ => folds_equal(name, id_name) || FORWARDING_HEADERS.iter().any(|f| folds_equal(name, f)),
     }
 }

@@ -260,6 +260,78 @@ fn the_stamped_lines_are_the_fields_encoded_in_order() {
 }
 
 #[test]
+fn hop_by_hop_names_are_recognised_as_the_list_spells_them_and_no_others() {
+    for name in HOP_BY_HOP {
+        assert!(is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+    }
+    for name in [
+        "keep-alive-x",
+        "x-upgrade",
+        "tee",
+        "proxy",
+        "host",
+        "connections",
+    ] {
+        assert!(!is_hop_by_hop(&HeaderName::from_static(name)), "{name}");
+    }
+}
+
+#[test]
+fn folding_matches_the_iterator_it_replaced() {
+    let long = "a".repeat(FOLD_MAX + 1);
+    for name in [
+        "x-forwarded-for",
+        "X_Real.IP",
+        "",
+        "--",
+        "x1-2y",
+        "Ab9",
+        long.as_str(),
+    ] {
+        let mut buf = [0u8; FOLD_MAX];
+        let by_iterator: Vec<u8> = fold(name).collect();
+        match fold_into(name, &mut buf) {
+            Some(folded) => assert_eq!(folded, by_iterator.as_slice(), "{name}"),
+            None => assert!(by_iterator.len() > FOLD_MAX, "{name}"),
+        }
+        assert_eq!(
+            is_forwarding_folded(&by_iterator),
+            FORWARDING_FOLDED.contains(&by_iterator.as_slice()),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn names_ruled_out_by_their_first_byte_are_those_the_full_fold_rules_out() {
+    let id = policy(true).id_header;
+    let mut id_buf = [0u8; FOLD_MAX];
+    let id_folded = fold_into(id.as_str(), &mut id_buf);
+    let mut names: Vec<String> = FORWARDING_HEADERS.iter().map(|n| n.to_string()).collect();
+    names.extend(
+        [
+            "-jespa-connection-id",
+            "_x_real_ip",
+            "--",
+            "accept",
+            "user-agent",
+            "host",
+        ]
+        .map(String::from),
+    );
+    names.extend((b'0'..=b'z').map(|b| format!("-{}-forwarded-for", b as char)));
+    for name in &names {
+        let by_full_fold = folds_equal(name, id.as_str())
+            || FORWARDING_HEADERS.iter().any(|f| folds_equal(name, f));
+        assert_eq!(
+            claims_identity(name, id.as_str(), id_folded),
+            by_full_fold,
+            "{name}"
+        );
+    }
+}
+
+#[test]
 fn the_folded_forwarding_names_match_the_names() {
     let folded: Vec<Vec<u8>> = FORWARDING_HEADERS
         .iter()
