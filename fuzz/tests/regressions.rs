@@ -65,6 +65,8 @@ const REGRESSION_INPUTS: &[(&str, &str)] = &[
     ("http1_response", "spent-connection-line-before-a-kept-one"),
     // A GET whose client framed a chunked body: forwarded chunked, not sent without its body.
     ("http1_forward", "get-with-a-chunked-body"),
+    // The id header `+` folds to nothing, as does a client's `-`: that field claims the id too.
+    ("header_sanitisation", "an-id-header-that-folds-to-nothing"),
 ];
 
 #[test]

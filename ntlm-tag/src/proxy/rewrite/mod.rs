@@ -322,8 +322,9 @@ fn claims_identity(name: &str, id_name: &str, id_folded: Option<&[u8]>) -> bool 
             .map(|b| FOLDED_BYTE[usize::from(b)])
             .find(|f| *f != 0);
         match first {
-            // Folds to nothing: neither the id header nor a forwarding header.
-            None => return false,
+            // Folds to nothing: the id header only if the id's name folds to nothing too (a
+            // name of punctuation only, `+`), never a forwarding header.
+            None => return id.is_empty(),
             Some(f) if !FORWARDING_FIRST[usize::from(f)] && id.first() != Some(&f) => return false,
             Some(_) => {}
         }
