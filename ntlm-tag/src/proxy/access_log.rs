@@ -117,7 +117,6 @@ impl AccessRecord {
 
     /// Writes the line.
     pub fn emit(self, bytes: u64) {
-        let ms = Millis;
         tracing::info!(
             target: "access",
             conn = self.conn.map(tracing::field::display),
@@ -134,7 +133,7 @@ impl AccessRecord {
             user_agent = ?text(&self.user_agent),
             host = ?text(&self.host),
             backend = %self.backend.as_ref().map_or(NONE, Authority::as_str),
-            upstream_ms = self.upstream.map(ms).map(tracing::field::display),
+            upstream_ms = self.upstream.map(Millis).map(tracing::field::display),
             duration_ms = %Millis(self.started.elapsed()),
             auth = self.auth.map(tracing::field::display),
             // Quoted and escaped: the name comes from the client's NTLM message.
