@@ -64,3 +64,20 @@ pub fn assert_same_fields(ours: &http::HeaderMap, expected: &http::HeaderMap, wh
     };
     assert_eq!(fields(ours), fields(expected), "fields of {what}");
 }
+
+/// Asserts two header maps hold the same fields, each name's values in the same order (names
+/// lower-cased by `http`, values byte for byte); the order of different names does not matter
+/// (the gateway writes the fields it reads and the fields it passes as two groups).
+pub fn assert_same_fields_by_name(ours: &http::HeaderMap, expected: &http::HeaderMap, what: &str) {
+    let fields = |h: &http::HeaderMap| {
+        let mut by_name = std::collections::BTreeMap::<String, Vec<Vec<u8>>>::new();
+        for (n, v) in h {
+            by_name
+                .entry(n.as_str().to_owned())
+                .or_default()
+                .push(v.as_bytes().to_vec());
+        }
+        by_name
+    };
+    assert_eq!(fields(ours), fields(expected), "fields of {what}");
+}

@@ -1,7 +1,7 @@
-//! Which of the request fields the gateway's checks read a request carries, found in one pass over
-//! its header map. Most requests carry none of them (no `Authorization` once a connection is
-//! authenticated, no `Upgrade`, no `Transfer-Encoding`), and a lookup by name (hash and probe)
-//! for each check cost more than one pass over a usual request's handful of names.
+//! Which of the fields the gateway's checks read a message carries, found in one pass over its
+//! header map. Most requests and responses carry none of them (no `Authorization` once a
+//! connection is authenticated, no `Upgrade`, no `Transfer-Encoding`), and a lookup by name (hash
+//! and probe) for each check cost more than one pass over a usual message's handful of names.
 #![forbid(unsafe_code)]
 
 use http::{HeaderMap, header};

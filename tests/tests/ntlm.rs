@@ -306,15 +306,15 @@ fn an_http2_client_attempting_ntlm_is_told_to_use_http11_and_then_succeeds() {
             "-o",
             "/dev/null",
             "-w",
-            "%{http_version} %{http_code}",
+            "%{http_version} %{http_code} %{content_type}",
         ])
         .arg(format!("http://{}/healthz", Topology::gateway_addr()))
         .output()
         .expect("curl");
     assert_eq!(
         String::from_utf8_lossy(&plain.stdout),
-        "2 200",
-        "requests without NTLM are served over HTTP/2"
+        "2 200 text/plain; charset=utf-8",
+        "requests without NTLM are served over HTTP/2, with the backend's own fields"
     );
     drop(gw);
 }

@@ -6,6 +6,7 @@
 pub mod chunked;
 pub mod fields;
 pub mod framing;
+pub mod passed;
 
 use http::HeaderValue;
 

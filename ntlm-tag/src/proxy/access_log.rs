@@ -16,10 +16,11 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Version, header, uri::Authority};
+use http_body_util::Either;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::ProxyBody;
-use crate::identity::IdHash;
+use crate::{http1::passed::PassedFields, identity::IdHash};
 
 /// Shown for a field the request did not have, or a response made without a backend.
 const NONE: &str = "-";
@@ -192,6 +193,15 @@ impl LoggedBody {
             inner,
             sent: 0,
             record: record.map(Box::new),
+        }
+    }
+
+    /// The backend's response fields that go to the client as they came (none when the gateway
+    /// answered itself).
+    pub fn passed_fields(&self) -> Option<&PassedFields> {
+        match &self.inner {
+            Either::Left(upstream) => Some(upstream.passed_fields()),
+            Either::Right(_) => None,
         }
     }
 }

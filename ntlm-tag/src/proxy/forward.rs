@@ -32,7 +32,14 @@ pub(super) async fn handle(
         tracing::debug!(conn = %connection.conn, "NTLM over HTTP/2: answering HTTP_1_1_REQUIRED");
         return Err(h2::Error::from(h2::Reason::HTTP_1_1_REQUIRED));
     }
-    Ok(forward(req.map(RequestBody::H2), connection).await)
+    let (mut parts, body) = forward(req.map(RequestBody::H2), connection)
+        .await
+        .into_parts();
+    // hyper's HTTP/2 server writes the header map: the fields passed as lines join it.
+    if let Some(passed) = body.passed_fields() {
+        passed.merge_into(&mut parts.headers);
+    }
+    Ok(Response::from_parts(parts, body))
 }
 
 /// Forwards one request to the connection's backend, stamped with the connection id; every
@@ -162,9 +169,16 @@ pub(super) async fn respond(
         .set_upstream(backend.authority(), upstream.link());
     drop(upstream);
     let backend_name = backend.authority();
+    // A backend response's map holds only the fields the gateway reads (the others go by as
+    // lines): one pass tells which checks have anything to read.
+    let in_response = match &result {
+        Ok(response) => PresentFields::of(response.headers()),
+        Err(_) => PresentFields::default(),
+    };
     let response = match result {
         Ok(response)
-            if let Some(codings) = rewrite::unsupported_transfer_coding(response.headers()) =>
+            if in_response.transfer_encoding
+                && let Some(codings) = rewrite::unsupported_transfer_coding(response.headers()) =>
         {
             // Each hop is framed anew (chunked): any other coding would reach the client unlabelled,
             // its coded bytes taken for the content. The unread body closes that upstream connection.
@@ -176,8 +190,7 @@ pub(super) async fn respond(
         }
         Ok(response)
             if response.status() == StatusCode::SWITCHING_PROTOCOLS
-                && (client_upgrade.is_none()
-                    || !response.headers().contains_key(http::header::UPGRADE)) =>
+                && (client_upgrade.is_none() || !in_response.upgrade) =>
         {
             // A 101 the client did not ask for, or one that names no protocol: nothing could
             // speak on that connection afterwards.
@@ -193,7 +206,10 @@ pub(super) async fn respond(
             let upstream_upgrade = switched
                 .then(|| upgrade::upstream_side(&mut response))
                 .flatten();
-            let protocol = response.headers().get(http::header::UPGRADE).cloned();
+            let protocol = in_response
+                .upgrade
+                .then(|| response.headers().get(http::header::UPGRADE).cloned())
+                .flatten();
             let (mut parts, body) = response.into_parts();
             rewrite::prepare_response(&mut parts.headers);
             if let (Some(upstream_upgrade), Some(client_upgrade), Some(protocol)) =

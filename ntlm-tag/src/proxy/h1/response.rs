@@ -16,6 +16,7 @@ use thiserror::Error;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::{date, framing, head::has_token};
+use crate::http1::passed::PassedFields;
 
 /// What the response to a request must know of the request and the connection.
 #[derive(Debug, Clone, Copy)]
@@ -81,9 +82,10 @@ pub enum WriteError {
     TooShort,
 }
 
-/// Writes the head of `parts` into `out`.
+/// Writes the head of `parts` into `out`, with the backend's `passed` fields after the map's.
 pub fn encode_head(
     parts: &response::Parts,
+    passed: Option<&PassedFields>,
     length: BodyLength,
     exchange: Exchange<'_>,
     out: &mut Vec<u8>,
@@ -193,6 +195,9 @@ pub fn encode_head(
             field(out, name.as_str(), value.as_bytes());
         }
     }
+    if let Some(passed) = passed {
+        out.extend_from_slice(passed.lines());
+    }
     joined(out, "connection", &connection);
     let mut trailers = Vec::new();
     if encoding == Encoding::Chunked && !declared_trailers.is_empty() {
@@ -211,7 +216,7 @@ pub fn encode_head(
         }
         None => {}
     }
-    if !has_date {
+    if !has_date && !passed.is_some_and(PassedFields::has_date) {
         out.extend_from_slice(b"date: ");
         date::extend(out);
         out.extend_from_slice(b"\r\n");
@@ -449,6 +454,7 @@ mod tests {
         let mut out = Vec::new();
         let encoded = encode_head(
             &parts,
+            None,
             length,
             Exchange {
                 method,
@@ -478,6 +484,35 @@ mod tests {
             .filter(|l| !l.starts_with("date: "))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+
+    /// A backend's passed fields are written as they came, after the map's; its `Date` is the
+    /// only one.
+    #[test]
+    fn passed_fields_are_written_as_they_came() {
+        let (parts, ()) = response(200, &[("www-authenticate", "Negotiate abc")]).into_parts();
+        let mut passed = PassedFields::default();
+        passed.push(b"Server", b"nginx");
+        passed.push(b"Date", b"Wed, 02 Dec 2026 13:00:00 GMT");
+        passed.note_date();
+        let mut out = Vec::new();
+        let exchange = Exchange {
+            method: &Method::GET,
+            version: Version::HTTP_11,
+            keep_alive: true,
+        };
+        encode_head(
+            &parts,
+            Some(&passed),
+            BodyLength::Known(2),
+            exchange,
+            &mut out,
+        );
+        assert_eq!(
+            String::from_utf8(out).expect("ascii"),
+            "HTTP/1.1 200 OK\r\nwww-authenticate: Negotiate abc\r\nServer: nginx\r\n\
+             Date: Wed, 02 Dec 2026 13:00:00 GMT\r\ncontent-length: 2\r\n\r\n"
+        );
     }
 
     #[test]
@@ -684,7 +719,7 @@ mod tests {
             keep_alive: true,
         };
         let body = Full::new(Bytes::from("Bad Gateway\n"));
-        let encoded = encode_head(&parts, BodyLength::of(&body), exchange, &mut out);
+        let encoded = encode_head(&parts, None, BodyLength::of(&body), exchange, &mut out);
         assert!(encoded.keep_alive);
         let head = out.clone();
         let mut wire = Vec::new();

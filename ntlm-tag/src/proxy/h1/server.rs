@@ -275,8 +275,10 @@ async fn exchange(
         version,
         keep_alive: keep_alive && !*shutdown.borrow(),
     };
-    let mut out = Vec::with_capacity(128 + 48 * parts.headers.len());
-    let encoded = encode_head(&parts, BodyLength::of(&body), exchange, &mut out);
+    let passed = body.passed_fields();
+    let passed_len = passed.map_or(0, |p| p.lines().len());
+    let mut out = Vec::with_capacity(128 + 48 * parts.headers.len() + passed_len);
+    let encoded = encode_head(&parts, passed, BodyLength::of(&body), exchange, &mut out);
     let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     if let Err(e) = write_body(body, &encoded, &mut out, writer).await {
         tracing::debug!(conn = %connection.conn, error = %e, "response not sent whole; closing the client connection");
@@ -341,7 +343,7 @@ async fn refuse(e: HeadError, connection: &ClientConnection, writer: &mut WriteI
         version: Version::HTTP_11,
         keep_alive: false,
     };
-    encode_head(&parts, BodyLength::Empty, exchange, &mut out);
+    encode_head(&parts, None, BodyLength::Empty, exchange, &mut out);
     let _ = writer.write_all(&out).await;
 }
 

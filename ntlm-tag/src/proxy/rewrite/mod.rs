@@ -16,7 +16,7 @@ use http::{
 };
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), besides those `Connection` names.
-const HOP_BY_HOP: [&str; 9] = [
+pub(crate) const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",

@@ -28,7 +28,10 @@ use super::{
     request::{Outgoing, SendError},
     response_head::ResponseFraming,
 };
-use crate::http1::chunked::{ChunkError, ChunkedDecoder, Decoded};
+use crate::http1::{
+    chunked::{ChunkError, ChunkedDecoder, Decoded},
+    passed::PassedFields,
+};
 use crate::{error::ErrorSource, metrics::Metrics};
 
 /// Why a response body could not be read to its end.
@@ -72,6 +75,10 @@ struct BodyState {
     /// Until the body failed (then it is counted, once).
     metrics: Option<Arc<Metrics>>,
     backend: Authority,
+    /// The head's fields that go to the client untouched. They travel with the body, which the
+    /// gateway replaces whole when it answers in the backend's stead: a response of its own never
+    /// carries a backend's fields.
+    passed: PassedFields,
 }
 
 impl UpstreamBody {
@@ -80,6 +87,7 @@ impl UpstreamBody {
         request: Option<Outgoing>,
         framing: ResponseFraming,
         keep_alive: bool,
+        passed: PassedFields,
         metrics: Arc<Metrics>,
         backend: Authority,
     ) -> Self {
@@ -100,6 +108,7 @@ impl UpstreamBody {
             home: Home::Close,
             metrics: Some(metrics),
             backend,
+            passed,
         }))
     }
 
@@ -112,7 +121,13 @@ impl UpstreamBody {
             home: Home::Close,
             metrics: Some(metrics),
             backend,
+            passed: PassedFields::default(),
         }))
+    }
+
+    /// The response head's fields that go to the client as they came.
+    pub fn passed_fields(&self) -> &PassedFields {
+        &self.0.passed
     }
 
     /// Where the connection goes once the exchange is over (closed unless told).

@@ -11,7 +11,12 @@ use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header};
 use thiserror::Error;
 
-use crate::http1::{ConnectionTokens, fields::FieldPositions, framing};
+use crate::http1::{
+    ConnectionTokens,
+    fields::{FieldAt, FieldPositions},
+    framing,
+    passed::PassedFields,
+};
 
 /// Header fields a response head may have (hyper's client default).
 pub const MAX_HEADERS: usize = 100;
@@ -33,6 +38,12 @@ pub enum ResponseFraming {
 }
 
 /// A complete response head.
+///
+/// Its fields are split in two: those the gateway reads or rewrites are in `response`'s header
+/// map; the others are in `passed`, as the lines the client receives (see [`PassedFields`]).
+/// `Content-Length` is in neither (the framing carries it, and each hop is framed anew) except
+/// on a response to HEAD, where it is the length a GET would get. A `101`'s fields, and those of
+/// a head whose `Connection` line names a field to remove, are all in the map.
 #[derive(Debug)]
 pub struct ResponseHead {
     pub response: Response<()>,
@@ -40,6 +51,17 @@ pub struct ResponseHead {
     /// The connection may carry another request after this response: the backend did not ask to
     /// close it, the body has a length of its own, and it did not switch protocols.
     pub keep_alive: bool,
+    pub passed: PassedFields,
+}
+
+impl ResponseHead {
+    /// Every field the client will get, in one map (the passed ones after the others): for tests
+    /// and the fuzz targets, which compare whole heads.
+    pub fn all_fields(&self) -> HeaderMap {
+        let mut headers = self.response.headers().clone();
+        self.passed.merge_into(&mut headers);
+        headers
+    }
 }
 
 /// A response head the gateway refuses (502); its connection is closed.
@@ -117,15 +139,41 @@ fn parse_one(
     let head = buf.split_to(len).freeze();
     let status =
         StatusCode::from_u16(code).map_err(|_| ResponseHeadError::Malformed("status code"))?;
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    // A 101's fields stay whole: after it, the connection is the tunnel's.
+    let may_pass = status != StatusCode::SWITCHING_PROTOCOLS;
+    let keeps_length = *method == Method::HEAD;
+    let mut headers = HeaderMap::new();
+    let mut passed = PassedFields::with_capacity(if may_pass { len } else { 0 });
     let mut facts = Facts::default();
-    for field in fields.as_slice() {
-        let name = HeaderName::from_bytes(&head[field.name()])
-            .map_err(|_| ResponseHeadError::Malformed("header name"))?;
+    for &field in fields.as_slice() {
+        let name_bytes = &head[field.name()];
+        let role = Role::of(name_bytes);
+        if may_pass && matches!(role, Role::Passed | Role::Date) {
+            passed.push(name_bytes, &head[field.value()]);
+            if role == Role::Date {
+                passed.note_date();
+            }
+            continue;
+        }
         let value = field.header_value(&head);
-        if facts.note(&name, &value) {
+        let keep =
+            facts.note(role, &value) && (role != Role::ContentLength || keeps_length || !may_pass);
+        if keep {
+            let name = match role {
+                Role::ContentLength => header::CONTENT_LENGTH,
+                Role::TransferEncoding => header::TRANSFER_ENCODING,
+                Role::Connection => header::CONNECTION,
+                Role::Read | Role::Date | Role::Passed => HeaderName::from_bytes(name_bytes)
+                    .map_err(|_| ResponseHeadError::Malformed("header name"))?,
+            };
             headers.append(name, value);
         }
+    }
+    if facts.names_fields && !passed.is_empty() {
+        // A `Connection` line names fields to remove, maybe passed ones: the map gets them all,
+        // and the hop-by-hop rewrite removes what it names.
+        passed.clear();
+        keep_all(&head, fields.as_slice(), &mut headers)?;
     }
     let (framing, framing_keeps) = decide_framing(status, method, http11, &facts)?;
     let keep_alive = framing_keeps
@@ -144,7 +192,62 @@ fn parse_one(
         response,
         framing,
         keep_alive,
+        passed,
     }))
+}
+
+/// Appends to `headers` the fields of `head` that were passed.
+fn keep_all(
+    head: &bytes::Bytes,
+    fields: &[FieldAt],
+    headers: &mut HeaderMap,
+) -> Result<(), ResponseHeadError> {
+    for &field in fields {
+        if matches!(Role::of(&head[field.name()]), Role::Passed | Role::Date) {
+            let name = HeaderName::from_bytes(&head[field.name()])
+                .map_err(|_| ResponseHeadError::Malformed("header name"))?;
+            headers.append(name, field.header_value(head));
+        }
+    }
+    Ok(())
+}
+
+/// What the gateway does with a response field, by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    /// Read or removed on the way to the client: hop-by-hop fields (RFC 9110 §7.6.1) and the
+    /// authentication challenges and `Persistent-Auth` that decide what an upstream connection
+    /// holds.
+    Read,
+    /// Passed on untouched; the client's encoder adds one when a response has none.
+    Date,
+    /// Passed on untouched.
+    Passed,
+}
+
+impl Role {
+    /// Compared as bytes, ASCII case-insensitively, after one comparison of lengths: this runs
+    /// for every field of every response, and most names fall through at the length.
+    fn of(name: &[u8]) -> Role {
+        let is = |known: &[u8]| name.eq_ignore_ascii_case(known);
+        match name.len() {
+            2 if is(b"te") => Role::Read,
+            4 if is(b"date") => Role::Date,
+            7 if is(b"trailer") || is(b"upgrade") => Role::Read,
+            10 if is(b"connection") => Role::Connection,
+            10 if is(b"keep-alive") => Role::Read,
+            14 if is(b"content-length") => Role::ContentLength,
+            15 if is(b"persistent-auth") => Role::Read,
+            16 if is(b"proxy-connection") || is(b"www-authenticate") => Role::Read,
+            17 if is(b"transfer-encoding") => Role::TransferEncoding,
+            18 if is(b"proxy-authenticate") => Role::Read,
+            19 if is(b"proxy-authorization") => Role::Read,
+            _ => Role::Passed,
+        }
+    }
 }
 
 /// What the framing and keep-alive decisions need from a head, noted field by field as the
@@ -160,6 +263,8 @@ struct Facts {
     close: bool,
     /// `Connection: keep-alive` on any line (what keeps an HTTP/1.0 connection).
     keep_alive: bool,
+    /// A `Connection` line names something besides `close` and `keep-alive`.
+    names_fields: bool,
 }
 
 impl Default for Facts {
@@ -170,6 +275,7 @@ impl Default for Facts {
             last_transfer_encoding: None,
             close: false,
             keep_alive: false,
+            names_fields: false,
         }
     }
 }
@@ -178,19 +284,23 @@ impl Facts {
     /// Notes one field; `false`: leave it out of the response. A `Connection` line of only
     /// `close`/`keep-alive` says nothing past this hop (the gateway removes hop-by-hop headers
     /// before the client sees them): it is read here and not kept.
-    fn note(&mut self, name: &HeaderName, value: &HeaderValue) -> bool {
-        if *name == header::CONTENT_LENGTH {
-            self.has_content_length = true;
-            if let Ok(length) = self.content_length {
-                self.content_length = add_content_length(length, value);
+    fn note(&mut self, role: Role, value: &HeaderValue) -> bool {
+        match role {
+            Role::ContentLength => {
+                self.has_content_length = true;
+                if let Ok(length) = self.content_length {
+                    self.content_length = add_content_length(length, value);
+                }
             }
-        } else if *name == header::TRANSFER_ENCODING {
-            self.last_transfer_encoding = Some(value.clone());
-        } else if *name == header::CONNECTION {
-            let tokens = ConnectionTokens::of(value);
-            self.close |= tokens.close;
-            self.keep_alive |= tokens.keep_alive;
-            return !tokens.only_close_or_keep_alive;
+            Role::TransferEncoding => self.last_transfer_encoding = Some(value.clone()),
+            Role::Connection => {
+                let tokens = ConnectionTokens::of(value);
+                self.close |= tokens.close;
+                self.keep_alive |= tokens.keep_alive;
+                self.names_fields |= !tokens.only_close_or_keep_alive;
+                return !tokens.only_close_or_keep_alive;
+            }
+            Role::Read | Role::Date | Role::Passed => {}
         }
         true
     }
@@ -521,5 +631,96 @@ mod tests {
             naming.response.headers()[header::CONNECTION],
             "close, X-Hop"
         );
+    }
+
+    fn passed(head: &ResponseHead) -> String {
+        String::from_utf8(head.passed.lines().to_vec()).expect("ascii")
+    }
+
+    /// The fields the gateway neither reads nor changes go to the client as lines, in order and
+    /// with the backend's spelling; the ones it reads stay in the map; `Content-Length` stays
+    /// only on a response to HEAD.
+    #[test]
+    fn fields_the_gateway_does_not_read_are_passed_as_lines() {
+        let raw = "HTTP/1.1 401 Unauthorized\r\nServer: Microsoft-IIS/10.0\r\n\
+                   WWW-Authenticate: NTLM\r\nSet-Cookie: a=1\r\nDate: Wed, 02 Dec 2026 13:00:00 GMT\r\n\
+                   www-authenticate: Negotiate\r\nset-cookie: b=2\r\nPersistent-Auth: true\r\n\
+                   Content-Length: 5\r\nConnection: keep-alive\r\n\r\n";
+        let get = head(Method::GET, raw).expect("valid").expect("complete");
+        assert_eq!(
+            passed(&get),
+            "Server: Microsoft-IIS/10.0\r\nSet-Cookie: a=1\r\n\
+             Date: Wed, 02 Dec 2026 13:00:00 GMT\r\nset-cookie: b=2\r\n"
+        );
+        assert!(get.passed.has_date());
+        let map = get.response.headers();
+        let challenges: Vec<_> = map.get_all(header::WWW_AUTHENTICATE).iter().collect();
+        assert_eq!(challenges, ["NTLM", "Negotiate"]);
+        assert_eq!(map["persistent-auth"], "true");
+        assert_eq!(map.len(), 3, "{map:?}");
+        assert_eq!(get.framing, ResponseFraming::Length(5));
+
+        let to_head = head(Method::HEAD, raw).expect("valid").expect("complete");
+        assert_eq!(to_head.response.headers()[header::CONTENT_LENGTH], "5");
+        assert_eq!(to_head.response.headers().len(), 4);
+        assert_eq!(all_names(&to_head).len(), 8);
+    }
+
+    fn all_names(head: &ResponseHead) -> Vec<String> {
+        head.all_fields()
+            .iter()
+            .map(|(n, _)| n.as_str().to_owned())
+            .collect()
+    }
+
+    /// A field a `Connection` line names must be removed: it cannot have gone by as a line.
+    #[test]
+    fn a_connection_line_that_names_fields_keeps_every_field_in_the_map() {
+        let raw = "HTTP/1.1 200 OK\r\nX-Hop: 1\r\nServer: s\r\nConnection: X-Hop\r\n\
+                   Content-Length: 0\r\n\r\n";
+        let h = head(Method::GET, raw).expect("valid").expect("complete");
+        assert!(h.passed.is_empty() && !h.passed.has_date());
+        let map = h.response.headers();
+        assert_eq!(map["x-hop"], "1");
+        assert_eq!(map["server"], "s");
+        assert_eq!(map[header::CONNECTION], "X-Hop");
+    }
+
+    /// After a 101 the connection is a tunnel, and the upgrade reads the head whole.
+    #[test]
+    fn a_switch_of_protocols_keeps_every_field_in_the_map() {
+        let raw = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                   Connection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n";
+        let h = head(Method::GET, raw).expect("valid").expect("complete");
+        assert!(h.passed.is_empty());
+        assert_eq!(h.response.headers()["sec-websocket-accept"], "x");
+        assert_eq!(h.response.headers()[header::UPGRADE], "websocket");
+    }
+
+    /// Every field the gateway reads or removes on a response is kept in the map, in any case.
+    #[test]
+    fn the_fields_the_gateway_reads_are_never_passed() {
+        let read = crate::proxy::rewrite::HOP_BY_HOP.iter().copied().chain([
+            "content-length",
+            "www-authenticate",
+            "persistent-auth",
+        ]);
+        for name in read {
+            for spelling in [name.to_owned(), name.to_ascii_uppercase()] {
+                assert_ne!(Role::of(spelling.as_bytes()), Role::Passed, "{spelling}");
+                assert_ne!(Role::of(spelling.as_bytes()), Role::Date, "{spelling}");
+            }
+        }
+        assert_eq!(Role::of(b"DATE"), Role::Date);
+        for name in [
+            "server",
+            "set-cookie",
+            "content-type",
+            "x-te",
+            "tex",
+            "upgrade-insecure",
+        ] {
+            assert_eq!(Role::of(name.as_bytes()), Role::Passed, "{name}");
+        }
     }
 }

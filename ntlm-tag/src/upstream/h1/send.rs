@@ -101,6 +101,7 @@ pub async fn send(
         response,
         framing,
         keep_alive,
+        passed,
     } = head;
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let (io, read_ahead) = connection.into_parts();
@@ -120,6 +121,7 @@ pub async fn send(
         request,
         framing,
         keep_alive && send_failed.is_none(),
+        passed,
         Arc::clone(metrics),
         backend.clone(),
     );
