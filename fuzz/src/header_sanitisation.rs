@@ -99,10 +99,7 @@ impl Input {
             }
         }
         Some(Input {
-            policy: StampPolicy {
-                id_header,
-                forwarded_headers: flags & 1 == 1,
-            },
+            policy: StampPolicy::new(id_header, flags & 1 == 1),
             client,
             scheme: if flags & 16 == 16 {
                 ClientScheme::Https
@@ -144,7 +141,7 @@ pub fn check(data: &[u8]) {
         out.append(name, value);
     }
 
-    let id = &input.policy.id_header;
+    let id = input.policy.id_header();
     let values = |name: &str| -> Vec<HeaderValue> { out.get_all(name).iter().cloned().collect() };
     assert_eq!(
         values(id.as_str()),
@@ -154,7 +151,7 @@ pub fn check(data: &[u8]) {
     );
     // What the gateway itself set: name -> value.
     let mut ours: Vec<(HeaderName, HeaderValue)> = vec![(id.clone(), stamp.id.clone())];
-    if input.policy.forwarded_headers {
+    if input.policy.forwarded_headers() {
         ours.push((
             HeaderName::from_static("x-forwarded-for"),
             stamp.x_forwarded_for.clone(),
@@ -177,7 +174,7 @@ pub fn check(data: &[u8]) {
             );
         }
     }
-    if !input.policy.forwarded_headers {
+    if !input.policy.forwarded_headers() {
         for name in ["x-forwarded-for", "x-forwarded-proto", "forwarded"] {
             if name != id.as_str() {
                 assert!(

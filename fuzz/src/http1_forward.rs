@@ -111,10 +111,10 @@ pub fn check(data: &[u8]) {
     let Some((&flags, raw)) = data.split_first() else {
         return;
     };
-    let policy = StampPolicy {
-        id_header: HeaderName::from_static("jespa-connection-id"),
-        forwarded_headers: flags & 1 == 1,
-    };
+    let policy = StampPolicy::new(
+        HeaderName::from_static("jespa-connection-id"),
+        flags & 1 == 1,
+    );
     let client: SocketAddr = if flags & 2 == 2 {
         "[fd00:5418:1::10]:40000".parse().expect("address")
     } else {
@@ -173,7 +173,7 @@ pub fn check(data: &[u8]) {
         .filter(|(n, v)| n == "connection" && !is_spent(v))
         .flat_map(|(_, v)| tokens(v))
         .collect();
-    let guarded: Vec<String> = std::iter::once(policy.id_header.as_str())
+    let guarded: Vec<String> = std::iter::once(policy.id_header().as_str())
         .chain(FORWARDING)
         .map(fold)
         .collect();

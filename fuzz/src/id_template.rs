@@ -157,10 +157,7 @@ pub fn check(data: &[u8]) {
         "{t:?} rendered for {} is not a header value: {id:?}",
         input.client
     );
-    let policy = StampPolicy {
-        id_header: http::HeaderName::from_static("jespa-connection-id"),
-        forwarded_headers: true,
-    };
+    let policy = StampPolicy::new(http::HeaderName::from_static("jespa-connection-id"), true);
     if let Err(e) = ConnectionStamp::new(id.clone(), input.client, ClientScheme::Https, &policy) {
         panic!(
             "ConnectionStamp::new refused {id:?} for {}: {e}",

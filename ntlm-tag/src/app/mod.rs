@@ -274,10 +274,10 @@ async fn start_gateway(
             IdDisplay::new(config.show_full_ids)
                 .context("cannot draw the random key for id hashes")?,
         ),
-        policy: StampPolicy {
-            id_header: config.identity.header.clone(),
-            forwarded_headers: config.identity.forwarded_headers,
-        },
+        policy: StampPolicy::new(
+            config.identity.header.clone(),
+            config.identity.forwarded_headers,
+        ),
         registry: Arc::clone(&registry),
         metrics: Arc::clone(&metrics),
         lockout: Arc::clone(&lockout),

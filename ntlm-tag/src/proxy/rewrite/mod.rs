@@ -98,8 +98,33 @@ fn folds_equal(a: &str, b: &str) -> bool {
 /// What the gateway stamps on upstream requests.
 #[derive(Debug, Clone)]
 pub struct StampPolicy {
-    pub id_header: HeaderName,
-    pub forwarded_headers: bool,
+    id_header: HeaderName,
+    forwarded_headers: bool,
+    /// The id header's name folded once (every request's field names are compared with it), or
+    /// `None` when its fold is longer than the buffer names are folded into.
+    id_folded: Option<Box<[u8]>>,
+}
+
+impl StampPolicy {
+    pub fn new(id_header: HeaderName, forwarded_headers: bool) -> Self {
+        let mut buf = [0u8; FOLD_MAX];
+        let id_folded = fold_into(id_header.as_str(), &mut buf).map(Box::from);
+        StampPolicy {
+            id_header,
+            forwarded_headers,
+            id_folded,
+        }
+    }
+
+    /// The header that carries the connection id.
+    pub fn id_header(&self) -> &HeaderName {
+        &self.id_header
+    }
+
+    /// Whether `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded` are stamped too.
+    pub fn forwarded_headers(&self) -> bool {
+        self.forwarded_headers
+    }
 }
 
 /// How the client reached the gateway: a plain or a TLS listener.
@@ -346,8 +371,7 @@ static FORWARDED_NAME: HeaderName = FORWARDED;
 pub fn prepare_request(headers: &mut HeaderMap, policy: &StampPolicy) {
     strip_hop_by_hop(headers);
     let id_name = policy.id_header.as_str();
-    let mut id_buf = [0u8; FOLD_MAX];
-    let id_folded = fold_into(id_name, &mut id_buf);
+    let id_folded = policy.id_folded.as_deref();
     let forged = |k: &HeaderName| claims_identity(k.as_str(), id_name, id_folded);
     // Checked first so that the usual request (nothing forged) allocates nothing here.
     if headers.keys().any(forged) {

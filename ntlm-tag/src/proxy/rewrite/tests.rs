@@ -1,10 +1,10 @@
 use super::*;
 
 fn policy(forwarded_headers: bool) -> StampPolicy {
-    StampPolicy {
-        id_header: HeaderName::from_static("jespa-connection-id"),
+    StampPolicy::new(
+        HeaderName::from_static("jespa-connection-id"),
         forwarded_headers,
-    }
+    )
 }
 
 fn stamp() -> ConnectionStamp {
@@ -346,15 +346,15 @@ fn the_folded_forwarding_names_match_the_names() {
 #[test]
 fn long_header_names_are_still_compared_by_their_fold() {
     let long_id = format!("x-{}", "a".repeat(FOLD_MAX));
-    let policy = StampPolicy {
-        id_header: HeaderName::from_bytes(long_id.as_bytes()).expect("name"),
-        forwarded_headers: false,
-    };
+    let policy = StampPolicy::new(
+        HeaderName::from_bytes(long_id.as_bytes()).expect("name"),
+        false,
+    );
     let look_alike = long_id.replace('-', "_").to_uppercase();
     let mut h = headers(&[(&look_alike, "forged"), ("accept", "*/*")]);
     stamp_request(&mut h, &policy, &stamp());
-    assert_eq!(h.get_all(&policy.id_header).iter().count(), 1);
-    assert_eq!(h[&policy.id_header], "198.18.0.2:4000/abc");
+    assert_eq!(h.get_all(policy.id_header()).iter().count(), 1);
+    assert_eq!(h[policy.id_header()], "198.18.0.2:4000/abc");
     assert!(h.contains_key("accept"));
 }
 
