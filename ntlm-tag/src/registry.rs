@@ -131,15 +131,25 @@ fn same_authority(a: &Authority, b: &Authority) -> bool {
     (std::ptr::eq(a_text.as_ptr(), b_text.as_ptr()) && a_text.len() == b_text.len()) || a == b
 }
 
+/// Rows the connection table keeps room for however few connections are open (a key and a pointer
+/// each: about 20 KiB in all). Below it, a load that opens a connection per request grew and shrank
+/// the table over and over (a rehash every few dozen connections).
+const KEPT_ROOM: usize = 1024;
+
+/// The room to shrink the table to once a connection has closed, if it should shrink: after a
+/// peak, not for a count that merely moves, and never below [`KEPT_ROOM`].
+fn room_after_close(len: usize, capacity: usize) -> Option<usize> {
+    (capacity > KEPT_ROOM && len < capacity / 4).then(|| (len * 2).max(KEPT_ROOM))
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Ok(mut live) = self.registry.live.lock() {
             live.remove(&self.key);
             // The table shrinks as connections close (a peak must not keep its room for good),
             // with slack so that a steady count does not resize it back and forth.
-            let len = live.len();
-            if live.capacity() > 64 && len < live.capacity() / 4 {
-                live.shrink_to(len * 2);
+            if let Some(room) = room_after_close(live.len(), live.capacity()) {
+                live.shrink_to(room);
             }
         }
     }
@@ -240,5 +250,25 @@ impl Registry {
             .collect();
         rows.sort_by_key(|(key, _)| *key);
         rows.into_iter().map(|(_, r)| r).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_shrinks_after_a_peak_but_never_below_its_kept_room() {
+        // Within the kept room the table never resizes, whatever the count.
+        for len in [0, 1, 27, 64, 500, 1000] {
+            assert_eq!(room_after_close(len, KEPT_ROOM), None, "{len}");
+        }
+        // Above it, a table far past its count shrinks to the kept room, not below.
+        assert_eq!(room_after_close(27, 1792), Some(KEPT_ROOM));
+        assert_eq!(room_after_close(500, 1792), None);
+        // After a peak of 100,000 rows, the room follows the count down with slack.
+        assert_eq!(room_after_close(20_000, 114_688), Some(40_000));
+        assert_eq!(room_after_close(40_000, 114_688), None);
+        assert_eq!(room_after_close(10, 114_688), Some(KEPT_ROOM));
     }
 }

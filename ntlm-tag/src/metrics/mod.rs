@@ -110,6 +110,10 @@ pub struct Scrape<'a> {
 pub struct Metrics {
     registry: Registry,
     connections: Family<SourceLabel, Counter>,
+    /// `connections`' series in `ConnectionSource::ALL` order, each taken from the family on first
+    /// use (a series still appears only once it counts) and then one atomic add: every accepted
+    /// connection is counted, and the family's lookup hashed its label under a lock.
+    connections_by_source: Box<[OnceLock<Counter>]>,
     connections_open: Gauge,
     connections_refused: Counter,
     closed_before_identified: Counter,
@@ -167,9 +171,23 @@ impl Metrics {
 
     /// Counts an accepted connection by how its identity was learned.
     pub fn connection(&self, source: ConnectionSource) {
-        self.connections
-            .get_or_create(&SourceLabel { source })
-            .inc();
+        let series = || {
+            self.connections
+                .get_or_create(&SourceLabel { source })
+                .clone()
+        };
+        match ConnectionSource::ALL
+            .iter()
+            .position(|s| *s == source)
+            .and_then(|i| self.connections_by_source.get(i))
+        {
+            Some(slot) => {
+                slot.get_or_init(series).inc();
+            }
+            None => {
+                series().inc();
+            }
+        }
     }
 
     /// One response sent: by the backend that was asked (`-`: none), with its status, and how long

@@ -1,7 +1,7 @@
 //! Every series, registered once under the names dashboards use.
 #![forbid(unsafe_code)]
 
-use std::sync::{Mutex, RwLock};
+use std::sync::{Mutex, OnceLock, RwLock};
 
 use prometheus_client::{
     metrics::{
@@ -24,6 +24,10 @@ impl Metrics {
         let mut m = Metrics {
             registry: Registry::default(),
             connections: Family::default(),
+            connections_by_source: ConnectionSource::ALL
+                .iter()
+                .map(|_| OnceLock::new())
+                .collect(),
             connections_open: Gauge::default(),
             connections_refused: Counter::default(),
             closed_before_identified: Counter::default(),

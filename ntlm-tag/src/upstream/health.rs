@@ -37,6 +37,12 @@ impl Health {
         if self.check_failed.load(Ordering::Relaxed) {
             return false;
         }
+        // No failure since the last success, so no backoff to read: the usual case, asked on every
+        // request, without the lock. (A failure counts itself before it sets its backoff; a
+        // success racing it ends both, as a success does.)
+        if self.failures.load(Ordering::Relaxed) == 0 {
+            return true;
+        }
         match self.down_until.lock() {
             Ok(until) => until.is_none_or(|t| Instant::now() >= t),
             Err(_) => true,
