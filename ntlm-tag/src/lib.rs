@@ -3,6 +3,7 @@
 //! `proxy::rewrite`) through here.
 
 pub mod admin;
+pub mod allocator;
 pub mod app;
 pub mod cli;
 pub mod config;

@@ -17,11 +17,10 @@ use ntlm_tag::{
     manual, preflight, ready_deadline,
 };
 
-/// mimalloc's thread-local free lists serve the gateway's per-request allocations in a few
-/// instructions each (glibc's general-purpose paths cost several times that, most for the request's
-/// future, which is above glibc's per-thread cache size).
+/// mimalloc (see `allocator`): its thread-local free lists serve the per-request allocations in a
+/// few dozen instructions each.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: ntlm_tag::allocator::Allocator = ntlm_tag::allocator::Allocator;
 
 /// Exit code for a bad configuration (EX_USAGE).
 const EXIT_BAD_CONFIG: u8 = 64;
