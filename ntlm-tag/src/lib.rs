@@ -22,6 +22,7 @@ pub mod preflight;
 pub mod present_fields;
 pub mod proxy;
 pub mod ready_deadline;
+pub mod recycled;
 pub mod registry;
 pub mod service;
 pub mod upstream;

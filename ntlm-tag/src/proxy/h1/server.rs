@@ -28,6 +28,7 @@ use super::{
     response::{BodyLength, Encoding, Exchange, encode_head, write_body},
 };
 use crate::proxy::{ClientConnection, connection, forward, request_body::RequestBody};
+use crate::recycled::Recycled;
 
 /// The client side of an upgrade (`101 Switching Protocols`), as the request carries it: the
 /// connection, once the `101` has been written. (Request extensions must be `Clone`.)
@@ -78,18 +79,17 @@ pub(in crate::proxy) async fn serve(
         if !waited.await {
             return;
         }
-        // The request's future is kilobytes: allocated first and written in place, it is not
-        // built on the stack and then copied into its box (`Box::pin(request(..))`).
-        let request = Box::into_pin(Box::write(
-            Box::new_uninit(),
+        // The request's future is kilobytes: made in a recycled block (the last one this worker
+        // freed, still in the cache) and written in place, not built on the stack and copied.
+        let request = Recycled::make(|| {
             request(
                 reader,
                 &mut writer,
                 connection,
                 shutdown,
                 idle_since + idle_limit,
-            ),
-        ));
+            )
+        });
         match request.await {
             Next::Request(next) => reader = next,
             Next::Close => {
